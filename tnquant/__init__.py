@@ -1,0 +1,16 @@
+"""tnquant: tensor-network compression and quantization of PyTorch models."""
+
+from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TT",
+    "Tucker",
+    "CP",
+    "LowRank",
+    "QuantSpec",
+    "Binary",
+    "Ternary",
+    "FixedPoint",
+]
