@@ -67,7 +67,7 @@ def block_size(shape: tuple[int, ...], granularity: Granularity, axis: int = 0) 
     ax = normalize_axis(axis, len(shape))
     if granularity == "channel":
         return tuple(1 if d == ax else s for d, s in enumerate(shape))
-    size = granularity[1]
+    size = int(granularity[1])
     if shape[ax] % size:
         raise ValueError(
             f"group size {size} does not divide axis {ax} of size {shape[ax]} (shape {shape})"
@@ -80,7 +80,7 @@ def qparam_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, .
     if len(shape) != len(block):
         raise ValueError(f"block_size {block} does not match shape {shape}")
     out = []
-    for s, b in zip(shape, block):
+    for s, b in zip(shape, block, strict=True):
         if b < 1 or s % b:
             raise ValueError(f"block_size {block} does not tile shape {shape}")
         out.append(s // b)
@@ -89,7 +89,7 @@ def qparam_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, .
 
 def _interleaved(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
     dims: list[int] = []
-    for s, b in zip(shape, block):
+    for s, b in zip(shape, block, strict=True):
         dims += [s // b, b]
     return tuple(dims)
 
@@ -102,7 +102,7 @@ def expand(q: Tensor, shape: tuple[int, ...], block: tuple[int, ...]) -> Tensor:
     ``expand_like`` semantics via ``(x_blocks * e).reshape(shape)``.
     """
     dims: list[int] = []
-    for s, b in zip(shape, block):
+    for s, b in zip(shape, block, strict=True):
         dims += [s // b, 1]
     return q.reshape(dims)
 

@@ -1,0 +1,90 @@
+"""SQNR of the quantizers on the real pretrained MiniLM-L6 Linear weights.
+
+Rows: per-tensor / per-channel / per-group(32, 64, 128) at 8/4/3/2 bits,
+binary and ternary; SQNR in dB over all 36 Linear weights of the encoder
+(signal and noise energies summed over layers) and the mean per-layer SQNR.
+Also the cost of ``fake_quantize`` relative to a plain ``x.clone()``.
+
+Run: ``.venv/bin/python benchmarks/bench_quant.py`` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table, median_time  # noqa: E402
+
+from tnquant import Binary, QuantSpec, Ternary  # noqa: E402
+from tnquant.datasets import load_minilm  # noqa: E402
+from tnquant.quant import fake_quantize  # noqa: E402
+
+
+def linear_weights() -> list[tuple[str, torch.Tensor]]:
+    model, _ = load_minilm(pooled=False)
+    return [
+        (n, m.weight.detach().clone())
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+
+
+def sqnr_rows(weights):
+    specs = []
+    for bits in (8, 4, 3, 2):
+        specs.append((f"int{bits}", "tensor", QuantSpec(bits=bits)))
+        specs.append((f"int{bits}", "channel", QuantSpec(bits=bits, granularity="channel", axis=0)))
+        for g in (32, 64, 128):
+            specs.append(
+                (f"int{bits}", f"group {g}", QuantSpec(bits=bits, granularity=("group", g), axis=1))
+            )
+    specs.append(("binary", "tensor", Binary()))
+    specs.append(("binary", "channel", Binary(granularity="channel", axis=0)))
+    specs.append(("ternary", "tensor", Ternary()))
+    specs.append(("ternary", "channel", Ternary(granularity="channel", axis=0)))
+    rows = []
+    for label, gran, spec in specs:
+        signal = noise = 0.0
+        per_layer = []
+        for _, w in weights:
+            err = (w - fake_quantize(w, spec)).double().pow(2).sum().item()
+            sig = w.double().pow(2).sum().item()
+            signal, noise = signal + sig, noise + err
+            per_layer.append(10 * math.log10(sig / err))
+        rows.append((label, gran, 10 * math.log10(signal / noise), sum(per_layer) / len(per_layer)))
+    return rows
+
+
+def cost_rows(weights):
+    w = max((w for _, w in weights), key=lambda t: t.numel())
+    rows = []
+    base = median_time(lambda: w.clone())
+    for label, spec in [
+        ("int8 per-tensor", QuantSpec(bits=8)),
+        ("int8 per-channel", QuantSpec(bits=8, granularity="channel")),
+        ("int4 per-group 64", QuantSpec(bits=4, granularity=("group", 64), axis=1)),
+        ("ternary", Ternary()),
+        ("binary", Binary()),
+    ]:
+        t = median_time(lambda spec=spec: fake_quantize(w, spec))
+        rows.append((label, f"{tuple(w.shape)}", t / base))
+    return rows
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    weights = linear_weights()
+    print(f"machine: {machine()}")
+    print(f"{len(weights)} Linear weights, {sum(w.numel() for _, w in weights)} parameters\n")
+    print(markdown_table(["format", "granularity", "SQNR dB (all weights)", "mean per-layer dB"],
+                         sqnr_rows(weights)))
+    print()
+    print(markdown_table(["fake_quantize", "weight", "time / x.clone()"], cost_rows(weights)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The common base of every factorized layer: cores, spec, counts, hooks.
+
+:class:`FactorizedLayer` holds what every layer shares:
+
+- ``cores``: an ``nn.ParameterList`` in the layout of its format (see each
+  layer), and ``bias`` (dense, an ``nn.Parameter`` or ``None``);
+- ``spec`` (the factorization spec it came from) and ``decomposition_info``
+  (``ranks``, ``rel_error``, ``capped``, as the decomposition reported);
+- the counts ``n_params``, ``dense_params``, ``compression_ratio``;
+- the hooks the quantization stage fills in: ``core_quantizers`` (an
+  ``nn.ModuleList``, one quantizer per core, applied by
+  :meth:`~FactorizedLayer.effective_cores`, which every forward goes through)
+  and ``act_quantizers`` (an ``nn.ModuleDict`` keyed ``'input'``,
+  ``'output'`` and the names of :meth:`~FactorizedLayer.intermediate_names`);
+- ``implementation``: ``'auto'`` (cheapest by FLOP count for the input at
+  hand), ``'factorized'`` (contract the input with the cores) or
+  ``'reconstructed'`` (rebuild the dense weight, then one dense op).
+
+Examples
+--------
+>>> import torch
+>>> from tnquant.layers import LowRankLinear
+>>> layer = LowRankLinear([torch.randn(64, 4), torch.randn(4, 32)])
+>>> layer.n_params, layer.dense_params, round(layer.compression_ratio, 2)
+(384, 2048, 5.33)
+>>> layer.intermediate_names()
+('inter_0',)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from tnquant.layers.contract import IMPLEMENTATIONS
+
+__all__ = [
+    "FactorizedLayer",
+    "as_parameter",
+    "check_bias",
+    "check_cores",
+    "check_match",
+    "decomposition_fields",
+]
+
+
+def as_parameter(tensor: Any, name: str) -> nn.Parameter:
+    """``tensor`` as an ``nn.Parameter`` (kept as is when it already is one).
+
+    Examples
+    --------
+    >>> import torch
+    >>> as_parameter(torch.zeros(2), "bias").shape
+    torch.Size([2])
+    """
+    if isinstance(tensor, nn.Parameter):
+        return tensor
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    return nn.Parameter(tensor)
+
+
+def check_bias(bias: Any, size: int) -> nn.Parameter | None:
+    """Validate a bias of length ``size`` (or ``None``) and wrap it as a parameter.
+
+    Examples
+    --------
+    >>> check_bias(None, 3) is None
+    True
+    """
+    if bias is None:
+        return None
+    bias = as_parameter(bias, "bias")
+    if bias.shape != (size,):
+        raise ValueError(f"bias must have shape ({size},), got {tuple(bias.shape)}")
+    return bias
+
+
+class FactorizedLayer(nn.Module):
+    """Base class of the factorized layers (not used directly).
+
+    Subclasses set ``format`` and implement ``forward``, :meth:`dense_weight`,
+    :meth:`to_dense`, :meth:`intermediate_names` and the dense parameter
+    count ``_dense_weight_numel``.
+
+    Parameters
+    ----------
+    cores
+        The factors, in the layout of the subclass's format; wrapped as
+        parameters (tensors already ``nn.Parameter`` are kept as they are).
+    bias
+        Dense bias or ``None``.
+    spec
+        The factorization spec the layer stands for.
+    decomposition_info
+        ``{'ranks': ..., 'rel_error': ..., 'capped': ...}`` from the
+        decomposition; ``rel_error`` and ``capped`` are ``None`` for a layer
+        built from cores directly.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tnquant.layers import LowRankLinear
+    >>> layer = LowRankLinear([torch.randn(8, 2), torch.randn(2, 8)])
+    >>> isinstance(layer, FactorizedLayer), layer.format
+    (True, 'lowrank')
+    """
+
+    format: str = ""
+    #: implementations this layer accepts for ``implementation``
+    implementations: tuple[str, ...] = IMPLEMENTATIONS
+
+    core_quantizers: nn.ModuleList | None
+    act_quantizers: nn.ModuleDict | None
+
+    def __init__(self, cores: Sequence[Tensor], *, bias: Tensor | None, spec: Any,
+                 decomposition_info: dict[str, Any] | None, ranks: tuple[int, ...]) -> None:
+        super().__init__()
+        if isinstance(cores, Tensor) or not isinstance(cores, (list, tuple, nn.ParameterList)):
+            raise TypeError(f"cores must be a list of tensors, got {type(cores).__name__}")
+        params = [as_parameter(c, f"cores[{k}]") for k, c in enumerate(cores)]
+        if not params:
+            raise ValueError("cores must hold at least one tensor, got an empty list")
+        ref = params[0]
+        for k, p in enumerate(params):
+            if p.dtype != ref.dtype or p.device != ref.device:
+                raise ValueError(
+                    f"all cores must share dtype and device; cores[0] is {ref.dtype} on "
+                    f"{ref.device}, cores[{k}] is {p.dtype} on {p.device}"
+                )
+        self.cores = nn.ParameterList(params)
+        self.register_parameter("bias", bias)
+        self.spec = spec
+        info = {"ranks": tuple(ranks), "rel_error": None, "capped": None}
+        if decomposition_info:
+            info.update(decomposition_info)
+        self.decomposition_info = info
+        self.register_module("core_quantizers", None)
+        self.register_module("act_quantizers", None)
+        self._implementation = "auto"
+        self._plans: dict[Any, Any] = {}
+
+    # ------------------------------------------------------------------ #
+    # implementation switch and quantization hooks
+    # ------------------------------------------------------------------ #
+    @property
+    def implementation(self) -> str:
+        """``'auto'``, ``'factorized'`` or ``'reconstructed'`` (see the module doc)."""
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, value: str) -> None:
+        if value not in self.implementations:
+            raise ValueError(
+                f"implementation must be one of {list(self.implementations)}, got {value!r}"
+            )
+        self._implementation = value
+
+    def effective_cores(self) -> list[Tensor]:
+        """The cores the forward pass uses: quantized when quantizers are attached.
+
+        Returns ``[q(c) for q, c in zip(self.core_quantizers, self.cores)]``
+        when ``core_quantizers`` is set, else the raw cores.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from tnquant.layers import LowRankLinear
+        >>> layer = LowRankLinear([torch.randn(4, 2), torch.randn(2, 3)])
+        >>> layer.core_quantizers = nn.ModuleList([nn.Identity(), nn.Identity()])
+        >>> [tuple(c.shape) for c in layer.effective_cores()]
+        [(4, 2), (2, 3)]
+        """
+        cores = list(self.cores._parameters.values())
+        quantizers = self.core_quantizers
+        if quantizers is None:
+            return cores  # type: ignore[return-value]
+        if len(quantizers) != len(cores):
+            raise ValueError(
+                f"core_quantizers must hold one module per core ({len(cores)}), "
+                f"got {len(quantizers)}"
+            )
+        return [q(c) for q, c in zip(quantizers, cores, strict=True)]
+
+    def intermediate_names(self) -> tuple[str, ...]:
+        """Names of the intermediate results ``act_quantizers`` may quantize.
+
+        ``'inter_k'`` is the result of the ``k``-th contraction step of the
+        layer's sequential chain (described in each layer's docstring).
+        When any ``'inter_*'`` quantizer is attached, the forward always
+        runs that chain (``'auto'`` picks it; ``'reconstructed'`` raises).
+        """
+        raise NotImplementedError
+
+    def _act(self, name: str, x: Tensor) -> Tensor:
+        quantizers = self.act_quantizers
+        if quantizers is not None and name in quantizers:
+            return quantizers[name](x)
+        return x
+
+    def _inter_hooks(self) -> list[Any] | None:
+        """Per-step hooks when any intermediate quantizer is attached, else None."""
+        quantizers = self.act_quantizers
+        if quantizers is None:
+            return None
+        names = self.intermediate_names()
+        hooks = [quantizers[n] if n in quantizers else None for n in names]
+        unknown = [k for k in quantizers.keys() if k.startswith("inter_") and k not in names]
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has intermediates {list(names)}, got act_quantizers "
+                f"for {unknown}"
+            )
+        if all(h is None for h in hooks):
+            return None
+        if self._implementation == "reconstructed":
+            raise ValueError(
+                "implementation='reconstructed' has no intermediate results, but "
+                "act_quantizers holds 'inter_*' quantizers; use 'auto' or 'factorized'"
+            )
+        return hooks
+
+    # ------------------------------------------------------------------ #
+    # counts
+    # ------------------------------------------------------------------ #
+    @property
+    def _dense_weight_numel(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def n_params(self) -> int:
+        """Stored parameters: every core element plus the bias."""
+        n = sum(c.numel() for c in self.cores)
+        return n + (self.bias.numel() if self.bias is not None else 0)
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters of the equivalent dense layer (weight plus bias)."""
+        return self._dense_weight_numel + (self.bias.numel() if self.bias is not None else 0)
+
+    @property
+    def compression_ratio(self) -> float:
+        """``dense_params / n_params``: 10.0 means ten times fewer parameters."""
+        return self.dense_params / self.n_params
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The ranks of the factorization (as in ``decomposition_info``)."""
+        return tuple(self.decomposition_info["ranks"])
+
+    # ------------------------------------------------------------------ #
+    # dense view
+    # ------------------------------------------------------------------ #
+    def dense_weight(self) -> Tensor:
+        """The weight the layer stands for, in the dense layer's shape (differentiable)."""
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Module:
+        """A plain torch layer with the reconstructed weight (see subclasses)."""
+        raise NotImplementedError
+
+    def _info_repr(self) -> str:
+        return f"ranks={self.ranks}, compression={self.compression_ratio:.2f}x"
+
+    def _core_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(c.shape) for c in self.cores]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FactorizedLayer:
+        # plans depend only on shapes, but drop them anyway on .to()/.half()
+        self._plans = {}
+        return super()._apply(fn, recurse)
+
+
+def decomposition_fields(dec: Any) -> dict[str, Any]:
+    """``ranks``, ``rel_error``, ``capped`` (and ``out_rel_error``) of a decomposition.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> decomposition_fields(SimpleNamespace(ranks=(2,), rel_error=0.1, capped=None))
+    {'ranks': (2,), 'rel_error': 0.1, 'capped': None}
+    """
+    info = {"ranks": tuple(dec.ranks), "rel_error": float(dec.rel_error), "capped": dec.capped}
+    out_err = getattr(dec, "out_rel_error", None)
+    if out_err is not None:
+        info["out_rel_error"] = float(out_err)
+    return info
+
+
+
+
+
+def check_cores(cores: Any, ndims: Sequence[int], owner: str) -> list[tuple[int, ...]]:
+    """Check ``cores`` is a list of tensors with the given numbers of dims; return shapes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> check_cores([torch.zeros(2, 3), torch.zeros(3, 4)], [2, 2], "LowRankLinear")
+    [(2, 3), (3, 4)]
+    """
+    if isinstance(cores, Tensor) or not isinstance(cores, (list, tuple, nn.ParameterList)):
+        raise TypeError(f"{owner} cores must be a list of tensors, got {type(cores).__name__}")
+    if len(cores) != len(ndims):
+        raise ValueError(f"{owner} takes {len(ndims)} cores, got {len(cores)}")
+    shapes = []
+    for k, (core, nd) in enumerate(zip(cores, ndims, strict=True)):
+        if not isinstance(core, Tensor):
+            raise TypeError(f"{owner} cores[{k}] must be a tensor, got {type(core).__name__}")
+        if core.ndim != nd:
+            raise ValueError(
+                f"{owner} cores[{k}] must be {nd}-d, got shape {tuple(core.shape)}"
+            )
+        shapes.append(tuple(core.shape))
+    return shapes
+
+
+def check_match(owner: str, what: str, expected: int, got: int) -> None:
+    """Raise ``ValueError`` when two sizes that must agree do not.
+
+    Examples
+    --------
+    >>> check_match("TTLinear", "cores[1].shape[0]", 3, 3)
+    """
+    if expected != got:
+        raise ValueError(f"{owner}: {what} must be {expected}, got {got}")

@@ -1,0 +1,298 @@
+"""Shared forward pass of the factorized Linear layers (TT, Tucker, low-rank).
+
+Each layer describes itself by two einsum equations over letters it picks:
+
+- ``x_eq``: the (padded, tensorized) input ``(B, i_1..i_d)`` with the cores
+  gives the output ``(B, o_1..o_d)``;
+- ``w_eq``: the cores alone give the padded weight ``(o_1..o_d, i_1..i_d)``.
+
+For a batch of ``B`` rows the layer compiles (once per ``B``) the cheapest of
+
+- ``'factorized'``: opt_einsum's best order for ``x_eq``, compared with the
+  layer's explicit sequential chains (core by core);
+- ``'reconstructed'``: the cheapest order for ``w_eq``, then ``F.linear``,
+  costing ``cost(w_eq) + 2 * B * out * in``;
+
+and picks by FLOP count (``implementation='auto'``), or as forced.
+
+Examples
+--------
+>>> import torch
+>>> from tnquant.layers import LowRankLinear
+>>> layer = LowRankLinear([torch.randn(256, 8), torch.randn(8, 256)])
+>>> layer.flops(1)["chosen"], layer.flops(4096)["chosen"]
+('factorized', 'factorized')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tnquant.layers.base import FactorizedLayer, decomposition_fields
+from tnquant.layers.contract import Program, chain_path, plan_einsum
+
+__all__ = ["FactorizedLinearBase"]
+
+
+class FactorizedLinearBase(FactorizedLayer):
+    """Base of :class:`TTLinear`, :class:`TuckerLinear`, :class:`LowRankLinear`.
+
+    Inputs are ``(..., in_features)``; the last dim is zero-padded to
+    ``prod(in_shape)`` when the tensorized shape is larger (padding never
+    changes outputs) and the output is sliced back to ``out_features``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tnquant.layers import LowRankLinear
+    >>> layer = LowRankLinear([torch.randn(5, 2), torch.randn(2, 3)])
+    >>> layer(torch.randn(7, 4, 3)).shape
+    torch.Size([7, 4, 5])
+    """
+
+    in_features: int
+    out_features: int
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    spec_type: type = type(None)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, spec: Any, *,
+                   gram: Tensor | None = None) -> FactorizedLinearBase:
+        """Factorize a pretrained ``nn.Linear`` (see the subclass for an example).
+
+        Parameters
+        ----------
+        module
+            The dense layer; its weight is decomposed by
+            :func:`tnquant.decompose.decompose_linear`, its bias copied.
+        spec
+            The factorization spec of this layer's format.
+        gram
+            Optional ``(in, in)`` Gram matrix ``X^T X`` of the layer's inputs,
+            for a data-aware decomposition that minimises the output error.
+
+        Returns
+        -------
+        FactorizedLinearBase
+            The factorized layer, on the module's device and dtype, with
+            ``spec`` and ``decomposition_info`` filled in.
+        """
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_dense expects an nn.Linear, got "
+                            f"{type(module).__name__}")
+        if not isinstance(spec, cls.spec_type):
+            raise TypeError(f"{cls.__name__}.from_dense expects a {cls.spec_type.__name__} "
+                            f"spec, got {type(spec).__name__}")
+        from tnquant.decompose import decompose_linear
+
+        weight = module.weight.detach()
+        dec = decompose_linear(weight, spec, gram=gram)
+        if dec.format != cls.format:
+            raise ValueError(f"{cls.__name__} needs a {cls.format!r} decomposition, got "
+                             f"{dec.format!r}")
+        cores = [c.detach().to(device=weight.device, dtype=weight.dtype) for c in dec.cores]
+        bias = None if module.bias is None else module.bias.detach().clone()
+        return cls(cores, in_features=module.in_features, out_features=module.out_features,
+                   bias=bias, spec=spec, decomposition_info=decomposition_fields(dec))
+
+    def _setup_linear(self, *, in_features: int, out_features: int, in_shape: Sequence[int],
+                      out_shape: Sequence[int], x_term: str, core_terms: Sequence[str],
+                      out_term: str, w_term: str, chains: Sequence[Sequence[int]]) -> None:
+        """Store shapes and equations; ``chains[0]`` is the canonical chain.
+
+        A chain lists the operand indices (``1..n_cores``) contracted in turn
+        with the input (operand 0).
+        """
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        for name, feat, shape in (("in", in_features, in_shape), ("out", out_features, out_shape)):
+            if isinstance(feat, bool) or not isinstance(feat, int) or feat < 1:
+                raise ValueError(f"{name}_features must be a positive int, got {feat!r}")
+            if math.prod(shape) < feat:
+                raise ValueError(
+                    f"prod({name}_shape) must be >= {name}_features; got {name}_shape={shape} "
+                    f"(product {math.prod(shape)}) and {name}_features={feat}"
+                )
+        self.in_features, self.out_features = in_features, out_features
+        self.in_shape, self.out_shape = in_shape, out_shape
+        self._in_pad = math.prod(in_shape) - in_features
+        self._out_padded = math.prod(out_shape)
+        self._x_eq = f"{x_term},{','.join(core_terms)}->{out_term}"
+        self._w_eq = f"{','.join(core_terms)}->{w_term}"
+        n_ops = len(core_terms) + 1
+        self._chain_paths = [chain_path(n_ops, list(c)) for c in chains]
+        self._n_chain_steps = len(chains[0])
+
+    # ------------------------------------------------------------------ #
+    # planning
+    # ------------------------------------------------------------------ #
+    def intermediate_names(self) -> tuple[str, ...]:
+        return tuple(f"inter_{k}" for k in range(self._n_chain_steps - 1))
+
+    @property
+    def _dense_weight_numel(self) -> int:
+        return self.in_features * self.out_features
+
+    def _weight_program(self) -> Program:
+        prog = self._plans.get("weight")
+        if prog is None:
+            prog = self._plans["weight"] = plan_einsum(self._w_eq, self._core_shapes())
+        return prog
+
+    def _x_shapes(self, batch: int) -> list[tuple[int, ...]]:
+        return [(batch, *self.in_shape), *self._core_shapes()]
+
+    def _make_plan(self, batch: int, chain: bool, implementation: str) -> tuple[str, Program]:
+        shapes = self._x_shapes(batch)
+        if chain:
+            return "factorized", plan_einsum(self._x_eq, shapes, candidates=self._chain_paths[:1],
+                                             search=False)
+        if implementation == "reconstructed":
+            return "reconstructed", self._weight_program()
+        fact = plan_einsum(self._x_eq, shapes, candidates=self._chain_paths)
+        if implementation == "factorized":
+            return "factorized", fact
+        dense = 2 * max(batch, 1) * self.in_features * self.out_features
+        recon = self._weight_program().cost + dense
+        if recon <= fact.cost:
+            return "reconstructed", self._weight_program()
+        return "factorized", fact
+
+    def _plan(self, batch: int, chain: bool) -> tuple[str, Program]:
+        key = (batch, self._implementation, chain)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(batch, chain, self._implementation)
+        return plan
+
+    def flops(self, batch_size: int) -> dict[str, Any]:
+        """FLOPs of one forward for ``batch_size`` rows, per implementation.
+
+        Returns ``{'factorized': ..., 'reconstructed': ..., 'dense': ...,
+        'chosen': ..., 'path': ...}``: the cheapest factorized order (over
+        opt_einsum's and the sequential chains), the reconstruction plus the
+        dense matmul, the dense layer's ``2 * B * out * in``, the
+        implementation ``'auto'`` picks, and the factorized path. Bias adds
+        are not counted.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tnquant.layers import LowRankLinear
+        >>> LowRankLinear([torch.randn(6, 2), torch.randn(2, 4)]).flops(1)["factorized"]
+        40
+        """
+        fact = plan_einsum(self._x_eq, self._x_shapes(batch_size), candidates=self._chain_paths)
+        dense = 2 * batch_size * self.in_features * self.out_features
+        recon = self._weight_program().cost + dense
+        return {"factorized": fact.cost, "reconstructed": recon, "dense": dense,
+                "chosen": "reconstructed" if recon <= fact.cost else "factorized",
+                "path": fact.path}
+
+    # ------------------------------------------------------------------ #
+    # forward
+    # ------------------------------------------------------------------ #
+    def _check_input(self, x: Any) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got "
+                            f"{type(x).__name__}")
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (..., {self.in_features}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if self.act_quantizers is not None:
+            x = self._act("input", x)
+        hooks = self._inter_hooks() if self.act_quantizers is not None else None
+        cores = self.effective_cores()
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        kind, prog = self._plan(x2.shape[0], hooks is not None)
+        bias = self.bias
+        if kind == "reconstructed":
+            y = F.linear(x2, self._weight_from(prog, cores), bias)
+        else:
+            y = self._factorized(prog, x2, cores, bias, hooks)
+        y = y.reshape(*lead, self.out_features)
+        if self.act_quantizers is not None:
+            y = self._act("output", y)
+        return y
+
+    def _factorized(self, prog: Program, x2: Tensor, cores: list[Tensor], bias: Tensor | None,
+                    hooks: list[Any] | None) -> Tensor:
+        n = x2.shape[0]
+        if self._in_pad:
+            x2 = F.pad(x2, (0, self._in_pad))
+        xt = x2.reshape(n, *self.in_shape)
+        sliced = self._out_padded != self.out_features
+        fuse = bias is not None and not sliced and prog.fusable and len(self.out_shape) == 1
+        y = prog([xt, *cores], hooks, bias if fuse else None)
+        y = y.reshape(n, self._out_padded)
+        if sliced:
+            y = y[:, : self.out_features]
+        if bias is not None and not fuse:
+            y = y + bias
+        return y
+
+    def _weight_from(self, prog: Program, cores: list[Tensor]) -> Tensor:
+        w = prog(cores).reshape(self._out_padded, -1)
+        if self._out_padded != self.out_features or self._in_pad:
+            w = w[: self.out_features, : self.in_features]
+        return w
+
+    # ------------------------------------------------------------------ #
+    # dense view
+    # ------------------------------------------------------------------ #
+    def dense_weight(self) -> Tensor:
+        """The ``(out_features, in_features)`` weight, rebuilt from the effective cores.
+
+        Differentiable with respect to the cores; padding rows/columns are
+        cut off.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tnquant.layers import LowRankLinear
+        >>> u, v = torch.randn(3, 1), torch.randn(1, 2)
+        >>> torch.allclose(LowRankLinear([u, v]).dense_weight(), u @ v)
+        True
+        """
+        return self._weight_from(self._weight_program(), self.effective_cores())
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with the reconstructed weight and a copy of the bias.
+
+        The weight is rebuilt from :meth:`effective_cores` (so quantized
+        cores when quantizers are attached); same dtype and device.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tnquant.layers import LowRankLinear
+        >>> LowRankLinear([torch.randn(3, 1), torch.randn(1, 2)]).to_dense()
+        Linear(in_features=2, out_features=3, bias=False)
+        """
+        ref = self.cores[0]
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def extra_repr(self) -> str:
+        shapes = ""
+        if len(self.in_shape) > 1:
+            shapes = f", in_shape={self.in_shape}, out_shape={self.out_shape}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}{shapes}, "
+                f"bias={self.bias is not None}, {self._info_repr()}")

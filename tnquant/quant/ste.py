@@ -1,0 +1,397 @@
+"""Rounding arithmetic and straight-through estimators (``autograd.Function`` s).
+
+The arithmetic every forward pass shares, so that fake-quantized values
+equal ``dequantize(quantize(x))`` bitwise: :func:`round_tensor` (the
+rounding modes), :func:`uniform_codes` / :func:`uniform_values`,
+:func:`pow2_scale`, :func:`saturating_cast`. The estimators:
+
+- :class:`RoundSTE` / :func:`round_ste`: round forward, identity backward.
+- :class:`ClippedSTE` / :func:`clipped_round`: round and clamp forward;
+  the gradient is zero where the rounded value fell outside ``[qmin, qmax]``.
+- :class:`LSQFakeQuantize` / :func:`lsq_fake_quantize`: uniform fake
+  quantization with the LSQ scale gradient (Esser et al. 2019) and the LSQ+
+  offset gradient (Bhalgat et al. 2020).
+- :class:`CastSTE` / :func:`cast_fake_quantize`: a saturating cast to a float
+  format and back.
+
+Examples
+--------
+>>> import torch
+>>> x = torch.tensor([0.4, 2.6], requires_grad=True)
+>>> y = clipped_round(x, -2, 2)
+>>> y.tolist()
+[0.0, 2.0]
+>>> y.sum().backward(); x.grad.tolist()
+[1.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from tnquant.specs import ROUNDING_MODES
+
+__all__ = [
+    "round_tensor",
+    "uniform_codes",
+    "uniform_values",
+    "pow2_scale",
+    "saturating_cast",
+    "RoundSTE",
+    "ClippedSTE",
+    "LSQFakeQuantize",
+    "CastSTE",
+    "Pow2STE",
+    "round_ste",
+    "clipped_round",
+    "lsq_fake_quantize",
+    "lsq_grad_scale",
+    "cast_fake_quantize",
+    "pow2_ste",
+]
+
+
+_SQRT_HALF = math.sqrt(0.5)
+
+
+# --------------------------------------------------------------------------- #
+# The arithmetic every forward pass shares (re-exported by primitives)
+# --------------------------------------------------------------------------- #
+
+
+def round_tensor(x: Tensor, mode: str = "nearest_even", generator: torch.Generator | None = None
+                 ) -> Tensor:
+    """Round ``x`` to integers (returned in ``x``'s float dtype).
+
+    Parameters
+    ----------
+    x
+        A float tensor.
+    mode
+        ``'nearest_even'`` (ties to even, :func:`torch.round`), ``'half_up'``
+        (``floor(x + 0.5)``, ties towards +inf), ``'floor'``, or
+        ``'stochastic'`` (``floor(x + u)`` with ``u ~ U[0, 1)``: rounds up
+        with probability ``x - floor(x)``, unbiased in expectation).
+        ``half_up`` and ``stochastic`` are computed from ``x - floor(x)``
+        (exact), never from ``x + 0.5`` (which rounds ``0.49999997`` up).
+        Note: ``'floor'`` fake quantization with a scale that is not a power
+        of two is not idempotent (``(q * s) / s`` can fall one ulp below
+        ``q``).
+    generator
+        Source of the uniform draws for ``'stochastic'`` (same device as
+        ``x``); ``None`` uses the global generator.
+
+    Examples
+    --------
+    >>> import torch
+    >>> t = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5])
+    >>> round_tensor(t).tolist()
+    [0.0, 2.0, 2.0, -0.0, -2.0]
+    >>> round_tensor(t, "half_up").tolist()
+    [1.0, 2.0, 3.0, 0.0, -1.0]
+    """
+    if mode == "nearest_even":
+        return torch.round(x)
+    if mode == "floor":
+        return torch.floor(x)
+    if mode == "half_up":
+        low = torch.floor(x)
+        return low + (x - low >= 0.5).to(x.dtype)
+    if mode == "stochastic":
+        low = torch.floor(x)
+        u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return low + (u < x - low).to(x.dtype)
+    raise ValueError(f"rounding mode must be one of {list(ROUNDING_MODES)}, got {mode!r}")
+
+
+def uniform_codes(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int,
+                  rounding: str = "nearest_even", generator: torch.Generator | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """``q = clamp(round(x / scale) + zp, qmin, qmax)`` and the unclamped ``r``.
+
+    All tensors broadcast together and share one float dtype; ``q`` and ``r``
+    are float tensors holding integers.
+
+    Examples
+    --------
+    >>> import torch
+    >>> q, r = uniform_codes(torch.tensor([0.26, 9.0]), torch.tensor(0.5), None, -8, 7)
+    >>> q.tolist(), r.tolist()
+    ([1.0, 7.0], [1.0, 18.0])
+    """
+    r = round_tensor(x / scale, rounding, generator)
+    if zero_point is not None:
+        r = r + zero_point
+    return r.clamp(qmin, qmax), r
+
+
+def uniform_values(q: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
+    """``(q - zp) * scale`` (``q * scale`` when symmetric).
+
+    Examples
+    --------
+    >>> import torch
+    >>> uniform_values(torch.tensor([0.0, 255.0]), torch.tensor(0.5), torch.tensor(128.0)).tolist()
+    [-64.0, 63.5]
+    """
+    return (q - zero_point) * scale if zero_point is not None else q * scale
+
+
+def pow2_scale(scale: Tensor, rounding: str = "ceil") -> Tensor:
+    """The power of two ``2^k`` nearest a positive ``scale``, exactly (via frexp).
+
+    ``'ceil'``: ``k = ceil(log2 s)`` (never smaller than ``s``); ``'round'``:
+    ``k = round(log2 s)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> pow2_scale(torch.tensor([0.3, 0.25, 0.36]), "ceil").tolist()
+    [0.5, 0.25, 0.5]
+    >>> pow2_scale(torch.tensor([0.3, 0.36]), "round").tolist()
+    [0.25, 0.5]
+    """
+    if rounding not in ("ceil", "round"):
+        raise ValueError(f"pow2 rounding must be one of ['ceil', 'round'], got {rounding!r}")
+    mant, exp = torch.frexp(scale)  # scale = mant * 2**exp, mant in [0.5, 1)
+    if rounding == "ceil":
+        k = torch.where(mant == 0.5, exp - 1, exp)
+    else:
+        k = torch.where(mant >= _SQRT_HALF, exp, exp - 1)
+    return torch.ldexp(torch.ones_like(scale), k)
+
+
+def saturating_cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` clamped to the finite range of the float ``dtype``, then cast.
+
+    Examples
+    --------
+    >>> import torch
+    >>> saturating_cast(torch.tensor([1000.0, 0.3]), torch.float8_e4m3fn).float().tolist()
+    [448.0, 0.3125]
+    """
+    info = torch.finfo(dtype)
+    return x.clamp(info.min, info.max).to(dtype)
+
+
+# --------------------------------------------------------------------------- #
+# Straight-through estimators
+# --------------------------------------------------------------------------- #
+
+
+class RoundSTE(Function):
+    """``round_tensor(x, mode)`` forward, identity gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, mode: str = "nearest_even",
+                generator: torch.Generator | None = None) -> Tensor:
+        return round_tensor(x, mode, generator)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad, None, None
+
+
+class ClippedSTE(Function):
+    """``clamp(round(x), qmin, qmax)`` forward; gradient 1 where ``qmin <= round(x) <= qmax``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, qmin: float, qmax: float, mode: str = "nearest_even",
+                generator: torch.Generator | None = None) -> Tensor:
+        r = round_tensor(x, mode, generator)
+        ctx.save_for_backward((r >= qmin) & (r <= qmax))
+        return r.clamp(qmin, qmax)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside.to(grad.dtype), None, None, None, None
+
+
+def round_ste(x: Tensor, mode: str = "nearest_even", generator: torch.Generator | None = None
+              ) -> Tensor:
+    """Round with a straight-through (identity) gradient.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([0.7, -1.2], requires_grad=True)
+    >>> y = round_ste(x); y.sum().backward()
+    >>> y.tolist(), x.grad.tolist()
+    ([1.0, -1.0], [1.0, 1.0])
+    """
+    return RoundSTE.apply(x, mode, generator)
+
+
+def clipped_round(x: Tensor, qmin: float, qmax: float, mode: str = "nearest_even",
+                  generator: torch.Generator | None = None) -> Tensor:
+    """``clamp(round(x), qmin, qmax)``; zero gradient where clamping acted.
+
+    Examples
+    --------
+    >>> import torch
+    >>> clipped_round(torch.tensor([-9.0, 3.4]), -8, 7).tolist()
+    [-8.0, 3.0]
+    """
+    if qmin > qmax:
+        raise ValueError(f"qmin must be <= qmax, got qmin={qmin}, qmax={qmax}")
+    return ClippedSTE.apply(x, qmin, qmax, mode, generator)
+
+
+class LSQFakeQuantize(Function):
+    """Fake quantization with LSQ/LSQ+ gradients (see :func:`lsq_fake_quantize`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int,
+                qmax: int, grad_scale: float, rounding: str,
+                generator: torch.Generator | None) -> Tensor:
+        zp = None if zero_point is None else torch.round(zero_point.clamp(qmin, qmax))
+        q, r = uniform_codes(x, scale, zp, qmin, qmax, rounding, generator)
+        out = uniform_values(q, scale, zp)
+        ctx.save_for_backward(x, scale, q, r, zp)
+        ctx.qrange = (qmin, qmax)
+        ctx.grad_scale = grad_scale
+        ctx.zp_shape = None if zero_point is None else zero_point.shape
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, scale, q, r, zp = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        inside = (r >= qmin) & (r <= qmax)
+        grad_x = grad_s = grad_zp = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * inside.to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            code = q if zp is None else q - zp  # clipped: qmin - zp or qmax - zp
+            rounded = r if zp is None else r - zp  # round(x / s)
+            d_s = torch.where(inside, rounded - x / scale, code)
+            grad_s = (grad * d_s * ctx.grad_scale).sum_to_size(scale.shape)
+        if zp is not None and ctx.needs_input_grad[2]:
+            d_zp = torch.where(inside, torch.zeros_like(grad), -scale.expand_as(grad))
+            grad_zp = (grad * d_zp * ctx.grad_scale).sum_to_size(ctx.zp_shape)
+        return grad_x, grad_s, grad_zp, None, None, None, None, None
+
+
+def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int,
+                      grad_scale: float = 1.0, *, rounding: str = "nearest_even",
+                      generator: torch.Generator | None = None) -> Tensor:
+    """LSQ / LSQ+ fake quantization: ``(clamp(round(x/s) + zp, qmin, qmax) - zp) * s``.
+
+    With ``v = x / s``, ``r = round(v) + zp`` and "inside" meaning
+    ``qmin <= r <= qmax``, the gradients are (Esser et al. 2019, eq. 3;
+    Bhalgat et al. 2020):
+
+    - ``d/dx``: 1 inside, 0 outside (clipped straight-through);
+    - ``d/ds``: ``round(v) - v`` inside, ``qmin - zp`` or ``qmax - zp``
+      outside, times ``grad_scale``;
+    - ``d/dzp``: 0 inside, ``-s`` outside, times ``grad_scale``.
+
+    The offset is a float zero point in code units, rounded (and clamped to
+    ``[qmin, qmax]``) in the forward pass with a straight-through gradient,
+    so that frozen qparams keep an integer zero point. LSQ+'s offset
+    ``beta = -zp * s`` has the same "0 inside" rule. This matches
+    ``torch._fake_quantize_learnable_per_tensor_affine``.
+
+    Parameters
+    ----------
+    x
+        Input, any float dtype.
+    scale, zero_point
+        Positive scale and optional zero point, broadcastable to ``x``;
+        their gradients are summed back to their own shapes.
+    qmin, qmax
+        The code range.
+    grad_scale
+        LSQ's gradient scale ``1 / sqrt(N * Qp)``; see :func:`lsq_grad_scale`.
+    rounding, generator
+        Rounding mode of :func:`~tnquant.quant.primitives.round_tensor`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([0.3, 0.9, 5.0])
+    >>> s = torch.tensor(0.5, requires_grad=True)
+    >>> y = lsq_fake_quantize(x, s, None, -4, 3)
+    >>> y.tolist()
+    [0.5, 1.0, 1.5]
+    >>> y.sum().backward(); round(s.grad.item(), 4)  # (1 - 0.6) + (2 - 1.8) + 3
+    3.6
+    """
+    if qmin > qmax:
+        raise ValueError(f"qmin must be <= qmax, got qmin={qmin}, qmax={qmax}")
+    return LSQFakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale, rounding,
+                                 generator)
+
+
+def lsq_grad_scale(numel: int, qmax: int) -> float:
+    """LSQ's gradient scale ``1 / sqrt(numel * qmax)`` (``qmax`` floored at 1).
+
+    ``numel`` is the number of elements sharing one scale.
+
+    Examples
+    --------
+    >>> lsq_grad_scale(100, 4)
+    0.05
+    """
+    if numel < 1:
+        raise ValueError(f"numel must be >= 1, got {numel}")
+    return 1.0 / math.sqrt(numel * max(qmax, 1))
+
+
+class CastSTE(Function):
+    """Saturating cast to a float format and back; gradient 1 where ``|x|`` fits."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dtype: torch.dtype) -> Tensor:
+        info = torch.finfo(dtype)
+        ctx.save_for_backward((x >= info.min) & (x <= info.max))
+        return saturating_cast(x, dtype).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside.to(grad.dtype), None
+
+
+def cast_fake_quantize(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` rounded to the float format ``dtype`` (saturating), back in ``x.dtype``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> cast_fake_quantize(torch.tensor([0.3, 500.0]), torch.float8_e4m3fn).tolist()
+    [0.3125, 448.0]
+    """
+    return CastSTE.apply(x, dtype)
+
+
+class Pow2STE(Function):
+    """:func:`~tnquant.quant.primitives.pow2_scale` forward, identity gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, scale: Tensor, rounding: str = "ceil") -> Tensor:
+        return pow2_scale(scale, rounding)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def pow2_ste(scale: Tensor, rounding: str = "ceil") -> Tensor:
+    """A learnable scale snapped to a power of two, gradient passed straight through.
+
+    Examples
+    --------
+    >>> import torch
+    >>> s = torch.tensor(0.3, requires_grad=True)
+    >>> p = pow2_ste(s); p.backward()
+    >>> p.item(), s.grad.item()
+    (0.5, 1.0)
+    """
+    return Pow2STE.apply(scale, rounding)
