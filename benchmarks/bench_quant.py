@@ -1,7 +1,8 @@
 """SQNR of the quantizers on the real pretrained MiniLM-L6 Linear weights.
 
 Rows: per-tensor / per-channel / per-group(32, 64, 128) at 8/4/3/2 bits,
-binary and ternary; SQNR in dB over all 36 Linear weights of the encoder
+binary and ternary, and MSE-optimal clipping at <= 4 bits; SQNR in dB over
+all 37 Linear weights of the encoder
 (signal and noise energies summed over layers) and the mean per-layer SQNR.
 Also the cost of ``fake_quantize`` relative to a plain ``x.clone()``.
 
@@ -21,7 +22,8 @@ from common import machine, markdown_table, median_time  # noqa: E402
 
 from tnquant import Binary, QuantSpec, Ternary  # noqa: E402
 from tnquant.datasets import load_minilm  # noqa: E402
-from tnquant.quant import fake_quantize  # noqa: E402
+from tnquant.quant import choose_qparams, fake_quantize  # noqa: E402
+from tnquant.quant.observers import estimate_range  # noqa: E402
 
 
 def linear_weights() -> list[tuple[str, torch.Tensor]]:
@@ -42,6 +44,21 @@ def sqnr_rows(weights):
             specs.append(
                 (f"int{bits}", f"group {g}", QuantSpec(bits=bits, granularity=("group", g), axis=1))
             )
+        if bits <= 4:
+            specs.append(
+                (
+                    f"int{bits}",
+                    "channel, mse clip",
+                    QuantSpec(bits=bits, granularity="channel", axis=0, observer="mse"),
+                )
+            )
+            specs.append(
+                (
+                    f"int{bits}",
+                    "group 64, mse clip",
+                    QuantSpec(bits=bits, granularity=("group", 64), axis=1, observer="mse"),
+                )
+            )
     specs.append(("binary", "tensor", Binary()))
     specs.append(("binary", "channel", Binary(granularity="channel", axis=0)))
     specs.append(("ternary", "tensor", Ternary()))
@@ -51,7 +68,11 @@ def sqnr_rows(weights):
         signal = noise = 0.0
         per_layer = []
         for _, w in weights:
-            err = (w - fake_quantize(w, spec)).double().pow(2).sum().item()
+            qparams = None
+            if isinstance(spec, QuantSpec) and spec.observer != "minmax":
+                lo, hi = estimate_range(w, spec)
+                qparams = choose_qparams(w, spec, min_val=lo, max_val=hi)
+            err = (w - fake_quantize(w, spec, qparams)).double().pow(2).sum().item()
             sig = w.double().pow(2).sum().item()
             signal, noise = signal + sig, noise + err
             per_layer.append(10 * math.log10(sig / err))
@@ -80,8 +101,12 @@ def main() -> None:
     weights = linear_weights()
     print(f"machine: {machine()}")
     print(f"{len(weights)} Linear weights, {sum(w.numel() for _, w in weights)} parameters\n")
-    print(markdown_table(["format", "granularity", "SQNR dB (all weights)", "mean per-layer dB"],
-                         sqnr_rows(weights)))
+    print(
+        markdown_table(
+            ["format", "granularity", "SQNR dB (all weights)", "mean per-layer dB"],
+            sqnr_rows(weights),
+        )
+    )
     print()
     print(markdown_table(["fake_quantize", "weight", "time / x.clone()"], cost_rows(weights)))
 

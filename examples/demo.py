@@ -57,16 +57,25 @@ def factorization_table(model, tokenizer) -> None:
 
     def batches(sentences, size=32):
         return [
-            dict(tokenizer(sentences[i:i + size], return_tensors="pt", padding=True,
-                           truncation=True, max_length=64))
+            dict(
+                tokenizer(
+                    sentences[i : i + size],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=64,
+                )
+            )
             for i in range(0, len(sentences), size)
         ]
 
     calib, held_out = batches(train), batches(test)
     reference = embed(model, held_out)
     dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    print(f"\n2) factorize all Linear layers of MiniLM-L6 ({dense / 1e6:.1f}M weights); "
-          f"cosine of embeddings to the original on {len(test)} held-out sentences")
+    print(
+        f"\n2) factorize all Linear layers of MiniLM-L6 ({dense / 1e6:.1f}M weights); "
+        f"cosine of embeddings to the original on {len(test)} held-out sentences"
+    )
     print(f"   {'spec':<26}{'fit':<12}{'params kept':>12}{'mean cos':>10}{'time s':>8}")
     for label, spec in [
         ("LowRank(ratio=0.5)", LowRank(ratio=0.5)),
@@ -76,8 +85,9 @@ def factorization_table(model, tokenizer) -> None:
         for aware in (False, True):
             student = copy.deepcopy(model)
             t0 = time.perf_counter()
-            report = factorize(student, spec, include=["encoder.*"], data=calib if aware else None,
-                               progress=False)
+            report = factorize(
+                student, spec, include=["encoder.*"], data=calib if aware else None, progress=False
+            )
             seconds = time.perf_counter() - t0
             cos = torch.nn.functional.cosine_similarity(embed(student, held_out), reference).mean()
             kept = report.totals()["params_after"] / report.totals()["params_before"]

@@ -48,14 +48,23 @@ def test_mapping_replaces_exactly_the_matched_modules():
     original = copy.deepcopy(model)
     report = factorize(
         model,
-        {"blocks.*.mlp.0": TT(rank=4, order=2), "blocks.1.attn": LowRank(rank=3), "conv": Tucker(rank=(4, 2))},
+        {
+            "blocks.*.mlp.0": TT(rank=4, order=2),
+            "blocks.1.attn": LowRank(rank=3),
+            "conv": Tucker(rank=(4, 2)),
+        },
         progress=False,
     )
     assert isinstance(model.blocks[0].mlp[0], TTLinear)
     assert isinstance(model.blocks[1].mlp[0], TTLinear)
     assert isinstance(model.blocks[1].attn, LowRankLinear)
     assert isinstance(model.conv, TuckerConv2d)
-    assert {r["name"] for r in report} == {"blocks.0.mlp.0", "blocks.1.mlp.0", "blocks.1.attn", "conv"}
+    assert {r["name"] for r in report} == {
+        "blocks.0.mlp.0",
+        "blocks.1.mlp.0",
+        "blocks.1.attn",
+        "conv",
+    }
     changed = ("blocks.0.mlp.0.", "blocks.1.mlp.0.", "blocks.1.attn.", "conv.")
     new_state = model.state_dict()
     for key, value in original.state_dict().items():
@@ -78,8 +87,9 @@ def test_shared_module_factorized_once_and_still_shared():
 def test_single_spec_with_include_exclude_and_full_rank_outputs():
     model = _net()
     reference = copy.deepcopy(model)
-    report = factorize(model, LowRank(rank="full"), include=["blocks.*"], exclude=["*.shared"],
-                       progress=False)
+    report = factorize(
+        model, LowRank(rank="full"), include=["blocks.*"], exclude=["*.shared"], progress=False
+    )
     assert all(r["name"].startswith("blocks.") and "shared" not in r["name"] for r in report)
     x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-9, atol=1e-9)

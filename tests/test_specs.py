@@ -14,10 +14,18 @@ from tnquant.specs import (
 )
 
 ALL_SPECS = [
-    TT(rank=4), TT(ratio=0.1, order=2), TT(tol=0.1, in_shape=(4, 8), out_shape=(2, 16)),
-    Tucker(rank=(3, 2)), Tucker(ratio=0.5, order=2), CP(rank=5), LowRank(tol=0.2),
-    QuantSpec(), QuantSpec(bits=3, symmetric=False, granularity=("group", 16), axis=1),
-    QuantSpec(dtype="bfloat16"), Binary(granularity="channel"), Ternary(method="ttq"),
+    TT(rank=4),
+    TT(ratio=0.1, order=2),
+    TT(tol=0.1, in_shape=(4, 8), out_shape=(2, 16)),
+    Tucker(rank=(3, 2)),
+    Tucker(ratio=0.5, order=2),
+    CP(rank=5),
+    LowRank(tol=0.2),
+    QuantSpec(),
+    QuantSpec(bits=3, symmetric=False, granularity=("group", 16), axis=1),
+    QuantSpec(dtype="bfloat16"),
+    Binary(granularity="channel"),
+    Ternary(method="ttq"),
     FixedPoint(16, 6, rounding="RND_CONV", overflow="SAT_SYM"),
 ]
 
@@ -77,7 +85,10 @@ def test_quantspec_errors(kwargs, match):
 def test_quantspec_ranges():
     assert (QuantSpec(bits=8).qmin, QuantSpec(bits=8).qmax) == (-128, 127)
     assert (QuantSpec(bits=8, narrow_range=True).qmin) == -127
-    assert (QuantSpec(bits=4, symmetric=False).qmin, QuantSpec(bits=4, symmetric=False).qmax) == (0, 15)
+    assert (QuantSpec(bits=4, symmetric=False).qmin, QuantSpec(bits=4, symmetric=False).qmax) == (
+        0,
+        15,
+    )
     assert QuantSpec(dtype="float8_e5m2").bits == 8
 
 
@@ -87,8 +98,10 @@ def test_quantspec_ranges():
         ("ap_fixed<16,6>", FixedPoint(16, 6)),
         ("ap_fixed<8,3,RND,SAT>", FixedPoint(8, 3, rounding="RND", overflow="SAT")),
         ("ap_ufixed<4,4,RND_CONV>", FixedPoint(4, 4, signed=False, rounding="RND_CONV")),
-        ("ap_fixed<10, -2, AP_TRN_ZERO, AP_SAT_SYM, 0>",
-         FixedPoint(10, -2, rounding="TRN_ZERO", overflow="SAT_SYM")),
+        (
+            "ap_fixed<10, -2, AP_TRN_ZERO, AP_SAT_SYM, 0>",
+            FixedPoint(10, -2, rounding="TRN_ZERO", overflow="SAT_SYM"),
+        ),
     ],
 )
 def test_fixed_point_strings(text, spec):

@@ -1,5 +1,7 @@
 """tnquant: tensor-network compression and quantization of PyTorch models."""
 
+from tnquant.factorization import factorize
+from tnquant.report import Report
 from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
 
 __version__ = "0.1.0"
@@ -13,4 +15,6 @@ __all__ = [
     "Binary",
     "Ternary",
     "FixedPoint",
+    "factorize",
+    "Report",
 ]

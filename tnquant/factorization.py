@@ -7,7 +7,7 @@ One table, written out, says which factorized layer serves which pair of
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from tnquant.specs import CP, TT, LowRank, Tucker
 __all__ = ["factorize", "LAYER_TABLE", "find_targets"]
 
 #: (dense module type, spec type) -> factorized layer class.
-LAYER_TABLE: dict[tuple[type, type], type] = {
+LAYER_TABLE: dict[tuple[type, type], Any] = {
     (nn.Linear, TT): TTLinear,
     (nn.Linear, Tucker): TuckerLinear,
     (nn.Linear, LowRank): LowRankLinear,
@@ -42,8 +42,16 @@ _SPEC_TYPES = (TT, Tucker, CP, LowRank)
 _DENSE_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 _COLUMNS = (
-    "name", "kind", "format", "ranks", "params_before", "params_after", "ratio",
-    "rel_error", "out_rel_error", "note",
+    "name",
+    "kind",
+    "format",
+    "ranks",
+    "params_before",
+    "params_after",
+    "ratio",
+    "rel_error",
+    "out_rel_error",
+    "note",
 )
 
 
@@ -101,13 +109,14 @@ def find_targets(
             continue
         key = (type(module), type(spec))
         if key not in LAYER_TABLE:
-            supported = sorted(
-                {s.__name__ for (m, s) in LAYER_TABLE if isinstance(module, m)}
-            )
+            supported = sorted({s.__name__ for (m, s) in LAYER_TABLE if isinstance(module, m)})
             skipped.append(
-                (name, type(module).__name__,
-                 f"{type(spec).__name__} is not supported on {type(module).__name__} "
-                 f"(supported: {', '.join(supported)})")
+                (
+                    name,
+                    type(module).__name__,
+                    f"{type(spec).__name__} is not supported on {type(module).__name__} "
+                    f"(supported: {', '.join(supported)})",
+                )
             )
             continue
         if isinstance(module, nn.Conv2d) and module.groups != 1:
@@ -118,7 +127,10 @@ def find_targets(
 
 
 def _collect_grams(
-    model: nn.Module, modules: list[nn.Module], data: Any, num_batches: int | None,
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    data: Any,
+    num_batches: int | None,
     progress: bool,
 ) -> dict[int, torch.Tensor]:
     """``X^T X`` (float64) of the inputs each Linear in ``modules`` sees on ``data``."""
@@ -137,8 +149,9 @@ def _collect_grams(
     try:
         with torch.no_grad():
             batches = iterate_batches(data, num_batches)
-            for batch in tqdm(batches, desc="collect input statistics", disable=not progress,
-                              leave=False):
+            for batch in tqdm(
+                batches, desc="collect input statistics", disable=not progress, leave=False
+            ):
                 call_model(model, batch)
     finally:
         for h in handles:
@@ -206,7 +219,8 @@ def factorize(
     --------
     >>> import torch
     >>> from tnquant import LowRank, factorize
-    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     >>> report = factorize(model, {"0": LowRank(rank=4)}, progress=False)
     >>> type(model[0]).__name__
     'LowRankLinear'

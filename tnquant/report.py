@@ -139,7 +139,10 @@ class Report:
             lines.append(["total" if i == 0 else _fmt(totals.get(c)) for i, c in enumerate(cols)])
         widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
         text = [self.stage]
-        text += ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines]
+        text += [
+            "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=False)).rstrip()
+            for line in lines
+        ]
         for s in self.skipped:
             text.append(f"skipped {s['name']} ({s['kind']}): {s['reason']}")
         if "compression" in totals:

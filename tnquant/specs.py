@@ -79,7 +79,11 @@ def normalize_granularity(granularity: Any) -> Granularity:
     """
     if granularity in ("tensor", "channel"):
         return granularity
-    if isinstance(granularity, (tuple, list)) and len(granularity) == 2 and granularity[0] == "group":
+    if (
+        isinstance(granularity, (tuple, list))
+        and len(granularity) == 2
+        and granularity[0] == "group"
+    ):
         size = granularity[1]
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"group size must be a positive int, got {size!r}")
@@ -356,9 +360,7 @@ class QuantSpec:
             if isinstance(dtype, torch.dtype):
                 names = {v: k for k, v in FLOAT_DTYPES.items()}
                 if dtype not in names:
-                    raise ValueError(
-                        f"dtype must be one of {list(FLOAT_DTYPES)}, got {dtype}"
-                    )
+                    raise ValueError(f"dtype must be one of {list(FLOAT_DTYPES)}, got {dtype}")
                 dtype = names[dtype]
             _choice("dtype", dtype, tuple(FLOAT_DTYPES))
             object.__setattr__(self, "dtype", dtype)
@@ -423,7 +425,9 @@ class Binary:
     def __post_init__(self) -> None:
         granularity = normalize_granularity(self.granularity)
         if granularity not in ("tensor", "channel"):
-            raise ValueError(f"Binary granularity must be 'tensor' or 'channel', got {granularity!r}")
+            raise ValueError(
+                f"Binary granularity must be 'tensor' or 'channel', got {granularity!r}"
+            )
         object.__setattr__(self, "granularity", granularity)
 
     @property
@@ -567,7 +571,9 @@ class FixedPoint:
             raise ValueError(f"expected 'ap_fixed<W,I,...>' or 'ap_ufixed<W,I,...>', got {text!r}")
         args = [a.strip() for a in match.group(2).split(",")]
         if not 2 <= len(args) <= 5:
-            raise ValueError(f"ap_fixed takes 2 to 5 template arguments, got {len(args)} in {text!r}")
+            raise ValueError(
+                f"ap_fixed takes 2 to 5 template arguments, got {len(args)} in {text!r}"
+            )
         try:
             width, integer = int(args[0]), int(args[1])
         except ValueError:
@@ -578,15 +584,19 @@ class FixedPoint:
             raise ValueError(f"saturation bits N != 0 are not supported, got {text!r}")
         rounding = rounding.replace("AP_", "")
         overflow = overflow.replace("AP_", "")
-        return cls(width, integer, signed=match.group(1) == "ap_fixed", rounding=rounding,
-                   overflow=overflow)
+        return cls(
+            width,
+            integer,
+            signed=match.group(1) == "ap_fixed",
+            rounding=rounding,
+            overflow=overflow,
+        )
 
 
 QuantizerSpec = Union[QuantSpec, Binary, Ternary, FixedPoint]
 
 _SPEC_TYPES: dict[str, type] = {
-    cls.__name__: cls
-    for cls in (TT, Tucker, CP, LowRank, QuantSpec, Binary, Ternary, FixedPoint)
+    cls.__name__: cls for cls in (TT, Tucker, CP, LowRank, QuantSpec, Binary, Ternary, FixedPoint)
 }
 
 
@@ -628,4 +638,3 @@ def spec_from_dict(data: dict[str, Any]) -> Any:
         raise ValueError(f"unknown field(s) {sorted(unknown)} for {name}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**kwargs)
-

@@ -26,6 +26,7 @@ LINEAR_SPECS = [
     TT(ratio=0.3, order=3, svd="randomized"),
     Tucker(rank=4),
     Tucker(rank=2, order=2),
+    Tucker(ratio=0.3, order=2, svd="randomized"),
     LowRank(rank=5),
     LowRank(tol=0.5, svd="randomized"),
 ]
@@ -54,9 +55,9 @@ def test_non_finite_weights_name_the_tensor(value):
 
 
 def test_in_shape_too_small():
-    with pytest.raises(ValueError, match=r"in_shape \(4, 4\) has product 16, below the dimension 20"):
+    with pytest.raises(ValueError, match=r"in_shape \(4, 4\) has product 16, below the dim.* 20"):
         decompose_linear(torch.randn(16, 20), TT(rank=2, in_shape=(4, 4)))
-    with pytest.raises(ValueError, match=r"out_shape \(2, 2\) has product 4, below the dimension 16"):
+    with pytest.raises(ValueError, match=r"out_shape \(2, 2\) has product 4, below the dim.* 16"):
         decompose_linear(torch.randn(16, 20), Tucker(rank=2, out_shape=(2, 2)))
 
 
@@ -138,14 +139,14 @@ def test_linear_is_deterministic(spec):
     g = g.T @ g
     for gram in (None, g):
         a, b = decompose_linear(w, spec, gram=gram), decompose_linear(w, spec, gram=gram)
-        assert all(torch.equal(x, y) for x, y in zip(a.cores, b.cores))
+        assert all(torch.equal(x, y) for x, y in zip(a.cores, b.cores, strict=True))
 
 
 @pytest.mark.parametrize("spec", [*CONV_SPECS, CP(tol=0.5, n_iter_max=20)], ids=_ids)
 def test_conv_is_deterministic(spec):
     k = torch.randn(8, 6, 3, 3)
     a, b = decompose_conv(k, spec), decompose_conv(k, spec)
-    assert all(torch.equal(x, y) for x, y in zip(a.cores, b.cores))
+    assert all(torch.equal(x, y) for x, y in zip(a.cores, b.cores, strict=True))
 
 
 def test_no_global_state_is_touched():
@@ -177,11 +178,19 @@ MINILM_SHAPES = [(384, 384)] * 25 + [(1536, 384)] * 6 + [(384, 1536)] * 6  # 37 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", [TT(ratio=0.25), Tucker(ratio=0.25)], ids=_ids)
 def test_minilm_shaped_model_factorizes_in_under_ten_seconds(spec):
+    # Measured on ONE thread (stricter than the 2 cores): with 2 BLAS threads
+    # on 2 busy cores (pytest -n 2, other jobs) OpenMP spin-waits can make LAPACK
+    # 20-50x slower, which would make this guard flaky.
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(*s, generator=gen) / math.sqrt(s[1]) for s in MINILM_SHAPES]
-    start = time.perf_counter()
-    decs = [decompose_linear(w, spec) for w in weights]
-    elapsed = time.perf_counter() - start
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        decs = [decompose_linear(w, spec) for w in weights]
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
     assert elapsed < 10.0
-    for dec, w in zip(decs, weights):
+    for dec, w in zip(decs, weights, strict=True):
         assert abs(dec.n_params / w.numel() - 0.25) <= 0.025

@@ -75,9 +75,8 @@ def test_conv_is_the_flattened_matrix():
     assert dec.rel_error == pytest.approx(np.linalg.norm(s[5:]) / np.linalg.norm(s), rel=1e-9)
     # as two convs: V as a (5, 4, 3, 3) kernel, then U as a 1x1 conv
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
-    two = torch.nn.functional.conv2d(
-        torch.nn.functional.conv2d(x, dec.cores[1].reshape(5, 4, 3, 3)), dec.cores[0][:, :, None, None]
-    )
+    first = torch.nn.functional.conv2d(x, dec.cores[1].reshape(5, 4, 3, 3))
+    two = torch.nn.functional.conv2d(first, dec.cores[0][:, :, None, None])
     approx = torch.from_numpy((u @ v).reshape(8, 4, 3, 3))
     torch.testing.assert_close(two, torch.nn.functional.conv2d(x, approx))
 

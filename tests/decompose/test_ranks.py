@@ -17,6 +17,7 @@ from tnquant.decompose.ranks import (
     proportional_ranks_for_ratio,
     tt_n_params,
     tt_rank_caps,
+    tucker_consistent,
     tucker_n_params,
     tucker_rank_caps,
     uniform_ranks_for_ratio,
@@ -82,10 +83,10 @@ def test_proportional_ranks():
     assert abs(count(ranks) - target) / target < 0.1
     assert ranks[0] > ranks[1]  # proportional to the mode sizes
     # brute force over the scale: nothing is closer
-    best = min(
-        abs(count(tuple(min(c, max(1, round(a * n))) for n, c in zip(sizes, caps))) - target)
-        for a in np.linspace(1e-3, 1, 4000)
-    )
+    def at(a):
+        return tuple(min(c, max(1, round(a * n))) for n, c in zip(sizes, caps, strict=True))
+
+    best = min(abs(count(at(a)) - target) for a in np.linspace(1e-3, 1, 4000))
     assert abs(count(ranks) - target) <= best
 
 
@@ -104,8 +105,16 @@ def test_energy_rank_matches_brute_force(s, delta):
 def test_tt_caps_are_the_unfolding_ranks():
     # a random TT-matrix unfolding has exactly the capped rank
     out_shape, in_shape = (2, 3, 2), (3, 1, 2)
-    modes = [o * i for o, i in zip(out_shape, in_shape)]
+    modes = [o * i for o, i in zip(out_shape, in_shape, strict=True)]
     t = np.random.default_rng(0).standard_normal(modes)
     for k, cap in enumerate(tt_rank_caps(out_shape, in_shape), start=1):
         unfolding = t.reshape(math.prod(modes[:k]), -1)
         assert np.linalg.matrix_rank(unfolding) == cap
+
+
+def test_tucker_consistent():
+    assert tucker_consistent((8, 2), fixed=(1, 1)) == (2, 2)
+    assert tucker_consistent((8, 2), fixed=(3, 3)) == (8, 2)
+    assert tucker_consistent((10, 1, 1)) == (1, 1, 1)
+    assert tucker_consistent((4, 3, 2)) == (4, 3, 2)
+    assert tucker_consistent((9, 3, 2)) == (6, 3, 2)

@@ -46,7 +46,7 @@ def test_randomized_is_deterministic_and_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
     first = truncated_svd(a, max_rank=5, method="randomized")
     second = truncated_svd(a, max_rank=5, method="randomized")
-    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
     assert torch.equal(state, torch.random.get_rng_state())
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import tensorly as tl
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tensorly.tt_matrix import tt_matrix_to_tensor
 
 from tnquant.decompose import decompose_embedding, decompose_linear
@@ -59,6 +61,23 @@ def test_full_rank_is_exact_and_matches_tensorly(shape, order):
     padded[: shape[0], : shape[1]] = 0
     assert float(padded.abs().max()) < 1e-10
     assert [c.shape[0] for c in dec.cores][0] == 1 and dec.cores[-1].shape[-1] == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=3),
+    cut=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    seed=st.integers(0, 100),
+)
+def test_full_rank_is_exact_for_any_shapes(pairs, cut, seed):
+    out_shape = tuple(p[0] for p in pairs)
+    in_shape = tuple(p[1] for p in pairs)
+    out = max(1, math.prod(out_shape) - cut[0])  # padding of up to 3 rows / columns
+    inn = max(1, math.prod(in_shape) - cut[1])
+    w = _w(out, inn, seed)
+    dec = decompose_linear(w, TT(rank="full", out_shape=out_shape, in_shape=in_shape))
+    full = _tensorly_matrix(dec.cores, out_shape, in_shape)
+    torch.testing.assert_close(full[:out, :inn], w, rtol=0, atol=1e-10)
 
 
 def test_layout_against_a_written_out_einsum():
@@ -137,6 +156,6 @@ def test_embedding_rows_are_the_out_side():
     torch.testing.assert_close(full[:1000, :24], w, rtol=0, atol=1e-9)
     row = 437  # a lookup: row o = (o1, o2, o3) of the TT-matrix
     o = np.unravel_index(row, dec.out_shape)
-    picked = [c[:, k] for c, k in zip(dec.cores, o)]  # (r, in_k, r')
+    picked = [c[:, k] for c, k in zip(dec.cores, o, strict=True)]  # (r, in_k, r')
     vec = np.einsum("xia,ajb,bky->ijk", *(p.numpy() for p in picked)).reshape(-1)[:24]
     np.testing.assert_allclose(vec, w[row].numpy(), atol=1e-9)

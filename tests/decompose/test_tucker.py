@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -25,13 +26,13 @@ def _hosvd_error(t, ranks, modes):
     """Relative error of a plain numpy HOSVD (leading singular vectors per mode)."""
     core = t
     factors = []
-    for mode, r in zip(modes, ranks):
+    for mode, r in zip(modes, ranks, strict=True):
         unf = np.moveaxis(t, mode, 0).reshape(t.shape[mode], -1)
         factors.append(np.linalg.svd(unf, full_matrices=False)[0][:, :r])
-    for mode, u in zip(modes, factors):
+    for mode, u in zip(modes, factors, strict=True):
         core = np.moveaxis(np.tensordot(u.T, core, axes=([1], [mode])), 0, mode)
     full = core
-    for mode, u in zip(modes, factors):
+    for mode, u in zip(modes, factors, strict=True):
         full = np.moveaxis(np.tensordot(u, full, axes=([1], [mode])), 0, mode)
     return np.linalg.norm(t - full) / np.linalg.norm(t)
 
@@ -156,3 +157,17 @@ def test_conv_tol(tol):
 def test_conv_refuses_tensorized_specs():
     with pytest.raises(ValueError, match="Tucker-2 on the channel modes"):
         decompose_conv(torch.randn(4, 4, 3, 3), Tucker(rank=2, order=2))
+
+
+def test_pointwise_conv_ranks_are_consistent():
+    # kernel (8, 3, 1, 1): r_out can use at most r_in * 1 * 1 directions
+    k = _rng(9).standard_normal((8, 3, 1, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dec = decompose_conv(torch.from_numpy(k), Tucker(rank=(8, 2)))
+        for spec in (Tucker(ratio=1.0), Tucker(ratio=0.5), Tucker(tol=0.4)):
+            other = decompose_conv(torch.from_numpy(k), spec)
+            assert other.ranks[0] <= other.ranks[1]
+    assert dec.ranks == (2, 2) and dec.capped is not None
+    s = np.linalg.svd(k.reshape(8, 3), compute_uv=False)
+    assert dec.rel_error == pytest.approx(np.linalg.norm(s[2:]) / np.linalg.norm(s), rel=1e-9)

@@ -151,3 +151,15 @@ def test_module_plumbing():
     assert half(x.float()).dtype == torch.float32
     assert layer.core_quantizers is None and layer.act_quantizers is None
     assert "compression" in repr(layer) and "ranks=(2,)" in repr(layer)
+
+
+def test_plan_cache_is_bounded(monkeypatch):
+    from tnquant.layers import base
+
+    monkeypatch.setattr(base, "MAX_PLANS", 4)
+    layer = LowRankLinear(random_cores([(6, 2), (2, 5)], 0))
+    w = np64(layer.cores[0]) @ np64(layer.cores[1])
+    for n in range(1, 12):
+        x = torch.randn(n, 5, dtype=torch.float64)
+        np.testing.assert_allclose(np64(layer(x)), np64(x) @ w.T, rtol=F64_RTOL)
+        assert len(layer._plans) <= 4

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tnquant.layers import contract
 from tnquant.layers.contract import (
     Program,
     chain_path,
@@ -45,13 +46,17 @@ def _operands(shapes, seed):
     return [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
 
 
-@settings(max_examples=150, deadline=None)
-@given(equations())
-def test_program_matches_numpy_einsum(case):
+@pytest.mark.parametrize("left_min", [1, 4, 10**9])
+@settings(max_examples=80, deadline=None)
+@given(case=equations())
+def test_program_matches_numpy_einsum(case, left_min):
+    # left_min=1 runs every step with a trailing block as a left matmul, 10**9 none
     eq, shapes, seed = case
     ops = _operands(shapes, seed)
     ref = np.einsum(eq, *[o.numpy() for o in ops])
-    got = plan_einsum(eq, shapes)(ops)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(contract, "LEFT_MIN_TRAILING", left_min)
+        got = plan_einsum(eq, shapes)(ops)
     assert tuple(got.shape) == ref.shape
     np.testing.assert_allclose(got.numpy(), ref, rtol=RTOL, atol=1e-12)
 
@@ -122,7 +127,7 @@ def test_default_optimizer():
 
 
 def test_steps_of_more_than_two_operands_are_refused():
-    with pytest.raises(ValueError, match="at most 2 operands"):
+    with pytest.raises(ValueError, match="contracts 1 or 2 operands"):
         Program("i,i,i->", [(2,), (2,), (2,)], [(0, 1, 2)], 0)
 
 
@@ -130,3 +135,8 @@ def test_empty_batch():
     prog = plan_einsum("Za,ra->Zr", [(0, 3), (2, 3)])
     out = prog([torch.zeros(0, 3), torch.randn(2, 3)])
     assert out.shape == (0, 2)
+
+
+def test_inconsistent_letter_sizes_are_refused():
+    with pytest.raises(ValueError, match="letter 'j' has size 3 and 4"):
+        Program("ij,jk->ik", [(2, 3), (4, 5)], [(0, 1)], 0)

@@ -25,7 +25,8 @@ from tnquant.layers import CPConv2d
 IMPLS = ("factorized", "reconstructed", "auto")
 
 
-@settings(max_examples=50, deadline=None)
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@settings(max_examples=100, deadline=None)
 @given(conv_setups(), st.sampled_from(IMPLS), st.integers(1, 4))
 def test_forward_matches_dense_reference(setup, impl, rank):
     (o, i, kh, kw), padding, stride, dilation, mode, xshape, with_bias, seed = setup
@@ -57,7 +58,10 @@ def test_gradcheck(impl):
                      bias=torch.randn(3, dtype=torch.float64))
     layer.implementation = impl
     x = torch.randn(2, 2, 4, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, *ps: layer(x), (x, *layer.parameters()))
+    # fast mode (random projections): the slow mode's 100+ backward passes through
+    # float64 convolutions take ~20 s here for the same verdict
+    assert torch.autograd.gradcheck(lambda x, *ps: layer(x), (x, *layer.parameters()),
+                                    fast_mode=True)
 
 
 def test_full_rank_from_dense_reproduces_dense():

@@ -11,7 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tests.layers.refs import EXACT_RTOL, F64_RTOL, np64, random_cores, rel_err, tt_weight_np
+from tests.layers.refs import (
+    EXACT_RTOL,
+    F64_RTOL,
+    np64,
+    random_cores,
+    rel_err,
+    tt_weight_np,
+    tt_weight_tl,
+)
 from tnquant import TT
 from tnquant.layers import TTEmbedding
 
@@ -29,7 +37,7 @@ def embedding_setups(draw):
     return shapes, num, dim, idx_shape, draw(st.integers(0, 2**31 - 1))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(embedding_setups())
 def test_lookup_matches_table_rows(setup):
     shapes, num, dim, idx_shape, seed = setup
@@ -41,7 +49,8 @@ def test_lookup_matches_table_rows(setup):
     got = layer(idx)
     assert got.shape == (*idx_shape, dim)
     np.testing.assert_allclose(np64(got), table[idx.numpy()], rtol=F64_RTOL, atol=1e-12)
-    np.testing.assert_allclose(np64(layer.to_dense().weight), table, rtol=F64_RTOL, atol=1e-12)
+    np.testing.assert_allclose(np64(layer.to_dense().weight), np64(tt_weight_tl(cores, num, dim)),
+                               rtol=F64_RTOL, atol=1e-12)
 
 
 def test_awkward_sizes_and_both_chain_directions():

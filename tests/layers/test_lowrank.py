@@ -16,7 +16,7 @@ from tnquant.layers import LowRankLinear
 IMPLS = ("factorized", "reconstructed", "auto")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 5),
        st.lists(st.integers(0, 3), max_size=3), st.booleans(), st.sampled_from(IMPLS),
        st.integers(0, 2**31 - 1))

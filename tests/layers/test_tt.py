@@ -45,7 +45,7 @@ def _layer(shapes, out_f, in_f, with_bias, seed, dtype=torch.float64):
     return TTLinear(cores, in_features=in_f, out_features=out_f, bias=bias), cores, bias
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(tt_setups(), st.sampled_from(IMPLS))
 def test_forward_matches_dense_reference(setup, impl):
     shapes, out_f, in_f, lead, with_bias, seed = setup
@@ -204,3 +204,11 @@ def test_intermediates_and_default_spec():
     assert layer.spec == TT(rank=(3, 2), in_shape=(2, 2, 2), out_shape=(2, 2, 2))
     assert layer.ranks == (3, 2)
     assert "in_shape=(2, 2, 2)" in repr(layer)
+
+
+def test_from_dense_passes_the_name_to_decomposition_errors():
+    dense = nn.Linear(4, 4)
+    with torch.no_grad():
+        dense.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="blocks.0.fc has 1 non-finite"):
+        TTLinear.from_dense(dense, TT(rank=2, order=2), name="blocks.0.fc")

@@ -46,7 +46,7 @@ def tucker_linear_setups(draw):
     return shapes, out_f, in_f, lead, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(tucker_linear_setups(), st.sampled_from(IMPLS))
 def test_linear_forward_matches_dense_reference(setup, impl):
     shapes, out_f, in_f, lead, with_bias, seed = setup
@@ -147,7 +147,8 @@ def dense_conv_reference(kernel, bias, x, stride, padding, dilation, mode):
         return conv(x)
 
 
-@settings(max_examples=50, deadline=None)
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@settings(max_examples=100, deadline=None)
 @given(conv_setups(), st.sampled_from(IMPLS), st.integers(1, 3), st.integers(1, 3))
 def test_conv_forward_matches_dense_reference(setup, impl, r_out, r_in):
     (o, i, kh, kw), padding, stride, dilation, mode, xshape, with_bias, seed = setup
@@ -181,7 +182,10 @@ def test_conv_gradcheck(impl):
     layer = TuckerConv2d(cores, stride=2, padding=1, bias=torch.randn(3, dtype=torch.float64))
     layer.implementation = impl
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, *ps: layer(x), (x, *layer.parameters()))
+    # fast mode (random projections): the slow mode's 100+ backward passes through
+    # float64 convolutions take ~20 s here for the same verdict
+    assert torch.autograd.gradcheck(lambda x, *ps: layer(x), (x, *layer.parameters()),
+                                    fast_mode=True)
 
 
 def test_conv_full_rank_from_dense_and_unbatched_input():

@@ -29,12 +29,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["CG_ITERS", "SWEEPS", "pad_gram", "output_sq_error", "solve_block"]
+__all__ = ["CG_ITERS", "SWEEPS", "STALL", "pad_gram", "output_sq_error", "solve_block"]
 
-#: CG iterations per block update.
-CG_ITERS = 15
-#: ALS sweeps (a sweep visits every block once in each direction for TT).
+#: CG iterations per block update (more barely helps: the sweeps dominate).
+CG_ITERS = 8
+#: Most ALS sweeps (a sweep visits every block once, in both directions for TT).
 SWEEPS = 8
+#: A sweep that lowers the squared output error by less than this fraction stops ALS.
+STALL = 1e-3
 
 Build = Callable[[Sequence[Tensor]], Tensor]
 
@@ -78,7 +80,7 @@ def solve_block(
     build: Build,
     target_g: Tensor,
     gram: Tensor,
-    iters: int = CG_ITERS,
+    iters: int | None = None,
 ) -> Tensor:
     """Block ``k`` minimizing ``tr((T - build(blocks)) G (T - build(blocks))^T)``.
 
@@ -95,8 +97,8 @@ def solve_block(
     gram
         ``G``, symmetric positive definite ``(in, in)``.
     iters
-        Conjugate-gradient iterations (warm start: every one lowers the
-        objective).
+        Conjugate-gradient iterations (default :data:`CG_ITERS`; warm
+        start: every one lowers the objective).
 
     Returns
     -------
@@ -112,6 +114,7 @@ def solve_block(
     >>> bool(torch.allclose(a @ new_b, t))
     True
     """
+    iters = CG_ITERS if iters is None else iters
     fixed = list(blocks)
 
     def linear(x: Tensor) -> Tensor:
@@ -119,7 +122,7 @@ def solve_block(
         return build(parts)
 
     with torch.enable_grad():
-        _, vjp = torch.func.vjp(linear, blocks[k])
+        vjp = torch.func.vjp(linear, blocks[k])[1]
 
     def normal(v: Tensor) -> Tensor:
         with torch.enable_grad():

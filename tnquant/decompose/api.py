@@ -59,8 +59,8 @@ from tnquant.decompose.result import Decomposition, Part
 from tnquant.decompose.svd import work_dtype
 from tnquant.decompose.tt import tt_als, tt_svd, tt_to_matrix
 from tnquant.decompose.tucker import (
-    _tensorized_build,
     data_aware_gram,
+    tensorized_to_matrix,
     tucker_als,
     tucker_conv,
     tucker_matrix,
@@ -110,7 +110,7 @@ def _check_gram(gram: Any, n: int, like: Tensor) -> Tensor:
     g = _check_tensor(gram, 2, "gram", f"(in, in) = ({n}, {n})")
     if tuple(g.shape) != (n, n):
         raise ValueError(f"gram must have shape (in, in) = ({n}, {n}), got {tuple(g.shape)}")
-    g = g.to(like.device)
+    g = g.to(device=like.device, dtype=like.dtype)
     return (g + g.mT) / 2
 
 
@@ -171,7 +171,7 @@ def _tt_linear(w: Tensor, spec: TT, gram: Tensor | None) -> Part:
     def fit(tol: float | None) -> Part:
         delta = None if tol is None or d == 1 else tol * norm / math.sqrt(d - 1)
         cores = tt_svd(w_pad, out_shape, in_shape, ranks, delta, spec.svd)
-        if gram is not None:
+        if gram is not None and gram_pad is not None:
             cores = tt_als(cores, w_pad, gram_pad, w, gram)
         used = tuple(c.shape[3] for c in cores[:-1])
         return Part("tt", cores, used, note, out_shape, in_shape)
@@ -191,7 +191,7 @@ def _tucker_linear(w: Tensor, spec: Tucker, gram: Tensor | None) -> Part:
 
     def fit(tol: float | None) -> Part:
         part = tucker_tensorized(w_pad, out_shape, in_shape, spec, tol, out * inn)
-        if gram is not None:
+        if gram is not None and gram_pad is not None:
             part.cores = tucker_als(part.cores, w_pad, gram_pad, w, gram)
         return part
 
@@ -238,7 +238,7 @@ def _dense_of(fmt: str, cores: Sequence[Tensor], in_shape: Any, shape: Sequence[
     elif fmt == "cp":
         return cp_to_full(cores)
     elif in_shape is not None:  # tensorized Tucker
-        full = _tensorized_build(cores)
+        full = tensorized_to_matrix(cores)
     elif cores[1].ndim == 2:  # Tucker-2 of a matrix
         return cores[0] @ cores[1] @ cores[2].mT
     else:  # Tucker-2 of a conv kernel
@@ -262,8 +262,11 @@ def reconstruct(dec: Decomposition) -> Tensor:
     True
     """
     shape = dec.shape
-    if shape is None:
-        shape = (math.prod(dec.out_shape or (0,)), math.prod(dec.in_shape or (0,)))
+    if shape is None:  # a hand-built Decomposition: the padded / natural shape
+        if dec.out_shape is not None and dec.in_shape is not None:
+            shape = (math.prod(dec.out_shape), math.prod(dec.in_shape))
+        else:
+            shape = (dec.cores[0].shape[0], -1)
     return _dense_of(dec.format, dec.cores, dec.in_shape, shape)
 
 

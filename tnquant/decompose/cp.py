@@ -38,7 +38,7 @@ import torch
 from tensorly.decomposition import parafac
 from torch import Tensor
 
-from tnquant.decompose.ranks import cap_ranks, ratio_note, uniform_ranks_for_ratio
+from tnquant.decompose.ranks import cap_ranks, expand_rank, ratio_note, uniform_ranks_for_ratio
 from tnquant.decompose.result import Part
 from tnquant.specs import CP
 
@@ -168,12 +168,11 @@ def cp_conv(kernel: Tensor, spec: CP) -> Part:
     if spec.tol is not None:
         factors = _cp_for_tol(kernel, spec.tol, full, spec.n_iter_max)
         return Part("cp", balance_columns(factors), (factors[0].shape[1],))
-    if spec.rank is not None:
-        requested = 2**62 if spec.rank == "full" else spec.rank
-        (rank,), note = cap_ranks((requested,), (full,), "CP", shown=spec.rank)
-    else:
+    if spec.ratio is not None:
         count = lambda r: r[0] * sum(kernel.shape)  # noqa: E731
         (rank,) = uniform_ranks_for_ratio((full,), count, spec.ratio * kernel.numel())
         note = ratio_note(spec.ratio, count((rank,)), kernel.numel(), count((full,)))
+    else:
+        (rank,), note = cap_ranks(expand_rank(spec.rank, 1, "CP"), (full,), "CP", shown=spec.rank)
     factors = exact_cp(kernel) if rank >= full else _parafac(kernel, rank, spec.n_iter_max)
     return Part("cp", balance_columns(factors), (rank,), note)

@@ -26,7 +26,12 @@ import math
 import torch
 from torch import Tensor
 
-from tnquant.decompose.ranks import cap_ranks, ratio_note, uniform_ranks_for_ratio
+from tnquant.decompose.ranks import (
+    cap_ranks,
+    expand_rank,
+    ratio_note,
+    uniform_ranks_for_ratio,
+)
 from tnquant.decompose.result import Part
 from tnquant.decompose.svd import truncated_svd, whitening
 from tnquant.specs import LowRank
@@ -125,8 +130,8 @@ def lowrank_matrix(w: Tensor, spec: LowRank, gram: Tensor | None = None) -> Part
     cap = min(out, inn)
     note = None
     if spec.rank is not None:
-        requested = 2**62 if spec.rank == "full" else spec.rank
-        (rank,), note = cap_ranks((requested,), (cap,), "LowRank", shown=spec.rank)
+        requested = expand_rank(spec.rank, 1, "LowRank")
+        (rank,), note = cap_ranks(requested, (cap,), "LowRank", shown=spec.rank)
     elif spec.ratio is not None:
         count = lambda r: r[0] * (out + inn)  # noqa: E731
         (rank,) = uniform_ranks_for_ratio((cap,), count, spec.ratio * out * inn)

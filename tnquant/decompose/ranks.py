@@ -20,8 +20,8 @@ Examples
 (128, 48)
 >>> tt_n_params((8, 8, 6), (16, 12, 8), (38, 38))
 145312
->>> cap_ranks((30, 30), (5, 4), "Tucker")
-((5, 4), 'Tucker rank (30, 30) capped to (5, 4) by the shape (the largest ranks allowed are (5, 4))')
+>>> cap_ranks((30, 30), (5, 4), "Tucker")[1]
+'Tucker rank (30, 30) capped to (5, 4) by the shape (the largest ranks allowed are (5, 4))'
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ __all__ = [
     "tt_n_params",
     "tucker_rank_caps",
     "tucker_n_params",
+    "tucker_consistent",
     "expand_rank",
     "cap_ranks",
     "uniform_ranks_for_ratio",
@@ -55,7 +56,7 @@ def tt_rank_caps(out_shape: Sequence[int], in_shape: Sequence[int]) -> tuple[int
     >>> tt_rank_caps((4, 4), (2, 2))
     (8,)
     """
-    modes = [o * i for o, i in zip(out_shape, in_shape)]
+    modes = [o * i for o, i in zip(out_shape, in_shape, strict=True)]
     return tuple(
         min(math.prod(modes[:k]), math.prod(modes[k:])) for k in range(1, len(modes))
     )
@@ -74,7 +75,8 @@ def tt_n_params(
     48
     """
     full = (1, *ranks, 1)
-    return sum(full[k] * o * i * full[k + 1] for k, (o, i) in enumerate(zip(out_shape, in_shape)))
+    pairs = enumerate(zip(out_shape, in_shape, strict=True))
+    return sum(full[k] * o * i * full[k + 1] for k, (o, i) in pairs)
 
 
 def tucker_rank_caps(shape: Sequence[int]) -> tuple[int, ...]:
@@ -102,7 +104,33 @@ def tucker_n_params(
     >>> tucker_n_params((16, 8), (4, 2), fixed=(3, 3))
     152
     """
-    return math.prod(ranks) * math.prod(fixed) + sum(n * r for n, r in zip(shape, ranks))
+    factors = sum(n * r for n, r in zip(shape, ranks, strict=True))
+    return math.prod(ranks) * math.prod(fixed) + factors
+
+
+def tucker_consistent(ranks: Sequence[int], fixed: Sequence[int] = ()) -> tuple[int, ...]:
+    """Lower each Tucker rank to the product of the others (times the fixed modes).
+
+    The core's mode-``k`` unfolding is ``r_k x prod(r_j, j != k) * prod(fixed)``,
+    so a larger ``r_k`` only adds parameters. Non-decreasing in every rank.
+
+    Examples
+    --------
+    >>> tucker_consistent((5, 1), fixed=(1, 1))
+    (1, 1)
+    >>> tucker_consistent((5, 2), fixed=(3, 3))
+    (5, 2)
+    """
+    out = [int(r) for r in ranks]
+    extra = math.prod(fixed)
+    changed = True
+    while changed:
+        changed = False
+        for k, r in enumerate(out):
+            cap = math.prod(out[:k] + out[k + 1 :]) * extra
+            if r > cap:
+                out[k], changed = cap, True
+    return tuple(out)
 
 
 def expand_rank(rank: Any, n: int, what: str) -> tuple[int, ...]:
@@ -142,7 +170,7 @@ def cap_ranks(
     >>> cap_ranks((3, 3), (4, 2), "TT")[0]
     (3, 2)
     """
-    ranks = tuple(max(1, min(int(r), int(c))) for r, c in zip(requested, caps))
+    ranks = tuple(max(1, min(int(r), int(c))) for r, c in zip(requested, caps, strict=True))
     if ranks == tuple(requested) or shown == "full":
         return ranks, None
     shown = tuple(requested) if shown is None else shown
@@ -204,7 +232,7 @@ def proportional_ranks_for_ratio(
     """
 
     def at(a: float) -> tuple[int, ...]:
-        return tuple(min(c, max(1, round(a * n))) for n, c in zip(sizes, caps))
+        return tuple(min(c, max(1, round(a * n))) for n, c in zip(sizes, caps, strict=True))
 
     lo, hi = 0.0, 1.0
     for _ in range(60):

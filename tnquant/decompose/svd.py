@@ -24,7 +24,7 @@ from torch import Tensor
 
 from tnquant.decompose.ranks import energy_rank
 
-__all__ = ["SEED", "work_dtype", "truncated_svd", "randomized_svd", "whitening"]
+__all__ = ["SEED", "work_dtype", "thin_svd", "truncated_svd", "randomized_svd", "whitening"]
 
 #: Seed of the generator behind ``svd='randomized'``.
 SEED = 0
@@ -51,6 +51,25 @@ def _generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(SEED)
 
 
+def thin_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd(a, full_matrices=False)``, computed on the tall side.
+
+    LAPACK is 2-5x faster on a tall matrix than on its wide transpose.
+
+    Examples
+    --------
+    >>> a = torch.randn(3, 50, dtype=torch.float64)
+    >>> u, s, vh = thin_svd(a)
+    >>> bool(torch.allclose(u * s @ vh, a))
+    True
+    """
+    if a.shape[0] < a.shape[1]:
+        u, s, vh = torch.linalg.svd(a.mT, full_matrices=False)
+        return vh.mT, s, u.mT
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u, s, vh
+
+
 def randomized_svd(a: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rank-``rank`` randomized SVD and the squared norm of what the sketch missed.
 
@@ -64,7 +83,9 @@ def randomized_svd(a: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor
     --------
     >>> a = torch.randn(50, 8, dtype=torch.float64) @ torch.randn(8, 40, dtype=torch.float64)
     >>> u, s, vh, res = randomized_svd(a, 8)
-    >>> bool(torch.allclose(u[:, :8] * s[:8] @ vh[:8], a)) and float(res) < 1e-12 * float(a.norm() ** 2)
+    >>> bool(torch.allclose(u[:, :8] * s[:8] @ vh[:8], a))
+    True
+    >>> float(res) < 1e-12 * float(a.norm() ** 2)
     True
     """
     m, n = a.shape
@@ -75,7 +96,7 @@ def randomized_svd(a: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor
         basis = torch.linalg.qr(a.mT @ basis).Q
         basis = torch.linalg.qr(a @ basis).Q
     b = basis.mT @ a
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    ub, s, vh = thin_svd(b)
     residual = (a.norm() ** 2 - b.norm() ** 2).clamp_min(0)
     return basis @ ub, s, vh, residual
 
@@ -130,7 +151,7 @@ def truncated_svd(
             if q >= cap:
                 return u[:, :cap], s[:cap], vh[:cap]
             q = min(2 * q, cap)
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = thin_svd(a)
     r = cap if delta is None else energy_rank(s, delta, cap)
     return u[:, :r], s[:r], vh[:r]
 

@@ -98,7 +98,7 @@ def tt_svd(
     d = len(out_shape)
     t = w_pad.reshape(*out_shape, *in_shape)
     t = t.permute([x for k in range(d) for x in (k, d + k)])
-    modes = [o * i for o, i in zip(out_shape, in_shape)]
+    modes = [o * i for o, i in zip(out_shape, in_shape, strict=True)]
     rest = t.reshape(modes[0], -1)
     cores = []
     r_prev = 1
@@ -190,7 +190,7 @@ def tt_als(
         err = judge(cores)
         if err < best_err:
             best, best_err = list(cores), err
-        if err > (1 - 1e-4) * previous:  # stalled
+        if err > (1 - als.STALL) * previous:  # stalled
             break
         previous = err
     return best

@@ -41,6 +41,7 @@ from tnquant.decompose.ranks import (
     expand_rank,
     proportional_ranks_for_ratio,
     ratio_note,
+    tucker_consistent,
     tucker_n_params,
     tucker_rank_caps,
     uniform_ranks_for_ratio,
@@ -54,9 +55,12 @@ __all__ = [
     "hosvd",
     "hooi",
     "tucker_to_full",
+    "tensorized_to_matrix",
     "tucker_matrix",
     "tucker_tensorized",
     "tucker_conv",
+    "tucker_als",
+    "data_aware_gram",
 ]
 
 #: Most HOOI iterations after HOSVD (TensorLy stops earlier when the
@@ -77,7 +81,7 @@ def tucker_to_full(core: Tensor, factors: Sequence[Tensor], modes: Sequence[int]
     >>> tucker_to_full(torch.ones(2, 3), [torch.ones(4, 2)], (0,)).shape
     torch.Size([4, 3])
     """
-    for mode, factor in zip(modes, factors):
+    for mode, factor in zip(modes, factors, strict=True):
         core = _mode_dot(core, factor, mode)
     return core
 
@@ -102,12 +106,12 @@ def hosvd(
     True
     """
     factors = []
-    for mode, rank in zip(modes, ranks):
+    for mode, rank in zip(modes, ranks, strict=True):
         unfolding = torch.movedim(t, mode, 0).reshape(t.shape[mode], -1)
         u, _, _ = truncated_svd(unfolding, max_rank=rank, delta=delta, method=method)
         factors.append(u)
     core = t
-    for mode, factor in zip(modes, factors):
+    for mode, factor in zip(modes, factors, strict=True):
         core = _mode_dot(core, factor.mT, mode)
     return core, factors
 
@@ -185,18 +189,41 @@ def tucker_matrix(w: Tensor, spec: Tucker, gram: Tensor | None = None) -> Part:
 def _tucker_ranks(
     spec: Tucker, sizes: tuple[int, ...], fixed: tuple[int, ...], dense: int, proportional: bool
 ) -> tuple[tuple[int, ...], str | None]:
-    """Ranks of a tensor Tucker from rank= or ratio= (tol: the caps)."""
+    """Ranks of a tensor Tucker from rank= or ratio= (tol: the caps), consistent."""
     caps = tucker_rank_caps((*sizes, *fixed))[: len(sizes)]
     if spec.rank is not None:
-        return _ranks_or_cap(spec, caps, "Tucker")
+        requested = expand_rank(spec.rank, len(sizes), "Tucker")
+        capped = tucker_consistent(
+            tuple(min(r, c) for r, c in zip(requested, caps, strict=True)), fixed
+        )
+        return capped, cap_ranks(requested, capped, "Tucker", shown=spec.rank)[1]
     if spec.ratio is None:
         return caps, None
-    count = lambda r: tucker_n_params(sizes, r, fixed)  # noqa: E731
+    count = lambda r: tucker_n_params(sizes, tucker_consistent(r, fixed), fixed)  # noqa: E731
     if proportional:
         ranks = proportional_ranks_for_ratio(sizes, caps, count, spec.ratio * dense)
     else:
         ranks = uniform_ranks_for_ratio(caps, count, spec.ratio * dense)
-    return ranks, ratio_note(spec.ratio, count(ranks), dense, count(caps))
+    note = ratio_note(spec.ratio, count(ranks), dense, count(caps))
+    return tucker_consistent(ranks, fixed), note
+
+
+def _trim(core: Tensor, factors: list[Tensor], modes: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+    """Drop factor columns the core cannot use (exact: a rank-deficient unfolding).
+
+    Rank ``r_k`` above the product of the core's other dimensions leaves the
+    core's mode-``k`` unfolding rank-deficient; rotating it by its SVD and
+    dropping the zero directions changes nothing.
+    """
+    for j, mode in enumerate(modes):
+        rest = core.numel() // core.shape[mode]
+        if core.shape[mode] <= rest:
+            continue
+        unfolding = torch.movedim(core, mode, 0).reshape(core.shape[mode], -1)
+        p = torch.linalg.svd(unfolding, full_matrices=False)[0]  # (r_k, rest)
+        factors[j] = factors[j] @ p
+        core = _mode_dot(core, p.mT, mode)
+    return core, factors
 
 
 def tucker_conv(kernel: Tensor, spec: Tucker) -> Part:
@@ -216,7 +243,7 @@ def tucker_conv(kernel: Tensor, spec: Tucker) -> Part:
     o, i, kh, kw = kernel.shape
     ranks, note = _tucker_ranks(spec, (o, i), (kh, kw), kernel.numel(), proportional=True)
     delta = None if spec.tol is None else spec.tol * float(kernel.norm()) / math.sqrt(2)
-    core, factors = hosvd(kernel, ranks, (0, 1), delta, spec.svd)
+    core, factors = _trim(*hosvd(kernel, ranks, (0, 1), delta, spec.svd), (0, 1))
     core, factors = hooi(kernel, core, factors, (0, 1), spec.svd)
     return Part("tucker", [factors[0], core, factors[1]], tuple(core.shape[:2]), note)
 
@@ -247,11 +274,20 @@ def tucker_tensorized(
     ranks, note = _tucker_ranks(spec, sizes, (), dense, proportional=True)
     delta = None if tol is None else tol * float(w_pad.norm()) / math.sqrt(len(sizes))
     modes = tuple(range(len(sizes)))
-    core, factors = hooi(t, *hosvd(t, ranks, modes, delta, spec.svd), modes, spec.svd)
+    core, factors = _trim(*hosvd(t, ranks, modes, delta, spec.svd), modes)
+    core, factors = hooi(t, core, factors, modes, spec.svd)
     return Part("tucker", [core, *factors], tuple(core.shape), note, out_shape, in_shape)
 
 
-def _tensorized_build(blocks: Sequence[Tensor]) -> Tensor:
+def tensorized_to_matrix(blocks: Sequence[Tensor]) -> Tensor:
+    """Dense ``(prod(out_shape), prod(in_shape))`` matrix of ``[G, U_1..U_2d]``.
+
+    Examples
+    --------
+    >>> blocks = [torch.ones(1, 1, 1, 1), *(torch.ones(n, 1) for n in (4, 2, 3, 3))]
+    >>> tensorized_to_matrix(blocks).shape
+    torch.Size([8, 9])
+    """
     core, factors = blocks[0], blocks[1:]
     full = tucker_to_full(core, factors, range(len(factors)))
     half = len(factors) // 2
@@ -273,7 +309,7 @@ def tucker_als(
     >>> w = torch.randn(4, 4, dtype=torch.float64)
     >>> g = torch.diag(torch.tensor([100.0, 1.0, 1.0, 0.01], dtype=torch.float64))
     >>> init = tucker_tensorized(w, (2, 2), (2, 2), Tucker(rank=1, order=2), None, 16).cores
-    >>> err = lambda b: als.output_sq_error(w, _tensorized_build(b), g)
+    >>> err = lambda b: als.output_sq_error(w, tensorized_to_matrix(b), g)
     >>> err(tucker_als(init, w, g, w, g)) <= err(init)
     True
     """
@@ -281,22 +317,22 @@ def tucker_als(
     out, inn = w.shape
 
     def judge(bs: Sequence[Tensor]) -> float:
-        return als.output_sq_error(w, _tensorized_build(bs)[:out, :inn], gram)
+        return als.output_sq_error(w, tensorized_to_matrix(bs)[:out, :inn], gram)
 
     best, best_err = list(blocks), judge(blocks)
     previous = best_err
     target_g = w_pad @ gram_pad
     for _ in range(sweeps):
         for k in range(1, len(blocks)):
-            blocks[k] = als.solve_block(blocks, k, _tensorized_build, target_g, gram_pad)
+            blocks[k] = als.solve_block(blocks, k, tensorized_to_matrix, target_g, gram_pad)
             q, r = torch.linalg.qr(blocks[k])
             blocks[k] = q
             blocks[0] = _mode_dot(blocks[0], r, k - 1)
-        blocks[0] = als.solve_block(blocks, 0, _tensorized_build, target_g, gram_pad)
+        blocks[0] = als.solve_block(blocks, 0, tensorized_to_matrix, target_g, gram_pad)
         err = judge(blocks)
         if err < best_err:
             best, best_err = list(blocks), err
-        if err > (1 - 1e-4) * previous:
+        if err > (1 - als.STALL) * previous:  # stalled
             break
         previous = err
     return best

@@ -30,11 +30,14 @@ Examples
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
 from tnquant.layers.contract import IMPLEMENTATIONS
+
+#: cached plans (one per input shape) kept before the cache starts over
+MAX_PLANS = 256
 
 __all__ = [
     "FactorizedLayer",
@@ -114,10 +117,12 @@ class FactorizedLayer(nn.Module):
     #: implementations this layer accepts for ``implementation``
     implementations: tuple[str, ...] = IMPLEMENTATIONS
 
+    cores: nn.ParameterList
+    bias: nn.Parameter | None
     core_quantizers: nn.ModuleList | None
     act_quantizers: nn.ModuleDict | None
 
-    def __init__(self, cores: Sequence[Tensor], *, bias: Tensor | None, spec: Any,
+    def __init__(self, cores: Sequence[Tensor], *, bias: nn.Parameter | None, spec: Any,
                  decomposition_info: dict[str, Any] | None, ranks: tuple[int, ...]) -> None:
         super().__init__()
         if isinstance(cores, Tensor) or not isinstance(cores, (list, tuple, nn.ParameterList)):
@@ -132,15 +137,22 @@ class FactorizedLayer(nn.Module):
                     f"all cores must share dtype and device; cores[0] is {ref.dtype} on "
                     f"{ref.device}, cores[{k}] is {p.dtype} on {p.device}"
                 )
+        if bias is not None and (bias.dtype != ref.dtype or bias.device != ref.device):
+            raise ValueError(f"bias must match the cores' dtype and device ({ref.dtype} on "
+                             f"{ref.device}), got {bias.dtype} on {bias.device}")
         self.cores = nn.ParameterList(params)
+        # plans (compiled contraction orders) depend on shapes only, never on
+        # dtype or device, so they survive .to(); keyed by batch and flags
         self.register_parameter("bias", bias)
         self.spec = spec
-        info = {"ranks": tuple(ranks), "rel_error": None, "capped": None}
+        info: dict[str, Any] = {"ranks": tuple(ranks), "rel_error": None, "capped": None}
         if decomposition_info:
             info.update(decomposition_info)
         self.decomposition_info = info
-        self.register_module("core_quantizers", None)
-        self.register_module("act_quantizers", None)
+        # plain None until quantize() assigns modules (nn.Module then registers
+        # them); read through self._modules.get(...) on the hot path
+        self.core_quantizers = None
+        self.act_quantizers = None
         self._implementation = "auto"
         self._plans: dict[Any, Any] = {}
 
@@ -176,10 +188,11 @@ class FactorizedLayer(nn.Module):
         >>> [tuple(c.shape) for c in layer.effective_cores()]
         [(4, 2), (2, 3)]
         """
-        cores = list(self.cores._parameters.values())
-        quantizers = self.core_quantizers
+        # straight to the dicts: nn.Module.__getattr__ costs ~0.5 us per lookup
+        cores = cast(list[Tensor], list(self._modules["cores"]._parameters.values()))  # type: ignore[union-attr]
+        quantizers = cast("nn.ModuleList | None", self._modules.get("core_quantizers"))
         if quantizers is None:
-            return cores  # type: ignore[return-value]
+            return cores
         if len(quantizers) != len(cores):
             raise ValueError(
                 f"core_quantizers must hold one module per core ({len(cores)}), "
@@ -194,18 +207,26 @@ class FactorizedLayer(nn.Module):
         layer's sequential chain (described in each layer's docstring).
         When any ``'inter_*'`` quantizer is attached, the forward always
         runs that chain (``'auto'`` picks it; ``'reconstructed'`` raises).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tnquant.layers import TuckerLinear
+        >>> TuckerLinear([torch.randn(6, 3), torch.randn(3, 2), torch.randn(5, 2)]
+        ...              ).intermediate_names()
+        ('inter_0', 'inter_1')
         """
         raise NotImplementedError
 
     def _act(self, name: str, x: Tensor) -> Tensor:
-        quantizers = self.act_quantizers
+        quantizers = cast("nn.ModuleDict | None", self._modules.get("act_quantizers"))
         if quantizers is not None and name in quantizers:
-            return quantizers[name](x)
+            return cast(Tensor, quantizers[name](x))
         return x
 
     def _inter_hooks(self) -> list[Any] | None:
         """Per-step hooks when any intermediate quantizer is attached, else None."""
-        quantizers = self.act_quantizers
+        quantizers = cast("nn.ModuleDict | None", self._modules.get("act_quantizers"))
         if quantizers is None:
             return None
         names = self.intermediate_names()
@@ -267,13 +288,19 @@ class FactorizedLayer(nn.Module):
     def _info_repr(self) -> str:
         return f"ranks={self.ranks}, compression={self.compression_ratio:.2f}x"
 
+    def _remember(self, key: Any, plan: Any) -> Any:
+        """Cache ``plan`` under ``key``; past ``MAX_PLANS`` input shapes start over.
+
+        Inputs whose leading dims vary (sequence lengths) would otherwise grow
+        the cache without end; a plan costs 0.2-1 ms to rebuild.
+        """
+        if len(self._plans) >= MAX_PLANS:
+            self._plans = {k: v for k, v in self._plans.items() if k == "weight"}
+        self._plans[key] = plan
+        return plan
+
     def _core_shapes(self) -> list[tuple[int, ...]]:
         return [tuple(c.shape) for c in self.cores]
-
-    def _apply(self, fn: Any, recurse: bool = True) -> FactorizedLayer:
-        # plans depend only on shapes, but drop them anyway on .to()/.half()
-        self._plans = {}
-        return super()._apply(fn, recurse)
 
 
 def decomposition_fields(dec: Any) -> dict[str, Any]:
@@ -290,9 +317,6 @@ def decomposition_fields(dec: Any) -> dict[str, Any]:
     if out_err is not None:
         info["out_rel_error"] = float(out_err)
     return info
-
-
-
 
 
 def check_cores(cores: Any, ndims: Sequence[int], owner: str) -> list[tuple[int, ...]]:

@@ -4,10 +4,16 @@ A factorized layer's forward pass is an einsum of the input with its cores.
 :func:`plan_einsum` asks opt_einsum for the cheapest pairwise order (and
 compares it with explicit candidate orders, such as the core-by-core chain),
 then *compiles* that order once into a :class:`Program`: a list of steps,
-each a ``permute -> reshape -> mm/bmm``. Running a program is then a handful
-of calls into ATen per step, with no equation parsing (``torch.einsum`` and
-``opt_einsum.ContractExpression`` spend 8-15 us per call doing that, which
-dominates a batch-1 forward).
+each one matrix product (``F.linear``, ``mm``, ``bmm``, or a broadcast
+``matmul`` from the left) with only the permutes and reshapes it really
+needs. Running a program is a few calls into ATen per step, with no
+equation parsing: ``torch.einsum`` spends about 8 us per call on that and
+an ``opt_einsum.ContractExpression`` about 15 us on a two-step chain, which
+would dominate a batch-1 forward (the compiled low-rank chain runs within
+1 us of two bare ``F.linear`` calls).
+
+Plans are pure shape data: no tensors, dtypes or devices; they work on any
+device and dtype torch supports.
 
 FLOPs follow opt_einsum's convention: a pairwise contraction costs ``2 * M *
 K * N`` (a multiply and an add per term); a plain product costs ``M * N``.
@@ -29,6 +35,7 @@ from typing import Any
 
 import opt_einsum as oe
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -101,36 +108,42 @@ def chain_path(n_operands: int, order: Sequence[int], start: int = 0) -> Path:
     return path
 
 
-class _Step:
-    """One compiled pairwise (or unary) contraction."""
+MM, LINEAR, BMM, UNARY, LEFT = 0, 1, 2, 3, 4
 
-    __slots__ = ("pops", "swap", "sum_a", "perm_a", "shape_a", "sum_b", "perm_b", "shape_b",
-                 "batched", "out_shape", "unary", "n_letters")
-
-    def __init__(self, **kw: Any) -> None:
-        for name in self.__slots__:
-            setattr(self, name, kw.get(name))
+#: a contracted block in the middle of the activation, with at least this many
+#: elements after it, is multiplied from the left in place (a broadcast
+#: matmul) instead of being permuted to the end first (measured on CPU: 2-7x
+#: faster from 16 on, slower below)
+LEFT_MIN_TRAILING = 16
 
 
 def _identity(perm: Sequence[int]) -> bool:
     return list(perm) == list(range(len(perm)))
 
 
-def _compile_unary(term: str, needed: set[str], sizes: dict[str, int]):
-    """Sum the letters no longer needed (size-1 ones are left for the end)."""
-    summed = tuple(k for k, c in enumerate(term) if c not in needed and sizes[c] > 1)
-    kept = "".join(c for k, c in enumerate(term) if k not in summed)
-    return summed, kept
+def _shape(term: str, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(sizes[c] for c in term)
+
+
+def _prepare(term: str, order: list[str], target: tuple[int, ...], sizes: dict[str, int]):
+    """(perm or None, reshape target or None) taking ``term`` to ``order`` then ``target``."""
+    perm = [term.index(c) for c in order]
+    reshape = None if _shape("".join(order), sizes) == target else target
+    return (None if _identity(perm) else tuple(perm)), reshape
 
 
 def _compile_pair(ta: str, tb: str, out: str, needed: set[str], sizes: dict[str, int]):
-    """Permutations and shapes that turn ``ta, tb -> (batch, M, N)`` into one (b)mm.
+    """One matmul step for ``ta, tb``: a step tuple, the result's letters, its columns.
 
-    Free letters of each side are ordered by their position in the final
-    output ``out`` (letters contracted later go last), so the last step's
-    result needs at most a block permutation with long contiguous runs.
-    Contracted letters follow the bigger operand's layout (its reshape
-    stays a view).
+    ``A`` is the activation-like operand. When it is the bigger one and its
+    contracted letters form one contiguous block (no batch letter), it is never
+    copied: with nothing after the block it is a ``(M, K)`` view multiplied
+    by ``B`` as ``(K, N)`` (``mm``) or ``(N, K)`` (``F.linear``); with a
+    long enough tail ``Q`` it is a ``(P, K, Q)`` view multiplied from the
+    left (``B (N, K) @ A``), giving ``(P, N, Q)``. Otherwise ``A`` is
+    permuted to ``(A-free, K)``, with free letters ordered by their position
+    in the final output ``out`` (so the last result needs at most a block
+    permutation), and shared letters that stay become a bmm batch.
     """
     # letters summed within one operand only: pre-sum (size > 1) or fold (size 1)
     sum_a = tuple(k for k, c in enumerate(ta) if c not in tb and c not in needed and sizes[c] > 1)
@@ -142,32 +155,66 @@ def _compile_pair(ta: str, tb: str, out: str, needed: set[str], sizes: dict[str,
     def key(c: str) -> int:
         return rank.get(c, len(out))
 
-    big = ta2 if math.prod(sizes[c] for c in ta2) >= math.prod(sizes[c] for c in tb2) else tb2
-    batch = sorted((c for c in ta2 if c in tb2 and c in needed), key=key)
-    contr = [c for c in big if c in ta2 and c in tb2 and c not in needed]
-    a_free = sorted((c for c in ta2 if c not in tb2 and c in needed), key=key)
-    b_free = sorted((c for c in tb2 if c not in ta2 and c in needed), key=key)
-    a_ones = [c for c in ta2 if c not in tb2 and c not in needed]
-    b_ones = [c for c in tb2 if c not in ta2 and c not in needed]
-    order_a = batch + a_free + contr + a_ones
-    order_b = batch + contr + b_free + b_ones
-    perm_a = [ta2.index(c) for c in order_a]
-    perm_b = [tb2.index(c) for c in order_b]
-
-    def prod(letters: list[str]) -> int:
+    def prod(letters: Any) -> int:
         return math.prod(sizes[c] for c in letters)
 
-    nb, m, k, n = prod(batch), prod(a_free), prod(contr), prod(b_free)
-    batched = bool(batch)
-    shape_a = (nb, m, k) if batched else (m, k)
-    shape_b = (nb, k, n) if batched else (k, n)
-    result = "".join(batch + a_free + b_free)
-    out_shape = tuple(sizes[c] for c in result)
-    step = dict(sum_a=sum_a or None, perm_a=None if _identity(perm_a) else tuple(perm_a),
-                shape_a=shape_a, sum_b=sum_b or None,
-                perm_b=None if _identity(perm_b) else tuple(perm_b), shape_b=shape_b,
-                batched=batched, out_shape=out_shape, n_letters="".join(b_free))
-    return step, result
+    big = ta2 if prod(ta2) >= prod(tb2) else tb2
+    batch = sorted((c for c in ta2 if c in tb2 and c in needed), key=key)
+    contr = [c for c in big if c in ta2 and c in tb2 and c not in needed]
+    b_free = sorted((c for c in tb2 if c not in ta2 and c in needed), key=key)
+    b_ones = [c for c in tb2 if c not in ta2 and c not in needed]
+    k, n = prod(contr), prod(b_free)
+    sums = (sum_a or None, sum_b or None)
+    shape_a: tuple[int, ...] | None
+    flat: tuple[int, ...]
+    result: list[str]
+    where = sorted(ta2.index(c) for c in contr)
+    if not batch and contr and where[-1] - where[0] + 1 == len(contr) and big == ta2:
+        # contracted letters contiguous in the bigger A: view A, never copy it
+        contr = [ta2[i] for i in where]
+        head = [c for c in ta2[: where[0]] if c in needed]
+        tail = [c for c in ta2[where[-1] + 1:] if c in needed]
+        m, q = prod(head), prod(tail)
+        if not tail or q >= LEFT_MIN_TRAILING:
+            if not tail:
+                as_mm = _prepare(tb2, contr + b_free + b_ones, (k, n), sizes)
+                as_linear = _prepare(tb2, b_free + contr + b_ones, (n, k), sizes)
+                kind = MM if as_mm[0] is None and as_linear[0] is not None else LINEAR
+                perm_b, shape_b = as_mm if kind == MM else as_linear
+                shape_a, flat, result = (m, k), (m, n), head + b_free
+            else:
+                kind = LEFT
+                perm_b, shape_b = _prepare(tb2, b_free + contr + b_ones, (n, k), sizes)
+                shape_a = (k, q) if m == 1 else (m, k, q)
+                flat = (n, q) if m == 1 else (m, n, q)
+                result = head + b_free + tail
+            if _shape(ta2, sizes) == shape_a:
+                shape_a = None
+            res = "".join(result)
+            view = None if _shape(res, sizes) == flat else _shape(res, sizes)
+            step: tuple[Any, ...] = (sums[0], None, shape_a, sums[1], perm_b, shape_b, kind,
+                                     view)
+            return step, res, "".join(b_free) if kind != LEFT else ""
+    contr = [c for c in big if c in ta2 and c in tb2 and c not in needed]
+    a_free = sorted((c for c in ta2 if c not in tb2 and c in needed), key=key)
+    a_ones = [c for c in ta2 if c not in tb2 and c not in needed]
+    nb, m = prod(batch), prod(a_free)
+    if batch:
+        kind = BMM
+        perm_a, shape_a = _prepare(ta2, batch + a_free + contr + a_ones, (nb, m, k), sizes)
+        perm_b, shape_b = _prepare(tb2, batch + contr + b_free + b_ones, (nb, k, n), sizes)
+        flat = (nb, m, n)
+    else:
+        perm_a, shape_a = _prepare(ta2, a_free + contr + a_ones, (m, k), sizes)
+        as_mm = _prepare(tb2, contr + b_free + b_ones, (k, n), sizes)
+        as_linear = _prepare(tb2, b_free + contr + b_ones, (n, k), sizes)
+        kind = MM if as_mm[0] is None and as_linear[0] is not None else LINEAR
+        perm_b, shape_b = as_mm if kind == MM else as_linear
+        flat = (m, n)
+    res = "".join(batch + a_free + b_free)
+    view = None if _shape(res, sizes) == flat else _shape(res, sizes)
+    step = (sums[0], perm_a, shape_a, sums[1], perm_b, shape_b, kind, view)
+    return step, res, "".join(b_free)
 
 
 def _first_output_letter(term: str, other: str, rank: dict[str, int]) -> int:
@@ -179,18 +226,10 @@ class Program:
     """A compiled contraction: run it with ``program(operands)``.
 
     Built by :func:`plan_einsum`; holds the path, its FLOP count (``cost``)
-    and one precomputed step per pairwise contraction.
-
-    Parameters of ``__call__``
-    --------------------------
-    operands
-        The tensors, in the order of the equation's input terms.
-    hooks
-        Optional callables, one per step but the last, applied to each
-        intermediate result (the activation quantizers of a chain).
-    bias
-        Added to the result; fused into the last matmul when the layout
-        allows (``torch.addmm``). Needs a 2-D output whose last dim matches.
+    and one precomputed step per pairwise contraction (permutations and
+    reshapes that are no-ops are left out, so a chain of matrix products
+    runs as bare ``F.linear`` calls). Call it as described in
+    :meth:`__call__`.
 
     Examples
     --------
@@ -203,8 +242,7 @@ class Program:
     24.0
     """
 
-    __slots__ = ("equation", "path", "cost", "steps", "final_perm", "final_shape", "final_sum",
-                 "fusable")
+    __slots__ = ("equation", "path", "cost", "steps", "final", "fusable", "out_shape", "kinds")
 
     def __init__(self, equation: str, shapes: Sequence[Sequence[int]], path: Path,
                  cost: int) -> None:
@@ -212,98 +250,135 @@ class Program:
         terms = inputs.split(",")
         sizes: dict[str, int] = {}
         for term, shape in zip(terms, shapes, strict=True):
-            for c, s in zip(term, shape, strict=True):
-                sizes[c] = int(s)
+            if len(term) != len(shape) or len(set(term)) != len(term):
+                raise ValueError(f"term {term!r} does not fit shape {tuple(shape)} (or repeats "
+                                 "a letter)")
+            for c, size in zip(term, shape, strict=True):
+                if sizes.setdefault(c, int(size)) != int(size):
+                    raise ValueError(f"letter {c!r} has size {sizes[c]} and {size} in "
+                                     f"{equation!r}")
         self.equation = equation
         self.path = [tuple(p) for p in path]
         self.cost = int(cost)
-        steps: list[_Step] = []
+        self.out_shape = _shape(output, sizes)
         rank = {c: k for k, c in enumerate(output)}
+        steps: list[tuple[Any, ...]] = []
+        n_cols = ""
         for pos in self.path:
-            if len(pos) > 2:
-                raise ValueError(f"a path step contracts at most 2 operands, got {pos}")
+            if not 1 <= len(pos) <= 2:
+                raise ValueError(f"a path step contracts 1 or 2 operands, got {pos}")
             later = [t for k, t in enumerate(terms) if k not in pos]
-            needed = set(output).union(*later) if later else set(output)
+            needed = set(output).union(*later)
             order = sorted(pos, reverse=True)
             popped = [terms.pop(k) for k in order]
-            if len(popped) == 1:
-                summed, kept = _compile_unary(popped[0], needed, sizes)
-                steps.append(_Step(pops=tuple(order), unary=summed, swap=False))
-                terms.append(kept)
+            if len(popped) == 1:  # sum the letters no longer needed (size 1: left for the end)
+                summed = tuple(k for k, c in enumerate(popped[0])
+                               if c not in needed and sizes[c] > 1)
+                steps.append((order[0], None, False, summed, None, None, None, None, None,
+                              UNARY, None))
+                terms.append("".join(c for k, c in enumerate(popped[0]) if k not in summed))
+                n_cols = ""
                 continue
-            # "A" (the rows of the matmul) is the operand holding the free
-            # letter that comes first in the output (the batch, for an
-            # activation), so results stay in output-major order
+            # "A" (the rows of the matmul) holds the free letter that comes first
+            # in the output (the batch, for an activation): results stay batch-major
             firsts = [_first_output_letter(t, u, rank) for t, u in (popped, popped[::-1])]
             if firsts[0] != firsts[1]:
                 swap = firsts[1] < firsts[0]
             else:
-                big = [math.prod(sizes[c] for c in t) for t in popped]
-                swap = big[1] > big[0]
+                swap = math.prod(_shape(popped[1], sizes)) > math.prod(_shape(popped[0], sizes))
             ta, tb = (popped[1], popped[0]) if swap else (popped[0], popped[1])
-            kw, result = _compile_pair(ta, tb, output, needed, sizes)
-            steps.append(_Step(pops=tuple(order), swap=swap, unary=None, **kw))
+            step, result, n_cols = _compile_pair(ta, tb, output, needed, sizes)
+            steps.append((order[0], order[1], swap, *step))
             terms.append(result)
         (last,) = terms
-        extra = [c for c in last if c not in output]
-        self.final_sum = tuple(k for k, c in enumerate(last) if c in extra and sizes[c] > 1)
-        last = "".join(c for k, c in enumerate(last) if k not in self.final_sum)
-        perm = [last.index(c) for c in output] + [last.index(c) for c in last if c not in output]
-        self.final_perm = None if _identity(perm) else tuple(perm)
-        self.final_shape = tuple(sizes[c] for c in output)
+        final_sum = tuple(k for k, c in enumerate(last) if c not in rank and sizes[c] > 1)
+        last = "".join(c for k, c in enumerate(last) if k not in final_sum)
+        perm = [last.index(c) for c in output] + [last.index(c) for c in last if c not in rank]
+        final_perm = None if _identity(perm) else tuple(perm)
+        reshape = None if _shape(last, sizes) == self.out_shape else self.out_shape
+        self.final = (final_sum or None, final_perm, reshape)
         self.steps = steps
-        lastp = steps[-1] if steps else None
-        # bias (of the last output letter) goes into addmm when the last matmul's
+        # the bias (of the last output letter) goes into the last matmul when its
         # columns are exactly that letter and nothing is permuted afterwards
-        self.fusable = bool(lastp is not None and lastp.unary is None and not lastp.batched
-                            and self.final_perm is None and not self.final_sum
-                            and len(output) >= 1 and lastp.n_letters == output[-1]
-                            and len(last) == len(output))
+        self.fusable = bool(steps and steps[-1][9] in (MM, LINEAR) and final_perm is None
+                            and not final_sum and output and n_cols == output[-1])
+        self.kinds = tuple(st[9] for st in steps)
 
     def __repr__(self) -> str:
         return f"Program({self.equation!r}, path={self.path}, cost={self.cost})"
 
     def __call__(self, operands: Sequence[Tensor], hooks: Sequence[Hook | None] | None = None,
                  bias: Tensor | None = None) -> Tensor:
+        """Run the contraction.
+
+        Parameters
+        ----------
+        operands
+            The tensors, in the order of the equation's input terms, with the
+            shapes the program was compiled for.
+        hooks
+            Optional callables, one per step but the last, applied to each
+            intermediate result (the activation quantizers of a chain).
+        bias
+            Added to the result (broadcast over its last dim); fused into the
+            last matmul when ``fusable``.
+
+        Returns
+        -------
+        Tensor
+            The result, in the equation's output order.
+
+        Examples
+        --------
+        >>> import torch
+        >>> prog = plan_einsum("ij,jk->ik", [(2, 3), (3, 4)])
+        >>> prog([torch.ones(2, 3), torch.ones(3, 4)], bias=torch.ones(4))[0, 0].item()
+        4.0
+        """
         ops = list(operands)
         last = len(self.steps) - 1
-        for k, st in enumerate(self.steps):
-            first = ops.pop(st.pops[0])
-            if st.unary is not None:
-                ops.append(first.sum(st.unary) if st.unary else first)
+        fused = bias if self.fusable else None
+        for k, (p0, p1, swap, sa, pa, ra, sb, pb, rb, kind, view) in enumerate(self.steps):
+            a = ops.pop(p0)
+            if kind == UNARY:
+                ops.append(a.sum(sa) if sa else a)
                 continue
-            second = ops.pop(st.pops[1])
-            a, b = (second, first) if st.swap else (first, second)
-            if st.sum_a:
-                a = a.sum(st.sum_a)
-            if st.perm_a is not None:
-                a = a.permute(st.perm_a)
-            a = a.reshape(st.shape_a)
-            if st.sum_b:
-                b = b.sum(st.sum_b)
-            if st.perm_b is not None:
-                b = b.permute(st.perm_b)
-            b = b.reshape(st.shape_b)
-            if st.batched:
-                r = torch.bmm(a, b)
-            elif k == last and bias is not None and self.fusable:
-                r = torch.addmm(bias, a, b)
-                bias = None
+            b = ops.pop(p1)
+            if swap:
+                a, b = b, a
+            a, b = _arrange(a, sa, pa, ra), _arrange(b, sb, pb, rb)
+            if kind == LINEAR:
+                r = F.linear(a, b, fused if k == last else None)
+            elif kind == MM:
+                r = torch.addmm(fused, a, b) if fused is not None and k == last else torch.mm(a, b)
+            elif kind == LEFT:
+                r = torch.matmul(b, a)
             else:
-                r = torch.mm(a, b)
-            r = r.view(st.out_shape)
-            if hooks is not None and k < last and hooks[k] is not None:
-                r = hooks[k](r)
+                r = torch.bmm(a, b)
+            if view is not None:
+                r = r.view(view)
+            if hooks is not None and k < last:
+                hook = hooks[k]
+                if hook is not None:
+                    r = hook(r)
             ops.append(r)
         (r,) = ops
-        if self.final_sum:
-            r = r.sum(self.final_sum)
-        if self.final_perm is not None:
-            r = r.permute(self.final_perm)
-        r = r.reshape(self.final_shape)
-        if bias is not None:
+        r = _arrange(r, *self.final)
+        if bias is not None and fused is None:
             r = r + bias
         return r
+
+
+def _arrange(t: Tensor, summed: tuple[int, ...] | None, perm: tuple[int, ...] | None,
+             shape: tuple[int, ...] | None) -> Tensor:
+    """Sum, permute and reshape ``t`` (each skipped when ``None``)."""
+    if summed:
+        t = t.sum(summed)
+    if perm is not None:
+        t = t.permute(perm)
+    if shape is not None:
+        t = t.reshape(shape)
+    return t
 
 
 def path_cost(equation: str, shapes: Sequence[Sequence[int]], path: Path) -> int:

@@ -21,7 +21,7 @@ torch.Size([1, 8, 5, 5])
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +60,13 @@ class FactorizedConv2dBase(FactorizedLayer):
     in_channels: int
     out_channels: int
     kernel_size: tuple[int, int]
-    spec_type: type = type(None)
+    spec_type: type[Any] = type(None)
     _kernel_eq: str = ""
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, spec: Any, *,
-                   gram: Tensor | None = None) -> FactorizedConv2dBase:
-        """Factorize a pretrained ``nn.Conv2d`` (see the subclass for an example).
+                   gram: Tensor | None = None, name: str = "weight") -> FactorizedConv2dBase:
+        """Factorize a pretrained ``nn.Conv2d`` into this layer's format.
 
         Parameters
         ----------
@@ -79,11 +79,26 @@ class FactorizedConv2dBase(FactorizedLayer):
         gram
             Not used by convolutions; must be ``None`` (kept so every
             layer's ``from_dense`` has the same signature).
+        name
+            What to call the weight in error messages (the module's name in
+            its model, say).
 
         Returns
         -------
         FactorizedConv2dBase
             The factorized layer on the module's device and dtype.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from tnquant import CP, Tucker
+        >>> from tnquant.layers import CPConv2d, TuckerConv2d
+        >>> conv = nn.Conv2d(16, 32, 3, padding=1)
+        >>> TuckerConv2d.from_dense(conv, Tucker(rank=(8, 4))).ranks
+        (8, 4)
+        >>> CPConv2d.from_dense(conv, CP(rank=6)).cores[2].shape
+        torch.Size([3, 6])
         """
         if gram is not None:
             raise ValueError(f"{cls.__name__}.from_dense takes no gram (only Linear layers "
@@ -100,13 +115,14 @@ class FactorizedConv2dBase(FactorizedLayer):
         from tnquant.decompose import decompose_conv
 
         weight = module.weight.detach()
-        dec = decompose_conv(weight, spec)
+        dec = decompose_conv(weight, spec, name=name)
         if dec.format != cls.format:
             raise ValueError(f"{cls.__name__} needs a {cls.format!r} decomposition, got "
                              f"{dec.format!r}")
         cores = [c.detach().to(device=weight.device, dtype=weight.dtype) for c in dec.cores]
         bias = None if module.bias is None else module.bias.detach().clone()
-        return cls(cores, stride=module.stride, padding=module.padding,
+        build: Any = cls  # subclasses take their own keywords
+        return build(cores, stride=module.stride, padding=module.padding,
                    dilation=module.dilation, padding_mode=module.padding_mode, bias=bias,
                    spec=spec, decomposition_info=decomposition_fields(dec))
 
@@ -139,7 +155,7 @@ class FactorizedConv2dBase(FactorizedLayer):
             elif self.padding == "valid":
                 pads += [0, 0]
             else:
-                pads += [self.padding[axis]] * 2  # type: ignore[index]
+                pads += [cast("tuple[int, int]", self.padding)[axis]] * 2
         self._explicit_pad = tuple(pads)
 
     @property
@@ -212,7 +228,7 @@ class FactorizedConv2dBase(FactorizedLayer):
                 kind = "reconstructed"
             else:
                 kind = self.flops(shape)["chosen"]
-            self._plans[key] = kind
+            self._remember(key, kind)
         return kind
 
     # ------------------------------------------------------------------ #
@@ -283,11 +299,11 @@ class FactorizedConv2dBase(FactorizedLayer):
         ref = self.cores[0]
         dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
                           stride=self.stride, padding=self.padding, dilation=self.dilation,
-                          bias=self.bias is not None, padding_mode=self.padding_mode,
+                          bias=self.bias is not None, padding_mode=cast(Any, self.padding_mode),
                           device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight())
-            if self.bias is not None:
+            if self.bias is not None and dense.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
 

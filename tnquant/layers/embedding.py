@@ -86,12 +86,12 @@ class TTEmbedding(FactorizedLayer):
         owner = type(self).__name__
         shapes = _tt_shapes(cores, owner)
         d = len(shapes)
-        self_num_shape = tuple(s[1] for s in shapes)
+        num_shape = tuple(s[1] for s in shapes)
         dim_shape = tuple(s[2] for s in shapes)
         inner = tuple(s[3] for s in shapes[:-1])
-        num = math.prod(self_num_shape) if num_embeddings is None else num_embeddings
+        num = math.prod(num_shape) if num_embeddings is None else num_embeddings
         dim = math.prod(dim_shape) if embedding_dim is None else embedding_dim
-        for name, value, shape in (("num_embeddings", num, self_num_shape),
+        for name, value, shape in (("num_embeddings", num, num_shape),
                                    ("embedding_dim", dim, dim_shape)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -106,13 +106,13 @@ class TTEmbedding(FactorizedLayer):
             padding_idx %= num
         if spec is None:
             spec = TT(rank=inner if inner else "full", in_shape=dim_shape,
-                      out_shape=self_num_shape)
+                      out_shape=num_shape)
         super().__init__(cores, bias=None, spec=spec, decomposition_info=decomposition_info,
                          ranks=inner)
         self.num_embeddings, self.embedding_dim = num, dim
-        self.num_shape, self.dim_shape = self_num_shape, dim_shape
+        self.num_shape, self.dim_shape = num_shape, dim_shape
         self.padding_idx = padding_idx
-        self._strides = tuple(math.prod(self_num_shape[k + 1:]) for k in range(d))
+        self._strides = tuple(math.prod(num_shape[k + 1:]) for k in range(d))
         # left-to-right costs sum_k M_{<k} r_{k-1} m_k r_k, right-to-left mirrored
         m, r = dim_shape, (1, *inner, 1)
         left = sum(math.prod(m[:k]) * r[k] * m[k] * r[k + 1] for k in range(1, d))
@@ -125,13 +125,13 @@ class TTEmbedding(FactorizedLayer):
 
     @classmethod
     def from_dense(cls, module: nn.Embedding, spec: TT, *,
-                   gram: Tensor | None = None) -> TTEmbedding:
+                   gram: Tensor | None = None, name: str = "weight") -> TTEmbedding:
         """Factorize a pretrained ``nn.Embedding`` with a ``TT`` spec.
 
         ``spec.out_shape`` tensorizes the rows (``num_embeddings``),
         ``spec.in_shape`` the columns. ``max_norm``, ``scale_grad_by_freq``
         and ``sparse`` are refused; ``padding_idx`` is kept (see the class).
-        ``gram`` must be ``None``.
+        ``gram`` must be ``None``; ``name`` names the table in error messages.
 
         Examples
         --------
@@ -159,7 +159,7 @@ class TTEmbedding(FactorizedLayer):
         from tnquant.decompose import decompose_embedding
 
         weight = module.weight.detach()
-        dec = decompose_embedding(weight, spec)
+        dec = decompose_embedding(weight, spec, name=name)
         if dec.format != "tt":
             raise ValueError(f"TTEmbedding needs a 'tt' decomposition, got {dec.format!r}")
         cores = [c.detach().to(device=weight.device, dtype=weight.dtype) for c in dec.cores]

@@ -13,7 +13,12 @@ For a batch of ``B`` rows the layer compiles (once per ``B``) the cheapest of
 - ``'reconstructed'``: the cheapest order for ``w_eq``, then ``F.linear``,
   costing ``cost(w_eq) + 2 * B * out * in``;
 
-and picks by FLOP count (``implementation='auto'``), or as forced.
+and picks by FLOP count (``implementation='auto'``; a tie goes to the
+reconstruction, whose single dense GEMM runs closer to peak), or as forced.
+Plans are cached per batch size (at most ``base.MAX_PLANS``); each costs
+0.2-1 ms to build. When ``act_quantizers`` holds ``'inter_*'`` quantizers
+the canonical chain (``chains[0]``) runs instead, so that every
+intermediate exists.
 
 Examples
 --------
@@ -60,12 +65,12 @@ class FactorizedLinearBase(FactorizedLayer):
     out_features: int
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    spec_type: type = type(None)
+    spec_type: type[Any] = type(None)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, spec: Any, *,
-                   gram: Tensor | None = None) -> FactorizedLinearBase:
-        """Factorize a pretrained ``nn.Linear`` (see the subclass for an example).
+                   gram: Tensor | None = None, name: str = "weight") -> FactorizedLinearBase:
+        """Factorize a pretrained ``nn.Linear`` into this layer's format.
 
         Parameters
         ----------
@@ -77,12 +82,29 @@ class FactorizedLinearBase(FactorizedLayer):
         gram
             Optional ``(in, in)`` Gram matrix ``X^T X`` of the layer's inputs,
             for a data-aware decomposition that minimises the output error.
+        name
+            What to call the weight in error messages (the module's name in
+            its model, say).
 
         Returns
         -------
         FactorizedLinearBase
             The factorized layer, on the module's device and dtype, with
             ``spec`` and ``decomposition_info`` filled in.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from tnquant import TT, LowRank
+        >>> from tnquant.layers import LowRankLinear, TTLinear
+        >>> dense = nn.Linear(64, 48)
+        >>> layer = TTLinear.from_dense(dense, TT(ratio=0.2, order=2))
+        >>> layer.in_shape, layer.out_shape, layer.compression_ratio > 2
+        ((8, 8), (8, 6), True)
+        >>> exact = LowRankLinear.from_dense(dense, LowRank(rank="full"))
+        >>> exact.decomposition_info["rel_error"] < 1e-5
+        True
         """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_dense expects an nn.Linear, got "
@@ -93,13 +115,14 @@ class FactorizedLinearBase(FactorizedLayer):
         from tnquant.decompose import decompose_linear
 
         weight = module.weight.detach()
-        dec = decompose_linear(weight, spec, gram=gram)
+        dec = decompose_linear(weight, spec, gram=gram, name=name)
         if dec.format != cls.format:
             raise ValueError(f"{cls.__name__} needs a {cls.format!r} decomposition, got "
                              f"{dec.format!r}")
         cores = [c.detach().to(device=weight.device, dtype=weight.dtype) for c in dec.cores]
         bias = None if module.bias is None else module.bias.detach().clone()
-        return cls(cores, in_features=module.in_features, out_features=module.out_features,
+        build: Any = cls  # subclasses take their own keywords
+        return build(cores, in_features=module.in_features, out_features=module.out_features,
                    bias=bias, spec=spec, decomposition_info=decomposition_fields(dec))
 
     def _setup_linear(self, *, in_features: int, out_features: int, in_shape: Sequence[int],
@@ -168,7 +191,7 @@ class FactorizedLinearBase(FactorizedLayer):
         key = (batch, self._implementation, chain)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._make_plan(batch, chain, self._implementation)
+            plan = self._remember(key, self._make_plan(batch, chain, self._implementation))
         return plan
 
     def flops(self, batch_size: int) -> dict[str, Any]:
@@ -209,21 +232,25 @@ class FactorizedLinearBase(FactorizedLayer):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        if self.act_quantizers is not None:
+        if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != self.in_features:
+            self._check_input(x)
+        quantizers = self._modules.get("act_quantizers")
+        hooks = None
+        if quantizers is not None:
             x = self._act("input", x)
-        hooks = self._inter_hooks() if self.act_quantizers is not None else None
+            hooks = self._inter_hooks()
         cores = self.effective_cores()
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        lead = x.shape[:-1] if x.ndim != 2 else None
+        x2 = x.reshape(-1, self.in_features) if lead is not None else x
         kind, prog = self._plan(x2.shape[0], hooks is not None)
-        bias = self.bias
+        bias = self._parameters["bias"]
         if kind == "reconstructed":
             y = F.linear(x2, self._weight_from(prog, cores), bias)
         else:
             y = self._factorized(prog, x2, cores, bias, hooks)
-        y = y.reshape(*lead, self.out_features)
-        if self.act_quantizers is not None:
+        if lead is not None:
+            y = y.reshape(*lead, self.out_features)
+        if quantizers is not None:
             y = self._act("output", y)
         return y
 
@@ -232,11 +259,14 @@ class FactorizedLinearBase(FactorizedLayer):
         n = x2.shape[0]
         if self._in_pad:
             x2 = F.pad(x2, (0, self._in_pad))
-        xt = x2.reshape(n, *self.in_shape)
+        tensorized = len(self.in_shape) > 1
+        if tensorized:
+            x2 = x2.reshape(n, *self.in_shape)
         sliced = self._out_padded != self.out_features
         fuse = bias is not None and not sliced and prog.fusable and len(self.out_shape) == 1
-        y = prog([xt, *cores], hooks, bias if fuse else None)
-        y = y.reshape(n, self._out_padded)
+        y = prog([x2, *cores], hooks, bias if fuse else None)
+        if len(self.out_shape) > 1:
+            y = y.reshape(n, self._out_padded)
         if sliced:
             y = y[:, : self.out_features]
         if bias is not None and not fuse:
@@ -286,7 +316,7 @@ class FactorizedLinearBase(FactorizedLayer):
                           device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight())
-            if self.bias is not None:
+            if self.bias is not None and dense.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
 

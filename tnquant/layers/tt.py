@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from tnquant.layers.base import check_bias, check_match
 from tnquant.layers.contract import chain_path, path_cost, symbols
@@ -26,9 +26,7 @@ __all__ = ["TTLinear"]
 
 
 def _tt_shapes(cores: Any, owner: str) -> list[tuple[int, ...]]:
-    if isinstance(cores, Tensor) or not isinstance(cores, (list, tuple)) and not hasattr(
-        cores, "__len__"
-    ):
+    if isinstance(cores, Tensor) or not isinstance(cores, (list, tuple, nn.ParameterList)):
         raise TypeError(f"{owner} cores must be a list of tensors, got {type(cores).__name__}")
     if len(cores) == 0:
         raise ValueError(f"{owner} needs at least one core, got none")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from tnquant.layers.base import check_bias, check_cores, check_match
 from tnquant.layers.contract import symbols
@@ -29,8 +29,10 @@ __all__ = ["TuckerLinear", "TuckerConv2d"]
 
 def _tucker_order(cores: Any, owner: str) -> int:
     """0 for the order-1 layout ``[U_out, G, U_in]``, else the tensorized order ``d``."""
-    if isinstance(cores, Tensor) or not hasattr(cores, "__len__") or not cores:
-        raise TypeError(f"{owner} cores must be a non-empty list of tensors, got {cores!r}")
+    if isinstance(cores, Tensor) or not isinstance(cores, (list, tuple, nn.ParameterList)):
+        raise TypeError(f"{owner} cores must be a list of tensors, got {type(cores).__name__}")
+    if not cores:
+        raise ValueError(f"{owner} needs cores, got an empty list")
     for k, core in enumerate(cores):
         if not isinstance(core, Tensor):
             raise TypeError(f"{owner} cores[{k}] must be a tensor, got {type(core).__name__}")
@@ -105,7 +107,8 @@ class TuckerLinear(FactorizedLinearBase):
                 if given is not None:
                     check_match(owner, f"{name}_features (order-1 factor size)", size, given)
             ranks: tuple[int, ...] = (r_out, r_in)
-            in_shape, out_shape = (n_in,), (out,)
+            in_shape: tuple[int, ...] = (n_in,)
+            out_shape: tuple[int, ...] = (out,)
             x_term, out_term, w_term = "Za", "Zo", "oa"
             core_terms, chains = ["op", "pq", "aq"], [[3, 2, 1]]
             default_spec = Tucker(rank=ranks)
