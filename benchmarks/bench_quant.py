@@ -84,6 +84,7 @@ def cost_rows(weights):
     w = max((w for _, w in weights), key=lambda t: t.numel())
     rows = []
     base = median_time(lambda: w.clone())
+    one_op = median_time(lambda: w * 0.5)
     for label, spec in [
         ("int8 per-tensor", QuantSpec(bits=8)),
         ("int8 per-channel", QuantSpec(bits=8, granularity="channel")),
@@ -92,7 +93,7 @@ def cost_rows(weights):
         ("binary", Binary()),
     ]:
         t = median_time(lambda spec=spec: fake_quantize(w, spec))
-        rows.append((label, f"{tuple(w.shape)}", t / base))
+        rows.append((label, f"{tuple(w.shape)}", t / base, t / one_op))
     return rows
 
 
@@ -108,7 +109,7 @@ def main() -> None:
         )
     )
     print()
-    print(markdown_table(["fake_quantize", "weight", "time / x.clone()"], cost_rows(weights)))
+    print(markdown_table(["fake_quantize", "weight", "time / x.clone()", "time / (x * 0.5)"], cost_rows(weights)))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tnquant.quant.qparams import QParams, block_reduce_dims, block_size, qparam_shape, to_blocks
+from tnquant.quant.qparams import (
+    QParams,
+    all_finite,
+    block_reduce_dims,
+    block_size,
+    qparam_shape,
+    to_blocks,
+)
 from tnquant.specs import Binary
 
 __all__ = ["binary_codes", "binary_scale", "binary_quantize", "binary_fake_quantize"]
@@ -51,8 +58,8 @@ def _check_float(x: Any, name: str, finite: bool = True) -> Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if not finite:
         return x
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
+    if not all_finite(x):
+        bad = ~torch.isfinite(x)
         raise ValueError(
             f"{name} must be finite, got {int(bad.sum())} NaN/Inf value(s) out of {x.numel()}"
         )

