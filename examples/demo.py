@@ -34,7 +34,7 @@ def quantizer_table(weight: torch.Tensor) -> None:
         ("int4 per-channel", QuantSpec(bits=4, granularity="channel", axis=0)),
         ("int4 per-group 64", QuantSpec(bits=4, granularity=("group", 64), axis=1)),
         ("int4 per-channel pow2", QuantSpec(bits=4, granularity="channel", scale="pow2")),
-        ("int3 per-group 32 mse", QuantSpec(bits=3, granularity=("group", 32), axis=1)),
+        ("int3 per-group 32", QuantSpec(bits=3, granularity=("group", 32), axis=1)),
         ("ternary (TWN) per-channel", Ternary(granularity="channel")),
         ("binary (XNOR) per-channel", Binary(granularity="channel")),
         ("ap_fixed<8,1,RND,SAT>", FixedPoint(8, 1, rounding="RND", overflow="SAT")),

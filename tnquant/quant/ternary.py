@@ -78,7 +78,7 @@ def twn_params(x: Tensor, spec: Ternary) -> tuple[Tensor, Tensor]:
     delta = spec.threshold * a.mean(dim=dims, keepdim=True)
     above = a > delta
     count = above.sum(dim=dims, keepdim=True)
-    total = torch.where(above, a, 0.0).sum(dim=dims, keepdim=True)
+    total = (a * above).sum(dim=dims, keepdim=True)
     fallback = a.amax(dim=dims, keepdim=True)
     alpha = torch.where(count > 0, total / count.clamp(min=1), fallback)
     return delta.reshape(out_shape).to(x.dtype), alpha.reshape(out_shape).to(x.dtype)
@@ -93,9 +93,8 @@ def ternary_codes(x: Tensor, delta: Tensor) -> Tensor:
     tensor([ 1, -1,  0,  0], dtype=torch.int8)
     """
     _check_float(x, "x")
-    one = torch.ones((), dtype=torch.int8, device=x.device)
-    zero = torch.zeros((), dtype=torch.int8, device=x.device)
-    return torch.where(x > delta, one, torch.where(x < -delta, -one, zero))
+    # arithmetic on masks, not nested torch.where (several times slower on CPU)
+    return (x > delta).to(torch.int8) - (x < -delta).to(torch.int8)
 
 
 def ternary_quantize(x: Tensor, spec: Ternary) -> tuple[Tensor, QParams]:
@@ -149,22 +148,22 @@ class _TernarySTE(torch.autograd.Function):
         pos = x > delta
         neg = x < -delta
         ctx.save_for_backward(pos, neg, alpha_p, alpha_n)
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        return torch.where(pos, alpha_p, torch.where(neg, -alpha_n, zero))
+        # exact: alpha_p - 0, 0 - alpha_n or 0 - 0 (masks are 0/1)
+        return pos.to(x.dtype) * alpha_p - neg.to(x.dtype) * alpha_n
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
         pos, neg, alpha_p, alpha_n = ctx.saved_tensors
         grad_x = grad_p = grad_n = None
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        p, n = pos.to(grad.dtype), neg.to(grad.dtype)
         if ctx.needs_input_grad[0]:
-            one = torch.ones((), dtype=grad.dtype, device=grad.device)
-            factor = torch.where(pos, alpha_p, torch.where(neg, alpha_n, one))
-            grad_x = grad * factor.to(grad.dtype)
+            # alpha_p on the positive region, alpha_n on the negative one, 1 in between
+            factor = 1 + p * (alpha_p.to(grad.dtype) - 1) + n * (alpha_n.to(grad.dtype) - 1)
+            grad_x = grad * factor
         if ctx.needs_input_grad[2]:
-            grad_p = torch.where(pos, grad, zero).sum_to_size(alpha_p.shape)
+            grad_p = (grad * p).sum_to_size(alpha_p.shape)
         if ctx.needs_input_grad[3]:
-            grad_n = -torch.where(neg, grad, zero).sum_to_size(alpha_n.shape)
+            grad_n = -(grad * n).sum_to_size(alpha_n.shape)
         return grad_x, None, grad_p, grad_n
 
 
