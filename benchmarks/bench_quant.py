@@ -109,7 +109,11 @@ def main() -> None:
         )
     )
     print()
-    print(markdown_table(["fake_quantize", "weight", "time / x.clone()", "time / (x * 0.5)"], cost_rows(weights)))
+    print(
+        markdown_table(
+            ["fake_quantize", "weight", "time / x.clone()", "time / (x * 0.5)"], cost_rows(weights)
+        )
+    )
 
 
 if __name__ == "__main__":

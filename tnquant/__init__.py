@@ -1,6 +1,9 @@
 """tnquant: tensor-network compression and quantization of PyTorch models."""
 
 from tnquant.factorization import factorize
+from tnquant.io import load, save
+from tnquant.ptq import calibrate
+from tnquant.quantization import convert, model_size_bits, quantize, size_report
 from tnquant.report import Report
 from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
 
@@ -16,5 +19,12 @@ __all__ = [
     "Ternary",
     "FixedPoint",
     "factorize",
+    "quantize",
+    "calibrate",
+    "convert",
+    "save",
+    "load",
+    "model_size_bits",
+    "size_report",
     "Report",
 ]

@@ -31,6 +31,7 @@ from tnquant.layers.cp import CPConv2d
 from tnquant.layers.embedding import TTEmbedding
 from tnquant.layers.linear import FactorizedLinearBase
 from tnquant.layers.lowrank import LowRankLinear
+from tnquant.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear
 from tnquant.layers.tt import TTLinear
 from tnquant.layers.tucker import TuckerConv2d, TuckerLinear
 
@@ -44,4 +45,7 @@ __all__ = [
     "TuckerConv2d",
     "CPConv2d",
     "TTEmbedding",
+    "QuantLinear",
+    "QuantConv2d",
+    "QuantEmbedding",
 ]

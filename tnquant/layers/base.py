@@ -29,12 +29,14 @@ Examples
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, cast
 
 from torch import Tensor, nn
 
 from tnquant.layers.contract import IMPLEMENTATIONS
+from tnquant.quant.frozen import FrozenTensor
 
 #: cached plans (one per input shape) kept before the cache starts over
 MAX_PLANS = 256
@@ -256,7 +258,7 @@ class FactorizedLayer(nn.Module):
     @property
     def n_params(self) -> int:
         """Stored parameters: every core element plus the bias."""
-        n = sum(c.numel() for c in self.cores)
+        n = sum(math.prod(s) for s in self._core_shapes())
         return n + (self.bias.numel() if self.bias is not None else 0)
 
     @property
@@ -300,7 +302,14 @@ class FactorizedLayer(nn.Module):
         return plan
 
     def _core_shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(c.shape) for c in self.cores]
+        shapes = [tuple(c.shape) for c in self.cores]
+        # -- tnquant.convert: a converted core is an empty placeholder; its
+        # shape lives in the FrozenTensor that stores it
+        quantizers = cast("nn.ModuleList | None", self._modules.get("core_quantizers"))
+        if quantizers is not None:
+            shapes = [q.shape if isinstance(q, FrozenTensor) else s
+                      for q, s in zip(quantizers, shapes, strict=False)]
+        return shapes
 
 
 def decomposition_fields(dec: Any) -> dict[str, Any]:

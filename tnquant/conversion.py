@@ -1,0 +1,172 @@
+"""``convert``: freeze a fake-quant model into real low-bit storage.
+
+Every weight quantizer in ``'quantize'`` mode becomes a
+:class:`~tnquant.quant.frozen.FrozenTensor` (layout and the dropped float
+tensors: :mod:`tnquant.quant.frozen`); activation quantizers stay fake-quant
+modules with their calibrated qparams. Re-exported as ``tnquant.quantization.convert``.
+
+Examples
+--------
+>>> import torch
+>>> from tnquant import QuantSpec
+>>> from tnquant.quantization import quantize
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+>>> _ = quantize(model, weights=QuantSpec(bits=2), progress=False)
+>>> x = torch.randn(2, 8)
+>>> y = model(x)
+>>> report = convert(model, progress=False)
+>>> torch.equal(model(x), y), report["0"]["bits_after"]  # 32 2-bit codes, 1 float32 scale
+(True, 96)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tnquant.layers.base import FactorizedLayer
+from tnquant.layers.quantized import QUANT_DENSE, QuantLinear, weight_pairs
+from tnquant.quant.frozen import FrozenTensor, spec_summary, tensor_bits
+from tnquant.quant.quantizer import Quantizer
+from tnquant.report import Report
+
+__all__ = ["convert", "ConvertReport"]
+
+_COLUMNS = ("name", "kind", "tensors", "bits_before", "bits_after", "note")
+
+
+def _join(prefix: str, suffix: str) -> str:
+    return f"{prefix}.{suffix}" if prefix else suffix
+
+
+class ConvertReport(Report):
+    """The :func:`convert` report; ``model`` is the converted model (a copy if not in place)."""
+
+    model: nn.Module | None = None
+
+
+def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    units = (FactorizedLayer, *QUANT_DENSE)
+    return [(name, cast(nn.Module, m)) for name, m in model.named_modules()
+            if isinstance(m, units)]
+
+
+def _check_convertible(units: list[tuple[str, nn.Module]], dynamic_activations: bool) -> None:
+    observing, dynamic = [], []
+    for name, module in units:
+        weight_ids = set()
+        for tname, _, q in weight_pairs(module):
+            if isinstance(q, Quantizer):
+                weight_ids.add(id(q))
+                if q.mode == "observe":
+                    observing.append(_join(name, tname))
+        for qname, q in module.named_modules():
+            if isinstance(q, Quantizer) and id(q) not in weight_ids:
+                if q.mode == "observe":
+                    observing.append(_join(name, qname))
+                elif q.mode == "quantize" and q.dynamic and not dynamic_activations:
+                    dynamic.append(_join(name, qname))
+    if observing:
+        raise ValueError(f"quantizers {observing} are still observing; finish calibration "
+                         f"(tnquant.calibrate, or freeze()) before convert()")
+    if dynamic:
+        raise ValueError(f"activation quantizers {dynamic} have no calibrated ranges (they would "
+                         f"compute scales from every input); run tnquant.calibrate(model, data) "
+                         f"first, or pass dynamic_activations=True to keep per-input ranges")
+
+
+def _freeze_weight(module: nn.Module, k: int, tname: str, t: Tensor, q: Quantizer,
+                   where: str) -> FrozenTensor:
+    with torch.no_grad():
+        ref = q(t)  # also initialises a learnable quantizer, as the fake forward would
+        frozen = FrozenTensor.from_quantizer(q, t, name=where)
+        stochastic = getattr(q.spec, "rounding", None) == "stochastic"
+        if not stochastic and not torch.equal(frozen(), ref):
+            raise RuntimeError(f"the stored codes of {where} do not reproduce the fake-quant "
+                               f"values of {q.spec}; please report this")
+    placeholder = nn.Parameter(t.detach().new_empty(0), requires_grad=False)
+    if isinstance(module, FactorizedLayer):
+        cast(nn.ModuleList, module.core_quantizers)[k] = frozen
+        module.cores[k] = placeholder
+    else:
+        dense = cast(QuantLinear, module)  # or QuantConv2d/QuantEmbedding: same attributes
+        dense.weight_quantizer = frozen
+        dense.weight = placeholder
+    return frozen
+
+
+def convert(model: nn.Module, *, inplace: bool = True, dynamic_activations: bool = False,
+            progress: bool = True) -> ConvertReport:
+    """Freeze every fake-quant weight into integer storage (:class:`FrozenTensor`).
+
+    Each weight quantizer in ``'quantize'`` mode is replaced by a
+    ``FrozenTensor`` of its codes (``Quantizer.quantize_codes``) and the float
+    weight/core by an empty placeholder (layout:
+    :mod:`tnquant.quant.frozen`). The converted model's forward equals the
+    fake-quant model's bitwise (checked per tensor; stochastic rounding draws
+    its codes once, here). Activation quantizers stay fake-quant modules with
+    their calibrated qparams; quantizers in mode ``'off'`` and their tensors
+    stay as they are.
+
+    Parameters
+    ----------
+    model
+        A model after :func:`quantize` (and calibration).
+    inplace
+        Convert ``model`` itself; ``False`` converts a deep copy (returned as
+        ``report.model``).
+    dynamic_activations
+        Accept activation quantizers without calibrated ranges (they keep
+        computing their scale from every input).
+    progress
+        Show a progress bar over layers.
+
+    Returns
+    -------
+    ConvertReport
+        Per layer: ``tensors`` (``name=spec`` of the frozen tensors),
+        ``bits_before``/``bits_after`` (float storage before, real storage
+        after); ``report.model`` is the converted model.
+
+    Raises
+    ------
+    ValueError
+        A quantizer still observing, or an uncalibrated activation
+        quantizer (see ``dynamic_activations``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tnquant import QuantSpec
+    >>> from tnquant.quantization import quantize
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    >>> _ = quantize(model, weights=QuantSpec(bits=8), progress=False)
+    >>> report = convert(model, inplace=False, progress=False)
+    >>> report.model[0].weight_quantizer.packed.dtype, model[0].converted
+    (torch.uint8, False)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    units = _units(model)
+    _check_convertible(units, dynamic_activations)
+    report = ConvertReport("convert", columns=_COLUMNS)
+    report.model = model
+    for name, module in tqdm(units, desc="convert", disable=not progress):
+        pending = [(k, tname, t, q) for k, (tname, t, q) in enumerate(weight_pairs(module))
+                   if isinstance(q, Quantizer) and q.mode == "quantize"]
+        if not pending:
+            continue
+        before = sum(tensor_bits(t) for _, _, t, _ in pending)
+        frozen = [(tname, _freeze_weight(module, k, tname, t, q, repr(_join(name, tname))))
+                  for k, tname, t, q in pending]
+        report.add(name=name, kind=type(module).__name__,
+                   tensors=", ".join(f"{tname}={spec_summary(f.spec)}" for tname, f in frozen),
+                   bits_before=before, bits_after=sum(f.nbits() for _, f in frozen),
+                   note=None)
+    return report

@@ -1,0 +1,403 @@
+"""Dense layers with fake-quantized weights and activations.
+
+``tnquant.quantize`` swaps ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding``
+for these subclasses (so ``isinstance(layer, nn.Linear)`` still holds). They
+keep the very same ``weight`` and ``bias`` parameters (shared, not copied)
+and add
+
+- ``weight_quantizer``: a :class:`~tnquant.quant.Quantizer` (or ``None``;
+  after :func:`tnquant.convert`, a :class:`~tnquant.quant.frozen.FrozenTensor`
+  and ``weight`` an empty placeholder);
+- ``act_quantizers``: an ``nn.ModuleDict`` with keys ``'input'`` and/or
+  ``'output'`` (or ``None``). ``QuantEmbedding`` takes ``'output'`` only: its
+  inputs are indices.
+
+The forward pass is the plain functional op with
+``weight_quantizer(weight)`` in place of ``weight``, the input and output
+passed through their quantizers when present.
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> from tnquant import QuantSpec
+>>> from tnquant.quant import Quantizer
+>>> dense = nn.Linear(6, 4)
+>>> layer = QuantLinear.from_float(dense)
+>>> layer.weight is dense.weight
+True
+>>> layer.weight_quantizer = Quantizer(QuantSpec(bits=4, granularity="channel"))
+>>> layer(torch.randn(2, 6)).shape
+torch.Size([2, 4])
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tnquant.layers.base import FactorizedLayer
+from tnquant.layers.embedding import TTEmbedding
+from tnquant.quant.frozen import FrozenTensor
+from tnquant.quant.quantizer import Quantizer
+
+__all__ = [
+    "QuantLinear",
+    "QuantConv2d",
+    "QuantEmbedding",
+    "QUANT_DENSE",
+    "DENSE_TO_QUANT",
+    "weight_pairs",
+    "activation_sites",
+    "quant_state",
+]
+
+
+def _act(module: nn.Module, name: str, x: Tensor) -> Tensor:
+    quantizers = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
+    if quantizers is not None and name in quantizers:
+        return cast(Tensor, quantizers[name](x))
+    return x
+
+
+def _effective_weight(module: nn.Module) -> Tensor:
+    weight = cast(Tensor, module._parameters["weight"])
+    quantizer = module._modules.get("weight_quantizer")
+    return weight if quantizer is None else cast(Tensor, quantizer(weight))
+
+
+def _is_converted(module: nn.Module) -> bool:
+    return isinstance(module._modules.get("weight_quantizer"), FrozenTensor)
+
+
+def _check_source(cls: type, module: Any, base: type) -> None:
+    if type(module) is not base:
+        raise TypeError(f"{cls.__name__}.from_float expects a {base.__module__}.{base.__name__} "
+                        f"(exactly, not a subclass), got {type(module).__name__}")
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with a weight quantizer and input/output quantizers.
+
+    Parameters
+    ----------
+    in_features, out_features, bias, device, dtype
+        As ``nn.Linear``.
+
+    Attributes
+    ----------
+    weight_quantizer : Quantizer, FrozenTensor or None
+    act_quantizers : nn.ModuleDict or None
+        Keys ``'input'``, ``'output'``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = QuantLinear(3, 2)
+    >>> torch.allclose(layer(torch.ones(1, 3)), layer.weight.sum(1) + layer.bias)
+    True
+    """
+
+    weight_quantizer: nn.Module | None
+    act_quantizers: nn.ModuleDict | None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        # plain None until quantize() assigns modules (nn.Module then registers them)
+        self.weight_quantizer = None
+        self.act_quantizers = None
+
+    @classmethod
+    def from_float(cls, module: nn.Linear) -> QuantLinear:
+        """Wrap ``module``, sharing its ``weight`` and ``bias`` parameters (no quantizers yet).
+
+        Examples
+        --------
+        >>> from torch import nn
+        >>> QuantLinear.from_float(nn.Linear(4, 2, bias=False)).bias is None
+        True
+        """
+        _check_source(cls, module, nn.Linear)
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None,
+                  device="meta", dtype=module.weight.dtype)
+        new.weight = module.weight
+        new.bias = module.bias
+        return new.train(module.training)
+
+    @property
+    def converted(self) -> bool:
+        """Whether the weight lives in a ``FrozenTensor`` (integer storage)."""
+        return _is_converted(self)
+
+    def effective_weight(self) -> Tensor:
+        """The weight the forward pass uses (quantized when a quantizer is attached)."""
+        return _effective_weight(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _act(self, "input", x)
+        return _act(self, "output", F.linear(x, _effective_weight(self), self.bias))
+
+    def to_float(self) -> nn.Linear:
+        """A plain ``nn.Linear``: the same parameters, or the dequantized weight once converted.
+
+        Examples
+        --------
+        >>> from torch import nn
+        >>> dense = nn.Linear(4, 2)
+        >>> QuantLinear.from_float(dense).to_float().weight is dense.weight
+        True
+        """
+        w = self.weight
+        new = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device="meta", dtype=w.dtype)
+        new.weight = _float_weight(self)
+        new.bias = self.bias
+        return new.train(self.training)
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with a weight quantizer and input/output quantizers.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        As ``nn.Conv2d`` (``in_channels``, ``out_channels``, ``kernel_size``, ...).
+
+    Examples
+    --------
+    >>> import torch
+    >>> QuantConv2d(3, 4, 3, padding=1)(torch.randn(1, 3, 5, 5)).shape
+    torch.Size([1, 4, 5, 5])
+    """
+
+    weight_quantizer: nn.Module | None
+    act_quantizers: nn.ModuleDict | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # plain None until quantize() assigns modules (nn.Module then registers them)
+        self.weight_quantizer = None
+        self.act_quantizers = None
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d) -> QuantConv2d:
+        """Wrap ``module``, sharing its ``weight`` and ``bias`` parameters (no quantizers yet).
+
+        Examples
+        --------
+        >>> from torch import nn
+        >>> QuantConv2d.from_float(nn.Conv2d(2, 4, 3, stride=2, groups=2)).groups
+        2
+        """
+        _check_source(cls, module, nn.Conv2d)
+        new = cls(module.in_channels, module.out_channels, module.kernel_size,
+                  stride=module.stride, padding=module.padding, dilation=module.dilation,
+                  groups=module.groups, bias=module.bias is not None,
+                  padding_mode=module.padding_mode, device="meta", dtype=module.weight.dtype)
+        new.weight = module.weight
+        new.bias = module.bias
+        return new.train(module.training)
+
+    @property
+    def converted(self) -> bool:
+        """Whether the weight lives in a ``FrozenTensor`` (integer storage)."""
+        return _is_converted(self)
+
+    def effective_weight(self) -> Tensor:
+        """The kernel the forward pass uses (quantized when a quantizer is attached)."""
+        return _effective_weight(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _act(self, "input", x)
+        return _act(self, "output", self._conv_forward(x, _effective_weight(self), self.bias))
+
+    def to_float(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d``: the same parameters, or the dequantized kernel once converted.
+
+        Examples
+        --------
+        >>> from torch import nn
+        >>> QuantConv2d.from_float(nn.Conv2d(2, 4, 3)).to_float()
+        Conv2d(2, 4, kernel_size=(3, 3), stride=(1, 1))
+        """
+        new = nn.Conv2d(self.in_channels, self.out_channels, cast(Any, self.kernel_size),
+                        stride=cast(Any, self.stride), padding=cast(Any, self.padding),
+                        dilation=cast(Any, self.dilation), groups=self.groups,
+                        bias=self.bias is not None, padding_mode=self.padding_mode,
+                        device="meta", dtype=self.weight.dtype)
+        new.weight = _float_weight(self)
+        new.bias = self.bias
+        return new.train(self.training)
+
+
+class QuantEmbedding(nn.Embedding):
+    """``nn.Embedding`` with a weight quantizer and an output quantizer.
+
+    ``max_norm`` is not supported (it renormalises the weight in place).
+
+    Parameters
+    ----------
+    num_embeddings, embedding_dim, padding_idx, device, dtype
+        As ``nn.Embedding``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> QuantEmbedding(10, 4)(torch.tensor([[1, 2]])).shape
+    torch.Size([1, 2, 4])
+    """
+
+    weight_quantizer: nn.Module | None
+    act_quantizers: nn.ModuleDict | None
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 device: Any = None, dtype: Any = None, **kwargs: Any) -> None:
+        if kwargs.get("max_norm") is not None:
+            raise ValueError(f"QuantEmbedding does not support max_norm (it renormalises the "
+                             f"weight in place), got max_norm={kwargs['max_norm']!r}")
+        super().__init__(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype,
+                         **kwargs)
+        # plain None until quantize() assigns modules (nn.Module then registers them)
+        self.weight_quantizer = None
+        self.act_quantizers = None
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding) -> QuantEmbedding:
+        """Wrap ``module``, sharing its ``weight`` parameter (no quantizers yet).
+
+        Examples
+        --------
+        >>> from torch import nn
+        >>> QuantEmbedding.from_float(nn.Embedding(5, 3, padding_idx=0)).padding_idx
+        0
+        """
+        _check_source(cls, module, nn.Embedding)
+        new = cls(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
+                  max_norm=module.max_norm, norm_type=module.norm_type,
+                  scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse,
+                  device="meta", dtype=module.weight.dtype)
+        new.weight = module.weight
+        return new.train(module.training)
+
+    @property
+    def converted(self) -> bool:
+        """Whether the weight lives in a ``FrozenTensor`` (integer storage)."""
+        return _is_converted(self)
+
+    def effective_weight(self) -> Tensor:
+        """The table the forward pass uses (quantized when a quantizer is attached)."""
+        return _effective_weight(self)
+
+    def forward(self, indices: Tensor) -> Tensor:
+        out = F.embedding(indices, _effective_weight(self), self.padding_idx, None,
+                          self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return _act(self, "output", out)
+
+    def to_float(self) -> nn.Embedding:
+        """A plain ``nn.Embedding``: the same weight, or the dequantized table once converted.
+
+        Examples
+        --------
+        >>> from torch import nn
+        >>> QuantEmbedding.from_float(nn.Embedding(5, 3)).to_float()
+        Embedding(5, 3)
+        """
+        new = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                           norm_type=self.norm_type, scale_grad_by_freq=self.scale_grad_by_freq,
+                           sparse=self.sparse, device="meta", dtype=self.weight.dtype)
+        new.weight = _float_weight(self)
+        return new.train(self.training)
+
+
+def _float_weight(module: nn.Module) -> nn.Parameter:
+    """The float weight parameter of a quantized dense layer (dequantized copy once converted)."""
+    weight = cast(nn.Parameter, module._parameters["weight"])
+    if not _is_converted(module):
+        return weight
+    with torch.no_grad():
+        return nn.Parameter(_effective_weight(module).detach().clone())
+
+
+#: The quantized dense layer classes.
+QUANT_DENSE: tuple[type, ...] = (QuantLinear, QuantConv2d, QuantEmbedding)
+
+#: Dense layer type (exact) -> its quantized wrapper.
+DENSE_TO_QUANT: dict[type, Any] = {
+    nn.Linear: QuantLinear,
+    nn.Conv2d: QuantConv2d,
+    nn.Embedding: QuantEmbedding,
+}
+
+
+# --------------------------------------------------------------------------- #
+# anatomy of a quantizable layer (shared by quantize, convert, size counting)
+# --------------------------------------------------------------------------- #
+
+
+def weight_pairs(module: nn.Module) -> list[tuple[str, Tensor, nn.Module | None]]:
+    """``(name, tensor, quantizer or None)`` for every weight tensor of a layer.
+
+    Dense (``nn.Linear``/``Conv2d``/``Embedding`` and their ``Quant*``
+    wrappers): ``[('weight', weight, weight_quantizer)]``; factorized layers:
+    ``('cores.<k>', cores[k], core_quantizers[k])`` per core; anything else:
+    ``[]``. After ``convert`` the tensor is the empty placeholder and the
+    quantizer a ``FrozenTensor``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tnquant.layers import LowRankLinear
+    >>> [(n, q) for n, _, q in weight_pairs(LowRankLinear([torch.ones(3, 1), torch.ones(1, 2)]))]
+    [('cores.0', None), ('cores.1', None)]
+    """
+    if isinstance(module, FactorizedLayer):
+        quantizers = cast("nn.ModuleList | None", module._modules.get("core_quantizers"))
+        cores = list(module.cores)
+        qs: list[nn.Module | None] = list(quantizers) if quantizers is not None else []
+        qs += [None] * (len(cores) - len(qs))
+        return [(f"cores.{k}", c, q) for k, (c, q) in enumerate(zip(cores, qs, strict=True))]
+    if type(module) in QUANT_DENSE or type(module) in DENSE_TO_QUANT:
+        return [("weight", cast(Tensor, module.weight), module._modules.get("weight_quantizer"))]
+    return []
+
+
+def activation_sites(module: nn.Module) -> tuple[str, ...]:
+    """The ``act_quantizers`` keys a layer takes: ``'input'``, ``'output'``, ``'inter_<k>'``.
+
+    Embeddings have no ``'input'`` (their inputs are indices); factorized
+    layers add their ``intermediate_names()``.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> activation_sites(nn.Linear(2, 2)), activation_sites(nn.Embedding(3, 2))
+    (('input', 'output'), ('output',))
+    """
+    if isinstance(module, (nn.Embedding, TTEmbedding)):
+        head: tuple[str, ...] = ("output",)
+    else:
+        head = ("input", "output")
+    if isinstance(module, FactorizedLayer):
+        return head + tuple(module.intermediate_names())
+    return head
+
+
+def quant_state(module: nn.Module) -> str:
+    """``'converted'`` (a weight in a ``FrozenTensor``), ``'fake-quant'`` or ``'float'``.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> quant_state(nn.Linear(2, 2))
+    'float'
+    """
+    qs = [q for _, _, q in weight_pairs(module)]
+    if any(isinstance(q, FrozenTensor) for q in qs):
+        return "converted"
+    if any(isinstance(q, Quantizer) for q in qs) or module._modules.get("act_quantizers"):
+        return "fake-quant"
+    return "float"

@@ -1,0 +1,18 @@
+"""Post-training quantization: calibrate ranges, correct biases.
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> from tnquant import QuantSpec
+>>> from tnquant.ptq import calibrate
+>>> from tnquant.quant import Quantizer
+>>> model = nn.Sequential(nn.Linear(3, 3), Quantizer(QuantSpec(bits=4)))
+>>> calibrate(model, [torch.randn(4, 3)], progress=False).rows[0]["kind"]
+'activation'
+"""
+
+from tnquant.ptq.bias_correction import bias_targets, correct_biases
+from tnquant.ptq.calibrate import QuantizerRole, calibrate, find_quantizers
+
+__all__ = ["calibrate", "correct_biases", "bias_targets", "find_quantizers", "QuantizerRole"]

@@ -1,0 +1,492 @@
+"""``FrozenTensor``: one quantized tensor held in real low-bit storage.
+
+:func:`tnquant.convert` replaces every *weight* quantizer of a model by a
+``FrozenTensor`` built from that quantizer's codes
+(:meth:`~tnquant.quant.Quantizer.quantize_codes`). Its ``forward`` ignores
+its argument and returns the dequantized tensor, bitwise equal to what the
+fake-quant quantizer returned: the same :func:`~tnquant.quant.dequantize`
+arithmetic (:func:`~tnquant.quant.from_mantissa` for ``FixedPoint``).
+
+Converted layout
+----------------
+Where a ``FrozenTensor`` sits after ``convert``:
+
+- ``QuantLinear`` / ``QuantConv2d`` / ``QuantEmbedding``: ``weight_quantizer``;
+- factorized layers: ``core_quantizers[k]`` for every quantized core ``k``.
+
+The float tensor it replaces is dropped: the layer's ``weight`` (or
+``cores[k]``) becomes an empty placeholder ``nn.Parameter`` (``numel() ==
+0``, the weight's dtype and device, ``requires_grad=False``). Activation
+quantizers stay :class:`~tnquant.quant.Quantizer` modules.
+
+Buffers (persistent: they are the state dict)
+    ``packed``
+        The codes, flattened row-major, in the container of :attr:`storage`:
+
+        - ``'binary'`` (``Binary``): uint8, one bit per code, ``+1 -> 1``,
+          ``-1 -> 0`` (:func:`~tnquant.quant.packing.pack_binary`);
+        - ``'packed'``: uint8, ``code_bits`` = 1, 2, 4 or 8 bits per code,
+          the smallest field holding ``[qmin, qmax]``, two's complement when
+          ``qmin < 0`` else unsigned, little-endian within a byte
+          (:func:`~tnquant.quant.packing.pack`): integer ``QuantSpec`` s of
+          1..8 bits (3 bits use a 4-bit field), ``Ternary`` (2-bit signed),
+          ``FixedPoint`` of width <= 8;
+        - ``'int16'`` / ``'int32'`` / ``'int64'``: wider codes (``QuantSpec``
+          of 9..16 bits, ``FixedPoint`` up to 64 bits) in that signed dtype,
+          as their ``code_bits``-bit pattern (an unsigned code above the
+          signed maximum is stored minus ``2**code_bits``);
+        - ``'cast'`` (float-format ``QuantSpec``): uint8, the raw bytes of the
+          saturated cast tensor (``float8_*``, ``float16``, ``bfloat16``) in
+          the machine's (little-endian) byte order.
+
+        A tensor of ``n`` codes takes ``ceil(n * code_bits / 8)`` bytes.
+    ``scale``
+        Float, the qparam shape (``shape[d] // block_size[d]``), the dtype
+        the quantizer used (float32 for float32 weights). Empty (shape
+        ``(0,)``) for ``FixedPoint`` and float formats, whose step is fixed by
+        the spec.
+    ``zero_point``
+        Affine ``QuantSpec`` only: the qparam shape; uint8 up to 8 bits,
+        int32 above.
+    ``scale_neg``
+        ``Ternary(method='ttq')`` only: the negative-side scale, like ``scale``.
+
+Metadata (plain attributes, all derived from ``spec``, ``shape`` and
+``dtype``; :meth:`metadata` / :meth:`from_metadata` give them in JSON-safe
+form, with the spec through :func:`tnquant.specs.spec_to_dict`):
+``spec``, ``shape``, ``dtype`` (of the dequantized tensor; it follows
+``module.to(dtype)``), ``block_size``, ``qmin``, ``qmax``, ``storage``,
+``code_bits``, ``signed``, ``cast_dtype``, ``n_codes``.
+
+Examples
+--------
+>>> import torch
+>>> from tnquant import QuantSpec
+>>> from tnquant.quant import Quantizer
+>>> w = torch.randn(8, 6)
+>>> q = Quantizer(QuantSpec(bits=4, granularity="channel"))
+>>> frozen = FrozenTensor.from_quantizer(q, w)
+>>> frozen.storage, frozen.code_bits, frozen.packed.dtype, frozen.packed.numel()
+('packed', 4, torch.uint8, 24)
+>>> torch.equal(frozen(), q(w))
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
+
+import torch
+from torch import Tensor, nn
+
+from tnquant.quant.fixed_point import from_mantissa
+from tnquant.quant.observers import resize_for_load
+from tnquant.quant.packing import pack, pack_binary, unpack, unpack_binary
+from tnquant.quant.primitives import code_dtype, compute_dtype, dequantize
+from tnquant.quant.qparams import QParams, block_size, qparam_shape
+from tnquant.specs import FLOAT_DTYPES, Binary, FixedPoint, QuantSpec, Ternary, spec_from_dict
+
+__all__ = ["FrozenTensor", "Layout", "LAYOUTS", "layout_of", "spec_summary", "tensor_bits"]
+
+_CONTAINERS = (1, 2, 4, 8, 16, 32, 64)
+_WIDE = {16: ("int16", torch.int16), 32: ("int32", torch.int32), 64: ("int64", torch.int64)}
+
+
+def tensor_bits(t: Tensor) -> int:
+    """Bits a tensor takes as stored: ``numel * element bits`` (bool: 8).
+
+    Examples
+    --------
+    >>> tensor_bits(torch.zeros(3, dtype=torch.uint8)), tensor_bits(torch.zeros(2, 2))
+    (24, 128)
+    """
+    if t.dtype == torch.bool:
+        return t.numel() * 8
+    return t.numel() * t.element_size() * 8
+
+
+class Layout(NamedTuple):
+    """How the codes of one spec are stored (see the module docs)."""
+
+    storage: str
+    code_bits: int
+    signed: bool
+    qmin: int
+    qmax: int
+    has_scale: bool
+    has_zero_point: bool
+    has_scale_neg: bool
+
+
+def _container(qmin: int, qmax: int) -> tuple[int, bool]:
+    """Smallest field of ``_CONTAINERS`` bits holding ``[qmin, qmax]``, and its signedness."""
+    signed = qmin < 0
+    for bits in _CONTAINERS:
+        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        if lo <= qmin and qmax <= hi:
+            return bits, signed
+    return 64, signed
+
+
+def _int_layout(qmin: int, qmax: int, scale: bool, zero_point: bool, scale_neg: bool) -> Layout:
+    bits, signed = _container(qmin, qmax)
+    storage = "packed" if bits <= 8 else _WIDE[bits][0]
+    return Layout(storage, bits, signed, qmin, qmax, scale, zero_point, scale_neg)
+
+
+def _layout_quantspec(spec: QuantSpec) -> Layout:
+    if spec.dtype is not None:
+        info = torch.finfo(FLOAT_DTYPES[spec.dtype])
+        return Layout("cast", info.bits, True, int(info.min), int(info.max), False, False, False)
+    return _int_layout(spec.qmin, spec.qmax, True, not spec.symmetric, False)
+
+
+def _layout_binary(spec: Binary) -> Layout:
+    return Layout("binary", 1, True, -1, 1, True, False, False)
+
+
+def _layout_ternary(spec: Ternary) -> Layout:
+    return _int_layout(-1, 1, True, False, spec.method == "ttq")
+
+
+def _layout_fixed(spec: FixedPoint) -> Layout:
+    return _int_layout(spec.qmin, spec.qmax, False, False, False)
+
+
+#: The one dispatch table from spec type to its storage layout.
+LAYOUTS: dict[type, Callable[[Any], Layout]] = {
+    QuantSpec: _layout_quantspec,
+    Binary: _layout_binary,
+    Ternary: _layout_ternary,
+    FixedPoint: _layout_fixed,
+}
+
+
+def layout_of(spec: Any) -> Layout:
+    """The storage layout of codes quantized under ``spec``.
+
+    Examples
+    --------
+    >>> from tnquant import QuantSpec, Ternary
+    >>> layout_of(QuantSpec(bits=3)).code_bits, layout_of(Ternary()).storage
+    (4, 'packed')
+    >>> layout_of(QuantSpec(bits=12, symmetric=False)).storage
+    'int16'
+    """
+    fn = LAYOUTS.get(type(spec))
+    if fn is None:
+        valid = [t.__name__ for t in LAYOUTS]
+        raise TypeError(f"spec must be one of {valid}, got {type(spec).__name__}")
+    return fn(spec)
+
+
+def spec_summary(spec: Any) -> str:
+    """A short name for a quantizer spec: ``'int4/channel'``, ``'ternary'``, ``'ap_fixed<8,3>'``.
+
+    Examples
+    --------
+    >>> from tnquant import QuantSpec, Ternary, FixedPoint
+    >>> spec_summary(QuantSpec(bits=8, symmetric=False, granularity=("group", 32), axis=1))
+    'uint8/group32(axis=1)'
+    >>> spec_summary(Ternary(method="ttq")), spec_summary(FixedPoint(8, 3))
+    ('ternary-ttq', 'ap_fixed<8,3>')
+    """
+    if spec is None:
+        return "float"
+    if isinstance(spec, FixedPoint):
+        return str(spec)
+    if isinstance(spec, QuantSpec) and spec.dtype is not None:
+        return str(spec.dtype)
+    if isinstance(spec, QuantSpec):
+        base = f"{'int' if spec.symmetric else 'uint'}{spec.bits}"
+    elif isinstance(spec, Binary):
+        base = "binary"
+    else:
+        base = "ternary" if spec.method == "twn" else "ternary-ttq"
+    gran = spec.granularity
+    if gran != "tensor":
+        text = "channel" if gran == "channel" else f"group{gran[1]}"
+        base += f"/{text}" + (f"(axis={spec.axis})" if spec.axis != 0 else "")
+    elif isinstance(spec, QuantSpec):
+        base += "/tensor"
+    if isinstance(spec, QuantSpec):
+        base += ",pow2" if spec.scale == "pow2" else ""
+        base += ",lsq" if spec.learnable else ""
+    return base
+
+
+def _block(spec: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(spec, FixedPoint) or (isinstance(spec, QuantSpec) and spec.dtype is not None):
+        return shape
+    return block_size(shape, spec.granularity, spec.axis)
+
+
+def _scale_dtype(spec: Any, dtype: torch.dtype) -> torch.dtype:
+    # what the quantizers produce: QuantSpec scales in the compute dtype,
+    # binary/ternary alphas in the tensor's dtype
+    return compute_dtype(dtype) if isinstance(spec, QuantSpec) else dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class FrozenTensor(nn.Module):
+    """A quantized tensor in integer storage; ``forward(_)`` returns its float value.
+
+    Build one with :meth:`from_quantizer` or :meth:`from_codes`; the
+    constructor makes a zero-filled skeleton of the right buffer shapes (to
+    load a state dict into, e.g. from :meth:`from_metadata`).
+
+    Parameters
+    ----------
+    spec
+        ``QuantSpec``, ``Binary``, ``Ternary`` or ``FixedPoint``.
+    shape
+        Shape of the tensor it stands for.
+    dtype
+        Float dtype of the dequantized tensor.
+    device
+        Where the buffers live.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tnquant import Binary
+    >>> skeleton = FrozenTensor(Binary(), (4, 4))
+    >>> skeleton.packed.shape, skeleton.scale.shape
+    (torch.Size([2]), torch.Size([1, 1]))
+    """
+
+    packed: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    scale_neg: Tensor
+    _anchor: Tensor
+
+    def __init__(self, spec: Any, shape: tuple[int, ...] | torch.Size,
+                 dtype: torch.dtype = torch.float32, device: Any = None) -> None:
+        layout = layout_of(spec)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        super().__init__()
+        shape = tuple(int(s) for s in shape)
+        if any(s < 0 for s in shape):
+            raise ValueError(f"shape must hold sizes >= 0, got {shape}")
+        self.spec = spec
+        self.shape = shape
+        self.storage, self.code_bits, self.signed = layout.storage, layout.code_bits, layout.signed
+        self.qmin, self.qmax = layout.qmin, layout.qmax
+        self.cast_dtype = FLOAT_DTYPES[spec.dtype] if layout.storage == "cast" else None
+        self.block_size = _block(spec, shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        self.n_codes = numel
+        if layout.storage in ("cast", "binary", "packed"):
+            nbytes = (numel * layout.code_bits + 7) // 8
+            packed = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        else:
+            packed = torch.zeros(numel, dtype=_WIDE[layout.code_bits][1], device=device)
+        self.register_buffer("packed", packed)
+        qshape = qparam_shape(shape, self.block_size)
+        sdtype = _scale_dtype(spec, dtype)
+        scale = torch.ones(qshape if layout.has_scale else (0,), dtype=sdtype, device=device)
+        self.register_buffer("scale", scale)
+        if layout.has_zero_point:
+            zdtype = torch.uint8 if layout.qmax <= 255 else torch.int32
+            self.register_buffer("zero_point", torch.zeros(qshape, dtype=zdtype, device=device))
+        if layout.has_scale_neg:
+            self.register_buffer("scale_neg", torch.ones(qshape, dtype=sdtype, device=device))
+        # follows module.to(dtype)/.half(); not stored
+        self.register_buffer("_anchor", torch.empty(0, dtype=dtype, device=device),
+                             persistent=False)
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def from_codes(cls, codes: Tensor, qparams: QParams, spec: Any) -> FrozenTensor:
+        """Store ``codes`` and ``qparams`` as returned by :func:`~tnquant.quant.quantize`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tnquant import Ternary
+        >>> from tnquant.quant import quantize, dequantize
+        >>> w = torch.tensor([[0.9, -0.8, 0.05, 0.7]])
+        >>> codes, qp = quantize(w, Ternary())
+        >>> frozen = FrozenTensor.from_codes(codes, qp, Ternary())
+        >>> frozen.packed.numel(), torch.equal(frozen(), dequantize(codes, qp))
+        (1, True)
+        """
+        if not isinstance(qparams, QParams):
+            raise TypeError(f"qparams must be a QParams, got {type(qparams).__name__}")
+        if tuple(codes.shape) != tuple(qparams.shape):
+            raise ValueError(f"codes of shape {tuple(codes.shape)} do not match qparams for "
+                             f"shape {tuple(qparams.shape)}")
+        new = cls(spec, qparams.shape, qparams.dtype, device=codes.device)
+        if tuple(qparams.block_size) != new.block_size:
+            raise ValueError(f"qparams block_size {tuple(qparams.block_size)} does not match the "
+                             f"spec's {new.block_size} for shape {new.shape}")
+        with torch.no_grad():
+            new.packed = new._pack(codes.detach())
+            if new.scale.numel():
+                new.scale = qparams.scale.detach().clone().reshape(new.scale.shape)
+            if "zero_point" in new._buffers:
+                if qparams.zero_point is None:
+                    raise ValueError("an affine spec needs qparams with a zero point")
+                zp = qparams.zero_point.detach().round().to(torch.int64)
+                new.zero_point = zp.to(new.zero_point.dtype).reshape(new.zero_point.shape)
+            if "scale_neg" in new._buffers:
+                neg = qparams.scale if qparams.scale_neg is None else qparams.scale_neg
+                new.scale_neg = neg.detach().clone().reshape(new.scale_neg.shape)
+        return new
+
+    @classmethod
+    def from_quantizer(cls, quantizer: Any, tensor: Tensor, name: str = "tensor") -> FrozenTensor:
+        """Freeze ``quantizer``'s quantization of ``tensor`` (no side effects on either).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tnquant import FixedPoint
+        >>> from tnquant.quant import Quantizer
+        >>> q = Quantizer(FixedPoint(6, 2))
+        >>> w = torch.tensor([0.3, -1.2, 5.0])
+        >>> frozen = FrozenTensor.from_quantizer(q, w)
+        >>> frozen.code_bits, torch.equal(frozen(), q(w))
+        (8, True)
+        """
+        with torch.no_grad():
+            codes, qp = quantizer.quantize_codes(tensor.detach(), name=name)
+        return cls.from_codes(codes, qp, quantizer.spec)
+
+    def _pack(self, codes: Tensor) -> Tensor:
+        if self.storage == "cast":
+            return codes.to(self.cast_dtype).contiguous().reshape(-1).view(torch.uint8).clone()
+        if self.storage == "binary":
+            return pack_binary(codes)
+        if self.storage == "packed":
+            return pack(codes, self.code_bits, signed=self.signed)
+        c = codes.reshape(-1).to(torch.int64)
+        if not self.signed and self.code_bits < 64:
+            c = torch.where(c >= (1 << (self.code_bits - 1)), c - (1 << self.code_bits), c)
+        return c.to(_WIDE[self.code_bits][1])
+
+    # ------------------------------------------------------------- reading
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the dequantized tensor."""
+        return self._anchor.dtype
+
+    def codes(self) -> Tensor:
+        """The integer codes (cast tensor for float formats), in :attr:`shape`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tnquant import QuantSpec
+        >>> from tnquant.quant import quantize
+        >>> codes, qp = quantize(torch.tensor([-1.0, 0.5, 1.0]), QuantSpec(bits=2))
+        >>> FrozenTensor.from_codes(codes, qp, QuantSpec(bits=2)).codes().tolist()
+        [-1, 0, 1]
+        """
+        p, n = self.packed, self.n_codes
+        if self.storage == "cast":
+            return p.view(cast(torch.dtype, self.cast_dtype)).reshape(self.shape)
+        if self.storage == "binary":
+            return unpack_binary(p, n).reshape(self.shape)
+        dtype = code_dtype(self.qmin, self.qmax)
+        if self.storage == "packed":
+            return unpack(p, self.code_bits, n, signed=self.signed, dtype=dtype).reshape(self.shape)
+        c = p.to(torch.int64)
+        if not self.signed and self.code_bits < 64:
+            c = torch.where(c < 0, c + (1 << self.code_bits), c)
+        return c.to(dtype).reshape(self.shape)
+
+    def qparams(self) -> QParams:
+        """The qparams that dequantize :meth:`codes` (a fresh ``QParams`` of the buffers).
+
+        Examples
+        --------
+        >>> from tnquant import QuantSpec
+        >>> FrozenTensor(QuantSpec(bits=4, granularity="channel"), (3, 5)).qparams().block_size
+        (1, 5)
+        """
+        zp = None
+        if "zero_point" in self._buffers:
+            zp = self.zero_point.to(code_dtype(self.qmin, self.qmax))
+        scale_neg = self.scale_neg if "scale_neg" in self._buffers else None
+        scale = self.scale
+        if not scale.numel():
+            ones = (1,) * len(self.shape)
+            scale = torch.ones(ones, dtype=compute_dtype(self.dtype), device=self.packed.device)
+            if isinstance(self.spec, FixedPoint):
+                scale = scale * self.spec.scale
+        return QParams(scale, zp, self.qmin, self.qmax, self.block_size, self.shape, self.dtype,
+                       scale_neg=scale_neg, cast_dtype=self.cast_dtype)
+
+    def dequantize(self) -> Tensor:
+        """The float tensor (bitwise the fake-quant value the codes came from)."""
+        codes = self.codes()
+        if isinstance(self.spec, FixedPoint):
+            return from_mantissa(codes, self.spec, dtype=self.dtype)
+        return dequantize(codes, self.qparams())
+
+    def forward(self, _ignored: Any = None) -> Tensor:
+        """Return :meth:`dequantize`; the argument (the dropped float tensor) is ignored."""
+        return self.dequantize()
+
+    def nbits(self) -> int:
+        """Stored bits: every persistent buffer, ``numel * element bits``.
+
+        Examples
+        --------
+        >>> from tnquant import QuantSpec
+        >>> FrozenTensor(QuantSpec(bits=4), (10, 3)).nbits()  # 15 bytes + one float32 scale
+        152
+        """
+        return sum(tensor_bits(b) for n, b in self._buffers.items()
+                   if b is not None and n not in self._non_persistent_buffers_set)
+
+    # ------------------------------------------------------------- metadata
+    def metadata(self) -> dict[str, Any]:
+        """JSON-safe ``{'spec', 'shape', 'dtype'}``; :meth:`from_metadata` rebuilds the skeleton.
+
+        Examples
+        --------
+        >>> from tnquant import Binary
+        >>> FrozenTensor(Binary(), (2, 3)).metadata()["shape"]
+        [2, 3]
+        """
+        from tnquant.specs import spec_to_dict
+
+        return {"spec": spec_to_dict(self.spec), "shape": list(self.shape),
+                "dtype": _dtype_name(self.dtype)}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], device: Any = None) -> FrozenTensor:
+        """A zero skeleton from :meth:`metadata`, ready for ``load_state_dict``.
+
+        Examples
+        --------
+        >>> from tnquant import QuantSpec
+        >>> f = FrozenTensor(QuantSpec(bits=8, symmetric=False), (4,))
+        >>> FrozenTensor.from_metadata(f.metadata()).zero_point.dtype
+        torch.uint8
+        """
+        dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"metadata dtype must name a torch float dtype, got "
+                             f"{meta.get('dtype')!r}")
+        return cls(spec_from_dict(meta["spec"]), tuple(meta["shape"]), dtype, device=device)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        # scales come in the dtype they were saved in
+        resize_for_load(self, state_dict, prefix, ("scale", "scale_neg"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"{spec_summary(self.spec)}, shape={self.shape}, storage={self.storage!r}, "
+                f"code_bits={self.code_bits}, dtype={self.dtype}")

@@ -1,0 +1,436 @@
+"""``quantize``, ``convert``, ``model_size_bits``: the model-wide quantization verbs.
+
+Names
+-----
+Every pattern is an ``fnmatch`` glob (``*`` also crosses dots), matched
+against names built from ``model.named_modules()``:
+
+- ``weights=``: the *layer* name (``'encoder.0.fc'``); the spec goes to the
+  weight of a dense layer and to every core of a factorized layer that
+  ``cores=`` does not claim.
+- ``cores=``: an ``int`` core index (negative counts from the end) or a glob
+  on ``'<layer>.cores.<k>'`` (``'encoder.*.cores.0'``, ``'*.cores.1'``).
+  ``cores=`` takes precedence over ``weights=``.
+- ``activations=``: a glob on ``'<layer>.input'``, ``'<layer>.output'`` and,
+  for factorized layers, ``'<layer>.inter_<k>'`` (the layer's
+  ``intermediate_names()``). Embeddings have no ``'input'`` (indices).
+
+Within one mapping the **first matching entry wins** (as in ``factorize``):
+put specific patterns first, ``{'*.inter_*': QuantSpec(16), '*': QuantSpec(8)}``.
+A pattern that matches names but never wins (shadowed by an earlier one)
+raises ``ValueError``; one that matches nothing is listed in
+``report.skipped``. A single spec is the mapping ``{'*': spec}``; ``None`` as
+a value means "no quantizer" (it removes one already there).
+
+Re-quantizing
+-------------
+Calling ``quantize`` again replaces the quantizers of every tensor or
+activation that an argument given in *this* call matches (with a fresh,
+uncalibrated :class:`~tnquant.quant.Quantizer`); arguments left ``None`` and
+names no pattern matches keep what they have. A converted tensor (a
+:class:`~tnquant.quant.frozen.FrozenTensor`) cannot be re-quantized: its
+float values are gone.
+
+Sizes
+-----
+:func:`model_size_bits` and :func:`size_report` (from :mod:`tnquant.sizes`,
+re-exported here) count every stored bit; a fake-quant model counts what
+:func:`convert` will store, so the number does not change on convert.
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> from tnquant import QuantSpec
+>>> model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+>>> report = quantize(model, weights=QuantSpec(bits=4, granularity="channel"), progress=False)
+>>> report["0"]["weights"], type(model[0]).__name__
+('int4/channel', 'QuantLinear')
+>>> x = torch.randn(3, 16)
+>>> y = model(x)
+>>> _ = convert(model, progress=False)
+>>> torch.equal(model(x), y)
+True
+>>> model_size_bits(model)  # codes 64+16 bytes, 12 float32 scales, 12 float32 biases
+1408
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tnquant.conversion import ConvertReport, convert
+from tnquant.layers.base import FactorizedLayer
+from tnquant.layers.quantized import (
+    DENSE_TO_QUANT,
+    QUANT_DENSE,
+    QuantLinear,
+    activation_sites,
+    quant_state,
+    weight_pairs,
+)
+from tnquant.quant.frozen import FrozenTensor, spec_summary
+from tnquant.quant.qparams import block_size
+from tnquant.quant.quantizer import Quantizer
+from tnquant.report import Report
+from tnquant.sizes import SizeCounter, model_size_bits, size_report
+from tnquant.specs import Binary, FixedPoint, QuantSpec, Ternary
+
+__all__ = ["quantize", "convert", "model_size_bits", "size_report", "spec_summary",
+           "ConvertReport"]
+
+_SPECS = (QuantSpec, Binary, Ternary, FixedPoint)
+_Q_COLUMNS = ("name", "kind", "weights", "activations", "params", "bits_before", "bits_after",
+              "note")
+
+
+# --------------------------------------------------------------------------- #
+# patterns
+# --------------------------------------------------------------------------- #
+
+
+class _Patterns:
+    """One of ``weights=``/``cores=``/``activations=``: ordered entries, first match wins."""
+
+    def __init__(self, arg: Any, what: str, int_keys: bool = False) -> None:
+        self.what = what
+        self.entries: list[tuple[Any, Any]] | None = None
+        self.won: set[int] = set()
+        self.beaten: dict[int, tuple[int, str]] = {}
+        if arg is None:
+            return
+        if isinstance(arg, Mapping):
+            for key, spec in arg.items():
+                ok_int = int_keys and isinstance(key, int) and not isinstance(key, bool)
+                if not (isinstance(key, str) or ok_int):
+                    kinds = "glob strings or int core indices" if int_keys else "glob strings"
+                    raise TypeError(f"{what} keys must be {kinds}, got {key!r}")
+                if spec is not None and not isinstance(spec, _SPECS):
+                    raise TypeError(f"{what}[{key!r}] must be a QuantSpec, Binary, Ternary or "
+                                    f"FixedPoint spec (or None), got {type(spec).__name__}")
+            self.entries = list(arg.items())
+        elif isinstance(arg, _SPECS):
+            self.entries = [("*", arg)]
+        else:
+            raise TypeError(f"{what} must be a QuantSpec, Binary, Ternary or FixedPoint spec, or "
+                            f"a mapping of patterns to them, got {type(arg).__name__}")
+
+    @property
+    def given(self) -> bool:
+        return self.entries is not None
+
+    def lookup(self, name: str, index: int | None = None, count: int = 0) -> tuple[bool, Any]:
+        """``(found, spec)`` of the first entry matching ``name`` (or core ``index``)."""
+        first = None
+        for i, (key, _) in enumerate(self.entries or ()):
+            if isinstance(key, int):
+                hit = index is not None and key in (index, index - count)
+            else:
+                hit = fnmatch.fnmatchcase(name, key)
+            if not hit:
+                continue
+            if first is None:
+                first = i
+                self.won.add(i)
+            else:
+                self.beaten.setdefault(i, (first, name))
+        if first is None or self.entries is None:
+            return False, None
+        return True, self.entries[first][1]
+
+    def check(self, report: Report) -> None:
+        """Raise for shadowed entries; list entries that matched nothing in ``report``."""
+        for i, (key, _) in enumerate(self.entries or ()):
+            if i in self.won:
+                continue
+            if i in self.beaten and self.entries is not None:
+                first, name = self.beaten[i]
+                raise ValueError(
+                    f"{self.what} pattern {key!r} is never used: every name it matches (e.g. "
+                    f"{name!r}) is matched first by {self.entries[first][0]!r}; the first "
+                    f"matching pattern wins, so put more specific patterns first")
+            report.skip(f"{self.what}[{key!r}]", "pattern", "matched nothing")
+
+
+# --------------------------------------------------------------------------- #
+# layer anatomy
+# --------------------------------------------------------------------------- #
+
+
+def _join(prefix: str, suffix: str) -> str:
+    return f"{prefix}.{suffix}" if prefix else suffix
+
+
+def _kind(module: nn.Module) -> str | None:
+    """'factorized', 'quant' (a Quant* layer), 'dense' (exact Linear/Conv2d/Embedding) or None."""
+    if isinstance(module, FactorizedLayer):
+        return "factorized"
+    if type(module) in QUANT_DENSE:
+        return "quant"
+    if type(module) in DENSE_TO_QUANT:
+        return "dense"
+    return None
+
+
+def _check_weight_spec(spec: Any, shape: tuple[int, ...], where: str) -> None:
+    if isinstance(spec, FixedPoint) or (isinstance(spec, QuantSpec) and spec.dtype is not None):
+        return
+    try:
+        block_size(shape, spec.granularity, spec.axis)
+    except ValueError as err:
+        raise ValueError(f"{spec_summary(spec)} cannot quantize {where} of shape {shape}: "
+                         f"{err}") from None
+
+
+def _check_act_spec(spec: Any, where: str) -> None:
+    gran = getattr(spec, "granularity", "tensor")
+    if gran != "tensor":
+        raise ValueError(f"activation quantizers are per tensor (an activation's shape changes "
+                         f"with the batch); {where} got granularity {gran!r}")
+    if isinstance(spec, Ternary) and spec.method == "ttq":
+        raise ValueError(f"Ternary(method='ttq') learns weight scales; use Ternary() for "
+                         f"activation {where}")
+
+
+def _shape(t: Tensor, q: nn.Module | None) -> tuple[int, ...]:
+    return q.shape if isinstance(q, FrozenTensor) else tuple(t.shape)
+
+
+# --------------------------------------------------------------------------- #
+# quantize
+# --------------------------------------------------------------------------- #
+
+
+def _targets(model: nn.Module, include: Iterable[str] | None, exclude: Iterable[str] | None,
+             report: Report) -> list[tuple[nn.Module, list[str]]]:
+    found: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in found:
+            found[id(module)][1].append(name)
+            continue
+        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        kind = _kind(module)
+        if kind is None:
+            if isinstance(module, tuple(DENSE_TO_QUANT)):
+                report.skip(name, type(module).__name__, "a subclass of a dense layer (its "
+                            "weight may be used outside forward, as in nn.MultiheadAttention)")
+            continue
+        if kind == "dense" and not name:
+            report.skip(name, type(module).__name__, "the model itself cannot be replaced; wrap "
+                        "it, e.g. in nn.Sequential")
+            continue
+        found[id(module)] = (module, [name])
+    return list(found.values())
+
+
+def _plan_layer(module: nn.Module, name: str, pats: tuple[_Patterns, _Patterns, _Patterns]
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Which weight tensors and activation sites this call changes, and to what."""
+    weights, cores, acts = pats
+    wchanges: dict[str, Any] = {}
+    pairs = weight_pairs(module)
+    factorized = isinstance(module, FactorizedLayer)
+    for k, (tname, t, q) in enumerate(pairs):
+        found, spec = False, None
+        if factorized and cores.given:
+            found, spec = cores.lookup(_join(name, tname), k, len(pairs))
+        if not found and weights.given:
+            found, spec = weights.lookup(name)
+        if not found:
+            continue
+        where = f"{_join(name, tname)!r}"
+        if isinstance(q, FrozenTensor):
+            raise ValueError(f"{where} is converted (integer storage, its float values are "
+                             f"gone); quantize the float model instead")
+        if spec is not None:
+            _check_weight_spec(spec, _shape(t, q), where)
+        wchanges[tname] = spec
+    achanges: dict[str, Any] = {}
+    if acts.given:
+        for site in activation_sites(module):
+            found, spec = acts.lookup(_join(name, site))
+            if found:
+                if spec is not None:
+                    _check_act_spec(spec, repr(_join(name, site)))
+                achanges[site] = spec
+    return wchanges, achanges
+
+
+def _new_quantizer(spec: Any, ref: Tensor) -> nn.Module:
+    return Quantizer(spec).to(device=ref.device)
+
+
+def _apply(module: nn.Module, wchanges: dict[str, Any], achanges: dict[str, Any]) -> None:
+    pairs = weight_pairs(module)
+    ref = pairs[0][1]
+    if isinstance(module, FactorizedLayer):
+        qs = [q if q is not None else nn.Identity() for _, _, q in pairs]
+        for k, (tname, t, _) in enumerate(pairs):
+            if tname in wchanges:
+                spec = wchanges[tname]
+                qs[k] = nn.Identity() if spec is None else _new_quantizer(spec, t)
+        keep = any(not isinstance(q, nn.Identity) for q in qs)
+        module.core_quantizers = nn.ModuleList(qs) if keep else None
+    elif "weight" in wchanges:
+        spec = wchanges["weight"]
+        cast(QuantLinear, module).weight_quantizer = (
+            None if spec is None else _new_quantizer(spec, ref))
+    if achanges:
+        current = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
+        acts: dict[str, nn.Module] = dict(current.items()) if current is not None else {}
+        for site, spec in achanges.items():
+            acts.pop(site, None)
+            if spec is not None:
+                acts[site] = _new_quantizer(spec, ref)
+        order = activation_sites(module)
+        ordered = {s: acts[s] for s in order if s in acts}
+        cast(QuantLinear, module).act_quantizers = nn.ModuleDict(ordered) if ordered else None
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and attr.isdigit():
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)
+
+
+def _summaries(module: nn.Module) -> tuple[str, str]:
+    pairs = weight_pairs(module)
+    specs = [(tname, getattr(q, "spec", None)) for tname, _, q in pairs]
+    if len(specs) == 1:
+        weights = spec_summary(specs[0][1])
+    else:
+        weights = ", ".join(f"{tname}={spec_summary(s)}" for tname, s in specs)
+    acts = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
+    act_text = ", ".join(f"{site}={spec_summary(getattr(q, 'spec', None))}"
+                         for site, q in (acts.items() if acts is not None else ()))
+    return weights, act_text
+
+
+def _params(module: nn.Module) -> int:
+    n = sum(int(torch.Size(_shape(t, q)).numel()) for _, t, q in weight_pairs(module))
+    bias = module._parameters.get("bias")
+    return n + (bias.numel() if bias is not None else 0)
+
+
+def quantize(model: nn.Module, weights: Any = None, activations: Any = None, cores: Any = None,
+             *, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+             progress: bool = True) -> Report:
+    """Attach a quantizer to every weight tensor, core and activation that a pattern names.
+
+    Changes ``model`` in place. Exact ``nn.Linear``/``nn.Conv2d``/``nn.Embedding``
+    modules (not subclasses) that get any quantizer are swapped for
+    :class:`~tnquant.layers.quantized.QuantLinear` / ``QuantConv2d`` /
+    ``QuantEmbedding`` (sharing their parameters); factorized layers get
+    ``core_quantizers`` (one :class:`~tnquant.quant.Quantizer` per core,
+    ``nn.Identity`` for a core left float) and ``act_quantizers``.
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``.
+    weights
+        A spec (``QuantSpec``, ``Binary``, ``Ternary``, ``FixedPoint``) or a
+        mapping from layer-name globs to specs (or ``None``), for dense
+        weights and for the cores ``cores`` leaves alone. Per-channel
+        ``QuantSpec(granularity='channel', axis=0)`` is per output channel
+        of a Linear/Conv2d weight and per row of an Embedding.
+    activations
+        A spec or a mapping from globs on ``'<layer>.input'``,
+        ``'<layer>.output'``, ``'<layer>.inter_<k>'`` to specs (per tensor
+        only). They need :func:`tnquant.calibrate` before :func:`convert`.
+    cores
+        A spec or a mapping from core indices or globs on
+        ``'<layer>.cores.<k>'`` to specs. Per-channel means along the
+        ``axis`` you give; the rank axes of each layout are: TT cores
+        (``TTLinear``, ``TTEmbedding``) ``(r_{k-1}, o_k, i_k, r_k)``: 0 and 3;
+        ``LowRankLinear`` ``[U (out, r), V (r, in)]``: 1 and 0;
+        ``TuckerLinear`` ``[U_out (out, r_out), G (r_out, r_in), U_in (in,
+        r_in)]``: 1, 0/1, 1 (tensorized: every axis of ``G``, axis 1 of each
+        ``U_k (n_k, r_k)``); ``TuckerConv2d``
+        ``[U_out (O, r_out), G (r_out, r_in, kh, kw), U_in (I, r_in)]``: 1,
+        0/1, 1; ``CPConv2d`` ``[A_out, A_in, A_h, A_w]``, each ``(n, R)``: 1.
+    include, exclude
+        Globs on layer names: only layers matching one of ``include`` (when
+        given) and none of ``exclude`` are touched.
+    progress
+        Show a progress bar over layers.
+
+    Returns
+    -------
+    Report
+        One row per changed layer: ``kind`` (class before), ``weights`` and
+        ``activations`` (spec summaries, e.g. ``'cores.0=int4/channel(axis=3),
+        cores.1=ternary'``), ``params``, ``bits_before``/``bits_after``
+        (:func:`model_size_bits` of the layer), ``note``; ``skipped`` lists
+        patterns that matched nothing and dense subclasses left alone.
+
+    Raises
+    ------
+    TypeError
+        For a value that is not a quantizer spec, or a bad mapping key.
+    ValueError
+        For no argument given, a spec that cannot quantize a tensor (axis
+        out of range, group size not dividing it, per-channel activations),
+        a shadowed pattern, or re-quantizing a converted tensor.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tnquant import QuantSpec, Ternary
+    >>> from tnquant.layers import TTLinear
+    >>> model = torch.nn.Sequential(TTLinear([torch.randn(1, 4, 4, 3), torch.randn(3, 4, 4, 1)]))
+    >>> report = quantize(model, cores={0: QuantSpec(4, granularity="channel", axis=3),
+    ...                                 "*.cores.1": Ternary()},
+    ...                   activations={"*.inter_*": QuantSpec(16), "*": QuantSpec(8)},
+    ...                   progress=False)
+    >>> report["0"]["weights"]
+    'cores.0=int4/channel(axis=3), cores.1=ternary'
+    >>> list(model[0].act_quantizers)
+    ['input', 'output', 'inter_0']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    pats = (_Patterns(weights, "weights"), _Patterns(cores, "cores", int_keys=True),
+            _Patterns(activations, "activations"))
+    if not any(p.given for p in pats):
+        raise ValueError("quantize() needs at least one of weights=, activations=, cores=")
+    report = Report("quantize", columns=_Q_COLUMNS)
+    plans = []
+    for module, names in _targets(model, include, exclude, report):
+        wchanges, achanges = _plan_layer(module, names[0], pats)
+        if wchanges or achanges:
+            plans.append((module, names, wchanges, achanges))
+    for p in pats:
+        p.check(report)
+    for module, names, wchanges, achanges in tqdm(plans, desc="quantize", disable=not progress):
+        kind = type(module).__name__
+        before = sum(SizeCounter().subtree(module))
+        notes = []
+        if quant_state(module) != "float":
+            notes.append("re-quantized")
+        if _kind(module) == "dense":
+            if not any(s is not None for s in [*wchanges.values(), *achanges.values()]):
+                continue
+            module = DENSE_TO_QUANT[type(module)].from_float(module)
+            for name in names:
+                _replace(model, name, module)
+        _apply(module, wchanges, achanges)
+        if len(names) > 1:
+            notes.append(f"shared with {', '.join(names[1:])}")
+        weight_text, act_text = _summaries(module)
+        report.add(name=names[0], kind=kind, weights=weight_text, activations=act_text,
+                   params=_params(module), bits_before=before,
+                   bits_after=sum(SizeCounter().subtree(module)), note="; ".join(notes) or None)
+    return report
