@@ -19,6 +19,7 @@ import importlib
 import os
 import random
 import re
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -198,20 +199,28 @@ def load_minilm(pooled: bool = True) -> tuple[nn.Module, Any]:
 
 
 def _module_docstrings() -> list[str]:
-    texts = []
+    """Docstrings of the corpus modules and of the classes/functions they define.
+
+    Submodules and objects defined elsewhere are left out, so the result does
+    not depend on what else the process has imported.
+    """
+    modules = []
     for name in _CORPUS_MODULES:
         try:
-            module = importlib.import_module(name)
+            modules.append((name, importlib.import_module(name)))
         except Exception:  # noqa: BLE001 - a missing optional stdlib module is fine
             continue
+    texts = []
+    for name, module in modules:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            objects = [module] + [
-                getattr(module, a) for a in sorted(vars(module)) if not a.startswith("_")
-            ]
-        for obj in objects:
+            members = [getattr(module, a) for a in sorted(vars(module)) if not a.startswith("_")]
+        texts.append(module.__doc__ or "")
+        for obj in members:
+            if isinstance(obj, types.ModuleType) or getattr(obj, "__module__", None) != name:
+                continue
             doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str) and getattr(obj, "__module__", name) in (name, None):
+            if isinstance(doc, str):
                 texts.append(doc)
     return texts
 
