@@ -3,6 +3,7 @@
 from tnquant.factorization import factorize
 from tnquant.io import load, save
 from tnquant.ptq import calibrate
+from tnquant.qat import finetune
 from tnquant.quantization import convert, model_size_bits, quantize, size_report
 from tnquant.report import Report
 from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
@@ -21,6 +22,7 @@ __all__ = [
     "factorize",
     "quantize",
     "calibrate",
+    "finetune",
     "convert",
     "save",
     "load",

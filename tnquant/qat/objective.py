@@ -1,0 +1,206 @@
+"""The training objective of ``finetune``: distillation, task loss, or the model's own loss.
+
+For a batch, with ``S`` the student's output and ``T`` the teacher's:
+
+- teacher only: ``loss(outputs(S), outputs(T))``, or with ``hidden`` the
+  mean over the named submodules of ``loss(S_name, T_name)``;
+- task loss only: ``task_loss(S, target)``;
+- both: ``alpha * task + (1 - alpha) * distill``;
+- neither: the model's own loss: ``S`` itself when it is a scalar tensor,
+  else ``S.loss`` or ``S['loss']`` (a Hugging Face model given ``labels``).
+
+A batch is an ``(inputs, target)`` pair only when a task loss is given;
+``inputs`` (else the whole batch) reaches the student and the teacher by
+:func:`tnquant.batches.call_model`.
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> student, teacher = nn.Linear(2, 1), nn.Linear(2, 1)
+>>> objective = Objective(teacher=teacher, loss="mse")
+>>> total, terms = objective(student, torch.ones(3, 2))
+>>> total.shape, sorted(terms)
+(torch.Size([]), ['distill'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tnquant.batches import call_model, move_batch
+from tnquant.qat.losses import HiddenCollector, LossFn, default_outputs, resolve_loss
+
+__all__ = ["Objective", "model_loss"]
+
+
+def model_loss(out: Any) -> Tensor:
+    """The loss a model returned: a scalar tensor, ``out.loss`` or ``out['loss']``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model_loss({"loss": torch.tensor(2.0)}).item()
+    2.0
+    """
+    value = out
+    if not isinstance(value, Tensor):
+        value = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise ValueError(
+            "without a teacher and a task_loss, finetune minimises the loss the model returns "
+            "(a scalar tensor, or an output with .loss / ['loss'], e.g. a Hugging Face model "
+            f"given labels); got an output of type {type(out).__name__}. Pass teacher= to "
+            "distil, or task_loss=(output, target) -> loss with (inputs, target) batches")
+    return value.reshape(())
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return None
+
+
+class Objective:
+    """Computes the loss of one batch (see the module docs).
+
+    Parameters
+    ----------
+    teacher
+        Dense reference model, run in ``eval`` mode under ``no_grad``; or
+        ``None``.
+    loss
+        ``'mse'``, ``'cosine'``, ``'kl'`` or ``callable(student, teacher)``.
+    temperature
+        Softening of ``'kl'``.
+    outputs
+        ``callable(model_output) -> Tensor`` picking what to distil;
+        :func:`~tnquant.qat.losses.default_outputs` when ``None``.
+    hidden
+        Names of submodules (the same in student and teacher) whose outputs
+        are distilled instead of the model output.
+    task_loss
+        ``callable(student_output, target) -> scalar`` on labelled batches.
+    alpha
+        Weight of the task loss when both terms are present.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> objective = Objective(task_loss=nn.functional.mse_loss)
+    >>> total, terms = objective(nn.Identity(), (torch.zeros(2), torch.ones(2)))
+    >>> total.item(), terms
+    (1.0, {'task': 1.0})
+    """
+
+    def __init__(self, teacher: nn.Module | None = None, loss: str | LossFn = "mse",
+                 temperature: float = 1.0, outputs: Callable[[Any], Tensor] | None = None,
+                 hidden: Iterable[str] | None = None,
+                 task_loss: Callable[[Any, Any], Tensor] | None = None,
+                 alpha: float = 0.5) -> None:
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+        if outputs is not None and not callable(outputs):
+            raise TypeError(f"outputs must be a callable (output) -> Tensor, got "
+                            f"{type(outputs).__name__}")
+        if task_loss is not None and not callable(task_loss):
+            raise TypeError(f"task_loss must be a callable (output, target) -> loss, got "
+                            f"{type(task_loss).__name__}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+                or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha (the weight of the task loss) must be in [0, 1], "
+                             f"got {alpha!r}")
+        if isinstance(hidden, str):
+            hidden = [hidden]
+        self.hidden = list(hidden) if hidden is not None else []
+        if teacher is None and (self.hidden or outputs is not None or temperature != 1.0
+                                or not (isinstance(loss, str) and loss == "mse")):
+            raise ValueError("loss=, temperature=, outputs= and hidden= configure the "
+                             "distillation and need a teacher; got teacher=None")
+        self.teacher = teacher
+        self.loss_fn = resolve_loss(loss, temperature) if teacher is not None else None
+        self.outputs = outputs if outputs is not None else default_outputs
+        self.task_loss = task_loss
+        self.alpha = float(alpha)
+        self.teacher_device = _device_of(teacher) if teacher is not None else None
+        self._stack: ExitStack | None = None
+        self._collectors: tuple[HiddenCollector, HiddenCollector] | None = None
+
+    # ------------------------------------------------------------ set-up
+    def attach(self, student: nn.Module) -> Objective:
+        """Hook the ``hidden`` submodules of ``student`` (unwrapped) and the teacher."""
+        self.detach()
+        if self.hidden and self.teacher is not None:
+            self._stack = ExitStack()
+            s = self._stack.enter_context(HiddenCollector(student, self.hidden))
+            t = self._stack.enter_context(HiddenCollector(self.teacher, self.hidden))
+            self._collectors = (s, t)
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks of :meth:`attach`."""
+        if self._stack is not None:
+            self._stack.close()
+        self._stack = None
+        self._collectors = None
+
+    def inputs(self, batch: Any) -> Any:
+        """What reaches the model: the whole batch, or ``inputs`` of ``(inputs, target)``."""
+        if self.task_loss is None:
+            return batch
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            what = f"a {type(batch).__name__}"
+            if isinstance(batch, (tuple, list)):
+                what += f" of length {len(batch)}"
+            raise ValueError(f"with task_loss, every batch must be an (inputs, target) pair, "
+                             f"got {what}")
+        return batch[0]
+
+    # ----------------------------------------------------------- forward
+    def _distill(self, teacher: nn.Module, loss_fn: LossFn, out: Any, inputs: Any) -> Tensor:
+        with torch.no_grad():
+            t_out = call_model(teacher, move_batch(inputs, self.teacher_device))
+        if self._collectors is not None:
+            students, teachers = self._collectors[0].take(), self._collectors[1].take()
+        else:
+            students, teachers = [self.outputs(out)], [self.outputs(t_out)]
+        terms = [loss_fn(s, t.to(s.device))
+                 for s, t in zip(students, teachers, strict=True)]
+        return torch.stack([_scalar(t, "loss") for t in terms]).mean()
+
+    def __call__(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        """``(total loss, {'distill': ..., 'task': ...})`` of one batch."""
+        inputs = self.inputs(batch)
+        out = call_model(model, inputs)
+        terms: dict[str, float] = {}
+        distill = task = None
+        if self.teacher is not None and self.loss_fn is not None:
+            distill = self._distill(self.teacher, self.loss_fn, out, inputs)
+            terms["distill"] = float(distill.detach())
+        if self.task_loss is not None:
+            task = _scalar(self.task_loss(out, batch[1]), "task_loss")
+            terms["task"] = float(task.detach())
+        if distill is not None and task is not None:
+            total = self.alpha * task + (1.0 - self.alpha) * distill
+        elif distill is not None:
+            total = distill
+        elif task is not None:
+            total = task
+        else:
+            total = model_loss(out)
+        return total, terms
+
+
+def _scalar(value: Any, what: str) -> Tensor:
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{what} must return a scalar tensor, got {shape}")
+    return value.reshape(())
