@@ -100,20 +100,25 @@ def cost_rows(weights):
 def main() -> None:
     torch.manual_seed(0)
     weights = linear_weights()
-    print(f"machine: {machine()}")
-    print(f"{len(weights)} Linear weights, {sum(w.numel() for _, w in weights)} parameters\n")
-    print(
+    parts = [
+        "command: .venv/bin/python benchmarks/bench_quant.py",
+        f"machine: {machine()}",
+        f"{len(weights)} Linear weights, {sum(w.numel() for _, w in weights)} parameters",
+        "",
         markdown_table(
             ["format", "granularity", "SQNR dB (all weights)", "mean per-layer dB"],
             sqnr_rows(weights),
-        )
-    )
-    print()
-    print(
+        ),
+        "",
         markdown_table(
             ["fake_quantize", "weight", "time / x.clone()", "time / (x * 0.5)"], cost_rows(weights)
-        )
-    )
+        ),
+    ]
+    text = "\n".join(parts)
+    print(text)
+    out = Path(__file__).resolve().parent / "results" / "quant.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text + "\n")
 
 
 if __name__ == "__main__":
