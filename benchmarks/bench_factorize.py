@@ -93,7 +93,9 @@ def main() -> None:
         for aware in (False, True):
             student = copy.deepcopy(model)
             t0 = time.perf_counter()
-            report = factorize(student, spec, data=calib if aware else None, progress=False)
+            report = factorize(
+                student, spec, include=list(dense), data=calib if aware else None, progress=False
+            )
             seconds = time.perf_counter() - t0
             per_type = defaultdict(lambda: [[], []])
             for row in report:
