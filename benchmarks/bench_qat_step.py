@@ -1,0 +1,141 @@
+"""Cost of fake quantization in a training step (target: <= 1.5x without quantizers).
+
+One step = forward + backward + AdamW step, timed by ``median_time`` (medians
+of repeated blocks, all in this run). Models:
+
+- ``stack``: the 36 Linear layers of a MiniLM-L6 encoder (per block q, k, v,
+  o 384x384, FFN 384->1536->384, ReLU between), random init, input
+  ``(64, tokens, 384)``; dense, ``LowRank(ratio=0.5)`` and ``TT(ratio=0.5,
+  order=2)`` (weight-only factorization);
+- ``digits CNN``: the CNN of ``bench_qat_digits.py`` at batch 64, dense and
+  Tucker(conv2)+LowRank(fc1).
+
+Each model is timed without quantizers and with per-channel int4 LSQ
+(``QuantSpec(bits=4, granularity='channel', learnable=True)``) on every
+weight/core, calibrated. When brevitas imports (``PYTHONPATH`` holding a
+brevitas that was installed next to, not into, this torch), the dense stack is
+also timed with ``brevitas.nn.QuantLinear`` (4-bit per-channel float scales).
+
+Run: ``.venv/bin/python benchmarks/bench_qat_step.py [--quick]``
+(``--quick``: 4 tokens, 5 repeats; full: 16 tokens, 11 repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_qat_digits import make_cnn  # noqa: E402
+from common import machine, markdown_table, median_time  # noqa: E402
+
+from tnquant import TT, LowRank, QuantSpec, Tucker, calibrate, factorize, quantize  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "qat_step.md"
+SPEC = QuantSpec(bits=4, granularity="channel", learnable=True)
+
+
+def linear_stack(linear=nn.Linear) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(6):
+        for _ in range(4):
+            layers += [linear(384, 384), nn.ReLU()]
+        layers += [linear(384, 1536), nn.ReLU(), linear(1536, 384), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = F.cross_entropy(out, y) if y.dtype == torch.int64 else F.mse_loss(out, y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def brevitas_stack():
+    try:
+        import brevitas.nn as qnn
+        from brevitas.quant import Int8WeightPerChannelFloat
+    except Exception as err:  # noqa: BLE001
+        return None, f"brevitas not importable ({type(err).__name__}: {err})"
+    import brevitas
+
+    def make(i, o):
+        return qnn.QuantLinear(i, o, bias=True, weight_quant=Int8WeightPerChannelFloat,
+                               weight_bit_width=4)
+    return linear_stack(make), f"brevitas {brevitas.__version__}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    command = "python " + " ".join(sys.argv)
+    print(command)
+    print(machine())
+    tokens, repeats = (4, 5) if args.quick else (16, 11)
+    torch.manual_seed(0)
+    xs, ys = torch.randn(64, tokens, 384), torch.randn(64, tokens, 384)
+    xd, yd = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+
+    cases = []
+    stack = linear_stack()
+    for label, spec in [("dense", None), ("LowRank(0.5)", LowRank(ratio=0.5)),
+                        ("TT(0.5, order=2)", TT(ratio=0.5, order=2))]:
+        m = copy.deepcopy(stack)
+        if spec is not None:
+            factorize(m, spec, progress=False)
+        cases.append((f"stack {label}", m, xs, ys))
+    cnn = make_cnn()
+    cases.append(("digits CNN dense", cnn, xd, yd))
+    fcnn = copy.deepcopy(cnn)
+    factorize(fcnn, {"2": Tucker(ratio=0.5), "6": LowRank(ratio=0.25)}, progress=False)
+    cases.append(("digits CNN Tucker+LowRank", fcnn, xd, yd))
+
+    rows = []
+    for label, m, x, y in cases:
+        q = copy.deepcopy(m)
+        quantize(q, weights=SPEC, progress=False)
+        calibrate(q, [x], progress=False)
+        t_float = median_time(step_fn(m, x, y), repeats=repeats)
+        t_quant = median_time(step_fn(q, x, y), repeats=repeats)
+        row = (label, "tnquant int4 ch LSQ", round(t_float * 1e3, 2), round(t_quant * 1e3, 2),
+               round(t_quant / t_float, 2))
+        rows.append(row)
+        print(row, flush=True)
+
+    bstack, note = brevitas_stack()
+    if bstack is not None:
+        bstack.load_state_dict(stack.state_dict(), strict=False)
+        t_float = median_time(step_fn(stack, xs, ys), repeats=repeats)
+        t_b = median_time(step_fn(bstack, xs, ys), repeats=repeats)
+        rows.append(("stack dense", note + " QuantLinear int4 ch", round(t_float * 1e3, 2),
+                     round(t_b * 1e3, 2), round(t_b / t_float, 2)))
+        print(rows[-1], flush=True)
+    header = ("model", "quantizers", "float step ms", "fake-quant step ms", "ratio")
+    md = markdown_table(header, rows)
+    print(md)
+    text = (f"# QAT step time\n\ncommand: `{command}`\n\nmachine: {machine()}\n\n"
+            f"{'QUICK run' if args.quick else 'full run'}: forward + backward + AdamW step, "
+            f"medians of {repeats} blocks; stack input (64, {tokens}, 384), CNN batch 64. "
+            f"Target ratio <= 1.5. Brevitas: {note}.\n\n{md}\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
