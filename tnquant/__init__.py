@@ -1,5 +1,6 @@
 """tnquant: tensor-network compression and quantization of PyTorch models."""
 
+from tnquant import export
 from tnquant.factorization import factorize
 from tnquant.io import load, save
 from tnquant.ptq import calibrate
@@ -29,4 +30,5 @@ __all__ = [
     "model_size_bits",
     "size_report",
     "Report",
+    "export",
 ]

@@ -1,0 +1,89 @@
+"""The hls4ml route: C simulation of the generated project vs the integer emulator, bit for bit.
+
+Each hls4ml ``compile()`` builds a C++ library (about 10 s); the two builds are
+module-scoped fixtures. Skipped without g++ or hls4ml.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tnquant import FixedPoint, QuantSpec, quantize
+from tnquant.export import fixed_point, to_hls4ml
+from tnquant.layers import LowRankLinear
+
+hls4ml = pytest.importorskip("hls4ml")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")]
+
+IN_T = FixedPoint(10, 3, rounding="RND", overflow="SAT")
+NARROW: dict[str, Any] = {  # narrow user types: every product and add rounds / saturates / wraps
+    "accum": {"0.0": FixedPoint(9, 3, rounding="RND_CONV", overflow="SAT_SYM"),
+              "2": FixedPoint(10, 3, rounding="RND", overflow="SAT")},
+    "result": {"0.1": FixedPoint(8, 3, rounding="RND", overflow="SAT"),
+               "2": FixedPoint(9, 2, rounding="TRN", overflow="WRAP")},
+}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        LowRankLinear([torch.randn(6, 3), torch.randn(3, 8)], bias=torch.randn(6)),
+        nn.ReLU(), nn.Linear(6, 4))
+    quantize(model, cores={0: FixedPoint(8, 3),
+                           1: QuantSpec(6, scale="pow2", granularity="channel", axis=0)},
+             weights={"2": QuantSpec(5, scale="pow2")}, progress=False)
+    return model
+
+
+def _inputs() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)) * 2.5
+    x[:20] *= 10  # far outside the input range: the input cast saturates
+    return x
+
+
+@pytest.fixture(scope="module", params=["lossless", "narrow"])
+def exported(request: Any, tmp_path_factory: Any) -> tuple[Any, Any, Path]:
+    kwargs: dict[str, Any] = NARROW if request.param == "narrow" else {}
+    out = tmp_path_factory.mktemp(f"export_{request.param}")
+    model = _model()
+    em = fixed_point(model, out / "files", IN_T, **kwargs)
+    hls_model = to_hls4ml(model, out / "hls", IN_T, **kwargs)
+    hls_model.compile()
+    return em, hls_model, out
+
+
+def test_hls4ml_c_simulation_is_bit_exact(exported: tuple[Any, Any, Path]) -> None:
+    em, hls_model, _ = exported
+    x = _inputs()
+    got = np.asarray(hls_model.predict(np.ascontiguousarray(x))).reshape(len(x), -1)
+    np.testing.assert_array_equal(got, em.predict(x))
+
+
+def test_hls4ml_took_the_exported_types(exported: tuple[Any, Any, Path]) -> None:
+    em, hls_model, out = exported
+    cfg = json.loads((out / "files" / "hls4ml_config.json").read_text())
+    assert cfg["Model"]["Strategy"] == "Latency" and cfg["Model"]["ReuseFactor"] == 1
+    dense = [op for op in em.ops if op.kind == "dense"]
+    names = [n for n in cfg["LayerName"]][1:]
+    layers = {layer.name: layer for layer in hls_model.get_layers()}
+    for name, op in zip(names, em.ops, strict=True):
+        prec = cfg["LayerName"][name]["Precision"]
+        assert prec["result"] == str(op.result_type)
+        if op in dense:
+            assert prec["accum"] == str(op.accum_types[0])
+            assert prec["weight"] == str(op.weight_types[0])
+            # hls4ml parsed it: the generated accum type has the same width and modes
+            acc = layers[name].get_attr("accum_t").precision
+            assert (acc.width, acc.integer) == (op.accum_types[0].width,
+                                                op.accum_types[0].integer)
+    assert "ap_fixed" in em.output_type

@@ -1,0 +1,133 @@
+"""Fixed-point export: integer cores, manifest, hls4ml config, C headers, emulator.
+
+:func:`fixed_point` turns a quantized model into fixed point: every core,
+bias, input, contraction result and output gets an ``ap_fixed<W,I,Q,O>``
+type (see :mod:`tnquant.export.graph` for how widths are derived and
+overridden), writes the files below, and returns the bit-exact
+:class:`IntegerModel`.
+
+Routes per layer type
+---------------------
+==========================  ====================================================
+``QuantLinear``             one ``dense`` op; hls4ml ``Dense``
+``LowRankLinear``           two ``dense`` ops (``V`` then ``U`` + bias); two
+                            hls4ml ``Dense`` layers (bias on the second)
+``TuckerLinear`` (order 1)  three ``dense`` ops (``U_in^T``, ``G``, ``U_out``
+                            + bias); three hls4ml ``Dense`` layers
+``nn.ReLU``                 ``relu`` op; hls4ml ``Activation('relu')``
+``TTLinear``                one ``tt`` op: the emulator and C headers +
+                            ``tt_linear.h`` (HLS C++ on plain loops); no
+                            hls4ml route (its PyTorch front end rejects the
+                            reshapes and einsums a TT contraction needs)
+others (convolutions,       refused with a ``ValueError`` naming the layer
+tensorized Tucker, CP,
+embeddings)
+==========================  ====================================================
+
+Files in ``out_dir``: ``cores.npz`` (int64 mantissas of every weight, core
+and bias, keyed ``'<op>.w<k>'`` / ``'<op>.bias'``), ``manifest.json``
+(ops, contraction order, shapes, types, scale exponents, versions,
+SHA-256 checksums), ``tnquant_weights.h`` / ``tnquant_weights_int.h`` /
+``tt_linear.h`` (and ``tnquant_tt_layers.h`` with TT layers; see
+:mod:`tnquant.export.cheaders`), and ``hls4ml_config.json`` (hls4ml's own
+configuration format) when every layer takes the hls4ml route.
+
+Examples
+--------
+>>> import tempfile, numpy as np, torch
+>>> from torch import nn
+>>> from tnquant import FixedPoint, QuantSpec, quantize
+>>> from tnquant.layers import LowRankLinear
+>>> model = nn.Sequential(LowRankLinear([torch.randn(6, 2), torch.randn(2, 8)]), nn.ReLU(),
+...                       nn.Linear(6, 3))
+>>> _ = quantize(model, weights=QuantSpec(bits=6, scale="pow2"), progress=False)
+>>> em = fixed_point(model, tempfile.mkdtemp(), FixedPoint(12, 4), hls4ml=False)
+>>> em.input_type
+'ap_fixed<12,4>'
+>>> em.predict(np.zeros((2, 8))).shape
+(2, 3)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tnquant.export.cheaders import write_headers
+from tnquant.export.emulator import IntegerModel
+from tnquant.export.graph import Op, TypeOverride, build_graph
+from tnquant.export.hls import hls4ml_config, hls4ml_supported, to_hls4ml
+from tnquant.specs import FixedPoint
+
+__all__ = ["fixed_point", "to_hls4ml", "IntegerModel", "Op", "build_graph", "HLS4ML_CONFIG"]
+
+HLS4ML_CONFIG = "hls4ml_config.json"
+
+
+def fixed_point(model: nn.Module, out_dir: str | Path, input_spec: FixedPoint | None = None,
+                *, accum: TypeOverride = None, result: TypeOverride = None,
+                bias: TypeOverride = None, hls4ml: bool = True) -> IntegerModel:
+    """Export a quantized model to fixed point; return its integer emulator.
+
+    Parameters
+    ----------
+    model
+        A quantized model (see :func:`tnquant.export.graph.build_graph` for
+        the layers taken): every weight and core under a ``FixedPoint`` or a
+        power-of-two ``QuantSpec(scale='pow2', symmetric=True)`` quantizer,
+        per tensor or per channel; fake-quant or converted.
+    out_dir
+        Where the files go (created if needed).
+    input_spec
+        The input's ``FixedPoint`` type (its rounding/overflow modes apply
+        when floats are converted).
+    accum, result, bias
+        Type overrides: one ``FixedPoint`` for every op, or a mapping from
+        globs on op names (``'<layer>'``, ``'<layer>.<k>'`` for step ``k`` of
+        a factorized layer) to ``FixedPoint``. Left out, accumulators are
+        lossless (they cannot overflow), results equal them, and biases get
+        the products' fractional bits (rounded to nearest even).
+    hls4ml
+        Write ``hls4ml_config.json`` (needs hls4ml installed; skipped for
+        models with TT layers).
+
+    Returns
+    -------
+    IntegerModel
+
+    Raises
+    ------
+    ValueError
+        For a tensor whose scale is not a power of two (named in the
+        message), an unsupported layer, or a type wider than 62 bits.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from tnquant import FixedPoint, QuantSpec, quantize
+    >>> model = nn.Sequential(nn.Linear(4, 2))
+    >>> _ = quantize(model, weights=QuantSpec(bits=8), progress=False)
+    >>> fixed_point(model, tempfile.mkdtemp(), FixedPoint(8, 3))
+    Traceback (most recent call last):
+    ...
+    ValueError: 0.weight has scale ..., not a power of two; quantize 0.weight with \
+QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec
+    """
+    ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
+    em = IntegerModel(ops)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    headers = write_headers(ops, out)
+    extra: dict[str, Any] = {"headers": [p.name for p in headers],
+                             "routes": {op.name: "hls4ml" if op.kind != "tt" else "c-headers"
+                                        for op in ops}}
+    if hls4ml and hls4ml_supported(ops):
+        cfg = hls4ml_config(ops)
+        (out / HLS4ML_CONFIG).write_text(json.dumps(cfg, indent=1, default=str))
+        extra["hls4ml_config"] = HLS4ML_CONFIG
+    em.save(out, extra)
+    return em

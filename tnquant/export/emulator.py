@@ -1,0 +1,366 @@
+"""``IntegerModel``: a numpy int64 emulator of the exported fixed-point network.
+
+Every contraction step follows hls4ml's ``nnet::dense_latency`` kernel
+(``templates/vivado/nnet_utils/nnet_dense_latency.h``, hls4ml 1.3.0), in
+this order, on integer mantissas only:
+
+1. each product ``x_j * w_j`` is exact (``a * w`` in ``nnet_mult.h``
+   ``product::mult`` returns the full-width ``ap_fixed`` product) and is
+   cast to ``accum_t`` (``mult[index] = ...``: ``accum_t``'s rounding and
+   overflow);
+2. the accumulator starts from the bias cast to ``accum_t``
+   (``acc[iacc] = (accum_t)biases[iacc]``; zero without bias);
+3. products are added one at a time in input order ``j = 0 .. n-1``
+   (``acc[jj] += mult[index]``; ``ap_fixed::operator+=`` assigns the exact
+   sum back to ``accum_t``, so its overflow mode applies after every add);
+4. the sum is cast to the result type (``res[ires] = (res_T)acc[ires]``).
+
+ReLU is ``res = data > 0 ? data : 0`` (``nnet_activation.h``). A TT layer
+runs the same step once per core, right to left (see
+:mod:`tnquant.export.graph`).
+
+Examples
+--------
+>>> import numpy as np, torch
+>>> from torch import nn
+>>> from tnquant import FixedPoint, quantize
+>>> from tnquant.export.graph import build_graph
+>>> model = nn.Sequential(nn.Linear(3, 2, bias=False))
+>>> with torch.no_grad():
+...     _ = model[0].weight.copy_(torch.tensor([[0.5, -0.25, 1.0], [1.0, 1.0, 1.0]]))
+>>> _ = quantize(model, weights=FixedPoint(4, 2), progress=False)
+>>> em = IntegerModel(build_graph(model, FixedPoint(4, 2)))
+>>> em.predict(np.array([[1.0, 1.0, -0.5]])).tolist()
+[[-0.25, 1.5]]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tnquant.export.graph import Op
+from tnquant.quant.fixed_point import apply_overflow, cast_mantissa, to_mantissa
+from tnquant.specs import FixedPoint
+
+__all__ = ["IntegerModel", "contract_step", "MANIFEST", "CORES", "FORMAT_VERSION"]
+
+MANIFEST = "manifest.json"
+CORES = "cores.npz"
+FORMAT_VERSION = 1
+_CHUNK = 1 << 22  # elements per product block
+
+
+def contract_step(x: np.ndarray, w: np.ndarray, in_type: FixedPoint, w_type: FixedPoint,
+                  accum: FixedPoint, result: FixedPoint, bias: np.ndarray | None = None,
+                  bias_type: FixedPoint | None = None) -> np.ndarray:
+    """One hls4ml-exact contraction: ``x (..., n, Q)`` with ``w (m, n)`` -> ``(..., m, Q)``.
+
+    ``bias`` (mantissas of ``bias_type``) broadcasts against ``(m, Q)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[[3], [2]]])                 # (1, 2, 1), ap_fixed<4,4>
+    >>> w = np.array([[1, 1]])                     # (1, 2)
+    >>> t = FixedPoint(4, 4)
+    >>> contract_step(x, w, t, t, FixedPoint(3, 3, overflow="SAT"), t).tolist()
+    [[[3]]]
+    """
+    frac = in_type.frac + w_type.frac
+    shape = (*x.shape[:-2], w.shape[0], x.shape[-1])
+    if bias is None or bias_type is None:
+        acc = np.zeros(shape, dtype=np.int64)
+    else:
+        acc = np.broadcast_to(cast_mantissa(bias, bias_type.frac, accum), shape).copy()
+    for j in range(w.shape[1]):
+        prod = x[..., None, j, :] * w[:, j, None]
+        acc = apply_overflow(acc + cast_mantissa(prod, frac, accum), accum)
+    return np.asarray(cast_mantissa(acc, accum.frac, result), dtype=np.int64)
+
+
+def _tt_run(op: Op, x: np.ndarray) -> np.ndarray:
+    cores = op.weights
+    in_shape = [c.shape[2] for c in cores]
+    out_pad = math.prod(c.shape[1] for c in cores)
+    b = x.shape[0]
+    pad = math.prod(in_shape) - x.shape[1]
+    if pad:
+        x = np.concatenate([x, np.zeros((b, pad), dtype=np.int64)], axis=1)
+    state = x.reshape(b, -1)
+    cur, q, d = op.input_type, 1, len(cores)
+    for s in range(d):
+        k = d - 1 - s
+        r0, o, i, r1 = cores[k].shape
+        p = math.prod(in_shape[:k])
+        xs = state.reshape(b, p, i * r1, q)
+        w = cores[k].reshape(r0 * o, i * r1)
+        bias = bt = None
+        if s == d - 1 and op.bias is not None:
+            bias = np.zeros(out_pad, dtype=np.int64)
+            bias[: op.bias.shape[0]] = op.bias
+            bias, bt = bias.reshape(o, q), op.bias_type
+        state = contract_step(xs, w, cur, op.weight_types[k], op.accum_types[s],
+                              op.step_types[s], bias, bt)
+        cur, q = op.step_types[s], o * q
+    return state.reshape(b, out_pad)[:, : op.out_features]
+
+
+def _dense_run(op: Op, x: np.ndarray) -> np.ndarray:
+    w = op.weights[0]
+    bias = None if op.bias is None else op.bias[:, None]
+    rows = max(1, _CHUNK // max(1, w.size))
+    outs = [contract_step(x[s: s + rows, :, None], w, op.input_type, op.weight_types[0],
+                          op.accum_types[0], op.result_type, bias, op.bias_type)[..., 0]
+            for s in range(0, x.shape[0], rows)]
+    return np.concatenate(outs, axis=0) if outs else np.zeros((0, w.shape[0]), np.int64)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _array_sha(a: np.ndarray) -> str:
+    return _sha(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+
+
+def _arrays(op: Op) -> dict[str, np.ndarray]:
+    out = {f"{op.name}.w{k}": w for k, w in enumerate(op.weights)}
+    if op.bias is not None:
+        out[f"{op.name}.bias"] = op.bias
+    return out
+
+
+def _contraction(op: Op) -> str:
+    if op.kind == "relu":
+        return "y = max(x, 0)"
+    if op.kind == "dense":
+        return ("y[o] = result(accum(b[o]) + sum_i accum(x[i] * W[o, i])), i ascending, "
+                "accum overflow after every add")
+    d = len(op.weights)
+    return (f"TT right to left: cores {list(range(d - 1, -1, -1))}; step s contracts "
+            f"(i_k, r_k) of state (B, i_0..i_k, r_k, o_k+1..) with core k "
+            f"(r_k-1*o_k, i_k*r_k), as a dense step")
+
+
+def _op_to_dict(op: Op) -> dict[str, Any]:
+    return {
+        "name": op.name, "kind": op.kind, "layer": op.layer,
+        "in_features": op.in_features, "out_features": op.out_features,
+        "input_type": str(op.input_type), "result_type": str(op.result_type),
+        "weights": [f"{op.name}.w{k}" for k in range(len(op.weights))],
+        "weight_shapes": [list(w.shape) for w in op.weights],
+        "weight_types": [str(t) for t in op.weight_types],
+        "scale_exponents": op.scales,
+        "bias": None if op.bias is None else f"{op.name}.bias",
+        "bias_type": None if op.bias_type is None else str(op.bias_type),
+        "accum_types": [str(t) for t in op.accum_types],
+        "step_types": [str(t) for t in op.step_types],
+        "contraction": _contraction(op),
+    }
+
+
+def _op_from_dict(d: dict[str, Any], arrays: Any) -> Op:
+    fp = FixedPoint.from_string
+    return Op(name=d["name"], kind=d["kind"], layer=d["layer"], in_features=d["in_features"],
+              out_features=d["out_features"], input_type=fp(d["input_type"]),
+              result_type=fp(d["result_type"]),
+              weights=[np.asarray(arrays[k], dtype=np.int64) for k in d["weights"]],
+              weight_types=[fp(t) for t in d["weight_types"]],
+              bias=None if d["bias"] is None else np.asarray(arrays[d["bias"]], np.int64),
+              bias_type=None if d["bias_type"] is None else fp(d["bias_type"]),
+              accum_types=[fp(t) for t in d["accum_types"]],
+              step_types=[fp(t) for t in d["step_types"]],
+              scales=d.get("scale_exponents", []))
+
+
+class IntegerModel:
+    """Bit-exact integer emulator of an exported network (numpy int64).
+
+    Parameters
+    ----------
+    ops
+        The IR from :func:`tnquant.export.graph.build_graph`.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from torch import nn
+    >>> from tnquant import FixedPoint, quantize
+    >>> from tnquant.export.graph import build_graph
+    >>> model = nn.Sequential(nn.Linear(2, 1, bias=False))
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.fill_(0.5)
+    >>> _ = quantize(model, weights=FixedPoint(4, 1), progress=False)
+    >>> em = IntegerModel(build_graph(model, FixedPoint(6, 3)))
+    >>> em.input_type, em.output_type
+    ('ap_fixed<6,3>', 'ap_fixed<11,5>')
+    >>> em.run(np.array([[8, 8]])).tolist()     # 1.0 + 1.0 times 0.5
+    [[64]]
+    """
+
+    def __init__(self, ops: list[Op]) -> None:
+        if not ops:
+            raise ValueError("IntegerModel needs at least one op, got none")
+        self.ops = list(ops)
+
+    @property
+    def input_type(self) -> str:
+        """The input's ``ap_fixed<...>`` type."""
+        return str(self.ops[0].input_type)
+
+    @property
+    def output_type(self) -> str:
+        """The output's ``ap_fixed<...>`` type."""
+        return str(self.ops[-1].result_type)
+
+    @property
+    def in_features(self) -> int:
+        return self.ops[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.ops[-1].out_features
+
+    def run(self, x: Any) -> np.ndarray:
+        """Mantissas of the input type -> mantissas of the output type (int64).
+
+        ``x`` is ``(batch, in_features)`` or ``(in_features,)`` integers; values
+        outside the input type are refused.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from tnquant.export.graph import Op
+        >>> t = FixedPoint(4, 4)
+        >>> IntegerModel([Op("r", "relu", "r", 2, 2, t, t, step_types=[t])]).run([3, -2]).tolist()
+        [3, 0]
+        """
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"run() takes integer mantissas, got dtype {arr.dtype}; use "
+                            f"predict() for floats")
+        single = arr.ndim == 1
+        arr = arr.reshape(1, -1) if single else arr
+        if arr.ndim != 2 or arr.shape[1] != self.in_features:
+            raise ValueError(f"expected mantissas of shape (batch, {self.in_features}), got "
+                             f"{np.asarray(x).shape}")
+        t = self.ops[0].input_type
+        arr = arr.astype(np.int64)
+        if arr.size and (arr.min() < t.qmin or arr.max() > t.qmax):
+            raise ValueError(f"input mantissas must lie in [{t.qmin}, {t.qmax}] ({t}), got "
+                             f"[{arr.min()}, {arr.max()}]")
+        for op in self.ops:
+            if op.kind == "relu":
+                arr = np.maximum(arr, 0)
+            elif op.kind == "dense":
+                arr = _dense_run(op, arr)
+            else:
+                arr = _tt_run(op, arr)
+        return arr[0] if single else arr
+
+    def quantize_input(self, x: Any) -> np.ndarray:
+        """Float inputs -> input mantissas, as ``ap_fixed``'s ``double`` constructor.
+
+        Examples
+        --------
+        >>> from tnquant.export.graph import Op
+        >>> t = FixedPoint(4, 2)
+        >>> IntegerModel([Op("r", "relu", "r", 1, 1, t, t)]).quantize_input([[0.3]]).tolist()
+        [[1]]
+        """
+        xt = torch.as_tensor(np.asarray(x, dtype=np.float64))
+        return to_mantissa(xt, self.ops[0].input_type).numpy()
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Floats in, floats (float64) out: quantize the input, :meth:`run`, scale back.
+
+        Examples
+        --------
+        >>> from tnquant.export.graph import Op
+        >>> t = FixedPoint(6, 3)
+        >>> IntegerModel([Op("r", "relu", "r", 2, 2, t, t)]).predict([[0.3, -1.0]]).tolist()
+        [[0.25, 0.0]]
+        """
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        m = self.run(self.quantize_input(x))
+        return np.ldexp(m.astype(np.float64), -self.ops[-1].result_type.frac)
+
+    # ------------------------------------------------------------------ io
+    def manifest(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The JSON-safe description written to ``manifest.json``."""
+        from tnquant import __version__
+
+        arrays = {k: v for op in self.ops for k, v in _arrays(op).items()}
+        man = {
+            "format": "tnquant-fixed-point", "version": FORMAT_VERSION,
+            "tnquant_version": __version__,
+            "input_type": self.input_type, "output_type": self.output_type,
+            "in_features": self.in_features, "out_features": self.out_features,
+            "ops": [_op_to_dict(op) for op in self.ops],
+            "checksums": {k: _array_sha(v) for k, v in arrays.items()},
+        }
+        man.update(extra or {})
+        return man
+
+    def save(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``cores.npz`` (int64 mantissas) and ``manifest.json`` to ``out_dir``.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from tnquant.export.graph import Op
+        >>> t = FixedPoint(4, 2)
+        >>> em = IntegerModel([Op("r", "relu", "r", 1, 1, t, t, step_types=[t])])
+        >>> d = em.save(tempfile.mkdtemp())
+        >>> IntegerModel.load(d).input_type
+        'ap_fixed<4,2>'
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = {k: np.ascontiguousarray(v, dtype=np.int64)
+                  for op in self.ops for k, v in _arrays(op).items()}
+        np.savez(out / CORES, **arrays)  # type: ignore[arg-type]
+        man = self.manifest(extra)
+        man["checksums"][CORES] = _sha((out / CORES).read_bytes())
+        (out / MANIFEST).write_text(json.dumps(man, indent=1))
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> IntegerModel:
+        """Rebuild the emulator from ``out_dir`` alone (checksums verified).
+
+        Examples
+        --------
+        >>> IntegerModel.load("/nonexistent")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no manifest.json in /nonexistent
+        """
+        out = Path(out_dir)
+        if not (out / MANIFEST).is_file():
+            raise FileNotFoundError(f"no {MANIFEST} in {out}")
+        man = json.loads((out / MANIFEST).read_text())
+        if man.get("format") != "tnquant-fixed-point" or man.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{out / MANIFEST} is not a tnquant fixed-point manifest of version "
+                             f"{FORMAT_VERSION}")
+        with np.load(out / CORES) as data:
+            arrays = {k: data[k] for k in data.files}
+        for key, digest in man["checksums"].items():
+            if key == CORES:
+                continue
+            if key not in arrays or _array_sha(arrays[key]) != digest:
+                raise ValueError(f"{out / CORES}: array {key!r} is missing or its checksum "
+                                 f"does not match the manifest")
+        return cls([_op_from_dict(d, arrays) for d in man["ops"]])
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{op.name}:{op.kind}" for op in self.ops)
+        return f"IntegerModel({self.input_type} -> {self.output_type}; {kinds})"

@@ -1,0 +1,467 @@
+"""Model -> a small IR of fixed-point ops (:class:`Op`), with every type derived.
+
+The IR is a list of ops run in order, each reading the previous op's result:
+
+``'dense'``
+    ``y = cast_result(bias + sum_i cast_accum(x_i * W[o, i]))``, as hls4ml's
+    ``dense_latency`` kernel (see :mod:`tnquant.export.emulator`).
+``'relu'``
+    ``y = x if x > 0 else 0``, same type in and out.
+``'tt'``
+    A TT-matrix layer contracted core by core, right to left (core ``d-1``
+    first); every step is a dot product per output element, as ``'dense'``.
+
+Types
+-----
+Weights and cores: the integer codes of their quantizer (a ``FixedPoint``
+spec, or any symmetric spec whose scales are powers of two: the binary point
+absorbs ``2^k``; per-channel exponents are aligned to the largest number of
+fractional bits by exact left shifts). Accumulators ("auto", lossless, as
+hls4ml's ``infer_precision``): a ``W1.F1 x W2.F2`` product is
+``ap_fixed<W1+W2, (W1+W2)-(F1+F2)>``; a sum of ``n`` of them adds
+``ceil(log2 n)`` integer bits; a bias (aligned to the product's fractional
+bits) adds one more bit above the larger of the two. Results default to the
+accumulator type. ``accum=``/``result=``/``bias=`` override any of them
+(their rounding and overflow modes are honoured); a ``FixedPoint`` output or
+``inter_k`` activation quantizer on a layer sets that step's result type.
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> from tnquant import FixedPoint, quantize
+>>> model = nn.Sequential(nn.Linear(4, 3))
+>>> _ = quantize(model, weights=FixedPoint(6, 2), progress=False)
+>>> ops = build_graph(model, FixedPoint(8, 3))
+>>> [(op.name, op.kind, str(op.accum_types[0])) for op in ops]
+[('0', 'dense', 'ap_fixed<17,8>')]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union, cast
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tnquant.layers.base import FactorizedLayer
+from tnquant.layers.lowrank import LowRankLinear
+from tnquant.layers.quantized import QuantLinear
+from tnquant.layers.tt import TTLinear
+from tnquant.layers.tucker import TuckerLinear
+from tnquant.quant.fixed_point import to_mantissa
+from tnquant.quant.frozen import FrozenTensor
+from tnquant.quant.quantizer import Quantizer
+from tnquant.specs import FixedPoint
+
+__all__ = ["Op", "TypeOverride", "build_graph", "lossless_accum", "fixed_codes", "MAX_WIDTH"]
+
+#: widest accumulator the int64 emulator takes (a sum of two stays below 2**63)
+MAX_WIDTH = 62
+
+TypeOverride = Union[FixedPoint, Mapping[str, FixedPoint], None]
+
+
+@dataclass
+class Op:
+    """One op of the fixed-point IR (see the module docs for the kinds).
+
+    ``weights`` hold int64 mantissas: ``[W (out, in)]`` for ``'dense'``, the
+    TT cores ``(r_{k-1}, o_k, i_k, r_k)`` in model order for ``'tt'``.
+    ``accum_types`` and ``step_types`` have one entry per contraction step
+    (``'tt'``: step ``s`` contracts core ``d-1-s``); ``step_types[-1]`` is
+    ``result_type``.
+    """
+
+    name: str
+    kind: str
+    layer: str
+    in_features: int
+    out_features: int
+    input_type: FixedPoint
+    result_type: FixedPoint
+    weights: list[np.ndarray] = field(default_factory=list)
+    weight_types: list[FixedPoint] = field(default_factory=list)
+    bias: np.ndarray | None = None
+    bias_type: FixedPoint | None = None
+    accum_types: list[FixedPoint] = field(default_factory=list)
+    step_types: list[FixedPoint] = field(default_factory=list)
+    scales: list[list[int]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- #
+# codes -> fixed point
+# --------------------------------------------------------------------------- #
+
+
+def _signed_width(lo: int, hi: int) -> int:
+    """Smallest signed width holding ``[lo, hi]``."""
+    return max(int(hi).bit_length(), int(-lo - 1).bit_length() if lo < 0 else 0) + 1
+
+
+def _expand(q: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A qparam tensor repeated block-wise to the full ``shape``."""
+    q = q.reshape(q.shape + (1,) * (len(shape) - q.ndim)) if q.ndim < len(shape) else q
+    for d, n in enumerate(shape):
+        if q.shape[d] != n:
+            q = torch.repeat_interleave(q, n // q.shape[d], dim=d)
+    return q
+
+
+def fixed_codes(quantizer: Any, tensor: Tensor, where: str) -> tuple[np.ndarray, FixedPoint,
+                                                                      list[int]]:
+    """Integer mantissas, their ``ap_fixed`` type and the scale exponents of a quantized tensor.
+
+    Parameters
+    ----------
+    quantizer
+        A :class:`~tnquant.quant.Quantizer` or a converted
+        :class:`~tnquant.quant.frozen.FrozenTensor`.
+    tensor
+        The float tensor (ignored for a ``FrozenTensor``).
+    where
+        The tensor's name, for error messages.
+
+    Returns
+    -------
+    (mantissas, spec, exponents)
+        int64 mantissas (``value = m * 2**-spec.frac`` exactly), the type, and
+        the distinct ``log2`` of the scales.
+
+    Raises
+    ------
+    ValueError
+        For a float scale that is not a power of two, an affine zero point,
+        or a float-format spec.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tnquant import QuantSpec
+    >>> from tnquant.quant import Quantizer
+    >>> q = Quantizer(QuantSpec(bits=4, scale="pow2"))
+    >>> m, spec, exps = fixed_codes(q, torch.tensor([0.5, -1.0, 0.25]), "w")
+    >>> m.tolist(), str(spec), exps
+    ([2, -4, 1], 'ap_fixed<4,2>', [-2])
+    """
+    how = (f"quantize {where} with QuantSpec(scale='pow2', symmetric=True) or a FixedPoint "
+           f"spec")
+    if isinstance(quantizer, FrozenTensor):
+        spec = quantizer.spec
+        codes, qp = quantizer.codes(), quantizer.qparams()
+    elif isinstance(quantizer, Quantizer):
+        spec = quantizer.spec
+        if isinstance(spec, FixedPoint):
+            m = to_mantissa(tensor.detach(), spec).cpu().numpy()
+            return m, FixedPoint(spec.width, spec.integer, spec.signed), [-spec.frac]
+        codes, qp = quantizer.quantize_codes(tensor.detach(), name=where)
+    else:
+        raise ValueError(f"{where} has no quantizer; {how}")
+    if isinstance(spec, FixedPoint):
+        m = codes.to(torch.int64).cpu().numpy()
+        return m, FixedPoint(spec.width, spec.integer, spec.signed), [-spec.frac]
+    if qp.cast_dtype is not None:
+        raise ValueError(f"{where} is cast to {qp.cast_dtype}, not fixed point; {how}")
+    if qp.zero_point is not None and bool((qp.zero_point != 0).any()):
+        raise ValueError(f"{where} has an affine zero point; {how}")
+    if qp.scale_neg is not None and not torch.equal(qp.scale_neg, qp.scale):
+        raise ValueError(f"{where} has separate positive/negative scales (TTQ); {how}")
+    scale = qp.scale.detach().to(torch.float64).cpu()
+    mant, exp = torch.frexp(scale)
+    if not bool((mant == 0.5).all()):
+        bad = float(scale[mant != 0.5].flatten()[0])
+        raise ValueError(f"{where} has scale {bad!r}, not a power of two; {how}")
+    exps = (exp - 1).to(torch.int64)
+    frac = int(-exps.min())
+    shift = _expand(frac + exps, tuple(qp.shape)).numpy()
+    m = codes.to(torch.int64).cpu().numpy() << shift
+    width = _signed_width(qp.qmin, qp.qmax) + int(shift.max())
+    return m, FixedPoint(width, width - frac), sorted({int(e) for e in exps.flatten().tolist()})
+
+
+def lossless_accum(input_type: FixedPoint, weight_type: FixedPoint, n: int,
+                   bias_type: FixedPoint | None = None) -> FixedPoint:
+    """The accumulator of ``n`` products (plus a bias) that can never overflow.
+
+    Examples
+    --------
+    >>> str(lossless_accum(FixedPoint(8, 3), FixedPoint(6, 2), 16))
+    'ap_fixed<18,9>'
+    >>> str(lossless_accum(FixedPoint(8, 3), FixedPoint(6, 2), 16, FixedPoint(12, 3)))
+    'ap_fixed<19,10>'
+    """
+    width = input_type.width + weight_type.width
+    frac = input_type.frac + weight_type.frac
+    integer = width - frac + max(0, math.ceil(math.log2(n)))
+    if bias_type is not None:
+        integer = max(integer, bias_type.integer) + 1
+        frac = max(frac, bias_type.frac)
+    return FixedPoint(integer + frac, integer)
+
+
+# --------------------------------------------------------------------------- #
+# walking the model
+# --------------------------------------------------------------------------- #
+
+
+def _lookup(override: TypeOverride, names: list[str], what: str) -> FixedPoint | None:
+    if override is None:
+        return None
+    if isinstance(override, FixedPoint):
+        return override
+    if not isinstance(override, Mapping):
+        raise TypeError(f"{what} must be a FixedPoint or a mapping of op-name globs to "
+                        f"FixedPoint, got {type(override).__name__}")
+    for name in names:
+        for key, spec in override.items():
+            if fnmatch.fnmatchcase(name, key):
+                if not isinstance(spec, FixedPoint):
+                    raise TypeError(f"{what}[{key!r}] must be a FixedPoint, got "
+                                    f"{type(spec).__name__}")
+                return spec
+    return None
+
+
+def _act_spec(module: nn.Module, site: str, name: str) -> FixedPoint | None:
+    acts = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
+    if acts is None or site not in acts:
+        return None
+    spec = getattr(acts[site], "spec", None)
+    if isinstance(spec, FixedPoint):
+        return spec
+    raise ValueError(f"activation quantizer {name}.{site} is {type(spec).__name__}; the "
+                     f"export takes FixedPoint activation quantizers only (or none: types "
+                     f"are then derived)")
+
+
+def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    if isinstance(model, nn.Sequential):
+        out = []
+        for name, child in model.named_children():
+            out += _leaves(child, f"{prefix}.{name}" if prefix else name)
+        return out
+    return [(prefix, model)]
+
+
+def _steps(name: str, module: nn.Module) -> list[tuple[Tensor, Any, str, bool]]:
+    """Dense steps ``(weight (out, in), quantizer, where, transposed)`` of a chain layer."""
+    if isinstance(module, QuantLinear):
+        return [(module.weight, module.weight_quantizer, f"{name}.weight", False)]
+    layer = cast(FactorizedLayer, module)
+    qs = cast("nn.ModuleList | None", layer._modules.get("core_quantizers"))
+    quantizers = list(qs) if qs is not None else [None] * len(layer.cores)
+    cores = list(layer.cores)
+    if isinstance(module, LowRankLinear):  # [U (out, r), V (r, in)]
+        order = [(1, False), (0, False)]
+    else:  # Tucker-2 [U_out (out, r_out), G (r_out, r_in), U_in (in, r_in)]
+        order = [(2, True), (1, False), (0, False)]
+    return [(cores[k], quantizers[k], f"{name}.cores.{k}", t) for k, t in order]
+
+
+def _bias(param: Tensor, frac: int, given: FixedPoint | None) -> tuple[np.ndarray, FixedPoint]:
+    """Bias mantissas and type: ``given``, else the products' ``frac`` bits, RND_CONV/SAT."""
+    b = param.detach().to(torch.float64).cpu()
+    spec = given
+    if spec is None:
+        top = float(b.abs().max()) if b.numel() else 0.0
+        integer = max(1, math.floor(math.log2(top)) + 2) if top > 0 else 1
+        spec = FixedPoint(integer + frac, integer, rounding="RND_CONV", overflow="SAT")
+    return to_mantissa(b, spec).numpy(), FixedPoint(spec.width, spec.integer, spec.signed)
+
+
+def _chain_ops(name: str, module: nn.Module, state: dict[str, Any],
+               overrides: dict[str, TypeOverride]) -> list[Op]:
+    steps = _steps(name, module)
+    n = len(steps)
+    bias_param = cast("Tensor | None", module._parameters.get("bias"))
+    ops = []
+    for k, (t, q, where, transposed) in enumerate(steps):
+        if isinstance(q, nn.Identity):
+            q = None
+        m, wtype, exps = fixed_codes(q, t, where)
+        if transposed:
+            m = m.T.copy()
+        op_name = name if n == 1 else f"{name}.{k}"
+        site = "output" if k == n - 1 else f"inter_{k}"
+        in_type = state["type"]
+        bias = bias_type = None
+        if k == n - 1 and bias_param is not None:
+            bias, bias_type = _bias(bias_param, in_type.frac + wtype.frac,
+                                    _lookup(overrides["bias"], [op_name, name], "bias"))
+        accum = _lookup(overrides["accum"], [op_name, name], "accum")
+        if accum is None:
+            accum = lossless_accum(in_type, wtype, m.shape[1], bias_type)
+        result = _lookup(overrides["result"], [op_name, name], "result")
+        if result is None:
+            result = _act_spec(module, site, name)
+        if result is None:
+            result = FixedPoint(accum.width, accum.integer, accum.signed)
+        ops.append(Op(name=op_name, kind="dense", layer=name, in_features=m.shape[1],
+                      out_features=m.shape[0], input_type=in_type, result_type=result,
+                      weights=[m], weight_types=[wtype], bias=bias, bias_type=bias_type,
+                      accum_types=[accum], step_types=[result], scales=[exps]))
+        state["type"] = result
+    return ops
+
+
+def _tt_op(name: str, module: TTLinear, state: dict[str, Any],
+           overrides: dict[str, TypeOverride]) -> Op:
+    acts = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
+    d = len(module.cores)
+    if acts is not None and any(k.startswith("inter_") for k in acts) and d > 1 and \
+            tuple(module.chain_order) != tuple(range(d - 1, -1, -1)):
+        raise ValueError(f"{name}: the export contracts TT cores right to left (core {d - 1} "
+                         f"first) but the layer's chain_order is {module.chain_order}, so its "
+                         f"inter_* quantizers name other intermediates; remove them")
+    qs = cast("nn.ModuleList | None", module._modules.get("core_quantizers"))
+    quantizers = list(qs) if qs is not None else [None] * d
+    mants, types, scales = [], [], []
+    for k, (c, q) in enumerate(zip(module.cores, quantizers, strict=True)):
+        m, t, e = fixed_codes(None if isinstance(q, nn.Identity) else q, c,
+                              f"{name}.cores.{k}")
+        mants.append(m)
+        types.append(t)
+        scales.append(e)
+    in_type = state["type"]
+    cur = in_type
+    bias_param = cast("Tensor | None", module._parameters.get("bias"))
+    bias = bias_type = None
+    accums, results = [], []
+    for s in range(d):
+        k = d - 1 - s
+        step = f"{name}.{s}"
+        n = mants[k].shape[2] * mants[k].shape[3]
+        last = s == d - 1
+        if last and bias_param is not None:
+            bias, bias_type = _bias(bias_param, cur.frac + types[k].frac,
+                                    _lookup(overrides["bias"], [step, name], "bias"))
+        accum = _lookup(overrides["accum"], [step, name], "accum")
+        if accum is None:
+            accum = lossless_accum(cur, types[k], n, bias_type if last else None)
+        result = _lookup(overrides["result"], [step, name], "result")
+        if result is None:
+            site = "output" if last else f"inter_{s}"
+            result = _act_spec(module, site, name)
+        if result is None:
+            result = FixedPoint(accum.width, accum.integer, accum.signed)
+        accums.append(accum)
+        results.append(result)
+        cur = result
+    state["type"] = cur
+    return Op(name=name, kind="tt", layer=name, in_features=module.in_features,
+              out_features=module.out_features, input_type=in_type, result_type=cur,
+              weights=mants, weight_types=types, bias=bias, bias_type=bias_type,
+              accum_types=accums, step_types=results, scales=scales)
+
+
+def _check_widths(ops: list[Op]) -> None:
+    for op in ops:
+        for t in [op.input_type, *op.weight_types, *op.accum_types, *op.step_types]:
+            if t.width > MAX_WIDTH:
+                raise ValueError(f"op {op.name!r} needs type {t} wider than {MAX_WIDTH} bits "
+                                 f"(the int64 emulator's limit); narrow it with result= or "
+                                 f"accum= (e.g. result={{'{op.name}': FixedPoint(24, 8, "
+                                 f"'RND', 'SAT')}})")
+        for w in op.weight_types:
+            if op.input_type.width + w.width > 63 - 1:
+                raise ValueError(f"op {op.name!r}: products of {op.input_type} and {w} exceed "
+                                 f"62 bits; narrow the previous result with result=")
+
+
+def _module_ops(name: str, module: nn.Module, state: dict[str, Any],
+                overrides: dict[str, TypeOverride], done: list[Op]) -> list[Op]:
+    """The ops of one leaf module (updates ``state['type']``)."""
+    if isinstance(module, (QuantLinear, LowRankLinear, TuckerLinear, TTLinear)):
+        first_in = _act_spec(module, "input", name)
+        if first_in is not None:
+            if state["type"] is None:
+                state["type"] = first_in
+            elif state["type"] != first_in:
+                raise ValueError(
+                    f"{name}.input quantizer {first_in} differs from the type that reaches "
+                    f"it ({state['type']}); drop it, or set the previous op's type with "
+                    f"result=")
+    if state["type"] is None:
+        raise ValueError("input_spec is needed (a FixedPoint for the model input), e.g. "
+                         "input_spec=FixedPoint(16, 6)")
+    if isinstance(module, nn.ReLU):
+        t = state["type"]
+        prev = done[-1].out_features if done else 0
+        return [Op(name=name, kind="relu", layer=name, in_features=prev, out_features=prev,
+                   input_type=t, result_type=t, step_types=[t])]
+    if isinstance(module, TTLinear):
+        return [_tt_op(name, module, state, overrides)]
+    if isinstance(module, TuckerLinear) and len(module.cores) != 3:
+        raise ValueError(f"{name}: only order-1 TuckerLinear exports; got a tensorized "
+                         f"Tucker of order {module.order}")
+    if isinstance(module, (QuantLinear, LowRankLinear, TuckerLinear)):
+        return _chain_ops(name, module, state, overrides)
+    if isinstance(module, nn.Linear):
+        raise ValueError(f"{name} is a float nn.Linear; quantize its weight with "
+                         f"FixedPoint or QuantSpec(scale='pow2') first")
+    raise ValueError(f"{name}: {type(module).__name__} has no fixed-point export; "
+                     f"supported: QuantLinear, LowRankLinear, TuckerLinear (order 1), "
+                     f"TTLinear, nn.ReLU")
+
+
+def build_graph(model: nn.Module, input_spec: FixedPoint | None = None, *,
+                accum: TypeOverride = None, result: TypeOverride = None,
+                bias: TypeOverride = None) -> list[Op]:
+    """Turn a quantized model into a list of fixed-point :class:`Op` s.
+
+    Parameters
+    ----------
+    model
+        An ``nn.Sequential`` (nested ones are flattened) or a single layer of
+        ``QuantLinear``, ``LowRankLinear``, ``TuckerLinear`` (order 1),
+        ``TTLinear`` and ``nn.ReLU`` (``nn.Identity``/``nn.Dropout`` are
+        skipped). Every weight/core needs a ``FixedPoint`` or power-of-two
+        quantizer (fake-quant or converted).
+    input_spec
+        The input type; may be left out when the first layer has a
+        ``FixedPoint`` ``'input'`` activation quantizer.
+    accum, result, bias
+        A ``FixedPoint`` for every op, or a mapping from globs on op names
+        (``'<layer>'`` for one-step layers, ``'<layer>.<k>'`` for step ``k``
+        of a chain) to ``FixedPoint``; first match wins.
+
+    Returns
+    -------
+    list of Op
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from tnquant import FixedPoint, quantize
+    >>> from tnquant.layers import LowRankLinear
+    >>> model = nn.Sequential(LowRankLinear([torch.randn(4, 2), torch.randn(2, 5)]))
+    >>> _ = quantize(model, cores=FixedPoint(8, 3), progress=False)
+    >>> [op.name for op in build_graph(model, FixedPoint(8, 2))]
+    ['0.0', '0.1']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if input_spec is not None and not isinstance(input_spec, FixedPoint):
+        raise TypeError(f"input_spec must be a FixedPoint, got {type(input_spec).__name__}")
+    overrides = {"accum": accum, "result": result, "bias": bias}
+    state: dict[str, Any] = {"type": input_spec}
+    ops: list[Op] = []
+    for name, module in _leaves(model):
+        if not isinstance(module, (nn.Identity, nn.Dropout)):
+            ops += _module_ops(name, module, state, overrides, ops)
+    if not ops:
+        raise ValueError("the model has no layer to export")
+    for k, op in enumerate(ops):
+        if op.kind == "relu":
+            size = ops[k - 1].out_features if k else 0
+            if size == 0:
+                raise ValueError(f"{op.name}: a ReLU needs a layer before it")
+            op.in_features = op.out_features = size
+    _check_widths(ops)
+    return ops
