@@ -112,3 +112,22 @@ def test_half_precision(dtype, tol):
         out = half(x.to(dtype))
         assert out.dtype == dtype
         assert rel_err(np64(out), np64(ref(x))) < tol
+
+
+def test_no_grad_reconstructed_kernel_follows_core_changes():
+    from tests.layers.test_tucker import dense_conv_reference as ref_conv
+
+    cores = random_cores([(5, 3), (4, 3), (3, 3), (3, 3)], 4)
+    layer = CPConv2d(cores, padding="same")
+    layer.implementation = "reconstructed"
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for scale in (1.0, 3.0):
+        with torch.no_grad():
+            layer.cores[2].mul_(scale)
+            got = layer(x)
+        ref = ref_conv(cp_kernel_np(list(layer.cores)), None, x, 1, "same", 1, "zeros")
+        np.testing.assert_allclose(np64(got), np64(ref), rtol=F64_RTOL, atol=1e-12)
+    assert layer._kernel_cache is not None
+    out = layer(x)  # autograd on: rebuilt from the cores, gradients flow
+    out.sum().backward()
+    assert layer.cores[0].grad is not None

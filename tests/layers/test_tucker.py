@@ -227,3 +227,32 @@ def test_conv_half_precision(dtype, tol):
         out = half(x.to(dtype))
         assert out.dtype == dtype
         assert rel_err(np64(out), np64(ref(x))) < tol
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_conv_no_grad_keeps_the_kernel_until_a_core_changes(impl):
+    cores = random_cores([(6, 3), (3, 2, 3, 3), (4, 2)], 5)
+    layer = TuckerConv2d(cores, padding=1, bias=torch.randn(6, dtype=torch.float64))
+    layer.implementation = impl
+    x = torch.randn(64, 4, 6, 6, dtype=torch.float64)
+
+    def check():
+        ref = dense_conv_reference(tucker_kernel_np(list(layer.cores)), layer.bias, x, 1, 1,
+                                   1, "zeros")
+        with torch.no_grad():
+            for _ in range(2):
+                np.testing.assert_allclose(np64(layer(x)), np64(ref), rtol=F64_RTOL, atol=1e-12)
+
+    check()
+    if impl == "reconstructed":
+        assert layer._kernel_cache is not None
+    with torch.no_grad():
+        layer.cores[1].mul_(-2)
+    check()
+    layer.cores[0] = nn.Parameter(layer.cores[0].detach() + 1)
+    check()
+    layer.clear_cache()
+    assert layer._kernel_cache is None
+    layer.inference_cache = False
+    check()
+    assert layer._kernel_cache is None

@@ -35,8 +35,31 @@ from typing import Any
 
 import opt_einsum as oe
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from tnquant.layers.paths import (
+    Path,
+    chain_path,
+    default_optimizer,
+    hoist_constant_steps,
+    path_cost,
+    path_to_ssa,
+    ssa_to_path,
+    symbols,
+)
+from tnquant.layers.steps import (
+    LEFT,
+    LINEAR,
+    MM,
+    UNARY,
+    _arrange,
+    _compile_pair,
+    _first_output_letter,
+    _identity,
+    _matmul,
+    _shape,
+    _step_stats,
+)
 
 __all__ = [
     "Program",
@@ -45,181 +68,26 @@ __all__ = [
     "default_optimizer",
     "symbols",
     "path_cost",
+    "path_to_ssa",
+    "ssa_to_path",
+    "hoist_constant_steps",
     "IMPLEMENTATIONS",
+    "ELEMENT_COST",
+    "CALL_COST",
 ]
 
 IMPLEMENTATIONS = ("auto", "factorized", "reconstructed")
 
-Path = list[tuple[int, ...]]
 Hook = Callable[[Tensor], Tensor]
 
 
-def symbols(n: int, start: int = 0) -> list[str]:
-    """``n`` distinct einsum letters (opt_einsum's symbol table).
-
-    Examples
-    --------
-    >>> symbols(3)
-    ['a', 'b', 'c']
-    """
-    return [oe.get_symbol(start + k) for k in range(n)]
-
-
-def default_optimizer(n_operands: int) -> str:
-    """opt_einsum's path optimizer for ``n_operands`` operands.
-
-    ``'optimal'`` (exhaustive) up to 5 operands, ``'dp'`` up to 10,
-    ``'greedy'`` beyond.
-
-    Examples
-    --------
-    >>> default_optimizer(4), default_optimizer(8), default_optimizer(20)
-    ('optimal', 'dp', 'greedy')
-    """
-    if n_operands <= 5:
-        return "optimal"
-    if n_operands <= 10:
-        return "dp"
-    return "greedy"
-
-
-def chain_path(n_operands: int, order: Sequence[int], start: int = 0) -> Path:
-    """The opt_einsum path contracting operand ``start`` with ``order`` in turn.
-
-    opt_einsum paths name operands by their position in the *current* list
-    (contracted operands are removed and the result appended), so the
-    positions shift after every step; this turns "contract the running
-    result with original operands ``order[0]``, ``order[1]``, ..." into that
-    form.
-
-    Examples
-    --------
-    >>> chain_path(4, [3, 2, 1])
-    [(0, 3), (1, 2), (0, 1)]
-    """
-    ids = list(range(n_operands))
-    current = start
-    path: Path = []
-    for original in order:
-        i, j = ids.index(current), ids.index(original)
-        path.append((min(i, j), max(i, j)))
-        ids = [k for k in ids if k not in (current, original)] + [-1 - len(path)]
-        current = ids[-1]
-    return path
-
-
-MM, LINEAR, BMM, UNARY, LEFT = 0, 1, 2, 3, 4
-
-#: a contracted block in the middle of the activation, with at least this many
-#: elements after it, is multiplied from the left in place (a broadcast
-#: matmul) instead of being permuted to the end first (measured on CPU: 2-7x
-#: faster from 16 on, slower below)
-LEFT_MIN_TRAILING = 16
-
-
-def _identity(perm: Sequence[int]) -> bool:
-    return list(perm) == list(range(len(perm)))
-
-
-def _shape(term: str, sizes: dict[str, int]) -> tuple[int, ...]:
-    return tuple(sizes[c] for c in term)
-
-
-def _prepare(term: str, order: list[str], target: tuple[int, ...], sizes: dict[str, int]):
-    """(perm or None, reshape target or None) taking ``term`` to ``order`` then ``target``."""
-    perm = [term.index(c) for c in order]
-    reshape = None if _shape("".join(order), sizes) == target else target
-    return (None if _identity(perm) else tuple(perm)), reshape
-
-
-def _compile_pair(ta: str, tb: str, out: str, needed: set[str], sizes: dict[str, int]):
-    """One matmul step for ``ta, tb``: a step tuple, the result's letters, its columns.
-
-    ``A`` is the activation-like operand. When it is the bigger one and its
-    contracted letters form one contiguous block (no batch letter), it is never
-    copied: with nothing after the block it is a ``(M, K)`` view multiplied
-    by ``B`` as ``(K, N)`` (``mm``) or ``(N, K)`` (``F.linear``); with a
-    long enough tail ``Q`` it is a ``(P, K, Q)`` view multiplied from the
-    left (``B (N, K) @ A``), giving ``(P, N, Q)``. Otherwise ``A`` is
-    permuted to ``(A-free, K)``, with free letters ordered by their position
-    in the final output ``out`` (so the last result needs at most a block
-    permutation), and shared letters that stay become a bmm batch.
-    """
-    # letters summed within one operand only: pre-sum (size > 1) or fold (size 1)
-    sum_a = tuple(k for k, c in enumerate(ta) if c not in tb and c not in needed and sizes[c] > 1)
-    sum_b = tuple(k for k, c in enumerate(tb) if c not in ta and c not in needed and sizes[c] > 1)
-    ta2 = "".join(c for k, c in enumerate(ta) if k not in sum_a)
-    tb2 = "".join(c for k, c in enumerate(tb) if k not in sum_b)
-    rank = {c: k for k, c in enumerate(out)}
-
-    def key(c: str) -> int:
-        return rank.get(c, len(out))
-
-    def prod(letters: Any) -> int:
-        return math.prod(sizes[c] for c in letters)
-
-    big = ta2 if prod(ta2) >= prod(tb2) else tb2
-    batch = sorted((c for c in ta2 if c in tb2 and c in needed), key=key)
-    contr = [c for c in big if c in ta2 and c in tb2 and c not in needed]
-    b_free = sorted((c for c in tb2 if c not in ta2 and c in needed), key=key)
-    b_ones = [c for c in tb2 if c not in ta2 and c not in needed]
-    k, n = prod(contr), prod(b_free)
-    sums = (sum_a or None, sum_b or None)
-    shape_a: tuple[int, ...] | None
-    flat: tuple[int, ...]
-    result: list[str]
-    where = sorted(ta2.index(c) for c in contr)
-    if not batch and contr and where[-1] - where[0] + 1 == len(contr) and big == ta2:
-        # contracted letters contiguous in the bigger A: view A, never copy it
-        contr = [ta2[i] for i in where]
-        head = [c for c in ta2[: where[0]] if c in needed]
-        tail = [c for c in ta2[where[-1] + 1:] if c in needed]
-        m, q = prod(head), prod(tail)
-        if not tail or q >= LEFT_MIN_TRAILING:
-            if not tail:
-                as_mm = _prepare(tb2, contr + b_free + b_ones, (k, n), sizes)
-                as_linear = _prepare(tb2, b_free + contr + b_ones, (n, k), sizes)
-                kind = MM if as_mm[0] is None and as_linear[0] is not None else LINEAR
-                perm_b, shape_b = as_mm if kind == MM else as_linear
-                shape_a, flat, result = (m, k), (m, n), head + b_free
-            else:
-                kind = LEFT
-                perm_b, shape_b = _prepare(tb2, b_free + contr + b_ones, (n, k), sizes)
-                shape_a = (k, q) if m == 1 else (m, k, q)
-                flat = (n, q) if m == 1 else (m, n, q)
-                result = head + b_free + tail
-            if _shape(ta2, sizes) == shape_a:
-                shape_a = None
-            res = "".join(result)
-            view = None if _shape(res, sizes) == flat else _shape(res, sizes)
-            step: tuple[Any, ...] = (sums[0], None, shape_a, sums[1], perm_b, shape_b, kind,
-                                     view)
-            return step, res, "".join(b_free) if kind != LEFT else ""
-    contr = [c for c in big if c in ta2 and c in tb2 and c not in needed]
-    a_free = sorted((c for c in ta2 if c not in tb2 and c in needed), key=key)
-    a_ones = [c for c in ta2 if c not in tb2 and c not in needed]
-    nb, m = prod(batch), prod(a_free)
-    if batch:
-        kind = BMM
-        perm_a, shape_a = _prepare(ta2, batch + a_free + contr + a_ones, (nb, m, k), sizes)
-        perm_b, shape_b = _prepare(tb2, batch + contr + b_free + b_ones, (nb, k, n), sizes)
-        flat = (nb, m, n)
-    else:
-        perm_a, shape_a = _prepare(ta2, a_free + contr + a_ones, (m, k), sizes)
-        as_mm = _prepare(tb2, contr + b_free + b_ones, (k, n), sizes)
-        as_linear = _prepare(tb2, b_free + contr + b_ones, (n, k), sizes)
-        kind = MM if as_mm[0] is None and as_linear[0] is not None else LINEAR
-        perm_b, shape_b = as_mm if kind == MM else as_linear
-        flat = (m, n)
-    res = "".join(batch + a_free + b_free)
-    view = None if _shape(res, sizes) == flat else _shape(res, sizes)
-    step = (sums[0], perm_a, shape_a, sums[1], perm_b, shape_b, kind, view)
-    return step, res, "".join(b_free)
-
-
-def _first_output_letter(term: str, other: str, rank: dict[str, int]) -> int:
-    free = [rank[c] for c in term if c in rank and c not in other]
-    return min(free) if free else len(rank)
+#: time model of a compiled program, in FLOP-equivalents: one element read or
+#: written costs ``ELEMENT_COST`` FLOPs and one ATen call ``CALL_COST``. Measured
+#: on one AVX-512 core (torch 2.13, float32): GEMMs run at ~150-180 GFLOP/s,
+#: bandwidth-bound steps (thin GEMMs, permute copies) move ~4-6 G elements/s,
+#: a call costs ~2-4 us; so an element is worth ~32 FLOPs and a call ~5e5.
+ELEMENT_COST = 32
+CALL_COST = 500_000
 
 
 class Program:
@@ -242,10 +110,11 @@ class Program:
     24.0
     """
 
-    __slots__ = ("equation", "path", "cost", "steps", "final", "fusable", "out_shape", "kinds")
+    __slots__ = ("equation", "path", "cost", "steps", "final", "fusable", "out_shape", "kinds",
+                 "variable", "n_const", "_stats", "_run_steps", "_final_moved")
 
     def __init__(self, equation: str, shapes: Sequence[Sequence[int]], path: Path,
-                 cost: int) -> None:
+                 cost: int, variable: int | None = None) -> None:
         inputs, output = equation.split("->")
         terms = inputs.split(",")
         sizes: dict[str, int] = {}
@@ -258,11 +127,22 @@ class Program:
                     raise ValueError(f"letter {c!r} has size {sizes[c]} and {size} in "
                                      f"{equation!r}")
         self.equation = equation
-        self.path = [tuple(p) for p in path]
+        if variable is not None and not 0 <= variable < len(terms):
+            raise ValueError(f"variable must index one of the {len(terms)} operands, got "
+                             f"{variable}")
+        self.variable = variable
+        path = [tuple(p) for p in path]
+        if variable is not None:
+            path = hoist_constant_steps(len(terms), path, variable)
+        self.path = path
         self.cost = int(cost)
         self.out_shape = _shape(output, sizes)
         rank = {c: k for k, c in enumerate(output)}
         steps: list[tuple[Any, ...]] = []
+        # per step: (involves the variable, flops, elements read and written,
+        # elements copied by permutes of A, of B, the variable's side: 0 = A, 1 = B)
+        stats: list[tuple[bool, int, int, int, int, int]] = []
+        tainted = [k == variable for k in range(len(terms))]
         n_cols = ""
         for pos in self.path:
             if not 1 <= len(pos) <= 2:
@@ -271,12 +151,17 @@ class Program:
             needed = set(output).union(*later)
             order = sorted(pos, reverse=True)
             popped = [terms.pop(k) for k in order]
+            flags = [tainted.pop(k) for k in order]
             if len(popped) == 1:  # sum the letters no longer needed (size 1: left for the end)
                 summed = tuple(k for k, c in enumerate(popped[0])
                                if c not in needed and sizes[c] > 1)
                 steps.append((order[0], None, False, summed, None, None, None, None, None,
                               UNARY, None))
                 terms.append("".join(c for k, c in enumerate(popped[0]) if k not in summed))
+                tainted.append(flags[0])
+                n_in = math.prod(_shape(popped[0], sizes))
+                stats.append((flags[0], n_in, n_in + math.prod(_shape(terms[-1], sizes)), 0, 0,
+                              0))
                 n_cols = ""
                 continue
             # "A" (the rows of the matmul) holds the free letter that comes first
@@ -287,9 +172,12 @@ class Program:
             else:
                 swap = math.prod(_shape(popped[1], sizes)) > math.prod(_shape(popped[0], sizes))
             ta, tb = (popped[1], popped[0]) if swap else (popped[0], popped[1])
+            fa, fb = (flags[1], flags[0]) if swap else (flags[0], flags[1])
             step, result, n_cols = _compile_pair(ta, tb, output, needed, sizes)
             steps.append((order[0], order[1], swap, *step))
             terms.append(result)
+            tainted.append(fa or fb)
+            stats.append(_step_stats(ta, tb, result, step, sizes, fa, fb))
         (last,) = terms
         final_sum = tuple(k for k, c in enumerate(last) if c not in rank and sizes[c] > 1)
         last = "".join(c for k, c in enumerate(last) if k not in final_sum)
@@ -297,7 +185,13 @@ class Program:
         final_perm = None if _identity(perm) else tuple(perm)
         reshape = None if _shape(last, sizes) == self.out_shape else self.out_shape
         self.final = (final_sum or None, final_perm, reshape)
+        self._final_moved = 2 * math.prod(self.out_shape) if final_perm or final_sum else 0
         self.steps = steps
+        self._stats = stats
+        self.n_const = 0
+        if variable is not None:
+            self.n_const = sum(1 for st in stats if not st[0])
+        self._run_steps = self._compile_run()
         # the bias (of the last output letter) goes into the last matmul when its
         # columns are exactly that letter and nothing is permuted afterwards
         self.fusable = bool(steps and steps[-1][9] in (MM, LINEAR) and final_perm is None
@@ -306,6 +200,166 @@ class Program:
 
     def __repr__(self) -> str:
         return f"Program({self.equation!r}, path={self.path}, cost={self.cost})"
+
+    def estimate(self, prepared: bool = False) -> int:
+        """Estimated run time, in FLOP-equivalents (see ``ELEMENT_COST``, ``CALL_COST``).
+
+        Every step costs its FLOPs, plus ``ELEMENT_COST`` per element it reads
+        or writes (twice more for each operand it must permute into place),
+        plus ``CALL_COST`` per ATen call. With ``prepared`` (a program built
+        with a ``variable``, run through :meth:`prepare` and :meth:`run` with
+        the prepared operands reused), the steps among the constants and the
+        permutes of the constant operands are free.
+
+        Examples
+        --------
+        >>> prog = plan_einsum("ba,ra,or->bo", [(64, 512), (8, 512), (512, 8)], variable=0)
+        >>> prog.estimate() >= prog.estimate(prepared=True) > prog.cost
+        True
+        """
+        total = 0
+        for var, flops, moved, copy_a, copy_b, side in self._stats:
+            if prepared and not var:
+                continue
+            if prepared and self.variable is not None:
+                # the constant operand's permute happened once, in prepare()
+                copy_a, copy_b = (copy_a, 0) if side == 0 else (0, copy_b)
+            calls = 1 + (copy_a > 0) + (copy_b > 0)
+            total += flops + ELEMENT_COST * (moved + copy_a + copy_b) + CALL_COST * calls
+        if self._final_moved:
+            total += ELEMENT_COST * self._final_moved + CALL_COST
+        return total
+
+    def _compile_run(self) -> list[tuple[Any, ...]]:
+        """Steps of :meth:`run`: (index, variable is A, its arrangement, matmul kind, view)."""
+        run: list[tuple[Any, ...]] = []
+        if self.variable is None:
+            return run
+        for k, st, (var, *_, side) in zip(range(self.n_const, len(self.steps)),
+                                          self.steps[self.n_const:],
+                                          self._stats[self.n_const:], strict=True):
+            if not var:
+                raise ValueError("a step among the constants follows one with the variable")
+            _p0, _p1, _swap, sa, pa, ra, sb, pb, rb, kind, view = st
+            if kind == UNARY:
+                arrange = (sa, None, None)
+                run.append((k, True, arrange if sa else None, UNARY, None))
+                continue
+            # the variable is A: B is prepared, a (N, K) F.linear weight turned (K, N) for mm
+            arrange = (sa, pa, ra) if side == 0 else (sb, pb, rb)
+            if side == 0 and kind == LINEAR:
+                kind = MM
+            run.append((k, side == 0, None if arrange == (None, None, None) else arrange, kind,
+                        view))
+        return run
+
+    def prepare(self, constants: Sequence[Tensor]) -> list[Tensor | None]:
+        """Everything :meth:`run` needs that does not depend on the variable.
+
+        Runs the steps among the constants and lays the constant operand of
+        every later step out as its matmul wants it (contiguous; a
+        ``F.linear`` weight transposed for ``mm``). Compute it once and pass
+        it to :meth:`run` for as long as the constants do not change.
+
+        Parameters
+        ----------
+        constants
+            Every operand but the variable, in the equation's order.
+
+        Returns
+        -------
+        list
+            One entry per step of :meth:`run` (``None`` for a sum).
+
+        Examples
+        --------
+        >>> import torch
+        >>> prog = plan_einsum("ba,ra,or->bo", [(4, 6), (2, 6), (5, 2)], variable=0)
+        >>> x, v, u = torch.randn(4, 6), torch.randn(2, 6), torch.randn(5, 2)
+        >>> torch.allclose(prog.run(x, prog.prepare([v, u])), x @ v.T @ u.T, atol=1e-5)
+        True
+        """
+        if self.variable is None:
+            raise ValueError("prepare() needs a program built with a variable operand")
+        n_terms = len(self.equation.split("->")[0].split(","))
+        if len(constants) != n_terms - 1:
+            raise ValueError(f"prepare() takes the {n_terms - 1} constant operands, got "
+                             f"{len(constants)}")
+        ops: list[Any] = list(constants)
+        ops.insert(self.variable, None)  # None marks what depends on the variable
+        for p0, p1, swap, sa, pa, ra, sb, pb, rb, kind, view in self.steps[: self.n_const]:
+            a = ops.pop(p0)
+            if kind == UNARY:
+                ops.append(a.sum(sa) if sa else a)
+                continue
+            b = ops.pop(p1)
+            if swap:
+                a, b = b, a
+            ops.append(_matmul(kind, _arrange(a, sa, pa, ra), _arrange(b, sb, pb, rb), view))
+        prepared: list[Tensor | None] = []
+        for st, (_k, var_is_a, *_) in zip(self.steps[self.n_const:], self._run_steps,
+                                          strict=True):
+            p0, p1, swap, sa, pa, ra, sb, pb, rb, orig_kind, _ = st
+            a = ops.pop(p0)
+            if orig_kind == UNARY:
+                prepared.append(None)
+                ops.append(None)
+                continue
+            b = ops.pop(p1)
+            if swap:
+                a, b = b, a
+            # detached: torch.matmul folds (copies) a 2-d operand that requires grad
+            if var_is_a:
+                b = _arrange(b, sb, pb, rb)
+                b = b.t().contiguous() if orig_kind == LINEAR else b.contiguous()
+                prepared.append(b.detach())
+            else:
+                prepared.append(_arrange(a, sa, pa, ra).contiguous().detach())
+            ops.append(None)
+        return prepared
+
+    def run(self, x: Tensor, prepared: Sequence[Any],
+            hooks: Sequence[Hook | None] | None = None, bias: Tensor | None = None) -> Tensor:
+        """Run the contraction on the variable ``x`` with :meth:`prepare`'s operands.
+
+        Same result as calling the program with every operand; ``hooks``
+        (one per step but the last, steps among the constants included) and
+        ``bias`` as in :meth:`__call__`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> prog = plan_einsum("ij,jk->ik", [(2, 3), (3, 4)], variable=0)
+        >>> prog.run(torch.ones(2, 3), prog.prepare([torch.ones(3, 4)]))[0, 0].item()
+        3.0
+        """
+        last = len(self.steps) - 1
+        fused = bias if self.fusable else None
+        r = x
+        for (k, var_is_a, arrange, kind, view), c in zip(self._run_steps, prepared, strict=True):
+            if arrange is not None:
+                r = _arrange(r, *arrange)
+            if kind == UNARY:
+                continue
+            add = fused if k == last else None
+            if not var_is_a:
+                r = _matmul(kind, c, r, None, add)
+            elif kind == MM:
+                r = torch.mm(r, c) if add is None else torch.addmm(add, r, c)
+            elif kind == LEFT:
+                r = torch.matmul(c, r)
+            else:
+                r = torch.bmm(r, c)
+            if view is not None:
+                r = r.view(view)
+            if hooks is not None and k < last:
+                hook = hooks[k]
+                if hook is not None:
+                    r = hook(r)
+        r = _arrange(r, *self.final)
+        if bias is not None and fused is None:
+            r = r + bias
+        return r
 
     def __call__(self, operands: Sequence[Tensor], hooks: Sequence[Hook | None] | None = None,
                  bias: Tensor | None = None) -> Tensor:
@@ -347,14 +401,11 @@ class Program:
             if swap:
                 a, b = b, a
             a, b = _arrange(a, sa, pa, ra), _arrange(b, sb, pb, rb)
-            if kind == LINEAR:
-                r = F.linear(a, b, fused if k == last else None)
-            elif kind == MM:
-                r = torch.addmm(fused, a, b) if fused is not None and k == last else torch.mm(a, b)
-            elif kind == LEFT:
-                r = torch.matmul(b, a)
+            if kind == MM and fused is not None and k == last:
+                r = torch.addmm(fused, a, b)
             else:
-                r = torch.bmm(a, b)
+                r = _matmul(kind, a, b, view, fused if k == last else None)
+                view = None
             if view is not None:
                 r = r.view(view)
             if hooks is not None and k < last:
@@ -369,33 +420,10 @@ class Program:
         return r
 
 
-def _arrange(t: Tensor, summed: tuple[int, ...] | None, perm: tuple[int, ...] | None,
-             shape: tuple[int, ...] | None) -> Tensor:
-    """Sum, permute and reshape ``t`` (each skipped when ``None``)."""
-    if summed:
-        t = t.sum(summed)
-    if perm is not None:
-        t = t.permute(perm)
-    if shape is not None:
-        t = t.reshape(shape)
-    return t
-
-
-def path_cost(equation: str, shapes: Sequence[Sequence[int]], path: Path) -> int:
-    """FLOPs of ``equation`` contracted along ``path`` (opt_einsum's count).
-
-    Examples
-    --------
-    >>> path_cost("ij,jk,kl->il", [(2, 3), (3, 4), (4, 5)], [(0, 1), (0, 1)])
-    128
-    """
-    _, info = oe.contract_path(equation, *shapes, shapes=True, optimize=list(path))
-    return int(info.opt_cost)
-
-
 def plan_einsum(equation: str, shapes: Sequence[Sequence[int]], *,
                 candidates: Sequence[Path] = (), optimize: str | None = None,
-                search: bool = True) -> Program:
+                search: bool = True, variable: int | None = None,
+                objective: str = "flops", prepared: bool = False) -> Program:
     """Compile the cheapest contraction order of ``equation`` for ``shapes``.
 
     Parameters
@@ -412,12 +440,22 @@ def plan_einsum(equation: str, shapes: Sequence[Sequence[int]], *,
     search
         When ``False`` only ``candidates`` are considered (the first one
         wins ties), e.g. to force a sequential chain.
+    variable
+        The operand that changes from call to call (a layer's input); the
+        steps among the others are moved first (see :meth:`Program.prepare`).
+    objective
+        ``'flops'``: fewest FLOPs (opt_einsum's count); ``'time'``: lowest
+        :meth:`Program.estimate`, which also charges memory traffic, permute
+        copies and calls.
+    prepared
+        For ``'time'``: estimate as run through :meth:`Program.run` with
+        reused prepared operands (the steps among constants are free).
 
     Returns
     -------
     Program
-        The cheapest order by FLOP count, compiled; ties go to the candidate
-        listed first, then the optimizer's path.
+        The cheapest order, compiled; ties go to the candidate listed first,
+        then the optimizer's path.
 
     Examples
     --------
@@ -425,6 +463,8 @@ def plan_einsum(equation: str, shapes: Sequence[Sequence[int]], *,
     >>> prog.cost, prog.path
     (128, [(0, 1), (0, 1)])
     """
+    if objective not in ("flops", "time"):
+        raise ValueError(f"objective must be 'flops' or 'time', got {objective!r}")
     shapes = [tuple(int(s) for s in shape) for shape in shapes]
     n = len(shapes)
     options: list[tuple[int, Path]] = []
@@ -439,6 +479,10 @@ def plan_einsum(equation: str, shapes: Sequence[Sequence[int]], *,
             found, info = oe.contract_path(equation, *shapes, shapes=True, optimize=opt)
             path, cost = [tuple(p) for p in found], int(info.opt_cost)
         options.append((cost, path))
-    best = min(range(len(options)), key=lambda k: (options[k][0], k))
-    cost, path = options[best]
-    return Program(equation, shapes, path, cost)
+    if objective == "flops":
+        best = min(range(len(options)), key=lambda k: (options[k][0], k))
+        cost, path = options[best]
+        return Program(equation, shapes, path, cost, variable)
+    programs = [Program(equation, shapes, p, c, variable) for c, p in options]
+    best = min(range(len(programs)), key=lambda k: (programs[k].estimate(prepared), k))
+    return programs[best]

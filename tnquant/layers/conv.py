@@ -10,6 +10,11 @@ channel maps). ``groups`` must be 1.
 rebuilds the kernel and runs one ``F.conv2d``; ``'auto'`` picks the one with
 fewer FLOPs for the input's batch and spatial size.
 
+Inference cache (as for the Linear layers, see ``tnquant.layers.linear``):
+without autograd, with no ``core_quantizers`` and ``inference_cache`` true,
+the rebuilt kernel is kept while the cores' identities, version counters and
+data pointers stay the same, and ``'auto'`` then counts the rebuild as free.
+
 Examples
 --------
 >>> import torch
@@ -62,6 +67,8 @@ class FactorizedConv2dBase(FactorizedLayer):
     kernel_size: tuple[int, int]
     spec_type: type[Any] = type(None)
     _kernel_eq: str = ""
+    #: keep the rebuilt kernel between calls without autograd (module doc)
+    inference_cache: bool = True
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, spec: Any, *,
@@ -157,6 +164,7 @@ class FactorizedConv2dBase(FactorizedLayer):
             else:
                 pads += [cast("tuple[int, int]", self.padding)[axis]] * 2
         self._explicit_pad = tuple(pads)
+        self._kernel_cache: tuple[list[Any], Tensor] | None = None
 
     @property
     def _dense_weight_numel(self) -> int:
@@ -218,8 +226,8 @@ class FactorizedConv2dBase(FactorizedLayer):
         return {"factorized": fact, "reconstructed": recon, "dense": dense,
                 "chosen": "reconstructed" if recon <= fact else "factorized"}
 
-    def _choose(self, shape: tuple[int, ...], chain: bool) -> str:
-        key = (shape[0], shape[2], shape[3], self._implementation, chain)
+    def _choose(self, shape: tuple[int, ...], chain: bool, cached: bool = False) -> str:
+        key = (shape[0], shape[2], shape[3], self._implementation, chain, cached)
         kind = self._plans.get(key)
         if kind is None:
             if chain or self._implementation == "factorized":
@@ -227,9 +235,34 @@ class FactorizedConv2dBase(FactorizedLayer):
             elif self._implementation == "reconstructed":
                 kind = "reconstructed"
             else:
-                kind = self.flops(shape)["chosen"]
+                flops = self.flops(shape)
+                recon = flops["dense"] if cached else flops["reconstructed"]
+                kind = "reconstructed" if recon <= flops["factorized"] else "factorized"
             self._remember(key, kind)
         return kind
+
+    def clear_cache(self) -> None:
+        """Drop the kept kernel (needed only after writing into ``core.data`` in place).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tnquant.layers import TuckerConv2d
+        >>> layer = TuckerConv2d([torch.randn(4, 2), torch.randn(2, 2, 3, 3), torch.randn(5, 2)])
+        >>> layer.clear_cache()
+        """
+        self._kernel_cache = None
+
+    def _cached_kernel(self) -> Tensor:
+        params = list(self._modules["cores"]._parameters.values())  # type: ignore[union-attr]
+        # ids are safe: the entry holds the parameters, so no other object takes their id
+        key = [(id(p), p._version, p.data_ptr()) for p in params]  # type: ignore[union-attr]
+        entry = self._kernel_cache
+        if entry is not None and entry[0][1] == key:
+            return entry[1]
+        kernel = self._kernel_program()(params).contiguous()  # type: ignore[arg-type]
+        self._kernel_cache = ([params, key], kernel)
+        return kernel
 
     # ------------------------------------------------------------------ #
     # forward
@@ -258,13 +291,18 @@ class FactorizedConv2dBase(FactorizedLayer):
         if self.act_quantizers is not None:
             x = self._act("input", x)
             hooks = self._inter_hooks()
-        cores = self.effective_cores()
-        if self._choose(tuple(x.shape), hooks is not None) == "reconstructed":
-            kernel = self._kernel_program()(cores)
+        cached = (hooks is None and not torch.is_grad_enabled() and self.inference_cache
+                  and self._modules.get("core_quantizers") is None
+                  and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+        if self._choose(tuple(x.shape), hooks is not None, cached) == "reconstructed":
+            if cached:
+                kernel = self._cached_kernel()
+            else:
+                kernel = self._kernel_program()(self.effective_cores())
             y = F.conv2d(self._pad(x), kernel, self.bias, self.stride, self._conv_padding(),
                          self.dilation)
         else:
-            y = self._factorized(x, cores, hooks)
+            y = self._factorized(x, self.effective_cores(), hooks)
         if self.act_quantizers is not None:
             y = self._act("output", y)
         return y.squeeze(0) if unbatched else y

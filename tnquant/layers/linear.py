@@ -6,19 +6,35 @@ Each layer describes itself by two einsum equations over letters it picks:
   gives the output ``(B, o_1..o_d)``;
 - ``w_eq``: the cores alone give the padded weight ``(o_1..o_d, i_1..i_d)``.
 
-For a batch of ``B`` rows the layer compiles (once per ``B``) the cheapest of
+For a batch of ``B`` rows the layer compiles (once per ``B``) the fastest of
 
-- ``'factorized'``: opt_einsum's best order for ``x_eq``, compared with the
-  layer's explicit sequential chains (core by core);
-- ``'reconstructed'``: the cheapest order for ``w_eq``, then ``F.linear``,
-  costing ``cost(w_eq) + 2 * B * out * in``;
+- ``'factorized'``: among opt_einsum's fewest-FLOP order for ``x_eq``, the
+  layer's sequential chains (core by core) and its other candidate orders
+  (a Tucker layer merges adjacent modes' factors first, for instance), the
+  one with the lowest :meth:`~tnquant.layers.contract.Program.estimate`:
+  FLOPs plus the memory traffic, permute copies and calls of every step;
+- ``'reconstructed'``: the cheapest order for ``w_eq``, then ``F.linear``;
 
-and picks by FLOP count (``implementation='auto'``; a tie goes to the
-reconstruction, whose single dense GEMM runs closer to peak), or as forced.
-Plans are cached per batch size (at most ``base.MAX_PLANS``); each costs
-0.2-1 ms to build. When ``act_quantizers`` holds ``'inter_*'`` quantizers
-the canonical chain (``chains[0]``) runs instead, so that every
-intermediate exists.
+as estimated by the same model (``implementation='auto'``; a tie goes to the
+reconstruction), or as forced. Plans are cached per batch size (at most
+``base.MAX_PLANS``); each costs 0.2-20 ms to build. When ``act_quantizers``
+holds ``'inter_*'`` quantizers the canonical chain (``chains[0]``) runs
+instead, so that every intermediate exists.
+
+Inference cache: when no autograd graph is recorded (``torch.no_grad()`` or
+``torch.inference_mode()``), no ``core_quantizers`` are attached and
+``inference_cache`` is true (the default), whatever does not depend on the
+input is computed once and kept: the rebuilt dense weight for
+``'reconstructed'``, or for ``'factorized'`` the products among cores and the
+cores laid out as their matmuls want them. ``'auto'`` then counts the
+reconstruction as free, so at large batches it runs the dense ``F.linear``
+of ``nn.Linear`` itself. The cache is keyed by the core parameters'
+identities, autograd version counters (bumped by every in-place change:
+optimizer steps, ``copy_``, ``load_state_dict``) and data pointers (changed
+by ``.to()``, ``.data =``); a change through a path that bypasses the version
+counter (writing into ``p.data`` in place) needs :meth:`clear_cache`. It costs
+memory: a dense weight, while 'auto' picks the reconstruction; set
+``layer.inference_cache = False`` to keep only the cores.
 
 Examples
 --------
@@ -33,14 +49,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tnquant.layers.base import FactorizedLayer, decomposition_fields
-from tnquant.layers.contract import Program, chain_path, plan_einsum
+from tnquant.layers.contract import (
+    CALL_COST,
+    ELEMENT_COST,
+    Path,
+    Program,
+    chain_path,
+    plan_einsum,
+)
 
 __all__ = ["FactorizedLinearBase"]
 
@@ -66,6 +89,8 @@ class FactorizedLinearBase(FactorizedLayer):
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     spec_type: type[Any] = type(None)
+    #: keep input-independent work between calls without autograd (module doc)
+    inference_cache: bool = True
 
     @classmethod
     def from_dense(cls, module: nn.Linear, spec: Any, *,
@@ -127,11 +152,13 @@ class FactorizedLinearBase(FactorizedLayer):
 
     def _setup_linear(self, *, in_features: int, out_features: int, in_shape: Sequence[int],
                       out_shape: Sequence[int], x_term: str, core_terms: Sequence[str],
-                      out_term: str, w_term: str, chains: Sequence[Sequence[int]]) -> None:
+                      out_term: str, w_term: str, chains: Sequence[Sequence[int]],
+                      extra_paths: Sequence[Path] = ()) -> None:
         """Store shapes and equations; ``chains[0]`` is the canonical chain.
 
         A chain lists the operand indices (``1..n_cores``) contracted in turn
-        with the input (operand 0).
+        with the input (operand 0); ``extra_paths`` are more candidate orders
+        (opt_einsum paths over ``x_eq``).
         """
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
         for name, feat, shape in (("in", in_features, in_shape), ("out", out_features, out_shape)):
@@ -150,7 +177,9 @@ class FactorizedLinearBase(FactorizedLayer):
         self._w_eq = f"{','.join(core_terms)}->{w_term}"
         n_ops = len(core_terms) + 1
         self._chain_paths = [chain_path(n_ops, list(c)) for c in chains]
+        self._candidates = self._chain_paths + [list(p) for p in extra_paths]
         self._n_chain_steps = len(chains[0])
+        self._prepared_cache: dict[Program, tuple[Any, ...]] = {}
 
     # ------------------------------------------------------------------ #
     # planning
@@ -171,38 +200,93 @@ class FactorizedLinearBase(FactorizedLayer):
     def _x_shapes(self, batch: int) -> list[tuple[int, ...]]:
         return [(batch, *self.in_shape), *self._core_shapes()]
 
-    def _make_plan(self, batch: int, chain: bool, implementation: str) -> tuple[str, Program]:
+    def _dense_estimate(self, batch: int) -> int:
+        """Time-model cost of the dense ``F.linear`` (see ``Program.estimate``)."""
+        n, i, o = max(batch, 1), self.in_features, self.out_features
+        return 2 * n * i * o + ELEMENT_COST * (n * i + i * o + n * o) + CALL_COST
+
+    def _make_plan(self, batch: int, chain: bool, implementation: str,
+                   prepared: bool) -> tuple[str, Program]:
         shapes = self._x_shapes(batch)
         if chain:
             return "factorized", plan_einsum(self._x_eq, shapes, candidates=self._chain_paths[:1],
-                                             search=False)
+                                             search=False, variable=0)
         if implementation == "reconstructed":
             return "reconstructed", self._weight_program()
-        fact = plan_einsum(self._x_eq, shapes, candidates=self._chain_paths)
+        fact = plan_einsum(self._x_eq, shapes, candidates=self._candidates, variable=0,
+                           objective="time", prepared=prepared)
         if implementation == "factorized":
             return "factorized", fact
-        dense = 2 * max(batch, 1) * self.in_features * self.out_features
-        recon = self._weight_program().cost + dense
-        if recon <= fact.cost:
+        recon = self._dense_estimate(batch)
+        if not prepared:
+            recon += self._weight_program().estimate()
+        if recon <= fact.estimate(prepared):
             return "reconstructed", self._weight_program()
         return "factorized", fact
 
-    def _plan(self, batch: int, chain: bool) -> tuple[str, Program]:
-        key = (batch, self._implementation, chain)
+    def _plan(self, batch: int, chain: bool, prepared: bool) -> tuple[str, Program]:
+        key = (batch, self._implementation, chain, prepared)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._remember(key, self._make_plan(batch, chain, self._implementation))
+            plan = self._remember(key, self._make_plan(batch, chain, self._implementation,
+                                                       prepared))
         return plan
+
+    def _cache_usable(self) -> bool:
+        """Whether this call may use the inference cache (see the module doc)."""
+        return (not torch.is_grad_enabled() and self.inference_cache
+                and self._modules.get("core_quantizers") is None
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+    def clear_cache(self) -> None:
+        """Drop the inference cache (rebuilt at the next call that may use it).
+
+        Needed only after changing cores in a way autograd's version counter
+        does not see (writing into ``core.data`` in place).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tnquant.layers import LowRankLinear
+        >>> layer = LowRankLinear([torch.randn(4, 2), torch.randn(2, 3)])
+        >>> with torch.no_grad():
+        ...     _ = layer(torch.randn(5, 3))
+        >>> layer.clear_cache()
+        """
+        self._prepared_cache = {}
+
+    def _prepared(self, kind: str, prog: Program) -> Any:
+        """The cached input-independent operands of ``prog`` (rebuilt when a core changed)."""
+        params = list(self._modules["cores"]._parameters.values())  # type: ignore[union-attr]
+        # ids are safe: the entry holds the parameters, so no other object takes their id
+        key = [(id(p), p._version, p.data_ptr()) for p in params]  # type: ignore[union-attr]
+        entry = self._prepared_cache.get(prog)
+        if entry is not None and entry[1] == key:
+            return entry[2]
+        cores = cast(list[Tensor], params)
+        if kind == "reconstructed":
+            value: Any = self._weight_from(prog, cores).contiguous()
+        else:
+            value = prog.prepare(cores)
+        if len(self._prepared_cache) >= 8:
+            self._prepared_cache = {}
+        self._prepared_cache[prog] = (params, key, value)
+        return value
 
     def flops(self, batch_size: int) -> dict[str, Any]:
         """FLOPs of one forward for ``batch_size`` rows, per implementation.
 
         Returns ``{'factorized': ..., 'reconstructed': ..., 'dense': ...,
-        'chosen': ..., 'path': ...}``: the cheapest factorized order (over
-        opt_einsum's and the sequential chains), the reconstruction plus the
-        dense matmul, the dense layer's ``2 * B * out * in``, the
-        implementation ``'auto'`` picks, and the factorized path. Bias adds
-        are not counted.
+        'chosen': ..., 'path': ..., 'cached': ..., 'cheapest': ...,
+        'calls': ...}``: the fewest-FLOP factorized order (over opt_einsum's
+        and the layer's candidate orders), the reconstruction plus the dense
+        matmul, the dense layer's ``2 * B * out * in``, the implementation
+        ``'auto'`` picks in the current mode, the path of the factorized
+        order it would run (the fastest by the time model, not always the
+        fewest FLOPs), whether the inference cache applies now, the fewest
+        FLOPs of anything the layer can run now (with the cache, the dense
+        matmul alone counts, the weight being rebuilt once), and the matmul
+        calls per forward of what ``'auto'`` runs. Bias adds are not counted.
 
         Examples
         --------
@@ -211,12 +295,20 @@ class FactorizedLinearBase(FactorizedLayer):
         >>> LowRankLinear([torch.randn(6, 2), torch.randn(2, 4)]).flops(1)["factorized"]
         40
         """
-        fact = plan_einsum(self._x_eq, self._x_shapes(batch_size), candidates=self._chain_paths)
+        shapes = self._x_shapes(batch_size)
+        fact = plan_einsum(self._x_eq, shapes, candidates=self._candidates, variable=0)
+        cached = self._cache_usable() and self._inter_hooks() is None
+        kind, prog = self._make_plan(batch_size, False, "auto", cached)
+        fastest = prog if kind == "factorized" else plan_einsum(
+            self._x_eq, shapes, candidates=self._candidates, variable=0, objective="time",
+            prepared=cached)
         dense = 2 * batch_size * self.in_features * self.out_features
         recon = self._weight_program().cost + dense
+        calls = len(prog._run_steps) if cached and kind == "factorized" else len(prog.steps)
         return {"factorized": fact.cost, "reconstructed": recon, "dense": dense,
-                "chosen": "reconstructed" if recon <= fact.cost else "factorized",
-                "path": fact.path}
+                "chosen": kind, "path": fastest.path, "cached": cached,
+                "cheapest": min(fact.cost, dense if cached else recon),
+                "calls": 1 if cached and kind == "reconstructed" else calls}
 
     # ------------------------------------------------------------------ #
     # forward
@@ -239,38 +331,52 @@ class FactorizedLinearBase(FactorizedLayer):
         if quantizers is not None:
             x = self._act("input", x)
             hooks = self._inter_hooks()
-        cores = self.effective_cores()
         lead = x.shape[:-1] if x.ndim != 2 else None
         x2 = x.reshape(-1, self.in_features) if lead is not None else x
-        kind, prog = self._plan(x2.shape[0], hooks is not None)
         bias = self._parameters["bias"]
-        if kind == "reconstructed":
-            y = F.linear(x2, self._weight_from(prog, cores), bias)
+        if (hooks is None and not torch.is_grad_enabled() and self.inference_cache
+                and self._modules.get("core_quantizers") is None
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
+            # the inference cache (see _cache_usable, written out: this is the hot path)
+            kind, prog = self._plan(x2.shape[0], False, True)
+            if kind == "reconstructed":
+                y = F.linear(x2, self._prepared(kind, prog), bias)
+            else:
+                y = self._factorized(prog, x2, self._prepared(kind, prog), bias, None, True)
         else:
-            y = self._factorized(prog, x2, cores, bias, hooks)
+            cores = self.effective_cores()
+            kind, prog = self._plan(x2.shape[0], hooks is not None, False)
+            if kind == "reconstructed":
+                y = F.linear(x2, self._weight_from(prog, cores), bias)
+            else:
+                y = self._factorized(prog, x2, cores, bias, hooks, False)
         if lead is not None:
             y = y.reshape(*lead, self.out_features)
         if quantizers is not None:
             y = self._act("output", y)
         return y
 
-    def _factorized(self, prog: Program, x2: Tensor, cores: list[Tensor], bias: Tensor | None,
-                    hooks: list[Any] | None) -> Tensor:
+    def _factorized(self, prog: Program, x2: Tensor, operands: list[Any], bias: Tensor | None,
+                    hooks: list[Any] | None, prepared: bool) -> Tensor:
         n = x2.shape[0]
         if self._in_pad:
             x2 = F.pad(x2, (0, self._in_pad))
-        tensorized = len(self.in_shape) > 1
-        if tensorized:
+        if len(self.in_shape) > 1:
             x2 = x2.reshape(n, *self.in_shape)
         sliced = self._out_padded != self.out_features
         fuse = bias is not None and not sliced and prog.fusable and len(self.out_shape) == 1
-        y = prog([x2, *cores], hooks, bias if fuse else None)
+        add = bias if fuse else None
+        if prepared:
+            y = prog.run(x2, operands, hooks, add)
+        else:
+            y = prog([x2, *operands], hooks, add)
         if len(self.out_shape) > 1:
             y = y.reshape(n, self._out_padded)
         if sliced:
             y = y[:, : self.out_features]
         if bias is not None and not fuse:
-            y = y + bias
+            # in place without autograd: no new (B, out) buffer to allocate and fault in
+            y = y.add_(bias) if prepared else y + bias
         return y
 
     def _weight_from(self, prog: Program, cores: list[Tensor]) -> Tensor:

@@ -19,12 +19,63 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tnquant.layers.base import check_bias, check_cores, check_match
-from tnquant.layers.contract import symbols
+from tnquant.layers.contract import Path, ssa_to_path, symbols
 from tnquant.layers.conv import FactorizedConv2dBase
 from tnquant.layers.linear import FactorizedLinearBase
 from tnquant.specs import Tucker
 
 __all__ = ["TuckerLinear", "TuckerConv2d"]
+
+
+def _blocks(d: int) -> list[list[list[int]]]:
+    """Every split of modes ``0..d-1`` into runs of adjacent modes."""
+    if d == 0:
+        return [[]]
+    return [[list(range(k)), *[[m + k for m in b] for b in rest]]
+            for k in range(1, d + 1) for rest in _blocks(d - k)]
+
+
+def _tucker_paths(d: int) -> list[Path]:
+    """Candidate orders for the tensorized Tucker equation of order ``d``.
+
+    Operands: ``0`` the input, ``1`` the core ``G``, ``2..d+1`` the output
+    factors, ``d+2..2d+1`` the input factors. For every split of the input
+    modes and of the output modes into runs of adjacent modes, the factors
+    of a run are merged first (a Kronecker product, independent of the
+    input), so that the input meets fewer, larger matrices, each on a block
+    of contiguous dims (a view, no permute): input runs last to first, then
+    ``G``, then output runs first to last. When one side is a single run,
+    ``G`` may also be folded into it first (with both sides single runs: two
+    matmuls with the input, like a low-rank layer of rank ``prod(ranks)/2``).
+    """
+    n = 2 * d + 2
+    paths: list[Path] = []
+    for in_runs in _blocks(d):
+        for out_runs in _blocks(d):
+            for fold in ("none", "in", "out"):
+                if fold == "in" and len(in_runs) > 1 or fold == "out" and len(out_runs) > 1:
+                    continue
+                ssa: list[tuple[int, ...]] = []
+
+                def merge(ids: list[int], ssa: list[tuple[int, ...]] = ssa) -> int:
+                    node = ids[0]
+                    for other in ids[1:]:
+                        ssa.append((node, other))
+                        node = n + len(ssa) - 1
+                    return node
+
+                ins = [merge([d + 2 + m for m in run]) for run in in_runs]
+                outs = [merge([2 + m for m in run]) for run in out_runs]
+                if fold == "in":
+                    ins = [merge([ins[0], 1])]
+                elif fold == "out":
+                    outs = [merge([1, outs[0]])]
+                node = 0
+                for other in ins[::-1] + ([1] if fold == "none" else []) + outs:
+                    ssa.append((node, other))
+                    node = n + len(ssa) - 1
+                paths.append(ssa_to_path(n, ssa))
+    return paths
 
 
 def _tucker_order(cores: Any, owner: str) -> int:
@@ -111,6 +162,9 @@ class TuckerLinear(FactorizedLinearBase):
             out_shape: tuple[int, ...] = (out,)
             x_term, out_term, w_term = "Za", "Zo", "oa"
             core_terms, chains = ["op", "pq", "aq"], [[3, 2, 1]]
+            # G folded into U_in or into U_out first: two matmuls with the input
+            extra = [ssa_to_path(4, [(3, 2), (0, 4), (5, 1)]),
+                     ssa_to_path(4, [(1, 2), (0, 3), (5, 4)])]
             default_spec = Tucker(rank=ranks)
         else:
             shapes = check_cores(cores, [2 * d] + [2] * (2 * d), owner)
@@ -126,6 +180,7 @@ class TuckerLinear(FactorizedLinearBase):
             w_term = "".join(outs) + "".join(ins)
             core_terms = ["".join(rks)] + [o + r for o, r in zip(outs + ins, rks, strict=True)]
             chains = [list(range(d + 2, 2 * d + 2)) + list(range(1, d + 2))]
+            extra = _tucker_paths(d)
             default_spec = Tucker(rank=ranks, in_shape=in_shape, out_shape=out_shape)
         out_features = math.prod(out_shape) if out_features is None else out_features
         in_features = math.prod(in_shape) if in_features is None else in_features
@@ -136,7 +191,7 @@ class TuckerLinear(FactorizedLinearBase):
         self._setup_linear(in_features=in_features, out_features=out_features,
                            in_shape=in_shape, out_shape=out_shape, x_term=x_term,
                            core_terms=core_terms, out_term=out_term, w_term=w_term,
-                           chains=chains)
+                           chains=chains, extra_paths=extra)
 
 
 class TuckerConv2d(FactorizedConv2dBase):
