@@ -267,8 +267,8 @@ def test_model_size_bits_odd_sizes_and_shared_tensors():
     model = nn.Sequential(lin, nn.ReLU(), lin)  # shared: counted once
     assert model_size_bits(model) == 9 * 32
     quantize(model, weights=QuantSpec(bits=3, symmetric=False), progress=False)
-    # 9 codes in 4-bit fields: 5 bytes (padded); a float32 scale; a uint8 zero point
-    assert model_size_bits(model) == 5 * 8 + 32 + 8
+    # 9 codes of 3 bits = 27 bits: 4 bytes (padded); a float32 scale; a uint8 zero point
+    assert model_size_bits(model) == 4 * 8 + 32 + 8
     bn = nn.BatchNorm1d(4)  # weight, bias, running mean/var: float32; num_batches_tracked int64
     assert model_size_bits(bn) == 16 * 32 + 64
 

@@ -61,8 +61,8 @@ def _w(seed: int, shape=(6, 8), dtype=torch.float32) -> torch.Tensor:
     [
         (QuantSpec(bits=8), "packed", 8, True),
         (QuantSpec(bits=8, symmetric=False), "packed", 8, False),
-        (QuantSpec(bits=3), "packed", 4, True),
-        (QuantSpec(bits=5, symmetric=False), "packed", 8, False),
+        (QuantSpec(bits=3), "packed", 3, True),
+        (QuantSpec(bits=5, symmetric=False), "packed", 5, False),
         (QuantSpec(bits=1), "packed", 1, True),
         (QuantSpec(bits=2, symmetric=False), "packed", 2, False),
         (QuantSpec(bits=9), "int16", 16, True),
@@ -72,7 +72,7 @@ def _w(seed: int, shape=(6, 8), dtype=torch.float32) -> torch.Tensor:
         (Binary(), "binary", 1, True),
         (Ternary(method="ttq"), "packed", 2, True),
         (FixedPoint(8, 3), "packed", 8, True),
-        (FixedPoint(7, 3, signed=False), "packed", 8, False),
+        (FixedPoint(7, 3, signed=False), "packed", 7, False),
         (FixedPoint(17, 3), "int32", 32, True),
         (FixedPoint(33, 3), "int64", 64, True),
     ],
@@ -224,8 +224,8 @@ def test_state_dict_round_trip_through_metadata(spec):
 def test_nbits_counts_buffers_as_stored():
     spec = QuantSpec(bits=3, symmetric=False, granularity="channel")
     f = FrozenTensor.from_quantizer(Quantizer(spec), _w(7, (6, 5)))
-    # 30 codes in 4-bit fields = 15 bytes; 6 float32 scales; 6 uint8 zero points
-    assert f.nbits() == 15 * 8 + 6 * 32 + 6 * 8
+    # 30 codes of 3 bits = 90 bits -> 12 bytes; 6 float32 scales; 6 uint8 zero points
+    assert f.nbits() == 12 * 8 + 6 * 32 + 6 * 8
     ttq = FrozenTensor.from_quantizer(Quantizer(Ternary(method="ttq")), _w(7, (6, 5)))
     assert ttq.nbits() == 8 * 8 + 32 + 32
     assert tensor_bits(torch.zeros(3, dtype=torch.bool)) == 24

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -32,7 +33,7 @@ def py_pack(codes: list[int], bits: int) -> list[int]:
 
 @st.composite
 def code_lists(draw: st.DrawFn) -> tuple[list[int], int, bool]:
-    bits = draw(st.sampled_from([1, 2, 4, 8]))
+    bits = draw(st.integers(1, 8))
     signed = draw(st.booleans())
     lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     return draw(st.lists(st.integers(lo, hi), max_size=67)), bits, signed
@@ -97,8 +98,10 @@ def test_validation() -> None:
         pack(torch.tensor([0, 2]), 2)
     with pytest.raises(ValueError, match=r"unsigned 4-bit codes must be in \[0, 15\]"):
         pack(torch.tensor([-1, 3]), 4, signed=False)
-    with pytest.raises(ValueError, match="bits"):
-        pack(torch.tensor([1]), 3)
+    with pytest.raises(ValueError, match="bits must be an int in 1..8, got 9"):
+        pack(torch.tensor([1]), 9)
+    with pytest.raises(ValueError, match="bits must be an int in 1..8, got 0"):
+        unpack(torch.tensor([1], dtype=torch.uint8), 0, 1)
     with pytest.raises(TypeError, match="integer"):
         pack(torch.tensor([1.0]), 4)
     with pytest.raises(TypeError, match="uint8"):
@@ -113,3 +116,16 @@ def test_validation() -> None:
         unpack_ternary(torch.tensor([0b10], dtype=torch.uint8), 1)
     with pytest.raises(ValueError, match="numel"):
         packed_size(-1, 2)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_odd_widths_match_numpy_bit_stream(bits: int) -> None:
+    # independent reference: numpy's packbits over the little-endian bit matrix
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 1 << bits, size=1001)
+    bit_matrix = (codes[:, None] >> np.arange(bits)) & 1
+    expected = np.packbits(bit_matrix.reshape(-1).astype(np.uint8), bitorder="little")
+    packed = pack(torch.from_numpy(codes), bits, signed=False)
+    assert packed.numpy().tolist() == expected.tolist()
+    assert unpack(packed, bits, codes.size, signed=False, dtype=torch.int64).tolist() == \
+        codes.tolist()

@@ -25,11 +25,11 @@ Buffers (persistent: they are the state dict)
 
         - ``'binary'`` (``Binary``): uint8, one bit per code, ``+1 -> 1``,
           ``-1 -> 0`` (:func:`~tnquant.quant.packing.pack_binary`);
-        - ``'packed'``: uint8, ``code_bits`` = 1, 2, 4 or 8 bits per code,
+        - ``'packed'``: uint8, ``code_bits`` = 1..8 bits per code (a bit stream),
           the smallest field holding ``[qmin, qmax]``, two's complement when
-          ``qmin < 0`` else unsigned, little-endian within a byte
+          ``qmin < 0`` else unsigned, least significant bit first
           (:func:`~tnquant.quant.packing.pack`): integer ``QuantSpec`` s of
-          1..8 bits (3 bits use a 4-bit field), ``Ternary`` (2-bit signed),
+          1..8 bits (3 bits take 3 bits), ``Ternary`` (2-bit signed),
           ``FixedPoint`` of width <= 8;
         - ``'int16'`` / ``'int32'`` / ``'int64'``: wider codes (``QuantSpec``
           of 9..16 bits, ``FixedPoint`` up to 64 bits) in that signed dtype,
@@ -89,7 +89,7 @@ from tnquant.specs import FLOAT_DTYPES, Binary, FixedPoint, QuantSpec, Ternary, 
 
 __all__ = ["FrozenTensor", "Layout", "LAYOUTS", "layout_of", "spec_summary", "tensor_bits"]
 
-_CONTAINERS = (1, 2, 4, 8, 16, 32, 64)
+_CONTAINERS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64)
 _WIDE = {16: ("int16", torch.int16), 32: ("int32", torch.int32), 64: ("int64", torch.int64)}
 
 
@@ -170,7 +170,7 @@ def layout_of(spec: Any) -> Layout:
     --------
     >>> from tnquant import QuantSpec, Ternary
     >>> layout_of(QuantSpec(bits=3)).code_bits, layout_of(Ternary()).storage
-    (4, 'packed')
+    (3, 'packed')
     >>> layout_of(QuantSpec(bits=12, symmetric=False)).storage
     'int16'
     """
@@ -355,7 +355,7 @@ class FrozenTensor(nn.Module):
         >>> w = torch.tensor([0.3, -1.2, 5.0])
         >>> frozen = FrozenTensor.from_quantizer(q, w)
         >>> frozen.code_bits, torch.equal(frozen(), q(w))
-        (8, True)
+        (6, True)
         """
         with torch.no_grad():
             codes, qp = quantizer.quantize_codes(tensor.detach(), name=name)

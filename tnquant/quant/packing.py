@@ -1,12 +1,14 @@
 """Pack low-bit integer codes into bytes, and back, losslessly.
 
-Layout: the codes are flattened (row-major) and stored ``8 // bits`` per
-byte, **little-endian within a byte**: element ``k`` of a byte occupies bits
-``k*bits .. (k+1)*bits - 1`` (element 0 in the least significant bits). A
+Layout: the codes are flattened (row-major) and written as one **little-endian
+bit stream**: code ``j`` occupies stream bits ``j*bits .. (j+1)*bits - 1``,
+least significant bit first, and stream bit ``t`` is bit ``t % 8`` of byte
+``t // 8``. For ``bits`` in 1, 2, 4 that is ``8 // bits`` codes per byte,
+element 0 in the least significant bits; 8 is a plain byte copy; 3, 5, 6
+and 7 bits straddle bytes (8 codes of 3 bits fill exactly 3 bytes). A
 signed code is stored as its ``bits``-bit two's complement (``-1`` in 2 bits
-is ``0b11``). The last byte is padded with zero bits; a tensor of ``n``
-codes packs to ``ceil(n * bits / 8)`` bytes. ``bits`` is 1, 2, 4 or 8 (8 is
-a plain byte copy).
+is ``0b11``). The stream is padded with zero bits to a whole byte; a tensor
+of ``n`` codes packs to ``ceil(n * bits / 8)`` bytes. ``bits`` is 1..8.
 
 Binary codes ``{-1, +1}`` pack to one bit each, ``+1 -> 1`` and ``-1 -> 0``
 (:func:`pack_binary`); ternary codes ``{-1, 0, 1}`` to two bits each, as
@@ -21,6 +23,8 @@ Examples
 tensor([141,   1], dtype=torch.uint8)
 >>> unpack(packed, bits=2, numel=5, signed=True)
 tensor([ 1, -1,  0, -2,  1], dtype=torch.int8)
+>>> pack(torch.tensor([1, 2, 3]), bits=3, signed=False)   # 0b11_010_001, then 0b0
+tensor([209,   0], dtype=torch.uint8)
 """
 
 from __future__ import annotations
@@ -41,12 +45,12 @@ __all__ = [
     "unpack_ternary",
 ]
 
-_BITS = (1, 2, 4, 8)
+_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def _check_bits(bits: Any) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in _BITS:
-        raise ValueError(f"bits must be one of {list(_BITS)}, got {bits!r}")
+        raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
     return bits
 
 
@@ -87,14 +91,14 @@ def packed_size(numel: int, bits: int) -> int:
 
 
 def pack(codes: Tensor, bits: int, signed: bool = True) -> Tensor:
-    """Pack integer codes into a 1-D uint8 tensor, ``8 // bits`` codes per byte.
+    """Pack integer codes into a 1-D uint8 tensor, ``bits`` bits per code.
 
     Parameters
     ----------
     codes
         Integer tensor of any shape (flattened row-major), on any device.
     bits
-        1, 2, 4 or 8.
+        1..8.
     signed
         Codes are in ``[-(2**(bits-1)), 2**(bits-1) - 1]`` (stored in two's
         complement) or, unsigned, in ``[0, 2**bits - 1]``.
@@ -127,13 +131,20 @@ def pack(codes: Tensor, bits: int, signed: bool = True) -> Tensor:
             raise ValueError(
                 f"{kind} {bits}-bit codes must be in [{lo}, {hi}], got values in [{cmin}, {cmax}]"
             )
-    per = 8 // bits
     n = flat.numel()
     nbytes = packed_size(n, bits)
     u = flat.to(torch.int32) & ((1 << bits) - 1)
-    u = torch.cat([u, u.new_zeros(nbytes * per - n)]).reshape(nbytes, per)
-    shifts = torch.arange(per, dtype=torch.int32, device=u.device) * bits
-    return (u << shifts).sum(dim=1).to(torch.uint8)
+    if 8 % bits == 0:  # whole codes per byte: one shift-and-add per byte
+        per = 8 // bits
+        u = torch.cat([u, u.new_zeros(nbytes * per - n)]).reshape(nbytes, per)
+        shifts = torch.arange(per, dtype=torch.int32, device=u.device) * bits
+        return (u << shifts).sum(dim=1).to(torch.uint8)
+    # codes straddle bytes: spell out the bit stream, then gather it 8 bits a byte
+    lanes = torch.arange(bits, dtype=torch.int32, device=u.device)
+    stream = ((u.reshape(-1, 1) >> lanes) & 1).reshape(-1).to(torch.uint8)
+    stream = torch.cat([stream, stream.new_zeros(nbytes * 8 - stream.numel())])
+    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.int32, device=u.device)
+    return (stream.reshape(nbytes, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
 
 
 def unpack(
@@ -170,10 +181,17 @@ def unpack(
         )
     if dtype is None:
         dtype = torch.int8 if signed else torch.uint8
-    per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
-    u = (packed.reshape(-1, 1).to(torch.int32) >> shifts) & ((1 << bits) - 1)
-    u = u.reshape(-1)[:numel]
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
+        u = (packed.reshape(-1, 1).to(torch.int32) >> shifts) & ((1 << bits) - 1)
+        u = u.reshape(-1)[:numel]
+    else:
+        lanes8 = torch.arange(8, dtype=torch.int32, device=packed.device)
+        stream = ((packed.reshape(-1, 1).to(torch.int32) >> lanes8) & 1).reshape(-1)
+        stream = stream[: numel * bits].reshape(numel, bits)
+        lanes = torch.arange(bits, dtype=torch.int32, device=packed.device)
+        u = (stream << lanes).sum(dim=1)
     if signed:
         u = torch.where(u >= (1 << (bits - 1)), u - (1 << bits), u)
     return u.to(dtype)
