@@ -100,7 +100,7 @@ def _freeze_weight(module: nn.Module, k: int, tname: str, t: Tensor, q: Quantize
 
 
 def convert(model: nn.Module, *, inplace: bool = True, dynamic_activations: bool = False,
-            progress: bool = True) -> ConvertReport:
+            int8_kernels: bool = False, progress: bool = True) -> ConvertReport:
     """Freeze every fake-quant weight into integer storage (:class:`FrozenTensor`).
 
     Each weight quantizer in ``'quantize'`` mode is replaced by a
@@ -122,6 +122,14 @@ def convert(model: nn.Module, *, inplace: bool = True, dynamic_activations: bool
     dynamic_activations
         Accept activation quantizers without calibrated ranges (they keep
         computing their scale from every input).
+    int8_kernels
+        The explicit **inexact** fast path: afterwards, run every eligible
+        int8 dense ``QuantLinear`` on torch's int8 GEMM with the same codes
+        and scales, its inputs quantized per batch
+        (:func:`tnquant.int8_kernels.to_int8_kernels`; CPU only, not
+        bit-identical to the fake-quant model, not savable with
+        :func:`tnquant.save`). The rows it changed say ``int8 kernel`` in
+        ``note``.
     progress
         Show a progress bar over layers.
 
@@ -169,4 +177,12 @@ def convert(model: nn.Module, *, inplace: bool = True, dynamic_activations: bool
                    tensors=", ".join(f"{tname}={spec_summary(f.spec)}" for tname, f in frozen),
                    bits_before=before, bits_after=sum(f.nbits() for _, f in frozen),
                    note=None)
+    if int8_kernels:
+        from tnquant.int8_kernels import to_int8_kernels
+
+        fast = {row["name"] for row in to_int8_kernels(model, progress=progress).rows
+                if row["status"] == "int8 kernel"}
+        for row in report.rows:
+            if row["name"] in fast:
+                row["note"] = "int8 kernel"
     return report

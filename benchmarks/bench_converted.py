@@ -1,0 +1,241 @@
+"""Size on disk and forward time of converted (integer-storage) MiniLM-L6 models.
+
+Models (the 36 Linear layers of ``encoder.encoder.layer.*`` compressed;
+embeddings, LayerNorms and pooler float32 in every row):
+
+- ``float32``: the pretrained model;
+- ``int8 per-channel``: ``quantize`` (symmetric, per output channel, min-max)
+  + ``calibrate``, before (fake-quant) and after ``convert`` (packed int8
+  codes + float32 scales in :class:`~tnquant.quant.frozen.FrozenTensor`);
+- ``TT(0.25)``: ``factorize(TT(ratio=0.25, order=2))`` (weight-only TT-SVD:
+  the size and the speed depend on the ranks only, which the ratio fixes;
+  the data-aware fit of ``bench_ptq_minilm.py`` has the same shapes), float
+  and with int8 per-channel cores (rank axes), converted;
+- ``convert(int8_kernels=True)``: tnquant's explicit inexact fast path, the
+  same int8 codes and scales as the converted model on torch's dynamic int8
+  Linear (activations quantized per batch); not bit-identical, not savable
+  with ``tnquant.save`` (its size is ``torch.save`` of its state dict);
+- reference: ``torch.ao.quantization.quantize_dynamic`` on the same 36
+  layers (per-channel int8 weights, activations quantized per batch to
+  uint8 on the fly, fbgemm/x86 int8 GEMM kernels). Not bit-identical to
+  tnquant's int8 model (dynamic activation quantization); its "on disk"
+  size is ``torch.save`` of its state dict (tnquant ``save`` cannot describe
+  torch's quantized modules).
+
+Size on disk: total bytes of the files ``tnquant.save`` writes
+(``tensors.safetensors`` + ``model.json``). ``encoder Linear MB``: the
+:func:`tnquant.model_size_bits` of the 36 compressed modules (codes, scales,
+biases) / 8e6, the part compression acts on (the 23.4 MB float word
+embedding dominates the whole file).
+
+Forward: one batch of 32 held-out sentences (max_length 64, padded to the
+longest), ``torch.no_grad``, eval mode; median seconds over repeats, the
+models measured in interleaved rounds and each model's time the median of
+its round medians; ratios against float32 of the same run. A converted
+``FrozenTensor`` dequantizes its codes on every forward call (unpack + scale
+multiply per weight), then runs the float matmul: it costs time, it does not
+save it.
+
+Run: ``.venv/bin/python benchmarks/bench_converted.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table, median_time  # noqa: E402
+
+from tnquant import (  # noqa: E402
+    TT,
+    QuantSpec,
+    calibrate,
+    convert,
+    factorize,
+    load,
+    model_size_bits,
+    quantize,
+    save,
+)
+from tnquant.datasets import load_minilm, split_corpus  # noqa: E402
+
+LAYERS = "encoder.encoder.layer.*"
+RESULTS = Path(__file__).resolve().parent / "results" / "converted.md"
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def linear_bits(model, names) -> int:
+    return sum(model_size_bits(model.get_submodule(n)) for n in names)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer timing repeats")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    command = "python " + " ".join(sys.argv)
+    print(command)
+    print(machine(), flush=True)
+    rounds, repeats = (2, 3) if args.quick else (3, 7)
+
+    model, tokenizer = load_minilm()
+    train, test = split_corpus(64, 32, seed=0)
+    batch = dict(tokenizer(test, return_tensors="pt", padding=True, truncation=True,
+                           max_length=64))
+    calib = [dict(tokenizer(train[i:i + 32], return_tensors="pt", padding=True,
+                            truncation=True, max_length=64)) for i in (0, 32)]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.startswith("encoder.encoder.layer.")]
+
+    models: dict[str, torch.nn.Module] = {"float32 (original)": model}
+
+    int8_fq = copy.deepcopy(model)
+    quantize(int8_fq, weights={LAYERS: QuantSpec(bits=8, granularity="channel", axis=0)},
+             progress=False)
+    calibrate(int8_fq, calib, progress=False)
+    models["int8 per-channel, fake-quant"] = int8_fq
+    int8_cv = convert(int8_fq, inplace=False, progress=False).model
+    models["int8 per-channel, converted"] = int8_cv
+
+    fast = convert(copy.deepcopy(int8_fq), int8_kernels=True, progress=False).model
+    models["int8 per-channel, convert(int8_kernels=True) (inexact fast path)"] = fast
+
+    tt = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    factorize(tt, {LAYERS: TT(ratio=0.25, order=2)}, progress=False)
+    tt_sec = time.perf_counter() - t0
+    models["TT(0.25) float32"] = tt
+    tt_q = copy.deepcopy(tt)
+    quantize(tt_q, cores={0: QuantSpec(bits=8, granularity="channel", axis=3),
+                          -1: QuantSpec(bits=8, granularity="channel", axis=0)},
+             include=[LAYERS], progress=False)
+    calibrate(tt_q, calib, progress=False)
+    tt_cv = convert(tt_q, inplace=False, progress=False).model
+    models["TT(0.25) + int8 cores, converted"] = tt_cv
+
+    dyn_note = ""
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dyn = quantize_dynamic(copy.deepcopy(model),
+                                   {n: per_channel_dynamic_qconfig for n in names},
+                                   dtype=torch.qint8)
+        models["torch quantize_dynamic int8 (reference)"] = dyn
+        dyn_note = f"quantized engine {torch.backends.quantized.engine}"
+    except Exception as err:  # noqa: BLE001 - the reference row is optional
+        dyn_note = f"quantize_dynamic unavailable: {type(err).__name__}: {err}"
+        print(dyn_note)
+
+    # outputs: exactness of convert, agreement with float
+    with torch.no_grad():
+        out = {k: m.eval()(**batch) for k, m in models.items()}
+    checks = [
+        f"converted int8 == fake-quant int8 bitwise: "
+        f"{torch.equal(out['int8 per-channel, converted'], out['int8 per-channel, fake-quant'])}",
+        f"converted TT+int8 == its fake-quant bitwise: "
+        f"{torch.equal(out['TT(0.25) + int8 cores, converted'], tt_q.eval()(**batch))}",
+    ]
+    fast_label = "int8 per-channel, convert(int8_kernels=True) (inexact fast path)"
+    diff = (out[fast_label] - out["int8 per-channel, converted"]).abs().max().item()
+    fast_cos = F.cosine_similarity(out[fast_label], out["int8 per-channel, converted"]).mean()
+    checks.append(f"int8 fast path vs exact converted int8: max abs diff {diff:.3g}, mean cosine "
+                  f"{fast_cos.item():.5f} (not bit-identical, by design)")
+
+    # sizes on disk
+    sizes: dict[str, tuple[int | None, float | None, str]] = {}
+    for label, m in models.items():
+        if label.startswith("torch") or "int8_kernels" in label:
+            buf = io.BytesIO()
+            torch.save(m.state_dict(), buf)
+            lin = None
+            sizes[label] = (buf.getbuffer().nbytes, lin, "torch.save(state_dict)")
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            save(m, d)
+            size = dir_bytes(Path(d))
+            back = load(d, model=load_minilm()[0])
+            with torch.no_grad():
+                same = torch.equal(back.eval()(**batch), out[label])
+        sizes[label] = (size, linear_bits(m, names) / 8e6, f"save/load exact: {same}")
+
+    # timing: interleaved rounds
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for label, m in models.items():
+                times[label].append(median_time(lambda m=m: m(**batch), repeats=repeats))
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    # where the converted time goes: dequantizing every FrozenTensor once
+    from tnquant.quant.frozen import FrozenTensor
+
+    def dequant_all(m):
+        return [f.dequantize() for f in m.modules() if isinstance(f, FrozenTensor)]
+
+    deq = {label: median_time(lambda m=models[label]: dequant_all(m), repeats=repeats)
+           for label in ("int8 per-channel, converted", "TT(0.25) + int8 cores, converted")}
+
+    f_size = sizes["float32 (original)"][0]
+    f_time = med["float32 (original)"]
+    rows = []
+    for label in models:
+        size, lin, note = sizes[label]
+        cos = F.cosine_similarity(out[label], out["float32 (original)"]).mean().item()
+        rows.append((label, round(size / 1e6, 2), round(size / f_size, 3),
+                     None if lin is None else round(lin, 2), round(med[label] * 1e3, 1),
+                     round(med[label] / f_time, 2), round(cos, 5), note))
+    for r in rows:
+        print(r)
+    header = ("model", "on disk MB", "size / float", "encoder Linear MB", "forward ms (32 sent.)",
+              "time / float", "cos to float", "note")
+    md = markdown_table(header, [tuple("-" if v is None else v for v in r) for r in rows])
+    deq_md = markdown_table(
+        ("converted model", "dequantize all FrozenTensors, ms", "share of its forward"),
+        [(k, round(v * 1e3, 1), round(v / med[k], 2)) for k, v in deq.items()])
+    total = time.perf_counter() - t_start
+    tokens = int(batch["attention_mask"].sum())
+    text = (
+        f"# Converted MiniLM-L6: size on disk and forward time\n\n"
+        f"command: `{command}`\n\nmachine: {machine()}\n\n"
+        f"Batch: 32 held-out sentences (`split_corpus(64, 32)`), padded to "
+        f"{batch['input_ids'].shape[1]} tokens ({tokens} real tokens), max_length 64. Timing: "
+        f"{rounds} interleaved rounds x `median_time(repeats={repeats})`, median of the round "
+        f"medians; ratios against float32 in the same run. TT factorization weight-only "
+        f"(TT-SVD, order 2, {tt_sec:.0f}s). {dyn_note}.\n\n{md}\n\n"
+        f"Cost of dequantizing every FrozenTensor of the converted model once (what each "
+        f"forward call does before the float matmuls):\n\n{deq_md}\n\n"
+        + "".join(f"- {c}\n" for c in checks)
+        + f"\nTotal wall time: {total:.0f}s.\n"
+    )
+    print(md)
+    print(deq_md)
+    print("\n".join(checks))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(f"total {total:.0f}s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
