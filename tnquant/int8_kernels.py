@@ -38,7 +38,7 @@ True
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -94,6 +94,7 @@ def _dynamic_linear(module: QuantLinear) -> nn.Module:
     if isinstance(q, FrozenTensor):
         codes, qp = q.codes(), q.qparams()
     else:
+        q = cast(Quantizer, q)
         with torch.no_grad():
             codes, qp = q.quantize_codes(module.weight.detach())
     codes = codes.to(torch.int8).cpu()
