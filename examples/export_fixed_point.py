@@ -6,6 +6,7 @@ for the C simulation step (skipped otherwise).
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -37,6 +38,17 @@ def main(out_dir: Path) -> None:
     with torch.no_grad():
         ref = model(torch.from_numpy(x).float()).double().numpy()
     print(f"max |emulator - float model| = {np.abs(y - ref).max():.3g}")
+    print("\nbit budget and resource estimate (also in report.md / report.json):")
+    print(em.report().table())
+    # a narrowed accumulator: the emulator follows hls4ml; the report says how far it drifts
+    narrow = FixedPoint(10, 1, rounding="TRN", overflow="WRAP")
+    fixed_point(model, out_dir / "export_narrow", input_spec, accum={"0.1": narrow}, sample=x)
+    rows = json.loads((out_dir / "export_narrow" / "report.json").read_text())["drift"]
+    print(f"\ndrift from the fake-quant torch model with accum['0.1'] = {narrow}:")
+    for row in rows:
+        print(f"  layer {row['layer']:3s} max_abs={row['max_abs']:.4g} "
+              f"max_rel={row['max_rel']:.3g} accum_overflow={row['accum_overflow']:.3%} "
+              f"({row['overflow_modes']})")
     if shutil.which("g++") is None:
         print("g++ not found: skipping the hls4ml C simulation")
         return

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from tnquant import FixedPoint, QuantSpec, quantize
+from tnquant import FixedPoint, QuantSpec, calibrate, quantize
 from tnquant.export import fixed_point, to_hls4ml
 from tnquant.layers import LowRankLinear
 
@@ -87,3 +87,35 @@ def test_hls4ml_took_the_exported_types(exported: tuple[Any, Any, Path]) -> None
             assert (acc.width, acc.integer) == (op.accum_types[0].width,
                                                 op.accum_types[0].integer)
     assert "ap_fixed" in em.output_type
+
+
+def test_activation_quantizers_hls4ml_bit_exact(tmp_path: Path) -> None:
+    """pow2 activation quantizers as hls4ml types: a ReLU casting to ap_ufixed, narrow results."""
+    torch.manual_seed(3)
+
+    def coarse(n: int) -> torch.Tensor:   # on every accumulator grid: biases are not rounded
+        return torch.round(torch.randn(n) * 8) / 8
+
+    model = nn.Sequential(
+        LowRankLinear([torch.randn(6, 3), torch.randn(3, 8)], bias=coarse(6)), nn.ReLU(),
+        nn.Linear(6, 4)).double()
+    with torch.no_grad():
+        model[2].bias.copy_(coarse(4))
+    quantize(model, cores=QuantSpec(6, scale="pow2", granularity="channel", axis=0),
+             weights={"2": QuantSpec(5, scale="pow2")},
+             activations={"0.input": QuantSpec(8, scale="pow2"),
+                          "0.inter_0": QuantSpec(7, scale="pow2", rounding="half_up"),
+                          "0.output": QuantSpec(9, scale="pow2", narrow_range=True),
+                          "2.input": QuantSpec(6, symmetric=False, scale="pow2",
+                                               rounding="floor"),
+                          "2.output": QuantSpec(8, scale="pow2")}, progress=False)
+    calibrate(model, [torch.randn(256, 8, dtype=torch.float64) * 2], progress=False)
+    em = fixed_point(model, tmp_path / "files")
+    assert "ap_ufixed" in str(em.ops[2].result_type)          # the ReLU casts to 2.input
+    hls_model = to_hls4ml(model, tmp_path / "hls")
+    hls_model.compile()
+    x = _inputs()
+    got = np.asarray(hls_model.predict(np.ascontiguousarray(x))).reshape(len(x), -1)
+    np.testing.assert_array_equal(got, em.predict(x))
+    with torch.no_grad():
+        np.testing.assert_array_equal(got, model(torch.from_numpy(x)).numpy())

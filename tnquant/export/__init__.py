@@ -14,15 +14,34 @@ Routes per layer type
                             hls4ml ``Dense`` layers (bias on the second)
 ``TuckerLinear`` (order 1)  three ``dense`` ops (``U_in^T``, ``G``, ``U_out``
                             + bias); three hls4ml ``Dense`` layers
-``nn.ReLU``                 ``relu`` op; hls4ml ``Activation('relu')``
+``nn.ReLU``                 ``relu`` op; hls4ml ``Activation('relu')`` (it
+                            casts to its result type when the next layer's
+                            ``'input'`` quantizer sets one)
 ``TTLinear``                one ``tt`` op: the emulator and C headers +
                             ``tt_linear.h`` (HLS C++ on plain loops); no
                             hls4ml route (its PyTorch front end rejects the
                             reshapes and einsums a TT contraction needs)
-others (convolutions,       refused with a ``ValueError`` naming the layer
-tensorized Tucker, CP,
-embeddings)
+activation quantizers       not an op: a ``FixedPoint`` or frozen per-tensor
+                            ``QuantSpec(scale='pow2')`` on ``'input'``,
+                            ``'inter_k'`` or ``'output'`` sets the type there
+                            (:mod:`tnquant.export.acts`)
 ==========================  ====================================================
+
+Refused, with a ``ValueError`` naming the layer:
+
+- CP on a Linear: tnquant has no such layer (``factorize`` skips it): a CP
+  decomposition of a matrix *is* a rank-``R`` low-rank one, so use
+  ``LowRank(rank=R)``, which exports as above.
+- ``TuckerLinear`` of order > 1 (tensorized): its mode products need the
+  reshapes hls4ml rejects, and no C kernel is written for it yet (the TT
+  kernel's route would fit).
+- Convolutions (``QuantConv2d``, ``TuckerConv2d``, ``CPConv2d``): the
+  emulator has no convolution (hls4ml's ``Conv2D`` uses its own
+  line-buffer kernels, which the emulator would have to follow).
+- Embeddings (``TTEmbedding``, ``QuantEmbedding``): table look-ups, not
+  dense maps; no emulator route yet.
+- Anything else, and float or non-power-of-two scales (the message says
+  which tensor and how to quantize it).
 
 Files in ``out_dir``: ``cores.npz`` (int64 mantissas of every weight, core
 and bias, keyed ``'<op>.w<k>'`` / ``'<op>.bias'``), ``manifest.json``
@@ -30,7 +49,11 @@ and bias, keyed ``'<op>.w<k>'`` / ``'<op>.bias'``), ``manifest.json``
 SHA-256 checksums), ``tnquant_weights.h`` / ``tnquant_weights_int.h`` /
 ``tt_linear.h`` (and ``tnquant_tt_layers.h`` with TT layers; see
 :mod:`tnquant.export.cheaders`), and ``hls4ml_config.json`` (hls4ml's own
-configuration format) when every layer takes the hls4ml route.
+configuration format) when every layer takes the hls4ml route, and
+``report.json`` / ``report.md`` (:class:`ExportReport`: per-step weight,
+bias, accumulator and result widths, multiplies per inference and memory
+bits, factorized vs the dense layer each replaces; with ``sample=`` the
+drift of narrowed types, see :func:`drift`).
 
 Examples
 --------
@@ -57,19 +80,23 @@ from typing import Any
 from torch import nn
 
 from tnquant.export.cheaders import write_headers
+from tnquant.export.drift import drift
 from tnquant.export.emulator import IntegerModel
 from tnquant.export.graph import Op, TypeOverride, build_graph
 from tnquant.export.hls import hls4ml_config, hls4ml_supported, to_hls4ml
+from tnquant.export.report import ExportReport, build_report
 from tnquant.specs import FixedPoint
 
-__all__ = ["fixed_point", "to_hls4ml", "IntegerModel", "Op", "build_graph", "HLS4ML_CONFIG"]
+__all__ = ["fixed_point", "to_hls4ml", "IntegerModel", "Op", "build_graph", "HLS4ML_CONFIG",
+           "ExportReport", "build_report", "drift"]
 
 HLS4ML_CONFIG = "hls4ml_config.json"
 
 
 def fixed_point(model: nn.Module, out_dir: str | Path, input_spec: FixedPoint | None = None,
                 *, accum: TypeOverride = None, result: TypeOverride = None,
-                bias: TypeOverride = None, hls4ml: bool = True) -> IntegerModel:
+                bias: TypeOverride = None, hls4ml: bool = True,
+                sample: Any = None) -> IntegerModel:
     """Export a quantized model to fixed point; return its integer emulator.
 
     Parameters
@@ -93,10 +120,18 @@ def fixed_point(model: nn.Module, out_dir: str | Path, input_spec: FixedPoint | 
     hls4ml
         Write ``hls4ml_config.json`` (needs hls4ml installed; skipped for
         models with TT layers).
+    sample
+        Float inputs ``(batch, in_features)``; when given, the report
+        includes the per-layer drift of the emulator from the torch model on
+        them (:func:`drift`: max abs/relative error, fraction of saturated or
+        wrapped accumulations), which is how far narrowed ``accum=``/
+        ``result=`` types move the output.
 
     Returns
     -------
     IntegerModel
+        ``.report()`` gives the bit budget again (written to ``report.json``
+        and ``report.md``, with the drift when ``sample`` was given).
 
     Raises
     ------
@@ -130,4 +165,5 @@ QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec
         (out / HLS4ML_CONFIG).write_text(json.dumps(cfg, indent=1, default=str))
         extra["hls4ml_config"] = HLS4ML_CONFIG
     em.save(out, extra)
+    em.report(None if sample is None else drift(model, em, sample)).save(out)
     return em

@@ -15,7 +15,8 @@ this order, on integer mantissas only:
    sum back to ``accum_t``, so its overflow mode applies after every add);
 4. the sum is cast to the result type (``res[ires] = (res_T)acc[ires]``).
 
-ReLU is ``res = data > 0 ? data : 0`` (``nnet_activation.h``). A TT layer
+ReLU is ``res = data > 0 ? data : 0`` (``nnet_activation.h``; the
+assignment casts to ``res_T`` when that differs from the input type). A TT layer
 runs the same step once per core, right to left (see
 :mod:`tnquant.export.graph`).
 
@@ -46,7 +47,14 @@ import numpy as np
 import torch
 
 from tnquant.export.graph import Op
-from tnquant.quant.fixed_point import apply_overflow, cast_mantissa, to_mantissa
+from tnquant.export.report import ExportReport, build_report
+from tnquant.quant.fixed_point import (
+    apply_overflow,
+    cast_mantissa,
+    mantissa_bounds,
+    round_shift,
+    to_mantissa,
+)
 from tnquant.specs import FixedPoint
 
 __all__ = ["IntegerModel", "contract_step", "MANIFEST", "CORES", "FORMAT_VERSION"]
@@ -57,12 +65,37 @@ FORMAT_VERSION = 1
 _CHUNK = 1 << 22  # elements per product block
 
 
+def _overflows(m: np.ndarray, frac_in: int, spec: FixedPoint) -> int:
+    """How many of ``m * 2**-frac_in`` overflow ``spec`` once rounded (saturate or wrap)."""
+    lo, hi = mantissa_bounds(spec)
+    shift = frac_in - spec.frac
+    if shift >= 0:
+        r = round_shift(m, shift, spec.rounding)
+    else:  # exact left shift: compare against the bounds shifted right instead
+        t = -shift
+        r, lo, hi = m, -((-lo) >> t), hi >> t
+    return int(np.count_nonzero((r < lo) | (r > hi)))
+
+
+def _count(stats: dict[str, int] | None, key: str, m: np.ndarray, frac_in: int,
+           spec: FixedPoint) -> None:
+    if stats is not None:
+        stats[key] = stats.get(key, 0) + int(m.size)
+        stats[key + "_overflow"] = stats.get(key + "_overflow", 0) + _overflows(m, frac_in,
+                                                                                  spec)
+
+
 def contract_step(x: np.ndarray, w: np.ndarray, in_type: FixedPoint, w_type: FixedPoint,
                   accum: FixedPoint, result: FixedPoint, bias: np.ndarray | None = None,
-                  bias_type: FixedPoint | None = None) -> np.ndarray:
+                  bias_type: FixedPoint | None = None,
+                  stats: dict[str, int] | None = None) -> np.ndarray:
     """One hls4ml-exact contraction: ``x (..., n, Q)`` with ``w (m, n)`` -> ``(..., m, Q)``.
 
-    ``bias`` (mantissas of ``bias_type``) broadcasts against ``(m, Q)``.
+    ``bias`` (mantissas of ``bias_type``) broadcasts against ``(m, Q)``. With
+    ``stats`` (a dict), counts are added to it: ``'accum'`` (casts to the
+    accumulator: bias, products, sums after every add) and ``'result'``
+    (casts to the result), each with ``'<key>_overflow'``, how many of them
+    fell outside the type once rounded (saturated or wrapped).
 
     Examples
     --------
@@ -70,22 +103,31 @@ def contract_step(x: np.ndarray, w: np.ndarray, in_type: FixedPoint, w_type: Fix
     >>> x = np.array([[[3], [2]]])                 # (1, 2, 1), ap_fixed<4,4>
     >>> w = np.array([[1, 1]])                     # (1, 2)
     >>> t = FixedPoint(4, 4)
-    >>> contract_step(x, w, t, t, FixedPoint(3, 3, overflow="SAT"), t).tolist()
+    >>> stats = {}
+    >>> contract_step(x, w, t, t, FixedPoint(3, 3, overflow="SAT"), t, stats=stats).tolist()
     [[[3]]]
+    >>> stats
+    {'accum': 4, 'accum_overflow': 1, 'result': 1, 'result_overflow': 0}
     """
     frac = in_type.frac + w_type.frac
     shape = (*x.shape[:-2], w.shape[0], x.shape[-1])
     if bias is None or bias_type is None:
         acc = np.zeros(shape, dtype=np.int64)
     else:
+        b = np.broadcast_to(bias, shape)
+        _count(stats, "accum", b, bias_type.frac, accum)
         acc = np.broadcast_to(cast_mantissa(bias, bias_type.frac, accum), shape).copy()
     for j in range(w.shape[1]):
         prod = x[..., None, j, :] * w[:, j, None]
-        acc = apply_overflow(acc + cast_mantissa(prod, frac, accum), accum)
+        _count(stats, "accum", prod, frac, accum)
+        total = acc + cast_mantissa(prod, frac, accum)
+        _count(stats, "accum", total, accum.frac, accum)
+        acc = apply_overflow(total, accum)
+    _count(stats, "result", acc, accum.frac, result)
     return np.asarray(cast_mantissa(acc, accum.frac, result), dtype=np.int64)
 
 
-def _tt_run(op: Op, x: np.ndarray) -> np.ndarray:
+def _tt_run(op: Op, x: np.ndarray, stats: dict[str, int] | None = None) -> np.ndarray:
     cores = op.weights
     in_shape = [c.shape[2] for c in cores]
     out_pad = math.prod(c.shape[1] for c in cores)
@@ -107,19 +149,33 @@ def _tt_run(op: Op, x: np.ndarray) -> np.ndarray:
             bias[: op.bias.shape[0]] = op.bias
             bias, bt = bias.reshape(o, q), op.bias_type
         state = contract_step(xs, w, cur, op.weight_types[k], op.accum_types[s],
-                              op.step_types[s], bias, bt)
+                              op.step_types[s], bias, bt, stats)
         cur, q = op.step_types[s], o * q
     return state.reshape(b, out_pad)[:, : op.out_features]
 
 
-def _dense_run(op: Op, x: np.ndarray) -> np.ndarray:
+def _dense_run(op: Op, x: np.ndarray, stats: dict[str, int] | None = None) -> np.ndarray:
     w = op.weights[0]
     bias = None if op.bias is None else op.bias[:, None]
     rows = max(1, _CHUNK // max(1, w.size))
     outs = [contract_step(x[s: s + rows, :, None], w, op.input_type, op.weight_types[0],
-                          op.accum_types[0], op.result_type, bias, op.bias_type)[..., 0]
+                          op.accum_types[0], op.result_type, bias, op.bias_type,
+                          stats)[..., 0]
             for s in range(0, x.shape[0], rows)]
     return np.concatenate(outs, axis=0) if outs else np.zeros((0, w.shape[0]), np.int64)
+
+
+def _run_op(op: Op, arr: np.ndarray, stats: dict[str, int] | None = None) -> np.ndarray:
+    if op.kind == "relu":
+        arr = np.maximum(arr, 0)
+        if op.result_type != op.input_type:  # hls4ml: res = data > 0 ? data : 0, cast to res_T
+            if stats is not None:
+                _count(stats, "result", arr, op.input_type.frac, op.result_type)
+            arr = cast_mantissa(arr, op.input_type.frac, op.result_type)
+        return arr
+    if op.kind == "dense":
+        return _dense_run(op, arr, stats)
+    return _tt_run(op, arr, stats)
 
 
 def _sha(data: bytes) -> str:
@@ -242,12 +298,53 @@ class IntegerModel:
         >>> IntegerModel([Op("r", "relu", "r", 2, 2, t, t, step_types=[t])]).run([3, -2]).tolist()
         [3, 0]
         """
+        single = np.asarray(x).ndim == 1
+        arr = self._check_run_input(x)
+        for op in self.ops:
+            arr = _run_op(op, arr)
+        return arr[0] if single else arr
+
+    def trace(self, x: Any) -> list[tuple[np.ndarray, dict[str, int]]]:
+        """Run ``x`` (input mantissas) op by op; each op's output mantissas and overflow counts.
+
+        The counts are those of :func:`contract_step` (``'accum'``,
+        ``'accum_overflow'``, ``'result'``, ``'result_overflow'``), summed over
+        the op's steps. The last output equals :meth:`run`'s.
+
+        Examples
+        --------
+        >>> from tnquant.export.graph import Op
+        >>> t, u = FixedPoint(4, 2), FixedPoint(2, 1, overflow="SAT")
+        >>> [(out.tolist(), st) for out, st in IntegerModel([Op("r", "relu", "r", 2, 2, t, u)]
+        ...                                                ).trace([[5, -2]])]
+        [([[1, 0]], {'result': 2, 'result_overflow': 1})]
+        """
+        arr = self._check_run_input(x)
+        out = []
+        for op in self.ops:
+            stats: dict[str, int] = {}
+            arr = _run_op(op, arr, stats)
+            out.append((arr, stats))
+        return out
+
+    def report(self, drift: list[dict[str, Any]] | None = None) -> ExportReport:
+        """The bit budget and resource estimate (see :mod:`tnquant.export.report`).
+
+        Examples
+        --------
+        >>> from tnquant.export.graph import Op
+        >>> t = FixedPoint(4, 2)
+        >>> IntegerModel([Op("r", "relu", "r", 2, 2, t, t)]).report().totals["multiplies"]
+        0
+        """
+        return build_report(self.ops, drift)
+
+    def _check_run_input(self, x: Any) -> np.ndarray:
         arr = np.asarray(x)
         if arr.dtype.kind not in "iu":
             raise TypeError(f"run() takes integer mantissas, got dtype {arr.dtype}; use "
                             f"predict() for floats")
-        single = arr.ndim == 1
-        arr = arr.reshape(1, -1) if single else arr
+        arr = arr.reshape(1, -1) if arr.ndim == 1 else arr
         if arr.ndim != 2 or arr.shape[1] != self.in_features:
             raise ValueError(f"expected mantissas of shape (batch, {self.in_features}), got "
                              f"{np.asarray(x).shape}")
@@ -256,14 +353,7 @@ class IntegerModel:
         if arr.size and (arr.min() < t.qmin or arr.max() > t.qmax):
             raise ValueError(f"input mantissas must lie in [{t.qmin}, {t.qmax}] ({t}), got "
                              f"[{arr.min()}, {arr.max()}]")
-        for op in self.ops:
-            if op.kind == "relu":
-                arr = np.maximum(arr, 0)
-            elif op.kind == "dense":
-                arr = _dense_run(op, arr)
-            else:
-                arr = _tt_run(op, arr)
-        return arr[0] if single else arr
+        return arr
 
     def quantize_input(self, x: Any) -> np.ndarray:
         """Float inputs -> input mantissas, as ``ap_fixed``'s ``double`` constructor.

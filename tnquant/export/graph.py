@@ -22,8 +22,12 @@ hls4ml's ``infer_precision``): a ``W1.F1 x W2.F2`` product is
 ``ceil(log2 n)`` integer bits; a bias (aligned to the product's fractional
 bits) adds one more bit above the larger of the two. Results default to the
 accumulator type. ``accum=``/``result=``/``bias=`` override any of them
-(their rounding and overflow modes are honoured); a ``FixedPoint`` output or
-``inter_k`` activation quantizer on a layer sets that step's result type.
+(their rounding and overflow modes are honoured). An activation quantizer
+fixes a type (see :mod:`tnquant.export.acts`: ``FixedPoint`` or a frozen
+power-of-two ``QuantSpec``): ``'output'``/``'inter_k'`` set that step's
+result type; ``'input'`` sets the model input type (first layer, no
+``input_spec``) or the result type of the op before the layer (a ReLU then
+casts after ``max(x, 0)``), where the torch model casts.
 
 Examples
 --------
@@ -49,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tnquant.export.acts import act_type
 from tnquant.layers.base import FactorizedLayer
 from tnquant.layers.lowrank import LowRankLinear
 from tnquant.layers.quantized import QuantLinear
@@ -231,12 +236,7 @@ def _act_spec(module: nn.Module, site: str, name: str) -> FixedPoint | None:
     acts = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
     if acts is None or site not in acts:
         return None
-    spec = getattr(acts[site], "spec", None)
-    if isinstance(spec, FixedPoint):
-        return spec
-    raise ValueError(f"activation quantizer {name}.{site} is {type(spec).__name__}; the "
-                     f"export takes FixedPoint activation quantizers only (or none: types "
-                     f"are then derived)")
+    return act_type(acts[site], f"{name}.{site}")
 
 
 def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -299,6 +299,7 @@ def _chain_ops(name: str, module: nn.Module, state: dict[str, Any],
         result = _lookup(overrides["result"], [op_name, name], "result")
         if result is None:
             result = _act_spec(module, site, name)
+        state["explicit"] = result is not None
         if result is None:
             result = FixedPoint(accum.width, accum.integer, accum.signed)
         ops.append(Op(name=op_name, kind="dense", layer=name, in_features=m.shape[1],
@@ -347,6 +348,7 @@ def _tt_op(name: str, module: TTLinear, state: dict[str, Any],
         if result is None:
             site = "output" if last else f"inter_{s}"
             result = _act_spec(module, site, name)
+        state["explicit"] = result is not None
         if result is None:
             result = FixedPoint(accum.width, accum.integer, accum.signed)
         accums.append(accum)
@@ -373,19 +375,39 @@ def _check_widths(ops: list[Op]) -> None:
                                  f"62 bits; narrow the previous result with result=")
 
 
+def _take_input_type(name: str, given: FixedPoint, state: dict[str, Any],
+                     done: list[Op]) -> None:
+    """Make ``given`` (a layer's ``'input'`` quantizer type) the type reaching that layer.
+
+    The torch model casts there, so the op before takes ``given`` as its
+    result type: a ReLU then casts after ``max(x, 0)`` (as hls4ml's ReLU
+    assigns to its ``res_T``); a dense/TT op casts its accumulator once.
+    """
+    if state["type"] is None:
+        state["type"] = given
+        state["explicit"] = True
+        return
+    if state["type"] == given:
+        return
+    prev = done[-1] if done else None
+    if prev is None or (prev.kind != "relu" and state["explicit"]):
+        what = "input_spec" if prev is None else f"the result type of op {prev.name!r}"
+        raise ValueError(
+            f"{name}.input quantizer {given} differs from {what} ({state['type']}), which is "
+            f"set too; the export casts once per op: drop one of them, or make them equal")
+    prev.result_type = given
+    prev.step_types[-1:] = [given]
+    state["type"] = given
+    state["explicit"] = True
+
+
 def _module_ops(name: str, module: nn.Module, state: dict[str, Any],
                 overrides: dict[str, TypeOverride], done: list[Op]) -> list[Op]:
     """The ops of one leaf module (updates ``state['type']``)."""
     if isinstance(module, (QuantLinear, LowRankLinear, TuckerLinear, TTLinear)):
         first_in = _act_spec(module, "input", name)
         if first_in is not None:
-            if state["type"] is None:
-                state["type"] = first_in
-            elif state["type"] != first_in:
-                raise ValueError(
-                    f"{name}.input quantizer {first_in} differs from the type that reaches "
-                    f"it ({state['type']}); drop it, or set the previous op's type with "
-                    f"result=")
+            _take_input_type(name, first_in, state, done)
     if state["type"] is None:
         raise ValueError("input_spec is needed (a FixedPoint for the model input), e.g. "
                          "input_spec=FixedPoint(16, 6)")
@@ -450,7 +472,7 @@ def build_graph(model: nn.Module, input_spec: FixedPoint | None = None, *,
     if input_spec is not None and not isinstance(input_spec, FixedPoint):
         raise TypeError(f"input_spec must be a FixedPoint, got {type(input_spec).__name__}")
     overrides = {"accum": accum, "result": result, "bias": bias}
-    state: dict[str, Any] = {"type": input_spec}
+    state: dict[str, Any] = {"type": input_spec, "explicit": input_spec is not None}
     ops: list[Op] = []
     for name, module in _leaves(model):
         if not isinstance(module, (nn.Identity, nn.Dropout)):
