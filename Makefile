@@ -12,19 +12,27 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv demo test test-fast lint format bench clean
+.PHONY: venv demo test test-fast lint format bench docs clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,hf,plot,hls,bench,dev]"
+	$(BIN)/pip install -q -e ".[test,hf,plot,hls,bench,dev,docs]"
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	@echo "== 1. MiniLM-L6: compress (recipes/minilm.toml) -> report -> fixed-point export of layer 0's FFN"
+	@mkdir -p out/demo
+	$(BIN)/python -m tnquant compress minilm --recipe recipes/minilm.toml --calib corpus --out out/demo/minilm --force > out/demo/minilm.log
+	$(BIN)/python -m tnquant report out/demo/minilm
+	$(BIN)/python -m tnquant export out/demo/minilm --fixed-point out/demo/minilm-fixed
+	@echo "== 2. digits CNN: compress (recipes/digits.toml) -> report -> fixed-point export of the classifier"
+	$(BIN)/python -m tnquant compress digits-cnn --recipe recipes/digits.toml --calib digits --out out/demo/digits --force > out/demo/digits.log
+	$(BIN)/python -m tnquant report out/demo/digits
+	$(BIN)/python -m tnquant export out/demo/digits --fixed-point out/demo/digits-fixed
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q tests --doctest-modules tnquant
@@ -42,6 +50,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict -d site
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
