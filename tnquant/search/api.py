@@ -1,0 +1,298 @@
+"""``search``: per-layer formats, ranks and bit widths under a size budget or an error target.
+
+Three steps:
+
+1. :func:`~tnquant.search.sensitivity.sensitivity`: the size (bits, as
+   :func:`tnquant.model_size_bits` counts them) and the error of every
+   candidate of every layer, one layer changed at a time;
+2. :func:`~tnquant.search.allocate.allocate`: one candidate per layer, the
+   least summed error within the budget (or the fewest bits within the
+   target), exactly on the discretised sizes (dynamic programming);
+3. verification (``verify=True``): the plan is applied to a copy of the
+   model, whose size and error are measured on the data and stored next to
+   the predicted ones (``plan.measured_size_bits``, ``plan.measured_error``,
+   ``plan.measured_output_error``).
+
+The predicted error adds the layers' errors up: a first-order model that
+ignores how errors compound through the network; the measured one is the
+truth on the data.
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> from tnquant import model_size_bits
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+>>> data = [torch.randn(64, 32) for _ in range(2)]
+>>> plan = search(model, data, budget_bits=model_size_bits(model) // 4, progress=False)
+>>> plan.measured_size_bits == plan.predicted_size_bits <= model_size_bits(model) // 4
+True
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from tnquant.batches import call_model, iterate_batches
+from tnquant.search.allocate import DEFAULT_GRID, Allocation, allocate
+from tnquant.search.plan import Plan, apply
+from tnquant.search.sensitivity import (
+    Metric,
+    Sensitivity,
+    _metric_name,
+    output_tensor,
+    sensitivity,
+)
+from tnquant.sizes import model_size_bits
+
+__all__ = ["search", "plan_from", "verify"]
+
+
+def plan_from(sens: Sensitivity, alloc: Allocation, *, budget_bits: int | None = None,
+              target: float | None = None) -> Plan:
+    """The :class:`~tnquant.search.plan.Plan` of an allocation over ``sens`` (not verified).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from tnquant.search.allocate import Allocation
+    >>> from tnquant.search.sensitivity import Candidates
+    >>> cands = Candidates(formats=(), bits=(8,), ternary=False, binary=False)
+    >>> sens = sensitivity(nn.Sequential(nn.Linear(4, 4)), [torch.randn(8, 4)], cands,
+    ...                    progress=False)
+    >>> plan_from(sens, Allocation([1], sens.sizes[0][1], sens.errors[0][1]))["0"].label()
+    'dense/int8/channel'
+    """
+    choices, layers = {}, {}
+    for k, name in enumerate(sens.names):
+        c = alloc.indices[k]
+        choices[name] = sens.choices[k][c]
+        layers[name] = {"label": sens.choices[k][c].label(), "ranks": list(sens.ranks[k][c]),
+                        "size_bits": sens.sizes[k][c], "error": sens.errors[k][c],
+                        "dense_bits": sens.sizes[k][_float_index(sens, k)]}
+    return Plan(choices, layers, metric=sens.metric, budget_bits=budget_bits, target=target,
+                predicted_size_bits=sens.fixed_bits + alloc.size, predicted_error=alloc.error)
+
+
+def _float_index(sens: Sensitivity, k: int) -> int:
+    for c, choice in enumerate(sens.choices[k]):
+        if choice.factorization is None and not choice.quantized:
+            return c
+    return max(range(len(sens.sizes[k])), key=lambda c: sens.sizes[k][c])
+
+
+class _Accumulator:
+    """Running ``sum ||y - ref||^2`` and ``sum ||ref||^2`` per key."""
+
+    def __init__(self) -> None:
+        self.num: dict[str, float] = {}
+        self.den: dict[str, float] = {}
+
+    def add(self, key: str, y: Tensor, ref: Tensor) -> None:
+        self.num[key] = self.num.get(key, 0.0) + float((y.double() - ref.double()).pow(2).sum())
+        self.den[key] = self.den.get(key, 0.0) + float(ref.double().pow(2).sum())
+
+    def rel(self, key: str) -> float:
+        den = self.den.get(key, 0.0)
+        return self.num.get(key, 0.0) / den if den > 0 else 0.0
+
+
+def _compare(ref_model: nn.Module, new_model: nn.Module, names: list[str], data: Any,
+             num_batches: int | None) -> tuple[float, float]:
+    """(summed layer-output relative MSE, model-output relative MSE) of ``new`` vs ``ref``."""
+    acc = _Accumulator()
+    outs: dict[str, Tensor] = {}
+
+    def ref_hook(name: str) -> Any:
+        def fn(module: nn.Module, args: Any, out: Tensor) -> None:
+            outs[name] = out.detach()
+        return fn
+
+    def new_hook(name: str) -> Any:
+        def fn(module: nn.Module, args: Any, out: Tensor) -> None:
+            if name in outs:
+                acc.add(name, out.detach(), outs.pop(name))
+        return fn
+
+    handles = [ref_model.get_submodule(n).register_forward_hook(ref_hook(n)) for n in names]
+    handles += [new_model.get_submodule(n).register_forward_hook(new_hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for batch in iterate_batches(data, num_batches):
+                ref = output_tensor(call_model(ref_model, batch))
+                new = output_tensor(call_model(new_model, batch))
+                acc.add("__output__", new, ref)
+                outs.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(acc.rel(n) for n in names), acc.rel("__output__")
+
+
+def verify(model: nn.Module, plan: Plan, data: Any, metric: Metric = None, *,
+           num_batches: int | None = None, reference: float | None = None) -> Plan:
+    """Apply ``plan`` to a copy of ``model`` and store its measured size and error in the plan.
+
+    ``measured_size_bits`` is :func:`tnquant.model_size_bits` of the copy;
+    ``measured_output_error`` the relative MSE of its output against the
+    model's on ``data``; ``measured_error`` the error in ``metric``'s
+    terms: the summed relative MSE of every searched layer's output (with
+    the errors of the layers before it) for ``'layer'``, the output's for
+    ``'output'`` and ``'scaled'``, ``metric(copy) - metric(model)`` for a callable
+    (``reference`` is ``metric(model)`` when known). Returns the plan.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from tnquant import QuantSpec
+    >>> from tnquant.search.plan import Choice
+    >>> plan = verify(nn.Sequential(nn.Linear(4, 4)), Plan({"0": Choice(None, QuantSpec(8))}),
+    ...               [torch.randn(8, 4)])
+    >>> plan.measured_error < 1e-3, plan.measured_size_bits  # 16 int8 codes, a scale, 4 biases
+    (True, 288)
+    """
+    name = _metric_name(metric)
+    was_training = model.training
+    model.eval()
+    try:
+        new = copy.deepcopy(model)
+        apply(new, plan, progress=False)
+        new.eval()
+        plan.measured_size_bits = model_size_bits(new)
+        names = [n for n in plan if n in plan.layers] or list(plan)
+        layer_err, out_err = _compare(model, new, names, data, num_batches)
+        plan.measured_output_error = out_err
+        if name == "layer":
+            plan.measured_error = layer_err
+        elif name in ("output", "scaled"):
+            plan.measured_error = out_err
+        else:
+            fn = cast(Callable[[nn.Module], float], metric)
+            with torch.no_grad():
+                base = float(fn(model)) if reference is None else reference
+                plan.measured_error = float(fn(new)) - base
+    finally:
+        model.train(was_training)
+    return plan
+
+
+def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int | None = None,
+           target: float | None = None, candidates: Any = None, *,
+           include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+           method: str = "dp", grid: int = DEFAULT_GRID, num_batches: int | None = None,
+           max_rows: int = 4096, verify_plan: bool = True,
+           precomputed: Sensitivity | None = None, progress: bool = True) -> Plan:
+    """Choose a format, rank and weight quantizer per layer under a budget or a target.
+
+    Parameters
+    ----------
+    model
+        A dense model (left unchanged; carry the plan out with
+        :func:`~tnquant.search.plan.apply`).
+    data
+        Calibration batches (see :mod:`tnquant.batches`).
+    metric
+        What a candidate's error is (see :mod:`tnquant.search.sensitivity`):
+        ``None``/``'layer'`` (relative MSE of the layer's own output, fast),
+        ``'scaled'`` (the same, each layer's rescaled to model-output error by
+        one probe; one model pass per layer), ``'output'`` (relative MSE of
+        the model output, one pass per candidate) or a callable
+        ``metric(model) -> float``, lower is better (its increase).
+    budget_bits, target
+        Exactly one: the most bits the whole model may take (as
+        :func:`tnquant.model_size_bits` counts them, parts not searched
+        included), or the most summed error (in ``metric``'s terms).
+    candidates
+        :class:`~tnquant.search.sensitivity.Candidates` (the default grid:
+        dense, LowRank/TT/Tucker at ratios 1/2, 1/4, 1/8; float, int8, int6,
+        int4, int3, int2 per channel, ternary, binary), a list of
+        :class:`~tnquant.search.plan.Choice`, or a mapping from name globs to
+        either.
+    include, exclude
+        Globs on layer names to search.
+    method
+        ``'dp'`` (exact on the discretised sizes) or ``'lagrangian'``.
+    grid
+        Width of the DP table in size units (see :mod:`~tnquant.search.allocate`).
+    num_batches
+        Use at most this many batches of ``data``.
+    max_rows
+        Inputs kept per layer for the ``'layer'`` metric.
+    verify_plan
+        Apply the plan to a copy and measure it (see :func:`verify`).
+    precomputed
+        A :class:`~tnquant.search.sensitivity.Sensitivity` of this model, to
+        search again without measuring again (``candidates``, ``metric``,
+        ``include``/``exclude`` are then ignored for the sensitivities).
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    Plan
+        The choices, with predicted and (when verified) measured size and error.
+
+    Raises
+    ------
+    ValueError
+        When no combination fits the budget or reaches the target (the
+        message gives the smallest size or error possible).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from tnquant import model_size_bits
+    >>> from tnquant.search import Candidates, apply
+    >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> cands = Candidates(formats=(), bits=(8, 4, 2), ternary=False, binary=False)
+    >>> plan = search(model, [torch.randn(64, 16)], budget_bits=2000, candidates=cands,
+    ...               progress=False)
+    >>> report = apply(model, plan, progress=False)
+    >>> model_size_bits(model) == plan.predicted_size_bits <= 2000
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if (budget_bits is None) == (target is None):
+        raise ValueError("give exactly one of budget_bits= and target=")
+    if budget_bits is not None and (isinstance(budget_bits, bool)
+                                    or not isinstance(budget_bits, int) or budget_bits < 1):
+        raise ValueError(f"budget_bits must be a positive int (bits), got {budget_bits!r}")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                               or target < 0):
+        raise ValueError(f"target must be a non-negative number, got {target!r}")
+    sens = precomputed
+    if sens is None:
+        sens = sensitivity(model, data, candidates, metric, include=include, exclude=exclude,
+                           num_batches=num_batches, max_rows=max_rows, progress=progress)
+    elif not isinstance(sens, Sensitivity):
+        raise TypeError(f"precomputed must be a Sensitivity, got {type(sens).__name__}")
+    elif _metric_name(metric) != sens.metric:
+        raise ValueError(f"precomputed sensitivities measure {sens.metric!r}; pass the same "
+                         f"metric (got {_metric_name(metric)!r})")
+    budget_layers = None if budget_bits is None else budget_bits - sens.fixed_bits
+    if budget_layers is not None and budget_layers < 0:
+        raise ValueError(f"budget_bits={budget_bits} is below the {sens.fixed_bits} bits of the "
+                         f"layers not searched")
+    try:
+        alloc = allocate(sens.errors, sens.sizes, budget_layers, target, method=method,
+                         grid=grid)
+    except ValueError as err:
+        if budget_bits is not None:
+            raise ValueError(f"no plan fits in {budget_bits} bits: the smallest model the "
+                             f"candidates give takes {sens.min_size_bits()} bits") from err
+        raise
+    plan = plan_from(sens, alloc, budget_bits=budget_bits, target=target)
+    if verify_plan:
+        verify(model, plan, data, metric, num_batches=num_batches, reference=sens.reference)
+    return plan

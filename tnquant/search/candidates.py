@@ -1,0 +1,169 @@
+"""``Candidates``: what each layer may become (the search space of :func:`~tnquant.search.search`).
+
+A candidate is a :class:`~tnquant.search.plan.Choice`: a factorization spec
+(or none) and weight quantizer specs. The search takes a
+:class:`Candidates` grid, an explicit list of choices, or a mapping from
+layer-name globs to either.
+
+Examples
+--------
+>>> from torch import nn
+>>> len(Candidates().options(nn.Linear(64, 64)))  # (dense + 3 formats x 3 ratios) x 8
+80
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from tnquant.factorization import LAYER_TABLE
+from tnquant.search.plan import Choice
+from tnquant.specs import CP, TT, Binary, LowRank, QuantSpec, Ternary, Tucker
+
+__all__ = ["Candidates", "candidates_for", "FORMATS"]
+
+#: format names of :class:`Candidates` -> spec type
+FORMATS: dict[str, type] = {"lowrank": LowRank, "tt": TT, "tucker": Tucker, "cp": CP}
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A grid of candidate choices per layer: formats x ratios x weight quantizers.
+
+    Each layer gets every supported combination of a factorization (none,
+    or ``format(ratio=r)``) and a weight quantizer (float, ``QuantSpec`` of
+    each bit width and granularity, ``Ternary``, ``Binary``), the same
+    quantizer for every core of a factorized layer. Formats a layer type
+    does not support (e.g. ``'tt'`` on a Conv2d) are left out for it.
+
+    Parameters
+    ----------
+    formats
+        Names among ``'lowrank'``, ``'tt'``, ``'tucker'``, ``'cp'``.
+    ratios
+        Target fractions of the dense parameter count, each in (0, 1].
+    bits
+        Integer code widths (symmetric ``QuantSpec``); :func:`tnquant.convert`
+        packs any width of 1..8 bits at its own width.
+    ternary, binary
+        Include ``Ternary()`` / ``Binary()`` weights.
+    keep_float
+        Include float (unquantized) weights.
+    dense
+        Include leaving the layer unfactorized.
+    granularity
+        Granularities for the quantizers (``'tensor'``, ``'channel'``; axis 0:
+        output channels of a dense weight, the first axis of each core).
+    order
+        ``order`` of the ``TT`` specs.
+    observer
+        The ``observer`` of the ``QuantSpec`` candidates: ``'minmax'``, or
+        ``'mse'`` (clipping search, better below 5 bits, slower to build).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> cands = Candidates(formats=("lowrank",), ratios=(0.5,), bits=(8,), ternary=False,
+    ...                    binary=False, keep_float=False)
+    >>> [c.label() for c in cands.options(nn.Linear(8, 8))]
+    ['dense/int8/channel', 'LowRank(ratio=0.5)/int8/channel']
+    >>> [c.label() for c in cands.options(nn.Conv2d(3, 8, 3))]  # no LowRank on Conv2d
+    ['dense/int8/channel']
+    """
+
+    formats: tuple[str, ...] = ("lowrank", "tt", "tucker")
+    ratios: tuple[float, ...] = (0.5, 0.25, 0.125)
+    bits: tuple[int, ...] = (8, 6, 4, 3, 2)
+    ternary: bool = True
+    binary: bool = True
+    keep_float: bool = True
+    dense: bool = True
+    granularity: tuple[Any, ...] = ("channel",)
+    order: int = 3
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        for name in ("formats", "ratios", "bits", "granularity"):
+            value = getattr(self, name)
+            if isinstance(value, (str, int, float)):
+                raise TypeError(f"{name} must be a tuple, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        for f in self.formats:
+            if f not in FORMATS:
+                raise ValueError(f"formats must be among {list(FORMATS)}, got {f!r}")
+        for r in self.ratios:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+                raise ValueError(f"ratios must be numbers in (0, 1], got {r!r}")
+        for b in self.bits:
+            QuantSpec(bits=b, observer=self.observer)  # validates
+        for g in self.granularity:
+            QuantSpec(granularity=g)
+        if not (self.dense or (self.formats and self.ratios)):
+            raise ValueError("Candidates needs dense=True or at least one format and ratio")
+
+    def quantizers(self) -> list[Any]:
+        """The weight quantizer specs (``None`` for float first)."""
+        out: list[Any] = [None] if self.keep_float else []
+        for g in self.granularity:
+            out += [QuantSpec(bits=b, granularity=g, observer=self.observer)
+                    for b in self.bits]
+            if self.ternary:
+                out.append(Ternary(granularity=g))
+            if self.binary:
+                out.append(Binary(granularity=g))
+        return out
+
+    def factorizations(self, module: nn.Module) -> list[Any]:
+        """The factorization specs (``None`` for dense first) that apply to ``module``."""
+        out: list[Any] = [None] if self.dense else []
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            return out
+        for f in self.formats:
+            cls = FORMATS[f]
+            if (type(module), cls) not in LAYER_TABLE:
+                continue
+            for r in self.ratios:
+                out.append(cls(ratio=r, order=self.order) if cls is TT else cls(ratio=r))
+        return out
+
+    def options(self, module: nn.Module) -> list[Choice]:
+        """Every candidate :class:`~tnquant.search.plan.Choice` for ``module``."""
+        quants = self.quantizers()
+        return [Choice(f, q) for f in self.factorizations(module) for q in quants]
+
+
+def _supported(module: nn.Module, choice: Choice) -> bool:
+    f = choice.factorization
+    if f is None:
+        return True
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return False
+    return (type(module), type(f)) in LAYER_TABLE
+
+
+def candidates_for(candidates: Any, name: str, module: nn.Module) -> list[Choice] | None:
+    """The candidate choices of one layer; ``None`` when a mapping leaves it out."""
+    if candidates is None:
+        candidates = Candidates()
+    if isinstance(candidates, Mapping):
+        for pattern, value in candidates.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return candidates_for(value, name, module)
+        return None
+    if isinstance(candidates, Candidates):
+        return candidates.options(module)
+    if isinstance(candidates, Sequence) and not isinstance(candidates, str):
+        out = []
+        for c in candidates:
+            if not isinstance(c, Choice):
+                raise TypeError(f"candidates must hold Choice objects, got {type(c).__name__}")
+            if _supported(module, c):
+                out.append(c)
+        return out
+    raise TypeError(f"candidates must be a Candidates, a list of Choice, or a mapping of globs "
+                    f"to those, got {type(candidates).__name__}")
