@@ -7,6 +7,7 @@ from tnquant.ptq import calibrate
 from tnquant.qat import finetune
 from tnquant.quantization import convert, model_size_bits, quantize, size_report
 from tnquant.report import Report
+from tnquant.search import Plan, apply, pareto, search
 from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
 
 __version__ = "0.1.0"
@@ -30,5 +31,9 @@ __all__ = [
     "model_size_bits",
     "size_report",
     "Report",
+    "search",
+    "apply",
+    "Plan",
+    "pareto",
     "export",
 ]

@@ -146,7 +146,7 @@ def verify(model: nn.Module, plan: Plan, data: Any, metric: Metric = None, *,
     model's on ``data``; ``measured_error`` the error in ``metric``'s
     terms: the summed relative MSE of every searched layer's output (with
     the errors of the layers before it) for ``'layer'``, the output's for
-    ``'output'`` and ``'scaled'``, ``metric(copy) - metric(model)`` for a callable
+    ``'output'``, ``'scaled'`` and ``'hessian'``, ``metric(copy) - metric(model)`` for a callable
     (``reference`` is ``metric(model)`` when known). Returns the plan.
 
     Examples
@@ -173,7 +173,7 @@ def verify(model: nn.Module, plan: Plan, data: Any, metric: Metric = None, *,
         plan.measured_output_error = out_err
         if name == "layer":
             plan.measured_error = layer_err
-        elif name in ("output", "scaled"):
+        elif name in ("output", "scaled", "hessian"):
             plan.measured_error = out_err
         else:
             fn = cast(Callable[[nn.Module], float], metric)
@@ -205,8 +205,10 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
         ``None``/``'layer'`` (relative MSE of the layer's own output, fast),
         ``'scaled'`` (the same, each layer's rescaled to model-output error by
         one probe; one model pass per layer), ``'output'`` (relative MSE of
-        the model output, one pass per candidate) or a callable
-        ``metric(model) -> float``, lower is better (its increase).
+        the model output, one pass per candidate), ``'hessian'`` (the same to
+        second order from Hutchinson Hessian traces, HAWQ-v2 style: no pass
+        per candidate) or a callable ``metric(model) -> float``, lower is
+        better (its increase).
     budget_bits, target
         Exactly one: the most bits the whole model may take (as
         :func:`tnquant.model_size_bits` counts them, parts not searched

@@ -23,6 +23,11 @@ recorded:
     network amplifies (or ignores: an unused pooler) are weighted so;
   - ``'output'``: relative MSE of the model's output with only this layer
     changed (one model pass over ``data`` per candidate);
+  - ``'hessian'``: the same quantity to second order, HAWQ-v2 style:
+    ``(Tr(H_l) / n_l) ||W_cand - W||^2 / sum ||f||^2`` with ``Tr(H_l)`` the
+    Hutchinson estimate of the Gauss-Newton Hessian of the output distance
+    (:mod:`tnquant.search.hessian`): a few backward passes in all, then no
+    model pass per candidate;
   - a callable ``metric(model) -> float``, lower is better (a loss, an error
     rate): its increase over the unchanged model, clamped at 0, with only
     this layer changed.
@@ -58,6 +63,7 @@ from tnquant.layers.quantized import weight_pairs
 from tnquant.quant.quantizer import Quantizer
 from tnquant.quantization import quantize
 from tnquant.search.candidates import Candidates, candidates_for
+from tnquant.search.hessian import candidate_weight, hutchinson_traces
 from tnquant.search.plan import Choice
 from tnquant.sizes import SizeCounter, model_size_bits
 
@@ -246,11 +252,11 @@ def _model_outputs(model: nn.Module, data: Any, num_batches: int | None) -> list
 def _metric_name(metric: Metric) -> str:
     if metric is None or metric == "layer":
         return "layer"
-    if metric in ("output", "scaled"):
+    if metric in ("output", "scaled", "hessian"):
         return str(metric)
     if callable(metric):
         return str(getattr(metric, "__name__", "metric"))
-    raise ValueError(f"metric must be None, 'layer', 'scaled', 'output' or a callable "
+    raise ValueError(f"metric must be None, 'layer', 'scaled', 'output', 'hessian' or a callable "
                      f"model -> float, "
                      f"got {metric!r}")
 
@@ -349,7 +355,12 @@ class _Evaluator:
             self.inputs = _capture(model, targets, data, num_batches, max_rows)
         if metric_name in ("output", "scaled"):
             self.ref_out = _model_outputs(model, data, num_batches)
-        if not self.local and metric_name != "output":
+        self.traces: list[float] = []
+        self.den = 0.0
+        if metric_name == "hessian":
+            self.traces, self.den = hutchinson_traces(model, [m for _, m in targets], data,
+                                                      num_batches)
+        if not self.local and metric_name not in ("output", "hessian"):
             with torch.no_grad():
                 self.reference = float(self.fn(model))
 
@@ -370,6 +381,11 @@ class _Evaluator:
                 return _rel_mse((cand(x), ref) for x, ref in zip(self.chunks, self.refs,
                                                                  strict=True))
         names, module = self.targets[k]
+        if self.metric_name == "hessian":
+            with torch.no_grad():
+                weight = cast(Tensor, module.weight)
+                change = float((candidate_weight(cand).double() - weight.double()).pow(2).sum())
+            return self.traces[k] / weight.numel() * change / self.den if self.den > 0 else 0.0
         _set(self.model, names, cand)
         try:
             if self.metric_name in ("output", "scaled"):
