@@ -11,11 +11,12 @@
    integer storage; the size in bits per original weight and the cosine at
    every stage.
 
-Run: ``make demo`` (a few minutes on 2 cores).
+Run: ``python examples/demo.py [--quick]`` (minutes on 2 cores; ``make demo`` runs the CLI road).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import time
@@ -86,8 +87,11 @@ def make_batches(tokenizer, sentences, size=32):
     ]
 
 
+QUICK = False  # --quick: fewer sentences and specs (seconds, for the test suite)
+
+
 def factorization_table(model, tokenizer) -> None:
-    train, test = split_corpus(256, 256, seed=0)
+    train, test = split_corpus(*((32, 32) if QUICK else (256, 256)), seed=0)
     calib, held_out = make_batches(tokenizer, train), make_batches(tokenizer, test)
     reference = embed(model, held_out)
     dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -96,11 +100,12 @@ def factorization_table(model, tokenizer) -> None:
         f"cosine of embeddings to the original on {len(test)} held-out sentences"
     )
     print(f"   {'spec':<26}{'fit':<12}{'params kept':>12}{'mean cos':>10}{'time s':>8}")
-    for label, spec in [
+    specs = [
         ("LowRank(ratio=0.5)", LowRank(ratio=0.5)),
         ("Tucker(ratio=0.5)", Tucker(ratio=0.5)),
         ("TT(ratio=0.5, order=2)", TT(ratio=0.5, order=2)),
-    ]:
+    ]
+    for label, spec in specs[:1] if QUICK else specs:
         for aware in (False, True):
             student = copy.deepcopy(model)
             t0 = time.perf_counter()
@@ -125,7 +130,7 @@ ENCODER_LINEAR_WEIGHTS = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
 
 
 def pipeline(model, tokenizer) -> None:
-    train, test = split_corpus(512, 256, seed=1)
+    train, test = split_corpus(*((32, 32) if QUICK else (512, 256)), seed=1)
     calib, held_out = make_batches(tokenizer, train), make_batches(tokenizer, test)
     reference = embed(model, held_out)
 
@@ -170,7 +175,11 @@ def pipeline(model, tokenizer) -> None:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    global QUICK
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short settings (tests)")
+    QUICK = parser.parse_args(argv).quick
     torch.manual_seed(0)
     model, tokenizer = load_minilm()
     weight = model.encoder.encoder.layer[0].intermediate.dense.weight.detach()
