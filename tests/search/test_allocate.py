@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from tnquant.search.allocate import Table, allocate, lagrangian
+from tnquant.search.allocate import Allocation, Table, allocate, fill, lagrangian
 
 REL = 1e-12  # float sums in the same order agree to rounding
 
@@ -154,3 +154,28 @@ def test_frontier_is_monotone():
     front = Table(errors, sizes).frontier()
     pairs = zip(front, front[1:], strict=False)
     assert all(a.size < b.size and a.error > b.error for a, b in pairs)
+
+
+def test_fill_spends_what_the_coarse_grid_leaves():
+    errors, sizes = [[0.0, 1.0], [0.0, 1.0]], [[10, 1], [10, 1]]
+    coarse = allocate(errors, sizes, budget=20, grid=3)  # units of 7 bits: 10 -> 2 units
+    assert coarse.indices == [1, 1]
+    filled = fill(errors, sizes, 20, coarse)
+    assert filled == Allocation([0, 0], 20, 0.0)  # the exact optimum, found by hand
+    with pytest.raises(ValueError, match="over the budget"):
+        fill(errors, sizes, 5, Allocation([0, 0], 20, 0.0))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fill_never_worse_and_within_budget(seed):
+    rng = np.random.default_rng(seed)
+    errors = [sorted(rng.random(4).tolist(), reverse=True) for _ in range(5)]
+    sizes = [sorted(rng.integers(1, 50, 4).tolist()) for _ in range(5)]
+    budget = int(rng.integers(5 * 10, 5 * 40))
+    try:
+        start = allocate(errors, sizes, budget=budget, grid=16)
+    except ValueError:
+        return
+    filled = fill(errors, sizes, budget, start)
+    assert filled.size <= budget and filled.error <= start.error + 1e-12
+    assert filled.error >= brute_budget(errors, sizes, budget)[0] - 1e-12  # never beats exact

@@ -50,7 +50,7 @@ from typing import cast
 
 import numpy as np
 
-__all__ = ["Allocation", "Table", "allocate", "lagrangian", "DEFAULT_GRID"]
+__all__ = ["Allocation", "Table", "allocate", "lagrangian", "fill", "DEFAULT_GRID"]
 
 #: default number of size units of the DP table
 DEFAULT_GRID = 20000
@@ -242,6 +242,44 @@ def lagrangian(errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]]
         else:
             lo = mid
     return pick(hi)
+
+
+def fill(errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], budget: int,
+         start: Allocation) -> Allocation:
+    """Spend the bits a discretised solution leaves: greedy single-layer upgrades, exact sizes.
+
+    The DP rounds sizes up to its units, so its solution may leave up to one
+    unit per layer unused (and miss a combination that fits exactly). From
+    ``start``, repeatedly take the one-layer change of largest error
+    decrease that still fits ``budget`` in exact bits, until none does. The
+    error never goes up and the budget is always kept.
+
+    Examples
+    --------
+    >>> errors, sizes = [[0.0, 0.5], [0.0, 0.5]], [[10, 4], [10, 4]]
+    >>> fill(errors, sizes, budget=14, start=Allocation([1, 1], 8, 1.0)).indices
+    [0, 1]
+    """
+    es, ss = _check(errors, sizes)
+    idx = list(start.indices)
+    size = sum(ss[k][c] for k, c in enumerate(idx))
+    if size > budget:
+        raise ValueError(f"the start takes {size} bits, over the budget of {budget}")
+    while True:
+        best: tuple[float, int, int, int] | None = None  # (gain, -size change, layer, choice)
+        for k, c0 in enumerate(idx):
+            for c in range(len(ss[k])):
+                gain = float(es[k][c0] - es[k][c])
+                grow = ss[k][c] - ss[k][c0]
+                if gain > 0 and size + grow <= budget and (
+                        best is None or (gain, -grow) > best[:2]):
+                    best = (gain, -grow, k, c)
+        if best is None:
+            break
+        _, _, k, c = best
+        size += ss[k][c] - ss[k][idx[k]]
+        idx[k] = c
+    return Allocation(idx, size, float(sum(es[k][c] for k, c in enumerate(idx))))
 
 
 def allocate(errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]],

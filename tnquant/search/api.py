@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from tnquant.batches import call_model, iterate_batches
-from tnquant.search.allocate import DEFAULT_GRID, Allocation, allocate
+from tnquant.search.allocate import DEFAULT_GRID, Allocation, allocate, fill
 from tnquant.search.plan import Plan, apply
 from tnquant.search.sensitivity import (
     Metric,
@@ -189,7 +189,7 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
            target: float | None = None, candidates: Any = None, *,
            include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
            method: str = "dp", grid: int = DEFAULT_GRID, num_batches: int | None = None,
-           max_rows: int = 4096, verify_plan: bool = True,
+           max_rows: int = 4096, verify_plan: bool = True, refine: bool = True,
            precomputed: Sensitivity | None = None, progress: bool = True) -> Plan:
     """Choose a format, rank and weight quantizer per layer under a budget or a target.
 
@@ -231,6 +231,10 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
         Inputs kept per layer for the ``'layer'`` metric.
     verify_plan
         Apply the plan to a copy and measure it (see :func:`verify`).
+    refine
+        Under a budget, spend the bits the DP's rounding leaves with greedy
+        exact-size upgrades (:func:`~tnquant.search.allocate.fill`): the
+        predicted error never goes up.
     precomputed
         A :class:`~tnquant.search.sensitivity.Sensitivity` of this model, to
         search again without measuring again (``candidates``, ``metric``,
@@ -294,6 +298,8 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
             raise ValueError(f"no plan fits in {budget_bits} bits: the smallest model the "
                              f"candidates give takes {sens.min_size_bits()} bits") from err
         raise
+    if refine and budget_layers is not None:
+        alloc = fill(sens.errors, sens.sizes, budget_layers, alloc)
     plan = plan_from(sens, alloc, budget_bits=budget_bits, target=target)
     if verify_plan:
         verify(model, plan, data, metric, num_batches=num_batches, reference=sens.reference)
