@@ -18,14 +18,23 @@ float32 biases; every core of a factorized layer) / number of original
 weights of those Linear layers (10,616,832). Embeddings, LayerNorms and the
 (unused by the pooled output) pooler stay float and are not counted.
 
-Run: ``.venv/bin/python benchmarks/bench_qat_minilm.py [--quick] [--rows a,b,..]``
-(``--quick``: 256 train / 128 held-out sentences, 1 epoch).
+Rows ``mixed <b> bits``: a plan from :func:`tnquant.search.search`
+(``metric='output'`` on 64 training sentences; dense int8/6/5/4/3/2 per
+channel with the ``'mse'`` observer, or ternary, per layer) at a budget of
+``b`` bits per original weight, its quantizers made learnable (LSQ), then
+the same calibrate / judge / distil / judge.
+
+Run: ``.venv/bin/python benchmarks/bench_qat_minilm.py [--quick] [--rows a,b,..]
+[--device cuda] [--train N] [--epochs E] [--loss cosine|mse|hidden]``
+(``--quick``: 256 train / 128 held-out sentences, 1 epoch). The results
+file is rewritten after every row, so a run stopped early keeps what it did.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -47,7 +56,9 @@ from tnquant import (  # noqa: E402
     quantize,
     size_report,
 )
+from tnquant.batches import move_batch  # noqa: E402
 from tnquant.datasets import load_minilm, split_corpus  # noqa: E402
+from tnquant.search import Candidates, Plan, apply, search, sensitivity  # noqa: E402
 
 LAYERS = "encoder.encoder.layer.*"
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_minilm.md"
@@ -113,9 +124,9 @@ def dense_rows():
 
 def factor_rows():
     rows = []
-    for fname, make in [("LowRank", lambda r: LowRank(ratio=r)),
-                        ("Tucker", lambda r: Tucker(ratio=r)),
-                        ("TT", lambda r: TT(ratio=r, order=2))]:
+    for fname, make in [("Tucker", lambda r: Tucker(ratio=r)),
+                        ("TT", lambda r: TT(ratio=r, order=2)),
+                        ("LowRank", lambda r: LowRank(ratio=r))]:
         for ratio in (0.5, 0.25):
             for bits in (8, 4):
                 rows.append((f"{fname}({ratio}) int{bits} ch", (fname, ratio, make(ratio)),
@@ -130,29 +141,60 @@ def select(rows, wanted):
     return [r for r in rows if any(k in r[0].lower() for k in keys)]
 
 
-# --------------------------------------------------------------- per-layer
+def mixed_plan(model, calib, bits_per_weight_budget: float, n_weights: int, cache: dict):
+    """A searched mixed-precision plan at the budget, with learnable (LSQ) quantizers."""
+    if "sens" not in cache:
+        cands = Candidates(formats=(), bits=(8, 6, 5, 4, 3, 2), ternary=True, binary=False,
+                           observer="mse")
+        t0 = time.perf_counter()
+        cache["sens"] = sensitivity(model, calib[:2], cands, metric="output",
+                                    include=[LAYERS], progress=False)
+        cache["sens_s"] = time.perf_counter() - t0
+    sens = cache["sens"]
+    budget = sens.fixed_bits + int(bits_per_weight_budget * n_weights)
+    plan = search(model, calib[:2], metric="output", budget_bits=budget, precomputed=sens,
+                  verify_plan=False, progress=False)
+    learn = {}
+    for name, choice in plan.items():
+        w = choice.weights
+        if isinstance(w, QuantSpec):
+            w = dataclasses.replace(w, learnable=True)
+        learn[name] = dataclasses.replace(choice, weights=w)
+    return Plan(learn)
 
 
-def sensitivity(model, spec, factor, calib, held_out, reference, ref_knn):
-    """PTQ cosine with only one group of layers compressed (the others float)."""
-    L = "encoder.encoder.layer."
-    groups = {
-        "attention q/k/v": [L + "*.attention.self.*"],
-        "attention output": [L + "*.attention.output.dense"],
-        "FFN in (intermediate)": [L + "*.intermediate.dense"],
-        "FFN out (output)": [L + "?.output.dense"],
-    }
-    groups.update({f"block {i}": [f"{L}{i}.*"] for i in range(6)})
-    out = []
-    for label, mapping in groups.items():
+def build_student(model, label, factor, spec, calib, held_out, reference, ref_knn, n_weights,
+                  state):
+    """The compressed (PTQ) student of one row and its factorized-float cosine ('' if dense)."""
+    if label.startswith("mixed"):
         student = copy.deepcopy(model)
-        if factor is not None:
-            factorize(student, {p: factor for p in mapping}, data=calib, progress=False)
-        quantize(student, weights={p: spec for p in mapping}, progress=False)
-        calibrate(student, calib, progress=False)
-        cos, r10 = judge(student, held_out, reference, ref_knn)
-        out.append((label, cos, r10))
-    return out
+        apply(student, mixed_plan(model, calib, float(label.split()[1]), n_weights, state),
+              progress=False)
+        return student, ""
+    if factor is None:
+        student, fz = copy.deepcopy(model), ""
+    else:
+        key = factor[:2]
+        if key not in state.setdefault("factorized", {}):
+            base = copy.deepcopy(model)
+            factorize(base, {LAYERS: factor[2]}, data=calib, progress=False)
+            cos_f, _ = judge(base, held_out, reference, ref_knn)
+            state["factorized"] = {key: (base, cos_f)}
+        base, cos_f = state["factorized"][key]
+        student, fz = copy.deepcopy(base), f"{cos_f:.3f}"
+    quantize(student, weights={LAYERS: spec}, progress=False)
+    return student, fz
+
+
+def write(args, text_head, table, notes, total):
+    header = ("model", "bits/w", "float cos (factorized)", "PTQ cos", "PTQ R@10", "QAT cos",
+              "QAT R@10", "finetune s", "steps")
+    md = markdown_table(header, table)
+    text = (text_head + f"{md}\n\nTotal wall time of the rows: {total:.0f}s.\n"
+            + "".join(f"- {n}\n" for n in notes))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    return md
 
 
 def main() -> None:
@@ -160,94 +202,89 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="256/128 sentences, 1 epoch")
     ap.add_argument("--rows", default="", help="comma list of substrings of row labels")
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--train", type=int, default=None, help="training sentences")
+    ap.add_argument("--test", type=int, default=None, help="held-out sentences")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--loss", default="cosine", choices=["cosine", "mse", "hidden"])
-    ap.add_argument("--sensitivity", default="dense int3 channel,LowRank(0.5) int4 ch",
-                    help="rows whose per-layer-group PTQ sensitivity is measured ('' for none)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mixed", default="3.0,2.5", help="budgets (bits/w) of mixed rows")
+    ap.add_argument("--time-limit", type=float, default=None, help="start no row after (s)")
+    ap.add_argument("--corpus", default=None,
+                    help="text file of sentence_corpus(seed=0), one a line (another Python's "
+                         "stdlib gives other docstrings: carry this machine's corpus)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     torch.manual_seed(0)
     n_train, n_test = (256, 128) if args.quick else (1024, 512)
+    n_train, n_test = args.train or n_train, args.test or n_test
     epochs = args.epochs or (1 if args.quick else 2)
+    device = torch.device(args.device)
     command = "python " + " ".join(sys.argv)
-    print(command)
-    print(machine())
+    where = machine() if device.type == "cpu" else \
+        f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    print(command, "\n", where, flush=True)
 
     model, tokenizer = load_minilm()
-    train, test = split_corpus(n_train, n_test, seed=0)
-    calib, held_out = make_batches(tokenizer, train), make_batches(tokenizer, test)
+    model.to(device)
+    if args.corpus:
+        lines = Path(args.corpus).read_text().splitlines()
+        train, test = lines[:n_train], lines[n_train:n_train + n_test]
+    else:
+        train, test = split_corpus(n_train, n_test, seed=0)
+    calib = [move_batch(b, device) for b in make_batches(tokenizer, train)]
+    held_out = [move_batch(b, device) for b in make_batches(tokenizer, test)]
     reference = embed(model, held_out)
     ref_knn = knn(reference)
     names = linear_names(model)
     n_weights = sum(names.values())
     hidden = [f"encoder.encoder.layer.{i}" for i in range(6)] if args.loss == "hidden" else None
     loss = "mse" if args.loss == "hidden" else args.loss
-    print(f"{len(names)} Linear layers, {n_weights} weights; {n_train} train / {n_test} held-out "
-          f"sentences; {epochs} epochs x {len(calib)} batches of 32, lr {args.lr}, "
-          f"loss {args.loss}")
-
-    rows = select(dense_rows() + factor_rows(), args.rows)
-    table = []
-    factorized_cache: dict[tuple[str, float], tuple[torch.nn.Module, float, float]] = {}
+    mixed = [(f"mixed {b} bits", None, None) for b in args.mixed.split(",") if b.strip()]
+    rows = select(mixed + dense_rows() + factor_rows(), args.rows)
+    text_head = (
+        f"# QAT on MiniLM-L6\n\ncommand: `{command}`\n\nmachine: {where}\n\n"
+        f"{'QUICK run' if args.quick else 'run'}: {n_train} train / {n_test} held-out "
+        f"sentences (split_corpus seed 0, max_length 64), distillation {epochs} epochs x "
+        f"{len(calib)} batches of 32, AdamW lr {args.lr} cosine schedule, loss "
+        f"{args.loss}{' (hidden states of the 6 layers)' if hidden else ' (pooled embeddings)'}"
+        f"; quantizers LSQ (`learnable=True`), initialised by `calibrate`.\n\n"
+        f"bits/w = size_report bits of the {len(names)} modules replacing "
+        f"encoder.encoder.layer.* Linear layers (codes, scales, zero points, float32 "
+        f"biases, all cores) / {n_weights} original weights. PTQ = same quantize + "
+        f"calibrate, no finetune (same size). float cos = the factorized float model "
+        f"(data-aware fit on the train batches) before quantization.\n\n")
+    table: list[tuple] = []
+    notes: list[str] = []
+    state: dict = {}
     t_all = time.perf_counter()
     for label, factor, spec in rows:
+        if args.time_limit and time.perf_counter() - t_all > args.time_limit:
+            notes.append(f"stopped before '{label}': time limit {args.time_limit:.0f}s")
+            break
         t0 = time.perf_counter()
-        if factor is None:
-            student, fz = copy.deepcopy(model), ""
-        else:
-            key = factor[:2]
-            if key not in factorized_cache:
-                tf = time.perf_counter()
-                base = copy.deepcopy(model)
-                factorize(base, {LAYERS: factor[2]}, data=calib, progress=False)
-                cos_f, _ = judge(base, held_out, reference, ref_knn)
-                factorized_cache = {key: (base, cos_f, time.perf_counter() - tf)}
-            base, cos_f, fsec = factorized_cache[key]
-            student, fz = copy.deepcopy(base), f"{cos_f:.3f}"
-        quantize(student, weights={LAYERS: spec}, progress=False)
-        calibrate(student, calib, progress=False)
-        bits = bits_per_weight(student, names)
-        cos_p, r_p = judge(student, held_out, reference, ref_knn)
-        rep = finetune(student, calib, teacher=model, loss=loss, hidden=hidden, epochs=epochs,
-                       lr=args.lr, progress=False)
-        cos_q, r_q = judge(student, held_out, reference, ref_knn)
+        try:
+            student, fz = build_student(model, label, factor, spec, calib, held_out, reference,
+                                        ref_knn, n_weights, state)
+            calibrate(student, calib, progress=False)
+            bits = bits_per_weight(student, names)
+            cos_p, r_p = judge(student, held_out, reference, ref_knn)
+            rep = finetune(student, calib, teacher=model, loss=loss, hidden=hidden,
+                           epochs=epochs, lr=args.lr, progress=False)
+            cos_q, r_q = judge(student, held_out, reference, ref_knn)
+        except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
+            notes.append(f"'{label}' failed: {type(err).__name__}: {err}")
+            print(notes[-1], flush=True)
+            continue
         row = (label, round(bits, 3), fz, round(cos_p, 4), round(r_p, 3), round(cos_q, 4),
-               round(r_q, 3), round(rep.history.time_s, 1))
+               round(r_q, 3), round(rep.history.time_s, 1), len(rep.history.step))
         table.append(row)
         print(f"{row}  [{time.perf_counter() - t0:.0f}s]", flush=True)
-    total = time.perf_counter() - t_all
-    header = ("model", "bits/w", "float cos (factorized)", "PTQ cos", "PTQ R@10", "QAT cos",
-              "QAT R@10", "finetune s")
-    md = markdown_table(header, table)
+        if "sens_s" in state and not any(n.startswith("search") for n in notes):
+            notes.append(f"search sensitivity (metric 'output', 64 sentences): "
+                         f"{state['sens_s']:.0f}s")
+        write(args, text_head, table, notes, time.perf_counter() - t_all)
+    md = write(args, text_head, table, notes, time.perf_counter() - t_all)
     print(md)
-
-    sens_md = ""
-    for label, factor, spec in select(dense_rows() + factor_rows(), args.sensitivity) \
-            if args.sensitivity else []:
-        t0 = time.perf_counter()
-        res = sensitivity(model, spec, None if factor is None else factor[2], calib, held_out,
-                          reference, ref_knn)
-        part = markdown_table(("compressed group (others float)", "PTQ cos", "PTQ R@10"),
-                              [(g, round(c, 4), round(r, 3)) for g, c, r in res])
-        sens_md += f"\nPer-layer-group sensitivity of `{label}` (PTQ, no finetune; " \
-                   f"{time.perf_counter() - t0:.0f}s):\n\n{part}\n"
-        print(sens_md)
-
-    text = (f"# QAT on MiniLM-L6\n\ncommand: `{command}`\n\nmachine: {machine()}\n\n"
-            f"{'QUICK run' if args.quick else 'full run'}: {n_train} train / {n_test} held-out "
-            f"sentences (split_corpus seed 0, max_length 64), distillation {epochs} epochs x "
-            f"{len(calib)} batches of 32, AdamW lr {args.lr} cosine schedule, loss "
-            f"{args.loss} on the pooled embeddings"
-            f"{' (hidden states of the 6 layers)' if hidden else ''}; quantizers LSQ "
-            f"(`learnable=True`), minmax-initialised by `calibrate`.\n\n"
-            f"bits/w = size_report bits of the {len(names)} modules replacing "
-            f"encoder.encoder.layer.* Linear layers (codes, scales, zero points, float32 "
-            f"biases, all cores) / {n_weights} original weights. PTQ = same quantize + "
-            f"calibrate, no finetune (same size). float cos = the factorized float model "
-            f"(data-aware fit on the train batches) before quantization.\n\n{md}\n\n"
-            f"Total wall time of the rows: {total:.0f}s.\n{sens_md}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
     print(f"wrote {args.out}")
 
 
