@@ -60,10 +60,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table  # noqa: E402
+from common import embed, judge, knn, machine, make_batches, markdown_table  # noqa: E402
 
 import tnquant  # noqa: E402
 from tnquant import (  # noqa: E402
@@ -94,42 +93,6 @@ PKG = Path(tnquant.__file__).resolve().parent
 
 def token_length(tokenizer, sentence: str) -> int:
     return len(tokenizer(sentence, truncation=True, max_length=MAX_LENGTH)["input_ids"])
-
-
-def make_batches(tokenizer, sentences: list[str]) -> list[dict]:
-    """Batches of 32 as in examples/demo.py (padding, max_length 64).
-
-    The caller sorts the sentences by token length first, so a batch pads
-    to similar lengths (the embeddings do not depend on the batching: the
-    padding is masked out of attention and pooling; it halves the time).
-    """
-    return [
-        dict(tokenizer(sentences[i : i + BATCH], return_tensors="pt", padding=True,
-                       truncation=True, max_length=MAX_LENGTH))
-        for i in range(0, len(sentences), BATCH)
-    ]
-
-
-@torch.no_grad()
-def embed(model, batches) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(**b) for b in batches])
-
-
-def knn(emb: torch.Tensor, k: int = 10) -> torch.Tensor:
-    e = F.normalize(emb, dim=-1)
-    sim = e @ e.T
-    sim.fill_diagonal_(-2.0)
-    return sim.topk(k, dim=1).indices
-
-
-def judge(model, held_out, reference, ref_knn) -> tuple[float, float]:
-    emb = embed(model, held_out)
-    cos = F.cosine_similarity(emb, reference).mean().item()
-    got = knn(emb)
-    overlap = [len(set(a.tolist()) & set(b.tolist())) / 10
-               for a, b in zip(got, ref_knn, strict=True)]
-    return cos, sum(overlap) / len(overlap)
 
 
 def linear_names(model) -> dict[str, int]:

@@ -40,10 +40,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table  # noqa: E402
+from common import embed, judge, knn, machine, make_batches, markdown_table  # noqa: E402
 
 from tnquant import (  # noqa: E402
     TT,
@@ -62,40 +61,6 @@ from tnquant.search import Candidates, Plan, apply, search, sensitivity  # noqa:
 
 LAYERS = "encoder.encoder.layer.*"
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_minilm.md"
-
-
-def make_batches(tokenizer, sentences, size=32):
-    return [
-        dict(tokenizer(sentences[i : i + size], return_tensors="pt", padding=True,
-                       truncation=True, max_length=64))
-        for i in range(0, len(sentences), size)
-    ]
-
-
-@torch.no_grad()
-def embed(model, batches) -> torch.Tensor:
-    was = model.training
-    model.eval()
-    out = torch.cat([model(**b) for b in batches])
-    model.train(was)
-    return out
-
-
-def knn(emb: torch.Tensor, k: int = 10) -> torch.Tensor:
-    e = F.normalize(emb, dim=-1)
-    sim = e @ e.T
-    sim.fill_diagonal_(-2.0)
-    return sim.topk(k, dim=1).indices
-
-
-def judge(model, held_out, reference, ref_knn) -> tuple[float, float]:
-    emb = embed(model, held_out)
-    cos = F.cosine_similarity(emb, reference).mean().item()
-    nn_ = knn(emb)
-    overlap = [
-        len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(nn_, ref_knn, strict=True)
-    ]
-    return cos, sum(overlap) / len(overlap)
 
 
 def linear_names(model) -> dict[str, int]:

@@ -44,10 +44,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table  # noqa: E402
+from common import embed, judge, knn, machine, make_batches, markdown_table  # noqa: E402
 
 from tnquant import LowRank, QuantSpec, Ternary, model_size_bits  # noqa: E402
 from tnquant.datasets import load_minilm, split_corpus  # noqa: E402
@@ -58,32 +57,6 @@ from tnquant.search import Candidates, Choice, Plan, apply, search, sensitivity 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "search.md"
 LAYERS = "encoder.encoder.layer.*"
-
-
-def make_batches(tokenizer, sentences, size=32):
-    return [dict(tokenizer(sentences[i:i + size], padding=True, truncation=True, max_length=64,
-                           return_tensors="pt")) for i in range(0, len(sentences), size)]
-
-
-@torch.no_grad()
-def embed(model, batches) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(**b) for b in batches])
-
-
-def knn(emb: torch.Tensor, k: int = 10) -> torch.Tensor:
-    e = F.normalize(emb, dim=-1)
-    sim = e @ e.T
-    sim.fill_diagonal_(-2.0)
-    return sim.topk(k, dim=1).indices
-
-
-def judge(model, held_out, reference, ref_knn) -> tuple[float, float]:
-    emb = embed(model, held_out)
-    cos = F.cosine_similarity(emb, reference).mean().item()
-    overlap = [len(set(a.tolist()) & set(b.tolist())) / 10
-               for a, b in zip(knn(emb), ref_knn, strict=True)]
-    return cos, sum(overlap) / len(overlap)
 
 
 class Judge:

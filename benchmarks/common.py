@@ -63,3 +63,48 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ MiniLM judging
+# shared by bench_ptq_minilm, bench_qat_minilm and bench_search
+
+
+def make_batches(tokenizer, sentences: Sequence[str], size: int = 32,
+                 max_length: int = 64) -> list[dict]:
+    """Tokenized batches (padded to the longest in each batch, truncated at max_length)."""
+    return [dict(tokenizer(list(sentences[i:i + size]), return_tensors="pt", padding=True,
+                           truncation=True, max_length=max_length))
+            for i in range(0, len(sentences), size)]
+
+
+def embed(model, batches) -> Any:
+    """Sentence embeddings of every batch, in eval mode (the training mode is restored)."""
+    import torch
+
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([model(**b) for b in batches])
+    model.train(was)
+    return out
+
+
+def knn(emb, k: int = 10) -> Any:
+    """Indices of each row's k nearest neighbours by cosine, itself excluded."""
+    import torch.nn.functional as F
+
+    e = F.normalize(emb, dim=-1)
+    sim = e @ e.T
+    sim.fill_diagonal_(-2.0)
+    return sim.topk(k, dim=1).indices
+
+
+def judge(model, held_out, reference, ref_knn) -> tuple[float, float]:
+    """(mean cosine to the reference embeddings, recall@10 of the nearest neighbours)."""
+    import torch.nn.functional as F
+
+    emb = embed(model, held_out)
+    cos = F.cosine_similarity(emb, reference).mean().item()
+    overlap = [len(set(a.tolist()) & set(b.tolist())) / 10
+               for a, b in zip(knn(emb), ref_knn, strict=True)]
+    return cos, sum(overlap) / len(overlap)
