@@ -88,8 +88,11 @@ from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternar
 
 try:  # Python >= 3.11
     import tomllib
-except ImportError:  # pragma: no cover - Python 3.10
-    tomllib = None  # type: ignore[assignment]
+except ImportError:  # pragma: no cover - Python 3.10: the same parser, as a package
+    try:
+        import tomli as tomllib  # type: ignore[no-redef]
+    except ImportError:
+        tomllib = None  # type: ignore[assignment]
 
 __all__ = ["Recipe", "ModelSection", "DataSection", "FactorizeSection", "QuantizeSection",
            "CalibrateSection", "FinetuneSection", "ExportSection", "load_recipe", "parse_recipe"]
@@ -492,7 +495,8 @@ def parse_recipe(text: str, path: str | None = None) -> Recipe:
     ValueError: recipe key 'finetune.lr' must be a number in (0, inf], got -1
     """
     if tomllib is None:  # pragma: no cover
-        raise ImportError("reading recipes needs Python >= 3.11 (tomllib)")
+        raise ImportError("reading recipes needs Python >= 3.11 (tomllib) or, on 3.10, "
+                          "the 'tomli' package (a dependency of tnquant there)")
     where = f" in {path}" if path else ""
     try:
         raw = tomllib.loads(text)

@@ -28,7 +28,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +77,7 @@ def hutchinson_traces(model: nn.Module, modules: Sequence[nn.Module], data: Any,
 
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be a positive int, got {probes!r}")
-    weights = [m.weight for m in modules]
+    weights: list[Tensor] = [cast(Tensor, m.weight) for m in modules]
     saved = [w.requires_grad for w in weights]
     gen = torch.Generator().manual_seed(seed)
     traces = [0.0] * len(weights)
@@ -93,7 +93,7 @@ def hutchinson_traces(model: nn.Module, modules: Sequence[nn.Module], data: Any,
             grads = torch.autograd.grad(loss, weights, create_graph=True)
             for p in range(probes):
                 vs = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w) for w in weights]
-                dot = sum((g * v).sum() for g, v in zip(grads, vs, strict=True))
+                dot = torch.stack([(g * v).sum() for g, v in zip(grads, vs, strict=True)]).sum()
                 hvs = torch.autograd.grad(dot, weights, retain_graph=p < probes - 1)
                 for k, (hv, v) in enumerate(zip(hvs, vs, strict=True)):
                     traces[k] += float((hv * v).sum()) / probes
