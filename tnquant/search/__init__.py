@@ -6,6 +6,10 @@
 - :func:`pareto`: one plan per budget, the size-error trade-off (and a plot);
 - :class:`Candidates` / :class:`Choice`: what each layer may become.
 
+``tnquant.search``, ``tnquant.apply``, ``tnquant.Plan`` and ``tnquant.pareto``
+are re-exported at the top level (``tnquant.search`` there is the function);
+import the rest by name: ``from tnquant.search import Candidates, sensitivity``.
+
 Examples
 --------
 >>> import torch
