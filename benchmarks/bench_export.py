@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table  # noqa: E402
+from common import machine, markdown_table, train_classifier  # noqa: E402
 
 from tnquant import TT, LowRank, QuantSpec, Tucker, calibrate, factorize, finetune, quantize  # noqa: E402
 from tnquant.datasets import digits  # noqa: E402
@@ -88,21 +88,6 @@ def make_mlp() -> nn.Module:
 def accuracy_of(logits: np.ndarray | torch.Tensor, y: torch.Tensor) -> float:
     pred = np.asarray(logits).argmax(1)
     return float((pred == y.numpy()).mean())
-
-
-def train_float(x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
-    torch.manual_seed(0)
-    model = make_mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
 
 
 def snap_biases(model: nn.Module) -> None:
@@ -190,7 +175,7 @@ def main() -> None:
     x_tr, y_tr, x_te, y_te = digits()
     x_tr, x_te = x_tr.flatten(1), x_te.flatten(1)
     t0 = time.perf_counter()
-    teacher = train_float(x_tr, y_tr, float_epochs)
+    teacher = train_classifier(make_mlp, x_tr, y_tr, float_epochs)
     train_s = time.perf_counter() - t0
     with torch.no_grad():
         float_acc = accuracy_of(teacher(x_te), y_te)

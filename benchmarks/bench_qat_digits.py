@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table  # noqa: E402
+from common import machine, markdown_table, train_classifier  # noqa: E402
 
 from tnquant import (  # noqa: E402
     CP,
@@ -70,21 +70,6 @@ def accuracy(model, x, y) -> float:
     return acc
 
 
-def train_float(x, y, epochs: int) -> nn.Module:
-    torch.manual_seed(0)
-    model = make_cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
 SPECS = [
     ("int8 ch", QuantSpec(bits=8, granularity="channel", learnable=True)),
     ("int4 ch", QuantSpec(bits=4, granularity="channel", learnable=True)),
@@ -106,7 +91,7 @@ def main() -> None:
 
     x_tr, y_tr, x_te, y_te = digits()
     t0 = time.perf_counter()
-    teacher = train_float(x_tr, y_tr, float_epochs)
+    teacher = train_classifier(make_cnn, x_tr, y_tr, float_epochs)
     train_s = time.perf_counter() - t0
     calib = [x_tr[i : i + 64] for i in range(0, len(x_tr), 64)]
     labelled = [(x_tr[i : i + 64], y_tr[i : i + 64]) for i in range(0, len(x_tr), 64)]

@@ -108,3 +108,23 @@ def judge(model, held_out, reference, ref_knn) -> tuple[float, float]:
     overlap = [len(set(a.tolist()) & set(b.tolist())) / 10
                for a, b in zip(knn(emb), ref_knn, strict=True)]
     return cos, sum(overlap) / len(overlap)
+
+
+def train_classifier(make: Callable[[], Any], x, y, epochs: int, lr: float = 3e-3,
+                     batch: int = 64) -> Any:
+    """A float classifier from ``make()`` trained with Adam + cross-entropy (seeded, eval mode)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch):
+            idx = perm[i : i + batch]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
