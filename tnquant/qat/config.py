@@ -69,6 +69,7 @@ class FinetuneConfig:
     resume_from: str | os.PathLike[str] | None = None
     ddp: bool | str = "auto"
     ddp_kwargs: dict[str, Any] | None = None
+    fused: bool | str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -104,6 +105,8 @@ class FinetuneConfig:
         if self.ddp_kwargs is not None and not isinstance(self.ddp_kwargs, dict):
             raise TypeError(f"ddp_kwargs must be a dict or None, got "
                             f"{type(self.ddp_kwargs).__name__}")
+        if self.fused not in (True, False, "auto"):
+            raise ValueError(f"fused must be True, False or 'auto', got {self.fused!r}")
         if not isinstance(self.progress, bool):
             raise TypeError(f"progress must be a bool, got {type(self.progress).__name__}")
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from tnquant.quant import fused as _fused
 from tnquant.specs import ROUNDING_MODES
 
 __all__ = [
@@ -298,6 +299,9 @@ def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin:
     ``beta = -zp * s`` has the same "0 inside" rule. This matches
     ``torch._fake_quantize_learnable_per_tensor_affine``.
 
+    Training calls take the compiled kernel of :mod:`tnquant.quant.fused`
+    when it is enabled (same forward values bit for bit).
+
     Parameters
     ----------
     x
@@ -325,6 +329,12 @@ def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin:
     """
     if qmin > qmax:
         raise ValueError(f"qmin must be <= qmax, got qmin={qmin}, qmax={qmax}")
+    if _fused.enabled() and torch.is_grad_enabled() and (
+            x.requires_grad or scale.requires_grad
+            or (zero_point is not None and zero_point.requires_grad)):
+        out = _fused.fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale, rounding)
+        if out is not None:
+            return out
     return LSQFakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale, rounding,
                                  generator)
 
