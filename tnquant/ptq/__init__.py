@@ -1,4 +1,4 @@
-"""Post-training quantization: calibrate ranges, correct biases.
+"""Post-training quantization: calibrate ranges, correct biases, GPTQ rounding.
 
 Examples
 --------
@@ -14,5 +14,14 @@ Examples
 
 from tnquant.ptq.bias_correction import bias_targets, correct_biases
 from tnquant.ptq.calibrate import QuantizerRole, calibrate, find_quantizers
+from tnquant.ptq.gptq import gptq, gptq_targets
 
-__all__ = ["calibrate", "correct_biases", "bias_targets", "find_quantizers", "QuantizerRole"]
+__all__ = [
+    "calibrate",
+    "correct_biases",
+    "bias_targets",
+    "gptq",
+    "gptq_targets",
+    "find_quantizers",
+    "QuantizerRole",
+]
