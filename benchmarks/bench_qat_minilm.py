@@ -24,8 +24,13 @@ channel with the ``'mse'`` observer, or ternary, per layer) at a budget of
 ``b`` bits per original weight, its quantizers made learnable (LSQ), then
 the same calibrate / judge / distil / judge.
 
+``--gptq N``: after calibration, re-round the dense quantized weights with
+:func:`tnquant.ptq.gptq` on the first ``N`` training batches (the weight
+qparams are kept, so the size is unchanged); ``RTN cos`` is the PTQ model
+before it, ``PTQ cos`` after it, and QAT starts from the GPTQ weights.
+
 Run: ``.venv/bin/python benchmarks/bench_qat_minilm.py [--quick] [--rows a,b,..]
-[--device cuda] [--train N] [--epochs E] [--loss cosine|mse|hidden]``
+[--device cuda] [--train N] [--epochs E] [--loss cosine|mse|hidden] [--gptq N]``
 (``--quick``: 256 train / 128 held-out sentences, 1 epoch). The results
 file is rewritten after every row, so a run stopped early keeps what it did.
 """
@@ -57,6 +62,7 @@ from tnquant import (  # noqa: E402
 )
 from tnquant.batches import move_batch  # noqa: E402
 from tnquant.datasets import load_minilm, split_corpus  # noqa: E402
+from tnquant.ptq import gptq  # noqa: E402
 from tnquant.search import Candidates, Plan, apply, search, sensitivity  # noqa: E402
 
 LAYERS = "encoder.encoder.layer.*"
@@ -96,6 +102,12 @@ def factor_rows():
             for bits in (8, 4):
                 rows.append((f"{fname}({ratio}) int{bits} ch", (fname, ratio, make(ratio)),
                              QuantSpec(bits=bits, granularity="channel", learnable=True)))
+    # ~2.2 bits per original weight: fewer parameters at 4 bits or more at 3 ('mse' ranges)
+    for ratio, bits in [(0.55, 4), (0.73, 3)]:
+        rows.append((f"LowRank({ratio}) int{bits} ch mse", ("LowRank", ratio,
+                                                           LowRank(ratio=ratio)),
+                     QuantSpec(bits=bits, granularity="channel", observer="mse",
+                               learnable=True)))
     return rows
 
 
@@ -152,8 +164,8 @@ def build_student(model, label, factor, spec, calib, held_out, reference, ref_kn
 
 
 def write(args, text_head, table, notes, total):
-    header = ("model", "bits/w", "float cos (factorized)", "PTQ cos", "PTQ R@10", "QAT cos",
-              "QAT R@10", "finetune s", "steps")
+    header = ("model", "bits/w", "float cos (factorized)", "RTN cos", "PTQ cos", "PTQ R@10",
+              "QAT cos", "QAT R@10", "finetune s", "steps")
     md = markdown_table(header, table)
     text = (text_head + f"{md}\n\nTotal wall time of the rows: {total:.0f}s.\n"
             + "".join(f"- {n}\n" for n in notes))
@@ -170,8 +182,12 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=None, help="training sentences")
     ap.add_argument("--test", type=int, default=None, help="held-out sentences")
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--scale-lr", type=float, default=None,
+                    help="learning rate of the LSQ scales (default: --lr)")
     ap.add_argument("--loss", default="cosine", choices=["cosine", "mse", "hidden"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gptq", type=int, default=0,
+                    help="GPTQ rounding on this many training batches after calibration")
     ap.add_argument("--mixed", default="3.0,2.5", help="budgets (bits/w) of mixed rows")
     ap.add_argument("--time-limit", type=float, default=None, help="start no row after (s)")
     ap.add_argument("--corpus", default=None,
@@ -210,9 +226,11 @@ def main() -> None:
         f"# QAT on MiniLM-L6\n\ncommand: `{command}`\n\nmachine: {where}\n\n"
         f"{'QUICK run' if args.quick else 'run'}: {n_train} train / {n_test} held-out "
         f"sentences (split_corpus seed 0, max_length 64), distillation {epochs} epochs x "
-        f"{len(calib)} batches of 32, AdamW lr {args.lr} cosine schedule, loss "
+        f"{len(calib)} batches of 32, AdamW lr {args.lr}"
+        f"{f' (scales {args.scale_lr})' if args.scale_lr else ''} cosine schedule, loss "
         f"{args.loss}{' (hidden states of the 6 layers)' if hidden else ' (pooled embeddings)'}"
-        f"; quantizers LSQ (`learnable=True`), initialised by `calibrate`.\n\n"
+        f"; quantizers LSQ (`learnable=True`), initialised by `calibrate`"
+        f"{f', weights re-rounded by GPTQ on {args.gptq} batches' if args.gptq else ''}.\n\n"
         f"bits/w = size_report bits of the {len(names)} modules replacing "
         f"encoder.encoder.layer.* Linear layers (codes, scales, zero points, float32 "
         f"biases, all cores) / {n_weights} original weights. PTQ = same quantize + "
@@ -233,14 +251,19 @@ def main() -> None:
             calibrate(student, calib, progress=False)
             bits = bits_per_weight(student, names)
             cos_p, r_p = judge(student, held_out, reference, ref_knn)
+            cos_rtn = round(cos_p, 4)
+            if args.gptq:
+                gptq(student, calib[:args.gptq], progress=False)
+                cos_p, r_p = judge(student, held_out, reference, ref_knn)
             rep = finetune(student, calib, teacher=model, loss=loss, hidden=hidden,
-                           epochs=epochs, lr=args.lr, progress=False)
+                           epochs=epochs, lr=args.lr, scale_lr=args.scale_lr, progress=False)
             cos_q, r_q = judge(student, held_out, reference, ref_knn)
         except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
             notes.append(f"'{label}' failed: {type(err).__name__}: {err}")
             print(notes[-1], flush=True)
             continue
-        row = (label, round(bits, 3), fz, round(cos_p, 4), round(r_p, 3), round(cos_q, 4),
+        row = (label, round(bits, 3), fz, cos_rtn, round(cos_p, 4), round(r_p, 3),
+               round(cos_q, 4),
                round(r_q, 3), round(rep.history.time_s, 1), len(rep.history.step))
         table.append(row)
         print(f"{row}  [{time.perf_counter() - t0:.0f}s]", flush=True)

@@ -12,9 +12,12 @@ of repeated blocks, all in this run). Models:
 
 Each model is timed without quantizers and with per-channel int4 LSQ
 (``QuantSpec(bits=4, granularity='channel', learnable=True)``) on every
-weight/core, calibrated. When brevitas imports (``PYTHONPATH`` holding a
-brevitas that was installed next to, not into, this torch), the dense stack is
-also timed with ``brevitas.nn.QuantLinear`` (4-bit per-channel float scales).
+weight/core, calibrated: once on the eager path and once with the compiled
+kernel of :mod:`tnquant.quant.fused` (what ``finetune(fused=True)`` and its
+``'auto'`` default on large models use; compiled before timing). When
+brevitas imports (``PYTHONPATH`` holding a brevitas that was installed next
+to, not into, this torch), the dense stack is also timed with
+``brevitas.nn.QuantLinear`` (4-bit per-channel float scales).
 
 Run: ``.venv/bin/python benchmarks/bench_qat_step.py [--quick]``
 (``--quick``: 4 tokens, 5 repeats; full: 16 tokens, 11 repeats).
@@ -36,6 +39,7 @@ from bench_qat_digits import make_cnn  # noqa: E402
 from common import machine, markdown_table, median_time  # noqa: E402
 
 from tnquant import TT, LowRank, QuantSpec, Tucker, calibrate, factorize, quantize  # noqa: E402
+from tnquant.quant import fused  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_step.md"
 SPEC = QuantSpec(bits=4, granularity="channel", learnable=True)
@@ -112,10 +116,15 @@ def main() -> None:
         calibrate(q, [x], progress=False)
         t_float = median_time(step_fn(m, x, y), repeats=repeats)
         t_quant = median_time(step_fn(q, x, y), repeats=repeats)
-        row = (label, "tnquant int4 ch LSQ", round(t_float * 1e3, 2), round(t_quant * 1e3, 2),
-               round(t_quant / t_float, 2))
-        rows.append(row)
-        print(row, flush=True)
+        rows.append((label, "tnquant int4 ch LSQ (eager)", round(t_float * 1e3, 2),
+                     round(t_quant * 1e3, 2), round(t_quant / t_float, 2)))
+        print(rows[-1], flush=True)
+        if fused.available():
+            with fused.fused():
+                t_fused = median_time(step_fn(q, x, y), repeats=repeats)
+            rows.append((label, "tnquant int4 ch LSQ (fused)", round(t_float * 1e3, 2),
+                         round(t_fused * 1e3, 2), round(t_fused / t_float, 2)))
+            print(rows[-1], flush=True)
 
     bstack, note = brevitas_stack()
     if bstack is not None:

@@ -18,6 +18,12 @@ from tnquant.quant.ste import lsq_fake_quantize
 pytestmark = pytest.mark.skipif(not fused.available(), reason="torch.compile cannot build here")
 
 
+@pytest.fixture(autouse=True)
+def _small_tensors_too(monkeypatch):
+    """The tests use small tensors: let them take the fused path."""
+    monkeypatch.setattr(fused, "FUSED_MIN_NUMEL", 0)
+
+
 def _ties(shape, scale, seed):
     """Values with exact rounding ties (k + 0.5) * s and values beyond the range."""
     g = torch.Generator().manual_seed(seed)
@@ -94,6 +100,17 @@ def test_only_training_calls_are_fused_and_stochastic_stays_eager(monkeypatch):
         lsq_fake_quantize(x, s, None, -8, 7, rounding="stochastic")  # tried, refused
         assert fused.fake_quantize(x, s, None, -8, 7, 1.0, "stochastic") is None
     assert not fused.enabled()
+
+
+def test_small_tensors_stay_eager(monkeypatch):
+    monkeypatch.setattr(fused, "FUSED_MIN_NUMEL", 100)
+    calls = []
+    monkeypatch.setattr(fused, "fake_quantize", lambda *a: calls.append(a[0].numel()))
+    s = torch.tensor([0.1], requires_grad=True)
+    with fused.fused():
+        lsq_fake_quantize(torch.randn(99), s, None, -8, 7)
+        lsq_fake_quantize(torch.randn(100), s, None, -8, 7)
+    assert calls == [100]
 
 
 def test_compile_failure_falls_back_with_one_warning(monkeypatch):
