@@ -11,6 +11,8 @@ Rows:
   collapse), per-channel (output axis) int8/int4/int3/int2, per-group 64/128
   (input axis) int4, ternary (TWN, per-channel), and per-channel int3/int2
   with empirical bias correction (``calibrate(..., bias_correction=True)``);
+  per-channel int4/int3/int2 re-rounded by GPTQ (:func:`tnquant.ptq.gptq` on the
+  calibration batches after ``calibrate``; same qparams, same size);
 - data-aware factorization (``factorize(model, {LAYERS: spec},
   data=calib_batches)``: whitened SVD for LowRank / Tucker, TT-SVD + ALS
   in the output metric for TT) at ratio 0.5 and 0.25, then per-core
@@ -19,7 +21,8 @@ Rows:
   per output row (axis 0) and ``V (r, in)`` per rank row (axis 0); Tucker
   every core along axis 0 (``U_out`` per output row, ``G`` per output-rank
   row, ``U_in`` per input row); TT (order 2: cores ``(1, o1, i1, r)``,
-  ``(r, o2, i2, 1)``) along the rank axes, 3 and 0.
+  ``(r, o2, i2, 1)``) along the rank axes, 3 and 0; LowRank + int4 also with
+  GPTQ-rounded cores (``V`` on the layer inputs, then ``U`` on ``Q(V) x``).
 
 Judged on held-out sentences (``split_corpus`` seed 0; disjoint from the
 calibration ones) against the original model's embeddings:
@@ -79,6 +82,7 @@ from tnquant import (  # noqa: E402
     size_report,
 )
 from tnquant.datasets import load_minilm, minilm_path, split_corpus  # noqa: E402
+from tnquant.ptq import gptq  # noqa: E402
 
 LAYERS = "encoder.encoder.layer.*"
 MAX_LENGTH = 64
@@ -180,6 +184,10 @@ def dense_rows(quick: bool):
         ("int3 per-channel", ch(3), False),
         ("int3 per-channel mse", ch(3, observer="mse"), False),
         ("int3 per-channel mse + bias corr.", ch(3, observer="mse"), True),
+        ("int4 per-channel mse + GPTQ", ch(4, observer="mse"), "gptq"),
+        ("int3 per-channel + GPTQ", ch(3), "gptq"),
+        ("int3 per-channel mse + GPTQ", ch(3, observer="mse"), "gptq"),
+        ("int2 per-channel mse + GPTQ", ch(2, observer="mse"), "gptq"),
         ("int2 per-channel", ch(2), False),
         ("int2 per-channel mse", ch(2, observer="mse"), False),
         ("int2 per-channel mse + bias corr.", ch(2, observer="mse"), True),
@@ -205,7 +213,10 @@ def factor_rows(quick: bool):
             spec = cls(ratio=ratio, **extra)
             for bits in ((4,) if quick else (8, 4)):
                 rows.append((f"{fname}({ratio}) + int{bits} per-channel cores", spec, bits,
-                             qargs))
+                             qargs, False))
+            if fname == "LowRank" and not quick:
+                rows.append((f"{fname}({ratio}) + int4 per-channel cores + GPTQ", spec, 4,
+                             qargs, True))
     if quick:
         rows = [r for r in rows if r[0].startswith("LowRank")]
     return rows
@@ -265,7 +276,10 @@ def main() -> None:
         quantize(student, weights={LAYERS: spec}, progress=False)
         # bias correction runs the whole model once per layer (36 passes): on 2 of the 8
         # length-sorted calibration batches (64 sentences, short and long ones)
-        calibrate(student, calib[1::4] if bc else calib, bias_correction=bc, progress=False)
+        bias = bc is True
+        calibrate(student, calib[1::4] if bias else calib, bias_correction=bias, progress=False)
+        if bc == "gptq":  # re-round the weights on all calibration batches, qparams kept
+            gptq(student, calib, progress=False)
         bits = bits_per_weight(student, names)
         cos, r10 = judge(student, held_out, reference, ref_knn)
         row = (label, round(bits, 3), round(cos, 4), round(r10, 3),
@@ -277,7 +291,7 @@ def main() -> None:
     fac_table = []
     float_cos: dict[str, tuple[float, float, float]] = {}
     current: tuple[str, torch.nn.Module] | None = None
-    for label, spec, bits, qargs in select(factor_rows(args.quick), args.rows):
+    for label, spec, bits, qargs, use_gptq in select(factor_rows(args.quick), args.rows):
         t0 = time.perf_counter()
         if current is None or current[0] != repr(spec):
             current = (repr(spec), factorized(model, spec, calib, train, cache, fac_log))
@@ -290,6 +304,8 @@ def main() -> None:
                              for k, v in qargs(bits).items()},
                  include=[LAYERS], progress=False)
         calibrate(student, calib, progress=False)
+        if use_gptq:
+            gptq(student, calib, progress=False)
         qbits = bits_per_weight(student, names)
         cos, r10 = judge(student, held_out, reference, ref_knn)
         row = (label, round(qbits, 3), round(cos, 4), round(r10, 3), round(fbits, 2),

@@ -39,6 +39,9 @@ SHORT: dict[str, tuple[list[str], list[str]]] = {
         ["{out}"],
         ["max |emulator - float model|", "bit budget and resource estimate", "drift"]),
 }
+SHORT["gptq_vs_rtn.py"] = (
+    ["--quick"],
+    ["weights                     RTN cos  GPTQ cos", "int3 per-channel mse", "layer error"])
 SHORT["demo.py"] = (
     ["--quick"],
     ["1) quantizers on a real weight", "2) factorize all Linear layers",
