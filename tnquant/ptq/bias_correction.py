@@ -171,6 +171,27 @@ def _forward_order(model: nn.Module, targets: dict[str, nn.Module], batch: Any) 
     return order
 
 
+def layer_order(model: nn.Module, data: Any, num_batches: int | None,
+                targets: dict[str, nn.Module], report: Report, *, what: str,
+                unreached: str) -> list[str]:
+    """Names of ``targets`` in forward order on the first batch; the others skipped.
+
+    Raises ``ValueError`` (naming ``what``) when ``data`` has no batch; each
+    target the first batch does not reach goes to ``report.skipped`` with
+    the reason ``unreached``.
+    """
+    from tnquant.batches import iterate_batches
+
+    first = next(iter(iterate_batches(data, num_batches)), None)
+    if first is None:
+        raise ValueError(f"{what} needs at least one batch of data, got an empty iterable")
+    order = _forward_order(model, targets, first)
+    for name in targets:
+        if name not in order:
+            report.skip(name, type(targets[name]).__name__, unreached)
+    return order
+
+
 def correct_biases(model: nn.Module, data: Any, num_batches: int | None = None, *,
                    progress: bool = True) -> Report:
     """Subtract from each quantized layer's bias the mean output shift of its weights.
@@ -222,17 +243,8 @@ def correct_biases(model: nn.Module, data: Any, num_batches: int | None = None, 
         report.skip(name, kind, reason)
     if not targets:
         return report
-    from tnquant.batches import iterate_batches
-
-    first = next(iter(iterate_batches(data, num_batches)), None)
-    if first is None:
-        raise ValueError("bias correction needs at least one batch of data, got an empty "
-                         "iterable")
-    order = _forward_order(model, targets, first)
-    for name in targets:
-        if name not in order:
-            report.skip(name, type(targets[name]).__name__, "not reached by the data: not "
-                        "corrected")
+    order = layer_order(model, data, num_batches, targets, report, what="bias correction",
+                        unreached="not reached by the data: not corrected")
     for name in tqdm(order, desc="bias correction", disable=not progress):
         module = targets[name]
         meter = _ShiftMeter(module)

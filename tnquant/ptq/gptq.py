@@ -73,7 +73,7 @@ from tqdm.auto import tqdm
 from tnquant.layers.base import FactorizedLayer
 from tnquant.layers.lowrank import LowRankLinear
 from tnquant.layers.quantized import weight_pairs
-from tnquant.ptq.bias_correction import _forward_order
+from tnquant.ptq.bias_correction import layer_order
 from tnquant.ptq.calibrate import check_reiterable, run_batches
 from tnquant.quant.primitives import round_tensor
 from tnquant.quant.qparams import QParams, expand, to_blocks
@@ -353,15 +353,8 @@ def gptq(model: nn.Module, data: Any, num_batches: int | None = None, *, damp: f
         report.skip(name, kind, reason)
     if not targets:
         return report
-    from tnquant.batches import iterate_batches
-
-    first = next(iter(iterate_batches(data, num_batches)), None)
-    if first is None:
-        raise ValueError("GPTQ needs at least one batch of data, got an empty iterable")
-    order = _forward_order(model, targets, first)
-    for name in targets:
-        if name not in order:
-            report.skip(name, type(targets[name]).__name__, "not reached by the data")
+    order = layer_order(model, data, num_batches, targets, report, what="GPTQ",
+                        unreached="not reached by the data")
     for name in tqdm(order, desc="GPTQ", disable=not progress):
         module = targets[name]
         gram = _Gram()
