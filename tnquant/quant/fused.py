@@ -50,6 +50,9 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+# a module reference, not names: tnquant.quant.ste imports this module while it loads
+import tnquant.quant.ste as _ste
+
 __all__ = ["enable", "enabled", "fused", "available", "fake_quantize", "FUSED_ROUNDINGS",
            "FUSED_MIN_NUMEL"]
 
@@ -66,16 +69,6 @@ RECOMPILE_LIMIT = 64
 _STATE: dict[str, Any] = {"enabled": False, "fn": None, "broken": None}
 
 
-def _round(v: Tensor, mode: str) -> Tensor:
-    # the same formulas as tnquant.quant.ste.round_tensor (kept in step by the tests)
-    if mode == "nearest_even":
-        return torch.round(v)
-    if mode == "floor":
-        return torch.floor(v)
-    low = torch.floor(v)
-    return low + (v - low >= 0.5).to(v.dtype)
-
-
 class _FusedLSQ(Function):
     """LSQ/LSQ+ fake quantization that saves only its inputs (see :mod:`tnquant.quant.ste`)."""
 
@@ -85,7 +78,7 @@ class _FusedLSQ(Function):
         ctx.save_for_backward(x, scale, zero_point)
         ctx.qrange = (qmin, qmax)
         ctx.rounding = rounding
-        r = _round(x / scale, rounding)
+        r = _ste.round_tensor(x / scale, rounding)
         if zero_point is None:
             return r.clamp(qmin, qmax) * scale
         zp = torch.round(zero_point.clamp(qmin, qmax))
@@ -96,7 +89,7 @@ class _FusedLSQ(Function):
         x, scale, zero_point = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         v = x / scale
-        rounded = _round(v, ctx.rounding)
+        rounded = _ste.round_tensor(v, ctx.rounding)
         zp = None if zero_point is None else torch.round(zero_point.clamp(qmin, qmax))
         r = rounded if zp is None else rounded + zp
         inside = (r >= qmin) & (r <= qmax)
