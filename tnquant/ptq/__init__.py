@@ -1,4 +1,4 @@
-"""Post-training quantization: calibrate ranges, correct biases, GPTQ rounding.
+"""Post-training quantization: calibrate ranges, correct biases, GPTQ rounding, rotations.
 
 Examples
 --------
@@ -15,6 +15,7 @@ Examples
 from tnquant.ptq.bias_correction import bias_targets, correct_biases
 from tnquant.ptq.calibrate import QuantizerRole, calibrate, find_quantizers
 from tnquant.ptq.gptq import gptq, gptq_targets
+from tnquant.ptq.rotate import HadamardRotation, RotatedLinear, rotate
 
 __all__ = [
     "calibrate",
@@ -22,6 +23,9 @@ __all__ = [
     "bias_targets",
     "gptq",
     "gptq_targets",
+    "rotate",
+    "RotatedLinear",
+    "HadamardRotation",
     "find_quantizers",
     "QuantizerRole",
 ]
