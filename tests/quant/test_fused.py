@@ -1,4 +1,4 @@
-"""The compiled (fused) fake-quantization path against the eager LSQ reference."""
+"""The fused fake-quantization backends (C++ kernel, torch.compile) against eager LSQ."""
 
 from __future__ import annotations
 
@@ -11,17 +11,28 @@ from torch import nn
 
 from tnquant import QuantSpec, calibrate, finetune, quantize
 from tnquant.qat.finetune import FUSED_AUTO_MIN, quantized_weights, use_fused
-from tnquant.quant import fused
+from tnquant.quant import cpu_kernel, fused
 from tnquant.quant.primitives import fake_quantize_blocks
 from tnquant.quant.ste import lsq_fake_quantize
 
-pytestmark = pytest.mark.skipif(not fused.available(), reason="torch.compile cannot build here")
+pytestmark = pytest.mark.skipif(not fused.available(), reason="no fused backend builds here")
 
 
-@pytest.fixture(autouse=True)
-def _small_tensors_too(monkeypatch):
-    """The tests use small tensors: let them take the fused path."""
+def _compiles() -> bool:
+    with fused.fused(False, "compile"):
+        return fused.available()
+
+
+@pytest.fixture(params=["cpp", "compile"])
+def backend(request, monkeypatch):
+    """Each backend alone; the tests use small tensors: let them take the fused path."""
+    if request.param == "cpp" and not cpu_kernel.available():
+        pytest.skip("the C++ kernel does not build here")
+    if request.param == "compile" and not _compiles():
+        pytest.skip("torch.compile cannot build here")
     monkeypatch.setattr(fused, "FUSED_MIN_NUMEL", 0)
+    monkeypatch.setitem(fused._STATE, "backend", request.param)
+    return request.param
 
 
 def _ties(shape, scale, seed):
@@ -47,7 +58,7 @@ def _run(x, s, zp, qmin, qmax, gs, rounding, on):
 
 @pytest.mark.parametrize("rounding", ["nearest_even", "half_up", "floor"])
 @pytest.mark.parametrize("affine", [False, True])
-def test_fused_equals_eager(rounding, affine):
+def test_fused_equals_eager(rounding, affine, backend):
     s = torch.tensor([[0.25], [0.1], [0.5]]).repeat(4, 1)  # 12 channels, one a power of two
     x = _ties((12, 40), s, seed=1)
     zp = torch.full((12, 1), 3.0) if affine else None
@@ -66,7 +77,7 @@ def test_fused_equals_eager(rounding, affine):
                                   QuantSpec(bits=4, granularity=("group", 8), axis=1,
                                             learnable=True)],
                          ids=["tensor", "channel", "group"])
-def test_fused_blocks_all_granularities(spec):
+def test_fused_blocks_all_granularities(spec, backend):
     w = torch.randn(16, 32)
     scale = (w.abs().amax(1, keepdim=True) / 7) if spec.granularity == "channel" else None
     if spec.granularity == "tensor":
@@ -102,15 +113,54 @@ def test_only_training_calls_are_fused_and_stochastic_stays_eager(monkeypatch):
     assert not fused.enabled()
 
 
-def test_small_tensors_stay_eager(monkeypatch):
+def test_small_tensors_skip_the_compiled_backend(monkeypatch):
     monkeypatch.setattr(fused, "FUSED_MIN_NUMEL", 100)
+    monkeypatch.setitem(fused._STATE, "backend", "compile")
     calls = []
-    monkeypatch.setattr(fused, "fake_quantize", lambda *a: calls.append(a[0].numel()))
+    monkeypatch.setattr(fused, "_compiled_fake_quantize", lambda *a: calls.append(a[0].numel()))
     s = torch.tensor([0.1], requires_grad=True)
     with fused.fused():
         lsq_fake_quantize(torch.randn(99), s, None, -8, 7)
         lsq_fake_quantize(torch.randn(100), s, None, -8, 7)
     assert calls == [100]
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the C++ kernel does not build here")
+def test_auto_takes_the_cpp_kernel_on_cpu_even_for_small_tensors(monkeypatch):
+    monkeypatch.setattr(fused, "_compiled_fake_quantize", lambda *a: pytest.fail("compiled"))
+    x, s = torch.randn(4, 3, requires_grad=True), torch.full((4, 1), 0.3, requires_grad=True)
+    with fused.fused(backend="auto"):
+        out = lsq_fake_quantize(x, s, None, -4, 3)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_CpuLSQBackward"
+    assert torch.equal(out, lsq_fake_quantize(x.detach(), s.detach(), None, -4, 3))
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the C++ kernel does not build here")
+@pytest.mark.parametrize(("x_shape", "s_shape", "rows"),
+                         [((6, 5), (6, 1), 6), ((6, 5), (1,), 1), ((6, 5), (), 1),
+                          ((2, 3, 4), (2, 3, 1), 6), ((2, 3, 4), (2, 1, 1), 2),
+                          ((6, 5), (1, 5), None), ((2, 3, 4), (2, 1, 4), None)])
+def test_cpp_row_views(x_shape, s_shape, rows):
+    """Scales constant along trailing dims map to rows; others are refused (None)."""
+    x = torch.randn(x_shape)
+    s = torch.rand(s_shape) + 0.1
+    assert cpu_kernel._rows(x, s, None) == rows
+    out = cpu_kernel.fake_quantize(x, s, None, -4, 3, 1.0, "nearest_even")
+    assert (out is None) == (rows is None)
+    if out is not None:
+        assert torch.equal(out, lsq_fake_quantize(x, s, None, -4, 3))
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the C++ kernel does not build here")
+def test_cpp_refuses_what_it_does_not_handle():
+    s = torch.tensor([0.1])
+    assert cpu_kernel.fake_quantize(torch.randn(4).half(), s.half(), None, -4, 3, 1.0,
+                                    "nearest_even") is None
+    assert cpu_kernel.fake_quantize(torch.randn(4), s, None, -4, 3, 1.0, "stochastic") is None
+    assert cpu_kernel.fake_quantize(torch.randn(4), s.double(), None, -4, 3, 1.0,
+                                    "nearest_even") is None
+    with pytest.raises(ValueError, match="backend"):
+        fused.enable(True, "triton")
 
 
 def test_compile_failure_falls_back_with_one_warning(monkeypatch):
@@ -119,6 +169,8 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
 
     monkeypatch.setitem(fused._STATE, "fn", broken)
     monkeypatch.setitem(fused._STATE, "broken", None)
+    monkeypatch.setitem(fused._STATE, "backend", "compile")
+    monkeypatch.setattr(fused, "FUSED_MIN_NUMEL", 0)
     x = torch.randn(6, requires_grad=True)
     s = torch.tensor([0.2], requires_grad=True)
     eager = lsq_fake_quantize(x, s, None, -4, 3)
@@ -129,6 +181,26 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
         warnings.simplefilter("error")
         lsq_fake_quantize(x, s, None, -4, 3)  # remembered: no second warning
     assert not fused.available("cpu") or fused._STATE["broken"] is not None
+
+
+def test_cpp_build_failure_falls_back_with_one_warning(monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no g++")
+
+    monkeypatch.setattr(ext, "load", broken)
+    monkeypatch.setitem(cpu_kernel._STATE, "module", None)
+    monkeypatch.setitem(cpu_kernel._STATE, "broken", None)
+    monkeypatch.setitem(fused._STATE, "backend", "cpp")
+    x, s = torch.randn(6, requires_grad=True), torch.tensor([0.2], requires_grad=True)
+    with fused.fused(), pytest.warns(RuntimeWarning, match="no g"):
+        out = lsq_fake_quantize(x, s, None, -4, 3)
+    assert torch.equal(out, lsq_fake_quantize(x.detach(), s, None, -4, 3))
+    with fused.fused(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lsq_fake_quantize(x, s, None, -4, 3)  # remembered: no second warning
+    assert not cpu_kernel.available() and not fused.available("cpu")
 
 
 def _student():
@@ -142,7 +214,7 @@ def _student():
     return teacher, student, data
 
 
-def test_finetune_fused_matches_eager_training():
+def test_finetune_fused_matches_eager_training(backend):
     teacher, student, data = _student()
     other = copy.deepcopy(student)
     kw = dict(teacher=teacher, epochs=10, lr=1e-2, progress=False)

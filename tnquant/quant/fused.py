@@ -1,14 +1,24 @@
-"""Fused fake quantization for training: one compiled kernel forward, one backward.
+"""Fused fake quantization for training: one pass forward, one backward per weight.
 
 :func:`~tnquant.quant.ste.lsq_fake_quantize` in eager mode runs about ten
 element-wise passes over a weight per training step (divide, round, clamp,
 multiply forward; masks, the LSQ scale term and its reduction backward) and
 keeps four weight-sized tensors alive for the backward pass. On a small
 batch those passes cost more than the layer's matrix products. The fused
-path computes the same function with :func:`torch.compile` (TorchInductor:
-one generated loop forward, one backward that recomputes ``x / s`` instead
-of saving it), so a training step pays about one pass forward and one
-backward per quantized weight.
+path computes the same function in one loop forward and one backward that
+recomputes ``x / s`` instead of saving it. Two backends:
+
+- ``'cpp'``: on CPU tensors, the C++ kernel of
+  :mod:`tnquant.quant.cpu_kernel` (built once with g++, ~25 s), called
+  through a plain autograd function: a few microseconds of fixed cost per
+  call, so it pays on small cores too;
+- ``'compile'``: :func:`torch.compile` (TorchInductor; Triton on a GPU) of
+  the same function, for every device; each call also pays ~0.2 ms of
+  guards and wrappers on a CPU, so tensors under :data:`FUSED_MIN_NUMEL`
+  elements stay eager.
+
+``'auto'`` (the default) takes ``'cpp'`` for the CPU tensors it handles
+and ``'compile'`` for the others; :func:`enable` / :func:`fused` choose.
 
 Exactness: the forward values are those of the eager path bit for bit (the
 same IEEE divide, round, clamp and multiply per element; tested). The input
@@ -20,10 +30,9 @@ Use: ``finetune(..., fused=True)`` (its default ``'auto'`` turns it on for
 runs with at least ``2**20`` fake-quantized weights and 100 steps, when
 :func:`available`), or :func:`enable` / the :func:`fused` context manager
 around your own loop. Only training calls use it (grad enabled and ``x`` or
-``scale`` requiring grad) on tensors of at least :data:`FUSED_MIN_NUMEL`
-elements, with rounding ``'nearest_even'``, ``'half_up'`` or ``'floor'``;
-other calls, and every call when compilation fails (no C++
-compiler, an unsupported platform), take the eager path (the failure is
+``scale`` requiring grad), with rounding ``'nearest_even'``, ``'half_up'``
+or ``'floor'``; other calls, and every call when neither backend builds (no
+C++ compiler, an unsupported platform), take the eager path (a failure is
 warned about once).
 
 Examples
@@ -52,21 +61,26 @@ from torch.autograd import Function
 
 # a module reference, not names: tnquant.quant.ste imports this module while it loads
 import tnquant.quant.ste as _ste
+from tnquant.quant import cpu_kernel
 
 __all__ = ["enable", "enabled", "fused", "available", "fake_quantize", "FUSED_ROUNDINGS",
-           "FUSED_MIN_NUMEL"]
+           "FUSED_MIN_NUMEL", "BACKENDS"]
 
 #: Rounding modes the fused kernel implements (``'stochastic'`` stays eager).
 FUSED_ROUNDINGS = ("nearest_even", "half_up", "floor")
 
-#: Smallest tensor (elements) the fused path takes: below it the compiled call's fixed
-#: cost (guards, autograd nodes; ~0.1 ms on a 2-core CPU) outweighs the passes it saves.
+#: Smallest tensor (elements) the ``'compile'`` backend takes: below it the compiled call's
+#: fixed cost (guards, wrappers, autograd nodes; ~0.2 ms on a 2-core CPU) outweighs the
+#: passes it saves.
 FUSED_MIN_NUMEL = 2**14
+
+#: Backends :func:`enable` accepts (see the module docs).
+BACKENDS = ("auto", "cpp", "compile")
 
 #: Graphs the compiled kernel may hold (ranks x affine x rounding x dtype x device).
 RECOMPILE_LIMIT = 64
 
-_STATE: dict[str, Any] = {"enabled": False, "fn": None, "broken": None}
+_STATE: dict[str, Any] = {"enabled": False, "backend": "auto", "fn": None, "broken": None}
 
 
 class _FusedLSQ(Function):
@@ -133,8 +147,10 @@ def _compiled() -> Callable[..., Tensor] | None:
     return _STATE["fn"]
 
 
-def enable(on: bool = True) -> bool:
+def enable(on: bool = True, backend: str | None = None) -> bool:
     """Turn the fused path on or off for the whole process; returns the previous setting.
+
+    ``backend`` (one of :data:`BACKENDS`) also sets the backend when given.
 
     Examples
     --------
@@ -143,6 +159,10 @@ def enable(on: bool = True) -> bool:
     False
     >>> _ = enable(previous)
     """
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        _STATE["backend"] = backend
     previous = bool(_STATE["enabled"])
     _STATE["enabled"] = bool(on)
     return previous
@@ -154,31 +174,43 @@ def enabled() -> bool:
 
 
 @contextmanager
-def fused(on: bool = True) -> Iterator[None]:
-    """Context manager: the fused path on (or off) inside, the previous setting after."""
-    previous = enable(on)
+def fused(on: bool = True, backend: str | None = None) -> Iterator[None]:
+    """Context manager: the fused path on (or off) inside, the previous setting after.
+
+    ``backend``: one of :data:`BACKENDS` inside (default: keep the current one).
+    """
+    previous, previous_backend = enabled(), _STATE["backend"]
+    enable(on, backend)
     try:
         yield
     finally:
-        enable(previous)
+        enable(previous, previous_backend)
 
 
 def available(device: torch.device | str = "cpu") -> bool:
-    """Whether the compiled kernel builds and runs on ``device`` (tried once, then remembered).
+    """Whether a fused backend builds and runs on ``device`` (tried once, then remembered).
+
+    On the CPU: the C++ kernel (backend ``'auto'`` or ``'cpp'``) or the
+    compiled one (``'auto'`` or ``'compile'``); elsewhere the compiled one.
 
     Examples
     --------
     >>> isinstance(available(), bool)
     True
     """
-    checked = _STATE.setdefault("checked", set())
     key = torch.device(device).type
+    backend = _STATE["backend"]
+    if key == "cpu" and backend in ("auto", "cpp") and cpu_kernel.available():
+        return True
+    if backend == "cpp":
+        return False
+    checked = _STATE.setdefault("checked", set())
     if _STATE["broken"] is None and key not in checked:
         checked.add(key)
         x = torch.linspace(-1, 1, 16, device=device, requires_grad=True)
         s = torch.full((1,), 0.25, device=device, requires_grad=True)
         try:
-            out = fake_quantize(x, s, None, -4, 3, 1.0, "nearest_even")
+            out = _compiled_fake_quantize(x, s, None, -4, 3, 1.0, "nearest_even")
             if out is not None:  # the backward kernel is compiled on the first backward
                 out.sum().backward()
         except Exception as err:  # noqa: BLE001 - a failing compiler means "not available"
@@ -188,12 +220,26 @@ def available(device: torch.device | str = "cpu") -> bool:
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int,
                   grad_scale: float, rounding: str) -> Tensor | None:
-    """The fused kernel's result, or ``None`` when it cannot run (the caller goes eager).
+    """The fused result, or ``None`` when no backend takes the call (the caller goes eager).
 
     Same arguments and gradients as :func:`~tnquant.quant.ste.lsq_fake_quantize`.
     """
+    if rounding not in FUSED_ROUNDINGS:
+        return None
+    backend = _STATE["backend"]
+    if backend != "compile" and x.device.type == "cpu":
+        out = cpu_kernel.fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale, rounding)
+        if out is not None or backend == "cpp":
+            return out
+    if backend == "cpp" or x.numel() < FUSED_MIN_NUMEL:
+        return None
+    return _compiled_fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale, rounding)
+
+
+def _compiled_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int,
+                            qmax: int, grad_scale: float, rounding: str) -> Tensor | None:
     fn = _compiled()
-    if fn is None or rounding not in FUSED_ROUNDINGS:
+    if fn is None:
         return None
     if grad_scale != 1.0:
         scale = _GradScale.apply(scale, grad_scale)

@@ -330,7 +330,6 @@ def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin:
     if qmin > qmax:
         raise ValueError(f"qmin must be <= qmax, got qmin={qmin}, qmax={qmax}")
     if _fused.enabled() and torch.is_grad_enabled() and (
-            x.numel() >= _fused.FUSED_MIN_NUMEL) and (
             x.requires_grad or scale.requires_grad
             or (zero_point is not None and zero_point.requires_grad)):
         out = _fused.fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale, rounding)
