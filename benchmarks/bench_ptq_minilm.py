@@ -12,7 +12,10 @@ Rows:
   (input axis) int4, ternary (TWN, per-channel), and per-channel int3/int2
   with empirical bias correction (``calibrate(..., bias_correction=True)``);
   per-channel int4/int3/int2 re-rounded by GPTQ (:func:`tnquant.ptq.gptq` on the
-  calibration batches after ``calibrate``; same qparams, same size);
+  calibration batches after ``calibrate``; same qparams, same size); the same
+  after a random Hadamard rotation of every layer's input
+  (:func:`tnquant.ptq.rotate`, before ``quantize``; bits/w adds the 64-bit seed
+  each rotation stores);
 - data-aware factorization (``factorize(model, {LAYERS: spec},
   data=calib_batches)``: whitened SVD for LowRank / Tucker, TT-SVD + ALS
   in the output metric for TT) at ratio 0.5 and 0.25, then per-core
@@ -65,7 +68,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import embed, judge, knn, machine, make_batches, markdown_table  # noqa: E402
+from common import (  # noqa: E402
+    bits_per_weight,
+    embed,
+    judge,
+    knn,
+    linear_names,
+    machine,
+    make_batches,
+    markdown_table,
+)
 
 import tnquant  # noqa: E402
 from tnquant import (  # noqa: E402
@@ -79,10 +91,9 @@ from tnquant import (  # noqa: E402
     load,
     quantize,
     save,
-    size_report,
 )
 from tnquant.datasets import load_minilm, minilm_path, split_corpus  # noqa: E402
-from tnquant.ptq import gptq  # noqa: E402
+from tnquant.ptq import gptq, rotate  # noqa: E402
 
 LAYERS = "encoder.encoder.layer.*"
 MAX_LENGTH = 64
@@ -99,16 +110,6 @@ def token_length(tokenizer, sentence: str) -> int:
     return len(tokenizer(sentence, truncation=True, max_length=MAX_LENGTH)["input_ids"])
 
 
-def linear_names(model) -> dict[str, int]:
-    return {n: m.weight.numel() for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith("encoder.encoder.layer.")}
-
-
-def bits_per_weight(model, names: dict[str, int]) -> float:
-    rows = [r for r in size_report(model) if r["name"] in names]
-    if len(rows) != len(names):
-        raise RuntimeError(f"size_report has {len(rows)} of the {len(names)} layer rows")
-    return sum(r["size_bits"] for r in rows) / sum(names.values())
 
 
 # ----------------------------------------------------------------------- caching
@@ -188,6 +189,10 @@ def dense_rows(quick: bool):
         ("int3 per-channel + GPTQ", ch(3), "gptq"),
         ("int3 per-channel mse + GPTQ", ch(3, observer="mse"), "gptq"),
         ("int2 per-channel mse + GPTQ", ch(2, observer="mse"), "gptq"),
+        ("int3 per-channel mse + rotation", ch(3, observer="mse"), "rotate"),
+        ("int4 per-channel mse + rotation + GPTQ", ch(4, observer="mse"), "rotate+gptq"),
+        ("int3 per-channel mse + rotation + GPTQ", ch(3, observer="mse"), "rotate+gptq"),
+        ("int2 per-channel mse + rotation + GPTQ", ch(2, observer="mse"), "rotate+gptq"),
         ("int2 per-channel", ch(2), False),
         ("int2 per-channel mse", ch(2, observer="mse"), False),
         ("int2 per-channel mse + bias corr.", ch(2, observer="mse"), True),
@@ -273,12 +278,14 @@ def main() -> None:
     for label, spec, bc in select(dense_rows(args.quick), args.rows):
         t0 = time.perf_counter()
         student = copy.deepcopy(model)
+        if str(bc).startswith("rotate"):  # random Hadamard rotation of the layers' inputs
+            rotate(student, include=[LAYERS], progress=False)
         quantize(student, weights={LAYERS: spec}, progress=False)
         # bias correction runs the whole model once per layer (36 passes): on 2 of the 8
         # length-sorted calibration batches (64 sentences, short and long ones)
         bias = bc is True
         calibrate(student, calib[1::4] if bias else calib, bias_correction=bias, progress=False)
-        if bc == "gptq":  # re-round the weights on all calibration batches, qparams kept
+        if str(bc).endswith("gptq"):  # re-round on all calibration batches, qparams kept
             gptq(student, calib, progress=False)
         bits = bits_per_weight(student, names)
         cos, r10 = judge(student, held_out, reference, ref_knn)

@@ -22,15 +22,24 @@ Rows ``mixed <b> bits``: a plan from :func:`tnquant.search.search`
 (``metric='output'`` on 64 training sentences; dense int8/6/5/4/3/2 per
 channel with the ``'mse'`` observer, or ternary, per layer) at a budget of
 ``b`` bits per original weight, its quantizers made learnable (LSQ), then
-the same calibrate / judge / distil / judge.
+the same calibrate / judge / distil / judge. ``--formats lowrank`` also lets
+the search pick ``LowRank(ratio=0.5)`` (plain SVD) with quantized cores per
+layer.
 
 ``--gptq N``: after calibration, re-round the dense quantized weights with
 :func:`tnquant.ptq.gptq` on the first ``N`` training batches (the weight
 qparams are kept, so the size is unchanged); ``RTN cos`` is the PTQ model
 before it, ``PTQ cos`` after it, and QAT starts from the GPTQ weights.
 
+``--rotate``: first replace the encoder's Linear layers by
+:class:`tnquant.ptq.RotatedLinear` (random Hadamard rotation of the inputs,
+weights ``W R``; the same float model), so that every row quantizes, searches,
+GPTQ-rounds and fine-tunes the rotated weights. bits/w adds each rotation's
+stored seed (64 bits per layer).
+
 Run: ``.venv/bin/python benchmarks/bench_qat_minilm.py [--quick] [--rows a,b,..]
-[--device cuda] [--train N] [--epochs E] [--loss cosine|mse|hidden] [--gptq N]``
+[--device cuda] [--train N] [--epochs E] [--loss cosine|mse|hidden] [--gptq N]
+[--rotate]``
 (``--quick``: 256 train / 128 held-out sentences, 1 epoch). The results
 file is rewritten after every row, so a run stopped early keeps what it did.
 """
@@ -47,7 +56,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import embed, judge, knn, machine, make_batches, markdown_table  # noqa: E402
+from common import (  # noqa: E402
+    bits_per_weight,
+    embed,
+    judge,
+    knn,
+    linear_names,
+    machine,
+    make_batches,
+    markdown_table,
+)
 
 from tnquant import (  # noqa: E402
     TT,
@@ -58,27 +76,16 @@ from tnquant import (  # noqa: E402
     factorize,
     finetune,
     quantize,
-    size_report,
 )
 from tnquant.batches import move_batch  # noqa: E402
 from tnquant.datasets import load_minilm, split_corpus  # noqa: E402
-from tnquant.ptq import gptq  # noqa: E402
+from tnquant.ptq import gptq, rotate  # noqa: E402
 from tnquant.search import Candidates, Plan, apply, search, sensitivity  # noqa: E402
 
 LAYERS = "encoder.encoder.layer.*"
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_minilm.md"
 
 
-def linear_names(model) -> dict[str, int]:
-    return {n: m.weight.numel() for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith("encoder.encoder.layer.")}
-
-
-def bits_per_weight(model, names: dict[str, int]) -> float:
-    rows = [r for r in size_report(model) if r["name"] in names]
-    if len(rows) != len(names):
-        raise RuntimeError(f"size_report has {len(rows)} of the {len(names)} layer rows")
-    return sum(r["size_bits"] for r in rows) / sum(names.values())
 
 
 # ------------------------------------------------------------------ rows
@@ -121,8 +128,8 @@ def select(rows, wanted):
 def mixed_plan(model, calib, bits_per_weight_budget: float, n_weights: int, cache: dict):
     """A searched mixed-precision plan at the budget, with learnable (LSQ) quantizers."""
     if "sens" not in cache:
-        cands = Candidates(formats=(), bits=(8, 6, 5, 4, 3, 2), ternary=True, binary=False,
-                           observer="mse")
+        cands = Candidates(formats=cache.get("formats", ()), ratios=(0.5,),
+                           bits=(8, 6, 5, 4, 3, 2), ternary=True, binary=False, observer="mse")
         t0 = time.perf_counter()
         cache["sens"] = sensitivity(model, calib[:2], cands, metric="output",
                                     include=[LAYERS], progress=False)
@@ -188,6 +195,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gptq", type=int, default=0,
                     help="GPTQ rounding on this many training batches after calibration")
+    ap.add_argument("--formats", default="",
+                    help="factorizations the mixed rows may pick (e.g. 'lowrank', ratio 0.5)")
+    ap.add_argument("--rotate", action="store_true",
+                    help="rotate the layers' inputs (tnquant.ptq.rotate) before quantizing")
     ap.add_argument("--mixed", default="3.0,2.5", help="budgets (bits/w) of mixed rows")
     ap.add_argument("--time-limit", type=float, default=None, help="start no row after (s)")
     ap.add_argument("--corpus", default=None,
@@ -216,6 +227,11 @@ def main() -> None:
     held_out = [move_batch(b, device) for b in make_batches(tokenizer, test)]
     reference = embed(model, held_out)
     ref_knn = knn(reference)
+    # students start from `base`: the model itself, or its rotated copy (same function)
+    base = model
+    if args.rotate:
+        base = copy.deepcopy(model)
+        rotate(base, include=[LAYERS], progress=False)
     names = linear_names(model)
     n_weights = sum(names.values())
     hidden = [f"encoder.encoder.layer.{i}" for i in range(6)] if args.loss == "hidden" else None
@@ -230,6 +246,8 @@ def main() -> None:
         f"{f' (scales {args.scale_lr})' if args.scale_lr else ''} cosine schedule, loss "
         f"{args.loss}{' (hidden states of the 6 layers)' if hidden else ' (pooled embeddings)'}"
         f"; quantizers LSQ (`learnable=True`), initialised by `calibrate`"
+        f"{', inputs Hadamard-rotated (tnquant.ptq.rotate)' if args.rotate else ''}"
+        f"{f', mixed plans may factorize ({args.formats}, ratio 0.5)' if args.formats else ''}"
         f"{f', weights re-rounded by GPTQ on {args.gptq} batches' if args.gptq else ''}.\n\n"
         f"bits/w = size_report bits of the {len(names)} modules replacing "
         f"encoder.encoder.layer.* Linear layers (codes, scales, zero points, float32 "
@@ -238,7 +256,7 @@ def main() -> None:
         f"(data-aware fit on the train batches) before quantization.\n\n")
     table: list[tuple] = []
     notes: list[str] = []
-    state: dict = {}
+    state: dict = {"formats": tuple(f for f in args.formats.split(",") if f)}
     t_all = time.perf_counter()
     for label, factor, spec in rows:
         if args.time_limit and time.perf_counter() - t_all > args.time_limit:
@@ -246,7 +264,7 @@ def main() -> None:
             break
         t0 = time.perf_counter()
         try:
-            student, fz = build_student(model, label, factor, spec, calib, held_out, reference,
+            student, fz = build_student(base, label, factor, spec, calib, held_out, reference,
                                         ref_knn, n_weights, state)
             calibrate(student, calib, progress=False)
             bits = bits_per_weight(student, names)

@@ -12,9 +12,10 @@ of repeated blocks, all in this run). Models:
 
 Each model is timed without quantizers and with per-channel int4 LSQ
 (``QuantSpec(bits=4, granularity='channel', learnable=True)``) on every
-weight/core, calibrated: once on the eager path and once with the compiled
-kernel of :mod:`tnquant.quant.fused` (what ``finetune(fused=True)`` and its
-``'auto'`` default on large models use; compiled before timing). When
+weight/core, calibrated: on the eager path and with each backend of
+:mod:`tnquant.quant.fused` (what ``finetune(fused=True)`` and its ``'auto'``
+default on large models use): ``cpp``, the C++ kernel ``'auto'`` takes on
+the CPU, and ``compile``, ``torch.compile`` (built before timing). When
 brevitas imports (``PYTHONPATH`` holding a brevitas that was installed next
 to, not into, this torch), the dense stack is also timed with
 ``brevitas.nn.QuantLinear`` (4-bit per-channel float scales).
@@ -119,11 +120,15 @@ def main() -> None:
         rows.append((label, "tnquant int4 ch LSQ (eager)", round(t_float * 1e3, 2),
                      round(t_quant * 1e3, 2), round(t_quant / t_float, 2)))
         print(rows[-1], flush=True)
-        if fused.available():
-            with fused.fused():
+        for backend in ("cpp", "compile"):
+            with fused.fused(False, backend):
+                if not fused.available():
+                    continue
+            with fused.fused(True, backend):
                 t_fused = median_time(step_fn(q, x, y), repeats=repeats)
-            rows.append((label, "tnquant int4 ch LSQ (fused)", round(t_float * 1e3, 2),
-                         round(t_fused * 1e3, 2), round(t_fused / t_float, 2)))
+            rows.append((label, f"tnquant int4 ch LSQ (fused, {backend})",
+                         round(t_float * 1e3, 2), round(t_fused * 1e3, 2),
+                         round(t_fused / t_float, 2)))
             print(rows[-1], flush=True)
 
     bstack, note = brevitas_stack()

@@ -69,6 +69,32 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 # shared by bench_ptq_minilm, bench_qat_minilm and bench_search
 
 
+def linear_names(model) -> dict[str, int]:
+    """The encoder's Linear layers (the ones every MiniLM row compresses) -> weight count."""
+    return {n: m.weight.numel() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith("encoder.encoder.layer.")}
+
+
+def bits_per_weight(model, names: dict[str, int]) -> float:
+    """``size_report`` bits of the modules that replace the ``names`` layers, per weight.
+
+    A layer rotated by :func:`tnquant.ptq.rotate` counts its ``<name>.layer``
+    and its rotation's stored seed (``<name>.rotation``).
+    """
+    from tnquant import size_report
+
+    sizes = {r["name"]: r["size_bits"] for r in size_report(model)}
+    total = 0
+    for name in names:
+        if name in sizes:
+            total += sizes[name]
+        elif f"{name}.layer" in sizes:
+            total += sizes[f"{name}.layer"] + sizes.get(f"{name}.rotation", 0)
+        else:
+            raise RuntimeError(f"size_report has no row for the layer {name!r}")
+    return total / sum(names.values())
+
+
 def make_batches(tokenizer, sentences: Sequence[str], size: int = 32,
                  max_length: int = 64) -> list[dict]:
     """Tokenized batches (padded to the longest in each batch, truncated at max_length)."""
