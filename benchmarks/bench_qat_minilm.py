@@ -170,6 +170,23 @@ def build_student(model, label, factor, spec, calib, held_out, reference, ref_kn
     return student, fz
 
 
+def plan_summary(student) -> str:
+    """How many layers a mixed plan factorized and at which bit widths it quantized."""
+    from collections import Counter
+
+    from tnquant.layers import FactorizedLayer
+    from tnquant.quant.quantizer import Quantizer
+
+    kinds = Counter(type(m).__name__ for n, m in student.named_modules()
+                    if n.startswith("encoder.encoder.layer.") and
+                    (isinstance(m, FactorizedLayer) or hasattr(m, "weight_quantizer")))
+    bits = Counter(getattr(q.spec, "bits", type(q.spec).__name__) for n, q
+                   in student.named_modules()
+                   if isinstance(q, Quantizer) and n.startswith("encoder.encoder.layer."))
+    return (", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) + "; quantizers by bits: "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(bits.items(), key=str)))
+
+
 def write(args, text_head, table, notes, total):
     header = ("model", "bits/w", "float cos (factorized)", "RTN cos", "PTQ cos", "PTQ R@10",
               "QAT cos", "QAT R@10", "finetune s", "steps")
@@ -266,6 +283,8 @@ def main() -> None:
         try:
             student, fz = build_student(base, label, factor, spec, calib, held_out, reference,
                                         ref_knn, n_weights, state)
+            if label.startswith("mixed"):
+                notes.append(f"'{label}' plan: {plan_summary(student)}")
             calibrate(student, calib, progress=False)
             bits = bits_per_weight(student, names)
             cos_p, r_p = judge(student, held_out, reference, ref_knn)
