@@ -102,6 +102,8 @@ def test_rotate_patterns_and_skips():
         ("0", "it is quantized already: rotate before quantize")]
     with pytest.raises(TypeError, match="rotate before quantize"):
         RotatedLinear.from_linear(q[0])
+    mha = nn.Sequential(nn.MultiheadAttention(16, 2))
+    assert "subclass of nn.Linear" in rotate(mha, progress=False).skipped[0]["reason"]
     with pytest.raises(TypeError, match="nn.Module"):
         rotate("model", progress=False)  # type: ignore[arg-type]
 

@@ -224,9 +224,13 @@ def _reason(module: nn.Module) -> str | None:
                 "act_quantizers") is not None:
             return "it is quantized already: rotate before quantize"
         return None
+    if hasattr(module, "weight_quantizer"):
+        return "it is quantized already: rotate before quantize"
     if type(module) is not nn.Linear:
-        if isinstance(module, nn.Linear) or hasattr(module, "weight_quantizer"):
-            return "it is quantized already: rotate before quantize"
+        if isinstance(module, nn.Linear):
+            # e.g. nn.MultiheadAttention's out_proj, whose owner reads .weight directly
+            return f"a subclass of nn.Linear ({type(module).__name__}) may be used without its " \
+                   f"forward"
         return "not an nn.Linear or a float LowRankLinear"
     return None
 
