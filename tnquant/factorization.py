@@ -23,6 +23,7 @@ from tnquant.layers import (
     TuckerConv2d,
     TuckerLinear,
 )
+from tnquant.names import selected
 from tnquant.report import Report
 from tnquant.specs import CP, TT, LowRank, Tucker
 
@@ -66,9 +67,7 @@ def _check_spec(spec: Any, where: str) -> None:
 def _spec_for(
     name: str, spec_or_mapping: Any, include: Iterable[str] | None, exclude: Iterable[str] | None
 ) -> Any:
-    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return None
-    if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+    if not selected(name, include, exclude):
         return None
     if not isinstance(spec_or_mapping, Mapping):
         return spec_or_mapping

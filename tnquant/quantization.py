@@ -75,6 +75,7 @@ from tnquant.layers.quantized import (
     quant_state,
     weight_pairs,
 )
+from tnquant.names import selected
 from tnquant.quant.frozen import FrozenTensor, spec_summary
 from tnquant.quant.qparams import block_size
 from tnquant.quant.quantizer import Quantizer
@@ -214,9 +215,7 @@ def _targets(model: nn.Module, include: Iterable[str] | None, exclude: Iterable[
         if id(module) in found:
             found[id(module)][1].append(name)
             continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            continue
-        if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        if not selected(name, include, exclude):
             continue
         kind = _kind(module)
         if kind is None:

@@ -46,7 +46,6 @@ Examples
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -54,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from tnquant.layers.lowrank import LowRankLinear
+from tnquant.names import selected
 from tnquant.report import Report
 
 __all__ = ["HadamardRotation", "RotatedLinear", "rotate", "hadamard", "rotation_block"]
@@ -274,9 +274,7 @@ def rotate(model: nn.Module, include: Iterable[str] | None = None,
     for name, module in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in parents):
             continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            continue
-        if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        if not selected(name, include, exclude):
             continue
         if isinstance(module, RotatedLinear):
             parents.add(name)

@@ -47,7 +47,6 @@ Examples
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from tqdm.auto import tqdm
 from tnquant.batches import call_model, iterate_batches
 from tnquant.factorization import LAYER_TABLE
 from tnquant.layers.quantized import weight_pairs
+from tnquant.names import selected
 from tnquant.quant.quantizer import Quantizer
 from tnquant.quantization import quantize
 from tnquant.search.candidates import Candidates, candidates_for
@@ -93,9 +93,7 @@ def search_targets(model: nn.Module, include: Iterable[str] | None = None,
             continue
         if not name or type(module) not in _DENSE:
             continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            continue
-        if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        if not selected(name, include, exclude):
             continue
         found[id(module)] = ([name], module)
     return list(found.values())

@@ -1,0 +1,20 @@
+"""The include / exclude name filter shared by factorize, quantize, rotate and the search."""
+
+from __future__ import annotations
+
+import pytest
+
+from tnquant.names import selected
+
+
+@pytest.mark.parametrize(("name", "include", "exclude", "expected"), [
+    ("fc", None, None, True),
+    ("enc.layer.0.q", ["enc.*"], None, True),  # '*' crosses dots
+    ("dec.q", ["enc.*"], None, False),
+    ("enc.k", ["enc.*"], ["*.k"], False),  # exclude wins
+    ("enc.q", None, ["*.k"], True),
+    ("enc.q", [], None, False),  # an empty include selects nothing
+    ("Enc.q", ["enc.*"], None, False),  # case-sensitive
+])
+def test_selected(name, include, exclude, expected):
+    assert selected(name, include, exclude) is expected
