@@ -66,8 +66,8 @@ from tnquant.quant import cpu_kernel
 __all__ = ["enable", "enabled", "fused", "available", "fake_quantize", "FUSED_ROUNDINGS",
            "FUSED_MIN_NUMEL", "BACKENDS"]
 
-#: Rounding modes the fused kernel implements (``'stochastic'`` stays eager).
-FUSED_ROUNDINGS = ("nearest_even", "half_up", "floor")
+#: Rounding modes both fused backends implement (``'stochastic'`` stays eager).
+FUSED_ROUNDINGS = tuple(cpu_kernel.ROUNDINGS)
 
 #: Smallest tensor (elements) the ``'compile'`` backend takes: below it the compiled call's
 #: fixed cost (guards, wrappers, autograd nodes; ~0.2 ms on a 2-core CPU) outweighs the
