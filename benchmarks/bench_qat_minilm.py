@@ -24,7 +24,9 @@ channel with the ``'mse'`` observer, or ternary, per layer) at a budget of
 ``b`` bits per original weight, its quantizers made learnable (LSQ), then
 the same calibrate / judge / distil / judge. ``--formats lowrank`` also lets
 the search pick ``LowRank(ratio=0.5)`` (plain SVD) with quantized cores per
-layer.
+layer; ``--fit N`` then fits the layers the plan factorizes to their inputs
+on the first ``N`` training batches (``apply(..., data=)``: same ranks and
+size, lower output error) instead of the plain SVD the search measured.
 
 ``--gptq N``: after calibration, re-round the dense quantized weights with
 :func:`tnquant.ptq.gptq` on the first ``N`` training batches (the weight
@@ -39,7 +41,7 @@ stored seed (64 bits per layer).
 
 Run: ``.venv/bin/python benchmarks/bench_qat_minilm.py [--quick] [--rows a,b,..]
 [--device cuda] [--train N] [--epochs E] [--loss cosine|mse|hidden] [--gptq N]
-[--rotate]``
+[--rotate] [--mixed B] [--formats lowrank] [--fit N] [--corpus FILE]``
 (``--quick``: 256 train / 128 held-out sentences, 1 epoch). The results
 file is rewritten after every row, so a run stopped early keeps what it did.
 """
@@ -152,8 +154,9 @@ def build_student(model, label, factor, spec, calib, held_out, reference, ref_kn
     """The compressed (PTQ) student of one row and its factorized-float cosine ('' if dense)."""
     if label.startswith("mixed"):
         student = copy.deepcopy(model)
+        fit = state.get("fit", 0)  # batches for a data-aware fit of the planned factorizations
         apply(student, mixed_plan(model, calib, float(label.split()[1]), n_weights, state),
-              progress=False)
+              data=calib[:fit] if fit else None, progress=False)
         return student, ""
     if factor is None:
         student, fz = copy.deepcopy(model), ""
@@ -214,6 +217,9 @@ def main() -> None:
                     help="GPTQ rounding on this many training batches after calibration")
     ap.add_argument("--formats", default="",
                     help="factorizations the mixed rows may pick (e.g. 'lowrank', ratio 0.5)")
+    ap.add_argument("--fit", type=int, default=0,
+                    help="fit the layers a mixed plan factorizes to N training batches "
+                         "(data-aware; default: the plain decompositions the search measured)")
     ap.add_argument("--rotate", action="store_true",
                     help="rotate the layers' inputs (tnquant.ptq.rotate) before quantizing")
     ap.add_argument("--mixed", default="3.0,2.5", help="budgets (bits/w) of mixed rows")
@@ -265,6 +271,7 @@ def main() -> None:
         f"; quantizers LSQ (`learnable=True`), initialised by `calibrate`"
         f"{', inputs Hadamard-rotated (tnquant.ptq.rotate)' if args.rotate else ''}"
         f"{f', mixed plans may factorize ({args.formats}, ratio 0.5)' if args.formats else ''}"
+        f"{f', planned factorizations fitted to {args.fit} batches' if args.fit else ''}"
         f"{f', weights re-rounded by GPTQ on {args.gptq} batches' if args.gptq else ''}.\n\n"
         f"bits/w = size_report bits of the {len(names)} modules replacing "
         f"encoder.encoder.layer.* Linear layers (codes, scales, zero points, float32 "
@@ -273,7 +280,7 @@ def main() -> None:
         f"(data-aware fit on the train batches) before quantization.\n\n")
     table: list[tuple] = []
     notes: list[str] = []
-    state: dict = {"formats": tuple(f for f in args.formats.split(",") if f)}
+    state: dict = {"formats": tuple(f for f in args.formats.split(",") if f), "fit": args.fit}
     t_all = time.perf_counter()
     for label, factor, spec in rows:
         if args.time_limit and time.perf_counter() - t_all > args.time_limit:

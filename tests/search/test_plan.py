@@ -89,6 +89,30 @@ def test_apply_equals_factorize_and_quantize_by_hand():
     assert sum(r["bits_after"] for r in report) <= model_size_bits(model)
 
 
+def test_apply_with_data_fits_the_factorized_layers_to_their_inputs():
+    # correlated inputs (a few strong directions), where the data-aware fit differs from SVD
+    g = torch.Generator().manual_seed(3)
+    mix = torch.randn(32, 32, generator=g) * torch.logspace(0, -2, 32).unsqueeze(1)
+    data = [torch.randn(128, 32, generator=g) @ mix for _ in range(2)]
+    model = mlp()
+    plan = Plan({"0": Choice(LowRank(ratio=0.25), None), "2": Choice(None, QuantSpec(bits=8))})
+    plain, fitted, by_hand = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    apply(plain, plan, progress=False)
+    apply(fitted, plan, data=data, progress=False)
+    factorize(by_hand, {"0": LowRank(ratio=0.25)}, data=data, progress=False)
+    quantize(by_hand, weights={"0": None, "2": QuantSpec(bits=8)}, progress=False)
+    x = torch.cat(data)
+    with torch.no_grad():
+        assert torch.equal(fitted(x), by_hand(x))
+        assert fitted[0].ranks == plain[0].ranks
+        # output error of the factorized layer alone: the data-aware fit is the better one
+        ref = model[0](x)
+        err_fit = (fitted[0](x) - ref).norm() / ref.norm()
+        err_svd = (plain[0](x) - ref).norm() / ref.norm()
+    assert err_fit < 0.8 * err_svd
+    assert model_size_bits(fitted) == model_size_bits(plain)
+
+
 def test_apply_on_a_cnn():
     model = cnn()
     by_hand = copy.deepcopy(model)

@@ -308,13 +308,15 @@ def plan_arguments(plan: Plan) -> tuple[dict[str, Any], dict[str, Any], dict[str
     return fact, weights, cores
 
 
-def apply(model: nn.Module, plan: Plan, *, progress: bool = True) -> Report:
+def apply(model: nn.Module, plan: Plan, *, data: Any = None, num_batches: int | None = None,
+          progress: bool = True) -> Report:
     """Carry out ``plan`` on ``model`` in place: ``factorize``, then ``quantize``.
 
-    Exactly ``factorize(model, {name: spec})`` followed by
+    Exactly ``factorize(model, {name: spec}, data=data)`` followed by
     ``quantize(model, weights={name: spec}, cores={'name.cores.k': spec})``
-    over the plan's layers (no data-aware fitting: the search measured the
-    plain decompositions).
+    over the plan's layers. The search measured the plain decompositions;
+    with ``data`` the planned factorized Linear layers are fitted to their
+    inputs instead (same ranks and size, lower output error).
 
     Parameters
     ----------
@@ -324,6 +326,12 @@ def apply(model: nn.Module, plan: Plan, *, progress: bool = True) -> Report:
     plan
         A :class:`Plan` (from :func:`~tnquant.search.search` or
         :meth:`Plan.from_json`).
+    data
+        Calibration batches (see :mod:`tnquant.batches`) for a data-aware fit
+        of the factorized Linear layers, as :func:`tnquant.factorize` does
+        it. ``None`` (default): the plain decompositions the search measured.
+    num_batches
+        Use at most this many batches of ``data``.
     progress
         Show progress bars.
 
@@ -355,7 +363,7 @@ def apply(model: nn.Module, plan: Plan, *, progress: bool = True) -> Report:
               for n in plan}
     fact, weights, cores = plan_arguments(plan)
     if fact:
-        factorize(model, fact, progress=progress)
+        factorize(model, fact, data=data, num_batches=num_batches, progress=progress)
     if weights or cores:
         quantize(model, weights=weights or None, cores=cores or None, progress=progress)
     report = Report("apply", columns=_APPLY_COLUMNS)
