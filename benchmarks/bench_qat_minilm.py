@@ -41,7 +41,7 @@ stored seed (64 bits per layer).
 
 Run: ``.venv/bin/python benchmarks/bench_qat_minilm.py [--quick] [--rows a,b,..]
 [--device cuda] [--train N] [--epochs E] [--loss cosine|mse|hidden] [--gptq N]
-[--rotate] [--mixed B] [--formats lowrank] [--fit N] [--corpus FILE]``
+[--rotate] [--mixed B] [--formats lowrank] [--fit N] [--no-dropout] [--corpus FILE]``
 (``--quick``: 256 train / 128 held-out sentences, 1 epoch). The results
 file is rewritten after every row, so a run stopped early keeps what it did.
 """
@@ -217,6 +217,8 @@ def main() -> None:
                     help="GPTQ rounding on this many training batches after calibration")
     ap.add_argument("--formats", default="",
                     help="factorizations the mixed rows may pick (e.g. 'lowrank', ratio 0.5)")
+    ap.add_argument("--no-dropout", action="store_true",
+                    help="finetune(dropout=False): no dropout in the student while it trains")
     ap.add_argument("--fit", type=int, default=0,
                     help="fit the layers a mixed plan factorizes to N training batches "
                          "(data-aware; default: the plain decompositions the search measured)")
@@ -272,6 +274,7 @@ def main() -> None:
         f"{', inputs Hadamard-rotated (tnquant.ptq.rotate)' if args.rotate else ''}"
         f"{f', mixed plans may factorize ({args.formats}, ratio 0.5)' if args.formats else ''}"
         f"{f', planned factorizations fitted to {args.fit} batches' if args.fit else ''}"
+        f"{', student dropout off while training' if args.no_dropout else ''}"
         f"{f', weights re-rounded by GPTQ on {args.gptq} batches' if args.gptq else ''}.\n\n"
         f"bits/w = size_report bits of the {len(names)} modules replacing "
         f"encoder.encoder.layer.* Linear layers (codes, scales, zero points, float32 "
@@ -300,7 +303,8 @@ def main() -> None:
                 gptq(student, calib[:args.gptq], progress=False)
                 cos_p, r_p = judge(student, held_out, reference, ref_knn)
             rep = finetune(student, calib, teacher=model, loss=loss, hidden=hidden,
-                           epochs=epochs, lr=args.lr, scale_lr=args.scale_lr, progress=False)
+                           epochs=epochs, lr=args.lr, scale_lr=args.scale_lr,
+                           dropout=not args.no_dropout, progress=False)
             cos_q, r_q = judge(student, held_out, reference, ref_knn)
         except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
             notes.append(f"'{label}' failed: {type(err).__name__}: {err}")

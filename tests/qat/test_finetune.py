@@ -201,6 +201,34 @@ def test_eval_fn_is_logged_and_does_not_change_the_run():
     assert report.history.time_s > 0 and "5 steps" in str(report)
 
 
+def test_dropout_false_trains_as_without_dropout_and_restores_p():
+    teacher = mlp(seed=0)
+    with_drop, no_drop = mlp(seed=0, dropout=0.5), mlp(seed=0)
+    start_drop = compressed(with_drop, rank=2, bits=4)
+    start_plain = compressed(no_drop, rank=2, bits=4)
+    data = batches(1, 6)
+    a, b, c = copy.deepcopy(start_drop), copy.deepcopy(start_plain), copy.deepcopy(start_drop)
+    torch.manual_seed(3)
+    finetune(a, data, teacher, epochs=2, dropout=False, progress=False)
+    torch.manual_seed(3)
+    finetune(b, data, teacher, epochs=2, progress=False)
+    torch.manual_seed(3)
+    finetune(c, data, teacher, epochs=2, progress=False)  # the model's own dropout
+    assert a[2].p == 0.5 and c[2].p == 0.5  # restored on return
+    params = list(a.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(params, b.parameters(), strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(params, c.parameters(), strict=True))
+
+
+def test_dropout_p_is_restored_after_an_error():
+    student = compressed(mlp(seed=0, dropout=0.3), rank=2, bits=4)
+    with pytest.raises(FloatingPointError):
+        data = [(x, torch.zeros(8, 4)) for x in batches(0, 2)]
+        finetune(student, data, task_loss=lambda out, y: out.sum() * float("nan"),
+                 dropout=False, progress=False)
+    assert student[2].p == 0.3
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"lr": 0.0}, "lr must be a number > 0, got 0.0"),
     ({"alpha": 2}, r"alpha .* must be in \[0, 1\], got 2"),
@@ -211,6 +239,7 @@ def test_eval_fn_is_logged_and_does_not_change_the_run():
     ({"ddp": True}, "ddp=True needs torch.distributed"),
     ({"loss": "hinge"}, "loss must be one of"),
     ({"hidden": ["9"]}, r"hidden names must be submodules of the model, got \['9'\]"),
+    ({"dropout": 0.0}, "dropout must be True or False, got 0.0"),
 ])
 def test_bad_arguments_say_what_was_expected(kwargs, match):
     teacher = mlp()

@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
 from tqdm.auto import tqdm
 
 from tnquant.batches import call_model, move_batch
@@ -127,6 +128,27 @@ def use_fused(model: nn.Module, fused: bool | str) -> bool:
         return (quantized_weights(model) >= FUSED_AUTO_MIN
                 and _fused.available(_device(model)))
     return bool(fused)
+
+
+def dropout_off(model: nn.Module) -> list[tuple[_DropoutNd, float]]:
+    """Set ``p = 0`` on every dropout module of ``model``; the ``(module, p)`` to restore.
+
+    Zeroing ``p`` (rather than putting the modules in ``eval`` mode) also
+    silences attention dropout that reads ``self.dropout.p`` in the parent's
+    forward, as Hugging Face's BERT attention does.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1))
+    >>> saved = dropout_off(model)
+    >>> model[1].p, [p for _, p in saved]
+    (0.0, [0.1])
+    """
+    saved = [(m, float(m.p)) for m in model.modules() if isinstance(m, _DropoutNd) and m.p > 0]
+    for m, _ in saved:
+        m.p = 0.0
+    return saved
 
 
 def _is_lazy(p: nn.Parameter) -> bool:
@@ -371,6 +393,7 @@ def finetune(
     ddp: bool | str = "auto",
     ddp_kwargs: dict[str, Any] | None = None,
     fused: bool | str = "auto",
+    dropout: bool = True,
     progress: bool = True,
 ) -> FinetuneReport:
     """Fine-tune ``model`` in place: cores and quantizer scales through the STEs.
@@ -461,6 +484,11 @@ def finetune(
         and the kernel builds on the model's device; ``True``: on (eager if
         it cannot build, with a warning); ``False``: off. The process-wide
         setting is restored on return.
+    dropout
+        ``False``: set ``p = 0`` on every dropout module of ``model`` for the
+        run (restored on return), so that a distilled student sees the
+        teacher's eval-mode function while it trains (see BENCHMARKS.md for
+        what it gives on MiniLM). ``True``: the model's own dropout.
     progress
         Show a progress bar with the loss (rank 0).
 
@@ -502,6 +530,8 @@ def finetune(
     if teacher is model:
         raise ValueError("teacher must be a separate model (e.g. the original dense one), "
                          "got the student itself")
+    if not isinstance(dropout, bool):
+        raise TypeError(f"dropout must be True or False, got {dropout!r}")
     objective = Objective(teacher, loss, temperature, outputs, hidden, task_loss, alpha)
     if objective.hidden:  # the layers after the hooked ones get no gradient
         ddp_kwargs = {"find_unused_parameters": True, **(ddp_kwargs or {})}
@@ -517,6 +547,7 @@ def finetune(
     was_training = model.training
     teacher_training = teacher.training if teacher is not None else False
     ctx = DistContext.setup(cfg.ddp, _device(model))
+    dropouts = [] if dropout else dropout_off(model)
     try:
         if teacher is not None:
             teacher.eval()
@@ -525,6 +556,8 @@ def finetune(
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+        for module, p_drop in dropouts:
+            module.p = p_drop
         model.train(was_training)
         if teacher is not None:
             teacher.train(teacher_training)
