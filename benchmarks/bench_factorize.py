@@ -34,7 +34,7 @@ from common import machine, markdown_table  # noqa: E402
 from tnquant import TT, LowRank, Tucker, factorize  # noqa: E402
 from tnquant.datasets import load_minilm, split_corpus  # noqa: E402
 from tnquant.decompose import als  # noqa: E402
-from tnquant.factorization import _collect_grams  # noqa: E402
+from tnquant.factorization import collect_grams  # noqa: E402
 
 TARGET_S = 10.0
 
@@ -155,7 +155,7 @@ def main() -> None:
             gram_s = 0.0
             if aware:
                 t0 = time.perf_counter()
-                _collect_grams(model, list(dense.values()), calib, None, False)
+                collect_grams(model, list(dense.values()), calib, None, False)
                 gram_s = time.perf_counter() - t0
             per_type = defaultdict(lambda: [[], []])
             for row in report:

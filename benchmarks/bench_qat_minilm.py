@@ -26,7 +26,9 @@ the same calibrate / judge / distil / judge. ``--formats lowrank`` also lets
 the search pick ``LowRank(ratio=0.5)`` (plain SVD) with quantized cores per
 layer; ``--fit N`` then fits the layers the plan factorizes to their inputs
 on the first ``N`` training batches (``apply(..., data=)``: same ranks and
-size, lower output error) instead of the plain SVD the search measured.
+size, lower output error) instead of the plain SVD the search measured;
+``--fit-search`` makes the search measure the candidates fitted that way
+too (``sensitivity(fit_data=)``).
 
 ``--gptq N``: after calibration, re-round the dense quantized weights with
 :func:`tnquant.ptq.gptq` on the first ``N`` training batches (the weight
@@ -41,7 +43,7 @@ stored seed (64 bits per layer).
 
 Run: ``.venv/bin/python benchmarks/bench_qat_minilm.py [--quick] [--rows a,b,..]
 [--device cuda] [--train N] [--epochs E] [--loss cosine|mse|hidden] [--gptq N]
-[--rotate] [--mixed B] [--formats lowrank] [--fit N] [--no-dropout] [--corpus FILE]``
+[--rotate] [--mixed B] [--formats lowrank] [--fit N [--fit-search]] [--no-dropout] [--corpus FILE]``
 (``--quick``: 256 train / 128 held-out sentences, 1 epoch). The results
 file is rewritten after every row, so a run stopped early keeps what it did.
 """
@@ -133,12 +135,14 @@ def mixed_plan(model, calib, bits_per_weight_budget: float, n_weights: int, cach
         cands = Candidates(formats=cache.get("formats", ()), ratios=(0.5,),
                            bits=(8, 6, 5, 4, 3, 2), ternary=True, binary=False, observer="mse")
         t0 = time.perf_counter()
+        fit = calib[:cache["fit"]] if cache.get("fit_search") else None
         cache["sens"] = sensitivity(model, calib[:2], cands, metric="output",
-                                    include=[LAYERS], progress=False)
+                                    include=[LAYERS], fit_data=fit, progress=False)
         cache["sens_s"] = time.perf_counter() - t0
     sens = cache["sens"]
     budget = sens.fixed_bits + int(bits_per_weight_budget * n_weights)
     plan = search(model, calib[:2], metric="output", budget_bits=budget, precomputed=sens,
+                  fit_data=calib[:cache["fit"]] if sens.data_aware else None,
                   verify_plan=False, progress=False)
     learn = {}
     for name, choice in plan.items():
@@ -217,6 +221,9 @@ def main() -> None:
                     help="GPTQ rounding on this many training batches after calibration")
     ap.add_argument("--formats", default="",
                     help="factorizations the mixed rows may pick (e.g. 'lowrank', ratio 0.5)")
+    ap.add_argument("--fit-search", action="store_true",
+                    help="with --fit N: the search measures the factorized candidates fitted "
+                         "to the same N batches (sensitivity(fit_data=))")
     ap.add_argument("--no-dropout", action="store_true",
                     help="finetune(dropout=False): no dropout in the student while it trains")
     ap.add_argument("--fit", type=int, default=0,
@@ -274,6 +281,7 @@ def main() -> None:
         f"{', inputs Hadamard-rotated (tnquant.ptq.rotate)' if args.rotate else ''}"
         f"{f', mixed plans may factorize ({args.formats}, ratio 0.5)' if args.formats else ''}"
         f"{f', planned factorizations fitted to {args.fit} batches' if args.fit else ''}"
+        f"{' (the search measured them fitted)' if args.fit and args.fit_search else ''}"
         f"{', student dropout off while training' if args.no_dropout else ''}"
         f"{f', weights re-rounded by GPTQ on {args.gptq} batches' if args.gptq else ''}.\n\n"
         f"bits/w = size_report bits of the {len(names)} modules replacing "
@@ -283,7 +291,8 @@ def main() -> None:
         f"(data-aware fit on the train batches) before quantization.\n\n")
     table: list[tuple] = []
     notes: list[str] = []
-    state: dict = {"formats": tuple(f for f in args.formats.split(",") if f), "fit": args.fit}
+    state: dict = {"formats": tuple(f for f in args.formats.split(",") if f), "fit": args.fit,
+                   "fit_search": args.fit_search and args.fit > 0}
     t_all = time.perf_counter()
     for label, factor, spec in rows:
         if args.time_limit and time.perf_counter() - t_all > args.time_limit:

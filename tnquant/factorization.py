@@ -125,7 +125,7 @@ def find_targets(
     return targets, skipped
 
 
-def _collect_grams(
+def collect_grams(
     model: nn.Module,
     modules: Sequence[nn.Module],
     data: Any,
@@ -249,7 +249,7 @@ def factorize(
     grams: dict[int, torch.Tensor] = {}
     if use_data:
         linears = [m for m, _, _ in targets.values() if isinstance(m, nn.Linear)]
-        grams = _collect_grams(model, linears, data, num_batches, progress)
+        grams = collect_grams(model, linears, data, num_batches, progress)
 
     items = list(targets.values())
     for module, spec, names in tqdm(items, desc="factorize", disable=not progress):

@@ -10,7 +10,7 @@ import torch
 
 from tests.search.toys import batches, cnn, mlp
 from tnquant import LowRank, QuantSpec, model_size_bits
-from tnquant.search import Candidates, Choice, Plan, apply, sensitivity
+from tnquant.search import Candidates, Choice, Plan, apply, search, sensitivity
 
 ERR_RTOL = 1e-6  # float32 forward vs the float64 numpy reference
 
@@ -62,6 +62,52 @@ def test_lowrank_error_is_the_svd_tail_on_whitened_free_data():
     s = np.linalg.svd(model[0].weight.detach().double().numpy(), compute_uv=False)
     assert sens.errors[0][0] == pytest.approx((s[4:] ** 2).sum() / (s ** 2).sum(), rel=ERR_RTOL)
     assert sens.ranks[0][0] == (4,)
+
+
+def _correlated(n_rows: int = 256, d: int = 16, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) * torch.logspace(0, -2, d).unsqueeze(1)
+    return torch.randn(n_rows, d, generator=g) @ mix
+
+
+def test_data_aware_lowrank_error_is_the_svd_tail_of_the_outputs():
+    # the best rank-r X W_hat^T in Frobenius norm is the rank-r truncation of Y = X W^T
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))
+    x = _correlated()
+    plain = sensitivity(model, [x], [Choice(LowRank(rank=4))], progress=False)
+    fitted = sensitivity(model, [x], [Choice(LowRank(rank=4))], fit_data=[x], progress=False)
+    y = x.double().numpy() @ model[0].weight.detach().double().numpy().T
+    s = np.linalg.svd(y, compute_uv=False)
+    assert fitted.errors[0][0] == pytest.approx((s[4:] ** 2).sum() / (s ** 2).sum(), rel=1e-4)
+    assert fitted.errors[0][0] < 0.5 * plain.errors[0][0]
+    assert fitted.sizes == plain.sizes and fitted.data_aware and not plain.data_aware
+
+
+def test_data_aware_search_verifies_the_data_aware_plan():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    data = [_correlated(128), _correlated(128, seed=4)]
+    cands = Candidates(formats=("lowrank",), ratios=(0.25,), bits=(8,), ternary=False,
+                       binary=False, keep_float=False, dense=False)
+    fit = data + [_correlated(128, seed=5)]  # more rows to fit on than to measure with
+    plan = search(model, data, metric="output", budget_bits=10**6, candidates=cands,
+                  include=["0"], fit_data=fit, progress=False)
+    by_hand = copy.deepcopy(model)
+    apply(by_hand, plan, data=fit, progress=False)
+    with torch.no_grad():
+        ref, new = torch.cat([model(x) for x in data]), torch.cat([by_hand(x) for x in data])
+    err = float((new - ref).pow(2).sum() / ref.pow(2).sum())
+    assert plan.measured_output_error == pytest.approx(err, rel=1e-5)
+    plain = search(model, data, metric="output", budget_bits=10**6, candidates=cands,
+                   include=["0"], progress=False)
+    assert plan.measured_output_error < plain.measured_output_error
+    sens = sensitivity(model, data, cands, "output", include=["0"], fit_data=fit,
+                       progress=False)
+    with pytest.raises(ValueError, match="pass the same fit_data"):
+        search(model, data, "output", budget_bits=10**6, precomputed=sens, progress=False)
+    again = search(model, data, "output", budget_bits=10**6, precomputed=sens, fit_data=fit,
+                   progress=False)
+    assert again.measured_output_error == pytest.approx(err, rel=1e-5)
 
 
 def test_default_candidates_cover_formats_and_skip_unsupported():

@@ -138,8 +138,12 @@ def _compare(ref_model: nn.Module, new_model: nn.Module, names: list[str], data:
 
 
 def verify(model: nn.Module, plan: Plan, data: Any, metric: Metric = None, *,
-           num_batches: int | None = None, reference: float | None = None) -> Plan:
+           num_batches: int | None = None, reference: float | None = None,
+           fit_data: Any = None) -> Plan:
     """Apply ``plan`` to a copy of ``model`` and store its measured size and error in the plan.
+
+    ``fit_data``: apply it with ``apply(copy, plan, data=fit_data)`` (the
+    factorized Linear layers fitted to their inputs on those batches).
 
     ``measured_size_bits`` is :func:`tnquant.model_size_bits` of the copy;
     ``measured_output_error`` the relative MSE of its output against the
@@ -165,7 +169,7 @@ def verify(model: nn.Module, plan: Plan, data: Any, metric: Metric = None, *,
     model.eval()
     try:
         new = copy.deepcopy(model)
-        apply(new, plan, progress=False)
+        apply(new, plan, data=fit_data, progress=False)
         new.eval()
         plan.measured_size_bits = model_size_bits(new)
         names = [n for n in plan if n in plan.layers] or list(plan)
@@ -189,8 +193,9 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
            target: float | None = None, candidates: Any = None, *,
            include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
            method: str = "dp", grid: int = DEFAULT_GRID, num_batches: int | None = None,
-           max_rows: int = 4096, verify_plan: bool = True, refine: bool = True,
-           precomputed: Sensitivity | None = None, progress: bool = True) -> Plan:
+           max_rows: int = 4096, fit_data: Any = None, verify_plan: bool = True,
+           refine: bool = True, precomputed: Sensitivity | None = None,
+           progress: bool = True) -> Plan:
     """Choose a format, rank and weight quantizer per layer under a budget or a target.
 
     Parameters
@@ -229,6 +234,10 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
         Use at most this many batches of ``data``.
     max_rows
         Inputs kept per layer for the ``'layer'`` metric.
+    fit_data
+        Batches to fit the factorized Linear candidates to (data-aware; see
+        :func:`~tnquant.search.sensitivity.sensitivity`); carry the plan
+        out with ``apply(model, plan, data=fit_data)``.
     verify_plan
         Apply the plan to a copy and measure it (see :func:`verify`).
     refine
@@ -238,7 +247,9 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
     precomputed
         A :class:`~tnquant.search.sensitivity.Sensitivity` of this model, to
         search again without measuring again (``candidates``, ``metric``,
-        ``include``/``exclude`` are then ignored for the sensitivities).
+        ``include``/``exclude``, ``fit_data`` are then ignored for the
+        sensitivities; the plan is verified with ``fit_data`` when
+        ``precomputed.data_aware``).
     progress
         Show progress bars.
 
@@ -280,7 +291,8 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
     sens = precomputed
     if sens is None:
         sens = sensitivity(model, data, candidates, metric, include=include, exclude=exclude,
-                           num_batches=num_batches, max_rows=max_rows, progress=progress)
+                           num_batches=num_batches, max_rows=max_rows, fit_data=fit_data,
+                           progress=progress)
     elif not isinstance(sens, Sensitivity):
         raise TypeError(f"precomputed must be a Sensitivity, got {type(sens).__name__}")
     elif _metric_name(metric) != sens.metric:
@@ -302,5 +314,9 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
         alloc = fill(sens.errors, sens.sizes, budget_layers, alloc)
     plan = plan_from(sens, alloc, budget_bits=budget_bits, target=target)
     if verify_plan:
-        verify(model, plan, data, metric, num_batches=num_batches, reference=sens.reference)
+        if sens.data_aware and fit_data is None:
+            raise ValueError("precomputed sensitivities fitted the factorized layers to data: "
+                             "pass the same fit_data= to verify the plan")
+        verify(model, plan, data, metric, num_batches=num_batches, reference=sens.reference,
+               fit_data=fit_data if sens.data_aware else None)
     return plan

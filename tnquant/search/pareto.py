@@ -114,7 +114,8 @@ def pareto(model: nn.Module, data: Any, budgets: Sequence[int | float] | None = 
     for budget in tqdm(bits, desc="pareto", disable=not progress):
         try:
             plan = search(model, data, metric, budget_bits=budget, precomputed=sens,
-                          verify_plan=verify_plans, num_batches=num_batches, progress=False)
+                          verify_plan=verify_plans, num_batches=num_batches,
+                          fit_data=kwargs.get("fit_data"), progress=False)
         except ValueError as err:
             warnings.warn(f"budget {budget} bits skipped: {err}", stacklevel=2)
             continue

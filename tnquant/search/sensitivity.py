@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tnquant.batches import call_model, iterate_batches
-from tnquant.factorization import LAYER_TABLE
+from tnquant.factorization import LAYER_TABLE, collect_grams
 from tnquant.layers.quantized import weight_pairs
 from tnquant.names import selected
 from tnquant.quant.quantizer import Quantizer
@@ -141,6 +141,10 @@ class Sensitivity:
         built or repeat another's ranks.
     reference
         The callable metric's value on the unchanged model (else ``None``).
+    data_aware
+        Whether the factorized Linear candidates were fitted to data
+        (``fit_data``; carry a plan of them out with ``apply(model, plan,
+        data=fit_data)``).
     """
 
     names: list[str]
@@ -154,6 +158,7 @@ class Sensitivity:
     metric: str
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     reference: float | None = None
+    data_aware: bool = False
 
     def min_size_bits(self) -> int:
         """The smallest model any combination of candidates gives."""
@@ -269,7 +274,7 @@ def _fixed_bits(model: nn.Module, targets: list[tuple[list[str], nn.Module]]) ->
 def sensitivity(model: nn.Module, data: Any, candidates: Any = None, metric: Metric = None, *,
                 include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                 num_batches: int | None = None, max_rows: int = 4096,
-                progress: bool = True) -> Sensitivity:
+                fit_data: Any = None, progress: bool = True) -> Sensitivity:
     """Size and error of every candidate of every layer, one layer changed at a time.
 
     Parameters
@@ -292,6 +297,13 @@ def sensitivity(model: nn.Module, data: Any, candidates: Any = None, metric: Met
     max_rows
         Inputs kept per layer (rows of a Linear, images of a Conv2d), a seeded
         random subset (``'layer'`` metric only).
+    fit_data
+        Batches to fit the factorized candidates of Linear layers to (the
+        data-aware fit of ``factorize(..., data=)``: same ranks and size,
+        lower output error) instead of decomposing the weights alone; all
+        of them are used (a fit wants more input rows than features, often
+        more than the metric needs). Carry a plan searched this way out with
+        ``apply(model, plan, data=fit_data)``.
     progress
         Show a progress bar over layers.
 
@@ -328,8 +340,14 @@ def sensitivity(model: nn.Module, data: Any, candidates: Any = None, metric: Met
     was_training = model.training
     model.eval()
     try:
-        return _measure(model, data, targets, options, metric, metric_name, num_batches,
-                        max_rows, progress)
+        grams: dict[int, Tensor] = {}
+        if fit_data is not None:
+            linears = [m for _, m in targets if isinstance(m, nn.Linear)]
+            grams = collect_grams(model, linears, fit_data, None, progress)
+        sens = _measure(model, data, targets, options, metric, metric_name, num_batches,
+                        max_rows, grams, progress)
+        sens.data_aware = fit_data is not None
+        return sens
     finally:
         model.train(was_training)
 
@@ -396,9 +414,12 @@ class _Evaluator:
 
 
 def _layer_entries(k: int, name: str, module: nn.Module, options: list[Choice],
-                   evaluator: _Evaluator, skipped: list[tuple[str, str, str]]
+                   evaluator: _Evaluator, skipped: list[tuple[str, str, str]],
+                   gram: Tensor | None = None
                    ) -> tuple[list[Choice], list[int], list[float], list[tuple[int, ...]]]:
-    """Build, size and measure every candidate of one layer (decompositions cached)."""
+    """Build, size and measure every candidate of one layer (decompositions cached;
+    fitted to the input Gram matrix ``gram`` of a Linear when given)."""
+    fit = {} if gram is None else {"gram": gram}
     layers: dict[Any, tuple[Any, tuple[int, ...]] | str] = {}
     seen: dict[tuple[Any, ...], str] = {}
     choices, sizes, errors, ranks = [], [], [], []
@@ -407,7 +428,7 @@ def _layer_entries(k: int, name: str, module: nn.Module, options: list[Choice],
         if spec is not None and spec not in layers:
             try:
                 built = LAYER_TABLE[(type(module), type(spec))].from_dense(module, spec,
-                                                                           name=name)
+                                                                           name=name, **fit)
                 layers[spec] = (built, tuple(built.ranks))
             except ValueError as err:
                 layers[spec] = str(err)
@@ -444,7 +465,8 @@ def _layer_entries(k: int, name: str, module: nn.Module, options: list[Choice],
 
 def _measure(model: nn.Module, data: Any, targets: list[tuple[list[str], nn.Module]],
              options: list[list[Choice]], metric: Metric, metric_name: str,
-             num_batches: int | None, max_rows: int, progress: bool) -> Sensitivity:
+             num_batches: int | None, max_rows: int, grams: dict[int, Tensor],
+             progress: bool) -> Sensitivity:
     evaluator = _Evaluator(model, data, targets, metric, metric_name, num_batches, max_rows)
     sens = Sensitivity([n[0] for n, _ in targets], [n for n, _ in targets], [], [], [], [],
                        _fixed_bits(model, targets), model_size_bits(model), metric_name,
@@ -454,7 +476,8 @@ def _measure(model: nn.Module, data: Any, targets: list[tuple[list[str], nn.Modu
         bar.set_postfix_str(names[0])
         evaluator.start(k)
         choices, sizes, errors, ranks = _layer_entries(k, names[0], module, options[k],
-                                                       evaluator, sens.skipped)
+                                                       evaluator, sens.skipped,
+                                                       grams.get(id(module)))
         evaluator.finish(k)
         sens.choices.append(choices)
         sens.sizes.append(sizes)
