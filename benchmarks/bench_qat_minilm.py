@@ -225,7 +225,9 @@ def main() -> None:
                     help="with --fit N: the search measures the factorized candidates fitted "
                          "to the same N batches (sensitivity(fit_data=))")
     ap.add_argument("--no-dropout", action="store_true",
-                    help="finetune(dropout=False): no dropout in the student while it trains")
+                    help="finetune(dropout=False): no dropout in the student while it trains "
+                         "(default here: dropout=True, the student's own, as in the earlier "
+                         "result files; finetune's own default with a teacher is off)")
     ap.add_argument("--fit", type=int, default=0,
                     help="fit the layers a mixed plan factorizes to N training batches "
                          "(data-aware; default: the plain decompositions the search measured)")

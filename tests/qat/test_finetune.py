@@ -213,11 +213,30 @@ def test_dropout_false_trains_as_without_dropout_and_restores_p():
     torch.manual_seed(3)
     finetune(b, data, teacher, epochs=2, progress=False)
     torch.manual_seed(3)
-    finetune(c, data, teacher, epochs=2, progress=False)  # the model's own dropout
+    finetune(c, data, teacher, epochs=2, dropout=True, progress=False)  # its own dropout
     assert a[2].p == 0.5 and c[2].p == 0.5  # restored on return
     params = list(a.parameters())
     assert all(torch.equal(p, q) for p, q in zip(params, b.parameters(), strict=True))
     assert not all(torch.equal(p, q) for p, q in zip(params, c.parameters(), strict=True))
+    d = copy.deepcopy(start_drop)  # default with a teacher: no dropout
+    torch.manual_seed(3)
+    finetune(d, data, teacher, epochs=2, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(params, d.parameters(), strict=True))
+
+
+def test_without_teacher_the_default_keeps_dropout():
+    x = batches(2, 4)
+    data = [(b, b[:, :4]) for b in x]
+    start = compressed(mlp(seed=0, dropout=0.5), rank=2, bits=4)
+    runs = []
+    for dropout in (None, True, False):
+        m = copy.deepcopy(start)
+        torch.manual_seed(5)
+        finetune(m, data, task_loss=nn.functional.mse_loss, epochs=1, dropout=dropout,
+                 progress=False)
+        runs.append(list(m.parameters()))
+    same = [all(torch.equal(p, q) for p, q in zip(runs[0], r, strict=True)) for r in runs[1:]]
+    assert same == [True, False]
 
 
 def test_dropout_p_is_restored_after_an_error():
@@ -239,7 +258,7 @@ def test_dropout_p_is_restored_after_an_error():
     ({"ddp": True}, "ddp=True needs torch.distributed"),
     ({"loss": "hinge"}, "loss must be one of"),
     ({"hidden": ["9"]}, r"hidden names must be submodules of the model, got \['9'\]"),
-    ({"dropout": 0.0}, "dropout must be True or False, got 0.0"),
+    ({"dropout": 0.0}, "dropout must be True, False or None, got 0.0"),
 ])
 def test_bad_arguments_say_what_was_expected(kwargs, match):
     teacher = mlp()
