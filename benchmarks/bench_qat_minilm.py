@@ -135,14 +135,13 @@ def mixed_plan(model, calib, bits_per_weight_budget: float, n_weights: int, cach
         cands = Candidates(formats=cache.get("formats", ()), ratios=(0.5,),
                            bits=(8, 6, 5, 4, 3, 2), ternary=True, binary=False, observer="mse")
         t0 = time.perf_counter()
-        fit = calib[:cache["fit"]] if cache.get("fit_search") else None
         cache["sens"] = sensitivity(model, calib[:2], cands, metric="output",
-                                    include=[LAYERS], fit_data=fit, progress=False)
+                                    include=[LAYERS], fit_data=cache["fit_search"],
+                                    progress=False)
         cache["sens_s"] = time.perf_counter() - t0
     sens = cache["sens"]
     budget = sens.fixed_bits + int(bits_per_weight_budget * n_weights)
     plan = search(model, calib[:2], metric="output", budget_bits=budget, precomputed=sens,
-                  fit_data=calib[:cache["fit"]] if sens.data_aware else None,
                   verify_plan=False, progress=False)
     learn = {}
     for name, choice in plan.items():
@@ -158,9 +157,8 @@ def build_student(model, label, factor, spec, calib, held_out, reference, ref_kn
     """The compressed (PTQ) student of one row and its factorized-float cosine ('' if dense)."""
     if label.startswith("mixed"):
         student = copy.deepcopy(model)
-        fit = state.get("fit", 0)  # batches for a data-aware fit of the planned factorizations
         apply(student, mixed_plan(model, calib, float(label.split()[1]), n_weights, state),
-              data=calib[:fit] if fit else None, progress=False)
+              data=state["fit"], progress=False)
         return student, ""
     if factor is None:
         student, fz = copy.deepcopy(model), ""
@@ -293,8 +291,11 @@ def main() -> None:
         f"(data-aware fit on the train batches) before quantization.\n\n")
     table: list[tuple] = []
     notes: list[str] = []
-    state: dict = {"formats": tuple(f for f in args.formats.split(",") if f), "fit": args.fit,
-                   "fit_search": args.fit_search and args.fit > 0}
+    # fit: batches for a data-aware fit of the planned factorizations (None: plain SVD);
+    # fit_search: the same batches for the search's sensitivities, or None
+    fit = calib[:args.fit] if args.fit else None
+    state: dict = {"formats": tuple(f for f in args.formats.split(",") if f), "fit": fit,
+                   "fit_search": fit if args.fit_search else None}
     t_all = time.perf_counter()
     for label, factor, spec in rows:
         if args.time_limit and time.perf_counter() - t_all > args.time_limit:

@@ -27,7 +27,7 @@ from tnquant.names import selected
 from tnquant.report import Report
 from tnquant.specs import CP, TT, LowRank, Tucker
 
-__all__ = ["factorize", "LAYER_TABLE", "find_targets"]
+__all__ = ["factorize", "LAYER_TABLE", "find_targets", "collect_grams"]
 
 #: (dense module type, spec type) -> factorized layer class.
 LAYER_TABLE: dict[tuple[type, type], Any] = {
