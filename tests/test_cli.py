@@ -123,7 +123,9 @@ def test_report_table_and_json(compressed, capsys):
 
 def test_export_matches_an_independent_emulator_run(compressed, tmp_path, capsys):
     out = tmp_path / "fx"
-    assert main(["export", str(compressed), "--fixed-point", str(out)]) == 0
+    # a checkpoint base: its class comes from the command line, never from DIR's recipe
+    assert main(["export", str(compressed), "--fixed-point", str(out), "--model-class",
+                 "tests.test_cli:TinyNet", "--model-kwargs", '{"width": 32}']) == 0
     assert "True" in capsys.readouterr().out
     check = json.loads((out / "check.json").read_text())
     assert [c["layer"] for c in check] == ["body"] and check[0]["ok"]
@@ -222,3 +224,24 @@ def test_python_m_tnquant_help():
     proc = subprocess.run([sys.executable, "-m", "tnquant", "frobnicate"], capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_digits_cnn_with_integer_warmup_steps(tmp_path):
+    (tmp_path / "r.toml").write_text("""
+[model]
+train_epochs = 1
+[data]
+batch_size = 64
+[quantize.weights]
+"*" = {bits = 8, granularity = "channel", axis = 0}
+[finetune]
+max_steps = 4
+warmup = 2
+task_loss = "cross_entropy"
+lr = 1e-3
+""")
+    code = main(["compress", "digits-cnn", "--recipe", str(tmp_path / "r.toml"), "--calib",
+                 "digits", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 0
+    cmp = json.loads((tmp_path / "out" / "report.json").read_text())["compare"]
+    assert cmp["metric"] == "accuracy" and cmp["rows"][0]["accuracy"] > 0.5  # 0.1: chance

@@ -166,3 +166,47 @@ def test_unknown_key_lists_the_known_ones():
 def test_load_recipe_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_recipe(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("value, expected", [("10", 10), ("0", 0), ("0.1", 0.1), ("0.0", 0.0)])
+def test_warmup_is_steps_or_a_fraction(value, expected):
+    ft = parse_recipe(f"[finetune]\nwarmup = {value}\n" + WEIGHTS).finetune
+    assert ft is not None and ft.warmup == expected and type(ft.warmup) is type(expected)
+
+
+@pytest.mark.parametrize("value", ["true", "-1", "-0.5", "1.0", "10.0", '"5%"'])
+def test_bad_warmup_is_refused_by_name(value):
+    with pytest.raises(ValueError, match=r"recipe key 'finetune.warmup' must be an integer "
+                                         r"number of steps >= 0 or a float fraction"):
+        parse_recipe(f"[finetune]\nwarmup = {value}\n" + WEIGHTS)
+
+
+def test_warmup_steps_go_to_the_optimizer_schedule():
+    from tnquant.qat.optim import warmup_steps
+
+    # the recipe's value is what finetune's schedule takes: an int as steps, a float as fraction
+    assert warmup_steps(parse_recipe("[finetune]\nwarmup = 10\n" + WEIGHTS).finetune.warmup,
+                        200) == 10
+    assert warmup_steps(parse_recipe("[finetune]\nwarmup = 0.25\n" + WEIGHTS).finetune.warmup,
+                        200) == 50
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[finetune]\ndistill = false\n" + WEIGHTS, "'finetune' needs distill = true or a task_loss"),
+    ('[export]\nlayers = "a"\ninput_width = 65\n' + WEIGHTS,
+     "'export.input_width' must be an integer in 2..64"),
+])
+def test_recipe_errors_found_at_parse_time(text, expected):
+    with pytest.raises(ValueError, match=expected):
+        parse_recipe(text)
+
+
+def test_load_recipe_refuses_huge_and_binary_files(tmp_path):
+    big = tmp_path / "big.toml"
+    big.write_text(WEIGHTS + "#" * (2 << 20))
+    with pytest.raises(ValueError, match=r"recipe file .* bytes; a recipe is at most"):
+        load_recipe(big)
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe" + WEIGHTS.encode())
+    with pytest.raises(ValueError, match="recipe file .* is not UTF-8"):
+        load_recipe(binary)

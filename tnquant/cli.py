@@ -1,25 +1,22 @@
 """The ``tnquant`` command line: ``compress``, ``report`` and ``export``.
 
 ``tnquant compress MODEL --recipe R --calib DATA --out DIR`` runs a recipe
-(:mod:`tnquant.recipe`) on a model and writes ``DIR``: the compressed model
-(:func:`tnquant.save` format), ``report.json``, ``recipe.toml`` (a copy),
-``source.json`` (how to rebuild the base model), ``export_inputs/`` (input
-rows of the recipe's export layers) and ``report.png`` (with matplotlib).
-``tnquant report DIR`` prints its per-layer table; ``tnquant export DIR
---fixed-point OUT`` writes the fixed-point export of the recipe's export
-layers and checks the integer emulator against the fake-quant model.
+(:mod:`tnquant.recipe`) on a model (MODEL and DATA: :mod:`tnquant.cli_inputs`)
+and writes ``DIR``: the compressed model (:func:`tnquant.save` format),
+``report.json``, ``recipe.toml`` (a copy), ``source.json`` (what the base
+model was), ``export_inputs/`` (input rows of the recipe's export layers) and
+``report.png``. ``tnquant report DIR`` prints its tables; ``tnquant export DIR
+--fixed-point OUT`` writes the fixed-point export of the export layers and
+checks the integer emulator against the fake-quant model.
 
-MODEL is ``minilm`` (the packaged MiniLM-L6), ``digits-cnn`` (a small CNN
-trained on scikit-learn's digits in a few seconds), a Hugging Face model
-directory (loaded offline, mean-pooled sentence embeddings) or a state-dict
-checkpoint (``.pt``/``.pth``/``.bin``/``.safetensors``) with ``[model] class``
-in the recipe. DATA is ``corpus`` (sentences from
-:func:`tnquant.datasets.split_corpus`), ``digits`` (images and labels), a
-text file (one sentence a line) or a ``.npy``/``.pt`` tensor (a ``.pt`` may
-hold an ``(inputs, targets)`` pair).
+``compress`` checks every argument before any work. ``report`` and ``export``
+read DIR as data (:mod:`tnquant.cli_checks`) and never import a module or
+call a class that a file in DIR names; a checkpoint base's class comes from
+``export --model-class``. Only ``compress`` imports a ``[model] class``: the
+one of the user's own ``--recipe``.
 
-Exit codes: 0 success, 2 usage or recipe error (one line on stderr), 1 a
-failure while running (or an emulator check out of tolerance).
+Exit codes: 0 success, 2 a usage, recipe or input-file error (one line on
+stderr), 1 a failure while running (or an emulator check out of tolerance).
 
 Examples
 --------
@@ -32,11 +29,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fnmatch
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,13 +43,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from tnquant import cli_checks as checks
 from tnquant.batches import call_model
-from tnquant.cli_inputs import UsageError, build_model, load_data
+from tnquant.cli_checks import UsageError, dir_file, read_json
+from tnquant.cli_inputs import capture_inputs, check_compress, prepare_compress, rebuild_base
+from tnquant.io import IntegrityError
 from tnquant.recipe import load_recipe
 
 __all__ = ["main", "make_parser", "format_report", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+#: Exceptions that mean bad input: exit 2 (as does a ValueError that starts with "recipe").
+_USAGE = (UsageError, IntegrityError, FileNotFoundError, NotADirectoryError)
 REPORT, SOURCE, RECIPE, INPUTS, PLOT = (
     "report.json", "source.json", "recipe.toml", "export_inputs", "report.png")
 
@@ -73,34 +75,29 @@ def _outputs(model: nn.Module, batches: list[Any], progress: bool, desc: str) ->
     from tnquant.qat.losses import default_outputs
 
     model.eval()
-    outs = [default_outputs(call_model(model, b)).float().flatten(1)
-            for b in tqdm(batches, desc=desc, disable=not progress, leave=False)]
-    return torch.cat(outs)
+    return torch.cat([default_outputs(call_model(model, b)).float().flatten(1)
+                      for b in tqdm(batches, desc=desc, disable=not progress, leave=False)])
 
 
 def _compare(original: nn.Module, student: nn.Module, batches: list[Any],
              labels: list[torch.Tensor] | None, progress: bool) -> dict[str, Any]:
     from tnquant import model_size_bits
 
-    rows = []
-    t0 = time.perf_counter()
-    ref = _outputs(original, batches, progress, "eval original")
-    times = [time.perf_counter() - t0]
-    t0 = time.perf_counter()
-    out = _outputs(student, batches, progress, "eval compressed")
-    times.append(time.perf_counter() - t0)
+    outs, times = [], []
+    for model, desc in ((original, "eval original"), (student, "eval compressed")):
+        t0 = time.perf_counter()
+        outs.append(_outputs(model, batches, progress, desc))
+        times.append(time.perf_counter() - t0)
+    ref, out = outs
     if labels is not None:
-        y = torch.cat(labels)
-        metric = "accuracy"
-        values = [(ref.argmax(1) == y).float().mean().item(), (out.argmax(1) == y).float().mean()
-                  .item()]
+        y, metric = torch.cat(labels), "accuracy"
+        values = [(o.argmax(1) == y).float().mean().item() for o in outs]
     else:
         metric = "cosine"
         values = [1.0, nn.functional.cosine_similarity(out, ref).mean().item()]
-    for name, model, value, seconds in zip(("original", "compressed"), (original, student),
-                                           values, times, strict=True):
-        rows.append({"model": name, "size_bits": model_size_bits(model), metric: value,
-                     "eval_s": seconds})
+    names, models = ("original", "compressed"), (original, student)
+    rows = [{"model": n, "size_bits": model_size_bits(m), metric: v, "eval_s": s}
+            for n, m, v, s in zip(names, models, values, times, strict=True)]
     return {"metric": metric, "samples": len(ref), "rows": rows}
 
 
@@ -143,9 +140,7 @@ def _layer_rows(original: nn.Module, student: nn.Module, fact: Any, quant: Any,
     qnames = {r["name"] for r in quant} if quant is not None else set()
     before, after = dict(original.named_modules()), dict(student.named_modules())
     rows = []
-    for name in before:
-        if name not in frows and name not in qnames:
-            continue
+    for name in (n for n in before if n in frows or n in qnames):
         f = frows.get(name, {})
         params = sum(p.numel() for p in before[name].parameters())
         rows.append({"name": name, "kind": type(before[name]).__name__,
@@ -192,13 +187,17 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 def format_report(report: dict[str, Any]) -> str:
     """The text of ``tnquant report``: per-layer table, totals, before/after.
 
-    ``report`` is the content of ``report.json`` as ``tnquant compress`` writes it.
+    ``report`` is the content of ``report.json`` as ``tnquant compress`` writes
+    it; a field missing or of the wrong type raises a ``ValueError`` naming it.
 
     Examples
     --------
-    >>> import json; from pathlib import Path
-    >>> print(format_report(json.loads(Path("out/d/report.json").read_text())))  # doctest: +SKIP
+    >>> format_report({"tnquant_report": 1, "model": "m"})
+    Traceback (most recent call last):
+    ...
+    tnquant.cli_checks.UsageError: report.json: field 'recipe' is missing; expected a string
     """
+    checks.check_report(report)
     cols = ["name", "format", "ranks", "bits", "params_before", "params_after", "bits_before",
             "size_bits", "error"]
     t = report["totals"]
@@ -249,61 +248,19 @@ def _plot(report: dict[str, Any], path: Path) -> bool:
 # --------------------------------------------------------------------------- #
 
 
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _export_names(model: nn.Module, globs: tuple[str, ...]) -> list[str]:
-    names: list[str] = []
-    for name, _ in model.named_modules():
-        if name and any(fnmatch.fnmatchcase(name, g) for g in globs):
-            if not any(name.startswith(n + ".") for n in names):
-                names.append(name)
-    if not names:
-        raise UsageError(f"recipe key 'export.layers' {list(globs)} matches no module")
-    return names
-
-
-@torch.no_grad()
-def _capture_inputs(model: nn.Module, names: list[str], batches: list[Any], rows: int
-                    ) -> dict[str, np.ndarray]:
-    modules = dict(model.named_modules())
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-
-    def hook(name: str) -> Any:
-        def record(module: nn.Module, args: Any) -> None:
-            seen[name].append(args[0].detach().flatten(0, -2).float().cpu())
-        return record
-
-    hooks = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for batch in batches:
-            call_model(model.eval(), batch)
-            if all(sum(len(t) for t in seen[n]) >= rows for n in names):
-                break
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: torch.cat(v)[:rows].numpy() for n, v in seen.items()}
-
-
 def _compress(args: argparse.Namespace) -> int:
     from tnquant import calibrate, convert, factorize, finetune, quantize, save
 
     recipe, progress, out = load_recipe(args.recipe), not args.no_progress, Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise UsageError(f"output directory {out} is not empty (use --force to overwrite)")
-    _seed(args.seed)
+    kind = check_compress(args, recipe)  # every argument, before any work
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
-    original, tokenizer, source = build_model(args.model, recipe, seed=args.seed,
-                                              progress=progress)
-    calib, calib_labels = load_data(args.calib, "calib", recipe, tokenizer, args.seed)
+    original, source, calib, calib_labels, batches, labels, names = prepare_compress(
+        args, recipe, kind, progress)
     eval_arg = args.eval or args.calib
-    batches, labels = load_data(eval_arg, "eval", recipe, tokenizer, args.seed)
-    names = _export_names(original, recipe.export.layers) if recipe.export else []
     stages["load"] = time.perf_counter() - t0
     student, fact, quant = copy.deepcopy(original), None, None
     if recipe.factorize is not None:
@@ -319,11 +276,6 @@ def _compress(args: argparse.Namespace) -> int:
         stages["quantize+calibrate"] = time.perf_counter() - t0
     if recipe.finetune is not None:
         ft = recipe.finetune
-        if ft.task_loss is not None and calib_labels is None:
-            raise UsageError("recipe key 'finetune.task_loss' needs labelled --calib data "
-                             "('digits' or a .pt (inputs, targets) pair)")
-        if not ft.distill and ft.task_loss is None:
-            raise UsageError("recipe table 'finetune' needs distill = true or a task_loss")
         data = calib if ft.task_loss is None else list(zip(calib, calib_labels or [],
                                                            strict=True))
         t0 = time.perf_counter()
@@ -347,8 +299,8 @@ def _compress(args: argparse.Namespace) -> int:
     stages["eval"] = time.perf_counter() - t0
     rows = _layer_rows(original, student, fact, quant, errors)
     save(student, out)
-    inputs = _capture_inputs(student, names, calib, recipe.export.num_samples
-                             ) if recipe.export else {}
+    inputs = capture_inputs(student, names, calib, recipe.export.num_samples
+                            ) if recipe.export else {}
     (out / INPUTS).mkdir(exist_ok=True)
     for name, x in inputs.items():
         np.save(out / INPUTS / f"{name}.npy", x)
@@ -366,17 +318,26 @@ def _compress(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _read_report(directory: Path) -> dict[str, Any]:
-    path = directory / REPORT
-    if not path.is_file():
-        raise UsageError(f"{directory} has no {REPORT}: not a 'tnquant compress' output")
-    return json.loads(path.read_text())
+def _read(directory: Path, name: str, check: Any) -> dict[str, Any]:
+    """``check(JSON object in directory/name, its path)``."""
+    if not (directory / name).is_file():
+        raise UsageError(f"{directory} has no {name}: not a 'tnquant compress' output")
+    return check(read_json(dir_file(directory, name)), str(directory / name))
 
 
 def _report(args: argparse.Namespace) -> int:
-    report = _read_report(Path(args.dir))
+    report = _read(Path(args.dir), REPORT, checks.check_report)
     _say(json.dumps(report, indent=1) if args.json else format_report(report))
     return EXIT_OK
+
+
+def _clear(out: Path, names: list[str]) -> None:
+    """Remove what an earlier export left under ``out/<name>`` (``--force``)."""
+    for target in (out / name for name in names):
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -385,30 +346,37 @@ def _export(args: argparse.Namespace) -> int:
     from tnquant.quant import fake_quantize
     from tnquant.specs import FixedPoint
 
-    directory, out = Path(args.dir), Path(args.fixed_point)
-    report = _read_report(directory)
-    recipe = load_recipe(directory / RECIPE)
+    directory = Path(args.dir)
+    report = _read(directory, REPORT, checks.check_report)
+    source = _read(directory, SOURCE, checks.check_source)
+    recipe = load_recipe(dir_file(directory, RECIPE))  # data only: [model] class is not used
     if recipe.export is None:
         raise UsageError(f"the recipe in {directory} has no [export] table")
-    ex = recipe.export
-    source = json.loads((directory / SOURCE).read_text())
-    base, _, _ = build_model(source["model"], recipe, pretrained=False)
-    model = load(directory, model=base).eval()
-    modules, results = dict(model.named_modules()), []
-    for name in report["export_layers"]:
-        x = np.load(directory / INPUTS / f"{name}.npy")[:ex.num_samples]
+    ex, out = recipe.export, checks.check_out_dir(args.fixed_point, "--fixed-point", args.force)
+    if out.resolve() == directory.resolve():
+        raise UsageError(f"--fixed-point {args.fixed_point!r} is DIR itself; choose another")
+    base = rebuild_base(source, directory, model=args.model, model_class=args.model_class,
+                        model_kwargs=args.model_kwargs)
+    try:
+        model = load(directory, model=base).eval()
+    except ValueError as e:  # IntegrityError too: a directory that does not fit its base
+        raise UsageError(f"{directory} does not load onto its base model: {e}") from None
+    inputs = checks.read_export_inputs(directory, model, report["export_layers"], ex.num_samples)
+    results = []
+    _clear(out, list(inputs))
+    for name, (module, x) in inputs.items():
         if ex.input == "auto":
             peak = float(np.abs(x).max()) or 1.0
             integer = max(1, math.floor(math.log2(peak)) + 2)
             spec = FixedPoint(ex.input_width, integer, rounding="RND", overflow="SAT")
         else:
             spec = FixedPoint.from_string(ex.input)
-        em = fixed_point(modules[name], out / name, spec, accum=ex.accum, result=ex.result,
+        em = fixed_point(module, out / name, spec, accum=ex.accum, result=ex.result,
                          bias=ex.bias, hls4ml=ex.hls4ml)
         y = em.predict(x)
         with torch.no_grad():
             xq = fake_quantize(torch.from_numpy(x), spec)
-            ref = modules[name](xq).double().numpy()
+            ref = module(xq).double().numpy()
         diff = float(np.abs(y - ref).max())
         rel = diff / max(float(np.abs(ref).max()), 1e-30)
         results.append({"layer": name, "ops": len(em.ops), "input": em.input_type,
@@ -434,6 +402,7 @@ EPILOG = """examples:
   tnquant compress model.pt --recipe r.toml --calib inputs.npy --out out/mine  # [model] class
   tnquant report out/minilm --json
   tnquant export out/minilm --fixed-point out/minilm-fixed
+  tnquant export out/mine --fixed-point out/mine-fx --model-class pkg.mod:Net  # a .pt base
 
 exit codes: 0 ok, 1 failure while running (or emulator check failed), 2 usage/recipe error
 recipe schema: recipes/README.md (or python -c "import tnquant.recipe; help(tnquant.recipe)")
@@ -480,6 +449,14 @@ def make_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=fmt)
     e.add_argument("dir", metavar="DIR")
     e.add_argument("--fixed-point", required=True, metavar="OUT", help="output directory")
+    e.add_argument("--force", action="store_true", help="write into a non-empty OUT (each "
+                   "exported layer's OUT/<name>/ is cleared first)")
+    e.add_argument("--model", metavar="MODEL", help="the base model instead of the one "
+                   "DIR/source.json names: 'minilm', 'digits-cnn' or a Hugging Face model dir")
+    e.add_argument("--model-class", metavar="pkg.mod:Class", help="the base model's class, "
+                   "for a checkpoint base (DIR's recipe is never imported)")
+    e.add_argument("--model-kwargs", metavar="JSON", help="constructor arguments for "
+                   "--model-class, a JSON object")
     return parser
 
 
@@ -511,11 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for scripts, --debug for the traceback
         if args.debug:
             raise
-        usage = isinstance(e, (UsageError, FileNotFoundError)) or (
-            isinstance(e, ValueError) and str(e).startswith("recipe"))
+        message = " ".join(str(e).split())  # one line
+        usage = isinstance(e, _USAGE) or (isinstance(e, ValueError)
+                                          and str(e).startswith("recipe"))
         if usage:
-            print(f"tnquant: error: {e}", file=sys.stderr)
+            print(f"tnquant: error: {message}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"tnquant: error: {type(e).__name__}: {e} (rerun with --debug for the "
+        print(f"tnquant: error: {type(e).__name__}: {message} (rerun with --debug for the "
               "traceback)", file=sys.stderr)
         return EXIT_FAILURE

@@ -15,7 +15,9 @@ glob that holds dots: ``"encoder.layer.*.intermediate.dense" = {...}``.
 ``[model]``
     ``class`` (``"pkg.module:Class"``, needed for a state-dict checkpoint),
     ``kwargs`` (a table of constructor arguments for it), ``train_epochs``
-    (training epochs of the built-in ``digits-cnn``, default 15).
+    (training epochs of the built-in ``digits-cnn``, default 15). Only
+    ``tnquant compress`` imports ``class``; ``report`` and ``export`` read
+    the copy in an output directory as data and never import it.
 ``[data]``
     ``batch_size`` (32), ``max_length`` (64, tokens of text models),
     ``num_sentences`` (512, calibration sentences of the ``corpus``
@@ -47,7 +49,9 @@ glob that holds dots: ``"encoder.layer.*.intermediate.dense" = {...}``.
     ``distill`` (true: from the original model), ``loss`` (``mse``,
     ``cosine``, ``kl``), ``temperature``, ``task_loss`` (``cross_entropy``,
     for labelled data), ``alpha`` (0.5), ``train``, ``schedule``,
-    ``warmup``, ``optimizer``, ``clip_grad_norm``, ``shuffle``.
+    ``warmup`` (an int: steps; a float in [0, 1): a fraction of the steps;
+    0.05), ``optimizer``, ``clip_grad_norm``, ``shuffle``; needs
+    ``distill = true`` or a ``task_loss``.
 ``[export]``
     ``layers`` (a glob or a list of globs: each matched module, a
     factorized/quantized Linear or a Sequential chain of them with ReLUs,
@@ -79,11 +83,27 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tnquant.cli_checks import (
+    Check,
+    _bool,
+    _choice,
+    _class_path,
+    _fail,
+    _fields,
+    _fixed,
+    _float,
+    _globs,
+    _input_type,
+    _int,
+    _optional,
+    _table,
+    _unknown,
+    _warmup,
+)
 from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
 
 try:  # Python >= 3.11
@@ -100,114 +120,11 @@ __all__ = ["Recipe", "ModelSection", "DataSection", "FactorizeSection", "Quantiz
 FORMATS: dict[str, type] = {"tt": TT, "tucker": Tucker, "cp": CP, "lowrank": LowRank}
 QUANT_KINDS: dict[str, type] = {"int": QuantSpec, "binary": Binary, "ternary": Ternary,
                                 "fixed": FixedPoint}
-_CLASS_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _INT_KEY = re.compile(r"^-?\d+$")
+#: The largest recipe file :func:`load_recipe` reads (bytes).
+MAX_RECIPE_BYTES = 1 << 20
 
 Pairs = tuple[tuple[Any, Any], ...]
-
-
-# --------------------------------------------------------------------------- #
-# value checkers: (value, key path) -> normalized value, or ValueError
-# --------------------------------------------------------------------------- #
-
-Check = Callable[[Any, str], Any]
-
-
-def _fail(path: str, expected: str, value: Any) -> ValueError:
-    return ValueError(f"recipe key '{path}' must be {expected}, got {value!r}")
-
-
-def _int(lo: int = 1) -> Check:
-    def check(v: Any, path: str) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise _fail(path, f"an integer >= {lo}", v)
-        return v
-    return check
-
-
-def _float(lo: float = 0.0, hi: float = float("inf"), lo_open: bool = False) -> Check:
-    def check(v: Any, path: str) -> float:
-        ok = not isinstance(v, bool) and isinstance(v, (int, float))
-        if not ok or v > hi or v < lo or (lo_open and v == lo):
-            raise _fail(path, f"a number in {'(' if lo_open else '['}{lo}, {hi}]", v)
-        return float(v)
-    return check
-
-
-def _bool(v: Any, path: str) -> bool:
-    if not isinstance(v, bool):
-        raise _fail(path, "true or false", v)
-    return v
-
-
-def _choice(*choices: str) -> Check:
-    def check(v: Any, path: str) -> str:
-        if v not in choices:
-            raise _fail(path, f"one of {list(choices)}", v)
-        return str(v)
-    return check
-
-
-def _optional(check: Check, off: Any = False) -> Check:
-    """``check``, or ``None`` when the value is ``off`` (TOML has no null)."""
-    def inner(v: Any, path: str) -> Any:
-        if type(v) is type(off) and v == off:
-            return None
-        return check(v, path)
-    return inner
-
-
-def _globs(v: Any, path: str) -> tuple[str, ...]:
-    items = [v] if isinstance(v, str) else v
-    if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
-        raise _fail(path, "a glob string or a non-empty list of them", v)
-    return tuple(items)
-
-
-def _fixed(v: Any, path: str) -> FixedPoint:
-    if not isinstance(v, str):
-        raise _fail(path, "an 'ap_fixed<W,I,...>' string", v)
-    try:
-        return FixedPoint.from_string(v)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"recipe key '{path}': {e}") from None
-
-
-def _input_type(v: Any, path: str) -> str:
-    if v != "auto":
-        _fixed(v, path)
-    return str(v)
-
-
-def _class_path(v: Any, path: str) -> str:
-    if not isinstance(v, str) or not _CLASS_RE.match(v):
-        raise _fail(path, "a class path 'pkg.module:Class'", v)
-    return v
-
-
-def _table(v: Any, path: str) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise _fail(path, "a table", v)
-    return v
-
-
-def _unknown(path: str, expected: Any) -> ValueError:
-    return ValueError(f"recipe key '{path}' is not known; expected one of {sorted(expected)}")
-
-
-def _fields(table: dict[str, Any], path: str, schema: dict[str, tuple[Check, Any]],
-            skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Check the scalar keys of ``table`` against ``schema``; defaults for the rest."""
-    out = {}
-    for key, value in table.items():
-        if key in skip:
-            continue
-        if key not in schema:
-            raise _unknown(f"{path}.{key}", list(schema) + list(skip))
-        out[key] = schema[key][0](value, f"{path}.{key}")
-    for key, (_, default) in schema.items():
-        out.setdefault(key, default)
-    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -293,7 +210,7 @@ class FinetuneSection:
     alpha: float = 0.5
     train: str = "all"
     schedule: str = "cosine"
-    warmup: float = 0.05
+    warmup: int | float = 0.05
     optimizer: str = "adamw"
     clip_grad_norm: float | None = 1.0
     shuffle: bool = False
@@ -341,12 +258,12 @@ _FINETUNE: dict[str, tuple[Check, Any]] = {
     "task_loss": (_optional(_choice("cross_entropy"), off="none"), None),
     "alpha": (_float(0, 1), 0.5),
     "train": (_choice("all", "cores", "scales", "cores+scales"), "all"),
-    "schedule": (_choice("cosine", "linear", "constant"), "cosine"), "warmup": (_float(), 0.05),
+    "schedule": (_choice("cosine", "linear", "constant"), "cosine"), "warmup": (_warmup, 0.05),
     "optimizer": (_choice("adamw", "adam", "sgd"), "adamw"),
     "clip_grad_norm": (_optional(_float(0, lo_open=True)), 1.0), "shuffle": (_bool, False),
 }
 _EXPORT: dict[str, tuple[Check, Any]] = {
-    "layers": (_globs, ()), "input": (_input_type, "auto"), "input_width": (_int(2), 16),
+    "layers": (_globs, ()), "input": (_input_type, "auto"), "input_width": (_int(2, 64), 16),
     "accum": (_fixed, None), "result": (_fixed, None), "bias": (_fixed, None),
     "hls4ml": (_bool, False), "tolerance": (_float(0, lo_open=True), 1e-4),
     "num_samples": (_int(1), 256),
@@ -458,6 +375,13 @@ def _parse_quantize(table: dict[str, Any]) -> QuantizeSection:
     return QuantizeSection(**parts)
 
 
+def _parse_finetune(table: dict[str, Any]) -> FinetuneSection:
+    section = FinetuneSection(**_fields(table, "finetune", _FINETUNE))
+    if not section.distill and section.task_loss is None:
+        raise ValueError("recipe table 'finetune' needs distill = true or a task_loss")
+    return section
+
+
 def _section(raw: dict[str, Any], name: str) -> dict[str, Any] | None:
     if name not in raw:
         return None
@@ -524,8 +448,7 @@ def parse_recipe(text: str, path: str | None = None) -> Recipe:
         quantize=None if quantize is None else _parse_quantize(quantize),
         calibrate=CalibrateSection(**_fields(_section(raw, "calibrate") or {}, "calibrate",
                                              _CALIBRATE)),
-        finetune=None if finetune is None else FinetuneSection(
-            **_fields(finetune, "finetune", _FINETUNE)),
+        finetune=None if finetune is None else _parse_finetune(finetune),
         export=None if export_fields is None else ExportSection(**export_fields),
         text=text,
         path=path,
@@ -540,7 +463,8 @@ def load_recipe(path: str | Path) -> Recipe:
     FileNotFoundError
         If ``path`` does not exist.
     ValueError
-        For a recipe that does not fit the schema (the message names the key).
+        For a recipe that does not fit the schema (the message names the key),
+        or a file over :data:`MAX_RECIPE_BYTES` or not UTF-8.
 
     Examples
     --------
@@ -553,4 +477,11 @@ def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"recipe file {str(p)!r} not found")
-    return parse_recipe(p.read_text(encoding="utf-8"), path=str(p))
+    if p.stat().st_size > MAX_RECIPE_BYTES:
+        raise ValueError(f"recipe file {str(p)!r} is {p.stat().st_size} bytes; a recipe is at "
+                         f"most {MAX_RECIPE_BYTES}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"recipe file {str(p)!r} is not UTF-8 text: {e}") from None
+    return parse_recipe(text, path=str(p))
