@@ -125,7 +125,7 @@ def test_fixed_point_properties():
 
 
 def test_binary_ternary_validation():
-    with pytest.raises(ValueError, match="Binary granularity"):
+    with pytest.raises(ValueError, match="granularity must be .tensor. or .channel. for Binary"):
         Binary(granularity=("group", 4))
     with pytest.raises(ValueError, match="threshold"):
         Ternary(threshold=0)

@@ -21,11 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import torch
+
+from tnquant.spec_checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_rank,
+    check_shape,
+    describe,
+)
 
 __all__ = [
     "TT",
@@ -62,9 +73,8 @@ AP_ROUNDING = ("TRN", "TRN_ZERO", "RND", "RND_ZERO", "RND_MIN_INF", "RND_INF", "
 AP_OVERFLOW = ("WRAP", "SAT", "SAT_SYM", "SAT_ZERO")
 
 
-def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
+# |integer| of a FixedPoint beyond this is refused (see FixedPoint)
+MAX_INTEGER_BITS = 4096
 
 
 def normalize_granularity(granularity: Any) -> Granularity:
@@ -77,20 +87,20 @@ def normalize_granularity(granularity: Any) -> Granularity:
     >>> normalize_granularity(["group", 32])
     ('group', 32)
     """
-    if granularity in ("tensor", "channel"):
-        return granularity
-    if (
-        isinstance(granularity, (tuple, list))
-        and len(granularity) == 2
-        and granularity[0] == "group"
-    ):
+    expected = "granularity must be 'tensor', 'channel' or ('group', n)"
+    if isinstance(granularity, str):
+        if granularity in ("tensor", "channel"):
+            return granularity
+        raise ValueError(f"{expected}, got {granularity!r}")
+    if not isinstance(granularity, (tuple, list)):
+        raise TypeError(f"{expected}, got {describe(granularity)}")
+    if len(granularity) == 2 and isinstance(granularity[0], str) and granularity[0] == "group":
         size = granularity[1]
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"group size must be a positive int, got {size!r}")
-        return ("group", size)
-    raise ValueError(
-        f"granularity must be 'tensor', 'channel' or ('group', n), got {granularity!r}"
-    )
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            raise ValueError(f"granularity group size must be a positive int, got "
+                             f"{describe(size)}")
+        return ("group", int(size))
+    raise ValueError(f"{expected}, got {describe(granularity)}")
 
 
 # --------------------------------------------------------------------------- #
@@ -125,42 +135,14 @@ class _Factorization:
                 f"{type(self).__name__} takes exactly one of rank=, ratio=, tol=; got "
                 f"{given if given else 'none'}"
             )
-        rank = self.rank
-        if rank is not None:
-            if isinstance(rank, list):
-                rank = tuple(rank)
-                object.__setattr__(self, "rank", rank)
-            if rank == "full":
-                pass
-            elif isinstance(rank, bool) or not isinstance(rank, (int, tuple)):
-                raise TypeError(f"rank must be an int, a tuple of ints or 'full', got {rank!r}")
-            else:
-                values = rank if isinstance(rank, tuple) else (rank,)
-                if not values or any(
-                    isinstance(r, bool) or not isinstance(r, int) or r <= 0 for r in values
-                ):
-                    raise ValueError(f"rank must be positive int(s), got {rank!r}")
+        if self.rank is not None:
+            object.__setattr__(self, "rank", check_rank(self.rank))
         if self.ratio is not None:
-            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
-                raise TypeError(f"ratio must be a float in (0, 1], got {self.ratio!r}")
-            if not 0 < self.ratio <= 1:
-                raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
-            object.__setattr__(self, "ratio", float(self.ratio))
+            object.__setattr__(self, "ratio", check_float("ratio", self.ratio, 0, 1,
+                                                          lo_open=True))
         if self.tol is not None:
-            if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)):
-                raise TypeError(f"tol must be a float in (0, 1), got {self.tol!r}")
-            if not 0 < self.tol < 1:
-                raise ValueError(f"tol must be in (0, 1), got {self.tol}")
-            object.__setattr__(self, "tol", float(self.tol))
-
-
-def _check_shape(name: str, shape: Any) -> tuple[int, ...] | None:
-    if shape is None:
-        return None
-    shape = tuple(shape)
-    if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
-        raise ValueError(f"{name} must be a tuple of positive ints, got {shape!r}")
-    return shape
+            object.__setattr__(self, "tol", check_float("tol", self.tol, 0, 1, lo_open=True,
+                                                        hi_open=True))
 
 
 @dataclass(frozen=True)
@@ -184,10 +166,9 @@ class _Tensorized(_Factorization):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
-            raise ValueError(f"order must be an int >= 1, got {self.order!r}")
-        in_shape = _check_shape("in_shape", self.in_shape)
-        out_shape = _check_shape("out_shape", self.out_shape)
+        object.__setattr__(self, "order", check_int("order", self.order, lo=1))
+        in_shape = check_shape("in_shape", self.in_shape)
+        out_shape = check_shape("out_shape", self.out_shape)
         if in_shape is not None and out_shape is not None and len(in_shape) != len(out_shape):
             raise ValueError(
                 f"in_shape and out_shape must have the same length, got {in_shape} and {out_shape}"
@@ -197,7 +178,7 @@ class _Tensorized(_Factorization):
             object.__setattr__(self, "order", len(given))
         object.__setattr__(self, "in_shape", in_shape)
         object.__setattr__(self, "out_shape", out_shape)
-        _choice("svd", self.svd, SVD_METHODS)
+        check_choice("svd", self.svd, SVD_METHODS)
 
 
 @dataclass(frozen=True)
@@ -256,9 +237,8 @@ class CP(_Factorization):
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.rank, tuple):
-            raise ValueError(f"CP rank must be a single int, got {self.rank!r}")
-        if self.n_iter_max < 1:
-            raise ValueError(f"n_iter_max must be >= 1, got {self.n_iter_max}")
+            raise ValueError(f"rank must be a single int for CP, got {self.rank!r}")
+        object.__setattr__(self, "n_iter_max", check_int("n_iter_max", self.n_iter_max, lo=1))
 
 
 @dataclass(frozen=True)
@@ -276,11 +256,33 @@ class LowRank(_Factorization):
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.rank, tuple):
-            raise ValueError(f"LowRank rank must be a single int, got {self.rank!r}")
-        _choice("svd", self.svd, SVD_METHODS)
+            raise ValueError(f"rank must be a single int for LowRank, got {self.rank!r}")
+        check_choice("svd", self.svd, SVD_METHODS)
 
 
 FactorizationSpec = Union[TT, Tucker, CP, LowRank]
+
+
+def _check_float_format(dtype: Any) -> str:
+    """The name of a float format given by name or as a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        names = {v: k for k, v in FLOAT_DTYPES.items()}
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {list(FLOAT_DTYPES)}, got {dtype}")
+        return names[dtype]
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be None, a str or a torch.dtype, one of "
+                        f"{list(FLOAT_DTYPES)}, got {describe(dtype)}")
+    return check_choice("dtype", dtype, tuple(FLOAT_DTYPES))
+
+
+def _per_channel(granularity: Any, owner: str) -> Granularity:
+    """``'tensor'`` or ``'channel'`` (Binary and Ternary have no groups)."""
+    granularity = normalize_granularity(granularity)
+    if granularity not in ("tensor", "channel"):
+        raise ValueError(f"granularity must be 'tensor' or 'channel' for {owner}, got "
+                         f"{granularity!r}")
+    return granularity
 
 
 # --------------------------------------------------------------------------- #
@@ -355,33 +357,26 @@ class QuantSpec:
     ema_decay: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.dtype is not None:
-            dtype = self.dtype
-            if isinstance(dtype, torch.dtype):
-                names = {v: k for k, v in FLOAT_DTYPES.items()}
-                if dtype not in names:
-                    raise ValueError(f"dtype must be one of {list(FLOAT_DTYPES)}, got {dtype}")
-                dtype = names[dtype]
-            _choice("dtype", dtype, tuple(FLOAT_DTYPES))
-            object.__setattr__(self, "dtype", dtype)
-            object.__setattr__(self, "bits", torch.finfo(FLOAT_DTYPES[dtype]).bits)
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise TypeError(f"bits must be an int, got {self.bits!r}")
-        if not 1 <= self.bits <= 16:
-            raise ValueError(f"bits must be in 1..16, got {self.bits}")
+        put = object.__setattr__
+        if self.dtype is None:
+            put(self, "bits", check_int("bits", self.bits, 1, 16))
+        else:  # bits is set from the format, but must still be an int
+            check_int("bits", self.bits)
+            put(self, "dtype", _check_float_format(self.dtype))
+            put(self, "bits", torch.finfo(FLOAT_DTYPES[self.dtype]).bits)
+        for name in ("symmetric", "learnable", "narrow_range"):
+            check_bool(name, getattr(self, name))
         if self.bits == 1 and self.symmetric and self.narrow_range:
-            raise ValueError("a 1-bit symmetric narrow range has no non-zero code; use Binary()")
-        object.__setattr__(self, "granularity", normalize_granularity(self.granularity))
-        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
-            raise TypeError(f"axis must be an int, got {self.axis!r}")
-        _choice("scale", self.scale, SCALE_KINDS)
-        _choice("pow2_rounding", self.pow2_rounding, POW2_ROUNDINGS)
-        _choice("observer", self.observer, OBSERVERS)
-        _choice("rounding", self.rounding, ROUNDING_MODES)
-        if not 0 < self.percentile <= 100:
-            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise ValueError("narrow_range leaves a 1-bit symmetric spec no non-zero code; "
+                             "use Binary()")
+        put(self, "granularity", normalize_granularity(self.granularity))
+        put(self, "axis", check_int("axis", self.axis))
+        check_choice("scale", self.scale, SCALE_KINDS)
+        check_choice("pow2_rounding", self.pow2_rounding, POW2_ROUNDINGS)
+        check_choice("observer", self.observer, OBSERVERS)
+        check_choice("rounding", self.rounding, ROUNDING_MODES)
+        put(self, "percentile", check_float("percentile", self.percentile, 0, 100, lo_open=True))
+        put(self, "ema_decay", check_float("ema_decay", self.ema_decay, 0, 1, hi_open=True))
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -423,12 +418,9 @@ class Binary:
     learnable: bool = False
 
     def __post_init__(self) -> None:
-        granularity = normalize_granularity(self.granularity)
-        if granularity not in ("tensor", "channel"):
-            raise ValueError(
-                f"Binary granularity must be 'tensor' or 'channel', got {granularity!r}"
-            )
-        object.__setattr__(self, "granularity", granularity)
+        object.__setattr__(self, "granularity", _per_channel(self.granularity, "Binary"))
+        object.__setattr__(self, "axis", check_int("axis", self.axis))
+        check_bool("learnable", self.learnable)
 
     @property
     def bits(self) -> int:
@@ -456,15 +448,11 @@ class Ternary:
     axis: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 < self.threshold < 2:
-            raise ValueError(f"threshold must be in (0, 2), got {self.threshold}")
-        _choice("method", self.method, ("twn", "ttq"))
-        granularity = normalize_granularity(self.granularity)
-        if granularity not in ("tensor", "channel"):
-            raise ValueError(
-                f"Ternary granularity must be 'tensor' or 'channel', got {granularity!r}"
-            )
-        object.__setattr__(self, "granularity", granularity)
+        object.__setattr__(self, "threshold", check_float("threshold", self.threshold, 0, 2,
+                                                          lo_open=True, hi_open=True))
+        check_choice("method", self.method, ("twn", "ttq"))
+        object.__setattr__(self, "granularity", _per_channel(self.granularity, "Ternary"))
+        object.__setattr__(self, "axis", check_int("axis", self.axis))
 
     @property
     def bits(self) -> int:
@@ -488,7 +476,12 @@ class FixedPoint:
     Parameters
     ----------
     width, integer
-        ``W`` (1..64) and ``I``.
+        ``W`` (1..64) and ``I`` (-4096..4096: beyond +-2100 or so every
+        finite float64 already maps to zero or out of range). Mantissas
+        (:func:`~tnquant.quant.to_mantissa`) work for every such type; the
+        float values of a type whose step or range is beyond a float dtype
+        are refused where they are formed (``scale``, ``from_mantissa``,
+        ``fake_quantize``).
     signed
         ``ap_fixed`` (two's complement) or ``ap_ufixed``.
     rounding
@@ -516,14 +509,12 @@ class FixedPoint:
     overflow: str = "WRAP"
 
     def __post_init__(self) -> None:
-        for name in ("width", "integer"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-        if not 1 <= self.width <= 64:
-            raise ValueError(f"width must be in 1..64, got {self.width}")
-        _choice("rounding", self.rounding, AP_ROUNDING)
-        _choice("overflow", self.overflow, AP_OVERFLOW)
+        object.__setattr__(self, "width", check_int("width", self.width, 1, 64))
+        object.__setattr__(self, "integer", check_int("integer", self.integer,
+                                                      -MAX_INTEGER_BITS, MAX_INTEGER_BITS))
+        check_bool("signed", self.signed)
+        check_choice("rounding", self.rounding, AP_ROUNDING)
+        check_choice("overflow", self.overflow, AP_OVERFLOW)
 
     @property
     def bits(self) -> int:
@@ -536,7 +527,14 @@ class FixedPoint:
 
     @property
     def scale(self) -> float:
-        """The value of one mantissa step, ``2**-(W - I)``."""
+        """The value of one mantissa step, ``2**-(W - I)``.
+
+        Raises ``ValueError`` when that step is not a float64 (``W - I``
+        outside ``-1023..1074``).
+        """
+        if not -1023 <= self.frac <= 1074:
+            raise ValueError(f"integer {self.integer} with width {self.width} gives {self} a step "
+                             f"2**{-self.frac}, beyond float64 (2**-1074 .. 2**1023)")
         return math.ldexp(1.0, -self.frac)
 
     @property
@@ -566,6 +564,8 @@ class FixedPoint:
 
         The saturation-bits argument ``N`` is accepted only as 0.
         """
+        if not isinstance(text, str):
+            raise TypeError(f"expected an 'ap_fixed<W,I,...>' str, got {describe(text)}")
         match = _AP_RE.match(text)
         if not match:
             raise ValueError(f"expected 'ap_fixed<W,I,...>' or 'ap_ufixed<W,I,...>', got {text!r}")
@@ -608,7 +608,7 @@ def spec_to_dict(spec: Any) -> dict[str, Any]:
     >>> spec_to_dict(QuantSpec(bits=4, granularity=("group", 32)))["granularity"]
     ['group', 32]
     """
-    if type(spec).__name__ not in _SPEC_TYPES:
+    if _SPEC_TYPES.get(type(spec).__name__) is not type(spec):
         raise TypeError(f"expected a tnquant spec, got {type(spec).__name__}")
     out: dict[str, Any] = {"type": type(spec).__name__}
     for f in dataclasses.fields(spec):
@@ -622,19 +622,42 @@ def spec_to_dict(spec: Any) -> dict[str, Any]:
 def spec_from_dict(data: dict[str, Any]) -> Any:
     """Inverse of :func:`spec_to_dict`.
 
+    Safe on dicts from untrusted files: anything but a dict of a known
+    ``'type'`` and that type's fields, each of the right type, raises
+    ``TypeError`` or ``ValueError`` (never ``KeyError`` or ``AttributeError``);
+    nothing is imported or called but the spec's own checks.
+
     Examples
     --------
     >>> spec_from_dict(spec_to_dict(TT(rank=(4, 4)))) == TT(rank=(4, 4))
     True
+    >>> spec_from_dict({"type": "QuantSpec", "symmetric": "false"})
+    Traceback (most recent call last):
+    ...
+    TypeError: symmetric must be a bool, got 'false' (str)
     """
+    if not isinstance(data, dict):
+        raise TypeError(f"a spec must be a dict with a 'type', got {describe(data)}")
+    if "type" not in data:
+        raise ValueError(f"a spec dict needs a 'type', one of {sorted(_SPEC_TYPES)}; got keys "
+                         f"{sorted(map(str, data))}")
     data = dict(data)
-    name = data.pop("type", None)
+    name = data.pop("type")
+    if not isinstance(name, str):
+        raise TypeError(f"spec type must be a str, one of {sorted(_SPEC_TYPES)}, got "
+                        f"{describe(name)}")
     if name not in _SPEC_TYPES:
         raise ValueError(f"unknown spec type {name!r}; valid types are {sorted(_SPEC_TYPES)}")
     cls = _SPEC_TYPES[name]
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    unknown = [k for k in data if k not in names]
     if unknown:
-        raise ValueError(f"unknown field(s) {sorted(unknown)} for {name}")
+        raise ValueError(f"unknown field(s) {sorted(map(repr, unknown))} for {name}; expected "
+                         f"some of {sorted(names)}")
+    missing = [f.name for f in fields if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{name} needs field(s) {missing}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**kwargs)
