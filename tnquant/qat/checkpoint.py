@@ -15,7 +15,16 @@ dict of tensors, numbers, strings, lists and dicts only, so it loads with
   ``DataLoader`` draws its order then), and the ``DataLoader``
   generator's states (epoch start, now) or ``None``;
 - ``'config'``: what must match to resume (steps per epoch, world size,
-  seed, shuffle), and ``'history'``: the history so far.
+  seed, shuffle, total steps), ``'options'``: the options of ``finetune``
+  that must match too, ``'optimizer_class'``, and ``'history'``: the
+  history so far (see :mod:`tnquant.qat.resume`).
+
+Only regular files named ``step_<digits>.pt`` count as checkpoints. A
+directory is read newest first: a checkpoint that cannot be read (a
+truncated file, say) is skipped with a warning naming it and the error, and
+the one before it is taken. A process killed while writing leaves its
+temporary ``.step_<digits>.pt.<8 characters>.tmp``;
+:func:`remove_stale_temporaries` deletes those (and only those).
 
 Examples
 --------
@@ -32,18 +41,23 @@ import os
 import random
 import re
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "checkpoint_path", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint", "prune_checkpoints", "rng_state", "set_rng_state"]
+__all__ = ["FORMAT", "checkpoint_path", "save_checkpoint", "load_checkpoint", "read_checkpoint",
+           "latest_checkpoint", "checkpoints", "prune_checkpoints", "remove_stale_temporaries",
+           "rng_state", "set_rng_state"]
 
 #: Version tag of the checkpoint layout.
 FORMAT = "tnquant.finetune/1"
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+#: The temporary files of :func:`save_checkpoint` (``tempfile.mkstemp``'s 8 random characters).
+_TMP = re.compile(r"^\.step_\d+\.pt\.[a-z0-9_]{8}\.tmp$")
 
 
 def checkpoint_path(directory: str | os.PathLike[str], step: int) -> Path:
@@ -84,6 +98,25 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike[str],
     return path
 
 
+def checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
+    """The checkpoint files of ``directory``, newest (highest step) first.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> for s in (2, 10): _ = save_checkpoint({}, d, s)
+    >>> [p.name for p in checkpoints(d)]
+    ['step_00000010.pt', 'step_00000002.pt']
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := _NAME.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     """The checkpoint with the highest step in ``directory`` (``None`` when none).
 
@@ -93,16 +126,80 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     >>> latest_checkpoint(tempfile.mkdtemp()) is None
     True
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
-    return max(found)[1] if found else None
+    found = checkpoints(directory)
+    return found[0] if found else None
+
+
+def _read(path: Path, map_location: Any,
+          validate: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"not a finetune checkpoint (it holds a {type(state).__name__}, "
+                         "expected a dict)")
+    if validate is not None:
+        validate(state)
+    return state
+
+
+def _why(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".split(" This is an internal miniz error")[0]
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu",
+                    validate: Callable[[dict[str, Any]], None] | None = None,
+                    ) -> tuple[dict[str, Any], Path]:
+    """Load a checkpoint file, or the newest readable one of a directory; ``(state, path)``.
+
+    ``validate(state)`` (optional) raises on a state that is not usable.
+    A file that cannot be loaded or validated raises ``ValueError`` naming
+    it. In a directory, such a file is skipped with a warning naming it and
+    the error, and the previous checkpoint is tried; ``ValueError`` naming
+    the directory and every file tried when none is good.
+
+    Examples
+    --------
+    >>> import tempfile, warnings
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = save_checkpoint({"step": 1}, d, 1)
+    >>> _ = (d / "step_00000002.pt").write_bytes(b"truncated")
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     state, used = read_checkpoint(d)
+    >>> state["step"], used.name, "step_00000002.pt" in str(caught[0].message)
+    (1, 'step_00000001.pt', True)
+    """
+    p = Path(path)
+    if p.is_dir():
+        found = checkpoints(p)
+        if not found:
+            raise FileNotFoundError(f"resume_from: no step_*.pt checkpoint in directory {p}")
+        tried = []
+        for candidate in found:
+            try:
+                return _read(candidate, map_location, validate), candidate
+            except Exception as e:  # any unreadable file: fall back to the previous one
+                tried.append(f"{candidate.name} ({_why(e)})")
+                warnings.warn(f"resume_from: skipping checkpoint {candidate}, which cannot be "
+                              f"read: {_why(e)}; trying the previous one", stacklevel=2)
+        raise ValueError(f"resume_from: no readable checkpoint in directory {p}; tried, newest "
+                         f"first: {'; '.join(tried)}")
+    if not p.exists():
+        raise FileNotFoundError(f"resume_from: expected a checkpoint file or directory, "
+                                f"{p} does not exist")
+    if not p.is_file():
+        raise ValueError(f"resume_from: expected a checkpoint file or directory, {p} is "
+                         "neither (not a regular file)")
+    try:
+        return _read(p, map_location, validate), p
+    except Exception as e:
+        raise ValueError(f"resume_from: cannot read checkpoint {p}: {_why(e)}") from e
 
 
 def load_checkpoint(path: str | os.PathLike[str],
                     map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file, or the latest one of a directory.
+    """Load a checkpoint file, or the latest readable one of a directory.
+
+    See :func:`read_checkpoint` for what happens to unreadable files.
 
     Examples
     --------
@@ -112,19 +209,7 @@ def load_checkpoint(path: str | os.PathLike[str],
     >>> load_checkpoint(d)["step"]
     5
     """
-    p = Path(path)
-    if p.is_dir():
-        latest = latest_checkpoint(p)
-        if latest is None:
-            raise FileNotFoundError(f"resume_from: no step_*.pt checkpoint in directory {p}")
-        p = latest
-    elif not p.is_file():
-        raise FileNotFoundError(f"resume_from: expected a checkpoint file or directory, "
-                                f"{p} does not exist")
-    state = torch.load(p, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{p} is not a finetune checkpoint (got a {type(state).__name__})")
-    return state
+    return read_checkpoint(path, map_location)[0]
 
 
 def prune_checkpoints(directory: str | os.PathLike[str], keep: int | None) -> None:
@@ -140,11 +225,32 @@ def prune_checkpoints(directory: str | os.PathLike[str], keep: int | None) -> No
     """
     if keep is None:
         return
-    directory = Path(directory)
-    found = sorted((int(m.group(1)), p) for p in directory.iterdir()
-                   if (m := _NAME.match(p.name)))
-    for _, p in found[:max(len(found) - keep, 0)]:
+    for p in checkpoints(directory)[keep:]:
         p.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries a killed :func:`save_checkpoint` left; return them.
+
+    Only regular files named exactly ``.step_<digits>.pt.<8 characters>.tmp``
+    are removed; nothing else in ``directory`` is touched.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for name in (".step_00000004.pt.k2j_x9aq.tmp", "notes.tmp"): _ = (d / name).write_text("")
+    >>> [p.name for p in remove_stale_temporaries(d)], sorted(p.name for p in d.iterdir())
+    (['.step_00000004.pt.k2j_x9aq.tmp'], ['notes.tmp'])
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = sorted(p for p in directory.iterdir()
+                   if _TMP.match(p.name) and p.is_file() and not p.is_symlink())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def rng_state() -> dict[str, Any]:

@@ -37,6 +37,11 @@ def _number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = True,
         raise ValueError(f"{name} must be {what} {bound}{none}, got {value!r}")
 
 
+def _choice(value: Any, choices: Any) -> bool:
+    """``value`` is a string among ``choices`` (no ``==`` on arbitrary objects, no hashing)."""
+    return isinstance(value, str) and value in choices
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Loop options of ``finetune`` (see its docstring); validated on creation.
@@ -83,32 +88,49 @@ class FinetuneConfig:
         _number("clip_grad_norm", self.clip_grad_norm, allow_none=True)
         for name in ("eval_every", "checkpoint_every", "keep_checkpoints"):
             _number(name, getattr(self, name), integer=True, allow_none=True)
-        if not callable(self.optimizer) and self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable "
-                             f"(param_groups) -> Optimizer, got {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got "
-                             f"{self.schedule!r}")
-        warmup_steps(self.warmup, 1)
-        if self.train not in TRAIN_CHOICES:
-            raise ValueError(f"train must be one of {list(TRAIN_CHOICES)}, got {self.train!r}")
+        self._check_choices()
         if self.eval_fn is not None and not callable(self.eval_fn):
             raise TypeError(f"eval_fn must be a callable (model) -> dict, got "
                             f"{type(self.eval_fn).__name__}")
         if self.eval_every is not None and self.eval_fn is None:
             raise ValueError("eval_every is set but eval_fn is None; pass eval_fn=")
+        self._check_run()
         if self.checkpoint_every is not None and self.checkpoint_dir is None:
             raise ValueError("checkpoint_every is set but checkpoint_dir is None; pass "
                              "checkpoint_dir=")
-        if self.ddp not in (True, False, "auto"):
+        if not (isinstance(self.ddp, bool) or _choice(self.ddp, ("auto",))):
             raise ValueError(f"ddp must be True, False or 'auto', got {self.ddp!r}")
         if self.ddp_kwargs is not None and not isinstance(self.ddp_kwargs, dict):
             raise TypeError(f"ddp_kwargs must be a dict or None, got "
                             f"{type(self.ddp_kwargs).__name__}")
-        if self.fused not in (True, False, "auto"):
+        if not (isinstance(self.fused, bool) or _choice(self.fused, ("auto",))):
             raise ValueError(f"fused must be True, False or 'auto', got {self.fused!r}")
         if not isinstance(self.progress, bool):
             raise TypeError(f"progress must be a bool, got {type(self.progress).__name__}")
+
+    def _check_choices(self) -> None:
+        if not callable(self.optimizer) and not _choice(self.optimizer, OPTIMIZERS):
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable "
+                             f"(param_groups) -> Optimizer, got {self.optimizer!r}")
+        if not _choice(self.schedule, SCHEDULES):
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got "
+                             f"{self.schedule!r}")
+        warmup_steps(self.warmup, 1)
+        if not _choice(self.train, TRAIN_CHOICES):
+            raise ValueError(f"train must be one of {list(TRAIN_CHOICES)}, got {self.train!r}")
+
+    def _check_run(self) -> None:
+        if not isinstance(self.shuffle, bool):
+            raise TypeError(f"shuffle must be a bool, got {type(self.shuffle).__name__}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        for name in ("checkpoint_dir", "resume_from"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"{name} must be a path (str or os.PathLike) or None, got "
+                                f"{type(value).__name__}")
+            if value is not None and os.fspath(value) == "":
+                raise ValueError(f"{name} must name a directory or file, got an empty path")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the run: ``epochs`` epochs or ``max_steps``, the fewer."""

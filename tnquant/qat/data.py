@@ -11,6 +11,9 @@
   random generators are in the same state): iterated once per epoch;
 - a single tensor or mapping: one batch.
 
+A generator or any other one-shot iterator is refused (``TypeError``): it
+would be exhausted after the first epoch.
+
 Sharding over ``world`` ranks (DDP) takes the epoch's global list of
 batches and gives rank ``r`` the batches ``r, r + world, r + 2 world, ...``;
 each epoch has ``n // world`` steps and the last ``n % world`` batches of
@@ -67,6 +70,11 @@ class EpochPlan:
                 "data must be a list/tuple of batches, a DataLoader (an object with __len__ "
                 f"and __iter__ that can be iterated once per epoch), or one tensor, got "
                 f"{type(data).__name__}; wrap an iterator with list(...)")
+        if isinstance(data, Iterator):  # no iter(data): a DataLoader would draw its seed
+            raise TypeError(
+                "data must be re-iterable: finetune reads it once per epoch (and once more "
+                "to initialise learnable quantizers); pass a list of batches or a DataLoader, "
+                f"got a one-shot {type(data).__name__} (an iterator)")
         if not isinstance(shuffle, bool):
             raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, int):

@@ -62,9 +62,9 @@ from tqdm.auto import tqdm
 
 from tnquant.batches import call_model, move_batch
 from tnquant.layers.quantized import weight_pairs
+from tnquant.qat import resume
 from tnquant.qat.checkpoint import (
     FORMAT,
-    load_checkpoint,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
@@ -159,11 +159,16 @@ class _Trainer:
     """State of one ``finetune`` call: plan, optimizer, position, history."""
 
     def __init__(self, model: nn.Module, data: Any, objective: Objective, cfg: FinetuneConfig,
-                 ctx: DistContext) -> None:
+                 ctx: DistContext, dropout: bool) -> None:
         self.model, self.objective, self.cfg, self.ctx = model, objective, cfg, ctx
         self.device = _device(model)
         self.plan = EpochPlan(data, ctx.world, ctx.rank, cfg.shuffle, cfg.seed)
         self.total = cfg.total_steps(self.plan.steps_per_epoch)
+        self.options = resume.run_options(cfg, objective, dropout)
+        resumed = None if cfg.resume_from is None else resume.read_resume(
+            cfg.resume_from, self._record(), self.options)  # checked before any work
+        if cfg.checkpoint_dir is not None:
+            resume.prepare_checkpoint_dir(cfg.checkpoint_dir, ctx.is_main)
         self._initialize_lazy()
         self.chosen = select_parameters(model, cfg.train)
         trained = {id(p) for named in self.chosen.values() for _, p in named}
@@ -179,8 +184,8 @@ class _Trainer:
         self.pending: dict[str, Any] | None = None
         self.epoch_rng: dict[str, Any] = {}
         self.epoch_gen: Tensor | None = None
-        if cfg.resume_from is not None:
-            self._resume(cfg.resume_from)
+        if resumed is not None:
+            self._resume(*resumed)
         self.wrapped = ctx.wrap(model, self.device, cfg.ddp_kwargs)
 
     # ------------------------------------------------------------ set-up
@@ -209,21 +214,9 @@ class _Trainer:
     def _record(self) -> dict[str, Any]:
         return self.cfg.record(self.plan.steps_per_epoch, self.ctx.world)
 
-    def _resume(self, path: str | os.PathLike[str]) -> None:
-        state = load_checkpoint(path)
-        if state.get("format") != FORMAT:
-            raise ValueError(f"resume_from: expected a checkpoint of format {FORMAT!r}, got "
-                             f"{state.get('format')!r}")
-        saved, mine = state["config"], self._record()
-        for key in ("steps_per_epoch", "world", "seed", "shuffle"):
-            if saved[key] != mine[key]:
-                raise ValueError(
-                    f"resume_from: the checkpoint was written with {key}={saved[key]!r}, this "
-                    f"run has {key}={mine[key]!r}; resume with the same data, number of "
-                    "processes, seed and shuffle")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def _resume(self, state: dict[str, Any], path: os.PathLike[str]) -> None:
+        """Continue from a checkpoint :func:`~tnquant.qat.resume.read_resume` checked."""
+        resume.restore(state, path, self.model, self.optimizer, self.scheduler)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.epoch_steps = int(state["epoch_steps"])
         self.history = History.from_dict(state["history"])
@@ -356,7 +349,7 @@ class _Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ranks": ranks,
             "config": self._record(), "history": self.history.to_dict(),
-        }
+            "options": self.options, "optimizer_class": resume.class_name(self.optimizer)}
         save_checkpoint(state, self.cfg.checkpoint_dir, self.step)
         prune_checkpoints(self.cfg.checkpoint_dir, self.cfg.keep_checkpoints)
 
@@ -465,10 +458,16 @@ def finetune(
         random states, history; see :mod:`tnquant.qat.checkpoint`) every
         ``checkpoint_every`` steps and after the last step, atomically,
         from rank 0; keep the latest ``keep_checkpoints`` (``None``: all).
+        Temporaries a killed run left there (``.step_*.pt.*.tmp``) are removed.
     resume_from
-        A checkpoint file, or a directory (its latest checkpoint). The run
-        continues at the checkpoint's step; with the same arguments and data
-        it ends with the same parameters, bit for bit, as an uninterrupted run.
+        A checkpoint file, or a directory (its newest readable checkpoint; an
+        unreadable one is skipped with a warning). The run continues at its
+        step, and with the same arguments and data ends with the same
+        parameters, bit for bit, as an uninterrupted run. Other data, number
+        of processes or options are refused up front (``ValueError`` listing
+        every difference); only ``progress``, ``eval_fn``, ``eval_every``,
+        ``checkpoint_*``, ``keep_checkpoints``, ``ddp``, ``ddp_kwargs`` and
+        ``fused`` may change (:mod:`tnquant.qat.resume`).
     ddp, ddp_kwargs
         ``'auto'``: DistributedDataParallel when a process group of more than
         one process exists or ``torchrun`` launched this process (see
@@ -556,7 +555,7 @@ def finetune(
         if teacher is not None:
             teacher.eval()
         with _fused.fused(use_fused(model, cfg.fused)):
-            return _Trainer(model, data, objective, cfg, ctx).run()
+            return _Trainer(model, data, objective, cfg, ctx, dropout).run()
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)

@@ -90,9 +90,34 @@ class History:
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> History:
-        """Rebuild from :meth:`to_dict` (as stored in a checkpoint)."""
+        """Rebuild from :meth:`to_dict` (as stored in a checkpoint); ``ValueError`` on bad entries.
+
+        Examples
+        --------
+        >>> History.from_dict({"loss": [0.5, "x"]})
+        Traceback (most recent call last):
+        ...
+        ValueError: history entry 'loss' must be a list of numbers, got [0.5, 'x']
+        """
         known = {k: state[k] for k in cls.__dataclass_fields__ if k in state}
+        for key in ("step", "epoch", "loss", "lr", "distill", "task"):
+            value = known.get(key, [])
+            if not isinstance(value, list) or not all(_number(v) for v in value):
+                shown = value[:4] if isinstance(value, list) else type(value).__name__
+                raise ValueError(f"history entry {key!r} must be a list of numbers, got "
+                                 f"{shown!r}")
+        evals = known.get("evals", [])
+        if not isinstance(evals, list) or not all(isinstance(e, dict) for e in evals):
+            raise ValueError(f"history entry 'evals' must be a list of dicts, got "
+                             f"{type(evals).__name__}")
+        if not _number(known.get("time_s", 0.0)):
+            raise ValueError(f"history entry 'time_s' must be a number, got "
+                             f"{type(known['time_s']).__name__}")
         return cls(**known)
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
 def _plain(value: Any) -> Any:

@@ -26,6 +26,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from typing import Any
@@ -118,14 +119,20 @@ class Objective:
                 or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha (the weight of the task loss) must be in [0, 1], "
                              f"got {alpha!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or not temperature > 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if isinstance(hidden, str):
             hidden = [hidden]
         self.hidden = list(hidden) if hidden is not None else []
+        if not all(isinstance(name, str) for name in self.hidden):
+            raise TypeError(f"hidden must be submodule names (str), got {self.hidden!r}")
         if teacher is None and (self.hidden or outputs is not None or temperature != 1.0
                                 or not (isinstance(loss, str) and loss == "mse")):
             raise ValueError("loss=, temperature=, outputs= and hidden= configure the "
                              "distillation and need a teacher; got teacher=None")
         self.teacher = teacher
+        self.loss, self.temperature = loss, float(temperature)  # as given (checkpoint options)
         self.loss_fn = resolve_loss(loss, temperature) if teacher is not None else None
         self.outputs = outputs if outputs is not None else default_outputs
         self.task_loss = task_loss
