@@ -47,7 +47,13 @@ from tnquant.quant.qparams import (
 )
 from tnquant.specs import Binary
 
-__all__ = ["binary_codes", "binary_scale", "binary_quantize", "binary_fake_quantize"]
+__all__ = [
+    "binary_codes",
+    "binary_scale",
+    "binary_quantize",
+    "binary_fake_quantize",
+    "wide_mean",
+]
 
 
 def _check_float(x: Any, name: str, finite: bool = True) -> Tensor:
@@ -64,6 +70,22 @@ def _check_float(x: Any, name: str, finite: bool = True) -> Tensor:
             f"{name} must be finite, got {int(bad.sum())} NaN/Inf value(s) out of {x.numel()}"
         )
     return x
+
+
+def _finite_flags(x: Tensor, name: str, *results: Tensor) -> list[bool]:
+    """Refuse an empty or non-finite ``x``; say which of ``results`` are finite.
+
+    One host sync for all of it: the (cheap) checks of the results ride along
+    with the check of ``x``.
+    """
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); nothing to quantize")
+    lo, hi = torch.aminmax(x.detach())
+    flags = torch.stack([torch.isfinite(lo) & torch.isfinite(hi)]
+                        + [torch.isfinite(r).all() for r in results]).tolist()
+    if not flags[0]:
+        _check_float(x, name)  # raises, with the count
+    return flags[1:]
 
 
 def binary_codes(x: Tensor) -> Tensor:
@@ -84,7 +106,9 @@ def binary_scale(x: Tensor, spec: Binary) -> Tensor:
 
     The block is the whole tensor (``'tensor'``) or every slice at one index
     of ``spec.axis`` (``'channel'``), as :func:`tnquant.quant.qparams.block_size`
-    defines it. Accumulated in at least float32, returned in ``x.dtype``.
+    defines it. Accumulated in at least float32 (in float64 where that
+    overflows: the mean of huge weights is finite even when their float32
+    sum is not), returned in ``x.dtype``.
 
     Examples
     --------
@@ -95,14 +119,37 @@ def binary_scale(x: Tensor, spec: Binary) -> Tensor:
     """
     if not isinstance(spec, Binary):
         raise TypeError(f"spec must be a Binary, got {type(spec).__name__}")
-    _check_float(x, "x")
+    _check_float(x, "x", finite=False)
     shape = tuple(x.shape)
     block = block_size(shape, spec.granularity, spec.axis)
-    acc = torch.promote_types(x.dtype, torch.float32)
     dims = block_reduce_dims(len(shape))
-    blocks = to_blocks(x.to(acc).abs(), block)
+
+    blocks = to_blocks(x.to(torch.promote_types(x.dtype, torch.float32)).abs(), block)
     alpha = blocks.mean(dim=dims) if dims else blocks
+    if not _finite_flags(x, "x", alpha)[0]:
+        alpha = wide_mean(to_blocks(x.abs(), block), dims)
     return alpha.reshape(qparam_shape(shape, block)).to(x.dtype)
+
+
+def wide_mean(blocks: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Mean of non-negative ``blocks`` over ``dims`` that never overflows, in float64.
+
+    Each block is divided by its maximum first, so even float64 values near
+    their largest give a finite mean; the fallback where a plain sum overflows.
+
+    Examples
+    --------
+    >>> big = torch.full((4,), 3e38)
+    >>> float(wide_mean(big, (0,))) == float(torch.tensor(3e38))
+    True
+    """
+    a = blocks.to(torch.float64)
+    if not dims:
+        return a
+    top = a.amax(dim=dims, keepdim=True)
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    return ((a / top).mean(dim=dims, keepdim=True) * top).reshape(
+        [a.shape[d] for d in range(a.dim()) if d not in dims])
 
 
 def binary_quantize(x: Tensor, spec: Binary) -> tuple[Tensor, QParams]:

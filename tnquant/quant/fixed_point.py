@@ -431,6 +431,9 @@ def from_mantissa(m: Any, spec: FixedPoint, dtype: torch.dtype = torch.float32) 
 
     Computed in float64 (exact for ``|m| <= 2**53``) and rounded once to
     ``dtype``. ``m`` may be a torch tensor or a numpy array of integers.
+    A value beyond ``dtype``'s largest (``ap_fixed<8,1030>`` in float32,
+    ``ap_fixed<8,2000>`` even in float64) raises ``ValueError``, never gives
+    an infinity.
 
     Examples
     --------
@@ -443,7 +446,25 @@ def from_mantissa(m: Any, spec: FixedPoint, dtype: torch.dtype = torch.float32) 
     m = _as_int64(m)
     if not isinstance(m, Tensor):
         m = torch.from_numpy(m)
-    return _scaled(m.to(torch.float64), -spec.frac).to(dtype)
+    out = _scaled(m.to(torch.float64), -spec.frac).to(dtype)
+    _check_values_fit(out, spec, dtype)
+    return out
+
+
+def _reach(spec: FixedPoint) -> float:
+    """The largest magnitude of a value of ``spec`` (``inf`` beyond float64)."""
+    return _ldexp(float(max(-spec.qmin, spec.qmax)), -spec.frac)
+
+
+def _check_values_fit(values: Tensor, spec: FixedPoint, dtype: torch.dtype) -> None:
+    """Refuse ``values`` of ``spec`` that overflowed ``dtype`` (checked only when they could)."""
+    top = torch.finfo(dtype).max
+    if _reach(spec) <= top or all_finite(values):
+        return
+    bad = int((~torch.isfinite(values)).sum())
+    raise ValueError(f"{spec}: {bad} of {values.numel()} value(s) are beyond {dtype}'s largest "
+                     f"value {top:.6g} (the type reaches {_reach(spec):.6g}); use a wider dtype "
+                     f"or fewer integer bits")
 
 
 # --------------------------------------------------------------------------- #
@@ -455,8 +476,11 @@ def fixed_point_quantize(x: Tensor, spec: FixedPoint) -> tuple[Tensor, QParams]:
     """Quantize ``x`` to ``spec``: int64 mantissas and their ``QParams``.
 
     ``qparams.scale`` is ``2**-(W - I)`` in an all-ones-shaped tensor (one
-    block: the whole tensor), in ``x``'s dtype widened to at least float32;
-    ``zero_point`` is ``None``; ``qmin``/``qmax`` are the spec's.
+    block: the whole tensor), in ``x``'s dtype widened to at least float32
+    (to float64 where the step is not a float32 number); ``zero_point`` is
+    ``None``; ``qmin``/``qmax`` are the spec's. Raises ``ValueError`` for a
+    step beyond float64, or codes whose values are beyond ``x``'s dtype
+    (``dequantize`` would give infinities).
 
     Examples
     --------
@@ -467,9 +491,13 @@ def fixed_point_quantize(x: Tensor, spec: FixedPoint) -> tuple[Tensor, QParams]:
     (tensor([[0.0312]]), (1, 2))
     """
     codes = to_mantissa(x, spec)
+    step = spec.scale  # ValueError beyond float64
+    if _reach(spec) > torch.finfo(x.dtype).max:
+        from_mantissa(codes, spec, x.dtype)  # raises where a value overflows x.dtype
     shape = tuple(x.shape)
     scale_dtype = torch.promote_types(x.dtype, torch.float32)
-    step = _ldexp(1.0, -spec.frac)  # spec.scale, without OverflowError for I - W > 1023
+    if torch.tensor(step, dtype=scale_dtype).item() != step:
+        scale_dtype = torch.float64
     scale = torch.full(qparam_shape(shape, shape), step, dtype=scale_dtype, device=x.device)
     qparams = QParams(
         scale=scale,

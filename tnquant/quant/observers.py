@@ -47,6 +47,7 @@ from tnquant.quant.primitives import (
     spec_block_size,
 )
 from tnquant.quant.qparams import QParams, block_reduce_dims, qparam_shape, to_blocks
+from tnquant.quant.ranges import NonFiniteRange, count_nonfinite
 from tnquant.quant.ste import uniform_codes, uniform_values
 from tnquant.specs import QuantSpec
 
@@ -71,6 +72,16 @@ __all__ = [
 # --------------------------------------------------------------------------- #
 
 
+def _finite_or_wide(value: Tensor, wide: Any) -> Tensor:
+    """``value`` where finite, else ``wide()`` (the same formula in float64) cast back.
+
+    Ranges of finite data stay finite: ``hi - lo`` or ``d * a + (1 - d) * b``
+    can overflow the compute dtype where their result does not. Sync-free;
+    ``wide`` runs on qparam-sized tensors only.
+    """
+    return torch.where(torch.isfinite(value), value, wide().to(value.dtype))
+
+
 def _rows(x: Tensor, block: tuple[int, ...]) -> Tensor:
     """``x`` as ``(n_blocks, block_numel)``, blocks in qparam-shape order."""
     nd = x.dim()
@@ -89,7 +100,8 @@ def _row_percentile(rows: Tensor, q: float) -> Tensor:
     if frac == 0 or low + 1 >= n:
         return v_low
     v_high = rows.kthvalue(low + 2, dim=1).values
-    return v_low + (v_high - v_low) * frac
+    return _finite_or_wide(v_low + (v_high - v_low) * frac,
+                           lambda: v_low.double() + (v_high.double() - v_low.double()) * frac)
 
 
 def percentile_range(x: Tensor, block: tuple[int, ...], percentile: float, symmetric: bool
@@ -199,8 +211,13 @@ def estimate_qparams(x: Tensor, spec: QuantSpec) -> QParams:
     """
     if spec.dtype is not None:
         return choose_qparams(x, spec)
-    lo, hi = estimate_range(x, spec)
-    return qparams_from_range(lo, hi, spec, tuple(x.shape), x.dtype)
+    try:
+        lo, hi = estimate_range(x, spec)
+        return qparams_from_range(lo, hi, spec, tuple(x.shape), x.dtype)
+    except NonFiniteRange:
+        n_nan, n_inf = count_nonfinite(x)
+        raise ValueError(f"tensor holds {n_nan} NaN and {n_inf} Inf value(s) out of "
+                         f"{x.numel()}; cannot choose a scale") from None
 
 
 # --------------------------------------------------------------------------- #
@@ -370,13 +387,23 @@ class EMAObserver(Observer):
 
     def accumulate(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         d = self.spec.ema_decay
-        return d * self.min_val + (1 - d) * lo, d * self.max_val + (1 - d) * hi
+
+        def ema(run: Tensor, new: Tensor) -> Tensor:
+            return _finite_or_wide(d * run + (1 - d) * new,
+                                   lambda: d * run.double() + (1 - d) * new.double())
+
+        return ema(self.min_val, lo), ema(self.max_val, hi)
 
 
 class _MeanObserver(Observer):
     def accumulate(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         n = self.num_batches.to(lo.dtype)
-        return self.min_val + (lo - self.min_val) / n, self.max_val + (hi - self.max_val) / n
+
+        def mean(run: Tensor, new: Tensor) -> Tensor:
+            return _finite_or_wide(run + (new - run) / n,
+                                   lambda: run.double() + (new.double() - run.double()) / n)
+
+        return mean(self.min_val, lo), mean(self.max_val, hi)
 
 
 class PercentileObserver(_MeanObserver):

@@ -15,6 +15,11 @@ Conventions (uniform :class:`~tnquant.QuantSpec`)
   the code ``qmin = -2^(b-1)`` is only reached by given qparams.
 - **Affine scale.** ``scale = (hi - lo) / (qmax - qmin)`` and the integer
   zero point ``zp = clamp(qmin - round(lo / scale), qmin, qmax)``.
+- **Huge ranges.** A symmetric float scale whose ``qmax * scale`` would
+  round past the dtype's largest value (``amax`` within an ulp of it) is
+  lowered by one ulp; any other grid point beyond the dtype that the data
+  reaches is refused (``ValueError``), never returned as an infinity. An
+  affine ``hi - lo`` that overflows is formed in float64.
 - **Degenerate blocks.** A block whose range is 0 (all zeros) gets
   ``scale = 1``, so zeros dequantize exactly; a scale below the smallest
   normal number is raised to it. A constant ``c != 0`` dequantizes to
@@ -47,6 +52,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -57,15 +63,18 @@ from tnquant.quant.binary import binary_fake_quantize, binary_quantize
 from tnquant.quant.fixed_point import fixed_point_fake_quantize, fixed_point_quantize
 from tnquant.quant.qparams import (
     QParams,
+    all_finite,
     expand,
     to_blocks,
 )
 from tnquant.quant.ranges import (
+    NonFiniteRange,
     block_minmax,
     cast_qparams,
     check_finite,
     code_dtype,
     compute_dtype,
+    count_nonfinite,
     qparams_from_range,
     rebind_qparams,
     spec_block_size,
@@ -199,55 +208,109 @@ def _check_qparams(qparams: Any, x: Tensor, spec: Any) -> QParams:
     return rebind_qparams(qparams, tuple(x.shape), x.dtype)
 
 
-def _choose_uniform(x: Tensor, spec: QuantSpec) -> QParams:
+def _choose_uniform(x: Tensor, spec: QuantSpec, name: str = "tensor") -> QParams:
     if spec.dtype is not None:
         return cast_qparams(tuple(x.shape), x.dtype, x.device, spec)
     lo, hi = block_minmax(x.detach(), spec_block_size(spec, tuple(x.shape)))
-    return qparams_from_range(lo, hi, spec, tuple(x.shape), x.dtype)
+    try:
+        return qparams_from_range(lo, hi, spec, tuple(x.shape), x.dtype)
+    except NonFiniteRange:
+        n_nan, n_inf = count_nonfinite(x)
+        raise ValueError(f"{name} holds {n_nan} NaN and {n_inf} Inf value(s) out of "
+                         f"{x.numel()}; cannot choose a scale") from None
+
+
+def _grid_bound(qp: QParams) -> tuple[float, int]:
+    """The largest scale of ``qp`` and ``|codes - zero_point|`` (one host sync)."""
+    steps = max(-qp.qmin, qp.qmax) if qp.zero_point is None else qp.qmax - qp.qmin
+    scales = [qp.scale] if qp.scale_neg is None else [qp.scale, qp.scale_neg]
+    return max(float(s.detach().abs().max()) for s in scales), steps
+
+
+def _check_grid(values: Callable[[], Tensor], qp: QParams, dtype: torch.dtype, name: str
+                ) -> None:
+    """Refuse values of ``qp`` that overflow ``dtype`` (computed only when the grid could)."""
+    top = torch.finfo(dtype).max
+    smax, steps = _grid_bound(qp)
+    if smax * steps <= top * (1 - 2.0**-20):
+        return
+    out = values()
+    if all_finite(out):
+        return
+    n_nan, n_inf = count_nonfinite(out)
+    raise ValueError(f"{name}: {n_nan + n_inf} of {out.numel()} value(s) quantize to grid points "
+                     f"beyond {dtype}'s largest value {top:.6g} (codes {qp.qmin}..{qp.qmax} "
+                     f"times scales up to {smax:.6g}); quantize a "
+                     f"float64 copy, or a tensor of smaller range")
+
+
+def _cast_limit(cast: torch.dtype, dtype: torch.dtype) -> float | None:
+    """The largest value of the format ``cast`` that stays finite in ``dtype``, when that is
+    below ``cast``'s own largest value (a bfloat16 cast of float16 tensors); else ``None``."""
+    if math.isfinite(torch.tensor(torch.finfo(cast).max, dtype=torch.float64).to(dtype).item()):
+        return None
+    digits = round(-math.log2(torch.finfo(cast).eps)) + 1
+    mant, exp = math.frexp(torch.finfo(dtype).max)
+    return math.ldexp(math.floor(math.ldexp(mant, digits)), exp - digits)
+
+
+def _cast_input(x: Tensor, cast: torch.dtype) -> Tensor:
+    """``x`` in its compute dtype (exact), clamped to what ``cast`` can give back in
+    ``x.dtype``: the saturating cast then never rounds its bound in a narrow dtype."""
+    xw = x.to(compute_dtype(x.dtype))
+    limit = _cast_limit(cast, x.dtype)
+    return xw if limit is None else xw.clamp(-limit, limit)
 
 
 def _quantize_uniform(x: Tensor, spec: QuantSpec, qparams: QParams | None,
-                      generator: torch.Generator | None) -> tuple[Tensor, QParams]:
-    qp = _choose_uniform(x, spec) if qparams is None else qparams
+                      generator: torch.Generator | None, name: str = "tensor"
+                      ) -> tuple[Tensor, QParams]:
+    qp = _choose_uniform(x, spec, name) if qparams is None else qparams
     if qp.cast_dtype is not None:
-        return saturating_cast(x.detach(), qp.cast_dtype), qp
+        return saturating_cast(_cast_input(x.detach(), qp.cast_dtype), qp.cast_dtype), qp
     cd = torch.promote_types(compute_dtype(x.dtype), qp.scale.dtype)
     zp = qp.expanded_zero_point()
-    q, _ = uniform_codes(to_blocks(x.detach().to(cd), qp.block_size), qp.expanded_scale().to(cd),
-                         None if zp is None else zp.to(cd), qp.qmin, qp.qmax, spec.rounding,
-                         generator)
+    zp = None if zp is None else zp.to(cd)
+    scale = qp.expanded_scale().to(cd)
+    q, _ = uniform_codes(to_blocks(x.detach().to(cd), qp.block_size), scale, zp, qp.qmin,
+                         qp.qmax, spec.rounding, generator)
+    _check_grid(lambda: uniform_values(q, scale, zp).to(x.dtype), qp, x.dtype, name)
     return q.reshape(qp.shape).to(code_dtype(qp.qmin, qp.qmax)), qp
 
 
 def _fake_uniform(x: Tensor, spec: QuantSpec, qparams: QParams | None,
-                  generator: torch.Generator | None) -> Tensor:
-    qp = _choose_uniform(x, spec) if qparams is None else qparams
+                  generator: torch.Generator | None, name: str = "tensor") -> Tensor:
+    qp = _choose_uniform(x, spec, name) if qparams is None else qparams
     if qp.cast_dtype is not None:
-        return cast_fake_quantize(x, qp.cast_dtype)
-    return fake_quantize_blocks(x, qp.scale, qp.zero_point, qp.block_size, qp.qmin, qp.qmax,
-                                rounding=spec.rounding, generator=generator)
+        return cast_fake_quantize(_cast_input(x, qp.cast_dtype), qp.cast_dtype).to(x.dtype)
+    out = fake_quantize_blocks(x, qp.scale, qp.zero_point, qp.block_size, qp.qmin, qp.qmax,
+                               rounding=spec.rounding, generator=generator)
+    _check_grid(lambda: out, qp, x.dtype, name)
+    return out
 
 
 def _quantize_binary(x: Tensor, spec: Binary, qparams: QParams | None,
-                     generator: torch.Generator | None) -> tuple[Tensor, QParams]:
+                     generator: torch.Generator | None, name: str = "tensor"
+                     ) -> tuple[Tensor, QParams]:
     codes, qp = binary_quantize(x.detach(), spec)
     return codes, qp if qparams is None else qparams
 
 
 def _fake_binary(x: Tensor, spec: Binary, qparams: QParams | None,
-                 generator: torch.Generator | None) -> Tensor:
+                 generator: torch.Generator | None, name: str = "tensor") -> Tensor:
     qp = binary_quantize(x.detach(), spec)[1] if qparams is None else qparams
     return binary_fake_quantize(x, qp.scale)
 
 
 def _quantize_ternary(x: Tensor, spec: Ternary, qparams: QParams | None,
-                      generator: torch.Generator | None) -> tuple[Tensor, QParams]:
+                      generator: torch.Generator | None, name: str = "tensor"
+                      ) -> tuple[Tensor, QParams]:
     codes, qp = ternary_quantize(x.detach(), spec)
     return codes, qp if qparams is None else qparams
 
 
 def _fake_ternary(x: Tensor, spec: Ternary, qparams: QParams | None,
-                  generator: torch.Generator | None) -> Tensor:
+                  generator: torch.Generator | None, name: str = "tensor") -> Tensor:
     delta, alpha = twn_params(x.detach(), spec)
     if qparams is None:
         return ternary_fake_quantize(x, delta, alpha, alpha)
@@ -262,19 +325,24 @@ def _check_fixed_qparams(qparams: QParams | None, spec: FixedPoint) -> None:
 
 
 def _quantize_fixed(x: Tensor, spec: FixedPoint, qparams: QParams | None,
-                    generator: torch.Generator | None) -> tuple[Tensor, QParams]:
+                    generator: torch.Generator | None, name: str = "tensor"
+                    ) -> tuple[Tensor, QParams]:
     _check_fixed_qparams(qparams, spec)
     return fixed_point_quantize(x.detach(), spec)
 
 
 def _fake_fixed(x: Tensor, spec: FixedPoint, qparams: QParams | None,
-                generator: torch.Generator | None) -> Tensor:
+                generator: torch.Generator | None, name: str = "tensor") -> Tensor:
     _check_fixed_qparams(qparams, spec)
     return fixed_point_fake_quantize(x, spec)
 
 
 class Handler(NamedTuple):
-    """How one spec type chooses qparams, quantizes and fake-quantizes."""
+    """How one spec type chooses qparams, quantizes and fake-quantizes.
+
+    ``quantize`` and ``fake_quantize`` take ``(x, spec, qparams, generator)`` and
+    optionally the tensor's ``name`` for messages.
+    """
 
     choose: Callable[[Tensor, Any], QParams]
     quantize: Callable[[Tensor, Any, QParams | None, Any], tuple[Tensor, QParams]]
@@ -342,7 +410,7 @@ def quantize(x: Tensor, spec: Any, qparams: QParams | None = None, *, name: str 
     check_finite(x, name)
     if qparams is not None:
         qparams = _check_qparams(qparams, x, spec)
-    return handler.quantize(x, spec, qparams, generator)
+    return handler.quantize(x, spec, qparams, generator, name)
 
 
 def dequantize(codes: Tensor, qparams: QParams) -> Tensor:
@@ -403,4 +471,4 @@ def fake_quantize(x: Tensor, spec: Any, qparams: QParams | None = None, *, name:
     check_finite(x, name)
     if qparams is not None:
         qparams = _check_qparams(qparams, x, spec)
-    return handler.fake_quantize(x, spec, qparams, generator)
+    return handler.fake_quantize(x, spec, qparams, generator, name)

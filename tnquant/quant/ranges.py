@@ -33,6 +33,8 @@ __all__ = [
     "qparams_from_range",
     "rebind_qparams",
     "cast_qparams",
+    "count_nonfinite",
+    "NonFiniteRange",
 ]
 
 # --------------------------------------------------------------------------- #
@@ -84,8 +86,30 @@ def check_finite(x: Tensor, name: str = "tensor") -> None:
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); nothing to quantize")
     if not all_finite(x):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} contains {bad} NaN or Inf value(s); expected finite values")
+        n_nan, n_inf = count_nonfinite(x)
+        raise ValueError(f"{name} contains {n_nan + n_inf} NaN or Inf value(s) ({n_nan} NaN, "
+                         f"{n_inf} Inf, out of {x.numel()}); expected finite values")
+
+
+def count_nonfinite(x: Tensor) -> tuple[int, int]:
+    """How many NaN and how many +-Inf values ``x`` holds.
+
+    Examples
+    --------
+    >>> import torch
+    >>> count_nonfinite(torch.tensor([float("nan"), 1.0, -float("inf"), float("inf")]))
+    (1, 2)
+    """
+    x = x.detach()
+    return int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+
+
+class NonFiniteRange(ValueError):
+    """A range (``min_val``/``max_val``) holding NaN or Inf: the data it came from did.
+
+    Distinct from a finite range whose scale overflows, so callers holding the
+    data can say how many of its values were NaN or Inf.
+    """
 
 
 def spec_block_size(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -125,13 +149,29 @@ def block_minmax(x: Tensor, block: tuple[int, ...]) -> tuple[Tensor, Tensor]:
 
 
 def _finalize_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
-    if not bool(torch.isfinite(scale).all()):
-        raise ValueError("the range of the tensor overflows its dtype; cannot choose a scale")
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     scale = scale.clamp_min(torch.finfo(scale.dtype).tiny)
     if spec.scale == "pow2":
         scale = pow2_scale(scale, spec.pow2_rounding)
     return scale
+
+
+def _check_range(lo: Tensor, hi: Tensor, scale: Tensor, spec: QuantSpec) -> None:
+    """One host sync: refuse a non-finite range, then a scale that overflows."""
+    ok_range, ok_scale = torch.stack([torch.isfinite(lo).all() & torch.isfinite(hi).all(),
+                                      torch.isfinite(scale).all()]).tolist()
+    if not ok_range:
+        bad = int((~(torch.isfinite(lo) & torch.isfinite(hi))).sum())
+        nan = bool(torch.isnan(lo).any() | torch.isnan(hi).any())
+        raise NonFiniteRange(f"min_val/max_val hold {'NaN' if nan else 'Inf'} in {bad} of "
+                             f"{lo.numel()} block(s): the tensor they came from held NaN or "
+                             f"Inf values; cannot choose a scale")
+    if not ok_scale:
+        kind = "power-of-two scale" if spec.scale == "pow2" else "scale"
+        raise ValueError(f"the range of the tensor overflows its dtype: the {kind} of "
+                         f"{spec.bits}-bit codes for [{float(lo.min()):.6g}, "
+                         f"{float(hi.max()):.6g}] is beyond {scale.dtype}'s largest value "
+                         f"{torch.finfo(scale.dtype).max:.6g}; cannot choose a scale")
 
 
 def cast_qparams(shape: tuple[int, ...], dtype: torch.dtype, device: Any, spec: QuantSpec
@@ -186,9 +226,20 @@ def qparams_from_range(min_val: Tensor, max_val: Tensor, spec: QuantSpec,
     zero_point = None
     if spec.symmetric:
         steps = spec.qmax if spec.qmax > 0 else -spec.qmin
-        scale = _finalize_scale(torch.maximum(-lo, hi) / steps, spec)
+        raw = torch.maximum(-lo, hi) / steps
     else:
-        scale = _finalize_scale((hi - lo) / (spec.qmax - spec.qmin), spec)
+        steps = spec.qmax - spec.qmin
+        raw = (hi - lo) / steps
+        # hi - lo may overflow cd where the scale itself fits: form it in float64 there only
+        wide = ((hi.double() - lo.double()) / steps).to(cd)
+        raw = torch.where(torch.isfinite(raw), raw, wide)
+    scale = _finalize_scale(raw, spec)
+    if spec.symmetric and spec.scale == "float":
+        # amax within an ulp of the dtype's largest: qmax * scale may round past it
+        over = ~torch.isfinite((scale * steps).to(dtype))
+        scale = torch.where(over, torch.nextafter(scale, torch.zeros_like(scale)), scale)
+    _check_range(lo, hi, scale, spec)
+    if not spec.symmetric:
         zp = (spec.qmin - torch.round(lo / scale)).clamp(spec.qmin, spec.qmax)
         zero_point = zp.to(code_dtype(spec.qmin, spec.qmax))
     return QParams(scale, zero_point, spec.qmin, spec.qmax, block, shape, dtype)

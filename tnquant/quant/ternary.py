@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tnquant.quant.binary import _check_float
+from tnquant.quant.binary import _check_float, _finite_flags
 from tnquant.quant.qparams import QParams, block_reduce_dims, block_size, qparam_shape, to_blocks
 from tnquant.specs import Ternary
 
@@ -56,7 +56,10 @@ def twn_params(x: Tensor, spec: Ternary) -> tuple[Tensor, Tensor]:
     ``delta = spec.threshold * mean|x|``, ``alpha = mean(|x| where |x| > delta)``
     (``max|x|`` of the block when no element exceeds ``delta``). Both have
     the qparam shape (ones except along the channel axis), so they broadcast
-    against ``x``; accumulated in at least float32 and returned in ``x.dtype``.
+    against ``x``; accumulated in at least float32 (in float64, overflow-free,
+    where that overflows: huge weights keep their codes) and returned in
+    ``x.dtype``, ``delta`` capped at the dtype's largest value (no element
+    exceeds it either way).
 
     Examples
     --------
@@ -66,22 +69,45 @@ def twn_params(x: Tensor, spec: Ternary) -> tuple[Tensor, Tensor]:
     (tensor([0.5425, 0.3500]), tensor([1.5000, 0.5000]))
     """
     _check_spec(spec)
-    _check_float(x, "x")
+    _check_float(x, "x", finite=False)
     shape = tuple(x.shape)
     block = block_size(shape, spec.granularity, spec.axis)
     out_shape = qparam_shape(shape, block)
     acc = torch.promote_types(x.dtype, torch.float32)
-    a = to_blocks(x.to(acc).abs(), block)
+    top = torch.finfo(x.dtype).max
     dims = block_reduce_dims(len(shape))
     if not dims:  # a 0-d tensor is its own block, and alpha = |x| either way
-        return (spec.threshold * a).to(x.dtype), a.to(x.dtype)
-    delta = spec.threshold * a.mean(dim=dims, keepdim=True)
+        _finite_flags(x, "x")
+        a = x.to(acc).abs()
+        return (spec.threshold * a).clamp(max=top).to(x.dtype), a.to(x.dtype)
+    delta, alpha = _twn(to_blocks(x.to(acc).abs(), block), dims, spec.threshold, wide=False)
+    if not all(_finite_flags(x, "x", delta, alpha)):
+        delta, alpha = _twn(to_blocks(x.abs(), block), dims, spec.threshold, wide=True)
+    return (delta.reshape(out_shape).clamp(max=top).to(x.dtype),
+            alpha.reshape(out_shape).to(x.dtype))
+
+
+def _twn(a: Tensor, dims: tuple[int, ...], threshold: float, wide: bool) -> tuple[Tensor, Tensor]:
+    """``(delta, alpha)`` of the blocks ``a = |x|`` (keepdim shapes).
+
+    ``wide``: in float64, every mean taken over values divided by the block's
+    maximum, so nothing overflows (the fallback where the plain sums do).
+    """
+    fallback = a.amax(dim=dims, keepdim=True)
+    if wide:
+        a, fallback = a.to(torch.float64), fallback.to(torch.float64)
+        unit = torch.where(fallback > 0, fallback, torch.ones_like(fallback))
+        delta = threshold * ((a / unit).mean(dim=dims, keepdim=True) * unit)
+    else:
+        unit = None
+        delta = threshold * a.mean(dim=dims, keepdim=True)
     above = a > delta
     count = above.sum(dim=dims, keepdim=True)
-    total = (a * above).sum(dim=dims, keepdim=True)
-    fallback = a.amax(dim=dims, keepdim=True)
-    alpha = torch.where(count > 0, total / count.clamp(min=1), fallback)
-    return delta.reshape(out_shape).to(x.dtype), alpha.reshape(out_shape).to(x.dtype)
+    total = ((a if unit is None else a / unit) * above).sum(dim=dims, keepdim=True)
+    mean_above = total / count.clamp(min=1)
+    if unit is not None:
+        mean_above = mean_above * unit
+    return delta, torch.where(count > 0, mean_above, fallback)
 
 
 def ternary_codes(x: Tensor, delta: Tensor) -> Tensor:
