@@ -59,8 +59,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tnquant.batches import check_data, iterate_batches
+from tnquant.checks import check_model
 from tnquant.layers.quantized import weight_pairs
-from tnquant.ptq.calibrate import check_reiterable, run_batches
+from tnquant.ptq.calibrate import run_batches
 from tnquant.quant.frozen import FrozenTensor
 from tnquant.quant.quantizer import Quantizer
 from tnquant.report import Report
@@ -180,9 +182,7 @@ def layer_order(model: nn.Module, data: Any, num_batches: int | None,
     target the first batch does not reach goes to ``report.skipped`` with
     the reason ``unreached``.
     """
-    from tnquant.batches import iterate_batches
-
-    first = next(iter(iterate_batches(data, num_batches)), None)
+    first = next(iter(iterate_batches(data, num_batches, what=what)), None)
     if first is None:
         raise ValueError(f"{what} needs at least one batch of data, got an empty iterable")
     order = _forward_order(model, targets, first)
@@ -235,7 +235,8 @@ def correct_biases(model: nn.Module, data: Any, num_batches: int | None = None, 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_reiterable(data, "bias correction")
+    check_model(model, "bias correction", finite=True)
+    check_data(data, "bias correction", reiterable=True)
     report = Report("bias_correction", columns=("name", "kind", "layer", "bias_shift",
                                                 "max_shift"))
     targets, skipped = bias_targets(model)
@@ -250,7 +251,8 @@ def correct_biases(model: nn.Module, data: Any, num_batches: int | None = None, 
         meter = _ShiftMeter(module)
         handle = module.register_forward_hook(meter, with_kwargs=True)
         try:
-            run_batches(model, data, num_batches, desc=name, progress=False)
+            run_batches(model, data, num_batches, desc=name, progress=False,
+                        what="bias correction")
         finally:
             handle.remove()
         shift = meter.shift()

@@ -54,7 +54,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tnquant.batches import call_model, iterate_batches
+from tnquant.batches import call_model, check_data, check_reiterable, iterate_batches
+from tnquant.checks import check_model
 from tnquant.layers.quantized import weight_pairs
 from tnquant.quant.observers import Observer
 from tnquant.quant.quantizer import Quantizer
@@ -167,8 +168,12 @@ def _freeze_weights(roles: list[QuantizerRole], report: Report) -> None:
 
 
 def run_batches(model: nn.Module, data: Any, num_batches: int | None, *, desc: str,
-                progress: bool) -> int:
+                progress: bool, what: str = "calibrate") -> int:
     """Run ``data`` through ``model`` (no grad, eval mode, flag restored); count batches.
+
+    Batches are checked as they are read (:func:`tnquant.batches.iterate_batches`,
+    ``what`` names the caller in its messages): data without a batch, or
+    with NaN or inf in a float tensor, raises ``ValueError``.
 
     Examples
     --------
@@ -181,7 +186,7 @@ def run_batches(model: nn.Module, data: Any, num_batches: int | None, *, desc: s
     count = 0
     try:
         with torch.no_grad():
-            for batch in tqdm(iterate_batches(data, num_batches), desc=desc,
+            for batch in tqdm(iterate_batches(data, num_batches, what=what), desc=desc,
                               disable=not progress, leave=False):
                 call_model(model, batch)
                 count += 1
@@ -200,7 +205,11 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
         A model with quantizers attached (by ``tnquant.quantize`` or by hand).
     data
         Calibration batches, passed to the model as described in
-        :mod:`tnquant.batches` (a single tensor is one batch).
+        :mod:`tnquant.batches` (a single tensor is one batch). Checked up
+        front when read (not empty; a list or a DataLoader with bias
+        correction, which reads it several times) and batch by batch
+        (float tensors finite). A model without observing activation
+        quantizers and without bias correction does not read it.
     num_batches
         Use at most this many batches (all when ``None``).
     bias_correction
@@ -227,10 +236,13 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
     Raises
     ------
     TypeError
-        If ``model`` is not an ``nn.Module``, or ``bias_correction`` is asked
-        with ``data`` a one-shot iterator (it is read several times).
+        If ``model`` is not an ``nn.Module``, ``data`` is not iterable, or
+        ``bias_correction`` is asked with ``data`` a one-shot iterator (it
+        is read several times).
     ValueError
-        If ``data`` yields no batch while activation quantizers need it.
+        If ``data`` yields no batch while activation quantizers need it, a
+        batch holds NaN or inf, or the model is on the meta device or has
+        non-finite parameters; nothing is changed then.
 
     Examples
     --------
@@ -250,12 +262,17 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
     if num_batches is not None and (isinstance(num_batches, bool)
                                     or not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
-    if bias_correction:
-        check_reiterable(data, "bias correction")
+    check_model(model, "calibrate", finite=True)
     report = Report("calibrate", columns=_COLUMNS)
     roles = find_quantizers(model)
+    activations = Report("calibrate", columns=_COLUMNS)  # their skips follow the weights'
+    observed = _select_activations(roles, activations)
+    if observed or bias_correction:
+        check_data(data, "calibrate")
+    if bias_correction:
+        check_reiterable(data, "bias correction")
     _freeze_weights(roles, report)
-    observed = _select_activations(roles, report)
+    report.skipped.extend(activations.skipped)
     _calibrate_activations(model, data, num_batches, progress, observed, report)
     if bias_correction:
         from tnquant.ptq.bias_correction import correct_biases
@@ -264,24 +281,6 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
         report.rows.extend(bias_report.rows)
         report.skipped.extend(bias_report.skipped)
     return report
-
-
-def check_reiterable(data: Any, what: str) -> None:
-    """Raise ``TypeError`` when ``data`` is a one-shot iterator (it is read several times).
-
-    Examples
-    --------
-    >>> check_reiterable([1, 2], "bias correction")
-    >>> check_reiterable(iter([1, 2]), "bias correction")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    TypeError: bias correction reads the data several times; ... got a one-shot list_iterator
-    """
-    if isinstance(data, (Tensor, dict)):
-        return
-    if iter(data) is data:
-        raise TypeError(f"{what} reads the data several times; pass a list or a DataLoader, "
-                        f"got a one-shot {type(data).__name__}")
 
 
 def _select_activations(roles: list[QuantizerRole], report: Report) -> list[QuantizerRole]:

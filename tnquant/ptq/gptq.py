@@ -70,11 +70,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tnquant.batches import check_data
+from tnquant.checks import check_model
 from tnquant.layers.base import FactorizedLayer
 from tnquant.layers.lowrank import LowRankLinear
 from tnquant.layers.quantized import weight_pairs
 from tnquant.ptq.bias_correction import layer_order
-from tnquant.ptq.calibrate import check_reiterable, run_batches
+from tnquant.ptq.calibrate import run_batches
 from tnquant.quant.primitives import round_tensor
 from tnquant.quant.qparams import QParams, expand, to_blocks
 from tnquant.quant.quantizer import Quantizer
@@ -346,7 +348,8 @@ def gptq(model: nn.Module, data: Any, num_batches: int | None = None, *, damp: f
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_reiterable(data, "GPTQ")
+    check_model(model, "GPTQ", finite=True)
+    check_data(data, "GPTQ", reiterable=True)
     report = Report("gptq", columns=("name", "kind", "layer", "rows", "rtn_error", "error"))
     targets, skipped = gptq_targets(model)
     for name, kind, reason in skipped:
@@ -360,7 +363,7 @@ def gptq(model: nn.Module, data: Any, num_batches: int | None = None, *, damp: f
         gram = _Gram()
         handle = module.register_forward_pre_hook(gram)
         try:
-            run_batches(model, data, num_batches, desc=name, progress=False)
+            run_batches(model, data, num_batches, desc=name, progress=False, what="GPTQ")
         finally:
             handle.remove()
         if gram.h is None:
