@@ -136,3 +136,74 @@ def test_bad_arguments():
         factorize(model, TT(rank=2), data_aware=True, progress=False)
     with pytest.raises(TypeError, match="nn.Module"):
         factorize("model", TT(rank=2))
+
+
+# --- data and models that cannot be used are refused before anything changes ---------------
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("empty", [[], (), iter([])])
+@pytest.mark.parametrize("aware", [True, None])
+def test_empty_data_is_refused_and_nothing_changes(empty, aware):
+    model = _mlp()
+    with pytest.raises(ValueError, match="factorize needs at least one batch of data"):
+        factorize(model, LowRank(rank=2), data=empty, data_aware=aware, progress=False)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_data_aware_false_ignores_the_data():
+    model = _mlp()
+    factorize(model, LowRank(rank=2), data=[], data_aware=False, progress=False)
+    assert type(model[0]) is LowRankLinear
+
+
+def test_non_finite_data_is_refused_naming_the_batch_and_nothing_changes():
+    model = _mlp()
+    bad = torch.randn(5, 8)
+    bad[2, 3] = float("nan")
+    bad[4, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"factorize: batch 1 of data holds 2 non-finite values"):
+        factorize(model, LowRank(rank=2), data=[torch.randn(5, 8), bad], progress=False)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_data_that_is_not_iterable_is_refused():
+    with pytest.raises(TypeError, match="factorize: data must be an iterable of batches"):
+        factorize(_mlp(), LowRank(rank=2), data=3, progress=False)
+    with pytest.raises(TypeError, match="data_aware must be True, False or None"):
+        factorize(_mlp(), LowRank(rank=2), data=[torch.randn(2, 8)], data_aware="yes",
+                  progress=False)
+
+
+def test_meta_model_is_refused_with_how_to_materialize():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"factorize needs the model's values, but parameter "
+                                         r"'0.weight' is on the meta device.*to_empty"):
+        factorize(model, LowRank(rank=2), progress=False)
+    report = factorize(model, {"nothing.*": LowRank(rank=2)}, progress=False)  # no target
+    assert report.rows == [] and type(model[0]) is nn.Linear
+
+
+def test_a_linear_the_data_never_reaches_is_fitted_to_its_weight_and_says_so():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model.unused)
+    report = factorize(model, LowRank(rank=2), data=[torch.randn(16, 8)], progress=False)
+    assert "not reached by the data" in report["unused"]["note"]
+    assert not (report["used"]["note"] or "").count("not reached")
+    alone = nn.Sequential(reference)
+    factorize(alone, LowRank(rank=2), progress=False)  # the weight-only fit
+    torch.testing.assert_close(model.unused.to_dense().weight, alone[0].to_dense().weight)

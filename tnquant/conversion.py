@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tnquant.checks import check_model
 from tnquant.layers.base import FactorizedLayer
 from tnquant.layers.quantized import QUANT_DENSE, QuantLinear, weight_pairs
 from tnquant.quant.frozen import FrozenTensor, spec_summary, tensor_bits
@@ -143,8 +144,11 @@ def convert(model: nn.Module, *, inplace: bool = True, dynamic_activations: bool
     Raises
     ------
     ValueError
-        A quantizer still observing, or an uncalibrated activation
-        quantizer (see ``dynamic_activations``).
+        A quantizer still observing, an uncalibrated activation quantizer
+        (see ``dynamic_activations``), a model on the meta device (no
+        values to store: ``model.to_empty(device=...)`` and load the
+        weights first) or with a parameter holding NaN or inf; checked
+        before anything is converted.
 
     Examples
     --------
@@ -159,6 +163,7 @@ def convert(model: nn.Module, *, inplace: bool = True, dynamic_activations: bool
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model, "convert", finite=True)
     if not inplace:
         model = copy.deepcopy(model)
     units = _units(model)

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnquant.batches import call_model, iterate_batches
+from tnquant.batches import call_model, check_data, iterate_batches
+from tnquant.checks import check_model
 from tnquant.layers import (
     CPConv2d,
     LowRankLinear,
@@ -62,6 +63,18 @@ def _check_spec(spec: Any, where: str) -> None:
             f"{where}: expected a TT, Tucker, CP or LowRank spec (or None to leave a layer "
             f"dense), got {type(spec).__name__}"
         )
+
+
+def _check_specs(spec_or_mapping: Any) -> None:
+    if isinstance(spec_or_mapping, Mapping):
+        for pattern, spec in spec_or_mapping.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"mapping keys must be glob strings, got {pattern!r}")
+            _check_spec(spec, f"pattern {pattern!r}")
+    else:
+        if spec_or_mapping is None:
+            raise TypeError("expected a spec or a mapping of glob patterns to specs, got None")
+        _check_spec(spec_or_mapping, "factorize")
 
 
 def _spec_for(
@@ -131,8 +144,24 @@ def collect_grams(
     data: Any,
     num_batches: int | None,
     progress: bool,
+    *,
+    what: str = "factorize",
+    arg: str = "data",
 ) -> dict[int, torch.Tensor]:
-    """``X^T X`` (float64) of the inputs each Linear in ``modules`` sees on ``data``."""
+    """``X^T X`` (float64) of the inputs each Linear in ``modules`` sees on ``data``.
+
+    Each batch is checked as it is read (:func:`tnquant.batches.iterate_batches`:
+    finite, at least one; ``what`` and ``arg`` name the caller in the messages).
+    A module the data never reaches has no entry.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = nn.Sequential(nn.Linear(2, 1))
+    >>> grams = collect_grams(model, [model[0]], [torch.ones(3, 2)], None, False)
+    >>> grams[id(model[0])].tolist()
+    [[3.0, 3.0], [3.0, 3.0]]
+    """
     grams: dict[int, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -147,7 +176,7 @@ def collect_grams(
     model.eval()
     try:
         with torch.no_grad():
-            batches = iterate_batches(data, num_batches)
+            batches = iterate_batches(data, num_batches, what=what, arg=arg)
             for batch in tqdm(
                 batches, desc="collect input statistics", disable=not progress, leave=False
             ):
@@ -198,7 +227,9 @@ def factorize(
     data
         Calibration batches (see :mod:`tnquant.batches`). When given, Linear
         layers are fitted to the data (output error ``||X W^T - X What^T||``)
-        instead of the weight error.
+        instead of the weight error. Read once; checked up front (not
+        empty) and batch by batch (finite). A Linear the data never reaches
+        is fitted to its weight alone and says so in its ``note``.
     data_aware
         Use ``data`` for a data-aware fit; defaults to ``True`` whenever data
         is given.
@@ -214,6 +245,19 @@ def factorize(
         weight error (and output error on the data when data-aware), notes
         (e.g. capped ranks); skipped modules with the reason; totals.
 
+    Raises
+    ------
+    TypeError
+        For a model that is not an ``nn.Module``, a value that is not a
+        spec, a mapping key that is not a string, or ``data`` that is not
+        iterable.
+    ValueError
+        For ``data_aware=True`` without data, empty data, a batch holding
+        NaN or inf, a model on the meta device (it has no weights to
+        decompose: ``model.to_empty(device=...)`` and load them first), and
+        for a layer the spec cannot decompose (non-finite weights, ranks or
+        shapes that do not fit).
+
     Examples
     --------
     >>> import torch
@@ -228,28 +272,28 @@ def factorize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(spec_or_mapping, Mapping):
-        for pattern, spec in spec_or_mapping.items():
-            if not isinstance(pattern, str):
-                raise TypeError(f"mapping keys must be glob strings, got {pattern!r}")
-            _check_spec(spec, f"pattern {pattern!r}")
-    else:
-        if spec_or_mapping is None:
-            raise TypeError("expected a spec or a mapping of glob patterns to specs, got None")
-        _check_spec(spec_or_mapping, "factorize")
+    _check_specs(spec_or_mapping)
+    if data_aware is not None and not isinstance(data_aware, bool):
+        raise TypeError(f"data_aware must be True, False or None, got {data_aware!r}")
     if data_aware and data is None:
         raise ValueError("data_aware=True needs calibration data: pass data=")
     use_data = data is not None and data_aware is not False
+    if use_data:
+        check_data(data, "factorize")
 
     targets, skipped = find_targets(model, spec_or_mapping, include, exclude)
+    if targets or use_data:
+        check_model(model, "factorize", finite=use_data)
     report = Report("factorize", columns=_COLUMNS)
     for name, kind, reason in skipped:
         report.skip(name, kind, reason)
 
     grams: dict[int, torch.Tensor] = {}
+    unreached: set[int] = set()
     if use_data:
         linears = [m for m, _, _ in targets.values() if isinstance(m, nn.Linear)]
         grams = collect_grams(model, linears, data, num_batches, progress)
+        unreached = {id(m) for m in linears if id(m) not in grams}
 
     items = list(targets.values())
     for module, spec, names in tqdm(items, desc="factorize", disable=not progress):
@@ -264,6 +308,9 @@ def factorize(
         before = sum(p.numel() for p in module.parameters())
         after = new.n_params
         note = info.get("capped")
+        if id(module) in unreached:
+            fit = "not reached by the data: fitted to the weight alone"
+            note = f"{note}; {fit}" if note else fit
         if len(names) > 1:
             shared = f"shared with {', '.join(names[1:])}"
             note = f"{note}; {shared}" if note else shared

@@ -22,6 +22,10 @@ Every tensor once (shared ones once), ``numel * element bits`` as stored:
 Quantizer bookkeeping (mode, shapes, observer statistics) and specs are
 metadata and not counted.
 
+A model on the meta device (shapes, no values) is counted too: a weight
+under a quantizer counts the layout ``convert`` would store for its spec,
+shape and dtype.
+
 Examples
 --------
 >>> from torch import nn
@@ -54,6 +58,18 @@ def _persistent(module: nn.Module) -> Iterable[Tensor]:
     for name, b in module._buffers.items():
         if b is not None and name not in module._non_persistent_buffers_set:
             yield b
+
+
+def _frozen_of(q: Quantizer, t: Tensor, name: str) -> FrozenTensor:
+    """What ``convert`` stores for ``t``; for a meta tensor, the skeleton of that layout.
+
+    The buffers' shapes and dtypes depend on the spec, the shape and the dtype
+    only, so a model on the meta device (no values to quantize) is counted
+    without allocating anything.
+    """
+    if t.is_meta:
+        return FrozenTensor(q.spec, tuple(t.shape), t.dtype, device="meta")
+    return FrozenTensor.from_quantizer(q, t, name=name)
 
 
 class SizeCounter:
@@ -96,7 +112,7 @@ class SizeCounter:
                 self.modules.update(id(m) for m in q.modules())
                 if q.mode != "off":
                     self.tensors.add(id(t))
-                    self._frozen(FrozenTensor.from_quantizer(q, t, name=tname), out)
+                    self._frozen(_frozen_of(q, t, tname), out)
         for t in _persistent(module):
             if id(t) not in self.tensors:
                 self.tensors.add(id(t))
