@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from tnquant.batches import call_model, iterate_batches
 from tnquant.search.allocate import DEFAULT_GRID, Allocation, allocate, fill
+from tnquant.search.inputs import check_errors, check_inputs, data_passes
 from tnquant.search.plan import Plan, apply
 from tnquant.search.sensitivity import (
     Metric,
@@ -126,7 +127,7 @@ def _compare(ref_model: nn.Module, new_model: nn.Module, names: list[str], data:
     handles += [new_model.get_submodule(n).register_forward_hook(new_hook(n)) for n in names]
     try:
         with torch.no_grad():
-            for batch in iterate_batches(data, num_batches):
+            for batch in iterate_batches(data, num_batches, what="search"):
                 ref = output_tensor(call_model(ref_model, batch))
                 new = output_tensor(call_model(new_model, batch))
                 acc.add("__output__", new, ref)
@@ -165,6 +166,7 @@ def verify(model: nn.Module, plan: Plan, data: Any, metric: Metric = None, *,
     (True, 288)
     """
     name = _metric_name(metric)
+    check_inputs(model, data, data_reads=1, fit_data=fit_data, fit_reads=1)
     was_training = model.training
     model.eval()
     try:
@@ -204,7 +206,8 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
         A dense model (left unchanged; carry the plan out with
         :func:`~tnquant.search.plan.apply`).
     data
-        Calibration batches (see :mod:`tnquant.batches`).
+        Calibration batches (see :mod:`tnquant.batches`): a list or a
+        DataLoader (read more than once), not empty, finite.
     metric
         What a candidate's error is (see :mod:`tnquant.search.sensitivity`):
         ``None``/``'layer'`` (relative MSE of the layer's own output, fast),
@@ -260,9 +263,17 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
 
     Raises
     ------
+    TypeError
+        For a model that is not an ``nn.Module``, data that is not iterable,
+        or a one-shot iterator as ``data`` (or ``fit_data``) where the
+        search reads it more than once (the default: sensitivities, then
+        verification; see :mod:`tnquant.search.inputs`).
     ValueError
         When no combination fits the budget or reaches the target (the
-        message gives the smallest size or error possible).
+        message gives the smallest size or error possible); for empty
+        data, a batch holding NaN or inf (which batch, how many values), a
+        model on the meta device or with non-finite parameters (which
+        one), or a layer whose candidates got non-finite errors (which).
 
     Examples
     --------
@@ -288,13 +299,18 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
                                or target < 0):
         raise ValueError(f"target must be a non-negative number, got {target!r}")
+    if precomputed is not None and not isinstance(precomputed, Sensitivity):
+        raise TypeError(f"precomputed must be a Sensitivity, got {type(precomputed).__name__}")
+    measure = precomputed is None
+    fit_aware = fit_data is not None if measure else cast(Sensitivity, precomputed).data_aware
+    check_inputs(model, data,
+                 data_reads=(data_passes(_metric_name(metric)) if measure else 0) + verify_plan,
+                 fit_data=fit_data, fit_reads=measure + (verify_plan and fit_aware))
     sens = precomputed
     if sens is None:
         sens = sensitivity(model, data, candidates, metric, include=include, exclude=exclude,
                            num_batches=num_batches, max_rows=max_rows, fit_data=fit_data,
                            progress=progress)
-    elif not isinstance(sens, Sensitivity):
-        raise TypeError(f"precomputed must be a Sensitivity, got {type(sens).__name__}")
     elif _metric_name(metric) != sens.metric:
         raise ValueError(f"precomputed sensitivities measure {sens.metric!r}; pass the same "
                          f"metric (got {_metric_name(metric)!r})")
@@ -302,11 +318,12 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
     if budget_layers is not None and budget_layers < 0:
         raise ValueError(f"budget_bits={budget_bits} is below the {sens.fixed_bits} bits of the "
                          f"layers not searched")
+    check_errors(sens)
     try:
         alloc = allocate(sens.errors, sens.sizes, budget_layers, target, method=method,
                          grid=grid)
     except ValueError as err:
-        if budget_bits is not None:
+        if budget_bits is not None and str(err).startswith("no combination fits"):
             raise ValueError(f"no plan fits in {budget_bits} bits: the smallest model the "
                              f"candidates give takes {sens.min_size_bits()} bits") from err
         raise

@@ -85,7 +85,7 @@ def hutchinson_traces(model: nn.Module, modules: Sequence[nn.Module], data: Any,
     try:
         for w in weights:
             w.requires_grad_(True)
-        for batch in iterate_batches(data, num_batches):
+        for batch in iterate_batches(data, num_batches, what="search"):
             out = output_tensor(call_model(model, batch))
             ref = out.detach()
             den += float(ref.double().pow(2).sum())

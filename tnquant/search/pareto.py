@@ -29,8 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnquant.search.api import search
+from tnquant.search.inputs import check_errors, check_inputs, data_passes
 from tnquant.search.plan import Plan
-from tnquant.search.sensitivity import Metric, sensitivity
+from tnquant.search.sensitivity import Metric, _metric_name, sensitivity
 
 __all__ = ["pareto", "plot_pareto"]
 
@@ -83,6 +84,14 @@ def pareto(model: nn.Module, data: Any, budgets: Sequence[int | float] | None = 
         One per feasible budget, in the order given: the measured size and
         error (``metric``'s terms) when verified, else the predicted ones.
 
+    Raises
+    ------
+    TypeError, ValueError
+        For a model or data :func:`~tnquant.search.search` refuses (see
+        :mod:`tnquant.search.inputs`; ``data`` is read once per verified
+        plan, so not a one-shot iterator then), and a layer whose
+        candidates got non-finite errors; budgets nothing fits in only warn.
+
     Examples
     --------
     >>> import torch
@@ -99,7 +108,11 @@ def pareto(model: nn.Module, data: Any, budgets: Sequence[int | float] | None = 
         raise ValueError(f"n_points must be a positive int, got {n_points!r}")
     if path is not None:
         _require_matplotlib()
+    verified = (len(budgets) if budgets is not None else n_points) if verify_plans else 0
+    check_inputs(model, data, data_reads=data_passes(_metric_name(metric)) + verified,
+                 fit_data=kwargs.get("fit_data"), fit_reads=1 + verified)
     sens = sensitivity(model, data, candidates, metric, progress=progress, **kwargs)
+    check_errors(sens)  # not a warning per budget
     if budgets is None:
         lo, hi = sens.min_size_bits(), sens.dense_bits
         if n_points == 1 or hi <= lo:

@@ -64,6 +64,7 @@ from tnquant.quant.quantizer import Quantizer
 from tnquant.quantization import quantize
 from tnquant.search.candidates import Candidates, candidates_for
 from tnquant.search.hessian import candidate_weight, hutchinson_traces
+from tnquant.search.inputs import check_inputs, data_passes
 from tnquant.search.plan import Choice
 from tnquant.sizes import SizeCounter, model_size_bits
 
@@ -220,7 +221,7 @@ def _capture(model: nn.Module, targets: list[tuple[list[str], nn.Module]], data:
     handles = [m.register_forward_pre_hook(hook(k)) for k, (_, m) in enumerate(targets)]
     try:
         with torch.no_grad():
-            for batch in iterate_batches(data, num_batches):
+            for batch in iterate_batches(data, num_batches, what="search"):
                 call_model(model, batch)
     finally:
         for h in handles:
@@ -249,7 +250,7 @@ def _chunks(x: Tensor, size: int = 2048) -> list[Tensor]:
 def _model_outputs(model: nn.Module, data: Any, num_batches: int | None) -> list[Tensor]:
     with torch.no_grad():
         return [output_tensor(call_model(model, b)).detach()
-                for b in iterate_batches(data, num_batches)]
+                for b in iterate_batches(data, num_batches, what="search")]
 
 
 def _metric_name(metric: Metric) -> str:
@@ -282,7 +283,7 @@ def sensitivity(model: nn.Module, data: Any, candidates: Any = None, metric: Met
     model
         A dense (not yet factorized or quantized) model; it is left unchanged.
     data
-        Calibration batches (see :mod:`tnquant.batches`).
+        Calibration batches (see :mod:`tnquant.batches`; checks: :mod:`tnquant.search.inputs`).
     candidates
         A :class:`Candidates` grid (the default one when ``None``), a list of
         :class:`~tnquant.search.plan.Choice` for every layer (those a layer
@@ -327,6 +328,8 @@ def sensitivity(model: nn.Module, data: Any, candidates: Any = None, metric: Met
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
         raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
     metric_name = _metric_name(metric)
+    check_inputs(model, data, data_reads=data_passes(metric_name), fit_data=fit_data,
+                 fit_reads=1)
     targets = []
     options = []
     for names, module in search_targets(model, include, exclude):
@@ -343,7 +346,8 @@ def sensitivity(model: nn.Module, data: Any, candidates: Any = None, metric: Met
         grams: dict[int, Tensor] = {}
         if fit_data is not None:
             linears = [m for _, m in targets if isinstance(m, nn.Linear)]
-            grams = collect_grams(model, linears, fit_data, None, progress)
+            grams = collect_grams(model, linears, fit_data, None, progress, what="search",
+                                  arg="fit_data")
         sens = _measure(model, data, targets, options, metric, metric_name, num_batches,
                         max_rows, grams, progress)
         sens.data_aware = fit_data is not None
