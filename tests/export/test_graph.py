@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from fractions import Fraction
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from tnquant import FixedPoint, QuantSpec, Ternary, quantize
+from tnquant.export import fixed_point
 from tnquant.export.graph import build_graph, fixed_codes, lossless_accum
 from tnquant.layers import LowRankLinear, TTLinear, TuckerLinear
 from tnquant.quant import Quantizer
@@ -87,3 +92,52 @@ def test_unsupported_layer_is_refused() -> None:
     model = nn.Sequential(TTLinear([torch.randn(1, 2, 2, 2), torch.randn(2, 2, 2, 1)]))
     with pytest.raises(ValueError, match="input_spec is needed"):
         build_graph(model)
+
+
+def _deep_chain() -> nn.Module:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    quantize(model, weights=FixedPoint(16, 4), progress=False)
+    return model
+
+
+def test_accumulator_past_64_bits_names_the_op_and_how_to_narrow(tmp_path: Path) -> None:
+    # lossless widths add up: 24 + 16 + 2 + 1 = 43, 43 + 19 = 62, 62 + 19 = 81 bits
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"op '2' needs a 81-bit lossless accumulator .* "
+                                         r"narrow it with result=\{'1': FixedPoint\(") as err:
+        fixed_point(_deep_chain(), out, FixedPoint(24, 8), hls4ml=False)
+    assert "accum={'2'" in str(err.value) and not out.exists()
+    w, i = (int(v) for v in re.search(r"'1': FixedPoint\((\d+), (-?\d+)", str(err.value))
+            .groups())  # type: ignore[union-attr]
+    em = fixed_point(_deep_chain(), out, FixedPoint(24, 8), hls4ml=False,
+                     result={"1": FixedPoint(w, i, rounding="RND", overflow="SAT")})
+    assert em.ops[2].accum_types[0].width <= 62
+
+
+def test_per_channel_type_is_as_wide_as_the_aligned_mantissas_reach() -> None:
+    q = Quantizer(QuantSpec(bits=5, scale="pow2", granularity="channel", axis=0))
+    q.freeze(torch.tensor([[4.0, 1.0, 1.0], [0.01, 0.0, 0.0]]))  # scales 2**-1 and 2**-10
+    w = torch.tensor([[1.0, -0.5, 0.5], [0.01, -0.008, 0.004]])
+    m, spec, exps = fixed_codes(q, w, "w")
+    frac = -min(exps)
+    ref = [[int(Fraction(v) * 2**frac) for v in row] for row in q(w).double().tolist()]
+    assert m.tolist() == ref and exps == [-10, -1]
+    hi = max(max(abs(v) for v in row) for row in ref)
+    assert spec.width == max(5, hi.bit_length() + 1) == 12  # was 5 + 9 = 14
+    assert spec.frac == frac
+
+
+def test_tt_step_products_and_bias_types_past_62_bits_are_refused() -> None:
+    torch.manual_seed(4)
+    layer = TTLinear([torch.randn(1, 2, 2, 2), torch.randn(2, 2, 2, 1)], bias=torch.randn(4))
+    model = nn.Sequential(layer)
+    quantize(model, cores=FixedPoint(30, 2), progress=False)
+    # step 1 multiplies step 0's 40-bit result by 30-bit cores: 70 bits
+    with pytest.raises(ValueError, match=r"op '0': products of ap_fixed<40,20> and "
+                                         r"ap_fixed<30,2> exceed 62 bits"):
+        build_graph(model, FixedPoint(8, 3), result={"0.0": FixedPoint(40, 20)},
+                    accum={"0.1": FixedPoint(60, 30)})
+    with pytest.raises(ValueError, match=r"op '0' needs type ap_fixed<63,10> wider than 62"):
+        build_graph(model, FixedPoint(8, 3), bias=FixedPoint(63, 10),
+                    accum=FixedPoint(40, 20), result=FixedPoint(16, 8))

@@ -16,12 +16,17 @@ Types
 Weights and cores: the integer codes of their quantizer (a ``FixedPoint``
 spec, or any symmetric spec whose scales are powers of two: the binary point
 absorbs ``2^k``; per-channel exponents are aligned to the largest number of
-fractional bits by exact left shifts). Accumulators ("auto", lossless, as
-hls4ml's ``infer_precision``): a ``W1.F1 x W2.F2`` product is
+fractional bits by exact left shifts, and the type is as wide as the aligned
+mantissas reach, at least the codes' own width; see :mod:`tnquant.export.codes`).
+Accumulators ("auto", lossless, as hls4ml's ``infer_precision``): a
+``W1.F1 x W2.F2`` product is
 ``ap_fixed<W1+W2, (W1+W2)-(F1+F2)>``; a sum of ``n`` of them adds
 ``ceil(log2 n)`` integer bits; a bias (aligned to the product's fractional
 bits) adds one more bit above the larger of the two. Results default to the
-accumulator type. ``accum=``/``result=``/``bias=`` override any of them
+accumulator type, so lossless widths add up along a chain; past 62 bits (the
+int64 emulator's limit) the export stops with a ``ValueError`` naming the op,
+the width and a ``result=`` for the op before it.
+``accum=``/``result=``/``bias=`` override any of them
 (their rounding and overflow modes are honoured). An activation quantizer
 fixes a type (see :mod:`tnquant.export.acts`: ``FixedPoint`` or a frozen
 power-of-two ``QuantSpec``): ``'output'``/``'inter_k'`` set that step's
@@ -54,20 +59,17 @@ import torch
 from torch import Tensor, nn
 
 from tnquant.export.acts import act_type
+from tnquant.export.codes import MAX_WIDTH, auto_accum, fixed_codes, lossless_accum
 from tnquant.layers.base import FactorizedLayer
 from tnquant.layers.lowrank import LowRankLinear
 from tnquant.layers.quantized import QuantLinear
 from tnquant.layers.tt import TTLinear
 from tnquant.layers.tucker import TuckerLinear
 from tnquant.quant.fixed_point import to_mantissa
-from tnquant.quant.frozen import FrozenTensor
-from tnquant.quant.quantizer import Quantizer
 from tnquant.specs import FixedPoint
 
-__all__ = ["Op", "TypeOverride", "build_graph", "lossless_accum", "fixed_codes", "MAX_WIDTH"]
-
-#: widest accumulator the int64 emulator takes (a sum of two stays below 2**63)
-MAX_WIDTH = 62
+__all__ = ["Op", "TypeOverride", "build_graph", "check_widths", "lossless_accum", "fixed_codes",
+           "MAX_WIDTH"]
 
 TypeOverride = Union[FixedPoint, Mapping[str, FixedPoint], None]
 
@@ -80,7 +82,10 @@ class Op:
     TT cores ``(r_{k-1}, o_k, i_k, r_k)`` in model order for ``'tt'``.
     ``accum_types`` and ``step_types`` have one entry per contraction step
     (``'tt'``: step ``s`` contracts core ``d-1-s``); ``step_types[-1]`` is
-    ``result_type``.
+    ``result_type``. ``accum_derived``/``result_derived`` (one per step) and
+    ``bias_derived`` say which types :func:`build_graph` derived itself
+    rather than took from ``accum=``/``result=``/``bias=`` or an activation
+    quantizer (empty: none); the loader re-derives those and compares.
     """
 
     name: str
@@ -97,116 +102,10 @@ class Op:
     accum_types: list[FixedPoint] = field(default_factory=list)
     step_types: list[FixedPoint] = field(default_factory=list)
     scales: list[list[int]] = field(default_factory=list)
+    accum_derived: list[bool] = field(default_factory=list)
+    result_derived: list[bool] = field(default_factory=list)
+    bias_derived: bool = False
 
-
-# --------------------------------------------------------------------------- #
-# codes -> fixed point
-# --------------------------------------------------------------------------- #
-
-
-def _signed_width(lo: int, hi: int) -> int:
-    """Smallest signed width holding ``[lo, hi]``."""
-    return max(int(hi).bit_length(), int(-lo - 1).bit_length() if lo < 0 else 0) + 1
-
-
-def _expand(q: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """A qparam tensor repeated block-wise to the full ``shape``."""
-    q = q.reshape(q.shape + (1,) * (len(shape) - q.ndim)) if q.ndim < len(shape) else q
-    for d, n in enumerate(shape):
-        if q.shape[d] != n:
-            q = torch.repeat_interleave(q, n // q.shape[d], dim=d)
-    return q
-
-
-def fixed_codes(quantizer: Any, tensor: Tensor, where: str) -> tuple[np.ndarray, FixedPoint,
-                                                                      list[int]]:
-    """Integer mantissas, their ``ap_fixed`` type and the scale exponents of a quantized tensor.
-
-    Parameters
-    ----------
-    quantizer
-        A :class:`~tnquant.quant.Quantizer` or a converted
-        :class:`~tnquant.quant.frozen.FrozenTensor`.
-    tensor
-        The float tensor (ignored for a ``FrozenTensor``).
-    where
-        The tensor's name, for error messages.
-
-    Returns
-    -------
-    (mantissas, spec, exponents)
-        int64 mantissas (``value = m * 2**-spec.frac`` exactly), the type, and
-        the distinct ``log2`` of the scales.
-
-    Raises
-    ------
-    ValueError
-        For a float scale that is not a power of two, an affine zero point,
-        or a float-format spec.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from tnquant import QuantSpec
-    >>> from tnquant.quant import Quantizer
-    >>> q = Quantizer(QuantSpec(bits=4, scale="pow2"))
-    >>> m, spec, exps = fixed_codes(q, torch.tensor([0.5, -1.0, 0.25]), "w")
-    >>> m.tolist(), str(spec), exps
-    ([2, -4, 1], 'ap_fixed<4,2>', [-2])
-    """
-    how = (f"quantize {where} with QuantSpec(scale='pow2', symmetric=True) or a FixedPoint "
-           f"spec")
-    if isinstance(quantizer, FrozenTensor):
-        spec = quantizer.spec
-        codes, qp = quantizer.codes(), quantizer.qparams()
-    elif isinstance(quantizer, Quantizer):
-        spec = quantizer.spec
-        if isinstance(spec, FixedPoint):
-            m = to_mantissa(tensor.detach(), spec).cpu().numpy()
-            return m, FixedPoint(spec.width, spec.integer, spec.signed), [-spec.frac]
-        codes, qp = quantizer.quantize_codes(tensor.detach(), name=where)
-    else:
-        raise ValueError(f"{where} has no quantizer; {how}")
-    if isinstance(spec, FixedPoint):
-        m = codes.to(torch.int64).cpu().numpy()
-        return m, FixedPoint(spec.width, spec.integer, spec.signed), [-spec.frac]
-    if qp.cast_dtype is not None:
-        raise ValueError(f"{where} is cast to {qp.cast_dtype}, not fixed point; {how}")
-    if qp.zero_point is not None and bool((qp.zero_point != 0).any()):
-        raise ValueError(f"{where} has an affine zero point; {how}")
-    if qp.scale_neg is not None and not torch.equal(qp.scale_neg, qp.scale):
-        raise ValueError(f"{where} has separate positive/negative scales (TTQ); {how}")
-    scale = qp.scale.detach().to(torch.float64).cpu()
-    mant, exp = torch.frexp(scale)
-    if not bool((mant == 0.5).all()):
-        bad = float(scale[mant != 0.5].flatten()[0])
-        raise ValueError(f"{where} has scale {bad!r}, not a power of two; {how}")
-    exps = (exp - 1).to(torch.int64)
-    frac = int(-exps.min())
-    shift = _expand(frac + exps, tuple(qp.shape)).numpy()
-    m = codes.to(torch.int64).cpu().numpy() << shift
-    width = _signed_width(qp.qmin, qp.qmax) + int(shift.max())
-    return m, FixedPoint(width, width - frac), sorted({int(e) for e in exps.flatten().tolist()})
-
-
-def lossless_accum(input_type: FixedPoint, weight_type: FixedPoint, n: int,
-                   bias_type: FixedPoint | None = None) -> FixedPoint:
-    """The accumulator of ``n`` products (plus a bias) that can never overflow.
-
-    Examples
-    --------
-    >>> str(lossless_accum(FixedPoint(8, 3), FixedPoint(6, 2), 16))
-    'ap_fixed<18,9>'
-    >>> str(lossless_accum(FixedPoint(8, 3), FixedPoint(6, 2), 16, FixedPoint(12, 3)))
-    'ap_fixed<19,10>'
-    """
-    width = input_type.width + weight_type.width
-    frac = input_type.frac + weight_type.frac
-    integer = width - frac + max(0, math.ceil(math.log2(n)))
-    if bias_type is not None:
-        integer = max(integer, bias_type.integer) + 1
-        frac = max(frac, bias_type.frac)
-    return FixedPoint(integer + frac, integer)
 
 
 # --------------------------------------------------------------------------- #
@@ -263,13 +162,19 @@ def _steps(name: str, module: nn.Module) -> list[tuple[Tensor, Any, str, bool]]:
     return [(cores[k], quantizers[k], f"{name}.cores.{k}", t) for k, t in order]
 
 
-def _bias(param: Tensor, frac: int, given: FixedPoint | None) -> tuple[np.ndarray, FixedPoint]:
+def _bias(param: Tensor, frac: int, given: FixedPoint | None,
+          op: str) -> tuple[np.ndarray, FixedPoint]:
     """Bias mantissas and type: ``given``, else the products' ``frac`` bits, RND_CONV/SAT."""
     b = param.detach().to(torch.float64).cpu()
     spec = given
     if spec is None:
         top = float(b.abs().max()) if b.numel() else 0.0
         integer = max(1, math.floor(math.log2(top)) + 2) if top > 0 else 1
+        if integer + frac > MAX_WIDTH:
+            raise ValueError(f"op {op!r}: its bias on the products' {frac} fractional bits "
+                             f"needs {integer + frac} bits, wider than {MAX_WIDTH}; give it "
+                             f"with bias={{'{op}': FixedPoint(24, {integer}, rounding='RND', "
+                             f"overflow='SAT')}}")
         spec = FixedPoint(integer + frac, integer, rounding="RND_CONV", overflow="SAT")
     return to_mantissa(b, spec).numpy(), FixedPoint(spec.width, spec.integer, spec.signed)
 
@@ -289,13 +194,13 @@ def _chain_ops(name: str, module: nn.Module, state: dict[str, Any],
         op_name = name if n == 1 else f"{name}.{k}"
         site = "output" if k == n - 1 else f"inter_{k}"
         in_type = state["type"]
-        bias = bias_type = None
+        bias = bias_type = given_bias = None
         if k == n - 1 and bias_param is not None:
-            bias, bias_type = _bias(bias_param, in_type.frac + wtype.frac,
-                                    _lookup(overrides["bias"], [op_name, name], "bias"))
-        accum = _lookup(overrides["accum"], [op_name, name], "accum")
+            given_bias = _lookup(overrides["bias"], [op_name, name], "bias")
+            bias, bias_type = _bias(bias_param, in_type.frac + wtype.frac, given_bias, op_name)
+        accum = given_accum = _lookup(overrides["accum"], [op_name, name], "accum")
         if accum is None:
-            accum = lossless_accum(in_type, wtype, m.shape[1], bias_type)
+            accum = auto_accum(op_name, in_type, wtype, m.shape[1], bias_type, state["prev"])
         result = _lookup(overrides["result"], [op_name, name], "result")
         if result is None:
             result = _act_spec(module, site, name)
@@ -305,8 +210,11 @@ def _chain_ops(name: str, module: nn.Module, state: dict[str, Any],
         ops.append(Op(name=op_name, kind="dense", layer=name, in_features=m.shape[1],
                       out_features=m.shape[0], input_type=in_type, result_type=result,
                       weights=[m], weight_types=[wtype], bias=bias, bias_type=bias_type,
-                      accum_types=[accum], step_types=[result], scales=[exps]))
-        state["type"] = result
+                      accum_types=[accum], step_types=[result], scales=[exps],
+                      accum_derived=[given_accum is None],
+                      result_derived=[not state["explicit"]],
+                      bias_derived=bias is not None and given_bias is None))
+        state["type"], state["prev"] = result, op_name
     return ops
 
 
@@ -331,48 +239,67 @@ def _tt_op(name: str, module: TTLinear, state: dict[str, Any],
     in_type = state["type"]
     cur = in_type
     bias_param = cast("Tensor | None", module._parameters.get("bias"))
-    bias = bias_type = None
-    accums, results = [], []
+    bias = bias_type = given_bias = None
+    accums, results, derived, rderived = [], [], [], []
+    prev = state["prev"]
     for s in range(d):
         k = d - 1 - s
         step = f"{name}.{s}"
         n = mants[k].shape[2] * mants[k].shape[3]
         last = s == d - 1
         if last and bias_param is not None:
-            bias, bias_type = _bias(bias_param, cur.frac + types[k].frac,
-                                    _lookup(overrides["bias"], [step, name], "bias"))
+            given_bias = _lookup(overrides["bias"], [step, name], "bias")
+            bias, bias_type = _bias(bias_param, cur.frac + types[k].frac, given_bias, step)
         accum = _lookup(overrides["accum"], [step, name], "accum")
+        derived.append(accum is None)
         if accum is None:
-            accum = lossless_accum(cur, types[k], n, bias_type if last else None)
+            accum = auto_accum(step, cur, types[k], n, bias_type if last else None, prev)
         result = _lookup(overrides["result"], [step, name], "result")
         if result is None:
             site = "output" if last else f"inter_{s}"
             result = _act_spec(module, site, name)
         state["explicit"] = result is not None
+        rderived.append(result is None)
         if result is None:
             result = FixedPoint(accum.width, accum.integer, accum.signed)
         accums.append(accum)
         results.append(result)
-        cur = result
-    state["type"] = cur
+        cur, prev = result, step
+    state["type"], state["prev"] = cur, name
     return Op(name=name, kind="tt", layer=name, in_features=module.in_features,
               out_features=module.out_features, input_type=in_type, result_type=cur,
               weights=mants, weight_types=types, bias=bias, bias_type=bias_type,
-              accum_types=accums, step_types=results, scales=scales)
+              accum_types=accums, step_types=results, scales=scales, accum_derived=derived,
+              result_derived=rderived, bias_derived=bias is not None and given_bias is None)
 
 
-def _check_widths(ops: list[Op]) -> None:
+def check_widths(ops: list[Op]) -> None:
+    """Refuse (``ValueError``) a type, or a product of a step's input and weights, past 62 bits.
+
+    Examples
+    --------
+    >>> t = FixedPoint(40, 8)
+    >>> check_widths([Op("0", "dense", "0", 1, 1, t, t, weight_types=[t])])
+    Traceback (most recent call last):
+    ...
+    ValueError: op '0': products of ap_fixed<40,8> and ap_fixed<40,8> exceed 62 bits; narrow \
+the previous result with result=
+    """
     for op in ops:
-        for t in [op.input_type, *op.weight_types, *op.accum_types, *op.step_types]:
+        bias = [] if op.bias_type is None else [op.bias_type]
+        for t in [op.input_type, *op.weight_types, *bias, *op.accum_types, *op.step_types]:
             if t.width > MAX_WIDTH:
                 raise ValueError(f"op {op.name!r} needs type {t} wider than {MAX_WIDTH} bits "
                                  f"(the int64 emulator's limit); narrow it with result= or "
                                  f"accum= (e.g. result={{'{op.name}': FixedPoint(24, 8, "
-                                 f"'RND', 'SAT')}})")
-        for w in op.weight_types:
-            if op.input_type.width + w.width > 63 - 1:
-                raise ValueError(f"op {op.name!r}: products of {op.input_type} and {w} exceed "
-                                 f"62 bits; narrow the previous result with result=")
+                                 f"rounding='RND', overflow='SAT')}})")
+        d = len(op.weight_types)  # a TT step s takes step s-1's result and core d-1-s
+        ins = [op.input_type] if op.kind != "tt" else [op.input_type, *op.step_types[:d - 1]]
+        for x, w in zip(ins, op.weight_types[::-1] if op.kind == "tt" else op.weight_types,
+                        strict=False):
+            if x.width + w.width > MAX_WIDTH:
+                raise ValueError(f"op {op.name!r}: products of {x} and {w} exceed "
+                                 f"{MAX_WIDTH} bits; narrow the previous result with result=")
 
 
 def _take_input_type(name: str, given: FixedPoint, state: dict[str, Any],
@@ -397,6 +324,7 @@ def _take_input_type(name: str, given: FixedPoint, state: dict[str, Any],
             f"set too; the export casts once per op: drop one of them, or make them equal")
     prev.result_type = given
     prev.step_types[-1:] = [given]
+    prev.result_derived[-1:] = [False]
     state["type"] = given
     state["explicit"] = True
 
@@ -415,7 +343,7 @@ def _module_ops(name: str, module: nn.Module, state: dict[str, Any],
         t = state["type"]
         prev = done[-1].out_features if done else 0
         return [Op(name=name, kind="relu", layer=name, in_features=prev, out_features=prev,
-                   input_type=t, result_type=t, step_types=[t])]
+                   input_type=t, result_type=t, step_types=[t], result_derived=[True])]
     if isinstance(module, TTLinear):
         return [_tt_op(name, module, state, overrides)]
     if isinstance(module, TuckerLinear) and len(module.cores) != 3:
@@ -472,7 +400,8 @@ def build_graph(model: nn.Module, input_spec: FixedPoint | None = None, *,
     if input_spec is not None and not isinstance(input_spec, FixedPoint):
         raise TypeError(f"input_spec must be a FixedPoint, got {type(input_spec).__name__}")
     overrides = {"accum": accum, "result": result, "bias": bias}
-    state: dict[str, Any] = {"type": input_spec, "explicit": input_spec is not None}
+    state: dict[str, Any] = {"type": input_spec, "explicit": input_spec is not None,
+                             "prev": None}
     ops: list[Op] = []
     for name, module in _leaves(model):
         if not isinstance(module, (nn.Identity, nn.Dropout)):
@@ -485,5 +414,5 @@ def build_graph(model: nn.Module, input_spec: FixedPoint | None = None, *,
             if size == 0:
                 raise ValueError(f"{op.name}: a ReLU needs a layer before it")
             op.in_features = op.out_features = size
-    _check_widths(ops)
+    check_widths(ops)
     return ops
