@@ -37,8 +37,6 @@ Examples
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,14 @@ import numpy as np
 import torch
 
 from tnquant.export.graph import Op
+from tnquant.export.manifest import (
+    CORES,
+    FORMAT_VERSION,
+    MANIFEST,
+    build_manifest,
+    read_export,
+    write_export,
+)
 from tnquant.export.report import ExportReport, build_report
 from tnquant.quant.fixed_point import (
     apply_overflow,
@@ -59,9 +65,6 @@ from tnquant.specs import FixedPoint
 
 __all__ = ["IntegerModel", "contract_step", "MANIFEST", "CORES", "FORMAT_VERSION"]
 
-MANIFEST = "manifest.json"
-CORES = "cores.npz"
-FORMAT_VERSION = 1
 _CHUNK = 1 << 22  # elements per product block
 
 
@@ -176,64 +179,6 @@ def _run_op(op: Op, arr: np.ndarray, stats: dict[str, int] | None = None) -> np.
     if op.kind == "dense":
         return _dense_run(op, arr, stats)
     return _tt_run(op, arr, stats)
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _array_sha(a: np.ndarray) -> str:
-    return _sha(np.ascontiguousarray(a, dtype=np.int64).tobytes())
-
-
-def _arrays(op: Op) -> dict[str, np.ndarray]:
-    out = {f"{op.name}.w{k}": w for k, w in enumerate(op.weights)}
-    if op.bias is not None:
-        out[f"{op.name}.bias"] = op.bias
-    return out
-
-
-def _contraction(op: Op) -> str:
-    if op.kind == "relu":
-        return "y = max(x, 0)"
-    if op.kind == "dense":
-        return ("y[o] = result(accum(b[o]) + sum_i accum(x[i] * W[o, i])), i ascending, "
-                "accum overflow after every add")
-    d = len(op.weights)
-    return (f"TT right to left: cores {list(range(d - 1, -1, -1))}; step s contracts "
-            f"(i_k, r_k) of state (B, i_0..i_k, r_k, o_k+1..) with core k "
-            f"(r_k-1*o_k, i_k*r_k), as a dense step")
-
-
-def _op_to_dict(op: Op) -> dict[str, Any]:
-    return {
-        "name": op.name, "kind": op.kind, "layer": op.layer,
-        "in_features": op.in_features, "out_features": op.out_features,
-        "input_type": str(op.input_type), "result_type": str(op.result_type),
-        "weights": [f"{op.name}.w{k}" for k in range(len(op.weights))],
-        "weight_shapes": [list(w.shape) for w in op.weights],
-        "weight_types": [str(t) for t in op.weight_types],
-        "scale_exponents": op.scales,
-        "bias": None if op.bias is None else f"{op.name}.bias",
-        "bias_type": None if op.bias_type is None else str(op.bias_type),
-        "accum_types": [str(t) for t in op.accum_types],
-        "step_types": [str(t) for t in op.step_types],
-        "contraction": _contraction(op),
-    }
-
-
-def _op_from_dict(d: dict[str, Any], arrays: Any) -> Op:
-    fp = FixedPoint.from_string
-    return Op(name=d["name"], kind=d["kind"], layer=d["layer"], in_features=d["in_features"],
-              out_features=d["out_features"], input_type=fp(d["input_type"]),
-              result_type=fp(d["result_type"]),
-              weights=[np.asarray(arrays[k], dtype=np.int64) for k in d["weights"]],
-              weight_types=[fp(t) for t in d["weight_types"]],
-              bias=None if d["bias"] is None else np.asarray(arrays[d["bias"]], np.int64),
-              bias_type=None if d["bias_type"] is None else fp(d["bias_type"]),
-              accum_types=[fp(t) for t in d["accum_types"]],
-              step_types=[fp(t) for t in d["step_types"]],
-              scales=d.get("scale_exponents", []))
 
 
 class IntegerModel:
@@ -385,23 +330,26 @@ class IntegerModel:
 
     # ------------------------------------------------------------------ io
     def manifest(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The JSON-safe description written to ``manifest.json``."""
-        from tnquant import __version__
+        """The JSON-safe description written to ``manifest.json`` (see :mod:`~.manifest`).
 
-        arrays = {k: v for op in self.ops for k, v in _arrays(op).items()}
-        man = {
-            "format": "tnquant-fixed-point", "version": FORMAT_VERSION,
-            "tnquant_version": __version__,
-            "input_type": self.input_type, "output_type": self.output_type,
-            "in_features": self.in_features, "out_features": self.out_features,
-            "ops": [_op_to_dict(op) for op in self.ops],
-            "checksums": {k: _array_sha(v) for k, v in arrays.items()},
-        }
-        man.update(extra or {})
-        return man
+        It lacks the ``cores.npz`` checksum and the self-checksum, which
+        :meth:`save` adds.
+
+        Examples
+        --------
+        >>> from tnquant.export.graph import Op
+        >>> t = FixedPoint(4, 2)
+        >>> IntegerModel([Op("r", "relu", "r", 1, 1, t, t)]).manifest()["version"]
+        2
+        """
+        return build_manifest(self.ops, extra)
 
     def save(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``cores.npz`` (int64 mantissas) and ``manifest.json`` to ``out_dir``.
+        """Write ``cores.npz`` (int64 mantissas), then ``manifest.json``, to ``out_dir``.
+
+        ``extra`` may add ``'headers'``, ``'routes'`` and ``'hls4ml_config'``
+        (as :func:`tnquant.export.fixed_point` does); see
+        :func:`tnquant.export.manifest.write_export`.
 
         Examples
         --------
@@ -413,19 +361,18 @@ class IntegerModel:
         >>> IntegerModel.load(d).input_type
         'ap_fixed<4,2>'
         """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        arrays = {k: np.ascontiguousarray(v, dtype=np.int64)
-                  for op in self.ops for k, v in _arrays(op).items()}
-        np.savez(out / CORES, **arrays)  # type: ignore[arg-type]
-        man = self.manifest(extra)
-        man["checksums"][CORES] = _sha((out / CORES).read_bytes())
-        (out / MANIFEST).write_text(json.dumps(man, indent=1))
-        return out
+        return write_export(self.ops, out_dir, extra)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> IntegerModel:
-        """Rebuild the emulator from ``out_dir`` alone (checksums verified).
+        """Rebuild the emulator from ``out_dir`` alone, trusting none of it.
+
+        Every field of ``manifest.json`` and every member of ``cores.npz`` is
+        checked before anything is allocated (see
+        :mod:`tnquant.export.manifest`); the checksums are unkeyed, so they
+        catch corruption, while the checks make a forged directory fail with
+        an :class:`~tnquant.io.IntegrityError` (a ``ValueError``) naming the
+        file and the field, rather than load wrong numbers.
 
         Examples
         --------
@@ -434,22 +381,7 @@ class IntegerModel:
         ...
         FileNotFoundError: no manifest.json in /nonexistent
         """
-        out = Path(out_dir)
-        if not (out / MANIFEST).is_file():
-            raise FileNotFoundError(f"no {MANIFEST} in {out}")
-        man = json.loads((out / MANIFEST).read_text())
-        if man.get("format") != "tnquant-fixed-point" or man.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{out / MANIFEST} is not a tnquant fixed-point manifest of version "
-                             f"{FORMAT_VERSION}")
-        with np.load(out / CORES) as data:
-            arrays = {k: data[k] for k in data.files}
-        for key, digest in man["checksums"].items():
-            if key == CORES:
-                continue
-            if key not in arrays or _array_sha(arrays[key]) != digest:
-                raise ValueError(f"{out / CORES}: array {key!r} is missing or its checksum "
-                                 f"does not match the manifest")
-        return cls([_op_from_dict(d, arrays) for d in man["ops"]])
+        return cls(read_export(out_dir))
 
     def __repr__(self) -> str:
         kinds = ", ".join(f"{op.name}:{op.kind}" for op in self.ops)
