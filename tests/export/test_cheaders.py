@@ -15,6 +15,7 @@ from torch import nn
 from tnquant import FixedPoint, QuantSpec, quantize
 from tnquant.export import IntegerModel, fixed_point
 from tnquant.export.cheaders import c_name
+from tnquant.export.graph import Op
 from tnquant.layers import LowRankLinear, TTLinear
 
 
@@ -102,3 +103,47 @@ int main() {{
     out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True)
     got = np.array([[float(v) for v in line.split()] for line in out.stdout.splitlines()])
     np.testing.assert_array_equal(got, em.predict(x))
+
+
+def test_export_removes_the_files_of_an_earlier_model(tmp_path: Path) -> None:
+    pytest.importorskip("hls4ml")
+    dense = nn.Sequential(nn.Linear(3, 2))
+    quantize(dense, weights=FixedPoint(6, 2), progress=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    fixed_point(dense, tmp_path, FixedPoint(8, 3))
+    assert (tmp_path / "hls4ml_config.json").is_file()
+    em = fixed_point(_tt_model(), tmp_path, FixedPoint(8, 3))  # no hls4ml route
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "hls4ml_config.json" not in names and "tnquant_tt_layers.h" in names
+    assert "notes.txt" in names
+    x = np.random.default_rng(3).integers(-128, 128, size=(8, 10))
+    assert np.array_equal(IntegerModel.load(tmp_path).run(x), em.run(x))
+    fixed_point(dense, tmp_path, FixedPoint(8, 3), hls4ml=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert not names & {"hls4ml_config.json", "tnquant_tt_layers.h"}
+    assert names == {"notes.txt", "cores.npz", "manifest.json", "report.json", "report.md",
+                     "tnquant_weights.h", "tnquant_weights_int.h", "tt_linear.h"}
+
+
+def test_export_replaces_links_instead_of_writing_through_them(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tnquant_weights.h").symlink_to(outside)
+    model = nn.Sequential(nn.Linear(3, 2))
+    quantize(model, weights=FixedPoint(6, 2), progress=False)
+    fixed_point(model, out, FixedPoint(8, 3), hls4ml=False)
+    assert outside.read_text() == "keep" and not (out / "tnquant_weights.h").is_symlink()
+
+
+def test_save_refuses_unknown_extra_keys_and_inconsistent_ops(tmp_path: Path) -> None:
+    t = FixedPoint(4, 2)
+    relu = Op("r", "relu", "r", 2, 2, t, t)
+    with pytest.raises(ValueError, match="extra keys must be among .* got 'note'"):
+        IntegerModel([relu]).save(tmp_path, {"note": 1})
+    dense = Op("d", "dense", "d", 2, 1, t, t, weights=[np.array([[1, 2]])], weight_types=[t],
+               accum_types=[t], step_types=[FixedPoint(5, 2)])
+    with pytest.raises(ValueError, match=r"cannot export these ops: .*step_types\[-1\]"):
+        IntegerModel([dense]).save(tmp_path)
+    assert list(tmp_path.iterdir()) == []

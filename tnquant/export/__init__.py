@@ -53,7 +53,10 @@ configuration format) when every layer takes the hls4ml route, and
 ``report.json`` / ``report.md`` (:class:`ExportReport`: per-step weight,
 bias, accumulator and result widths, multiplies per inference and memory
 bits, factorized vs the dense layer each replaces; with ``sample=`` the
-drift of narrowed types, see :func:`drift`).
+drift of narrowed types, see :func:`drift`). A run removes the files of this
+list that it does not write again (``OWNED``), so a directory never mixes two
+exports, and writes ``manifest.json`` last. :meth:`IntegerModel.load` reads
+the directory back trusting none of it (:mod:`tnquant.export.manifest`).
 
 Examples
 --------
@@ -84,13 +87,28 @@ from tnquant.export.drift import drift
 from tnquant.export.emulator import IntegerModel
 from tnquant.export.graph import Op, TypeOverride, build_graph
 from tnquant.export.hls import hls4ml_config, hls4ml_supported, to_hls4ml
-from tnquant.export.report import ExportReport, build_report
+from tnquant.export.manifest import CORES, HLS4ML_CONFIG, MANIFEST
+from tnquant.export.report import REPORT_JSON, REPORT_MD, ExportReport, build_report
 from tnquant.specs import FixedPoint
 
 __all__ = ["fixed_point", "to_hls4ml", "IntegerModel", "Op", "build_graph", "HLS4ML_CONFIG",
-           "ExportReport", "build_report", "drift"]
+           "ExportReport", "build_report", "drift", "OWNED"]
 
-HLS4ML_CONFIG = "hls4ml_config.json"
+#: every file :func:`fixed_point` may write in ``out_dir``, removed in this order
+OWNED = (MANIFEST, CORES, HLS4ML_CONFIG, REPORT_JSON, REPORT_MD, "tnquant_weights.h",
+         "tnquant_weights_int.h", "tt_linear.h", "tnquant_tt_layers.h", MANIFEST + ".tmp",
+         CORES + ".tmp")
+
+
+def _clear(out: Path) -> None:
+    """Remove the files of an earlier export (links themselves, never what they point to)."""
+    for name in OWNED:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            raise ValueError(f"{path} is a directory; fixed_point writes a file of that name "
+                             f"there: remove it or export elsewhere")
+    for name in OWNED:
+        (out / name).unlink(missing_ok=True)
 
 
 def fixed_point(model: nn.Module, out_dir: str | Path, input_spec: FixedPoint | None = None,
@@ -137,7 +155,9 @@ def fixed_point(model: nn.Module, out_dir: str | Path, input_spec: FixedPoint | 
     ------
     ValueError
         For a tensor whose scale is not a power of two (named in the
-        message), an unsupported layer, or a type wider than 62 bits.
+        message), an unsupported layer, or a type wider than 62 bits (the
+        message names the op and the ``result=``/``accum=`` that narrows
+        it). ``out_dir`` is left as it was then.
 
     Examples
     --------
@@ -154,16 +174,18 @@ QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec
     """
     ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
     em = IntegerModel(ops)
+    cfg = hls4ml_config(ops) if hls4ml and hls4ml_supported(ops) else None
+    report = em.report(None if sample is None else drift(model, em, sample))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _clear(out)
     headers = write_headers(ops, out)
     extra: dict[str, Any] = {"headers": [p.name for p in headers],
                              "routes": {op.name: "hls4ml" if op.kind != "tt" else "c-headers"
                                         for op in ops}}
-    if hls4ml and hls4ml_supported(ops):
-        cfg = hls4ml_config(ops)
+    if cfg is not None:
         (out / HLS4ML_CONFIG).write_text(json.dumps(cfg, indent=1, default=str))
         extra["hls4ml_config"] = HLS4ML_CONFIG
+    report.save(out)
     em.save(out, extra)
-    em.report(None if sample is None else drift(model, em, sample)).save(out)
     return em
