@@ -275,3 +275,15 @@ def test_spec_from_dict_junk_gives_type_or_value_errors(name, fields):
         return
     assert type(spec).__name__ == data["type"]
     assert spec_from_dict(spec_to_dict(spec)) == spec
+
+
+def test_spec_checks_alias_warns_and_is_the_same_module() -> None:
+    import importlib
+    import sys
+
+    import tnquant.specs.checks as checks
+
+    sys.modules.pop("tnquant.spec_checks", None)
+    with pytest.warns(DeprecationWarning, match="tnquant.specs.checks"):
+        old = importlib.import_module("tnquant.spec_checks")
+    assert old.check_int is checks.check_int and old.describe is checks.describe

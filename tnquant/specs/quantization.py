@@ -1,0 +1,276 @@
+"""Quantizer specs: uniform integer or float-format (``QuantSpec``), ``Binary``, ``Ternary``.
+
+``FixedPoint`` (``ap_fixed``) lives in :mod:`tnquant.specs.fixed_point`;
+:data:`QuantizerSpec` is the union of all four.
+
+Examples
+--------
+>>> QuantSpec(bits=4, granularity="channel").qmax
+7
+>>> Binary(granularity=("group", 4))
+Traceback (most recent call last):
+...
+ValueError: granularity must be 'tensor' or 'channel' for Binary, got ('group', 4)
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from tnquant.specs.checks import check_bool, check_choice, check_float, check_int, describe
+from tnquant.specs.fixed_point import FixedPoint
+
+__all__ = [
+    "QuantSpec",
+    "Binary",
+    "Ternary",
+    "QuantizerSpec",
+    "Granularity",
+    "normalize_granularity",
+    "ROUNDING_MODES",
+    "SCALE_KINDS",
+    "POW2_ROUNDINGS",
+    "OBSERVERS",
+    "FLOAT_DTYPES",
+]
+
+Granularity = Union[str, tuple[str, int]]
+
+ROUNDING_MODES = ("nearest_even", "half_up", "floor", "stochastic")
+SCALE_KINDS = ("float", "pow2")
+POW2_ROUNDINGS = ("ceil", "round")
+OBSERVERS = ("minmax", "ema", "percentile", "mse")
+FLOAT_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+
+
+def normalize_granularity(granularity: Any) -> Granularity:
+    """Return ``'tensor'``, ``'channel'`` or ``('group', n)``, or raise.
+
+    Accepts those, plus a list ``['group', n]`` (as JSON gives it back).
+
+    Examples
+    --------
+    >>> normalize_granularity(["group", 32])
+    ('group', 32)
+    """
+    expected = "granularity must be 'tensor', 'channel' or ('group', n)"
+    if isinstance(granularity, str):
+        if granularity in ("tensor", "channel"):
+            return granularity
+        raise ValueError(f"{expected}, got {granularity!r}")
+    if not isinstance(granularity, (tuple, list)):
+        raise TypeError(f"{expected}, got {describe(granularity)}")
+    if len(granularity) == 2 and isinstance(granularity[0], str) and granularity[0] == "group":
+        size = granularity[1]
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            raise ValueError(f"granularity group size must be a positive int, got "
+                             f"{describe(size)}")
+        return ("group", int(size))
+    raise ValueError(f"{expected}, got {describe(granularity)}")
+
+
+def _check_float_format(dtype: Any) -> str:
+    """The name of a float format given by name or as a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        names = {v: k for k, v in FLOAT_DTYPES.items()}
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {list(FLOAT_DTYPES)}, got {dtype}")
+        return names[dtype]
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be None, a str or a torch.dtype, one of "
+                        f"{list(FLOAT_DTYPES)}, got {describe(dtype)}")
+    return check_choice("dtype", dtype, tuple(FLOAT_DTYPES))
+
+
+def _per_channel(granularity: Any, owner: str) -> Granularity:
+    """``'tensor'`` or ``'channel'`` (Binary and Ternary have no groups)."""
+    granularity = normalize_granularity(granularity)
+    if granularity not in ("tensor", "channel"):
+        raise ValueError(f"granularity must be 'tensor' or 'channel' for {owner}, got "
+                         f"{granularity!r}")
+    return granularity
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Uniform integer quantization (or a cast to a float format).
+
+    Parameters
+    ----------
+    bits
+        Code width, 1..16. Ignored (set from the format) when ``dtype`` is given.
+    symmetric
+        Symmetric (zero point 0) or affine (zero point learned from the range).
+    granularity
+        ``'tensor'``, ``'channel'`` (one scale per index of ``axis``) or
+        ``('group', n)`` (one scale per ``n`` consecutive elements along
+        ``axis``, for every index of the other axes).
+    axis
+        The channel axis (``'channel'``) or the grouped axis (``('group', n)``).
+        Negative values count from the end.
+    scale
+        ``'float'`` or ``'pow2'`` (``2^k``; see ``pow2_rounding``).
+    pow2_rounding
+        ``'ceil'`` (``k = ceil(log2 s)``: the range is never clipped) or
+        ``'round'`` (nearest power of two in the log domain).
+    observer
+        How ranges are estimated during calibration: ``'minmax'``, ``'ema'``,
+        ``'percentile'`` or ``'mse'``.
+    learnable
+        LSQ: the scale (and, for affine, the offset, LSQ+) is a learned
+        parameter.
+    narrow_range
+        Symmetric codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` instead of
+        ``[-2^(b-1), 2^(b-1) - 1]``.
+    rounding
+        ``'nearest_even'``, ``'half_up'``, ``'floor'`` or ``'stochastic'``.
+    dtype
+        A float format name or torch dtype (``float16``, ``bfloat16``,
+        ``float8_e4m3fn``, ``float8_e5m2``): quantization is then a cast.
+    percentile
+        Percentile of ``|x|`` (or of each tail, affine) for ``'percentile'``.
+    ema_decay
+        Decay of the ``'ema'`` observer.
+
+    Examples
+    --------
+    >>> spec = QuantSpec(bits=4, symmetric=True)
+    >>> spec.qmin, spec.qmax
+    (-8, 7)
+    >>> QuantSpec(bits=8, symmetric=False).qmin
+    0
+    >>> QuantSpec(dtype="bfloat16").bits
+    16
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: Granularity = "tensor"
+    axis: int = 0
+    scale: str = "float"
+    pow2_rounding: str = "ceil"
+    observer: str = "minmax"
+    learnable: bool = False
+    narrow_range: bool = False
+    rounding: str = "nearest_even"
+    dtype: Any = None
+    percentile: float = 99.99
+    ema_decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        if self.dtype is None:
+            put(self, "bits", check_int("bits", self.bits, 1, 16))
+        else:  # bits is set from the format, but must still be an int
+            check_int("bits", self.bits)
+            put(self, "dtype", _check_float_format(self.dtype))
+            put(self, "bits", torch.finfo(FLOAT_DTYPES[self.dtype]).bits)
+        for name in ("symmetric", "learnable", "narrow_range"):
+            check_bool(name, getattr(self, name))
+        if self.bits == 1 and self.symmetric and self.narrow_range:
+            raise ValueError("narrow_range leaves a 1-bit symmetric spec no non-zero code; "
+                             "use Binary()")
+        put(self, "granularity", normalize_granularity(self.granularity))
+        put(self, "axis", check_int("axis", self.axis))
+        check_choice("scale", self.scale, SCALE_KINDS)
+        check_choice("pow2_rounding", self.pow2_rounding, POW2_ROUNDINGS)
+        check_choice("observer", self.observer, OBSERVERS)
+        check_choice("rounding", self.rounding, ROUNDING_MODES)
+        put(self, "percentile", check_float("percentile", self.percentile, 0, 100, lo_open=True))
+        put(self, "ema_decay", check_float("ema_decay", self.ema_decay, 0, 1, hi_open=True))
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The torch float dtype of a cast spec, else ``None``."""
+        return None if self.dtype is None else FLOAT_DTYPES[self.dtype]
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code."""
+        if not self.symmetric:
+            return 0
+        if self.narrow_range:
+            return -(2 ** (self.bits - 1) - 1)
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code."""
+        if not self.symmetric:
+            return 2**self.bits - 1
+        return 2 ** (self.bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class Binary:
+    """Binary weights ``alpha * sign(W)`` (XNOR-Net).
+
+    ``alpha = mean|W|`` per tensor or per channel (along ``axis``), derived
+    from the data, or learned when ``learnable``. ``sign(0)`` is ``+1``.
+
+    Examples
+    --------
+    >>> Binary(granularity="channel").bits
+    1
+    """
+
+    granularity: Granularity = "tensor"
+    axis: int = 0
+    learnable: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "granularity", _per_channel(self.granularity, "Binary"))
+        object.__setattr__(self, "axis", check_int("axis", self.axis))
+        check_bool("learnable", self.learnable)
+
+    @property
+    def bits(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
+class Ternary:
+    """Ternary weights in ``{-alpha_n, 0, alpha_p}``.
+
+    ``method='twn'`` (Li et al. 2016): ``delta = threshold * mean|W|``,
+    ``alpha = mean(|W| where |W| > delta)``, one symmetric scale.
+    ``method='ttq'`` (Zhu et al. 2017): the same threshold, separate learned
+    positive and negative scales, initialised from the TWN values.
+
+    Examples
+    --------
+    >>> Ternary().threshold
+    0.7
+    """
+
+    threshold: float = 0.7
+    method: str = "twn"
+    granularity: Granularity = "tensor"
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", check_float("threshold", self.threshold, 0, 2,
+                                                          lo_open=True, hi_open=True))
+        check_choice("method", self.method, ("twn", "ttq"))
+        object.__setattr__(self, "granularity", _per_channel(self.granularity, "Ternary"))
+        object.__setattr__(self, "axis", check_int("axis", self.axis))
+
+    @property
+    def bits(self) -> int:
+        return 2
+
+    @property
+    def learnable(self) -> bool:
+        return self.method == "ttq"
+
+
+QuantizerSpec = Union[QuantSpec, Binary, Ternary, FixedPoint]
