@@ -59,9 +59,8 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-# a module reference, not names: tnquant.quant.ste imports this module while it loads
-import tnquant.quant.ste as _ste
 from tnquant.quant import cpu_kernel
+from tnquant.quant.rounding import round_tensor
 
 __all__ = ["enable", "enabled", "fused", "available", "fake_quantize", "FUSED_ROUNDINGS",
            "FUSED_MIN_NUMEL", "BACKENDS"]
@@ -92,7 +91,7 @@ class _FusedLSQ(Function):
         ctx.save_for_backward(x, scale, zero_point)
         ctx.qrange = (qmin, qmax)
         ctx.rounding = rounding
-        r = _ste.round_tensor(x / scale, rounding)
+        r = round_tensor(x / scale, rounding)
         if zero_point is None:
             return r.clamp(qmin, qmax) * scale
         zp = torch.round(zero_point.clamp(qmin, qmax))
@@ -103,7 +102,7 @@ class _FusedLSQ(Function):
         x, scale, zero_point = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         v = x / scale
-        rounded = _ste.round_tensor(v, ctx.rounding)
+        rounded = round_tensor(v, ctx.rounding)
         zp = None if zero_point is None else torch.round(zero_point.clamp(qmin, qmax))
         r = rounded if zp is None else rounded + zp
         inside = (r >= qmin) & (r <= qmax)

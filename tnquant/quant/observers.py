@@ -48,7 +48,7 @@ from tnquant.quant.primitives import (
 )
 from tnquant.quant.qparams import QParams, block_reduce_dims, qparam_shape, to_blocks
 from tnquant.quant.ranges import NonFiniteRange, count_nonfinite
-from tnquant.quant.ste import uniform_codes, uniform_values
+from tnquant.quant.rounding import uniform_codes, uniform_values
 from tnquant.specs import QuantSpec
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 The rounding arithmetic they share with the straight-through estimators
 (:func:`round_tensor`, :func:`pow2_scale`, ``uniform_codes``/``uniform_values``)
-lives in :mod:`tnquant.quant.ste`; ``round_tensor`` and ``pow2_scale`` are
+lives in :mod:`tnquant.quant.rounding`; ``round_tensor`` and ``pow2_scale`` are
 re-exported here.
 
 Conventions (uniform :class:`~tnquant.QuantSpec`)
@@ -79,15 +79,14 @@ from tnquant.quant.ranges import (
     rebind_qparams,
     spec_block_size,
 )
-from tnquant.quant.ste import (
-    cast_fake_quantize,
-    lsq_fake_quantize,
+from tnquant.quant.rounding import (
     pow2_scale,
     round_tensor,
     saturating_cast,
     uniform_codes,
     uniform_values,
 )
+from tnquant.quant.ste import cast_fake_quantize, lsq_fake_quantize
 from tnquant.quant.ternary import ternary_fake_quantize, ternary_quantize, twn_params
 from tnquant.specs import Binary, FixedPoint, QuantSpec, Ternary
 

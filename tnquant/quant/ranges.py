@@ -21,7 +21,7 @@ from tnquant.quant.qparams import (
     qparam_shape,
     to_blocks,
 )
-from tnquant.quant.ste import pow2_scale
+from tnquant.quant.rounding import pow2_scale
 from tnquant.specs import FLOAT_DTYPES, QuantSpec
 
 __all__ = [
