@@ -5,12 +5,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import time
+from functools import reduce
+from operator import getitem
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tnquant import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker, factorize
@@ -388,3 +391,137 @@ def test_load_onto_the_base_models_device(tmp_path):
     img, idx = _inputs(7)
     with torch.no_grad():
         torch.testing.assert_close(loaded(img.cuda(), idx.cuda()).cpu(), model.eval()(img, idx))
+
+
+# --------------------------------------------------------------------------- #
+# forged directories (checksums recomputed): refused up front, base untouched
+# --------------------------------------------------------------------------- #
+
+
+def _forge(saved: Path, dst: Path, change, tensors: dict | None = None) -> Path:
+    """A copy of ``saved``, model.json changed (and the tensor file replaced, if given)."""
+    work = _copy_dir(saved, dst)
+    if tensors is not None:
+        save_file(tensors, str(work / TENSORS_FILE))
+        raw = (work / TENSORS_FILE).read_bytes()
+        entries = {k: {"dtype": str(t.dtype)[6:], "shape": list(t.shape)}
+                   for k, t in tensors.items()}
+        _rewrite_json(work, lambda m: m["tensors"].update(
+            bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest(), entries=entries))
+    _rewrite_json(work, change)
+    return work
+
+
+def _refused(work: Path, base: nn.Module, error=ValueError, match=None) -> None:
+    before = copy.deepcopy(base.state_dict())
+    modules = {n: id(m) for n, m in base.named_modules(remove_duplicate=False)}
+    with pytest.raises(error, match=match):
+        load(work, model=base)
+    assert {n: id(m) for n, m in base.named_modules(remove_duplicate=False)} == modules
+    after = base.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_identity_and_replaces_come_from_the_class_table(saved, tmp_path):
+    tensors = {k: v for k, v in load_file(str(saved / TENSORS_FILE)).items()
+               if not k.startswith("head.")}
+    identity = {"class": "Identity", "config": {}, "children": []}
+    work = _forge(saved, tmp_path / "a", lambda m: next(e for e in m["modules"] if e["names"] == [
+        "head"]).update(replaces=None, node=identity), tensors)
+    _refused(work, _net(), match="'head' of the model is a Linear; the saved Identity replaces no")
+    work = _forge(saved, tmp_path / "b", lambda m: m["modules"][0].update(replaces="Linear"))
+    _refused(work, _net(), IntegrityError, "replaces 'Linear'; a TuckerConv2d replaces 'Conv2d'")
+    model = nn.Sequential(nn.Linear(6, 6), nn.Identity())  # where save writes an Identity
+    save(model, tmp_path / "c")
+    assert load(tmp_path / "c", model=nn.Sequential(nn.Linear(6, 6), nn.Identity()))[1] is not None
+    _refused(tmp_path / "c", nn.Sequential(nn.Linear(6, 6), nn.ReLU()), match="'1' of the model")
+
+
+def test_forged_tied_groups_leave_the_base_untouched(saved, tmp_path):
+    groups = [["fc1.bias", "fc2.bias"], ["shared.bias", "fc2.bias"], ["fc2.bias", "nowhere"],
+              ["fc2.bias"], ["fc2.bias", "fc2.bias"], "fc2.bias"]
+    for k, group in enumerate(groups):
+        work = _forge(saved, tmp_path / str(k), lambda m, g=group: m.update(tied=[g]))
+        _refused(work, _net(), IntegrityError, r"tied\[0\]")
+
+
+def test_a_failing_final_load_puts_the_base_back(saved):
+    class Refusing(nn.LayerNorm):
+        def _load_from_state_dict(self, *args, **kwargs):
+            raise RuntimeError("refused by the base")
+
+    base = _net()
+    base.norm = Refusing(16)
+    _refused(saved, base, RuntimeError, "refused by the base")
+    assert base.alias is base.shared and type(base.shared) is nn.Linear
+
+
+def test_huge_sizes_are_refused_quickly_without_allocating(tmp_path):
+    model = _factorized()
+    quantize(model, cores={"fc1.cores.*": QuantSpec(bits=4)}, progress=False)
+    save(model, tmp_path / "m")
+    assert 8000 < (tmp_path / "m" / JSON_FILE).stat().st_size < 16000  # ~10 KB of JSON
+
+    def grow(meta):  # every core 32x wider in every mode: the TT cores alone take 2 GiB
+        for config in (e["node"]["config"] for e in meta["modules"]):
+            config["core_shapes"] = [[32 * s for s in shape] for shape in config["core_shapes"]]
+
+    start, activity = time.perf_counter(), [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activity, profile_memory=True) as prof:
+        _refused(_forge(tmp_path / "m", tmp_path / "huge", grow), _net(), IntegrityError,
+                 rf"{JSON_FILE}: modules\[0\] \(TuckerConv2d")
+    assert time.perf_counter() - start < 30
+    assert max((e.cpu_memory_usage for e in prof.events()), default=0) < 1 << 20
+
+
+@pytest.mark.parametrize("path,match", [
+    (("modules", 0, "node", "config", "in_channels"), r"modules\[0\].*lacks field 'in_channels'"),
+    (("modules", 0, "names"), r"modules\[0\] must be an object with 'names'"),
+    (("modules", 0, "node", "children", 0, 1), r"a child must be \[name, \{kind"),
+    (("tensors",), "expected the fields"), (("tied",), "expected the fields"),
+    (("tensors", "entries"), "'tensors' must be an object"),
+])
+def test_a_missing_field_is_named(saved, tmp_path, path, match):
+    work = _forge(saved, tmp_path / "m", lambda m: reduce(getitem, path[:-1], m).pop(path[-1]))
+    _refused(work, _net(), IntegrityError, match)
+
+
+@pytest.mark.parametrize("where,value,error,match", [
+    ("file", "../../etc/passwd", IntegrityError, "'tensors.file' must be 'tensors.safetensors'"),
+    ("file", "/etc/passwd", IntegrityError, "'tensors.file' must be"),
+    ("names", ["../../x"], IntegrityError, "'../../x' is not a module name"),
+    ("names", ["fc1.weight"], ValueError, "the model has no module 'fc1.weight'"),
+    ("names", ["__class__"], ValueError, "the model has no module '__class__'"),
+])
+def test_path_traversal_is_refused(saved, tmp_path, where, value, error, match):
+    work = _forge(saved, tmp_path / "m", lambda m: (m["tensors"] if where == "file" else m[
+        "modules"][3]).update({where: value}))
+    _refused(work, _net(), error, match)
+
+
+@pytest.mark.parametrize("spec,match", [
+    (5, "must be a spec object"), ({"type": "Nope"}, "unknown spec type 'Nope'"),
+    ({"type": "QuantSpec", "bits": "eight"}, "is not a valid spec"),
+    ({"type": "TT", "rank": 2}, "must be a QuantSpec or Binary or Ternary or FixedPoint spec"),
+    ({"type": "QuantSpec", "nope": 1}, "unknown field"),
+])
+def test_a_bad_spec_dict_names_the_entry(saved, tmp_path, spec, match):
+    change = lambda m: dict(m["modules"][0]["node"]["children"])[  # noqa: E731
+        "core_quantizers"]["list"][0]["config"].update(spec=spec)  # conv's first core quantizer
+    _refused(_forge(saved, tmp_path / "m", change), _net(), IntegrityError,
+             rf"modules\[0\] 'conv'\.core_quantizers\.0 \(FrozenTensor\): field 'spec' .*{match}")
+
+
+@pytest.mark.parametrize("meta,match", [
+    ({"shape": [2]}, "'spec', 'shape'"), ({"spec": {"type": "Binary"}, "shape": [-1]}, "'shape'"),
+    ({"spec": {"type": "Binary"}, "shape": "22"}, "'shape'"), ([], "'spec'"),
+    ({"spec": {"type": "Binary"}, "shape": [2], "dtype": "int8"}, "'dtype'"),
+    ({"spec": {"type": "Binary"}, "shape": [2], "x": 1}, "'spec', 'shape'"),
+    ({"spec": {"type": "TT", "rank": 2}, "shape": [2]}, "quantizer spec"),
+    ({"spec": {"type": "QuantSpec", "bits": 99}, "shape": [2]}, "not a valid spec"),
+])
+def test_frozen_metadata_is_checked_field_by_field(meta, match):
+    with pytest.raises(ValueError, match=match):
+        FrozenTensor.from_metadata(meta)
+    binary = {"spec": {"type": "Binary"}, "shape": [3, 4]}
+    assert FrozenTensor.from_metadata(binary, device="meta").packed.shape == (2,)

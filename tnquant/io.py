@@ -18,17 +18,34 @@ Format (version 1): ``save(model, path)`` writes the directory ``path/``:
   and its ``checksum`` field is the ``sha256`` of that canonical text
   without the field.
 
-``load(path, model=base)`` checks everything first (both checksums, the
-canonical form of the JSON, the format version, the tensors against the
-listing, the architecture: each replaced module is the dense layer the saved
-one stands for, with the same sizes, and the rebuilt model's state-dict keys
-and shapes equal the saved ones) and only then replaces the named modules of
-``base`` (a freshly constructed model of the original architecture) by
-rebuilt tnquant modules and loads the state (strict). A truncated or altered
-file raises :class:`IntegrityError` (a ``ValueError``) naming the file, and
-the model is left untouched. ``load(path)`` without a model works when the
-saved model is itself one tnquant module; otherwise it asks for the base
-model.
+``load(path, model=base)`` treats the directory as untrusted: it imports no
+code (classes come from the closed table :data:`tnquant.io_modules.HANDLERS`),
+unpickles nothing, and checks everything before it allocates a tensor,
+reads tensor data or touches ``base`` (a freshly constructed model of the
+original architecture):
+
+1. ``model.json``: at most 64 MiB, canonical, its checksum, format and
+   version, then every field's type (:mod:`tnquant.io_fields`); the tensor
+   file must be ``tensors.safetensors`` in the directory itself;
+2. the safetensors header, read on its own (length against the file size,
+   each tensor's byte range against its dtype and shape), equal to the
+   listing in ``model.json``, and the ``tied`` groups;
+3. the architecture: each entry's class replaces what the class table says
+   (never what the file says) and stands where ``base`` has that dense layer
+   with the same sizes (a class that replaces nothing, such as ``Identity``,
+   only where ``base`` has one); each module is rebuilt on the meta device,
+   every tensor compared with the header, and so are ``base``'s own;
+4. only then the ``sha256``, the data (tied tensors must be equal), each
+   rebuilt module's state (before it is attached), the swap into ``base``
+   and a strict ``load_state_dict`` (undone if it raises).
+
+A refusal raises :class:`IntegrityError` (a ``ValueError``) naming the file
+and the entry or field, or ``ValueError`` for a base model of another
+architecture; ``base`` is left untouched. ``load(path)`` without a model
+works when the saved model is one tnquant module. The checksums are plain
+``sha256``: they detect corruption, not forgery; a forged but
+self-consistent directory loads as the model it describes (the docs page
+"Saving and loading" says what is and is not promised).
 
 Rebuilt modules go to the device of the module they replace and keep the
 saved dtypes; the other tensors are copied into the base model's own (pass
@@ -56,19 +73,29 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tnquant.io_modules import (
-    BuildContext,
-    build_node,
+from tnquant.io_checks import (
+    MAX_JSON_BYTES,
+    IntegrityError,
+    TensorInfo,
+    check_base_state,
+    check_listing,
+    check_meta,
+    check_planned,
     check_replaced,
-    describe_entries,
+    check_replaces,
+    check_states,
+    read_header,
+    read_regular,
 )
+from tnquant.io_fields import check_node, check_tied, check_tied_kinds, check_tied_values
+from tnquant.io_modules import HANDLERS, BuildContext, build_node, describe_entries
 
 __all__ = ["save", "load", "IntegrityError", "FORMAT", "VERSION", "TENSORS_FILE", "JSON_FILE"]
 
@@ -78,10 +105,6 @@ VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
 JSON_FILE = "model.json"
 _CHUNK = 1 << 20
-
-
-class IntegrityError(ValueError):
-    """A saved file is truncated, altered or not a tnquant save (the message names it)."""
 
 
 # --------------------------------------------------------------------------- #
@@ -135,22 +158,32 @@ def _tied_groups(model: nn.Module, tensors: dict[str, Tensor]) -> list[list[str]
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _retie(model: nn.Module, groups: list[list[str]]) -> None:
-    """Make every key of a group point at its first key's tensor (as when saved)."""
+def _slot(owner: nn.Module, attr: str, value: Tensor) -> None:
+    if isinstance(owner, nn.ParameterList):
+        owner[int(attr)] = value
+    elif isinstance(value, nn.Parameter):
+        setattr(owner, attr, value)
+    else:
+        owner.register_buffer(attr, value)
+
+
+def _retie(model: nn.Module, groups: list[list[str]]) -> list[tuple[nn.Module, str, Tensor]]:
+    """Make every key of a group point at its first key's tensor (as when saved).
+
+    Returns what it replaced, ``(owner, attr, old)``, to undo it.
+    """
+    undo = []
     for group in groups:
         owner_name, _, attr = group[0].rpartition(".")
         first = getattr(model.get_submodule(owner_name), attr)
         for key in group[1:]:
             owner_name, _, attr = key.rpartition(".")
             owner = model.get_submodule(owner_name)
-            if getattr(owner, attr) is first:
-                continue
-            if isinstance(owner, nn.ParameterList):
-                owner[int(attr)] = first
-            elif isinstance(first, nn.Parameter):
-                setattr(owner, attr, first)
-            else:
-                owner.register_buffer(attr, first)
+            old = getattr(owner, attr)
+            if old is not first:
+                undo.append((owner, attr, old))
+                _slot(owner, attr, first)
+    return undo
 
 
 # --------------------------------------------------------------------------- #
@@ -221,18 +254,18 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
 
 # --------------------------------------------------------------------------- #
-# load: checks
+# load: checks (nothing is built, allocated or read before they pass)
 # --------------------------------------------------------------------------- #
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:
     json_path = directory / JSON_FILE
-    if not json_path.is_file():
+    if not json_path.exists():
         raise FileNotFoundError(f"{json_path} not found: not a tnquant save directory")
-    raw = json_path.read_bytes()
+    raw = read_regular(json_path, MAX_JSON_BYTES)
     try:
         meta = json.loads(raw.decode("ascii"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise IntegrityError(f"{json_path} is corrupt (not valid JSON: {err})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("checksum"), str):
         raise IntegrityError(f"{json_path} is corrupt: expected a JSON object with a 'checksum' "
@@ -247,74 +280,81 @@ def _read_meta(directory: Path) -> dict[str, Any]:
                              f"content ({actual})")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{json_path}: format must be {FORMAT!r}, got {meta.get('format')!r}")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{json_path}: unsupported format version {meta.get('version')!r}; "
+    version = meta.get("version")
+    if type(version) is not int or version != VERSION:
+        raise ValueError(f"{json_path}: unsupported format version {version!r}; "
                          f"this tnquant reads version {VERSION}")
+    check_meta(meta, str(json_path), TENSORS_FILE)
     return meta
 
 
-def _read_tensors(directory: Path, meta: dict[str, Any]) -> dict[str, Tensor]:
+def _read_header(directory: Path, meta: dict[str, Any]) -> tuple[Path, dict[str, TensorInfo]]:
+    """The tensor file's checked header (its size first; no tensor data is read)."""
     info = meta["tensors"]
-    tensor_path = directory / str(info["file"])
-    if not tensor_path.is_file():
+    tensor_path = directory / TENSORS_FILE
+    if not tensor_path.exists():
         raise FileNotFoundError(f"{tensor_path} not found (listed in {directory / JSON_FILE})")
-    digest, size = _sha256_file(tensor_path)
+    if not tensor_path.is_file():
+        raise IntegrityError(f"{tensor_path} is not a regular file")
+    size = tensor_path.stat().st_size
     if size != info["bytes"]:
         raise IntegrityError(f"{tensor_path} is truncated or altered: {size} bytes, expected "
                              f"{info['bytes']}")
-    if digest != info["sha256"]:
-        raise IntegrityError(f"{tensor_path} was altered: sha256 {digest} does not match "
-                             f"{info['sha256']} recorded in {JSON_FILE}")
-    try:
-        tensors = load_file(str(tensor_path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:  # same bytes as saved: unlikely
-        raise IntegrityError(f"{tensor_path} could not be read: {err}") from None
-    entries = info["entries"]
-    if set(tensors) != set(entries):
-        raise IntegrityError(f"{tensor_path} holds other tensors than {JSON_FILE} lists")
-    if any(k not in tensors for group in meta.get("tied", []) for k in group):
-        raise IntegrityError(f"{directory / JSON_FILE} ties tensors the tensor file lacks")
-    for key, t in tensors.items():
-        if _dtype_name(t.dtype) != entries[key]["dtype"] or list(t.shape) != entries[key]["shape"]:
-            raise IntegrityError(f"{tensor_path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}, "
-                                 f"{JSON_FILE} says {entries[key]}")
-    return tensors
+    header = read_header(tensor_path, size)
+    check_listing(header, info["entries"], tensor_path, JSON_FILE)
+    check_tied(meta["tied"], header, str(directory / JSON_FILE))
+    return tensor_path, header
 
 
-def _summary(keys: list[str]) -> str:
-    shown = ", ".join(repr(k) for k in sorted(keys)[:5])
-    return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+def _check_base(model: nn.Module, entry: dict[str, Any], names: list[str],
+                known: dict[str, nn.Module]) -> nn.Module:
+    """Check what ``model`` holds at each of ``names``; return the first such module."""
+    for name in names:
+        if name not in known:
+            parent = name.rpartition(".")[0]
+            missing = name if parent in known else parent
+            raise ValueError(f"the model has no module {missing!r} (the saved model has a "
+                             f"{entry['node']['class']} at {name!r})")
+        check_replaced(entry, name, known[name], HANDLERS[entry["node"]["class"]])
+    return known[names[0]]
 
 
-def _check_state(model: nn.Module | None, planned: list[tuple[list[str], nn.Module]],
-                 tensors: dict[str, Tensor]) -> None:
-    """Compare the keys/shapes the rebuilt model will have with the saved tensors."""
-    expected: dict[str, tuple[tuple[int, ...], bool]] = {}
-    replaced = [name for names, _ in planned for name in names]
-    if model is not None:
-        for key, value in model.state_dict().items():
-            if not any(n == "" or key.startswith(n + ".") for n in replaced):
-                expected[key] = (tuple(value.shape), False)
-    for names, module in planned:
-        for name in names:
-            prefix = f"{name}." if name else ""
-            for key, value in module.state_dict().items():
-                expected[prefix + key] = (tuple(value.shape), value.numel() == 0)
-    missing = [k for k in tensors if k not in expected]
-    unexpected = [k for k in expected if k not in tensors]
-    problems = []
-    if missing:
-        problems.append(f"saved tensors with no place in the model: {_summary(missing)}")
-    if unexpected:
-        problems.append(f"model tensors missing from the save: {_summary(unexpected)}")
-    wrong = [f"{k} (model {expected[k][0]}, saved {tuple(tensors[k].shape)})"
-             for k in tensors if k in expected and not expected[k][1]
-             and expected[k][0] != tuple(tensors[k].shape)]
-    if wrong:
-        problems.append(f"shape mismatches: {'; '.join(wrong[:5])}")
-    if problems:
-        raise ValueError("the model does not match the saved architecture: "
-                         + " | ".join(problems))
+def _device_of(module: nn.Module | None) -> torch.device:
+    if module is not None:
+        for t in (*module.parameters(), *module.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+_BUILD_ERRORS = (KeyError, TypeError, IndexError, ValueError, AttributeError, RuntimeError,
+                 OverflowError, AssertionError, NotImplementedError)
+
+
+def _plan(model: nn.Module | None, entries: list[dict[str, Any]],
+          header: dict[str, TensorInfo], json_path: Path
+          ) -> list[tuple[list[str], nn.Module, torch.device]]:
+    """Check every entry and build its module on the meta device (not attached yet)."""
+    for i, entry in enumerate(entries):
+        check_node(entry["node"], f"modules[{i}] {entry['names'][0]!r}", str(json_path),
+                   HANDLERS)
+    known = dict(model.named_modules(remove_duplicate=False)) if model is not None else {}
+    ctx = BuildContext(tensors={k: info.meta() for k, info in header.items()})
+    planned = []
+    for i, entry in enumerate(entries):
+        names = list(entry["names"])
+        where = f"{json_path}: modules[{i}] ({entry['node']['class']} at {names[0]!r})"
+        check_replaces(entry, HANDLERS[entry["node"]["class"]], where)
+        base = _check_base(model, entry, names, known) if model is not None else None
+        try:
+            built = build_node(entry["node"], names[0], ctx)
+        except IntegrityError:
+            raise
+        except _BUILD_ERRORS as err:
+            raise IntegrityError(f"{where} cannot be rebuilt: {type(err).__name__}: "
+                                 f"{err}") from None
+        check_planned(built, names, header, where)
+        planned.append((names, built, _device_of(base)))
+    return planned
 
 
 # --------------------------------------------------------------------------- #
@@ -331,49 +371,41 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
         setattr(parent, attr, module)
 
 
-def _device_of(module: nn.Module | None) -> torch.device:
-    if module is not None:
-        for t in (*module.parameters(), *module.buffers()):
-            return t.device
-    return torch.device("cpu")
-
-
-def _lookup(model: nn.Module, name: str) -> nn.Module | None:
+def _read_data(tensor_path: Path, header: dict[str, TensorInfo], digest: str
+               ) -> dict[str, Tensor]:
+    """The tensors, once the file's sha256 matches (read again: the header must still hold)."""
+    actual, _ = _sha256_file(tensor_path)
+    if actual != digest:
+        raise IntegrityError(f"{tensor_path} was altered: sha256 {actual} does not match "
+                             f"{digest} recorded in {JSON_FILE}")
     try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
+        tensors = load_file(str(tensor_path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise IntegrityError(f"{tensor_path} could not be read: {err}") from None
+    if set(tensors) != set(header) or any(
+            (t.dtype, tuple(t.shape)) != (header[k].dtype, header[k].shape)
+            for k, t in tensors.items()):
+        raise IntegrityError(f"{tensor_path} changed while it was read")
+    return tensors
 
 
-def _check_base(model: nn.Module, entry: dict[str, Any], names: list[str]) -> nn.Module | None:
-    """Check what ``model`` holds at each of ``names``; return the first such module."""
-    base = None
-    for name in names:
-        current = _lookup(model, name)
-        parent = name.rpartition(".")[0]
-        if current is None and _lookup(model, parent) is None:
-            raise ValueError(f"the model has no module {parent!r} (the saved model has a "
-                             f"{entry['node']['class']} at {name!r})")
-        check_replaced(entry, name, current)
-        base = base if base is not None else current
-    return base
-
-
-def _plan(model: nn.Module | None, entries: list[dict[str, Any]], tensors: dict[str, Tensor],
-          path: Path) -> list[tuple[list[str], nn.Module]]:
-    """Build every saved tnquant module (not attached yet), checking the base model."""
-    planned = []
-    for entry in entries:
-        names = list(entry["names"])
-        base = _check_base(model, entry, names) if model is not None else None
-        ctx = BuildContext(tensors=tensors, device=_device_of(base))
+def _fill(planned: list[tuple[list[str], nn.Module, torch.device]],
+          tensors: dict[str, Tensor], json_path: Path) -> list[tuple[list[str], nn.Module]]:
+    """Allocate each rebuilt module where it goes and load its own state (not attached yet)."""
+    filled = []
+    for names, module, device in planned:
+        prefix = f"{names[0]}." if names[0] else ""
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        module = module.to_empty(device=device)  # sizes checked against the file
         try:
-            built = build_node(entry["node"], names[0], ctx)
-        except (KeyError, TypeError, IndexError) as err:
-            raise ValueError(f"{path / JSON_FILE} describes a module at {names[0]!r} that "
-                             f"cannot be rebuilt: {type(err).__name__}: {err}") from None
-        planned.append((names, built))
-    return planned
+            with torch.no_grad():
+                module.load_state_dict(own, strict=True)
+        except _BUILD_ERRORS as err:
+            raise IntegrityError(f"{json_path}: the saved state of {names[0]!r} does not load: "
+                                 f"{type(err).__name__}: {err}") from None
+        check_states(module, f"{json_path}: {names[0]!r}")
+        filled.append((names, module))
+    return filled
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
@@ -398,13 +430,23 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     Raises
     ------
     IntegrityError
-        A file is truncated, altered or unreadable (the message names it).
+        A file is truncated, altered, unreadable or describes something
+        inconsistent (the message names the file and the entry or field).
     ValueError
         Unknown format version, or ``model`` does not match the saved
         architecture (missing module, other layer type or sizes, state keys
-        or shapes); ``model`` is then left unchanged.
+        or shapes).
     FileNotFoundError
         ``path`` lacks ``model.json`` or the tensor file.
+
+    Notes
+    -----
+    Every check runs before the first module of ``model`` is replaced, so a
+    refused directory leaves it as it was (same module objects, same
+    tensors and values). The rebuilt modules receive their state before
+    they are attached; should the final strict ``load_state_dict`` of the
+    checked keys and shapes still raise, the original modules and tensor
+    ties are put back.
 
     Examples
     --------
@@ -422,25 +464,37 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
     directory = Path(path)
+    json_path = directory / JSON_FILE
     meta = _read_meta(directory)
-    tensors = _read_tensors(directory, meta)
     entries = meta["modules"]
     if model is None and not (len(entries) == 1 and entries[0]["names"] == [""]):
         raise ValueError(f"{directory} holds a full model, not a single tnquant module; pass a "
                          "freshly constructed model of the original architecture: "
                          "load(path, model=YourModel())")
-    planned = _plan(model, entries, tensors, directory)
-    _check_state(model, planned, tensors)
-    root = model
-    for names, module in planned:
-        for name in names:
-            if name:
-                _set_module(root, name, module)  # type: ignore[arg-type]
-            else:
-                root = module
-    if root is None:
-        raise ValueError(f"{directory} holds no module to load")
-    _retie(root, meta.get("tied", []))
-    with torch.no_grad():
-        root.load_state_dict(tensors, strict=True)
-    return root
+    tensor_path, header = _read_header(directory, meta)
+    planned = _plan(model, entries, header, json_path)
+    check_base_state(model, [name for names, _, _ in planned for name in names], header)
+    check_tied_kinds(model, [(n, m) for n, m, _ in planned], meta["tied"], str(json_path))
+    tensors = _read_data(tensor_path, header, meta["tensors"]["sha256"])
+    check_tied_values(meta["tied"], tensors, str(json_path))
+    filled = _fill(planned, tensors, json_path)
+    # every check passed: attach, retie, load; undo all of it if that still fails
+    root, swapped, undo = model, [], []
+    try:
+        for names, module in filled:
+            for name in names:
+                if name:
+                    swapped.append((name, cast(nn.Module, root).get_submodule(name)))
+                    _set_module(cast(nn.Module, root), name, module)
+                else:
+                    root = module
+        undo = _retie(cast(nn.Module, root), meta["tied"])
+        with torch.no_grad():
+            cast(nn.Module, root).load_state_dict(tensors, strict=True)
+    except BaseException:
+        for owner, attr, old in reversed(undo):
+            _slot(owner, attr, old)
+        for name, old_module in reversed(swapped):
+            _set_module(cast(nn.Module, model), name, old_module)
+        raise
+    return cast(nn.Module, root)

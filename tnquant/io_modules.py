@@ -30,6 +30,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tnquant.io_checks import finish_layer
+from tnquant.io_fields import (
+    BOOL,
+    CONV_FIELDS,
+    DENSE_SLOTS,
+    EMBEDDING_FIELDS,
+    FACTORIZATION_SPECS,
+    FACTORIZED_SLOTS,
+    FROZEN_FIELDS,
+    LINEAR_FIELDS,
+    QCONV_FIELDS,
+    QEMBEDDING_FIELDS,
+    QUANT_SPECS,
+    QUANTIZER_FIELDS,
+    Field,
+    factorized_fields,
+    parse_spec,
+)
 from tnquant.layers import (
     CPConv2d,
     FactorizedLayer,
@@ -43,18 +61,24 @@ from tnquant.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear
 from tnquant.quant.frozen import FrozenTensor
 from tnquant.quant.observers import MSEObserver, Observer
 from tnquant.quant.quantizer import Quantizer
-from tnquant.specs import spec_from_dict, spec_to_dict
+from tnquant.specs import spec_to_dict
 
 __all__ = ["Handler", "HANDLERS", "BuildContext", "describe_node", "describe_entries",
-           "build_node", "check_replaced"]
+           "build_node"]
 
 
 @dataclass
 class BuildContext:
-    """What builders need: the saved tensors (for shapes and dtypes) and the device."""
+    """What builders need: the saved tensors (for shapes and dtypes) and the device.
+
+    :func:`tnquant.load` passes meta-device stand-ins of the saved tensors
+    (their dtypes and shapes, from the checked header) and builds on the
+    meta device: nothing is allocated until every size has been compared
+    with the tensor file.
+    """
 
     tensors: dict[str, Tensor]
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=lambda: torch.device("meta"))
 
     def saved(self, key: str, owner: str) -> Tensor:
         """The saved tensor ``key`` (``ValueError`` naming ``owner`` when absent)."""
@@ -69,30 +93,14 @@ class BuildContext:
         size = saved.shape if shape is None else tuple(shape)
         return torch.empty(size, dtype=saved.dtype, device=self.device)
 
-    def restore_placeholders(self, module: nn.Module, name: str) -> None:
-        """Give ``module``'s own parameters saved empty (converted) the saved empty shape.
-
-        ``convert`` drops a quantized float tensor, leaving an empty
-        ``nn.Parameter`` (no grad); the builder made it full-sized.
-        """
-        prefix = _prefix(name)
-        for pname, param in list(module.named_parameters()):
-            saved = self.tensors.get(prefix + pname)
-            if saved is None or saved.numel() or not param.numel():
-                continue
-            owner_name, _, attr = pname.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            empty = nn.Parameter(torch.empty(saved.shape, dtype=saved.dtype, device=self.device),
-                                 requires_grad=False)
-            if isinstance(owner, nn.ParameterList):
-                owner[int(attr)] = empty
-            else:
-                setattr(owner, attr, empty)
-
 
 @dataclass(frozen=True)
 class Handler:
-    """How one tnquant class is described and rebuilt (see the module docs)."""
+    """How one tnquant class is described and rebuilt (see the module docs).
+
+    ``schema`` types every config field (checked before anything is built)
+    and ``slots`` names the children it may have.
+    """
 
     cls: type[nn.Module]
     replaces: type[nn.Module] | None
@@ -102,6 +110,8 @@ class Handler:
     own_children: tuple[str, ...] = ()
     #: whether converted (empty) weights/cores may stand in its parameters
     placeholders: bool = False
+    schema: dict[str, Field] = field(default_factory=dict)
+    slots: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
 
 
 def _jsonable(value: Any) -> Any:
@@ -132,20 +142,25 @@ def _factorized_common(layer: FactorizedLayer) -> dict[str, Any]:
             "decomposition_info": _jsonable(layer.decomposition_info)}
 
 
-def _factorized_kwargs(config: dict[str, Any], name: str, ctx: BuildContext, owner: str
+def _factorized_kwargs(config: dict[str, Any], name: str, ctx: BuildContext, cls: Any
                        ) -> tuple[list[Tensor], dict[str, Any]]:
+    owner = f"{cls.__name__} {name!r}"
     cores = [ctx.empty(f"{_prefix(name)}cores.{k}", owner, shape)
              for k, shape in enumerate(config["core_shapes"])]
     info = dict(config["decomposition_info"])
-    if "ranks" in info:
-        info["ranks"] = tuple(info["ranks"])
-    kwargs: dict[str, Any] = {"spec": spec_from_dict(config["spec"]), "decomposition_info": info}
-    if config.get("bias"):
+    info.pop("ranks", None)  # the layer derives them from the cores; _finish compares
+    kwargs: dict[str, Any] = {"spec": parse_spec(config["spec"], FACTORIZATION_SPECS[cls.__name__]),
+                              "decomposition_info": info}
+    if config["bias"]:
         kwargs["bias"] = ctx.empty(f"{_prefix(name)}bias", owner)
     return cores, kwargs
 
 
 def _finish(layer: FactorizedLayer, config: dict[str, Any]) -> FactorizedLayer:
+    saved = config["decomposition_info"].get("ranks")
+    if saved is not None and tuple(saved) != layer.ranks:
+        raise ValueError(f"decomposition_info ranks {saved} do not match the cores' ranks "
+                         f"{list(layer.ranks)}")
     layer.implementation = config["implementation"]
     return layer
 
@@ -157,7 +172,7 @@ def _describe_linear(layer: Any) -> dict[str, Any]:
 
 def _build_linear(cls: Any) -> Callable[[dict[str, Any], str, BuildContext], nn.Module]:
     def build(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
-        cores, kwargs = _factorized_kwargs(config, name, ctx, f"{cls.__name__} {name!r}")
+        cores, kwargs = _factorized_kwargs(config, name, ctx, cls)
         return _finish(cls(cores, in_features=config["in_features"],
                            out_features=config["out_features"], **kwargs), config)
     return build
@@ -177,7 +192,7 @@ def _describe_conv(layer: Any) -> dict[str, Any]:
 
 def _build_conv(cls: Any) -> Callable[[dict[str, Any], str, BuildContext], nn.Module]:
     def build(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
-        cores, kwargs = _factorized_kwargs(config, name, ctx, f"{cls.__name__} {name!r}")
+        cores, kwargs = _factorized_kwargs(config, name, ctx, cls)
         padding = config["padding"]
         return _finish(cls(cores, stride=tuple(config["stride"]),
                            padding=padding if isinstance(padding, str) else tuple(padding),
@@ -201,15 +216,17 @@ def _describe_embedding(layer: Any) -> dict[str, Any]:
 
 
 def _build_embedding(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
-    cores, kwargs = _factorized_kwargs(config, name, ctx, f"TTEmbedding {name!r}")
-    kwargs.pop("bias", None)
+    if config["bias"]:
+        raise ValueError("a TTEmbedding has no bias")
+    cores, kwargs = _factorized_kwargs(config, name, ctx, TTEmbedding)
     return _finish(TTEmbedding(cores, num_embeddings=config["num_embeddings"],
                                embedding_dim=config["embedding_dim"],
                                padding_idx=config["padding_idx"], **kwargs), config)
 
 
 def _expect_embedding(config: dict[str, Any]) -> dict[str, Any]:
-    return {"num_embeddings": config["num_embeddings"], "embedding_dim": config["embedding_dim"]}
+    return {"num_embeddings": config["num_embeddings"], "embedding_dim": config["embedding_dim"],
+            "padding_idx": config["padding_idx"]}
 
 
 # --------------------------------------------------------------------------- #
@@ -225,8 +242,10 @@ def _describe_quantizer(q: Any) -> dict[str, Any]:
 
 
 def _build_quantizer(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
-    q = Quantizer(spec_from_dict(config["spec"]))
+    q = Quantizer(parse_spec(config["spec"], QUANT_SPECS))
     obs = config.get("observer")
+    if obs is not None and getattr(q.spec, "observer", None) != "mse":
+        raise ValueError("an 'observer' config is for a QuantSpec(observer='mse') only")
     if obs is not None:
         q.observer = MSEObserver(q.spec, n_grid=obs["n_grid"], low=obs["low"])
     return q.to(ctx.device)
@@ -288,6 +307,9 @@ def _build_qconv(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Mod
 
 def _build_qembedding(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
     dtype = ctx.saved(f"{_prefix(name)}weight", f"QuantEmbedding {name!r}").dtype
+    num, idx = config["num_embeddings"], config["padding_idx"]
+    if idx is not None and not -num <= idx < num:  # nn.Embedding would assert
+        raise ValueError(f"padding_idx must be in [{-num}, {num - 1}], got {idx}")
     return _materialize(QuantEmbedding(
         config["num_embeddings"], config["embedding_dim"], config["padding_idx"],
         norm_type=config["norm_type"], scale_grad_by_freq=config["scale_grad_by_freq"],
@@ -298,18 +320,26 @@ def _expect_qconv(config: dict[str, Any]) -> dict[str, Any]:
     return {**_expect_conv(config), "groups": config["groups"]}
 
 
-def _expect_qembedding(config: dict[str, Any]) -> dict[str, Any]:
-    return {**_expect_embedding(config), "padding_idx": config["padding_idx"]}
+def _factorized(cls: Any, replaces: Any, describe: Any, build: Any, expect: Any,
+                sizes: dict[str, Field]) -> Handler:
+    return Handler(cls, replaces, describe, build, expect, ("cores",), placeholders=True,
+                   schema=factorized_fields(cls.__name__, sizes), slots=FACTORIZED_SLOTS)
+
+
+def _dense(cls: Any, replaces: Any, describe: Any, build: Any, expect: Any,
+           schema: dict[str, Field]) -> Handler:
+    return Handler(cls, replaces, describe, build, expect, placeholders=True, schema=schema,
+                   slots=DENSE_SLOTS)
 
 
 def _linear_handler(cls: Any) -> Handler:
-    return Handler(cls, nn.Linear, _describe_linear, _build_linear(cls), _expect_linear,
-                   ("cores",), placeholders=True)
+    return _factorized(cls, nn.Linear, _describe_linear, _build_linear(cls), _expect_linear,
+                       LINEAR_FIELDS)
 
 
 def _conv_handler(cls: Any) -> Handler:
-    return Handler(cls, nn.Conv2d, _describe_conv, _build_conv(cls), _expect_conv, ("cores",),
-                   placeholders=True)
+    return _factorized(cls, nn.Conv2d, _describe_conv, _build_conv(cls), _expect_conv,
+                       CONV_FIELDS)
 
 
 #: class name -> Handler: the one table of what save/load can rebuild.
@@ -319,17 +349,18 @@ HANDLERS: dict[str, Handler] = {
     "TuckerLinear": _linear_handler(TuckerLinear),
     "TuckerConv2d": _conv_handler(TuckerConv2d),
     "CPConv2d": _conv_handler(CPConv2d),
-    "TTEmbedding": Handler(TTEmbedding, nn.Embedding, _describe_embedding, _build_embedding,
-                           _expect_embedding, ("cores",), placeholders=True),
-    "QuantLinear": Handler(QuantLinear, nn.Linear, _describe_qlinear, _build_qlinear,
-                           _expect_linear, placeholders=True),
-    "QuantConv2d": Handler(QuantConv2d, nn.Conv2d, _describe_qconv, _build_qconv, _expect_qconv,
-                           placeholders=True),
-    "QuantEmbedding": Handler(QuantEmbedding, nn.Embedding, _describe_qembedding,
-                              _build_qembedding, _expect_qembedding, placeholders=True),
-    "FrozenTensor": Handler(FrozenTensor, None, _describe_frozen, _build_frozen),
+    "TTEmbedding": _factorized(TTEmbedding, nn.Embedding, _describe_embedding, _build_embedding,
+                               _expect_embedding, EMBEDDING_FIELDS),
+    "QuantLinear": _dense(QuantLinear, nn.Linear, _describe_qlinear, _build_qlinear,
+                          _expect_linear, {**LINEAR_FIELDS, "bias": BOOL}),
+    "QuantConv2d": _dense(QuantConv2d, nn.Conv2d, _describe_qconv, _build_qconv, _expect_qconv,
+                          QCONV_FIELDS),
+    "QuantEmbedding": _dense(QuantEmbedding, nn.Embedding, _describe_qembedding,
+                             _build_qembedding, _expect_embedding, QEMBEDDING_FIELDS),
+    "FrozenTensor": Handler(FrozenTensor, None, _describe_frozen, _build_frozen,
+                            schema=FROZEN_FIELDS),
     "Quantizer": Handler(Quantizer, None, _describe_quantizer, _build_quantizer,
-                         own_children=("observer",)),
+                         own_children=("observer",), schema=QUANTIZER_FIELDS),
     "Identity": Handler(nn.Identity, None, lambda m: {}, lambda c, n, ctx: nn.Identity()),
 }
 
@@ -412,14 +443,25 @@ def describe_entries(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def build_node(node: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
-    """Rebuild a module described by :func:`describe_node` (empty tensors, saved shapes)."""
-    cls_name = node.get("class")
-    handler = HANDLERS.get(cls_name) if isinstance(cls_name, str) else None
-    if handler is None:
-        raise ValueError(f"unknown module class {cls_name!r} at {name!r}; this tnquant knows "
-                         f"{sorted(HANDLERS)}")
+    """Rebuild a module described by :func:`describe_node` (empty tensors, saved shapes).
+
+    ``node`` must have passed :func:`tnquant.io_fields.check_node`; build on
+    the meta device (the default of :class:`BuildContext`) and compare with
+    the tensor file before allocating.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tnquant.layers import LowRankLinear
+    >>> fc = LowRankLinear([torch.randn(4, 2), torch.randn(2, 3)])
+    >>> ctx = BuildContext({k: v.to("meta") for k, v in fc.state_dict().items()})
+    >>> built = build_node(describe_node(fc, ""), "", ctx)
+    >>> type(built).__name__, built.cores[0].device.type
+    ('LowRankLinear', 'meta')
+    """
+    handler = HANDLERS[node["class"]]
     module = handler.build(node["config"], name, ctx)
-    for child_name, child in node.get("children", []):
+    for child_name, child in node["children"]:
         where = f"{_prefix(name)}{child_name}"
         built: nn.Module
         if "list" in child:
@@ -432,48 +474,5 @@ def build_node(node: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
             built = build_node(child["module"], where, ctx)
         setattr(module, child_name, built)
     if handler.placeholders:
-        ctx.restore_placeholders(module, name)
+        finish_layer(module, name, ctx.tensors, ctx.device)
     return module
-
-
-def _same(got: Any, want: Any) -> bool:
-    if isinstance(got, (tuple, list)) and isinstance(want, (tuple, list)):
-        return tuple(got) == tuple(want)
-    return bool(got == want)
-
-
-def check_replaced(entry: dict[str, Any], name: str, current: nn.Module | None) -> None:
-    """Raise ``ValueError`` unless ``current`` is what the saved module replaced.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from torch import nn
-    >>> from tnquant.layers import LowRankLinear
-    >>> entry = describe_entries(nn.Sequential(LowRankLinear([torch.randn(4, 2),
-    ...                                                       torch.randn(2, 3)])))[0]
-    >>> check_replaced(entry, "0", nn.Linear(3, 4))
-    >>> check_replaced(entry, "0", nn.Linear(5, 4))
-    Traceback (most recent call last):
-    ...
-    ValueError: module '0' of the model has in_features=5, the saved LowRankLinear expects 3
-    """
-    node = entry["node"]
-    handler = HANDLERS.get(node["class"])
-    if handler is None:
-        raise ValueError(f"unknown module class {node['class']!r} at {name!r}")
-    if handler.replaces is None or (current is not None
-                                    and type(current).__name__ == node["class"]):
-        return
-    if current is None:
-        raise ValueError(f"the model has no module {name!r}; the saved model has a "
-                         f"{node['class']} there (replacing a {handler.replaces.__name__})")
-    if not isinstance(current, handler.replaces):
-        raise ValueError(f"module {name!r} of the model is a {type(current).__name__}, expected "
-                         f"a {handler.replaces.__name__} (the saved model replaced it by a "
-                         f"{node['class']})")
-    for attr, want in handler.expect(node["config"]).items():
-        got = getattr(current, attr, None)
-        if not _same(got, want):
-            raise ValueError(f"module {name!r} of the model has {attr}={got!r}, the saved "
-                             f"{node['class']} expects {want!r}")

@@ -91,6 +91,8 @@ __all__ = ["FrozenTensor", "Layout", "LAYOUTS", "layout_of", "spec_summary", "te
 
 _CONTAINERS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64)
 _WIDE = {16: ("int16", torch.int16), 32: ("int32", torch.int32), 64: ("int64", torch.int64)}
+_FLOATS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+           "float64": torch.float64}
 
 
 def tensor_bits(t: Tensor) -> int:
@@ -468,6 +470,9 @@ class FrozenTensor(nn.Module):
     def from_metadata(cls, meta: dict[str, Any], device: Any = None) -> FrozenTensor:
         """A zero skeleton from :meth:`metadata`, ready for ``load_state_dict``.
 
+        ``ValueError`` names a missing, unknown or ill-typed field (``meta`` may
+        come from a file); ``device='meta'`` allocates nothing.
+
         Examples
         --------
         >>> from tnquant import QuantSpec
@@ -475,11 +480,22 @@ class FrozenTensor(nn.Module):
         >>> FrozenTensor.from_metadata(f.metadata()).zero_point.dtype
         torch.uint8
         """
-        dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"metadata dtype must name a torch float dtype, got "
-                             f"{meta.get('dtype')!r}")
-        return cls(spec_from_dict(meta["spec"]), tuple(meta["shape"]), dtype, device=device)
+        keys = set(meta) if isinstance(meta, dict) else set()
+        if not {"spec", "shape"} <= keys <= {"spec", "shape", "dtype"}:
+            raise ValueError(f"metadata must hold 'spec', 'shape' (and 'dtype'), got {meta!r:.60}")
+        name, shape, data = meta.get("dtype", "float32"), meta["shape"], meta["spec"]
+        dtype = _FLOATS.get(name) if isinstance(name, str) else None
+        if dtype is None:
+            raise ValueError(f"metadata 'dtype' must be one of {list(_FLOATS)}, got {name!r:.60}")
+        if not isinstance(shape, (list, tuple)) or any(type(s) is not int or s < 0 for s in shape):
+            raise ValueError(f"metadata 'shape' must be a list of ints >= 0, got {shape!r:.60}")
+        try:
+            spec = spec_from_dict(data) if isinstance(data, dict) else None
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as err:
+            raise ValueError(f"metadata 'spec' is not a valid spec: {err}") from None
+        if type(spec) not in LAYOUTS:
+            raise ValueError(f"metadata 'spec' must be a quantizer spec dict, got {data!r:.60}")
+        return cls(spec, tuple(shape), dtype, device=device)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
                               **kwargs: Any) -> None:
