@@ -44,12 +44,12 @@ and the entry or field, or ``ValueError`` for a base model of another
 architecture; ``base`` is left untouched. ``load(path)`` without a model
 works when the saved model is one tnquant module. The checksums are plain
 ``sha256``: they detect corruption, not forgery; a forged but
-self-consistent directory loads as the model it describes (the docs page
-"Saving and loading" says what is and is not promised).
-
-Rebuilt modules go to the device of the module they replace and keep the
-saved dtypes; the other tensors are copied into the base model's own (pass
-it in the dtype it was saved in for a bit-exact round trip).
+self-consistent directory loads as the model it describes. The docs page
+"Saving and loading" says what is and is not promised, also for
+``IntegerModel.load`` and the ``report``/``export`` commands, which treat
+their directories the same way. Rebuilt modules go to the device of the
+module they replace and keep the saved dtypes; the other tensors are copied
+into the base model's own (pass it in the saved dtype for a bit-exact trip).
 
 Examples
 --------
