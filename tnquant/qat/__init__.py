@@ -1,4 +1,4 @@
-"""Quantization-aware fine-tuning: ``finetune``, distillation losses, checkpoints.
+"""Quantization-aware fine-tuning: ``finetune(FinetuneConfig)``, its trainer loop, losses, checkpoints.
 
 Examples
 --------
@@ -12,10 +12,12 @@ Examples
 """
 
 from tnquant.qat.checkpoint import latest_checkpoint, load_checkpoint
+from tnquant.qat.config import FinetuneConfig
 from tnquant.qat.finetune import finetune
 from tnquant.qat.history import FinetuneReport, History
 from tnquant.qat.losses import (
     LOSSES,
+    TASK_LOSSES,
     HiddenCollector,
     cosine_loss,
     default_outputs,
@@ -26,6 +28,7 @@ from tnquant.qat.params import TRAIN_CHOICES, parameter_sets
 
 __all__ = [
     "finetune",
+    "FinetuneConfig",
     "FinetuneReport",
     "History",
     "LOSSES",
@@ -33,6 +36,7 @@ __all__ = [
     "cosine_loss",
     "kl_loss",
     "default_outputs",
+    "TASK_LOSSES",
     "HiddenCollector",
     "TRAIN_CHOICES",
     "parameter_sets",

@@ -13,9 +13,11 @@ Three losses compare a student's tensor with a teacher's of the same shape
 Losses are computed in at least float32 (half-precision outputs are
 upcast), so a bf16 student distils from an fp32 teacher without overflow.
 
-:func:`default_outputs` turns a model output into the tensor to compare: a
-tensor as is, the first element of a tuple or list, ``.logits`` (else
-``.last_hidden_state``) of a Hugging Face ``ModelOutput`` or of a mapping.
+:func:`default_outputs` turns a model output into the tensor to compare by
+the one rule of :func:`tnquant.core.model_output`: a tensor as is, the first
+tensor of a tuple or list, ``.logits`` (else ``.last_hidden_state``) of a
+Hugging Face ``ModelOutput`` or of a mapping. :data:`TASK_LOSSES` names the
+task losses a recipe may ask for.
 :class:`HiddenCollector` records the outputs of named submodules with
 forward hooks (distillation on hidden states).
 
@@ -31,12 +33,14 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from tnquant.core.output import model_output
 
 __all__ = [
     "LOSSES",
@@ -45,6 +49,8 @@ __all__ = [
     "cosine_loss",
     "kl_loss",
     "resolve_loss",
+    "TASK_LOSSES",
+    "resolve_task_loss",
     "default_outputs",
     "HiddenCollector",
 ]
@@ -149,12 +155,36 @@ def resolve_loss(loss: str | LossFn, temperature: float = 1.0) -> LossFn:
     return LOSSES[loss]
 
 
-def default_outputs(out: Any) -> Tensor:
-    """The tensor to distil from a model output.
+#: The named task losses ``finetune(task_loss=...)`` accepts (a recipe's ``task_loss``).
+TASK_LOSSES: dict[str, Callable[..., Tensor]] = {"cross_entropy": F.cross_entropy}
 
-    A tensor as is; the first element of a tuple or list; ``.logits``, else
+
+def resolve_task_loss(task_loss: str | Callable[[Any, Any], Tensor] | None
+                      ) -> Callable[[Any, Any], Tensor] | None:
+    """The task loss for a name in :data:`TASK_LOSSES`, a callable (as is) or ``None``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> resolve_task_loss("cross_entropy") is torch.nn.functional.cross_entropy
+    True
+    """
+    if task_loss is None or callable(task_loss):
+        return task_loss
+    if not isinstance(task_loss, str) or task_loss not in TASK_LOSSES:
+        raise TypeError(f"task_loss must be one of {sorted(TASK_LOSSES)} or a callable "
+                        f"(output, target) -> loss, got {task_loss!r}")
+    return TASK_LOSSES[task_loss]
+
+
+def default_outputs(out: Any) -> Tensor:
+    """The tensor to distil from a model output: :func:`tnquant.core.model_output`.
+
+    A tensor as is; the first tensor of a tuple or list; ``.logits``, else
     ``.last_hidden_state``, of an object (Hugging Face ``ModelOutput``) or a
-    mapping. Pass ``outputs=`` to ``finetune`` for anything else.
+    mapping (else a mapping's first tensor). The search, the CLI and the
+    pipeline read a model output by the same rule. Pass ``outputs=`` to
+    ``finetune`` for anything else.
 
     Examples
     --------
@@ -164,18 +194,14 @@ def default_outputs(out: Any) -> Tensor:
     >>> default_outputs({"logits": torch.zeros(2)}).shape
     torch.Size([2])
     """
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    for key in ("logits", "last_hidden_state"):
-        value = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
-        if isinstance(value, Tensor):
-            return value
-    raise TypeError(
-        f"cannot find the tensor to distil in a model output of type {type(out).__name__}: "
-        "expected a tensor, a tuple/list starting with one, or an object/mapping with "
-        "'logits' or 'last_hidden_state'; pass outputs=lambda out: ... to finetune")
+    try:
+        return model_output(out)
+    except TypeError:
+        raise TypeError(
+            f"cannot find the tensor to distil in a model output of type {type(out).__name__}: "
+            "expected a tensor, a tuple/list holding one, or an object/mapping with "
+            "'logits' or 'last_hidden_state'; pass outputs=lambda out: ... to finetune"
+        ) from None
 
 
 class HiddenCollector:

@@ -35,9 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from tnquant.batches import call_model, move_batch
-from tnquant.qat.losses import HiddenCollector, LossFn, default_outputs, resolve_loss
+from tnquant.qat.losses import (
+    HiddenCollector,
+    LossFn,
+    default_outputs,
+    resolve_loss,
+    resolve_task_loss,
+)
 
-__all__ = ["Objective", "model_loss"]
+__all__ = ["Objective", "model_loss", "check_objective"]
 
 
 def model_loss(out: Any) -> Tensor:
@@ -59,6 +65,39 @@ def model_loss(out: Any) -> Tensor:
             f"given labels); got an output of type {type(out).__name__}. Pass teacher= to "
             "distil, or task_loss=(output, target) -> loss with (inputs, target) batches")
     return value.reshape(())
+
+
+def check_objective(loss: Any, temperature: Any, outputs: Any, hidden: Any, task_loss: Any,
+                    alpha: Any) -> list[str]:
+    """Check the objective's options (as :class:`Objective` and ``FinetuneConfig`` take them).
+
+    Returns ``hidden`` as a list of names (a single name becomes a list).
+
+    Examples
+    --------
+    >>> check_objective("mse", 1.0, None, "encoder", None, 0.5)
+    ['encoder']
+    >>> check_objective("mse", 1.0, None, None, None, 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: alpha (the weight of the task loss) must be in [0, 1], got 2
+    """
+    if outputs is not None and not callable(outputs):
+        raise TypeError(f"outputs must be a callable (output) -> Tensor, got "
+                        f"{type(outputs).__name__}")
+    resolve_task_loss(task_loss)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+            or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (the weight of the task loss) must be in [0, 1], "
+                         f"got {alpha!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or not temperature > 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    resolve_loss(loss, temperature)  # a known name or a callable
+    names = [hidden] if isinstance(hidden, str) else list(hidden) if hidden is not None else []
+    if not all(isinstance(name, str) for name in names):
+        raise TypeError(f"hidden must be submodule names (str), got {names!r}")
+    return names
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
@@ -88,7 +127,8 @@ class Objective:
         Names of submodules (the same in student and teacher) whose outputs
         are distilled instead of the model output.
     task_loss
-        ``callable(student_output, target) -> scalar`` on labelled batches.
+        ``callable(student_output, target) -> scalar`` on labelled batches, or a
+        name in :data:`~tnquant.qat.losses.TASK_LOSSES`.
     alpha
         Weight of the task loss when both terms are present.
 
@@ -105,28 +145,11 @@ class Objective:
     def __init__(self, teacher: nn.Module | None = None, loss: str | LossFn = "mse",
                  temperature: float = 1.0, outputs: Callable[[Any], Tensor] | None = None,
                  hidden: Iterable[str] | None = None,
-                 task_loss: Callable[[Any, Any], Tensor] | None = None,
+                 task_loss: str | Callable[[Any, Any], Tensor] | None = None,
                  alpha: float = 0.5) -> None:
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
-        if outputs is not None and not callable(outputs):
-            raise TypeError(f"outputs must be a callable (output) -> Tensor, got "
-                            f"{type(outputs).__name__}")
-        if task_loss is not None and not callable(task_loss):
-            raise TypeError(f"task_loss must be a callable (output, target) -> loss, got "
-                            f"{type(task_loss).__name__}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
-                or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha (the weight of the task loss) must be in [0, 1], "
-                             f"got {alpha!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature) or not temperature > 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if isinstance(hidden, str):
-            hidden = [hidden]
-        self.hidden = list(hidden) if hidden is not None else []
-        if not all(isinstance(name, str) for name in self.hidden):
-            raise TypeError(f"hidden must be submodule names (str), got {self.hidden!r}")
+        self.hidden = check_objective(loss, temperature, outputs, hidden, task_loss, alpha)
         if teacher is None and (self.hidden or outputs is not None or temperature != 1.0
                                 or not (isinstance(loss, str) and loss == "mse")):
             raise ValueError("loss=, temperature=, outputs= and hidden= configure the "
@@ -135,7 +158,7 @@ class Objective:
         self.loss, self.temperature = loss, float(temperature)  # as given (checkpoint options)
         self.loss_fn = resolve_loss(loss, temperature) if teacher is not None else None
         self.outputs = outputs if outputs is not None else default_outputs
-        self.task_loss = task_loss
+        self.task_loss = resolve_task_loss(task_loss)
         self.alpha = float(alpha)
         self.teacher_device = _device_of(teacher) if teacher is not None else None
         self._stack: ExitStack | None = None
