@@ -61,8 +61,8 @@ from tqdm.auto import tqdm
 
 from tnquant.batches import check_data, iterate_batches
 from tnquant.checks import check_model
+from tnquant.core.capture import hooks, run
 from tnquant.layers.quantized import weight_pairs
-from tnquant.ptq.calibrate import run_batches
 from tnquant.quant.frozen import FrozenTensor
 from tnquant.quant.quantizer import Quantizer
 from tnquant.report import Report
@@ -159,17 +159,13 @@ def _forward_order(model: nn.Module, targets: dict[str, nn.Module], batch: Any) 
     order: list[str] = []
     names = {id(m): n for n, m in targets.items()}
 
-    def hook(module: nn.Module, args: Any) -> None:
+    def first_call(_name: str, module: nn.Module, _args: Any) -> None:
         name = names[id(module)]
         if name not in order:
             order.append(name)
 
-    handles = [m.register_forward_pre_hook(hook) for m in targets.values()]
-    try:
-        run_batches(model, [batch], None, desc="", progress=False)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks(targets, pre=first_call):
+        run(model, [batch])
     return order
 
 
@@ -251,8 +247,7 @@ def correct_biases(model: nn.Module, data: Any, num_batches: int | None = None, 
         meter = _ShiftMeter(module)
         handle = module.register_forward_hook(meter, with_kwargs=True)
         try:
-            run_batches(model, data, num_batches, desc=name, progress=False,
-                        what="bias correction")
+            run(model, iterate_batches(data, num_batches, what="bias correction"), desc=name)
         finally:
             handle.remove()
         shift = meter.shift()

@@ -52,11 +52,12 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from tnquant.batches import call_model, check_data, check_reiterable, iterate_batches
+from tnquant.batches import check_data, check_reiterable, iterate_batches
 from tnquant.checks import check_model
+from tnquant.core.capture import run
 from tnquant.layers.quantized import weight_pairs
+from tnquant.ptq.bias_correction import correct_biases
 from tnquant.quant.observers import Observer
 from tnquant.quant.quantizer import Quantizer
 from tnquant.report import Report
@@ -169,8 +170,9 @@ def _freeze_weights(roles: list[QuantizerRole], report: Report) -> None:
 
 def run_batches(model: nn.Module, data: Any, num_batches: int | None, *, desc: str,
                 progress: bool, what: str = "calibrate") -> int:
-    """Run ``data`` through ``model`` (no grad, eval mode, flag restored); count batches.
+    """Run ``data`` through ``model`` (:func:`tnquant.core.capture.run`); count batches.
 
+    Eval mode and no grad inside, every module's train/eval flag restored.
     Batches are checked as they are read (:func:`tnquant.batches.iterate_batches`,
     ``what`` names the caller in its messages): data without a batch, or
     with NaN or inf in a float tensor, raises ``ValueError``.
@@ -181,18 +183,8 @@ def run_batches(model: nn.Module, data: Any, num_batches: int | None, *, desc: s
     >>> run_batches(torch.nn.Identity(), [torch.ones(1)] * 3, 2, desc="", progress=False)
     2
     """
-    was_training = model.training
-    model.eval()
-    count = 0
-    try:
-        with torch.no_grad():
-            for batch in tqdm(iterate_batches(data, num_batches, what=what), desc=desc,
-                              disable=not progress, leave=False):
-                call_model(model, batch)
-                count += 1
-    finally:
-        model.train(was_training)
-    return count
+    return run(model, iterate_batches(data, num_batches, what=what), desc=desc,
+               progress=progress)
 
 
 def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = None, *,
@@ -275,8 +267,6 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
     report.skipped.extend(activations.skipped)
     _calibrate_activations(model, data, num_batches, progress, observed, report)
     if bias_correction:
-        from tnquant.ptq.bias_correction import correct_biases
-
         bias_report = correct_biases(model, data, num_batches, progress=progress)
         report.rows.extend(bias_report.rows)
         report.skipped.extend(bias_report.skipped)

@@ -70,16 +70,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tnquant.batches import check_data
+from tnquant.batches import check_data, iterate_batches
 from tnquant.checks import check_model
+from tnquant.core.capture import Gram, capture_grams
 from tnquant.layers.base import FactorizedLayer
 from tnquant.layers.lowrank import LowRankLinear
 from tnquant.layers.quantized import weight_pairs
 from tnquant.ptq.bias_correction import layer_order
-from tnquant.ptq.calibrate import run_batches
-from tnquant.quant.primitives import round_tensor
 from tnquant.quant.qparams import QParams, expand, to_blocks
 from tnquant.quant.quantizer import Quantizer
+from tnquant.quant.rounding import round_tensor
 from tnquant.report import Report
 from tnquant.specs import QuantSpec
 
@@ -277,21 +277,6 @@ def _output_error(w: Tensor, q: Tensor, h: Tensor) -> float:
     return float(torch.einsum("oi,ij,oj->", d, h, d)) / max(den, 1e-300)
 
 
-class _Gram:
-    """Forward pre-hook: accumulates ``X^T X`` (float64) of one layer's inputs."""
-
-    def __init__(self) -> None:
-        self.h: Tensor | None = None
-        self.rows = 0
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        g = x.T @ x
-        self.h = g if self.h is None else self.h + g
-        self.rows += x.shape[0]
-
-
 def _round_weight(weight: Tensor, quantizer: Quantizer, hessian: Tensor, damp: float,
                   block: int, act_order: bool) -> dict[str, float]:
     """GPTQ-round one 2-D ``weight`` in place; its RTN and GPTQ relative output errors."""
@@ -360,29 +345,31 @@ def gptq(model: nn.Module, data: Any, num_batches: int | None = None, *, damp: f
                         unreached="not reached by the data")
     for name in tqdm(order, desc="GPTQ", disable=not progress):
         module = targets[name]
-        gram = _Gram()
-        handle = module.register_forward_pre_hook(gram)
-        try:
-            run_batches(model, data, num_batches, desc=name, progress=False, what="GPTQ")
-        finally:
-            handle.remove()
-        if gram.h is None:
-            continue
-        if isinstance(module, LowRankLinear):
-            # x -> V x -> U (V x): V sees the layer's inputs, U the rounded V's outputs
-            u, v = module.cores
-            qu, qv = (cast(Quantizer, q) for q in cast(nn.ModuleList, module.core_quantizers))
-            h_x = gram.h.to(v.device)
-            report.add(name=f"{name}.cores.1", kind="gptq", layer="LowRankLinear",
-                       rows=gram.rows, **_round_weight(v, qv, h_x, damp, block, act_order))
-            with torch.no_grad():
-                vq = qv(v).to(torch.float64)
-            report.add(name=f"{name}.cores.0", kind="gptq", layer="LowRankLinear",
-                       rows=gram.rows, **_round_weight(u, qu, vq @ h_x @ vq.T, damp, block,
-                                                       act_order))
-        else:
-            report.add(name=name, kind="gptq", layer=type(module).__name__, rows=gram.rows,
-                       **_round_weight(cast(Tensor, module.weight),
-                                       cast(Quantizer, module.weight_quantizer),
-                                       gram.h, damp, block, act_order))
+        gram = capture_grams(model, {name: module},
+                             iterate_batches(data, num_batches, what="GPTQ"), desc=name)[name]
+        if gram.h is not None:
+            _round_layer(name, module, gram, report, damp, block, act_order)
     return report
+
+
+def _round_layer(name: str, module: nn.Module, gram: Gram, report: Report, damp: float,
+                 block: int, act_order: bool) -> None:
+    """GPTQ-round one target layer on its input Gram matrix; one report row per weight."""
+    h = cast(Tensor, gram.h)
+    if isinstance(module, LowRankLinear):
+        # x -> V x -> U (V x): V sees the layer's inputs, U the rounded V's outputs
+        u, v = module.cores
+        qu, qv = (cast(Quantizer, q) for q in cast(nn.ModuleList, module.core_quantizers))
+        h_x = h.to(v.device)
+        report.add(name=f"{name}.cores.1", kind="gptq", layer="LowRankLinear",
+                   rows=gram.rows, **_round_weight(v, qv, h_x, damp, block, act_order))
+        with torch.no_grad():
+            vq = qv(v).to(torch.float64)
+        report.add(name=f"{name}.cores.0", kind="gptq", layer="LowRankLinear",
+                   rows=gram.rows, **_round_weight(u, qu, vq @ h_x @ vq.T, damp, block,
+                                                   act_order))
+    else:
+        report.add(name=name, kind="gptq", layer=type(module).__name__, rows=gram.rows,
+                   **_round_weight(cast(Tensor, module.weight),
+                                   cast(Quantizer, module.weight_quantizer),
+                                   h, damp, block, act_order))

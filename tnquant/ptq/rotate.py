@@ -25,7 +25,7 @@ layer with the rotated weight, under the names ``<name>.rotation`` and
 ``<name>.layer``. Run it before :func:`~tnquant.quantize` (and before
 :func:`~tnquant.ptq.gptq`, which then rounds the rotated weights on the
 rotated inputs, as it should); quantizing, calibrating, fine-tuning and
-:func:`~tnquant.search.search` see the inner layer like any other.
+:func:`~tnquant.search` see the inner layer like any other.
 Fixed-point export does not implement the rotation (it raises on a
 :class:`RotatedLinear`).
 
@@ -52,8 +52,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from tnquant.core.globs import selected
+from tnquant.core.modules import replace_module
 from tnquant.layers.lowrank import LowRankLinear
-from tnquant.names import selected
 from tnquant.report import Report
 
 __all__ = ["HadamardRotation", "RotatedLinear", "rotate", "hadamard", "rotation_block"]
@@ -290,8 +291,7 @@ def rotate(model: nn.Module, include: Iterable[str] | None = None,
         targets.append((name, module))
     for k, (name, module) in enumerate(tqdm(targets, desc="rotate", disable=not progress)):
         rotated = RotatedLinear.from_linear(module, block, seed + k)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, rotated)
+        replace_module(model, name, rotated)
         report.add(name=name, kind="rotate", layer=type(module).__name__,
                    features=rotated.in_features, block=rotated.rotation.block, seed=seed + k)
     return report
