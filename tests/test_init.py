@@ -26,3 +26,19 @@ def test_import_sets_no_global_state():
 def test_all_names_exist():
     for name in tnquant.__all__:
         assert hasattr(tnquant, name), name
+
+
+def test_search_is_the_function_and_planning_the_subpackage():
+    import importlib.util
+
+    import tnquant.planning
+
+    assert callable(tnquant.search) and tnquant.search is tnquant.planning.search
+    assert importlib.util.find_spec("tnquant.search") is None  # no module hides the function
+    assert tnquant.planning.Plan is tnquant.Plan
+
+
+def test_version_lives_in_its_own_module():
+    from tnquant._version import __version__
+
+    assert tnquant.__version__ == __version__

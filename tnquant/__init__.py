@@ -1,16 +1,15 @@
 """tnquant: tensor-network compression and quantization of PyTorch models."""
 
 from tnquant import export
+from tnquant._version import __version__ as __version__
 from tnquant.factorization import factorize
 from tnquant.io import load, save
+from tnquant.planning import Plan, apply, pareto, search
 from tnquant.ptq import calibrate
 from tnquant.qat import finetune
 from tnquant.quantization import convert, model_size_bits, quantize, size_report
 from tnquant.report import Report
-from tnquant.search import Plan, apply, pareto, search
 from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
-
-__version__ = "0.1.0"
 
 __all__ = [
     "TT",

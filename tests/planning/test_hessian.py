@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from tnquant import LowRank, QuantSpec
-from tnquant.search import Choice, sensitivity
-from tnquant.search.hessian import candidate_weight, hutchinson_traces
+from tnquant.planning import Choice, sensitivity
+from tnquant.planning.hessian import candidate_weight, hutchinson_traces
 
 
 def test_trace_matches_exact_gauss_newton_of_a_nonlinear_model():

@@ -75,7 +75,7 @@ def check_inputs(model: nn.Module, data: Any, *, data_reads: int, fit_data: Any 
 def check_errors(sens: Any) -> None:
     """Raise ``ValueError`` naming the first layer with a non-finite candidate error.
 
-    ``sens`` is a :class:`~tnquant.search.sensitivity.Sensitivity`. A NaN
+    ``sens`` is a :class:`~tnquant.planning.sensitivity.Sensitivity`. A NaN
     error means the layer's (or the model's) output on the data is not
     finite; an infinite one that its reference output is all zero while the
     candidate's is not.
@@ -84,7 +84,7 @@ def check_errors(sens: Any) -> None:
     --------
     >>> from types import SimpleNamespace
     >>> from tnquant import QuantSpec
-    >>> from tnquant.search.plan import Choice
+    >>> from tnquant.planning.plan import Choice
     >>> sens = SimpleNamespace(names=["fc"], errors=[[0.0, float("nan")]],
     ...                        choices=[[Choice(None, None), Choice(None, QuantSpec(4))]])
     >>> check_errors(sens)  # doctest: +ELLIPSIS

@@ -73,7 +73,7 @@ def hutchinson_traces(model: nn.Module, modules: Sequence[nn.Module], data: Any,
     >>> len(traces), den > 0
     (2, True)
     """
-    from tnquant.search.sensitivity import output_tensor
+    from tnquant.planning.sensitivity import output_tensor
 
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be a positive int, got {probes!r}")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.search.toys import batches, cnn, mlp
+from tests.planning.toys import batches, cnn, mlp
 from tnquant import LowRank, QuantSpec, model_size_bits
-from tnquant.search import Candidates, Choice, Plan, apply, search, sensitivity
+from tnquant.planning import Candidates, Choice, Plan, apply, search, sensitivity
 
 ERR_RTOL = 1e-6  # float32 forward vs the float64 numpy reference
 

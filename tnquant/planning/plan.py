@@ -324,7 +324,7 @@ def apply(model: nn.Module, plan: Plan, *, data: Any = None, num_batches: int | 
         The dense model the plan was searched on (or one of the same
         architecture).
     plan
-        A :class:`Plan` (from :func:`~tnquant.search.search` or
+        A :class:`Plan` (from :func:`~tnquant.planning.search` or
         :meth:`Plan.from_json`).
     data
         Calibration batches (see :mod:`tnquant.batches`) for a data-aware fit

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.search.toys import batches, cnn, mlp
+from tests.planning.toys import batches, cnn, mlp
 from tnquant import (
     TT,
     Binary,
@@ -21,7 +21,7 @@ from tnquant import (
     model_size_bits,
     quantize,
 )
-from tnquant.search import Choice, Plan, apply
+from tnquant.planning import Choice, Plan, apply
 
 
 def full_plan() -> Plan:

@@ -2,10 +2,10 @@
 
 Three steps:
 
-1. :func:`~tnquant.search.sensitivity.sensitivity`: the size (bits, as
+1. :func:`~tnquant.planning.sensitivity.sensitivity`: the size (bits, as
    :func:`tnquant.model_size_bits` counts them) and the error of every
    candidate of every layer, one layer changed at a time;
-2. :func:`~tnquant.search.allocate.allocate`: one candidate per layer, the
+2. :func:`~tnquant.planning.allocate.allocate`: one candidate per layer, the
    least summed error within the budget (or the fewest bits within the
    target), exactly on the discretised sizes (dynamic programming);
 3. verification (``verify=True``): the plan is applied to a copy of the
@@ -41,10 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from tnquant.batches import call_model, iterate_batches
-from tnquant.search.allocate import DEFAULT_GRID, Allocation, allocate, fill
-from tnquant.search.inputs import check_errors, check_inputs, data_passes
-from tnquant.search.plan import Plan, apply
-from tnquant.search.sensitivity import (
+from tnquant.planning.allocate import DEFAULT_GRID, Allocation, allocate, fill
+from tnquant.planning.inputs import check_errors, check_inputs, data_passes
+from tnquant.planning.plan import Plan, apply
+from tnquant.planning.sensitivity import (
     Metric,
     Sensitivity,
     _metric_name,
@@ -58,14 +58,14 @@ __all__ = ["search", "plan_from", "verify"]
 
 def plan_from(sens: Sensitivity, alloc: Allocation, *, budget_bits: int | None = None,
               target: float | None = None) -> Plan:
-    """The :class:`~tnquant.search.plan.Plan` of an allocation over ``sens`` (not verified).
+    """The :class:`~tnquant.planning.plan.Plan` of an allocation over ``sens`` (not verified).
 
     Examples
     --------
     >>> import torch
     >>> from torch import nn
-    >>> from tnquant.search.allocate import Allocation
-    >>> from tnquant.search.sensitivity import Candidates
+    >>> from tnquant.planning.allocate import Allocation
+    >>> from tnquant.planning.sensitivity import Candidates
     >>> cands = Candidates(formats=(), bits=(8,), ternary=False, binary=False)
     >>> sens = sensitivity(nn.Sequential(nn.Linear(4, 4)), [torch.randn(8, 4)], cands,
     ...                    progress=False)
@@ -159,7 +159,7 @@ def verify(model: nn.Module, plan: Plan, data: Any, metric: Metric = None, *,
     >>> import torch
     >>> from torch import nn
     >>> from tnquant import QuantSpec
-    >>> from tnquant.search.plan import Choice
+    >>> from tnquant.planning.plan import Choice
     >>> plan = verify(nn.Sequential(nn.Linear(4, 4)), Plan({"0": Choice(None, QuantSpec(8))}),
     ...               [torch.randn(8, 4)])
     >>> plan.measured_error < 1e-3, plan.measured_size_bits  # 16 int8 codes, a scale, 4 biases
@@ -204,12 +204,12 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
     ----------
     model
         A dense model (left unchanged; carry the plan out with
-        :func:`~tnquant.search.plan.apply`).
+        :func:`~tnquant.planning.plan.apply`).
     data
         Calibration batches (see :mod:`tnquant.batches`): a list or a
         DataLoader (read more than once), not empty, finite.
     metric
-        What a candidate's error is (see :mod:`tnquant.search.sensitivity`):
+        What a candidate's error is (see :mod:`tnquant.planning.sensitivity`):
         ``None``/``'layer'`` (relative MSE of the layer's own output, fast),
         ``'scaled'`` (the same, each layer's rescaled to model-output error by
         one probe; one model pass per layer), ``'output'`` (relative MSE of
@@ -222,33 +222,33 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
         :func:`tnquant.model_size_bits` counts them, parts not searched
         included), or the most summed error (in ``metric``'s terms).
     candidates
-        :class:`~tnquant.search.sensitivity.Candidates` (the default grid:
+        :class:`~tnquant.planning.sensitivity.Candidates` (the default grid:
         dense, LowRank/TT/Tucker at ratios 1/2, 1/4, 1/8; float, int8, int6,
         int4, int3, int2 per channel, ternary, binary), a list of
-        :class:`~tnquant.search.plan.Choice`, or a mapping from name globs to
+        :class:`~tnquant.planning.plan.Choice`, or a mapping from name globs to
         either.
     include, exclude
         Globs on layer names to search.
     method
         ``'dp'`` (exact on the discretised sizes) or ``'lagrangian'``.
     grid
-        Width of the DP table in size units (see :mod:`~tnquant.search.allocate`).
+        Width of the DP table in size units (see :mod:`~tnquant.planning.allocate`).
     num_batches
         Use at most this many batches of ``data``.
     max_rows
         Inputs kept per layer for the ``'layer'`` metric.
     fit_data
         Batches to fit the factorized Linear candidates to (data-aware; see
-        :func:`~tnquant.search.sensitivity.sensitivity`); carry the plan
+        :func:`~tnquant.planning.sensitivity.sensitivity`); carry the plan
         out with ``apply(model, plan, data=fit_data)``.
     verify_plan
         Apply the plan to a copy and measure it (see :func:`verify`).
     refine
         Under a budget, spend the bits the DP's rounding leaves with greedy
-        exact-size upgrades (:func:`~tnquant.search.allocate.fill`): the
+        exact-size upgrades (:func:`~tnquant.planning.allocate.fill`): the
         predicted error never goes up.
     precomputed
-        A :class:`~tnquant.search.sensitivity.Sensitivity` of this model, to
+        A :class:`~tnquant.planning.sensitivity.Sensitivity` of this model, to
         search again without measuring again (``candidates``, ``metric``,
         ``include``/``exclude``, ``fit_data`` are then ignored for the
         sensitivities; the plan is verified with ``fit_data`` when
@@ -267,7 +267,7 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
         For a model that is not an ``nn.Module``, data that is not iterable,
         or a one-shot iterator as ``data`` (or ``fit_data``) where the
         search reads it more than once (the default: sensitivities, then
-        verification; see :mod:`tnquant.search.inputs`).
+        verification; see :mod:`tnquant.planning.inputs`).
     ValueError
         When no combination fits the budget or reaches the target (the
         message gives the smallest size or error possible); for empty
@@ -280,7 +280,7 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
     >>> import torch
     >>> from torch import nn
     >>> from tnquant import model_size_bits
-    >>> from tnquant.search import Candidates, apply
+    >>> from tnquant.planning import Candidates, apply
     >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     >>> cands = Candidates(formats=(), bits=(8, 4, 2), ternary=False, binary=False)
     >>> plan = search(model, [torch.randn(64, 16)], budget_bits=2000, candidates=cands,

@@ -1,6 +1,6 @@
-"""``Candidates``: what each layer may become (the search space of :func:`~tnquant.search.search`).
+"""``Candidates``: what each layer may become (the search space of :func:`~tnquant.search`).
 
-A candidate is a :class:`~tnquant.search.plan.Choice`: a factorization spec
+A candidate is a :class:`~tnquant.planning.plan.Choice`: a factorization spec
 (or none) and weight quantizer specs. The search takes a
 :class:`Candidates` grid, an explicit list of choices, or a mapping from
 layer-name globs to either.
@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from tnquant.factorization import LAYER_TABLE
-from tnquant.search.plan import Choice
+from tnquant.planning.plan import Choice
 from tnquant.specs import CP, TT, Binary, LowRank, QuantSpec, Ternary, Tucker
 
 __all__ = ["Candidates", "candidates_for", "FORMATS"]
@@ -132,7 +132,7 @@ class Candidates:
         return out
 
     def options(self, module: nn.Module) -> list[Choice]:
-        """Every candidate :class:`~tnquant.search.plan.Choice` for ``module``."""
+        """Every candidate :class:`~tnquant.planning.plan.Choice` for ``module``."""
         quants = self.quantizers()
         return [Choice(f, q) for f in self.factorizations(module) for q in quants]
 

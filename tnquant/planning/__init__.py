@@ -1,4 +1,4 @@
-"""Search per-layer formats, ranks and bit widths under a size budget or an error target.
+"""Planning: search per-layer formats, ranks and bit widths under a size budget or an error target.
 
 - :func:`search` -> :class:`Plan`: sensitivities, an exact DP allocation,
   verification on the data;
@@ -7,8 +7,14 @@
 - :class:`Candidates` / :class:`Choice`: what each layer may become.
 
 ``tnquant.search``, ``tnquant.apply``, ``tnquant.Plan`` and ``tnquant.pareto``
-are re-exported at the top level (``tnquant.search`` there is the function);
-import the rest by name: ``from tnquant.search import Candidates, sensitivity``.
+are re-exported at the top level (``tnquant.search`` is the function, and
+only the function); import the rest by name:
+``from tnquant.planning import Candidates, sensitivity``.
+
+This subpackage was called ``tnquant.search`` before: ``from tnquant.search import
+Candidates`` and ``from tnquant.search.plan import Plan`` now read
+``from tnquant.planning import Candidates`` and ``from tnquant.planning.plan
+import Plan`` (no alias is possible: ``tnquant.search`` is the function).
 
 Examples
 --------
@@ -23,12 +29,12 @@ Examples
 True
 """
 
-from tnquant.search.allocate import Allocation, Table, allocate, lagrangian
-from tnquant.search.api import plan_from, search, verify
-from tnquant.search.candidates import Candidates
-from tnquant.search.pareto import pareto, plot_pareto
-from tnquant.search.plan import Choice, Plan, apply
-from tnquant.search.sensitivity import Sensitivity, sensitivity
+from tnquant.planning.allocate import Allocation, Table, allocate, lagrangian
+from tnquant.planning.api import plan_from, search, verify
+from tnquant.planning.candidates import Candidates
+from tnquant.planning.pareto import pareto, plot_pareto
+from tnquant.planning.plan import Choice, Plan, apply
+from tnquant.planning.sensitivity import Sensitivity, sensitivity
 
 __all__ = [
     "search",

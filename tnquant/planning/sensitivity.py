@@ -1,6 +1,6 @@
 """Per-layer sensitivity: the error and the size of every candidate, one layer at a time.
 
-For each searched layer and each candidate :class:`~tnquant.search.plan.Choice`
+For each searched layer and each candidate :class:`~tnquant.planning.plan.Choice`
 the candidate layer is built (one decomposition per factorization spec,
 cached and shared by all its quantizer variants), and two numbers are
 recorded:
@@ -9,7 +9,7 @@ recorded:
   :func:`tnquant.model_size_bits` makes of that layer (codes at their
   packed width, scales, zero points, bias). With ``fixed_bits`` (everything
   outside the searched layers) the sizes add up to the model size after
-  :func:`~tnquant.search.plan.apply`.
+  :func:`~tnquant.planning.plan.apply`.
 - ``error``, by ``metric``:
 
   - ``None`` or ``'layer'`` (the default, fast): relative MSE of the layer's
@@ -26,7 +26,7 @@ recorded:
   - ``'hessian'``: the same quantity to second order, HAWQ-v2 style:
     ``(Tr(H_l) / n_l) ||W_cand - W||^2 / sum ||f||^2`` with ``Tr(H_l)`` the
     Hutchinson estimate of the Gauss-Newton Hessian of the output distance
-    (:mod:`tnquant.search.hessian`): a few backward passes in all, then no
+    (:mod:`tnquant.planning.hessian`): a few backward passes in all, then no
     model pass per candidate;
   - a callable ``metric(model) -> float``, lower is better (a loss, an error
     rate): its increase over the unchanged model, clamped at 0, with only
@@ -60,12 +60,12 @@ from tnquant.batches import call_model, iterate_batches
 from tnquant.factorization import LAYER_TABLE, collect_grams
 from tnquant.layers.quantized import weight_pairs
 from tnquant.names import selected
+from tnquant.planning.candidates import Candidates, candidates_for
+from tnquant.planning.hessian import candidate_weight, hutchinson_traces
+from tnquant.planning.inputs import check_inputs, data_passes
+from tnquant.planning.plan import Choice
 from tnquant.quant.quantizer import Quantizer
 from tnquant.quantization import quantize
-from tnquant.search.candidates import Candidates, candidates_for
-from tnquant.search.hessian import candidate_weight, hutchinson_traces
-from tnquant.search.inputs import check_inputs, data_passes
-from tnquant.search.plan import Choice
 from tnquant.sizes import SizeCounter, model_size_bits
 
 __all__ = ["Candidates", "Sensitivity", "sensitivity", "search_targets", "output_tensor"]
@@ -283,10 +283,10 @@ def sensitivity(model: nn.Module, data: Any, candidates: Any = None, metric: Met
     model
         A dense (not yet factorized or quantized) model; it is left unchanged.
     data
-        Calibration batches (see :mod:`tnquant.batches`; checks: :mod:`tnquant.search.inputs`).
+        Calibration batches (see :mod:`tnquant.batches`; checks: :mod:`tnquant.planning.inputs`).
     candidates
         A :class:`Candidates` grid (the default one when ``None``), a list of
-        :class:`~tnquant.search.plan.Choice` for every layer (those a layer
+        :class:`~tnquant.planning.plan.Choice` for every layer (those a layer
         does not support are dropped), or a mapping from name globs to either
         (first match wins; layers no glob matches are not searched).
     metric

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from tnquant.search.allocate import Allocation, Table, allocate, fill, lagrangian
+from tnquant.planning.allocate import Allocation, Table, allocate, fill, lagrangian
 
 REL = 1e-12  # float sums in the same order agree to rounding
 

@@ -8,7 +8,7 @@ Examples
 --------
 >>> import torch
 >>> from torch import nn
->>> from tnquant.search import Candidates
+>>> from tnquant.planning import Candidates
 >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
 >>> cands = Candidates(formats=(), bits=(8, 4, 2), ternary=False, binary=False)
 >>> points = pareto(model, [torch.randn(32, 16)], budgets=[0.2, 0.5], candidates=cands,
@@ -28,10 +28,10 @@ from typing import Any, cast
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnquant.search.api import search
-from tnquant.search.inputs import check_errors, check_inputs, data_passes
-from tnquant.search.plan import Plan
-from tnquant.search.sensitivity import Metric, _metric_name, sensitivity
+from tnquant.planning.api import search
+from tnquant.planning.inputs import check_errors, check_inputs, data_passes
+from tnquant.planning.plan import Plan
+from tnquant.planning.sensitivity import Metric, _metric_name, sensitivity
 
 __all__ = ["pareto", "plot_pareto"]
 
@@ -59,7 +59,7 @@ def pareto(model: nn.Module, data: Any, budgets: Sequence[int | float] | None = 
     Parameters
     ----------
     model, data, metric, candidates
-        As for :func:`~tnquant.search.search`.
+        As for :func:`~tnquant.planning.search`.
     budgets
         Sizes in bits (ints) or fractions of the model's size (floats in
         (0, 1]); by default ``n_points`` sizes spaced geometrically from the
@@ -75,7 +75,7 @@ def pareto(model: nn.Module, data: Any, budgets: Sequence[int | float] | None = 
     progress
         Show progress bars.
     **kwargs
-        Passed to :func:`~tnquant.search.sensitivity.sensitivity`
+        Passed to :func:`~tnquant.planning.sensitivity.sensitivity`
         (``include``, ``exclude``, ``num_batches``, ``max_rows``).
 
     Returns
@@ -87,8 +87,8 @@ def pareto(model: nn.Module, data: Any, budgets: Sequence[int | float] | None = 
     Raises
     ------
     TypeError, ValueError
-        For a model or data :func:`~tnquant.search.search` refuses (see
-        :mod:`tnquant.search.inputs`; ``data`` is read once per verified
+        For a model or data :func:`~tnquant.planning.search` refuses (see
+        :mod:`tnquant.planning.inputs`; ``data`` is read once per verified
         plan, so not a one-shot iterator then), and a layer whose
         candidates got non-finite errors; budgets nothing fits in only warn.
 
@@ -96,7 +96,7 @@ def pareto(model: nn.Module, data: Any, budgets: Sequence[int | float] | None = 
     --------
     >>> import torch
     >>> from torch import nn
-    >>> from tnquant.search import Candidates
+    >>> from tnquant.planning import Candidates
     >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     >>> cands = Candidates(formats=(), bits=(8, 2), ternary=False, binary=False)
     >>> points = pareto(model, [torch.randn(32, 16)], budgets=[2000, 6000],
@@ -157,7 +157,7 @@ def plot_pareto(points: Sequence[tuple[int, float, Plan]], path: str | os.PathLi
     Examples
     --------
     >>> import tempfile, os
-    >>> from tnquant.search.plan import Plan
+    >>> from tnquant.planning.plan import Plan
     >>> plan = Plan({}, predicted_size_bits=800, predicted_error=0.01)
     >>> out = os.path.join(tempfile.mkdtemp(), "p.png")
     >>> plot_pareto([(800, 0.02, plan)], out); os.path.getsize(out) > 0

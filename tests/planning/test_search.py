@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.search.toys import TwoBranch, batches, cnn, mlp
+from tests.planning.toys import TwoBranch, batches, cnn, mlp
 from tnquant import model_size_bits
-from tnquant.search import Candidates, Choice, Plan, apply, pareto, search, sensitivity
+from tnquant.planning import Candidates, Choice, Plan, apply, pareto, search, sensitivity
 
 QUANT_ONLY = Candidates(formats=(), bits=(8, 4, 2), ternary=True, binary=True)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from tests.search.toys import batches, mlp
+from tests.planning.toys import batches, mlp
 from tnquant import model_size_bits
-from tnquant.search import Candidates, Choice, Plan, search, sensitivity, verify
+from tnquant.planning import Candidates, Choice, Plan, search, sensitivity, verify
 from tnquant.specs import LowRank, QuantSpec
 
 INT8 = Candidates(formats=(), bits=(8,), ternary=False, binary=False)
@@ -124,7 +124,7 @@ def test_a_bad_grid_is_not_reported_as_no_plan_fits():
 
 
 def test_pareto_refuses_one_shot_data_instead_of_warning_every_budget_away():
-    from tnquant.search import pareto
+    from tnquant.planning import pareto
 
     model = mlp()
     with pytest.raises(TypeError, match="search reads the data several times"):
@@ -135,7 +135,7 @@ def test_pareto_refuses_one_shot_data_instead_of_warning_every_budget_away():
 
 
 def test_pareto_raises_on_non_finite_errors():
-    from tnquant.search import pareto
+    from tnquant.planning import pareto
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
