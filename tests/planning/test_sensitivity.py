@@ -168,3 +168,29 @@ def test_bad_arguments():
     unused.forward = lambda x: unused["used"](x)
     with pytest.raises(ValueError, match="'unused' was never called"):
         sensitivity(unused, [torch.randn(2, 2)], progress=False)
+
+
+def test_candidate_globs_are_one_table_as_in_quantize():
+    model = mlp()
+    q8 = [Choice(None, QuantSpec(bits=8))]
+    sens = sensitivity(model, batches(), {"0": q8, "4": q8, "enc.*": q8}, progress=False)
+    assert sens.names == ["0", "4"]
+    assert ("candidates['enc.*']", "pattern", "matched nothing") in sens.skipped
+    with pytest.raises(ValueError, match="candidates pattern '2' is never used"):
+        sensitivity(model, batches(), {"*": q8, "2": q8}, progress=False)
+
+
+def test_errors_measure_the_logits_of_a_mapping_output():
+    class Named(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):  # 'hidden' first: the one output rule takes 'logits'
+            return {"hidden": torch.zeros(1), "logits": self.fc(x)}
+
+    torch.manual_seed(0)
+    model = Named().eval()
+    sens = sensitivity(model, [torch.randn(16, 8)], [Choice(None, QuantSpec(bits=2))],
+                       metric="output", progress=False)
+    assert sens.errors[0][0] > 0

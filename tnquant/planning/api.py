@@ -40,15 +40,16 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from tnquant.batches import call_model, iterate_batches
+from tnquant.batches import call_model
+from tnquant.core.capture import evaluating, hooks
+from tnquant.core.output import model_output
 from tnquant.planning.allocate import DEFAULT_GRID, Allocation, allocate, fill
-from tnquant.planning.inputs import check_errors, check_inputs, data_passes
+from tnquant.planning.inputs import check_errors, check_inputs, data_passes, search_batches
 from tnquant.planning.plan import Plan, apply
 from tnquant.planning.sensitivity import (
     Metric,
     Sensitivity,
     _metric_name,
-    output_tensor,
     sensitivity,
 )
 from tnquant.sizes import model_size_bits
@@ -112,29 +113,22 @@ def _compare(ref_model: nn.Module, new_model: nn.Module, names: list[str], data:
     acc = _Accumulator()
     outs: dict[str, Tensor] = {}
 
-    def ref_hook(name: str) -> Any:
-        def fn(module: nn.Module, args: Any, out: Tensor) -> None:
-            outs[name] = out.detach()
-        return fn
+    def ref_out(name: str, _m: nn.Module, _args: Any, out: Tensor) -> None:
+        outs[name] = out.detach()
 
-    def new_hook(name: str) -> Any:
-        def fn(module: nn.Module, args: Any, out: Tensor) -> None:
-            if name in outs:
-                acc.add(name, out.detach(), outs.pop(name))
-        return fn
+    def new_out(name: str, _m: nn.Module, _args: Any, out: Tensor) -> None:
+        if name in outs:
+            acc.add(name, out.detach(), outs.pop(name))
 
-    handles = [ref_model.get_submodule(n).register_forward_hook(ref_hook(n)) for n in names]
-    handles += [new_model.get_submodule(n).register_forward_hook(new_hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for batch in iterate_batches(data, num_batches, what="search"):
-                ref = output_tensor(call_model(ref_model, batch))
-                new = output_tensor(call_model(new_model, batch))
-                acc.add("__output__", new, ref)
-                outs.clear()
-    finally:
-        for h in handles:
-            h.remove()
+    ref_layers = {n: ref_model.get_submodule(n) for n in names}
+    new_layers = {n: new_model.get_submodule(n) for n in names}
+    with hooks(ref_layers, post=ref_out), hooks(new_layers, post=new_out), \
+            evaluating(ref_model), evaluating(new_model):
+        for batch in search_batches(data, num_batches):
+            ref = model_output(call_model(ref_model, batch))
+            new = model_output(call_model(new_model, batch))
+            acc.add("__output__", new, ref)
+            outs.clear()
     return sum(acc.rel(n) for n in names), acc.rel("__output__")
 
 
@@ -167,9 +161,7 @@ def verify(model: nn.Module, plan: Plan, data: Any, metric: Metric = None, *,
     """
     name = _metric_name(metric)
     check_inputs(model, data, data_reads=1, fit_data=fit_data, fit_reads=1)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model, grad=torch.is_grad_enabled()):
         new = copy.deepcopy(model)
         apply(new, plan, data=fit_data, progress=False)
         new.eval()
@@ -186,8 +178,6 @@ def verify(model: nn.Module, plan: Plan, data: Any, metric: Metric = None, *,
             with torch.no_grad():
                 base = float(fn(model)) if reference is None else reference
                 plan.measured_error = float(fn(new)) - base
-    finally:
-        model.train(was_training)
     return plan
 
 
@@ -289,18 +279,7 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
     >>> model_size_bits(model) == plan.predicted_size_bits <= 2000
     True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if (budget_bits is None) == (target is None):
-        raise ValueError("give exactly one of budget_bits= and target=")
-    if budget_bits is not None and (isinstance(budget_bits, bool)
-                                    or not isinstance(budget_bits, int) or budget_bits < 1):
-        raise ValueError(f"budget_bits must be a positive int (bits), got {budget_bits!r}")
-    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
-                               or target < 0):
-        raise ValueError(f"target must be a non-negative number, got {target!r}")
-    if precomputed is not None and not isinstance(precomputed, Sensitivity):
-        raise TypeError(f"precomputed must be a Sensitivity, got {type(precomputed).__name__}")
+    _check_goal(model, budget_bits, target, precomputed)
     measure = precomputed is None
     fit_aware = fit_data is not None if measure else cast(Sensitivity, precomputed).data_aware
     check_inputs(model, data,
@@ -314,6 +293,36 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
     elif _metric_name(metric) != sens.metric:
         raise ValueError(f"precomputed sensitivities measure {sens.metric!r}; pass the same "
                          f"metric (got {_metric_name(metric)!r})")
+    alloc = _allocate(sens, budget_bits, target, method, grid, refine)
+    plan = plan_from(sens, alloc, budget_bits=budget_bits, target=target)
+    if verify_plan:
+        if sens.data_aware and fit_data is None:
+            raise ValueError("precomputed sensitivities fitted the factorized layers to data: "
+                             "pass the same fit_data= to verify the plan")
+        verify(model, plan, data, metric, num_batches=num_batches, reference=sens.reference,
+               fit_data=fit_data if sens.data_aware else None)
+    return plan
+
+
+def _check_goal(model: Any, budget_bits: Any, target: Any, precomputed: Any) -> None:
+    """Refuse a model that is not a module, and anything but one valid budget or target."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if (budget_bits is None) == (target is None):
+        raise ValueError("give exactly one of budget_bits= and target=")
+    if budget_bits is not None and (isinstance(budget_bits, bool)
+                                    or not isinstance(budget_bits, int) or budget_bits < 1):
+        raise ValueError(f"budget_bits must be a positive int (bits), got {budget_bits!r}")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                               or target < 0):
+        raise ValueError(f"target must be a non-negative number, got {target!r}")
+    if precomputed is not None and not isinstance(precomputed, Sensitivity):
+        raise TypeError(f"precomputed must be a Sensitivity, got {type(precomputed).__name__}")
+
+
+def _allocate(sens: Sensitivity, budget_bits: int | None, target: float | None, method: str,
+              grid: int, refine: bool) -> Allocation:
+    """One candidate per layer within the budget (refined) or the target."""
     budget_layers = None if budget_bits is None else budget_bits - sens.fixed_bits
     if budget_layers is not None and budget_layers < 0:
         raise ValueError(f"budget_bits={budget_bits} is below the {sens.fixed_bits} bits of the "
@@ -329,11 +338,4 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
         raise
     if refine and budget_layers is not None:
         alloc = fill(sens.errors, sens.sizes, budget_layers, alloc)
-    plan = plan_from(sens, alloc, budget_bits=budget_bits, target=target)
-    if verify_plan:
-        if sens.data_aware and fit_data is None:
-            raise ValueError("precomputed sensitivities fitted the factorized layers to data: "
-                             "pass the same fit_data= to verify the plan")
-        verify(model, plan, data, metric, num_batches=num_batches, reference=sens.reference,
-               fit_data=fit_data if sens.data_aware else None)
-    return plan
+    return alloc

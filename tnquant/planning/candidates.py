@@ -14,18 +14,18 @@ Examples
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from tnquant.core.globs import GlobTable
 from tnquant.factorization import LAYER_TABLE
 from tnquant.planning.plan import Choice
 from tnquant.specs import CP, TT, Binary, LowRank, QuantSpec, Ternary, Tucker
 
-__all__ = ["Candidates", "candidates_for", "FORMATS"]
+__all__ = ["Candidates", "candidates_for", "candidate_table", "FORMATS"]
 
 #: format names of :class:`Candidates` -> spec type
 FORMATS: dict[str, type] = {"lowrank": LowRank, "tt": TT, "tucker": Tucker, "cp": CP}
@@ -146,15 +146,34 @@ def _supported(module: nn.Module, choice: Choice) -> bool:
     return (type(module), type(f)) in LAYER_TABLE
 
 
-def candidates_for(candidates: Any, name: str, module: nn.Module) -> list[Choice] | None:
-    """The candidate choices of one layer; ``None`` when a mapping leaves it out."""
+def candidate_table(candidates: Any) -> GlobTable | None:
+    """The :class:`~tnquant.core.globs.GlobTable` of a mapping of candidates (else ``None``).
+
+    Examples
+    --------
+    >>> table = candidate_table({"enc.*": [], "dec": []})
+    >>> table.lookup("enc.fc"), table.unmatched()
+    ((True, []), ['dec'])
+    """
+    if not isinstance(candidates, Mapping):
+        return None
+    return GlobTable(candidates, "candidates")
+
+
+def candidates_for(candidates: Any, name: str, module: nn.Module, *,
+                   table: GlobTable | None = None) -> list[Choice] | None:
+    """The candidate choices of one layer; ``None`` when a mapping leaves it out.
+
+    A mapping's globs are looked up in ``table`` (its
+    :func:`candidate_table`, which records the matches for the report) or
+    in a table of its own; the first matching glob wins.
+    """
     if candidates is None:
         candidates = Candidates()
     if isinstance(candidates, Mapping):
-        for pattern, value in candidates.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return candidates_for(value, name, module)
-        return None
+        table = table if table is not None else GlobTable(candidates, "candidates")
+        found, value = table.lookup(name)
+        return candidates_for(value, name, module) if found else None
     if isinstance(candidates, Candidates):
         return candidates.options(module)
     if isinstance(candidates, Sequence) and not isinstance(candidates, str):

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from tnquant.batches import call_model, iterate_batches
+from tnquant.core.output import model_output
 
 __all__ = ["hutchinson_traces", "candidate_weight"]
 
@@ -73,8 +74,6 @@ def hutchinson_traces(model: nn.Module, modules: Sequence[nn.Module], data: Any,
     >>> len(traces), den > 0
     (2, True)
     """
-    from tnquant.planning.sensitivity import output_tensor
-
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be a positive int, got {probes!r}")
     weights: list[Tensor] = [cast(Tensor, m.weight) for m in modules]
@@ -86,7 +85,7 @@ def hutchinson_traces(model: nn.Module, modules: Sequence[nn.Module], data: Any,
         for w in weights:
             w.requires_grad_(True)
         for batch in iterate_batches(data, num_batches, what="search"):
-            out = output_tensor(call_model(model, batch))
+            out = model_output(call_model(model, batch))
             ref = out.detach()
             den += float(ref.double().pow(2).sum())
             loss = 0.5 * (out - ref).pow(2).sum()

@@ -19,14 +19,32 @@ Examples
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
-from tnquant.batches import check_data
+from tnquant.batches import check_data, iterate_batches
 from tnquant.checks import check_model
 
-__all__ = ["data_passes", "check_inputs", "check_errors"]
+__all__ = ["data_passes", "check_inputs", "check_errors", "search_batches"]
+
+
+def search_batches(data: Any, num_batches: int | None = None, *, arg: str = "data"
+                   ) -> Iterator[Any]:
+    """The batches of ``data`` the search runs, each checked with the search named in messages.
+
+    :func:`tnquant.batches.iterate_batches` with ``what='search'``: the passes
+    of :mod:`tnquant.core.capture` take these batches, so a NaN in batch 2
+    reads "search: batch 2 of data holds ...".
+
+    Examples
+    --------
+    >>> import torch
+    >>> len(list(search_batches([torch.ones(1)] * 3, 2)))
+    2
+    """
+    return iterate_batches(data, num_batches, what="search", arg=arg)
 
 
 def data_passes(metric_name: str) -> int:

@@ -47,8 +47,7 @@ Examples
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Union, cast
 
@@ -56,12 +55,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tnquant.batches import call_model, iterate_batches
+from tnquant.core.capture import evaluating
+from tnquant.core.globs import selected
+from tnquant.core.output import model_output
 from tnquant.factorization import LAYER_TABLE, collect_grams
 from tnquant.layers.quantized import weight_pairs
-from tnquant.names import selected
-from tnquant.planning.candidates import Candidates, candidates_for
-from tnquant.planning.hessian import candidate_weight, hutchinson_traces
+from tnquant.planning.candidates import Candidates, candidate_table, candidates_for
+from tnquant.planning.evaluate import Evaluator, Targets
 from tnquant.planning.inputs import check_inputs, data_passes
 from tnquant.planning.plan import Choice
 from tnquant.quant.quantizer import Quantizer
@@ -101,7 +101,11 @@ def search_targets(model: nn.Module, include: Iterable[str] | None = None,
 
 
 def output_tensor(out: Any) -> Tensor:
-    """The tensor a model output stands for: itself, the first of a tuple or mapping.
+    """The tensor a model output stands for: :func:`tnquant.core.output.model_output`.
+
+    Kept for code that imported it from here; the one rule lives in the core
+    (a tensor, the first tensor of a tuple or list, else ``logits``, else
+    ``last_hidden_state``, else a mapping's first tensor).
 
     Examples
     --------
@@ -109,16 +113,7 @@ def output_tensor(out: Any) -> Tensor:
     >>> output_tensor((torch.ones(2), torch.zeros(1))).tolist()
     [1.0, 1.0]
     """
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for item in out:
-            if isinstance(item, Tensor):
-                return item
-    raise TypeError(f"cannot find a tensor in the model output ({type(out).__name__}); "
-                    f"pass a callable metric instead")
+    return model_output(out)
 
 
 @dataclass
@@ -139,7 +134,10 @@ class Sensitivity:
         ``'layer'``, ``'output'`` or the callable's name.
     skipped
         ``(layer, candidate label, reason)`` for candidates that could not be
-        built or repeat another's ranks.
+        built or repeat another's ranks; then ``("candidates['<glob>']",
+        'pattern', 'matched nothing')`` for each glob of a mapping of
+        candidates that matched no searched layer (as ``quantize`` reports
+        its patterns).
     reference
         The callable metric's value on the unchanged model (else ``None``).
     data_aware
@@ -187,72 +185,6 @@ def _quantized(base: nn.Module, choice: Choice) -> nn.Module:
     return layer
 
 
-def _set(model: nn.Module, names: list[str], new: nn.Module) -> None:
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        parent._modules[attr] = new
-
-
-def _capture(model: nn.Module, targets: list[tuple[list[str], nn.Module]], data: Any,
-             num_batches: int | None, max_rows: int) -> list[Tensor]:
-    """Inputs each target saw (Linear: rows; Conv2d: images; Embedding: indices)."""
-    chunks: list[list[Tensor]] = [[] for _ in targets]
-    gen = torch.Generator().manual_seed(0)
-
-    def rows(x: Tensor, module: nn.Module) -> Tensor:
-        if isinstance(module, nn.Linear):
-            return x.reshape(-1, x.shape[-1])
-        if isinstance(module, nn.Embedding):
-            return x.reshape(-1)
-        return x if x.dim() == 4 else x.unsqueeze(0)
-
-    def subsample(x: Tensor) -> Tensor:
-        if x.shape[0] <= max_rows:
-            return x
-        idx = torch.randperm(x.shape[0], generator=gen)[:max_rows].sort().values
-        return x[idx.to(x.device)]
-
-    def hook(k: int) -> Callable[..., None]:
-        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
-            chunks[k].append(subsample(rows(args[0].detach(), module)))
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(k)) for k, (_, m) in enumerate(targets)]
-    try:
-        with torch.no_grad():
-            for batch in iterate_batches(data, num_batches, what="search"):
-                call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    out = []
-    for (names, _), xs in zip(targets, chunks, strict=True):
-        if not xs:
-            raise ValueError(f"layer {names[0]!r} was never called on the data; exclude it "
-                             f"(exclude=[{names[0]!r}]) or pass data that reaches it")
-        out.append(subsample(torch.cat(xs)))
-    return out
-
-
-def _rel_mse(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
-    num = den = 0.0
-    for y, ref in pairs:
-        num += float((y.double() - ref.double()).pow(2).sum())
-        den += float(ref.double().pow(2).sum())
-    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
-
-
-def _chunks(x: Tensor, size: int = 2048) -> list[Tensor]:
-    return list(x.split(size)) if x.shape[0] else [x]
-
-
-def _model_outputs(model: nn.Module, data: Any, num_batches: int | None) -> list[Tensor]:
-    with torch.no_grad():
-        return [output_tensor(call_model(model, b)).detach()
-                for b in iterate_batches(data, num_batches, what="search")]
-
-
 def _metric_name(metric: Metric) -> str:
     if metric is None or metric == "layer":
         return "layer"
@@ -265,7 +197,7 @@ def _metric_name(metric: Metric) -> str:
                      f"got {metric!r}")
 
 
-def _fixed_bits(model: nn.Module, targets: list[tuple[list[str], nn.Module]]) -> int:
+def _fixed_bits(model: nn.Module, targets: Targets) -> int:
     counter = SizeCounter()
     for _, module in targets:
         counter.modules.update(id(m) for m in module.modules())
@@ -288,7 +220,9 @@ def sensitivity(model: nn.Module, data: Any, candidates: Any = None, metric: Met
         A :class:`Candidates` grid (the default one when ``None``), a list of
         :class:`~tnquant.planning.plan.Choice` for every layer (those a layer
         does not support are dropped), or a mapping from name globs to either
-        (first match wins; layers no glob matches are not searched).
+        (first match wins; layers no glob matches are not searched; a glob
+        that only ever matches after an earlier one raises ``ValueError``,
+        one that matches no layer is listed in ``skipped``).
     metric
         ``None``/``'layer'``, ``'output'`` or a callable (see the module docs).
     include, exclude
@@ -330,19 +264,8 @@ def sensitivity(model: nn.Module, data: Any, candidates: Any = None, metric: Met
     metric_name = _metric_name(metric)
     check_inputs(model, data, data_reads=data_passes(metric_name), fit_data=fit_data,
                  fit_reads=1)
-    targets = []
-    options = []
-    for names, module in search_targets(model, include, exclude):
-        opts = candidates_for(candidates, names[0], module)
-        if opts:
-            targets.append((names, module))
-            options.append(opts)
-    if not targets:
-        raise ValueError("no layer to search: the model has no dense Linear, Conv2d or "
-                         "Embedding that include/exclude/candidates select")
-    was_training = model.training
-    model.eval()
-    try:
+    targets, options, pattern_rows = _select(model, candidates, include, exclude)
+    with evaluating(model, grad=torch.is_grad_enabled()):
         grams: dict[int, Tensor] = {}
         if fit_data is not None:
             linears = [m for _, m in targets if isinstance(m, nn.Linear)]
@@ -350,75 +273,49 @@ def sensitivity(model: nn.Module, data: Any, candidates: Any = None, metric: Met
                                   arg="fit_data")
         sens = _measure(model, data, targets, options, metric, metric_name, num_batches,
                         max_rows, grams, progress)
-        sens.data_aware = fit_data is not None
-        return sens
-    finally:
-        model.train(was_training)
+    sens.skipped.extend(pattern_rows)
+    sens.data_aware = fit_data is not None
+    return sens
 
 
-class _Evaluator:
-    """The error of a candidate layer in place of target ``k``, by the chosen metric."""
+class _Rows:
+    """Collects the ``skipped`` rows :meth:`~tnquant.core.globs.GlobTable.check` reports."""
 
-    def __init__(self, model: nn.Module, data: Any, targets: list[tuple[list[str], nn.Module]],
-                 metric: Metric, metric_name: str, num_batches: int | None,
-                 max_rows: int) -> None:
-        self.model, self.data, self.targets = model, data, targets
-        self.metric_name, self.num_batches = metric_name, num_batches
-        self.fn = cast(Callable[[nn.Module], float], metric)
-        self.inputs: list[Tensor] = []
-        self.ref_out: list[Tensor] = []
-        self.reference: float | None = None
-        self.chunks: list[Tensor] = []
-        self.refs: list[Tensor] = []
-        self.local = metric_name in ("layer", "scaled")
-        if self.local:
-            self.inputs = _capture(model, targets, data, num_batches, max_rows)
-        if metric_name in ("output", "scaled"):
-            self.ref_out = _model_outputs(model, data, num_batches)
-        self.traces: list[float] = []
-        self.den = 0.0
-        if metric_name == "hessian":
-            self.traces, self.den = hutchinson_traces(model, [m for _, m in targets], data,
-                                                      num_batches)
-        if not self.local and metric_name not in ("output", "hessian"):
-            with torch.no_grad():
-                self.reference = float(self.fn(model))
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str]] = []
 
-    def start(self, k: int) -> None:
-        if self.local:
-            self.chunks = _chunks(self.inputs[k])
-            with torch.no_grad():
-                self.refs = [self.targets[k][1](x) for x in self.chunks]
+    def skip(self, name: str, kind: str, reason: str) -> None:
+        self.rows.append((name, kind, reason))
 
-    def finish(self, k: int) -> None:
-        if self.local:
-            self.inputs[k] = self.inputs[k][:0]  # free what this layer no longer needs
-            self.chunks, self.refs = [], []
 
-    def error(self, k: int, cand: nn.Module, *, output: bool = False) -> float:
-        if self.local and not output:
-            with torch.no_grad():
-                return _rel_mse((cand(x), ref) for x, ref in zip(self.chunks, self.refs,
-                                                                 strict=True))
-        names, module = self.targets[k]
-        if self.metric_name == "hessian":
-            with torch.no_grad():
-                weight = cast(Tensor, module.weight)
-                change = float((candidate_weight(cand).double() - weight.double()).pow(2).sum())
-            return self.traces[k] / weight.numel() * change / self.den if self.den > 0 else 0.0
-        _set(self.model, names, cand)
-        try:
-            if self.metric_name in ("output", "scaled"):
-                outs = _model_outputs(self.model, self.data, self.num_batches)
-                return _rel_mse(zip(outs, self.ref_out, strict=True))
-            with torch.no_grad():
-                return max(0.0, float(self.fn(self.model)) - cast(float, self.reference))
-        finally:
-            _set(self.model, names, module)
+def _select(model: nn.Module, candidates: Any, include: Iterable[str] | None,
+            exclude: Iterable[str] | None
+            ) -> tuple[Targets, list[list[Choice]], list[tuple[str, str, str]]]:
+    """The layers to search, their candidates, and a row per candidate pattern unmatched.
+
+    A mapping of candidates is one :class:`~tnquant.core.globs.GlobTable`:
+    the first matching glob wins, a glob that can never win is refused, and
+    one that matched no searched layer is reported (as ``quantize`` does).
+    """
+    table = candidate_table(candidates)
+    targets: Targets = []
+    options = []
+    for names, module in search_targets(model, include, exclude):
+        opts = candidates_for(candidates, names[0], module, table=table)
+        if opts:
+            targets.append((names, module))
+            options.append(opts)
+    unmatched = _Rows()
+    if table is not None:
+        table.check(unmatched)
+    if not targets:
+        raise ValueError("no layer to search: the model has no dense Linear, Conv2d or "
+                         "Embedding that include/exclude/candidates select")
+    return targets, options, unmatched.rows
 
 
 def _layer_entries(k: int, name: str, module: nn.Module, options: list[Choice],
-                   evaluator: _Evaluator, skipped: list[tuple[str, str, str]],
+                   evaluator: Evaluator, skipped: list[tuple[str, str, str]],
                    gram: Tensor | None = None
                    ) -> tuple[list[Choice], list[int], list[float], list[tuple[int, ...]]]:
     """Build, size and measure every candidate of one layer (decompositions cached;
@@ -467,11 +364,11 @@ def _layer_entries(k: int, name: str, module: nn.Module, options: list[Choice],
     return choices, sizes, errors, ranks
 
 
-def _measure(model: nn.Module, data: Any, targets: list[tuple[list[str], nn.Module]],
+def _measure(model: nn.Module, data: Any, targets: Targets,
              options: list[list[Choice]], metric: Metric, metric_name: str,
              num_batches: int | None, max_rows: int, grams: dict[int, Tensor],
              progress: bool) -> Sensitivity:
-    evaluator = _Evaluator(model, data, targets, metric, metric_name, num_batches, max_rows)
+    evaluator = Evaluator(model, data, targets, metric, metric_name, num_batches, max_rows)
     sens = Sensitivity([n[0] for n, _ in targets], [n for n, _ in targets], [], [], [], [],
                        _fixed_bits(model, targets), model_size_bits(model), metric_name,
                        reference=evaluator.reference)
@@ -493,7 +390,7 @@ def _measure(model: nn.Module, data: Any, targets: list[tuple[list[str], nn.Modu
 
 
 def _rescale(k: int, module: nn.Module, choices: list[Choice], errors: list[float],
-             evaluator: _Evaluator) -> None:
+             evaluator: Evaluator) -> None:
     """Scale a layer's local errors by (output error / local error) of one probe candidate.
 
     The probe is the dense quantized candidate (else any) with the median
