@@ -182,7 +182,7 @@ def test_runtime_failure_exits_1(workdir, tmp_path, capsys):
 
 def test_text_model_from_a_hugging_face_directory(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from tnquant.datasets import minilm_path, sentence_corpus
+    from tnquant.cli.datasets import minilm_path, sentence_corpus
 
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))

@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-import tnquant.cli_inputs
-from tnquant import cli
+import tnquant.cli.inputs
+from tnquant.cli import commands as cli
 from tnquant.cli import main
-from tnquant.cli_checks import UsageError
+from tnquant.cli.checks import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS = "tests.test_cli_untrusted:TinyNet"
@@ -372,7 +372,7 @@ def no_training(monkeypatch):
     def train(*args, **kwargs):
         raise RuntimeError("digits-cnn was trained before the arguments were checked")
 
-    monkeypatch.setattr(tnquant.cli_inputs, "_train_digits", train)
+    monkeypatch.setattr(tnquant.cli.inputs, "_train_digits", train)
 
 
 @pytest.mark.parametrize("extra, recipe, message", [

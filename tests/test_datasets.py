@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tnquant.datasets import digits, load_minilm, minilm_path, sentence_corpus, split_corpus
+from tnquant.cli.datasets import digits, load_minilm, minilm_path, sentence_corpus, split_corpus
 
 
 def test_corpus_is_deterministic_and_english():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tnquant import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
-from tnquant.recipe import Recipe, load_recipe, parse_recipe
+from tnquant.cli.recipe import Recipe, load_recipe, parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 WEIGHTS = '[quantize.weights]\n"*" = {bits = 8}\n'

@@ -12,7 +12,7 @@ from tnquant.qat import finetune
 from tnquant.quantization import quantize
 
 pytest.importorskip("transformers")
-datasets = pytest.importorskip("tnquant.datasets")
+datasets = pytest.importorskip("tnquant.cli.datasets")
 
 
 @pytest.mark.slow

@@ -1,0 +1,450 @@
+"""Recipes: one TOML file that says how ``tnquant compress`` treats a model.
+
+A recipe is read by :func:`load_recipe` (a file) or :func:`parse_recipe`
+(TOML text) into a frozen, validated :class:`Recipe`: the sections of
+:class:`tnquant.pipeline.Recipe` (the road that
+:func:`tnquant.pipeline.run_pipeline` runs) and the CLI's ``[model]``,
+``[data]`` and ``[export]`` tables. Every unknown key and every bad value
+raises a ``ValueError`` naming its key path, e.g. ``recipe key
+'quantize.cores.*.bitz' is not known; expected one of [...]``.
+
+The schema is derived, not retyped: spec tables build through the spec
+classes (their fields are the keys), every table's defaults are those of
+its section dataclass, and ``[finetune]`` takes the fields of
+:class:`~tnquant.qat.config.FinetuneConfig` with its defaults and the choice
+lists of :mod:`tnquant.qat` (``LOSSES``, ``TASK_LOSSES``, ``OPTIMIZERS``,
+``SCHEDULES``, ``TRAIN_CHOICES``).
+
+Schema
+------
+Every table is optional except that a recipe needs ``[factorize]`` or
+``[quantize]``. Layer globs match module names as ``named_modules`` gives
+them (``fnmatch``, first match wins, so put specific globs first); quote a
+glob that holds dots: ``"encoder.layer.*.intermediate.dense" = {...}``.
+
+``[model]``
+    ``class`` (``"pkg.module:Class"``, needed for a state-dict checkpoint),
+    ``kwargs`` (a table of constructor arguments for it), ``train_epochs``
+    (training epochs of the built-in ``digits-cnn``, default 15). Only
+    ``tnquant compress`` imports ``class``; ``report`` and ``export`` read
+    the copy in an output directory as data and never import it.
+``[data]``
+    ``batch_size`` (32), ``max_length`` (64, tokens of text models),
+    ``num_sentences`` (512, calibration sentences of the ``corpus``
+    shortcut), ``num_eval`` (256, held-out sentences of ``corpus``).
+``[factorize]``
+    ``"<glob>" = {format = "tt", ratio = 0.25, order = 2}``: ``format`` is
+    ``tt``, ``tucker``, ``cp``, ``lowrank`` or ``none`` (leave dense); the
+    other keys are the fields of :class:`~tnquant.specs.TT`,
+    :class:`~tnquant.specs.Tucker`, :class:`~tnquant.specs.CP` or
+    :class:`~tnquant.specs.LowRank` (``rank``, ``ratio``, ``tol``,
+    ``order``, ``in_shape``, ``out_shape``, ``svd``, ``n_iter_max``).
+    Options: ``data_aware`` (true: fit to the calibration data),
+    ``num_batches``.
+``[quantize.weights]``, ``[quantize.cores]``, ``[quantize.activations]``
+    ``"<glob>" = {bits = 4, granularity = "channel", axis = 0, learnable =
+    true}``: ``kind`` is ``int`` (the default, :class:`~tnquant.specs.QuantSpec`
+    fields), ``binary``, ``ternary``, ``fixed`` (``FixedPoint`` fields, or
+    ``type = "ap_fixed<8,2,RND,SAT>"``) or ``none`` (leave float);
+    ``granularity = ["group", 64]`` for groups. A ``cores`` key that is an
+    integer (``"0"``, ``"-1"``) is a core index. Options of ``[quantize]``:
+    ``include``, ``exclude`` (lists of layer globs), ``convert`` (true: freeze
+    to real integer storage at the end).
+``[calibrate]``
+    ``num_batches``, ``bias_correction`` (false). Calibration runs whenever
+    the model is quantized.
+``[finetune]``
+    Present: distil/fine-tune after calibration. ``epochs`` (1),
+    ``max_steps``, ``lr`` (1e-4), ``scale_lr``, ``weight_decay`` (0),
+    ``distill`` (true: from the original model), ``loss`` (``mse``,
+    ``cosine``, ``kl``), ``temperature``, ``task_loss`` (``cross_entropy``,
+    for labelled data), ``alpha`` (0.5), ``train``, ``schedule``,
+    ``warmup`` (an int: steps; a float in [0, 1): a fraction of the steps;
+    0.05), ``optimizer``, ``clip_grad_norm``, ``shuffle``; needs
+    ``distill = true`` or a ``task_loss``.
+``[export]``
+    ``layers`` (a glob or a list of globs: each matched module, a
+    factorized/quantized Linear or a Sequential chain of them with ReLUs,
+    is exported on its own), ``input`` (``"auto"``: ``input_width`` bits
+    with integer bits from the observed inputs; or an ``ap_fixed<...>``
+    string), ``input_width`` (16), ``accum``, ``result``, ``bias``
+    (``ap_fixed<...>`` overrides), ``hls4ml`` (false: write
+    ``hls4ml_config.json`` too), ``tolerance`` (1e-4: largest relative
+    difference between the emulator and the fake-quant model),
+    ``num_samples`` (256 input rows kept for the check).
+
+Examples
+--------
+>>> recipe = parse_recipe('''
+... [factorize]
+... "fc*" = {format = "lowrank", rank = 4}
+... [quantize.cores]
+... "*" = {bits = 4, granularity = "channel", axis = 0}
+... ''')
+>>> recipe.factorize.mapping()
+{'fc*': LowRank(rank=4, ratio=None, tol=None, svd='truncated')}
+>>> parse_recipe('[quantize.cores]\\n"*" = {bitz = 4}')
+Traceback (most recent call last):
+...
+ValueError: recipe key 'quantize.cores.*.bitz' is not known; expected one of [...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tnquant import pipeline
+from tnquant.cli.checks import (
+    Check,
+    _bool,
+    _choice,
+    _class_path,
+    _fail,
+    _fields,
+    _fixed,
+    _float,
+    _globs,
+    _input_type,
+    _int,
+    _optional,
+    _table,
+    _unknown,
+    _warmup,
+)
+from tnquant.pipeline import CalibrateSection, FactorizeSection, FinetuneSection, QuantizeSection
+from tnquant.qat.losses import LOSSES, TASK_LOSSES
+from tnquant.qat.optim import OPTIMIZERS, SCHEDULES
+from tnquant.qat.params import TRAIN_CHOICES
+from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
+
+try:  # Python >= 3.11
+    import tomllib
+except ImportError:  # pragma: no cover - Python 3.10: the same parser, as a package
+    try:
+        import tomli as tomllib  # type: ignore[no-redef]
+    except ImportError:
+        tomllib = None  # type: ignore[assignment]
+
+__all__ = ["Recipe", "ModelSection", "DataSection", "FactorizeSection", "QuantizeSection",
+           "CalibrateSection", "FinetuneSection", "ExportSection", "load_recipe", "parse_recipe"]
+
+FORMATS: dict[str, type] = {"tt": TT, "tucker": Tucker, "cp": CP, "lowrank": LowRank}
+QUANT_KINDS: dict[str, type] = {"int": QuantSpec, "binary": Binary, "ternary": Ternary,
+                                "fixed": FixedPoint}
+_INT_KEY = re.compile(r"^-?\d+$")
+#: The largest recipe file :func:`load_recipe` reads (bytes).
+MAX_RECIPE_BYTES = 1 << 20
+
+Pairs = tuple[tuple[Any, Any], ...]
+
+
+# --------------------------------------------------------------------------- #
+# sections
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``[model]``: how to build a checkpoint's model (see the module docs)."""
+
+    cls: str | None = None
+    kwargs: Pairs = ()
+    train_epochs: int = 15
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """``[data]``: batching of the calibration and evaluation data."""
+
+    batch_size: int = 32
+    max_length: int = 64
+    num_sentences: int = 512
+    num_eval: int = 256
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    """``[export]``: which modules go to fixed point, with what types."""
+
+    layers: tuple[str, ...] = ()
+    input: str = "auto"
+    input_width: int = 16
+    accum: FixedPoint | None = None
+    result: FixedPoint | None = None
+    bias: FixedPoint | None = None
+    hls4ml: bool = False
+    tolerance: float = 1e-4
+    num_samples: int = 256
+
+
+@dataclass(frozen=True)
+class Recipe(pipeline.Recipe):
+    """A validated recipe file: the road (:class:`tnquant.pipeline.Recipe`'s sections) and the
+    CLI's ``[model]``, ``[data]`` and ``[export]`` tables; ``text`` is the TOML it came from,
+    ``path`` its file."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    export: ExportSection | None = None
+    text: str = ""
+    path: str | None = None
+
+
+def _schema(cls: type, checks: dict[str, Check], keys: dict[str, str] | None = None
+            ) -> dict[str, tuple[Check, Any]]:
+    """``{recipe key: (check, default)}``: the defaults are those of the dataclass ``cls``.
+
+    ``keys`` maps a recipe key to its field when they differ (``class`` -> ``cls``).
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    keys = keys or {}
+    return {key: (check, defaults[keys.get(key, key)]) for key, check in checks.items()}
+
+
+_MODEL = _schema(ModelSection, {"class": _class_path, "kwargs": _table, "train_epochs": _int(1)},
+                 {"class": "cls"})
+_DATA = _schema(DataSection, {f.name: _int(1) for f in dataclasses.fields(DataSection)})
+_CALIBRATE = _schema(CalibrateSection, {"num_batches": _int(1), "bias_correction": _bool})
+#: The ``[finetune]`` keys: ``FinetuneConfig`` fields (their defaults, its choice lists) and
+#: ``distill``; ``seed`` is ``--seed``.
+_FINETUNE = _schema(FinetuneSection, {
+    "epochs": _int(1), "max_steps": _int(1), "lr": _float(0, lo_open=True),
+    "scale_lr": _float(0, lo_open=True), "weight_decay": _float(), "distill": _bool,
+    "loss": _choice(*LOSSES), "temperature": _float(0, lo_open=True),
+    "task_loss": _optional(_choice(*TASK_LOSSES), off="none"), "alpha": _float(0, 1),
+    "train": _choice(*TRAIN_CHOICES), "schedule": _choice(*SCHEDULES), "warmup": _warmup,
+    "optimizer": _choice(*OPTIMIZERS), "clip_grad_norm": _optional(_float(0, lo_open=True)),
+    "shuffle": _bool})
+_EXPORT = _schema(ExportSection, {
+    "layers": _globs, "input": _input_type, "input_width": _int(2, 64), "accum": _fixed,
+    "result": _fixed, "bias": _fixed, "hls4ml": _bool, "tolerance": _float(0, lo_open=True),
+    "num_samples": _int(1)})
+_FACTORIZE_OPTIONS = _schema(FactorizeSection, {"data_aware": _bool, "num_batches": _int(1)})
+_QUANTIZE_OPTIONS = _schema(QuantizeSection, {"include": _globs, "exclude": _globs,
+                                              "convert": _bool})
+
+
+# --------------------------------------------------------------------------- #
+# spec tables
+# --------------------------------------------------------------------------- #
+
+
+def _build_spec(cls: type, fields: dict[str, Any], path: str) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in fields:
+        if key not in names:
+            raise _unknown(f"{path}.{key}", names)
+    try:
+        return cls(**fields)
+    except (ValueError, TypeError) as e:
+        culprit = str(e).split(" ", 1)[0]
+        where = f"{path}.{culprit}" if culprit in fields else path
+        raise ValueError(f"recipe key '{where}': {e}") from None
+
+
+def _dotted_hint(value: dict[str, Any], path: str, tag: str) -> None:
+    if tag not in value and value and all(isinstance(v, dict) for v in value.values()):
+        raise ValueError(f"recipe key '{path}' is not a spec table (no '{tag}'); quote layer "
+                         f"globs that hold dots: \"a.b.*\" = {{...}}")
+
+
+def _factor_spec(value: Any, path: str) -> Any:
+    table = dict(_table(value, path))
+    _dotted_hint(table, path, "format")
+    fmt = table.pop("format", None)
+    if fmt is None:
+        raise ValueError(f"recipe key '{path}.format' is missing; expected one of "
+                         f"{sorted(FORMATS) + ['none']}")
+    if fmt == "none":
+        if table:
+            raise _unknown(f"{path}.{next(iter(table))}", ["format"])
+        return None
+    if fmt not in FORMATS:
+        raise _fail(f"{path}.format", f"one of {sorted(FORMATS) + ['none']}", fmt)
+    return _build_spec(FORMATS[fmt], table, path)
+
+
+def _quant_spec(value: Any, path: str) -> Any:
+    table = dict(_table(value, path))
+    _dotted_hint(table, path, "bits")
+    kind = table.pop("kind", "int")
+    if kind == "none":
+        if table:
+            raise _unknown(f"{path}.{next(iter(table))}", ["kind"])
+        return None
+    if kind not in QUANT_KINDS:
+        raise _fail(f"{path}.kind", f"one of {sorted(QUANT_KINDS) + ['none']}", kind)
+    if kind == "fixed" and "type" in table:
+        spec = _fixed(table.pop("type"), f"{path}.type")
+        if table:
+            raise _unknown(f"{path}.{next(iter(table))}", ["kind", "type"])
+        return spec
+    return _build_spec(QUANT_KINDS[kind], table, path)
+
+
+# --------------------------------------------------------------------------- #
+# sections
+# --------------------------------------------------------------------------- #
+
+
+def _parse_factorize(table: dict[str, Any]) -> FactorizeSection:
+    specs, options = [], {}
+    for key, value in table.items():
+        path = f"factorize.{key}"
+        if isinstance(value, dict):
+            specs.append((key, _factor_spec(value, path)))
+        elif key in _FACTORIZE_OPTIONS:
+            options[key] = _FACTORIZE_OPTIONS[key][0](value, path)
+        else:
+            raise ValueError(f"recipe key '{path}' is not known; expected one of "
+                             f"{sorted(_FACTORIZE_OPTIONS)} or a layer glob mapped to a table "
+                             "like {format = \"tt\", ratio = 0.25}")
+    if not specs:
+        raise ValueError("recipe table 'factorize' maps no layer glob to a spec")
+    return FactorizeSection(specs=tuple(specs), **options)
+
+
+def _parse_quantize(table: dict[str, Any]) -> QuantizeSection:
+    kinds = ("weights", "cores", "activations")
+    parts: dict[str, Any] = {}
+    for key, value in table.items():
+        path = f"quantize.{key}"
+        if key in kinds:
+            pairs = []
+            for glob, spec in _table(value, path).items():
+                index = key == "cores" and _INT_KEY.match(glob)
+                pairs.append((int(glob) if index else glob, _quant_spec(spec, f"{path}.{glob}")))
+            if not pairs:
+                raise ValueError(f"recipe table '{path}' maps no glob to a spec")
+            parts[key] = tuple(pairs)
+        elif key in _QUANTIZE_OPTIONS:
+            parts[key] = _QUANTIZE_OPTIONS[key][0](value, path)
+        else:
+            raise _unknown(path, list(kinds) + list(_QUANTIZE_OPTIONS))
+    if not any(k in parts for k in kinds):
+        raise ValueError("recipe table 'quantize' needs one of [quantize.weights], "
+                         "[quantize.cores], [quantize.activations]")
+    return QuantizeSection(**parts)
+
+
+def _parse_finetune(table: dict[str, Any]) -> FinetuneSection:
+    try:
+        section = FinetuneSection(**_fields(table, "finetune", _FINETUNE))
+    except TypeError as e:  # a value each key's check let through but FinetuneConfig refuses
+        raise ValueError(f"recipe table 'finetune': {e}") from None
+    except ValueError as e:
+        if str(e).startswith("recipe"):
+            raise
+        raise ValueError(f"recipe table 'finetune': {e}") from None
+    if not section.distill and section.task_loss is None:
+        raise ValueError("recipe table 'finetune' needs distill = true or a task_loss")
+    return section
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any] | None:
+    if name not in raw:
+        return None
+    return _table(raw[name], name)
+
+
+def parse_recipe(text: str, path: str | None = None) -> Recipe:
+    """Parse and validate a recipe from TOML text (schema in the module docs).
+
+    Parameters
+    ----------
+    text
+        The TOML document.
+    path
+        Where it came from (kept in :attr:`Recipe.path`, named in errors).
+
+    Returns
+    -------
+    Recipe
+
+    Raises
+    ------
+    ValueError
+        For TOML syntax errors, unknown keys and bad values; the message
+        names the key path (``'finetune.lr'``, ``'quantize.cores.*.bits'``).
+
+    Examples
+    --------
+    >>> r = parse_recipe('[quantize.weights]\\n"*" = {kind = "ternary"}\\n[finetune]\\nepochs = 2')
+    >>> r.quantize.kwargs()["weights"], r.finetune.epochs
+    ({'*': Ternary(threshold=0.7, method='twn', granularity='tensor', axis=0)}, 2)
+    >>> parse_recipe('[finetune]\\nlr = -1\\n[quantize.weights]\\n"*" = {bits = 8}')
+    Traceback (most recent call last):
+    ...
+    ValueError: recipe key 'finetune.lr' must be a number in (0, inf], got -1
+    """
+    if tomllib is None:  # pragma: no cover
+        raise ImportError("reading recipes needs Python >= 3.11 (tomllib) or, on 3.10, "
+                          "the 'tomli' package (a dependency of tnquant there)")
+    where = f" in {path}" if path else ""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"recipe is not valid TOML{where}: {e}") from None
+    sections = ("model", "data", "factorize", "quantize", "calibrate", "finetune", "export")
+    for key in raw:
+        if key not in sections:
+            raise _unknown(key, sections)
+    if "factorize" not in raw and "quantize" not in raw:
+        raise ValueError(f"recipe{where} has neither [factorize] nor [quantize]: nothing to do")
+    model = _fields(_section(raw, "model") or {}, "model", _MODEL)
+    kwargs = tuple(dict(model.pop("kwargs")).items())
+    factorize, quantize = _section(raw, "factorize"), _section(raw, "quantize")
+    finetune, export = _section(raw, "finetune"), _section(raw, "export")
+    if finetune is not None and "quantize" not in raw and "factorize" not in raw:
+        raise ValueError("recipe table 'finetune' needs [factorize] or [quantize]")
+    export_fields = None if export is None else _fields(export, "export", _EXPORT)
+    if export_fields is not None and not export_fields["layers"]:
+        raise ValueError("recipe key 'export.layers' is missing; expected a glob or a list")
+    return Recipe(
+        model=ModelSection(cls=model["class"], kwargs=kwargs, train_epochs=model["train_epochs"]),
+        data=DataSection(**_fields(_section(raw, "data") or {}, "data", _DATA)),
+        factorize=None if factorize is None else _parse_factorize(factorize),
+        quantize=None if quantize is None else _parse_quantize(quantize),
+        calibrate=CalibrateSection(**_fields(_section(raw, "calibrate") or {}, "calibrate",
+                                             _CALIBRATE)),
+        finetune=None if finetune is None else _parse_finetune(finetune),
+        export=None if export_fields is None else ExportSection(**export_fields),
+        text=text,
+        path=path,
+    )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate the recipe file ``path`` (see :func:`parse_recipe`).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        For a recipe that does not fit the schema (the message names the key),
+        or a file over :data:`MAX_RECIPE_BYTES` or not UTF-8.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "r.toml")
+    >>> _ = open(path, "w").write('[quantize.weights]\\n"*" = {bits = 8, granularity = "channel"}')
+    >>> load_recipe(path).quantize.weights[0][1].bits
+    8
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"recipe file {str(p)!r} not found")
+    if p.stat().st_size > MAX_RECIPE_BYTES:
+        raise ValueError(f"recipe file {str(p)!r} is {p.stat().st_size} bytes; a recipe is at "
+                         f"most {MAX_RECIPE_BYTES}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"recipe file {str(p)!r} is not UTF-8 text: {e}") from None
+    return parse_recipe(text, path=str(p))
