@@ -45,7 +45,7 @@ from torch import nn
 
 from tnquant import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker, factorize
 from tnquant.io import JSON_FILE, TENSORS_FILE, IntegrityError, load, save
-from tnquant.io_modules import HANDLERS
+from tnquant.io.nodes import HANDLERS
 from tnquant.layers import TTLinear
 from tnquant.layers.quantized import QuantLinear
 from tnquant.ptq import calibrate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tnquant.names import selected
+from tnquant.core.globs import selected
 
 
 @pytest.mark.parametrize(("name", "include", "exclude", "expected"), [
@@ -18,3 +18,13 @@ from tnquant.names import selected
 ])
 def test_selected(name, include, exclude, expected):
     assert selected(name, include, exclude) is expected
+
+
+def test_the_old_import_path_warns():
+    import importlib
+    import sys
+
+    sys.modules.pop("tnquant.names", None)
+    with pytest.warns(DeprecationWarning, match="tnquant.core.globs"):
+        old = importlib.import_module("tnquant.names")
+    assert old.selected is selected

@@ -29,19 +29,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tnquant.checks import check_model
-from tnquant.layers.base import FactorizedLayer
-from tnquant.layers.quantized import QUANT_DENSE, QuantLinear, weight_pairs
+from tnquant.core.modules import join
 from tnquant.quant.frozen import FrozenTensor, spec_summary, tensor_bits
 from tnquant.quant.quantizer import Quantizer
+from tnquant.registry import lookup, store_frozen, weight_pairs
 from tnquant.report import Report
 
 __all__ = ["convert", "ConvertReport"]
 
 _COLUMNS = ("name", "kind", "tensors", "bits_before", "bits_after", "note")
-
-
-def _join(prefix: str, suffix: str) -> str:
-    return f"{prefix}.{suffix}" if prefix else suffix
 
 
 class ConvertReport(Report):
@@ -51,9 +47,9 @@ class ConvertReport(Report):
 
 
 def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    units = (FactorizedLayer, *QUANT_DENSE)
+    """The layers holding weight quantizers (their registry entries say so)."""
     return [(name, cast(nn.Module, m)) for name, m in model.named_modules()
-            if isinstance(m, units)]
+            if (kind := lookup(m)) is not None and kind.holds_quantizers]
 
 
 def _check_convertible(units: list[tuple[str, nn.Module]], dynamic_activations: bool) -> None:
@@ -64,13 +60,13 @@ def _check_convertible(units: list[tuple[str, nn.Module]], dynamic_activations: 
             if isinstance(q, Quantizer):
                 weight_ids.add(id(q))
                 if q.mode == "observe":
-                    observing.append(_join(name, tname))
+                    observing.append(join(name, tname))
         for qname, q in module.named_modules():
             if isinstance(q, Quantizer) and id(q) not in weight_ids:
                 if q.mode == "observe":
-                    observing.append(_join(name, qname))
+                    observing.append(join(name, qname))
                 elif q.mode == "quantize" and q.dynamic and not dynamic_activations:
-                    dynamic.append(_join(name, qname))
+                    dynamic.append(join(name, qname))
     if observing:
         raise ValueError(f"quantizers {observing} are still observing; finish calibration "
                          f"(tnquant.calibrate, or freeze()) before convert()")
@@ -90,13 +86,7 @@ def _freeze_weight(module: nn.Module, k: int, tname: str, t: Tensor, q: Quantize
             raise RuntimeError(f"the stored codes of {where} do not reproduce the fake-quant "
                                f"values of {q.spec}; please report this")
     placeholder = nn.Parameter(t.detach().new_empty(0), requires_grad=False)
-    if isinstance(module, FactorizedLayer):
-        cast(nn.ModuleList, module.core_quantizers)[k] = frozen
-        module.cores[k] = placeholder
-    else:
-        dense = cast(QuantLinear, module)  # or QuantConv2d/QuantEmbedding: same attributes
-        dense.weight_quantizer = frozen
-        dense.weight = placeholder
+    store_frozen(module, k, frozen, placeholder)
     return frozen
 
 
@@ -176,7 +166,7 @@ def convert(model: nn.Module, *, inplace: bool = True, dynamic_activations: bool
         if not pending:
             continue
         before = sum(tensor_bits(t) for _, _, t, _ in pending)
-        frozen = [(tname, _freeze_weight(module, k, tname, t, q, repr(_join(name, tname))))
+        frozen = [(tname, _freeze_weight(module, k, tname, t, q, repr(join(name, tname))))
                   for k, tname, t, q in pending]
         report.add(name=name, kind=type(module).__name__,
                    tensors=", ".join(f"{tname}={spec_summary(f.spec)}" for tname, f in frozen),

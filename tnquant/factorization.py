@@ -1,12 +1,15 @@
 """``factorize``: replace the layers of a model by factorized ones.
 
-One table, written out, says which factorized layer serves which pair of
-(dense module type, spec type); everything else is skipped with the reason.
+The layer registry (:mod:`tnquant.registry`) says which factorized class
+serves which pair of (dense module type, spec type) and what a kind refuses;
+everything else is skipped with the reason. Patterns go through the one glob
+table (:class:`tnquant.core.globs.GlobTable`): the first match wins, a
+shadowed pattern is refused and one that matched nothing is listed in
+``report.skipped``, as in ``quantize``.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -14,34 +17,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnquant.batches import call_model, check_data, iterate_batches
+from tnquant.batches import check_data, iterate_batches
 from tnquant.checks import check_model
-from tnquant.layers import (
-    CPConv2d,
-    LowRankLinear,
-    TTEmbedding,
-    TTLinear,
-    TuckerConv2d,
-    TuckerLinear,
-)
-from tnquant.names import selected
+from tnquant.core.capture import capture_grams
+from tnquant.core.globs import GlobTable, selected
+from tnquant.core.modules import replace_module
+from tnquant.registry import FactorizeTable, lookup, refusal
 from tnquant.report import Report
 from tnquant.specs import CP, TT, LowRank, Tucker
 
 __all__ = ["factorize", "LAYER_TABLE", "find_targets", "collect_grams"]
 
-#: (dense module type, spec type) -> factorized layer class.
-LAYER_TABLE: dict[tuple[type, type], Any] = {
-    (nn.Linear, TT): TTLinear,
-    (nn.Linear, Tucker): TuckerLinear,
-    (nn.Linear, LowRank): LowRankLinear,
-    (nn.Conv2d, Tucker): TuckerConv2d,
-    (nn.Conv2d, CP): CPConv2d,
-    (nn.Embedding, TT): TTEmbedding,
-}
+#: (dense module type, spec type) -> factorized layer class: a live view of the registry.
+LAYER_TABLE: Mapping[tuple[type, type], Any] = FactorizeTable()
 
 _SPEC_TYPES = (TT, Tucker, CP, LowRank)
-_DENSE_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 _COLUMNS = (
     "name",
@@ -65,29 +55,46 @@ def _check_spec(spec: Any, where: str) -> None:
         )
 
 
-def _check_specs(spec_or_mapping: Any) -> None:
+def _table(spec_or_mapping: Any) -> GlobTable:
+    """The glob table of ``spec_or_mapping`` (one spec is ``{'*': spec}``), its values checked."""
     if isinstance(spec_or_mapping, Mapping):
         for pattern, spec in spec_or_mapping.items():
             if not isinstance(pattern, str):
                 raise TypeError(f"mapping keys must be glob strings, got {pattern!r}")
             _check_spec(spec, f"pattern {pattern!r}")
-    else:
-        if spec_or_mapping is None:
-            raise TypeError("expected a spec or a mapping of glob patterns to specs, got None")
-        _check_spec(spec_or_mapping, "factorize")
+        return GlobTable(spec_or_mapping, "factorize")
+    if spec_or_mapping is None:
+        raise TypeError("expected a spec or a mapping of glob patterns to specs, got None")
+    _check_spec(spec_or_mapping, "factorize")
+    return GlobTable({"*": spec_or_mapping}, "factorize")
 
 
-def _spec_for(
-    name: str, spec_or_mapping: Any, include: Iterable[str] | None, exclude: Iterable[str] | None
-) -> Any:
-    if not selected(name, include, exclude):
+def _dense_kind(module: nn.Module) -> bool:
+    """Whether ``module`` is a dense kind that some spec factorizes."""
+    kind = lookup(module)
+    return kind is not None and kind.role == "dense" and bool(kind.factorize)
+
+
+def _fits_data(module: nn.Module) -> bool:
+    """Whether ``module``'s weight kind takes a Gram matrix (a data-aware fit)."""
+    kind = lookup(module)
+    return kind is not None and kind.weight_kind == "linear"
+
+
+def _skip_reason(module: nn.Module, spec: Any) -> str | None:
+    """Why the registry cannot factorize ``module`` under ``spec`` (``None``: it can)."""
+    kind = lookup(module)
+    if kind is None:
         return None
-    if not isinstance(spec_or_mapping, Mapping):
-        return spec_or_mapping
-    for pattern, spec in spec_or_mapping.items():
-        if fnmatch.fnmatchcase(name, pattern):
-            return spec
-    return None
+    if type(spec) not in kind.factorize:
+        supported = sorted(s.__name__ for s in kind.factorize)
+        return (f"{type(spec).__name__} is not supported on {type(module).__name__} "
+                f"(supported: {', '.join(supported)})")
+    return refusal(module)
+
+
+def _reachable(module: nn.Module) -> bool:
+    return any(_dense_kind(c) for c in module.modules())
 
 
 def find_targets(
@@ -95,13 +102,19 @@ def find_targets(
     spec_or_mapping: Any,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
+    *,
+    table: GlobTable | None = None,
 ) -> tuple[dict[int, tuple[nn.Module, Any, list[str]]], list[tuple[str, str, str]]]:
     """Which modules ``factorize`` would replace, and which it would skip.
 
     Returns ``({id(module): (module, spec, [names...])}, [(name, kind, reason)])``.
     A module reachable under several names (shared) appears once with all of
-    its names; the spec is the one its first name matches.
+    its names; the spec is the one its first name matches. ``table`` (built
+    from ``spec_or_mapping`` when not given) records the matches, for
+    :meth:`~tnquant.core.globs.GlobTable.check`.
     """
+    table = _table(spec_or_mapping) if table is None else table
+    mapping = isinstance(spec_or_mapping, Mapping)
     targets: dict[int, tuple[nn.Module, Any, list[str]]] = {}
     skipped: list[tuple[str, str, str]] = []
     for name, module in model.named_modules(remove_duplicate=False):
@@ -110,29 +123,18 @@ def find_targets(
         if id(module) in targets:
             targets[id(module)][2].append(name)
             continue
-        spec = _spec_for(name, spec_or_mapping, include, exclude)
+        if not selected(name, include, exclude):
+            continue
+        spec = table.lookup(name)[1]
         if spec is None:
             continue
-        if not isinstance(module, _DENSE_TYPES):
-            if isinstance(spec_or_mapping, Mapping) and not any(
-                isinstance(c, _DENSE_TYPES) for c in module.modules()
-            ):
+        if not _dense_kind(module):
+            if mapping and not _reachable(module):
                 skipped.append((name, type(module).__name__, "not a Linear, Conv2d or Embedding"))
             continue
-        key = (type(module), type(spec))
-        if key not in LAYER_TABLE:
-            supported = sorted({s.__name__ for (m, s) in LAYER_TABLE if isinstance(module, m)})
-            skipped.append(
-                (
-                    name,
-                    type(module).__name__,
-                    f"{type(spec).__name__} is not supported on {type(module).__name__} "
-                    f"(supported: {', '.join(supported)})",
-                )
-            )
-            continue
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            skipped.append((name, "Conv2d", f"groups={module.groups} is not supported"))
+        reason = _skip_reason(module, spec)
+        if reason is not None:
+            skipped.append((name, type(module).__name__, reason))
             continue
         targets[id(module)] = (module, spec, [name])
     return targets, skipped
@@ -151,8 +153,9 @@ def collect_grams(
     """``X^T X`` (float64) of the inputs each Linear in ``modules`` sees on ``data``.
 
     Each batch is checked as it is read (:func:`tnquant.batches.iterate_batches`:
-    finite, at least one; ``what`` and ``arg`` name the caller in the messages).
-    A module the data never reaches has no entry.
+    finite, at least one; ``what`` and ``arg`` name the caller in the messages);
+    the pass is :func:`tnquant.core.capture.capture_grams`. A module the data
+    never reaches has no entry.
 
     Examples
     --------
@@ -162,39 +165,10 @@ def collect_grams(
     >>> grams[id(model[0])].tolist()
     [[3.0, 3.0], [3.0, 3.0]]
     """
-    grams: dict[int, torch.Tensor] = {}
-
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        g = x.T @ x
-        key = id(module)
-        grams[key] = g if key not in grams else grams[key] + g
-
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            batches = iterate_batches(data, num_batches, what=what, arg=arg)
-            for batch in tqdm(
-                batches, desc="collect input statistics", disable=not progress, leave=False
-            ):
-                call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return grams
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and attr.isdigit():
-        parent[int(attr)] = new
-    else:
-        setattr(parent, attr, new)
+    named = {str(k): m for k, m in enumerate(modules)}
+    batches = iterate_batches(data, num_batches, what=what, arg=arg)
+    grams = capture_grams(model, named, batches, progress=progress)
+    return {id(named[name]): g.h for name, g in grams.items() if g.h is not None}
 
 
 def factorize(
@@ -272,7 +246,7 @@ def factorize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_specs(spec_or_mapping)
+    table = _table(spec_or_mapping)
     if data_aware is not None and not isinstance(data_aware, bool):
         raise TypeError(f"data_aware must be True, False or None, got {data_aware!r}")
     if data_aware and data is None:
@@ -281,29 +255,30 @@ def factorize(
     if use_data:
         check_data(data, "factorize")
 
-    targets, skipped = find_targets(model, spec_or_mapping, include, exclude)
-    if targets or use_data:
-        check_model(model, "factorize", finite=use_data)
+    targets, skipped = find_targets(model, spec_or_mapping, include, exclude, table=table)
     report = Report("factorize", columns=_COLUMNS)
     for name, kind, reason in skipped:
         report.skip(name, kind, reason)
+    table.check(report)
+    if targets or use_data:
+        check_model(model, "factorize", finite=use_data)
 
     grams: dict[int, torch.Tensor] = {}
     unreached: set[int] = set()
     if use_data:
-        linears = [m for m, _, _ in targets.values() if isinstance(m, nn.Linear)]
+        linears = [m for m, _, _ in targets.values() if _fits_data(m)]
         grams = collect_grams(model, linears, data, num_batches, progress)
         unreached = {id(m) for m in linears if id(m) not in grams}
 
     items = list(targets.values())
     for module, spec, names in tqdm(items, desc="factorize", disable=not progress):
-        layer_cls = LAYER_TABLE[(type(module), type(spec))]
+        layer_cls: Any = LAYER_TABLE[(type(module), type(spec))]
         kwargs = {}
-        if isinstance(module, nn.Linear) and id(module) in grams:
+        if id(module) in grams:
             kwargs["gram"] = grams[id(module)]
         new = layer_cls.from_dense(module, spec, name=names[0], **kwargs)
         for name in names:
-            _replace(model, name, new)
+            replace_module(model, name, new)
         info = new.decomposition_info
         before = sum(p.numel() for p in module.parameters())
         after = new.n_params

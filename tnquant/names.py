@@ -1,26 +1,14 @@
-"""Module-name patterns: the ``include`` / ``exclude`` filter shared by the model-wide verbs.
+"""Deprecated alias of :func:`tnquant.core.globs.selected` (removed in the next release).
 
-Examples
---------
->>> selected("encoder.layer.0.query", ["encoder.*"], ["*.key"])
-True
->>> selected("encoder.layer.0.key", ["encoder.*"], ["*.key"])
-False
+Import ``selected`` from ``tnquant.core.globs`` (or ``tnquant.core``): every
+verb's glob patterns go through that one table.
 """
 
-from __future__ import annotations
+import warnings
 
-import fnmatch
-from collections.abc import Iterable
+from tnquant.core.globs import selected
 
 __all__ = ["selected"]
 
-
-def selected(name: str, include: Iterable[str] | None, exclude: Iterable[str] | None) -> bool:
-    """Whether ``name`` matches an ``include`` glob (or ``include`` is None) and no ``exclude`` one.
-
-    Globs are :func:`fnmatch.fnmatchcase` patterns (``*`` also crosses dots).
-    """
-    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return exclude is None or not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+warnings.warn("tnquant.names is deprecated; import selected from tnquant.core.globs instead",
+              DeprecationWarning, stacklevel=2)

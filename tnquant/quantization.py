@@ -57,7 +57,6 @@ True
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
@@ -66,19 +65,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tnquant.conversion import ConvertReport, convert
-from tnquant.layers.base import FactorizedLayer
-from tnquant.layers.quantized import (
-    DENSE_TO_QUANT,
-    QUANT_DENSE,
-    QuantLinear,
-    activation_sites,
-    quant_state,
-    weight_pairs,
-)
-from tnquant.names import selected
+from tnquant.core.globs import GlobTable, selected
+from tnquant.core.modules import join, replace_module
 from tnquant.quant.frozen import FrozenTensor, spec_summary
 from tnquant.quant.qparams import block_size
 from tnquant.quant.quantizer import Quantizer
+from tnquant.registry import (
+    LayerKind,
+    activation_sites,
+    dense_classes,
+    lookup,
+    quant_state,
+    weight_pairs,
+)
 from tnquant.report import Report
 from tnquant.sizes import SizeCounter, model_size_bits, size_report
 from tnquant.specs import Binary, FixedPoint, QuantSpec, Ternary
@@ -92,91 +91,30 @@ _Q_COLUMNS = ("name", "kind", "weights", "activations", "params", "bits_before",
 
 
 # --------------------------------------------------------------------------- #
-# patterns
+# patterns and layer anatomy
 # --------------------------------------------------------------------------- #
 
 
-class _Patterns:
-    """One of ``weights=``/``cores=``/``activations=``: ordered entries, first match wins."""
-
-    def __init__(self, arg: Any, what: str, int_keys: bool = False) -> None:
-        self.what = what
-        self.entries: list[tuple[Any, Any]] | None = None
-        self.won: set[int] = set()
-        self.beaten: dict[int, tuple[int, str]] = {}
-        if arg is None:
-            return
-        if isinstance(arg, Mapping):
-            for key, spec in arg.items():
-                ok_int = int_keys and isinstance(key, int) and not isinstance(key, bool)
-                if not (isinstance(key, str) or ok_int):
-                    kinds = "glob strings or int core indices" if int_keys else "glob strings"
-                    raise TypeError(f"{what} keys must be {kinds}, got {key!r}")
-                if spec is not None and not isinstance(spec, _SPECS):
-                    raise TypeError(f"{what}[{key!r}] must be a QuantSpec, Binary, Ternary or "
-                                    f"FixedPoint spec (or None), got {type(spec).__name__}")
-            self.entries = list(arg.items())
-        elif isinstance(arg, _SPECS):
-            self.entries = [("*", arg)]
-        else:
-            raise TypeError(f"{what} must be a QuantSpec, Binary, Ternary or FixedPoint spec, or "
-                            f"a mapping of patterns to them, got {type(arg).__name__}")
-
-    @property
-    def given(self) -> bool:
-        return self.entries is not None
-
-    def lookup(self, name: str, index: int | None = None, count: int = 0) -> tuple[bool, Any]:
-        """``(found, spec)`` of the first entry matching ``name`` (or core ``index``)."""
-        first = None
-        for i, (key, _) in enumerate(self.entries or ()):
-            if isinstance(key, int):
-                hit = index is not None and key in (index, index - count)
-            else:
-                hit = fnmatch.fnmatchcase(name, key)
-            if not hit:
-                continue
-            if first is None:
-                first = i
-                self.won.add(i)
-            else:
-                self.beaten.setdefault(i, (first, name))
-        if first is None or self.entries is None:
-            return False, None
-        return True, self.entries[first][1]
-
-    def check(self, report: Report) -> None:
-        """Raise for shadowed entries; list entries that matched nothing in ``report``."""
-        for i, (key, _) in enumerate(self.entries or ()):
-            if i in self.won:
-                continue
-            if i in self.beaten and self.entries is not None:
-                first, name = self.beaten[i]
-                raise ValueError(
-                    f"{self.what} pattern {key!r} is never used: every name it matches (e.g. "
-                    f"{name!r}) is matched first by {self.entries[first][0]!r}; the first "
-                    f"matching pattern wins, so put more specific patterns first")
-            report.skip(f"{self.what}[{key!r}]", "pattern", "matched nothing")
+def _check_value(spec: Any, where: str) -> None:
+    if spec is not None and not isinstance(spec, _SPECS):
+        raise TypeError(f"{where} must be a QuantSpec, Binary, Ternary or FixedPoint spec (or "
+                        f"None), got {type(spec).__name__}")
 
 
-# --------------------------------------------------------------------------- #
-# layer anatomy
-# --------------------------------------------------------------------------- #
+def _table(arg: Any, what: str, int_keys: bool = False) -> GlobTable:
+    """One of ``weights=``/``cores=``/``activations=`` (a single spec is ``{'*': spec}``)."""
+    if isinstance(arg, _SPECS):
+        arg = {"*": arg}
+    elif arg is not None and not isinstance(arg, Mapping):
+        raise TypeError(f"{what} must be a QuantSpec, Binary, Ternary or FixedPoint spec, or "
+                        f"a mapping of patterns to them, got {type(arg).__name__}")
+    return GlobTable(arg, what, check_value=_check_value, int_keys=int_keys)
 
 
-def _join(prefix: str, suffix: str) -> str:
-    return f"{prefix}.{suffix}" if prefix else suffix
-
-
-def _kind(module: nn.Module) -> str | None:
-    """'factorized', 'quant' (a Quant* layer), 'dense' (exact Linear/Conv2d/Embedding) or None."""
-    if isinstance(module, FactorizedLayer):
-        return "factorized"
-    if type(module) in QUANT_DENSE:
-        return "quant"
-    if type(module) in DENSE_TO_QUANT:
-        return "dense"
-    return None
+def _kind(module: nn.Module) -> LayerKind | None:
+    """The registry entry of a layer ``quantize`` can change (a quantizable kind), or None."""
+    kind = lookup(module)
+    return kind if kind is not None and kind.quantizable else None
 
 
 def _check_weight_spec(spec: Any, shape: tuple[int, ...], where: str) -> None:
@@ -219,11 +157,11 @@ def _targets(model: nn.Module, include: Iterable[str] | None, exclude: Iterable[
             continue
         kind = _kind(module)
         if kind is None:
-            if isinstance(module, tuple(DENSE_TO_QUANT)):
+            if isinstance(module, dense_classes()):
                 report.skip(name, type(module).__name__, "a subclass of a dense layer (its "
                             "weight may be used outside forward, as in nn.MultiheadAttention)")
             continue
-        if kind == "dense" and not name:
+        if kind.role == "dense" and not name:
             report.skip(name, type(module).__name__, "the model itself cannot be replaced; wrap "
                         "it, e.g. in nn.Sequential")
             continue
@@ -231,22 +169,22 @@ def _targets(model: nn.Module, include: Iterable[str] | None, exclude: Iterable[
     return list(found.values())
 
 
-def _plan_layer(module: nn.Module, name: str, pats: tuple[_Patterns, _Patterns, _Patterns]
+def _plan_layer(module: nn.Module, name: str, pats: tuple[GlobTable, GlobTable, GlobTable]
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Which weight tensors and activation sites this call changes, and to what."""
     weights, cores, acts = pats
     wchanges: dict[str, Any] = {}
     pairs = weight_pairs(module)
-    factorized = isinstance(module, FactorizedLayer)
+    factorized = cast(LayerKind, lookup(module)).role == "factorized"
     for k, (tname, t, q) in enumerate(pairs):
         found, spec = False, None
         if factorized and cores.given:
-            found, spec = cores.lookup(_join(name, tname), k, len(pairs))
+            found, spec = cores.lookup(join(name, tname), k, len(pairs))
         if not found and weights.given:
             found, spec = weights.lookup(name)
         if not found:
             continue
-        where = f"{_join(name, tname)!r}"
+        where = f"{join(name, tname)!r}"
         if isinstance(q, FrozenTensor):
             raise ValueError(f"{where} is converted (integer storage, its float values are "
                              f"gone); quantize the float model instead")
@@ -256,10 +194,10 @@ def _plan_layer(module: nn.Module, name: str, pats: tuple[_Patterns, _Patterns, 
     achanges: dict[str, Any] = {}
     if acts.given:
         for site in activation_sites(module):
-            found, spec = acts.lookup(_join(name, site))
+            found, spec = acts.lookup(join(name, site))
             if found:
                 if spec is not None:
-                    _check_act_spec(spec, repr(_join(name, site)))
+                    _check_act_spec(spec, repr(join(name, site)))
                 achanges[site] = spec
     return wchanges, achanges
 
@@ -271,7 +209,7 @@ def _new_quantizer(spec: Any, ref: Tensor) -> nn.Module:
 def _apply(module: nn.Module, wchanges: dict[str, Any], achanges: dict[str, Any]) -> None:
     pairs = weight_pairs(module)
     ref = pairs[0][1]
-    if isinstance(module, FactorizedLayer):
+    if cast(LayerKind, lookup(module)).role == "factorized":
         qs = [q if q is not None else nn.Identity() for _, _, q in pairs]
         for k, (tname, t, _) in enumerate(pairs):
             if tname in wchanges:
@@ -281,8 +219,7 @@ def _apply(module: nn.Module, wchanges: dict[str, Any], achanges: dict[str, Any]
         module.core_quantizers = nn.ModuleList(qs) if keep else None
     elif "weight" in wchanges:
         spec = wchanges["weight"]
-        cast(QuantLinear, module).weight_quantizer = (
-            None if spec is None else _new_quantizer(spec, ref))
+        module.weight_quantizer = None if spec is None else _new_quantizer(spec, ref)
     if achanges:
         current = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
         acts: dict[str, nn.Module] = dict(current.items()) if current is not None else {}
@@ -292,16 +229,7 @@ def _apply(module: nn.Module, wchanges: dict[str, Any], achanges: dict[str, Any]
                 acts[site] = _new_quantizer(spec, ref)
         order = activation_sites(module)
         ordered = {s: acts[s] for s in order if s in acts}
-        cast(QuantLinear, module).act_quantizers = nn.ModuleDict(ordered) if ordered else None
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and attr.isdigit():
-        parent[int(attr)] = new
-    else:
-        setattr(parent, attr, new)
+        module.act_quantizers = nn.ModuleDict(ordered) if ordered else None
 
 
 def _summaries(module: nn.Module) -> tuple[str, str]:
@@ -401,8 +329,8 @@ def quantize(model: nn.Module, weights: Any = None, activations: Any = None, cor
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    pats = (_Patterns(weights, "weights"), _Patterns(cores, "cores", int_keys=True),
-            _Patterns(activations, "activations"))
+    pats = (_table(weights, "weights"), _table(cores, "cores", int_keys=True),
+            _table(activations, "activations"))
     if not any(p.given for p in pats):
         raise ValueError("quantize() needs at least one of weights=, activations=, cores=")
     report = Report("quantize", columns=_Q_COLUMNS)
@@ -419,12 +347,13 @@ def quantize(model: nn.Module, weights: Any = None, activations: Any = None, cor
         notes = []
         if quant_state(module) != "float":
             notes.append("re-quantized")
-        if _kind(module) == "dense":
+        entry = cast(LayerKind, lookup(module))
+        if entry.role == "dense":
             if not any(s is not None for s in [*wchanges.values(), *achanges.values()]):
                 continue
-            module = DENSE_TO_QUANT[type(module)].from_float(module)
+            module = cast(Any, entry.quantized).from_float(module)
             for name in names:
-                _replace(model, name, module)
+                replace_module(model, name, module)
         _apply(module, wchanges, achanges)
         if len(names) > 1:
             notes.append(f"shared with {', '.join(names[1:])}")

@@ -39,10 +39,10 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-from tnquant.layers.base import FactorizedLayer
-from tnquant.layers.quantized import QUANT_DENSE, quant_state, weight_pairs
+from tnquant.core.modules import join
 from tnquant.quant.frozen import FrozenTensor, tensor_bits
 from tnquant.quant.quantizer import Quantizer
+from tnquant.registry import lookup, quant_state, weight_pairs
 from tnquant.report import Report
 
 __all__ = ["model_size_bits", "size_report", "SizeCounter"]
@@ -146,8 +146,11 @@ def model_size_bits(model: nn.Module) -> int:
     return sum(SizeCounter().subtree(model))
 
 
-def _join(prefix: str, suffix: str) -> str:
-    return f"{prefix}.{suffix}" if prefix else suffix
+def _unit(module: nn.Module) -> bool:
+    """A layer holding quantizers, or a quantizer part: one row with everything under it."""
+    kind = lookup(module)
+    return isinstance(module, (Quantizer, FrozenTensor)) or (
+        kind is not None and kind.holds_quantizers)
 
 
 def size_report(model: nn.Module) -> Report:
@@ -169,20 +172,20 @@ def size_report(model: nn.Module) -> Report:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     counter = SizeCounter()
     report = Report("size", columns=_COLUMNS)
-    units = (FactorizedLayer, Quantizer, FrozenTensor, *QUANT_DENSE)
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         name, m = stack.pop()
         if id(m) in counter.modules:
             continue
-        if isinstance(m, units):
+        unit = _unit(m)
+        if unit:
             out = counter.subtree(m)
         else:
             out = [0, 0, 0]
             counter.direct(m, out)
-            children = [(_join(name, n), c) for n, c in m.named_children()]
+            children = [(join(name, n), c) for n, c in m.named_children()]
             stack.extend(reversed(children))
-        if sum(out) or isinstance(m, units):
+        if sum(out) or unit:
             report.add(name=name, kind=type(m).__name__, state=quant_state(m), codes_bits=out[0],
                        qparams_bits=out[1], other_bits=out[2], size_bits=sum(out))
     return report

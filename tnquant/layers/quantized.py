@@ -48,11 +48,12 @@ __all__ = [
     "QuantLinear",
     "QuantConv2d",
     "QuantEmbedding",
-    "QUANT_DENSE",
-    "DENSE_TO_QUANT",
     "weight_pairs",
+    "dense_weight_pairs",
+    "core_weight_pairs",
     "activation_sites",
     "quant_state",
+    "state_of",
 ]
 
 
@@ -322,30 +323,37 @@ def _float_weight(module: nn.Module) -> nn.Parameter:
         return nn.Parameter(_effective_weight(module).detach().clone())
 
 
-#: The quantized dense layer classes.
-QUANT_DENSE: tuple[type, ...] = (QuantLinear, QuantConv2d, QuantEmbedding)
-
-#: Dense layer type (exact) -> its quantized wrapper.
-DENSE_TO_QUANT: dict[type, Any] = {
-    nn.Linear: QuantLinear,
-    nn.Conv2d: QuantConv2d,
-    nn.Embedding: QuantEmbedding,
-}
-
-
 # --------------------------------------------------------------------------- #
-# anatomy of a quantizable layer (shared by quantize, convert, size counting)
+# anatomy of tnquant's own quantizable layers (the registry's entries say which
+# of these applies to a kind: :mod:`tnquant.registry.anatomy`)
 # --------------------------------------------------------------------------- #
+
+_DENSE = (nn.Linear, nn.Conv2d, nn.Embedding, QuantLinear, QuantConv2d, QuantEmbedding)
+
+
+def dense_weight_pairs(module: nn.Module) -> list[tuple[str, Tensor, nn.Module | None]]:
+    """``[('weight', weight, weight_quantizer or None)]`` of a dense or quantized dense layer."""
+    return [("weight", cast(Tensor, module.weight), module._modules.get("weight_quantizer"))]
+
+
+def core_weight_pairs(module: nn.Module) -> list[tuple[str, Tensor, nn.Module | None]]:
+    """``('cores.<k>', cores[k], core_quantizers[k] or None)`` per core of a factorized layer."""
+    quantizers = cast("nn.ModuleList | None", module._modules.get("core_quantizers"))
+    cores = list(cast(nn.ParameterList, module.cores))
+    qs: list[nn.Module | None] = list(quantizers) if quantizers is not None else []
+    qs += [None] * (len(cores) - len(qs))
+    return [(f"cores.{k}", c, q) for k, (c, q) in enumerate(zip(cores, qs, strict=True))]
 
 
 def weight_pairs(module: nn.Module) -> list[tuple[str, Tensor, nn.Module | None]]:
-    """``(name, tensor, quantizer or None)`` for every weight tensor of a layer.
+    """``(name, tensor, quantizer or None)`` for every weight tensor of a tnquant layer.
 
     Dense (``nn.Linear``/``Conv2d``/``Embedding`` and their ``Quant*``
     wrappers): ``[('weight', weight, weight_quantizer)]``; factorized layers:
     ``('cores.<k>', cores[k], core_quantizers[k])`` per core; anything else:
     ``[]``. After ``convert`` the tensor is the empty placeholder and the
-    quantizer a ``FrozenTensor``.
+    quantizer a ``FrozenTensor``. :func:`tnquant.registry.weight_pairs`
+    answers for every registered kind, added ones too.
 
     Examples
     --------
@@ -355,13 +363,9 @@ def weight_pairs(module: nn.Module) -> list[tuple[str, Tensor, nn.Module | None]
     [('cores.0', None), ('cores.1', None)]
     """
     if isinstance(module, FactorizedLayer):
-        quantizers = cast("nn.ModuleList | None", module._modules.get("core_quantizers"))
-        cores = list(module.cores)
-        qs: list[nn.Module | None] = list(quantizers) if quantizers is not None else []
-        qs += [None] * (len(cores) - len(qs))
-        return [(f"cores.{k}", c, q) for k, (c, q) in enumerate(zip(cores, qs, strict=True))]
-    if type(module) in QUANT_DENSE or type(module) in DENSE_TO_QUANT:
-        return [("weight", cast(Tensor, module.weight), module._modules.get("weight_quantizer"))]
+        return core_weight_pairs(module)
+    if type(module) in _DENSE:
+        return dense_weight_pairs(module)
     return []
 
 
@@ -386,6 +390,16 @@ def activation_sites(module: nn.Module) -> tuple[str, ...]:
     return head
 
 
+def state_of(pairs: list[tuple[str, Tensor, nn.Module | None]], module: nn.Module) -> str:
+    """:func:`quant_state` of ``module`` given its :func:`weight_pairs`."""
+    qs = [q for _, _, q in pairs]
+    if any(isinstance(q, FrozenTensor) for q in qs):
+        return "converted"
+    if any(isinstance(q, Quantizer) for q in qs) or module._modules.get("act_quantizers"):
+        return "fake-quant"
+    return "float"
+
+
 def quant_state(module: nn.Module) -> str:
     """``'converted'`` (a weight in a ``FrozenTensor``), ``'fake-quant'`` or ``'float'``.
 
@@ -395,9 +409,4 @@ def quant_state(module: nn.Module) -> str:
     >>> quant_state(nn.Linear(2, 2))
     'float'
     """
-    qs = [q for _, _, q in weight_pairs(module)]
-    if any(isinstance(q, FrozenTensor) for q in qs):
-        return "converted"
-    if any(isinstance(q, Quantizer) for q in qs) or module._modules.get("act_quantizers"):
-        return "fake-quant"
-    return "float"
+    return state_of(weight_pairs(module), module)

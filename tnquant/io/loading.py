@@ -1,70 +1,19 @@
-"""``save`` / ``load``: a lossless, pickle-free round trip of compressed models.
+"""``load``: check a save directory whole, then rebuild and attach its modules.
 
-Format (version 1): ``save(model, path)`` writes the directory ``path/``:
-
-- ``tensors.safetensors``: every entry of ``model.state_dict()`` (parameters
-  and persistent buffers: cores, biases, scales, zero points, observer
-  ranges, quantizer modes, packed integer codes), under its state-dict key;
-- ``model.json``: ``format`` (``"tnquant"``), ``version``, the tensor file's
-  name, byte size and ``sha256``, the ``dtype``/``shape`` of every tensor,
-  and ``modules``: one entry per tnquant module standing in the model
-  (factorized layers, quantized dense layers, quantizers, frozen tensors),
-  with every name it is reachable under, what dense module it replaces,
-  and a recursive description: class, constructor configuration (specs via
-  :func:`~tnquant.specs.spec_to_dict`, sizes, conv hyper-parameters, bias
-  presence, ``decomposition_info``, ``implementation``), and its attached
-  children (``core_quantizers``, ``act_quantizers``, ``weight_quantizer``,
-  ...). The JSON is written canonically (sorted keys, fixed indentation)
-  and its ``checksum`` field is the ``sha256`` of that canonical text
-  without the field.
-
-``load(path, model=base)`` treats the directory as untrusted: it imports no
-code (classes come from the closed table :data:`tnquant.io_modules.HANDLERS`),
-unpickles nothing, and checks everything before it allocates a tensor,
-reads tensor data or touches ``base`` (a freshly constructed model of the
-original architecture):
-
-1. ``model.json``: at most 64 MiB, canonical, its checksum, format and
-   version, then every field's type (:mod:`tnquant.io_fields`); the tensor
-   file must be ``tensors.safetensors`` in the directory itself;
-2. the safetensors header, read on its own (length against the file size,
-   each tensor's byte range against its dtype and shape), equal to the
-   listing in ``model.json``, and the ``tied`` groups;
-3. the architecture: each entry's class replaces what the class table says
-   (never what the file says) and stands where ``base`` has that dense layer
-   with the same sizes (a class that replaces nothing, such as ``Identity``,
-   only where ``base`` has one); each module is rebuilt on the meta device,
-   every tensor compared with the header, and so are ``base``'s own;
-4. only then the ``sha256``, the data (tied tensors must be equal), each
-   rebuilt module's state (before it is attached), the swap into ``base``
-   and a strict ``load_state_dict`` (undone if it raises).
-
-A refusal raises :class:`IntegrityError` (a ``ValueError``) naming the file
-and the entry or field, or ``ValueError`` for a base model of another
-architecture; ``base`` is left untouched. ``load(path)`` without a model
-works when the saved model is one tnquant module. The checksums are plain
-``sha256``: they detect corruption, not forgery; a forged but
-self-consistent directory loads as the model it describes. The docs page
-"Saving and loading" says what is and is not promised, also for
-``IntegerModel.load`` and the ``report``/``export`` commands, which treat
-their directories the same way. Rebuilt modules go to the device of the
-module they replace and keep the saved dtypes; the other tensors are copied
-into the base model's own (pass it in the saved dtype for a bit-exact trip).
+Every check of :mod:`tnquant.io` runs before anything is built, allocated,
+read or replaced (see the module docs there); the classes come from the
+registry's closed table (:mod:`tnquant.io.nodes`).
 
 Examples
 --------
 >>> import tempfile, torch
->>> from torch import nn
->>> from tnquant import LowRank, factorize
->>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
->>> _ = factorize(model, {"0": LowRank(rank=2)}, progress=False)
+>>> from tnquant.io import save
+>>> from tnquant.layers import LowRankLinear
+>>> layer = LowRankLinear([torch.randn(4, 2), torch.randn(2, 3)])
 >>> with tempfile.TemporaryDirectory() as d:
-...     save(model, d)
-...     fresh = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-...     loaded = load(d, model=fresh)
->>> x = torch.randn(3, 16)
->>> type(loaded[0]).__name__, torch.equal(loaded(x), model(x))
-('LowRankLinear', True)
+...     save(layer, d)
+...     type(load(d)).__name__
+'LowRankLinear'
 """
 
 from __future__ import annotations
@@ -77,12 +26,12 @@ from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from tnquant.io_checks import (
+from tnquant.core.modules import replace_module
+from tnquant.io.checks import (
     MAX_JSON_BYTES,
-    IntegrityError,
     TensorInfo,
     check_base_state,
     check_listing,
@@ -94,68 +43,17 @@ from tnquant.io_checks import (
     read_header,
     read_regular,
 )
-from tnquant.io_fields import check_node, check_tied, check_tied_kinds, check_tied_values
-from tnquant.io_modules import HANDLERS, BuildContext, build_node, describe_entries
+from tnquant.io.fields import (
+    IntegrityError,
+    check_node,
+    check_tied,
+    check_tied_kinds,
+    check_tied_values,
+)
+from tnquant.io.files import FORMAT, JSON_FILE, TENSORS_FILE, VERSION, canonical, sha256_file
+from tnquant.io.nodes import HANDLERS, BuildContext, build_node
 
-__all__ = ["save", "load", "IntegrityError", "FORMAT", "VERSION", "TENSORS_FILE", "JSON_FILE"]
-
-FORMAT = "tnquant"
-#: The format version this module writes and reads.
-VERSION = 1
-TENSORS_FILE = "tensors.safetensors"
-JSON_FILE = "model.json"
-_CHUNK = 1 << 20
-
-
-# --------------------------------------------------------------------------- #
-# canonical JSON and checksums
-# --------------------------------------------------------------------------- #
-
-
-def _canonical(obj: dict[str, Any]) -> bytes:
-    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode("ascii")
-
-
-def _sha256_file(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _tensors_for_file(model: nn.Module) -> dict[str, Tensor]:
-    """The state dict on CPU, contiguous, with no two entries sharing storage."""
-    seen: set[tuple[int, int]] = set()
-    out: dict[str, Tensor] = {}
-    for key, value in model.state_dict().items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"state_dict entry {key!r} is a {type(value).__name__}; only tensors "
-                            "can be saved")
-        t = value.detach().to("cpu").contiguous()
-        ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if t.numel() and ident in seen:
-            t = t.clone()
-        elif t.numel():
-            seen.add(ident)
-        out[key] = t
-    return out
-
-
-def _tied_groups(model: nn.Module, tensors: dict[str, Tensor]) -> list[list[str]]:
-    """State-dict keys that name one and the same parameter or buffer object."""
-    groups: dict[int, list[str]] = {}
-    named = [*model.named_parameters(remove_duplicate=False),
-             *model.named_buffers(remove_duplicate=False)]
-    for key, value in named:
-        if key in tensors:
-            groups.setdefault(id(value), []).append(key)
-    return [g for g in groups.values() if len(g) > 1]
+__all__ = ["load"]
 
 
 def _slot(owner: nn.Module, attr: str, value: Tensor) -> None:
@@ -186,78 +84,6 @@ def _retie(model: nn.Module, groups: list[list[str]]) -> list[tuple[nn.Module, s
     return undo
 
 
-# --------------------------------------------------------------------------- #
-# save
-# --------------------------------------------------------------------------- #
-
-
-def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Save ``model`` (tensors and tnquant architecture changes) to the directory ``path``.
-
-    Parameters
-    ----------
-    model
-        Any model: factorized, quantized (fake-quant or calibrated),
-        converted, or plain.
-    path
-        A directory, created when missing; ``tensors.safetensors`` and
-        ``model.json`` in it are replaced (the JSON last, so an interrupted
-        save never passes the checks).
-
-    Raises
-    ------
-    TypeError
-        If ``model`` is not an ``nn.Module``, or holds a tnquant module this
-        format cannot describe.
-
-    Examples
-    --------
-    >>> import tempfile, json, os
-    >>> from tnquant import TT
-    >>> from tnquant.layers import TTLinear
-    >>> layer = TTLinear.from_dense(torch.nn.Linear(16, 8), TT(rank=2, order=2))
-    >>> with tempfile.TemporaryDirectory() as d:
-    ...     save(layer, d)
-    ...     meta = json.load(open(os.path.join(d, "model.json")))
-    >>> meta["version"], meta["modules"][0]["node"]["class"]
-    (1, 'TTLinear')
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    entries = describe_entries(model)
-    tensors = _tensors_for_file(model)
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensor_path = directory / TENSORS_FILE
-    tmp = directory / (TENSORS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
-    digest, size = _sha256_file(tmp)
-    os.replace(tmp, tensor_path)
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model_class": type(model).__qualname__,
-        "tensors": {
-            "file": TENSORS_FILE,
-            "sha256": digest,
-            "bytes": size,
-            "entries": {k: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
-                        for k, t in tensors.items()},
-        },
-        "modules": entries,
-        "tied": _tied_groups(model, tensors),
-    }
-    meta["checksum"] = hashlib.sha256(_canonical(meta)).hexdigest()
-    tmp_json = directory / (JSON_FILE + ".tmp")
-    tmp_json.write_bytes(_canonical(meta))
-    os.replace(tmp_json, directory / JSON_FILE)
-
-
-# --------------------------------------------------------------------------- #
-# load: checks (nothing is built, allocated or read before they pass)
-# --------------------------------------------------------------------------- #
-
-
 def _read_meta(directory: Path) -> dict[str, Any]:
     json_path = directory / JSON_FILE
     if not json_path.exists():
@@ -270,11 +96,11 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or not isinstance(meta.get("checksum"), str):
         raise IntegrityError(f"{json_path} is corrupt: expected a JSON object with a 'checksum' "
                              "field")
-    if raw != _canonical(meta):
+    if raw != canonical(meta):
         raise IntegrityError(f"{json_path} was altered: its bytes are not the canonical form "
                              "that save() writes")
     claimed = meta.pop("checksum")
-    actual = hashlib.sha256(_canonical(meta)).hexdigest()
+    actual = hashlib.sha256(canonical(meta)).hexdigest()
     if claimed != actual:
         raise IntegrityError(f"{json_path} was altered: checksum {claimed} does not match its "
                              f"content ({actual})")
@@ -357,24 +183,10 @@ def _plan(model: nn.Module | None, entries: list[dict[str, Any]],
     return planned
 
 
-# --------------------------------------------------------------------------- #
-# load
-# --------------------------------------------------------------------------- #
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and attr.isdigit():
-        parent[int(attr)] = module
-    else:
-        setattr(parent, attr, module)
-
-
 def _read_data(tensor_path: Path, header: dict[str, TensorInfo], digest: str
                ) -> dict[str, Tensor]:
     """The tensors, once the file's sha256 matches (read again: the header must still hold)."""
-    actual, _ = _sha256_file(tensor_path)
+    actual, _ = sha256_file(tensor_path)
     if actual != digest:
         raise IntegrityError(f"{tensor_path} was altered: sha256 {actual} does not match "
                              f"{digest} recorded in {JSON_FILE}")
@@ -452,6 +264,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     --------
     >>> import tempfile
     >>> from tnquant import Tucker
+    >>> from tnquant.io import save
     >>> from tnquant.layers import TuckerConv2d
     >>> layer = TuckerConv2d.from_dense(torch.nn.Conv2d(4, 8, 3), Tucker(rank=(4, 2)))
     >>> with tempfile.TemporaryDirectory() as d:
@@ -485,7 +298,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
             for name in names:
                 if name:
                     swapped.append((name, cast(nn.Module, root).get_submodule(name)))
-                    _set_module(cast(nn.Module, root), name, module)
+                    replace_module(cast(nn.Module, root), name, module)
                 else:
                     root = module
         undo = _retie(cast(nn.Module, root), meta["tied"])
@@ -495,6 +308,6 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         for owner, attr, old in reversed(undo):
             _slot(owner, attr, old)
         for name, old_module in reversed(swapped):
-            _set_module(cast(nn.Module, model), name, old_module)
+            replace_module(cast(nn.Module, model), name, old_module)
         raise
     return cast(nn.Module, root)

@@ -1,0 +1,80 @@
+"""The entries of tnquant's own layer kinds (the registry starts with these).
+
+Examples
+--------
+>>> [k.cls.__name__ for k in BUILTIN if k.role == "dense"]
+['Linear', 'Conv2d', 'Embedding']
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tnquant.layers import (
+    CPConv2d,
+    LowRankLinear,
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    TTEmbedding,
+    TTLinear,
+    TuckerConv2d,
+    TuckerLinear,
+)
+from tnquant.quant.frozen import FrozenTensor
+from tnquant.quant.quantizer import Quantizer
+from tnquant.registry import serialize as s
+from tnquant.registry.entry import LayerKind
+from tnquant.specs import CP, TT, LowRank, Tucker
+
+__all__ = ["BUILTIN", "conv_groups"]
+
+_EMBEDDING_SITES = ("output",)  # an embedding's inputs are indices
+
+
+def conv_groups(module: nn.Module) -> str | None:
+    """Why a convolution cannot be factorized: the cores hold one dense channel map.
+
+    Examples
+    --------
+    >>> conv_groups(nn.Conv2d(4, 4, 3, groups=2)), conv_groups(nn.Conv2d(4, 4, 3))
+    ('groups=2 is not supported', None)
+    """
+    groups = getattr(module, "groups", 1)
+    return None if groups == 1 else f"groups={groups} is not supported"
+
+
+BUILTIN: tuple[LayerKind, ...] = (
+    # dense layers: what factorizes them, their quantized class
+    LayerKind(nn.Linear, "dense", nn.Linear, weight_kind="linear",
+              factorize={TT: TTLinear, Tucker: TuckerLinear, LowRank: LowRankLinear},
+              quantized=QuantLinear, export="float"),
+    LayerKind(nn.Conv2d, "dense", nn.Conv2d, weight_kind="conv2d",
+              factorize={Tucker: TuckerConv2d, CP: CPConv2d}, refuse=conv_groups,
+              quantized=QuantConv2d),
+    LayerKind(nn.Embedding, "dense", nn.Embedding, weight_kind="embedding",
+              factorize={TT: TTEmbedding}, quantized=QuantEmbedding, sites=_EMBEDDING_SITES),
+    # factorized layers
+    LayerKind(LowRankLinear, "factorized", nn.Linear, handler=s.linear_handler(LowRankLinear),
+              export="lowrank"),
+    LayerKind(TTLinear, "factorized", nn.Linear, handler=s.linear_handler(TTLinear),
+              export="tt"),
+    LayerKind(TuckerLinear, "factorized", nn.Linear, handler=s.linear_handler(TuckerLinear),
+              export="tucker"),
+    LayerKind(TuckerConv2d, "factorized", nn.Conv2d, handler=s.conv_handler(TuckerConv2d)),
+    LayerKind(CPConv2d, "factorized", nn.Conv2d, handler=s.conv_handler(CPConv2d)),
+    LayerKind(TTEmbedding, "factorized", nn.Embedding, sites=_EMBEDDING_SITES,
+              handler=s.embedding_handler(TTEmbedding)),
+    # quantized dense layers
+    LayerKind(QuantLinear, "quantized", nn.Linear, handler=s.quant_linear_handler(),
+              export="dense"),
+    LayerKind(QuantConv2d, "quantized", nn.Conv2d, handler=s.quant_conv_handler()),
+    LayerKind(QuantEmbedding, "quantized", nn.Embedding, sites=_EMBEDDING_SITES,
+              handler=s.quant_embedding_handler()),
+    # what sits in a quantizer slot, and the other modules the export walks
+    LayerKind(Quantizer, "part", handler=s.QUANTIZER_HANDLER),
+    LayerKind(FrozenTensor, "part", handler=s.FROZEN_HANDLER),
+    LayerKind(nn.Identity, "part", handler=s.IDENTITY_HANDLER, export="skip"),
+    LayerKind(nn.Dropout, "other", export="skip"),
+    LayerKind(nn.ReLU, "other", export="relu"),
+)

@@ -1,0 +1,127 @@
+"""One entry of the layer registry: everything tnquant knows about one layer kind.
+
+Examples
+--------
+>>> from torch import nn
+>>> kind = LayerKind(nn.ReLU, "other", export="relu")
+>>> kind.role, kind.export, kind.quantizable
+('other', 'relu', False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from tnquant.registry.serialize import Handler
+
+__all__ = ["LayerKind", "ROLES", "WEIGHT_KINDS"]
+
+#: what a kind is: a dense layer, a factorized one, a quantized dense one, a quantizer
+#: part (``Quantizer``, ``FrozenTensor``, ``Identity`` in a quantizer slot), or another module
+ROLES = ("dense", "factorized", "quantized", "part", "other")
+#: the weight kinds of :data:`tnquant.decompose.api.DECOMPOSERS`
+WEIGHT_KINDS = ("linear", "conv2d", "embedding")
+
+Refusal = Callable[[nn.Module], "str | None"]
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What tnquant knows about one layer class (looked up by exact type).
+
+    Parameters
+    ----------
+    cls
+        The class.
+    role
+        One of :data:`ROLES`. Dense and quantized kinds keep their weight in
+        ``weight`` (a quantizer in ``weight_quantizer``); factorized kinds
+        keep ``cores`` (quantizers in ``core_quantizers``).
+    dense
+        The dense class it stands for (a dense kind: itself); ``save``/``load``
+        checks the base model holds one where it stood.
+    weight_kind
+        Dense kinds: how :mod:`tnquant.decompose` reads the weight
+        (:data:`WEIGHT_KINDS`); ``'linear'`` weights take a Gram matrix for a
+        data-aware fit.
+    factorize
+        Dense kinds: spec type -> factorized class (``cls.from_dense(module,
+        spec, name=, gram=)``).
+    refuse
+        Dense kinds: ``refuse(module)`` says why this module cannot be
+        factorized (``None`` when it can).
+    quantized
+        Dense kinds: the quantized class (``cls.from_float(module)`` shares
+        the parameters).
+    sites
+        The activation sites before any intermediates (``act_quantizers``
+        keys); factorized kinds add their ``intermediate_names()``.
+    handler
+        How ``save``/``load`` describe and rebuild it (``None``: kept from the
+        base model).
+    export
+        The fixed-point export route, a name :mod:`tnquant.export.graph` maps
+        to its functions (``None``: no export).
+    """
+
+    cls: type[nn.Module]
+    role: str
+    dense: type[nn.Module] | None = None
+    weight_kind: str | None = None
+    factorize: Mapping[type, type] = field(default_factory=dict)
+    refuse: Refusal | None = None
+    quantized: type[nn.Module] | None = None
+    sites: tuple[str, ...] = ("input", "output")
+    handler: Handler | None = None
+    export: str | None = None
+
+    def __post_init__(self) -> None:
+        name = getattr(self.cls, "__name__", repr(self.cls))
+        if not (isinstance(self.cls, type) and issubclass(self.cls, nn.Module)):
+            raise TypeError(f"LayerKind.cls must be an nn.Module class, got {self.cls!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"{name}: role must be one of {ROLES}, got {self.role!r}")
+        if self.role == "dense" and self.dense is not self.cls:
+            raise ValueError(f"{name}: a dense kind is its own dense class (dense={name})")
+        if self.role in ("factorized", "quantized") and self.dense is None:
+            raise ValueError(f"{name}: a {self.role} kind names the dense class it stands for")
+        if self.role != "dense" and (self.factorize or self.quantized or self.weight_kind
+                                     or self.refuse):
+            raise ValueError(f"{name}: only a dense kind takes factorize=, quantized=, "
+                             f"weight_kind= and refuse=")
+        if self.factorize and self.weight_kind not in WEIGHT_KINDS:
+            raise ValueError(f"{name}: weight_kind must be one of {WEIGHT_KINDS} when it "
+                             f"factorizes, got {self.weight_kind!r}")
+        self._check_handler(name)
+
+    def _check_handler(self, name: str) -> None:
+        h = self.handler
+        if h is None:
+            return
+        if not isinstance(h, Handler):
+            raise TypeError(f"{name}: handler must be a registry.serialize.Handler, got "
+                            f"{type(h).__name__}")
+        replaces = self.dense if self.role in ("factorized", "quantized") else None
+        if h.cls is not self.cls or h.replaces is not replaces:
+            raise ValueError(f"{name}: its handler is for a {h.cls.__name__} replacing "
+                             f"{getattr(h.replaces, '__name__', None)}, expected {name} "
+                             f"replacing {getattr(replaces, '__name__', None)}")
+
+    @property
+    def quantizable(self) -> bool:
+        """Whether its tensors take quantizers: a dense kind with a quantized class, or a layer."""
+        return self.role in ("factorized", "quantized") or (self.role == "dense"
+                                                             and self.quantized is not None)
+
+    @property
+    def holds_quantizers(self) -> bool:
+        """Whether its instances hold weight quantizers (factorized and quantized kinds)."""
+        return self.role in ("factorized", "quantized")
+
+    def spec_types(self) -> tuple[Any, ...]:
+        """The factorization spec types this dense kind takes, in table order."""
+        return tuple(self.factorize)
