@@ -260,3 +260,13 @@ def test_bad_objective_and_variable_are_refused():
     with pytest.raises(ValueError, match="prepare\\(\\) takes the 1 constant operands, got 2"):
         plan_einsum("ij,jk->ik", [(2, 3), (3, 4)], variable=0).prepare(
             [torch.ones(3, 4), torch.ones(3, 4)])
+
+
+def test_steps_have_named_fields():
+    prog = plan_einsum("ba,ra,or->bo", [(4, 6), (2, 6), (5, 2)], variable=0)
+    assert steps.Step._fields == ("p0", "p1", "swap", "sum_a", "perm_a", "shape_a", "sum_b",
+                                  "perm_b", "shape_b", "kind", "view")
+    assert all(isinstance(st, steps.Step) for st in prog.steps)
+    assert prog.kinds == tuple(st.kind for st in prog.steps)
+    assert all(isinstance(st, steps.StepStats) for st in prog._stats)
+    assert all(isinstance(st, steps.RunStep) for st in prog._run_steps)

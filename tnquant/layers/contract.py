@@ -52,13 +52,16 @@ from tnquant.layers.steps import (
     LINEAR,
     MM,
     UNARY,
+    RunStep,
     _arrange,
-    _compile_pair,
-    _first_output_letter,
-    _identity,
+    _arrange_a,
+    _arrange_b,
+    _compile_steps,
+    _final_arrangement,
+    _letter_sizes,
     _matmul,
+    _pop_pair,
     _shape,
-    _step_stats,
 )
 
 __all__ = [
@@ -117,15 +120,7 @@ class Program:
                  cost: int, variable: int | None = None) -> None:
         inputs, output = equation.split("->")
         terms = inputs.split(",")
-        sizes: dict[str, int] = {}
-        for term, shape in zip(terms, shapes, strict=True):
-            if len(term) != len(shape) or len(set(term)) != len(term):
-                raise ValueError(f"term {term!r} does not fit shape {tuple(shape)} (or repeats "
-                                 "a letter)")
-            for c, size in zip(term, shape, strict=True):
-                if sizes.setdefault(c, int(size)) != int(size):
-                    raise ValueError(f"letter {c!r} has size {sizes[c]} and {size} in "
-                                     f"{equation!r}")
+        sizes = _letter_sizes(equation, terms, shapes)
         self.equation = equation
         if variable is not None and not 0 <= variable < len(terms):
             raise ValueError(f"variable must index one of the {len(terms)} operands, got "
@@ -137,66 +132,21 @@ class Program:
         self.path = path
         self.cost = int(cost)
         self.out_shape = _shape(output, sizes)
-        rank = {c: k for k, c in enumerate(output)}
-        steps: list[tuple[Any, ...]] = []
-        # per step: (involves the variable, flops, elements read and written,
-        # elements copied by permutes of A, of B, the variable's side: 0 = A, 1 = B)
-        stats: list[tuple[bool, int, int, int, int, int]] = []
-        tainted = [k == variable for k in range(len(terms))]
-        n_cols = ""
-        for pos in self.path:
-            if not 1 <= len(pos) <= 2:
-                raise ValueError(f"a path step contracts 1 or 2 operands, got {pos}")
-            later = [t for k, t in enumerate(terms) if k not in pos]
-            needed = set(output).union(*later)
-            order = sorted(pos, reverse=True)
-            popped = [terms.pop(k) for k in order]
-            flags = [tainted.pop(k) for k in order]
-            if len(popped) == 1:  # sum the letters no longer needed (size 1: left for the end)
-                summed = tuple(k for k, c in enumerate(popped[0])
-                               if c not in needed and sizes[c] > 1)
-                steps.append((order[0], None, False, summed, None, None, None, None, None,
-                              UNARY, None))
-                terms.append("".join(c for k, c in enumerate(popped[0]) if k not in summed))
-                tainted.append(flags[0])
-                n_in = math.prod(_shape(popped[0], sizes))
-                stats.append((flags[0], n_in, n_in + math.prod(_shape(terms[-1], sizes)), 0, 0,
-                              0))
-                n_cols = ""
-                continue
-            # "A" (the rows of the matmul) holds the free letter that comes first
-            # in the output (the batch, for an activation): results stay batch-major
-            firsts = [_first_output_letter(t, u, rank) for t, u in (popped, popped[::-1])]
-            if firsts[0] != firsts[1]:
-                swap = firsts[1] < firsts[0]
-            else:
-                swap = math.prod(_shape(popped[1], sizes)) > math.prod(_shape(popped[0], sizes))
-            ta, tb = (popped[1], popped[0]) if swap else (popped[0], popped[1])
-            fa, fb = (flags[1], flags[0]) if swap else (flags[0], flags[1])
-            step, result, n_cols = _compile_pair(ta, tb, output, needed, sizes)
-            steps.append((order[0], order[1], swap, *step))
-            terms.append(result)
-            tainted.append(fa or fb)
-            stats.append(_step_stats(ta, tb, result, step, sizes, fa, fb))
-        (last,) = terms
-        final_sum = tuple(k for k, c in enumerate(last) if c not in rank and sizes[c] > 1)
-        last = "".join(c for k, c in enumerate(last) if k not in final_sum)
-        perm = [last.index(c) for c in output] + [last.index(c) for c in last if c not in rank]
-        final_perm = None if _identity(perm) else tuple(perm)
-        reshape = None if _shape(last, sizes) == self.out_shape else self.out_shape
-        self.final = (final_sum or None, final_perm, reshape)
+        steps, stats, last, n_cols = _compile_steps(terms, output, path, sizes, variable)
+        final_sum, final_perm, reshape = _final_arrangement(last, output, sizes, self.out_shape)
+        self.final = (final_sum, final_perm, reshape)
         self._final_moved = 2 * math.prod(self.out_shape) if final_perm or final_sum else 0
         self.steps = steps
         self._stats = stats
         self.n_const = 0
         if variable is not None:
-            self.n_const = sum(1 for st in stats if not st[0])
+            self.n_const = sum(1 for st in stats if not st.variable)
         self._run_steps = self._compile_run()
         # the bias (of the last output letter) goes into the last matmul when its
         # columns are exactly that letter and nothing is permuted afterwards
-        self.fusable = bool(steps and steps[-1][9] in (MM, LINEAR) and final_perm is None
+        self.fusable = bool(steps and steps[-1].kind in (MM, LINEAR) and final_perm is None
                             and not final_sum and output and n_cols == output[-1])
-        self.kinds = tuple(st[9] for st in steps)
+        self.kinds = tuple(st.kind for st in steps)
 
     def __repr__(self) -> str:
         return f"Program({self.equation!r}, path={self.path}, cost={self.cost})"
@@ -230,27 +180,26 @@ class Program:
             total += ELEMENT_COST * self._final_moved + CALL_COST
         return total
 
-    def _compile_run(self) -> list[tuple[Any, ...]]:
-        """Steps of :meth:`run`: (index, variable is A, its arrangement, matmul kind, view)."""
-        run: list[tuple[Any, ...]] = []
+    def _compile_run(self) -> list[RunStep]:
+        """Steps of :meth:`run`: the variable against one prepared constant each."""
+        run: list[RunStep] = []
         if self.variable is None:
             return run
-        for k, st, (var, *_, side) in zip(range(self.n_const, len(self.steps)),
-                                          self.steps[self.n_const:],
-                                          self._stats[self.n_const:], strict=True):
-            if not var:
+        for k, st, stats in zip(range(self.n_const, len(self.steps)), self.steps[self.n_const:],
+                                self._stats[self.n_const:], strict=True):
+            if not stats.variable:
                 raise ValueError("a step among the constants follows one with the variable")
-            _p0, _p1, _swap, sa, pa, ra, sb, pb, rb, kind, view = st
-            if kind == UNARY:
-                arrange = (sa, None, None)
-                run.append((k, True, arrange if sa else None, UNARY, None))
+            if st.kind == UNARY:
+                arrange = (st.sum_a, None, None)
+                run.append(RunStep(k, True, arrange if st.sum_a else None, UNARY, None))
                 continue
             # the variable is A: B is prepared, a (N, K) F.linear weight turned (K, N) for mm
-            arrange = (sa, pa, ra) if side == 0 else (sb, pb, rb)
-            if side == 0 and kind == LINEAR:
-                kind = MM
-            run.append((k, side == 0, None if arrange == (None, None, None) else arrange, kind,
-                        view))
+            a_side = stats.side == 0
+            arrange = ((st.sum_a, st.perm_a, st.shape_a) if a_side
+                       else (st.sum_b, st.perm_b, st.shape_b))
+            kind = MM if a_side and st.kind == LINEAR else st.kind
+            run.append(RunStep(k, a_side, None if arrange == (None, None, None) else arrange,
+                               kind, st.view))
         return run
 
     def prepare(self, constants: Sequence[Tensor]) -> list[Tensor | None]:
@@ -287,34 +236,28 @@ class Program:
                              f"{len(constants)}")
         ops: list[Any] = list(constants)
         ops.insert(self.variable, None)  # None marks what depends on the variable
-        for p0, p1, swap, sa, pa, ra, sb, pb, rb, kind, view in self.steps[: self.n_const]:
-            a = ops.pop(p0)
-            if kind == UNARY:
-                ops.append(a.sum(sa) if sa else a)
+        for st in self.steps[: self.n_const]:
+            if st.kind == UNARY:
+                a = ops.pop(st.p0)
+                ops.append(a.sum(st.sum_a) if st.sum_a else a)
                 continue
-            b = ops.pop(p1)
-            if swap:
-                a, b = b, a
-            ops.append(_matmul(kind, _arrange(a, sa, pa, ra), _arrange(b, sb, pb, rb), view))
+            a, b = _pop_pair(ops, st)
+            ops.append(_matmul(st.kind, _arrange_a(a, st), _arrange_b(b, st), st.view))
         prepared: list[Tensor | None] = []
-        for st, (_k, var_is_a, *_) in zip(self.steps[self.n_const:], self._run_steps,
-                                          strict=True):
-            p0, p1, swap, sa, pa, ra, sb, pb, rb, orig_kind, _ = st
-            a = ops.pop(p0)
-            if orig_kind == UNARY:
+        for st, run_step in zip(self.steps[self.n_const:], self._run_steps, strict=True):
+            if st.kind == UNARY:
+                ops.pop(st.p0)
                 prepared.append(None)
                 ops.append(None)
                 continue
-            b = ops.pop(p1)
-            if swap:
-                a, b = b, a
+            a, b = _pop_pair(ops, st)
             # detached: torch.matmul folds (copies) a 2-d operand that requires grad
-            if var_is_a:
-                b = _arrange(b, sb, pb, rb)
-                b = b.t().contiguous() if orig_kind == LINEAR else b.contiguous()
+            if run_step.variable_is_a:
+                b = _arrange_b(b, st)
+                b = b.t().contiguous() if st.kind == LINEAR else b.contiguous()
                 prepared.append(b.detach())
             else:
-                prepared.append(_arrange(a, sa, pa, ra).contiguous().detach())
+                prepared.append(_arrange_a(a, st).contiguous().detach())
             ops.append(None)
         return prepared
 
@@ -336,24 +279,24 @@ class Program:
         last = len(self.steps) - 1
         fused = bias if self.fusable else None
         r = x
-        for (k, var_is_a, arrange, kind, view), c in zip(self._run_steps, prepared, strict=True):
-            if arrange is not None:
-                r = _arrange(r, *arrange)
-            if kind == UNARY:
+        for st, c in zip(self._run_steps, prepared, strict=True):
+            if st.arrange is not None:
+                r = _arrange(r, *st.arrange)
+            if st.kind == UNARY:
                 continue
-            add = fused if k == last else None
-            if not var_is_a:
-                r = _matmul(kind, c, r, None, add)
-            elif kind == MM:
+            add = fused if st.index == last else None
+            if not st.variable_is_a:
+                r = _matmul(st.kind, c, r, None, add)
+            elif st.kind == MM:
                 r = torch.mm(r, c) if add is None else torch.addmm(add, r, c)
-            elif kind == LEFT:
+            elif st.kind == LEFT:
                 r = torch.matmul(c, r)
             else:
                 r = torch.bmm(r, c)
-            if view is not None:
-                r = r.view(view)
-            if hooks is not None and k < last:
-                hook = hooks[k]
+            if st.view is not None:
+                r = r.view(st.view)
+            if hooks is not None and st.index < last:
+                hook = hooks[st.index]
                 if hook is not None:
                     r = hook(r)
         r = _arrange(r, *self.final)
@@ -392,19 +335,18 @@ class Program:
         ops = list(operands)
         last = len(self.steps) - 1
         fused = bias if self.fusable else None
-        for k, (p0, p1, swap, sa, pa, ra, sb, pb, rb, kind, view) in enumerate(self.steps):
-            a = ops.pop(p0)
-            if kind == UNARY:
-                ops.append(a.sum(sa) if sa else a)
+        for k, st in enumerate(self.steps):
+            if st.kind == UNARY:
+                a = ops.pop(st.p0)
+                ops.append(a.sum(st.sum_a) if st.sum_a else a)
                 continue
-            b = ops.pop(p1)
-            if swap:
-                a, b = b, a
-            a, b = _arrange(a, sa, pa, ra), _arrange(b, sb, pb, rb)
-            if kind == MM and fused is not None and k == last:
+            a, b = _pop_pair(ops, st)
+            a, b = _arrange_a(a, st), _arrange_b(b, st)
+            view = st.view
+            if st.kind == MM and fused is not None and k == last:
                 r = torch.addmm(fused, a, b)
             else:
-                r = _matmul(kind, a, b, view, fused if k == last else None)
+                r = _matmul(st.kind, a, b, view, fused if k == last else None)
                 view = None
             if view is not None:
                 r = r.view(view)
