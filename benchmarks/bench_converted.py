@@ -64,15 +64,14 @@ from common import machine, markdown_table, median_time  # noqa: E402
 from tnquant import (  # noqa: E402
     TT,
     QuantSpec,
-    calibrate,
     convert,
     factorize,
     load,
     model_size_bits,
-    quantize,
     save,
 )
-from tnquant.datasets import load_minilm, split_corpus  # noqa: E402
+from tnquant.cli.datasets import load_minilm, split_corpus  # noqa: E402
+from tnquant.pipeline import QuantizeSection, Recipe, run_pipeline  # noqa: E402
 
 LAYERS = "encoder.encoder.layer.*"
 RESULTS = Path(__file__).resolve().parent / "results" / "converted.md"
@@ -109,10 +108,9 @@ def main() -> None:
 
     models: dict[str, torch.nn.Module] = {"float32 (original)": model}
 
-    int8_fq = copy.deepcopy(model)
-    quantize(int8_fq, weights={LAYERS: QuantSpec(bits=8, granularity="channel", axis=0)},
-             progress=False)
-    calibrate(int8_fq, calib, progress=False)
+    int8 = QuantizeSection(weights={LAYERS: QuantSpec(bits=8, granularity="channel", axis=0)},
+                           convert=False)  # quantize + calibrate; converted twice below
+    int8_fq = run_pipeline(model, Recipe(quantize=int8), calib, progress=False).model
     models["int8 per-channel, fake-quant"] = int8_fq
     int8_cv = convert(int8_fq, inplace=False, progress=False).model
     models["int8 per-channel, converted"] = int8_cv
@@ -125,11 +123,10 @@ def main() -> None:
     factorize(tt, {LAYERS: TT(ratio=0.25, order=2)}, progress=False)
     tt_sec = time.perf_counter() - t0
     models["TT(0.25) float32"] = tt
-    tt_q = copy.deepcopy(tt)
-    quantize(tt_q, cores={0: QuantSpec(bits=8, granularity="channel", axis=3),
-                          -1: QuantSpec(bits=8, granularity="channel", axis=0)},
-             include=[LAYERS], progress=False)
-    calibrate(tt_q, calib, progress=False)
+    cores = QuantizeSection(cores={0: QuantSpec(bits=8, granularity="channel", axis=3),
+                                   -1: QuantSpec(bits=8, granularity="channel", axis=0)},
+                            include=(LAYERS,), convert=False)  # quantize + calibrate
+    tt_q = run_pipeline(tt, Recipe(quantize=cores), calib, progress=False).model
     tt_cv = convert(tt_q, inplace=False, progress=False).model
     models["TT(0.25) + int8 cores, converted"] = tt_cv
 

@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, train_classifier  # noqa: E402
 
 from tnquant import TT, LowRank, QuantSpec, Tucker, calibrate, factorize, finetune, quantize  # noqa: E402
-from tnquant.datasets import digits  # noqa: E402
+from tnquant.cli.datasets import digits  # noqa: E402
 from tnquant.export import IntegerModel, build_graph, fixed_point, to_hls4ml  # noqa: E402
 from tnquant.export.cheaders import c_name  # noqa: E402
 

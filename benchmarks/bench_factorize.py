@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table  # noqa: E402
 
 from tnquant import TT, LowRank, Tucker, factorize  # noqa: E402
-from tnquant.datasets import load_minilm, split_corpus  # noqa: E402
+from tnquant.cli.datasets import load_minilm, split_corpus  # noqa: E402
 from tnquant.decompose import als  # noqa: E402
 from tnquant.factorization import collect_grams  # noqa: E402
 

@@ -92,7 +92,7 @@ from tnquant import (  # noqa: E402
     quantize,
     save,
 )
-from tnquant.datasets import load_minilm, minilm_path, split_corpus  # noqa: E402
+from tnquant.cli.datasets import load_minilm, minilm_path, split_corpus  # noqa: E402
 from tnquant.ptq import gptq, rotate  # noqa: E402
 
 LAYERS = "encoder.encoder.layer.*"

@@ -48,7 +48,7 @@ from tnquant import (  # noqa: E402
     model_size_bits,
     quantize,
 )
-from tnquant.datasets import digits  # noqa: E402
+from tnquant.cli.datasets import digits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_digits.md"
 

@@ -18,7 +18,7 @@ float32 biases; every core of a factorized layer) / number of original
 weights of those Linear layers (10,616,832). Embeddings, LayerNorms and the
 (unused by the pooled output) pooler stay float and are not counted.
 
-Rows ``mixed <b> bits``: a plan from :func:`tnquant.search.search`
+Rows ``mixed <b> bits``: a plan from :func:`tnquant.search` (:mod:`tnquant.planning`)
 (``metric='output'`` on 64 training sentences; dense int8/6/5/4/3/2 per
 channel with the ``'mse'`` observer, or ternary, per layer) at a budget of
 ``b`` bits per original weight, its quantizers made learnable (LSQ), then
@@ -82,9 +82,9 @@ from tnquant import (  # noqa: E402
     quantize,
 )
 from tnquant.batches import move_batch  # noqa: E402
-from tnquant.datasets import load_minilm, split_corpus  # noqa: E402
+from tnquant.cli.datasets import load_minilm, split_corpus  # noqa: E402
+from tnquant.planning import Candidates, Plan, apply, search, sensitivity  # noqa: E402
 from tnquant.ptq import gptq, rotate  # noqa: E402
-from tnquant.search import Candidates, Plan, apply, search, sensitivity  # noqa: E402
 
 LAYERS = "encoder.encoder.layer.*"
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_minilm.md"

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, median_time  # noqa: E402
 
 from tnquant import Binary, QuantSpec, Ternary  # noqa: E402
-from tnquant.datasets import load_minilm  # noqa: E402
+from tnquant.cli.datasets import load_minilm  # noqa: E402
 from tnquant.quant import choose_qparams, fake_quantize  # noqa: E402
 from tnquant.quant.observers import estimate_range  # noqa: E402
 

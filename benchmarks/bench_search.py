@@ -13,7 +13,7 @@ judging as ``bench_ptq_minilm.py``):
   search's own candidates: dense int-k per-channel with the ``'mse'``
   clipping observer, dense ternary, and LowRank at ratio 1/2 with int8 /
   int4 cores;
-- **searched**: :func:`tnquant.search.search` with ``metric='output'`` (the
+- **searched**: :func:`tnquant.search` (:mod:`tnquant.planning`) with ``metric='output'`` (the
   relative MSE of the sentence embedding with only one layer changed,
   measured on 64 calibration sentences disjoint from the judged ones),
   candidates dense or LowRank at ratio 1/2 (weight-only SVD), float, int8, 6,
@@ -49,10 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import embed, judge, knn, machine, make_batches, markdown_table  # noqa: E402
 
 from tnquant import LowRank, QuantSpec, Ternary, model_size_bits  # noqa: E402
-from tnquant.datasets import load_minilm, split_corpus  # noqa: E402
+from tnquant.cli.datasets import load_minilm, split_corpus  # noqa: E402
 from tnquant.layers.quantized import weight_pairs  # noqa: E402
+from tnquant.planning import Candidates, Choice, Plan, apply, search, sensitivity  # noqa: E402
 from tnquant.quant import Quantizer  # noqa: E402
-from tnquant.search import Candidates, Choice, Plan, apply, search, sensitivity  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "search.md"

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import embed, make_batches  # noqa: E402
 
-from tnquant.datasets import load_minilm, split_corpus  # noqa: E402
+from tnquant.cli.datasets import load_minilm, split_corpus  # noqa: E402
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Lines: up to ``--extra`` (default 4000) sentences from the docstrings of numpy,
 scipy, scikit-learn, torch.nn, sympy, pandas, networkx, hypothesis, setuptools
 and pip (``--more``: also transformers, matplotlib, tensorly, pygments, jinja2,
 huggingface_hub, hls4ml and the rest of torch) (with
-``tnquant.datasets``' sentence filter, none of them in the held-out split),
+``tnquant.cli.datasets``' sentence filter, none of them in the held-out split),
 then the 1408 training sentences of ``sentence_corpus(seed=0)``, then its 512
 held-out ones. Use with ``bench_qat_minilm.py --corpus FILE --train 5408
 --test 512``: the held-out sentences are the same as with ``--train 1408``.
@@ -19,7 +19,7 @@ import importlib
 import pkgutil
 import warnings
 
-import tnquant.datasets as ds
+import tnquant.cli.datasets as ds
 
 PACKAGES = ["numpy", "scipy", "sklearn", "torch.nn", "sympy", "pandas", "networkx",
             "hypothesis", "setuptools", "pip._internal"]

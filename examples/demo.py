@@ -5,7 +5,8 @@
 2. Factorize every Linear layer of the encoder, weight-only and data-aware
    (fitted on calibration sentences), and print the size and the cosine of
    the sentence embeddings to the original model's on held-out sentences.
-3. The whole road on one model: data-aware low-rank factorization, 4-bit
+3. The whole road on one model (``tnquant.pipeline.run_pipeline``, the road
+   ``tnquant compress`` runs): data-aware low-rank factorization, 4-bit
    per-channel cores, PTQ calibration, a short distillation from the original
    model through the straight-through estimators, and conversion to packed
    integer storage; the size in bits per original weight and the cosine at
@@ -31,14 +32,17 @@ from tnquant import (
     QuantSpec,
     Ternary,
     Tucker,
-    calibrate,
-    convert,
     factorize,
-    finetune,
-    quantize,
     size_report,
 )
-from tnquant.datasets import load_minilm, split_corpus
+from tnquant.cli.datasets import load_minilm, split_corpus
+from tnquant.pipeline import (
+    FactorizeSection,
+    FinetuneSection,
+    QuantizeSection,
+    Recipe,
+    run_pipeline,
+)
 from tnquant.quant import fake_quantize
 
 
@@ -139,36 +143,31 @@ def pipeline(model, tokenizer) -> None:
 
     print("\n3) compress -> quantize -> calibrate -> distil -> convert (MiniLM-L6 encoder)")
     print(f"   {'stage':<44}{'bits/weight':>12}{'mean cos':>10}{'time s':>8}")
-    student = copy.deepcopy(model)
+    layers = "encoder.encoder.*"
+    recipe = Recipe(
+        factorize=FactorizeSection({layers: LowRank(ratio=0.5)}),  # data-aware by default
+        quantize=QuantizeSection(
+            weights={layers: QuantSpec(bits=4, granularity="channel", learnable=True)}
+        ),
+        finetune=FinetuneSection(loss="cosine", epochs=2, lr=3e-4),  # distilled from model
+    )
+    labels = {
+        "factorize": "LowRank(ratio=0.5), data-aware, float32",
+        "calibrate": "+ 4-bit per-channel cores (LSQ), PTQ",
+        "finetune": f"+ distillation, 2 epochs x {len(calib)} batches",
+        "convert": "+ convert to packed int4 storage",
+    }
+    seconds = {"quantize": 0.0}
 
-    def stage(label: str, step) -> None:
-        t0 = time.perf_counter()
-        step()
-        seconds = time.perf_counter() - t0
+    def after(stage: str, student, report, stage_seconds: float) -> None:
+        if stage == "quantize":  # printed with calibrate: a quantized model is calibrated next
+            seconds["quantize"] = stage_seconds
+            return
+        total = stage_seconds + (seconds["quantize"] if stage == "calibrate" else 0.0)
         bits, cos = encoder_bits_per_weight(student), cosine(student)
-        print(f"   {label:<44}{bits:>12.2f}{cos:>10.3f}{seconds:>8.1f}")
+        print(f"   {labels[stage]:<44}{bits:>12.2f}{cos:>10.3f}{total:>8.1f}")
 
-    stage(
-        "LowRank(ratio=0.5), data-aware, float32",
-        lambda: factorize(
-            student, {"encoder.encoder.*": LowRank(ratio=0.5)}, data=calib, progress=False
-        ),
-    )
-    spec = QuantSpec(bits=4, granularity="channel", learnable=True)
-    stage(
-        "+ 4-bit per-channel cores (LSQ), PTQ",
-        lambda: (
-            quantize(student, weights={"encoder.encoder.*": spec}, progress=False),
-            calibrate(student, calib, progress=False),
-        ),
-    )
-    stage(
-        f"+ distillation, 2 epochs x {len(calib)} batches",
-        lambda: finetune(
-            student, calib, teacher=model, loss="cosine", epochs=2, lr=3e-4, progress=False
-        ),
-    )
-    stage("+ convert to packed int4 storage", lambda: convert(student, progress=False))
+    run_pipeline(model, recipe, calib, progress=False, after=after)
     print(
         f"   (original: 32.00 bits/weight; {ENCODER_LINEAR_WEIGHTS / 1e6:.1f}M encoder "
         "Linear weights; embeddings and pooler stay float)"

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tnquant import QuantSpec, calibrate, quantize
-from tnquant.datasets import load_minilm, split_corpus
+from tnquant.cli.datasets import load_minilm, split_corpus
 from tnquant.ptq import gptq
 
 LAYERS = "encoder.encoder.layer.*"

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from tnquant import QuantSpec, calibrate, model_size_bits
-from tnquant.datasets import digits
-from tnquant.search import Candidates, Choice, Plan, apply, search, sensitivity
+from tnquant.cli.datasets import digits
+from tnquant.planning import Candidates, Choice, Plan, apply, search, sensitivity
 
 TARGET_DROP = 0.01  # accuracy may fall by at most 1 point
 MIN_COSINE = 0.95  # MiniLM: the embeddings must keep this mean cosine to the original
@@ -147,7 +147,7 @@ def embed(model: nn.Module, batches: list[dict]) -> torch.Tensor:
 
 
 def minilm_search(quick: bool) -> None:
-    from tnquant.datasets import load_minilm, split_corpus
+    from tnquant.cli.datasets import load_minilm, split_corpus
 
     start = time.perf_counter()
     model, tokenizer = load_minilm()

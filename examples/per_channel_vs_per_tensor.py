@@ -18,7 +18,7 @@ and 2 bits it decides whether the model still works. Two real models:
    ``tnquant.quant.fake_quantize``), then all 36 Linear layers of the
    encoder quantized alike, judged by the mean cosine of the sentence
    embeddings to the original model's on held-out real sentences
-   (``tnquant.datasets.split_corpus``). Per-group: groups of 64 inputs.
+   (``tnquant.cli.datasets.split_corpus``). Per-group: groups of 64 inputs.
 
 Run: ``python examples/per_channel_vs_per_tensor.py`` (about 30 s on 2
 cores); ``--quick`` for short settings (fewer training epochs and
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from tnquant import QuantSpec, calibrate, model_size_bits, quantize, size_report
-from tnquant.datasets import digits, load_minilm, split_corpus
+from tnquant.cli.datasets import digits, load_minilm, split_corpus
 from tnquant.quant import fake_quantize
 
 BITS = (8, 4, 3, 2)

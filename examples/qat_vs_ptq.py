@@ -52,7 +52,7 @@ from tnquant import (
     quantize,
     size_report,
 )
-from tnquant.datasets import digits
+from tnquant.cli.datasets import digits
 
 SPECS = [
     ("int8 channel", QuantSpec(bits=8, granularity="channel", learnable=True)),
@@ -141,7 +141,7 @@ def digits_table(train_epochs: int, qat_epochs: int) -> None:
 
 
 def minilm_table(steps: int) -> None:
-    from tnquant.datasets import load_minilm, split_corpus
+    from tnquant.cli.datasets import load_minilm, split_corpus
 
     model, tokenizer = load_minilm()
     train_s, test_s = split_corpus(32 * steps, 128, seed=0)
