@@ -210,3 +210,28 @@ def test_load_recipe_refuses_huge_and_binary_files(tmp_path):
     binary.write_bytes(b"\xff\xfe" + WEIGHTS.encode())
     with pytest.raises(ValueError, match="recipe file .* is not UTF-8"):
         load_recipe(binary)
+
+
+def test_finetune_table_is_derived_from_finetune_config():
+    from tnquant.qat.config import FinetuneConfig
+    from tnquant.qat.losses import LOSSES
+    from tnquant.qat.optim import OPTIMIZERS, SCHEDULES
+    from tnquant.qat.params import TRAIN_CHOICES
+
+    ft = parse_recipe("[finetune]\n" + WEIGHTS).finetune
+    assert ft is not None and ft.distill is True
+    defaults = FinetuneConfig()
+    for name in FinetuneConfig.__dataclass_fields__:
+        assert getattr(ft, name) == getattr(defaults, name), name
+    for key, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                         ("train", TRAIN_CHOICES)):
+        for choice in choices:
+            value = parse_recipe(f'[finetune]\n{key} = "{choice}"\n' + WEIGHTS).finetune
+            assert getattr(value, key) == choice
+        with pytest.raises(ValueError, match=rf"'finetune.{key}' must be one of"):
+            parse_recipe(f'[finetune]\n{key} = "nope"\n' + WEIGHTS)
+
+
+def test_finetune_values_the_config_refuses_are_recipe_errors():
+    with pytest.raises(ValueError, match=r"recipe table 'finetune': temperature must be a finite"):
+        parse_recipe("[finetune]\ntemperature = inf\n" + WEIGHTS)

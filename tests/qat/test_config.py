@@ -109,3 +109,54 @@ def test_a_dataloader_is_not_iterated_by_the_check():
     before = torch.get_rng_state()
     EpochPlan(loader)
     assert torch.equal(torch.get_rng_state(), before)  # no iter(loader): no seed drawn
+
+
+def test_one_config_or_its_fields_as_keywords_give_the_same_run():
+    from tests.qat.models import params_equal
+
+    teacher = mlp()
+    a, b, c = compressed(teacher), compressed(teacher), compressed(teacher)
+    data = batches(1, 4)
+    cfg = FinetuneConfig(epochs=2, lr=3e-2, loss="cosine", progress=False)
+    ra = finetune(a, data, teacher, config=cfg)
+    rb = finetune(b, data, teacher, epochs=2, lr=3e-2, loss="cosine", progress=False)
+    assert params_equal(a, b) and ra.history.loss == rb.history.loss
+    # with both, the keywords override the config's fields
+    finetune(c, data, teacher, config=FinetuneConfig(epochs=2, lr=1.0, progress=False),
+             lr=3e-2, loss="cosine")
+    assert params_equal(a, c)
+
+
+def test_the_config_holds_every_option_of_finetune():
+    import inspect
+
+    from tnquant.qat import resume
+
+    names = set(FinetuneConfig.__dataclass_fields__)
+    assert set(resume.OPTIONS) - {"teacher"} <= names
+    assert set(resume.MAY_CHANGE) <= names
+    params = inspect.signature(finetune).parameters
+    assert list(params) == ["model", "data", "teacher", "config", "options"]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"lrr": 1.0}, TypeError, "unexpected keyword argument 'lrr'; its options are the fields"),
+    ({"config": {"lr": 1.0}}, TypeError, "config must be a FinetuneConfig or None, got dict"),
+    ({"config": FinetuneConfig(), "lr": -1.0}, ValueError, "lr must be a number > 0"),
+    ({"task_loss": "hinge"}, TypeError, r"task_loss must be one of \['cross_entropy'\]"),
+])
+def test_bad_config_or_keywords_are_refused(kwargs, error, match):
+    teacher = mlp()
+    with pytest.raises(error, match=match):
+        finetune(compressed(teacher), batches(0, 2), teacher, progress=False, **kwargs)
+
+
+def test_a_named_task_loss_is_the_function():
+    from tests.qat.models import params_equal
+
+    data = [(x, torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)))
+            for i, x in enumerate(batches(1, 3))]
+    a, b = compressed(mlp()), compressed(mlp())
+    finetune(a, data, task_loss="cross_entropy", lr=1e-2, progress=False)
+    finetune(b, data, task_loss=torch.nn.functional.cross_entropy, lr=1e-2, progress=False)
+    assert params_equal(a, b)
