@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from tnquant._version import __version__
 from tnquant.export.graph import Op, check_widths
 from tnquant.export.manifest_fields import (
     MAX_FEATURES,
@@ -155,8 +156,6 @@ def build_manifest(ops: list[Op], extra: dict[str, Any] | None = None) -> dict[s
     ...
     ValueError: extra keys must be among ['headers', 'hls4ml_config', 'routes'], got 'note'
     """
-    from tnquant import __version__
-
     if not ops:
         raise ValueError("an export needs at least one op, got none")
     for key in extra or {}:
