@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +237,7 @@ _COMPARE = {"metric": (lambda v: v in ("cosine", "accuracy"), "'cosine' or 'accu
             "samples": _INT, "rows": _LIST}
 
 
-def _check_fields(obj: Any, schema: dict[str, tuple[Callable[[Any], bool], str]], where: str,
+def _check_fields(obj: Any, schema: Mapping[str, tuple[Callable[[Any], bool], str]], where: str,
                   file: str) -> None:
     if not isinstance(obj, dict):
         raise UsageError(f"{file}: field '{where}' must be a JSON object, got {_short(obj)}")

@@ -88,7 +88,7 @@ def _measure(args: argparse.Namespace, inputs: Inputs, result: PipelineResult,
 
 def _write(out: Path, student: Any, recipe: Recipe, inputs: Inputs, seed: int,
            report: dict[str, Any]) -> None:
-    from tnquant import save
+    from tnquant.io import save
 
     save(student, out)
     rows = export_inputs(student, inputs.names, inputs.calib, recipe.export.num_samples
@@ -172,7 +172,7 @@ def _export_one(name: str, module: Any, x: np.ndarray, ex: Any, out: Path) -> di
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tnquant import load
+    from tnquant.io import load
 
     directory = Path(args.dir)
     report = _read(directory, REPORT, checks.check_report)

@@ -86,7 +86,7 @@ def _hf_model(path: Path, pretrained: bool, max_bytes: int | None = None) -> tup
         os.environ.setdefault(var, "1")
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    code = {"trust_remote_code": False}
+    code: dict[str, Any] = {"trust_remote_code": False}
     try:
         if pretrained:
             encoder = AutoModel.from_pretrained(str(path), **code)
@@ -409,7 +409,8 @@ def export_names(model: nn.Module, recipe: Recipe) -> list[str]:
     """
     if recipe.export is None:
         return []
-    globs, names = recipe.export.layers, []
+    globs = recipe.export.layers
+    names: list[str] = []
     for name, _ in model.named_modules():
         if name and any(matches(name, g) for g in globs):
             if not any(name.startswith(n + ".") for n in names):

@@ -97,7 +97,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tnquant import pipeline
+import tnquant.pipeline as pipeline
 from tnquant.cli.checks import (
     Check,
     _bool,

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tnquant import model_size_bits
 from tnquant.cli import checks
 from tnquant.core import capture_inputs, capture_outputs, evaluating, outputs
+from tnquant.quantization import model_size_bits
 
 __all__ = ["compare", "layer_errors", "layer_rows", "totals", "export_inputs", "format_report",
            "table", "plot"]

@@ -1,4 +1,4 @@
-"""Quantization-aware fine-tuning: ``finetune(FinetuneConfig)``, its trainer loop, losses, checkpoints.
+"""Quantization-aware fine-tuning: ``finetune`` (one ``FinetuneConfig``), its trainer, losses.
 
 Examples
 --------

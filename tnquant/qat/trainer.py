@@ -31,6 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -130,7 +131,7 @@ class Trainer:
 
     def _resume(self, state: dict[str, Any], path: os.PathLike[str]) -> None:
         """Continue from a checkpoint :func:`~tnquant.qat.resume.read_resume` checked."""
-        resume.restore(state, path, self.model, self.optimizer, self.scheduler)
+        resume.restore(state, Path(path), self.model, self.optimizer, self.scheduler)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.epoch_steps = int(state["epoch_steps"])
         self.history = History.from_dict(state["history"])
