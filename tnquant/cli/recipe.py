@@ -54,7 +54,9 @@ glob that holds dots: ``"encoder.layer.*.intermediate.dense" = {...}``.
     ``num_batches``, ``bias_correction`` (false). Calibration runs whenever
     the model is quantized.
 ``[finetune]``
-    Present: distil/fine-tune after calibration. ``epochs`` (1),
+    Present: distil/fine-tune after calibration. The keys are fields of
+    :class:`~tnquant.qat.config.FinetuneConfig` (defaults and choices are
+    its own) and ``distill``; the seed is ``--seed``. ``epochs`` (1),
     ``max_steps``, ``lr`` (1e-4), ``scale_lr``, ``weight_decay`` (0),
     ``distill`` (true: from the original model), ``loss`` (``mse``,
     ``cosine``, ``kl``), ``temperature``, ``task_loss`` (``cross_entropy``,
