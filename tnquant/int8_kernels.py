@@ -38,15 +38,17 @@ True
 from __future__ import annotations
 
 import warnings
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tnquant.core.modules import replace_module
 from tnquant.layers.quantized import QuantLinear
 from tnquant.quant.frozen import FrozenTensor
 from tnquant.quant.quantizer import Quantizer
+from tnquant.registry import lookup
 from tnquant.report import Report
 from tnquant.specs import QuantSpec
 
@@ -63,6 +65,12 @@ def int8_kernels_available() -> bool:
     """
     engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
     return bool(engines)
+
+
+def _quantized_linear(module: nn.Module) -> bool:
+    """Whether the registry says ``module`` is a quantized ``nn.Linear`` (``QuantLinear``)."""
+    kind = lookup(module)
+    return kind is not None and kind.role == "quantized" and kind.dense is nn.Linear
 
 
 def _why_not(module: QuantLinear) -> str | None:
@@ -153,20 +161,16 @@ def to_int8_kernels(model: nn.Module, *, progress: bool = True) -> Report:
         raise RuntimeError("this torch build has no quantized engine (fbgemm/x86/qnnpack): "
                            "int8 kernels are unavailable; keep the exact converted model")
     report = Report("int8 kernels", columns=("name", "status", "reason"))
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    targets = [(n, cast(QuantLinear, m)) for n, m in model.named_modules()
+               if _quantized_linear(m)]
     for name, module in tqdm(targets, desc="int8 kernels", disable=not progress):
-        reason = _why_not(module)
+        reason = _why_not(module) if name else "the model itself cannot be replaced; wrap it"
         if reason is None and any(p.device.type != "cpu" for p in module.parameters()):
             reason = "not on the CPU (torch's int8 dynamic Linear is CPU-only)"
         if reason is not None:
             report.add(name=name, status="kept", reason=reason)
             continue
-        _replace(model, name, _dynamic_linear(module))
+        replace_module(model, name, _dynamic_linear(module))
         report.add(name=name, status="int8 kernel", reason="")
     return report
 
-
-def _replace(model: nn.Module, name: str, new: Any) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)

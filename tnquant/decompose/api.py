@@ -1,6 +1,6 @@
 """Entry points: a weight and a spec in, a :class:`Decomposition` out.
 
-One dispatch table per layer kind, from spec type to handler:
+One dispatch table (:data:`DECOMPOSERS`), per weight kind from spec type to handler:
 
 ============  ===========================  =========================  ==============
 spec          Linear ``(out, in)``          Conv2d ``(O, I, kh, kw)``   Embedding
@@ -69,7 +69,8 @@ from tnquant.decompose.tucker import (
 )
 from tnquant.specs import CP, TT, LowRank, Tucker
 
-__all__ = ["decompose_linear", "decompose_conv", "decompose_embedding", "reconstruct"]
+__all__ = ["decompose_linear", "decompose_conv", "decompose_embedding", "reconstruct",
+           "DECOMPOSERS", "spec_types"]
 
 #: Times the weight tolerance is halved (tol with a gram, TT / tensorized
 #: Tucker) before falling back to full rank.
@@ -97,7 +98,8 @@ def _check_tensor(x: Any, ndim: int, name: str, layout: str) -> Tensor:
     return x.detach().to(work_dtype(x.device))
 
 
-def _check_spec(spec: Any, table: dict[type, Handler], layer: str) -> Handler:
+def _check_spec(spec: Any, weight_kind: str) -> Handler:
+    table, layer = DECOMPOSERS[weight_kind], _LAYER_NAMES[weight_kind]
     handler = table.get(type(spec))
     if handler is None:
         valid = ", ".join(t.__name__ for t in table)
@@ -220,9 +222,27 @@ def _cp_conv(k: Tensor, spec: CP, gram: Tensor | None) -> Part:
     return cp_conv(k, spec)
 
 
-_LINEAR: dict[type, Handler] = {TT: _tt_linear, Tucker: _tucker_linear, LowRank: _lowrank_linear}
-_CONV: dict[type, Handler] = {Tucker: _tucker_conv, CP: _cp_conv, LowRank: _lowrank_conv}
-_EMBEDDING: dict[type, Handler] = {TT: _tt_linear, LowRank: _lowrank_linear}
+#: weight kind -> spec type -> handler: the one dispatch table. A layer registry entry
+#: (:class:`tnquant.registry.LayerKind`) names its dense weight's kind, one of these keys.
+DECOMPOSERS: dict[str, dict[type, Handler]] = {
+    "linear": {TT: _tt_linear, Tucker: _tucker_linear, LowRank: _lowrank_linear},
+    "conv2d": {Tucker: _tucker_conv, CP: _cp_conv, LowRank: _lowrank_conv},
+    "embedding": {TT: _tt_linear, LowRank: _lowrank_linear},
+}
+_LAYER_NAMES = {"linear": " Linear", "conv2d": " Conv2d", "embedding": "n Embedding"}
+
+
+def spec_types(weight_kind: str) -> tuple[type, ...]:
+    """The spec types that decompose a weight of ``weight_kind`` (a :data:`DECOMPOSERS` key).
+
+    Examples
+    --------
+    >>> [t.__name__ for t in spec_types("conv2d")]
+    ['Tucker', 'CP', 'LowRank']
+    """
+    if weight_kind not in DECOMPOSERS:
+        raise ValueError(f"weight kind must be one of {list(DECOMPOSERS)}, got {weight_kind!r}")
+    return tuple(DECOMPOSERS[weight_kind])
 
 
 # --------------------------------------------------------------------------- #
@@ -347,7 +367,7 @@ def decompose_linear(
     >>> dec.out_rel_error is not None
     True
     """
-    handler = _check_spec(spec, _LINEAR, " Linear")
+    handler = _check_spec(spec, "linear")
     w = _check_tensor(weight, 2, name, "(out, in)")
     g = None if gram is None else _check_gram(gram, w.shape[1], w)
     with torch.no_grad():
@@ -384,7 +404,7 @@ def decompose_conv(kernel: Tensor, spec: Tucker | CP | LowRank, *,
     >>> dec.ranks, dec.rel_error < 1e-12, dec.capped is not None
     ((5, 4), True, True)
     """
-    handler = _check_spec(spec, _CONV, " Conv2d")
+    handler = _check_spec(spec, "conv2d")
     k = _check_tensor(kernel, 4, name, "(O, I, kh, kw)")
     with torch.no_grad():
         return _finish(handler(k, spec, None), kernel, None)
@@ -418,7 +438,7 @@ def decompose_embedding(weight: Tensor, spec: TT | LowRank, *,
     >>> dec.out_shape, dec.in_shape
     ((10, 10, 10), (4, 4, 4))
     """
-    handler = _check_spec(spec, _EMBEDDING, "n Embedding")
+    handler = _check_spec(spec, "embedding")
     w = _check_tensor(weight, 2, name, "(num, dim)")
     with torch.no_grad():
         return _finish(handler(w, spec, None), weight, None)

@@ -23,7 +23,7 @@ inputs, per exported layer:
 The torch reference is a float64 copy of the model (so that it is exact
 where the emulator is lossless), run on the same quantized inputs
 (``IntegerModel.quantize_input``), with forward hooks on the exported
-layers.
+layers (:func:`tnquant.core.capture.capture_outputs`).
 
 Examples
 --------
@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tnquant.core.capture import capture_outputs
 from tnquant.export.emulator import IntegerModel
 
 __all__ = ["drift"]
@@ -61,21 +62,13 @@ def _as_numpy(x: Any) -> np.ndarray:
 
 def _reference_outputs(model: nn.Module, layers: list[str], x: np.ndarray
                        ) -> dict[str, np.ndarray]:
-    ref = copy.deepcopy(model).to(torch.float64).eval()
+    """The last output of each of ``layers`` of a float64 copy of ``model`` on ``x``."""
+    ref = copy.deepcopy(model).to(torch.float64)
     device = next((p.device for p in ref.parameters()), torch.device("cpu"))
-    outs: dict[str, np.ndarray] = {}
-    handles = []
-    for name in layers:
-        def hook(_m: nn.Module, _i: Any, y: Any, name: str = name) -> None:
-            outs[name] = y.detach().to(torch.float64).cpu().numpy()
-        handles.append(ref.get_submodule(name).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            ref(torch.from_numpy(x).to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    return outs
+    modules = {name: ref.get_submodule(name) for name in layers}
+    seen = capture_outputs(ref, modules, [torch.from_numpy(x).to(device)])
+    return {name: outs[-1].to(torch.float64).cpu().numpy() for name, outs in seen.items()
+            if outs}
 
 
 def drift(model: nn.Module, integer_model: IntegerModel, inputs: Any) -> list[dict[str, Any]]:

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union, cast
 
@@ -61,11 +61,10 @@ from torch import Tensor, nn
 from tnquant.export.acts import act_type
 from tnquant.export.codes import MAX_WIDTH, auto_accum, fixed_codes, lossless_accum
 from tnquant.layers.base import FactorizedLayer
-from tnquant.layers.lowrank import LowRankLinear
-from tnquant.layers.quantized import QuantLinear
 from tnquant.layers.tt import TTLinear
 from tnquant.layers.tucker import TuckerLinear
 from tnquant.quant.fixed_point import to_mantissa
+from tnquant.registry import export_route
 from tnquant.specs import FixedPoint
 
 __all__ = ["Op", "TypeOverride", "build_graph", "check_widths", "lossless_accum", "fixed_codes",
@@ -147,19 +146,23 @@ def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     return [(prefix, model)]
 
 
-def _steps(name: str, module: nn.Module) -> list[tuple[Tensor, Any, str, bool]]:
+#: the dense steps of a chain route, in contraction order: (core index, transposed)
+_CHAIN_ORDER = {
+    "lowrank": [(1, False), (0, False)],  # [U (out, r), V (r, in)]
+    "tucker": [(2, True), (1, False), (0, False)],  # [U_out, G (r_out, r_in), U_in (in, r_in)]
+}
+
+
+def _steps(name: str, module: nn.Module, route: str) -> list[tuple[Tensor, Any, str, bool]]:
     """Dense steps ``(weight (out, in), quantizer, where, transposed)`` of a chain layer."""
-    if isinstance(module, QuantLinear):
-        return [(module.weight, module.weight_quantizer, f"{name}.weight", False)]
+    if route == "dense":
+        return [(cast(Tensor, module.weight), module._modules.get("weight_quantizer"),
+                 f"{name}.weight", False)]
     layer = cast(FactorizedLayer, module)
     qs = cast("nn.ModuleList | None", layer._modules.get("core_quantizers"))
     quantizers = list(qs) if qs is not None else [None] * len(layer.cores)
     cores = list(layer.cores)
-    if isinstance(module, LowRankLinear):  # [U (out, r), V (r, in)]
-        order = [(1, False), (0, False)]
-    else:  # Tucker-2 [U_out (out, r_out), G (r_out, r_in), U_in (in, r_in)]
-        order = [(2, True), (1, False), (0, False)]
-    return [(cores[k], quantizers[k], f"{name}.cores.{k}", t) for k, t in order]
+    return [(cores[k], quantizers[k], f"{name}.cores.{k}", t) for k, t in _CHAIN_ORDER[route]]
 
 
 def _bias(param: Tensor, frac: int, given: FixedPoint | None,
@@ -180,8 +183,8 @@ def _bias(param: Tensor, frac: int, given: FixedPoint | None,
 
 
 def _chain_ops(name: str, module: nn.Module, state: dict[str, Any],
-               overrides: dict[str, TypeOverride]) -> list[Op]:
-    steps = _steps(name, module)
+               overrides: dict[str, TypeOverride], route: str) -> list[Op]:
+    steps = _steps(name, module, route)
     n = len(steps)
     bias_param = cast("Tensor | None", module._parameters.get("bias"))
     ops = []
@@ -329,34 +332,65 @@ def _take_input_type(name: str, given: FixedPoint, state: dict[str, Any],
     state["explicit"] = True
 
 
+Route = Callable[[str, nn.Module, dict[str, Any], dict[str, TypeOverride], list[Op]], list[Op]]
+
+
+def _relu_ops(name: str, module: nn.Module, state: dict[str, Any],
+              overrides: dict[str, TypeOverride], done: list[Op]) -> list[Op]:
+    t = state["type"]
+    prev = done[-1].out_features if done else 0
+    return [Op(name=name, kind="relu", layer=name, in_features=prev, out_features=prev,
+               input_type=t, result_type=t, step_types=[t], result_derived=[True])]
+
+
+def _chain_route(route: str) -> Route:
+    def ops(name: str, module: nn.Module, state: dict[str, Any],
+            overrides: dict[str, TypeOverride], done: list[Op]) -> list[Op]:
+        if route == "tucker" and len(cast(TuckerLinear, module).cores) != 3:
+            raise ValueError(f"{name}: only order-1 TuckerLinear exports; got a tensorized "
+                             f"Tucker of order {cast(TuckerLinear, module).order}")
+        return _chain_ops(name, module, state, overrides, route)
+    return ops
+
+
+def _tt_ops(name: str, module: nn.Module, state: dict[str, Any],
+            overrides: dict[str, TypeOverride], done: list[Op]) -> list[Op]:
+    return [_tt_op(name, cast(TTLinear, module), state, overrides)]
+
+
+def _float_ops(name: str, module: nn.Module, state: dict[str, Any],
+               overrides: dict[str, TypeOverride], done: list[Op]) -> list[Op]:
+    raise ValueError(f"{name} is a float nn.Linear; quantize its weight with "
+                     f"FixedPoint or QuantSpec(scale='pow2') first")
+
+
+#: export route name (a registry entry's ``export``) -> (takes an 'input' type, its ops)
+ROUTES: dict[str, tuple[bool, Route]] = {
+    "dense": (True, _chain_route("dense")),
+    "lowrank": (True, _chain_route("lowrank")),
+    "tucker": (True, _chain_route("tucker")),
+    "tt": (True, _tt_ops),
+    "relu": (False, _relu_ops),
+    "float": (False, _float_ops),
+}
+
+
 def _module_ops(name: str, module: nn.Module, state: dict[str, Any],
                 overrides: dict[str, TypeOverride], done: list[Op]) -> list[Op]:
-    """The ops of one leaf module (updates ``state['type']``)."""
-    if isinstance(module, (QuantLinear, LowRankLinear, TuckerLinear, TTLinear)):
+    """The ops of one leaf module, by its registry entry's export route (updates ``state``)."""
+    route = ROUTES.get(export_route(module) or "")
+    if route is not None and route[0]:
         first_in = _act_spec(module, "input", name)
         if first_in is not None:
             _take_input_type(name, first_in, state, done)
     if state["type"] is None:
         raise ValueError("input_spec is needed (a FixedPoint for the model input), e.g. "
                          "input_spec=FixedPoint(16, 6)")
-    if isinstance(module, nn.ReLU):
-        t = state["type"]
-        prev = done[-1].out_features if done else 0
-        return [Op(name=name, kind="relu", layer=name, in_features=prev, out_features=prev,
-                   input_type=t, result_type=t, step_types=[t], result_derived=[True])]
-    if isinstance(module, TTLinear):
-        return [_tt_op(name, module, state, overrides)]
-    if isinstance(module, TuckerLinear) and len(module.cores) != 3:
-        raise ValueError(f"{name}: only order-1 TuckerLinear exports; got a tensorized "
-                         f"Tucker of order {module.order}")
-    if isinstance(module, (QuantLinear, LowRankLinear, TuckerLinear)):
-        return _chain_ops(name, module, state, overrides)
-    if isinstance(module, nn.Linear):
-        raise ValueError(f"{name} is a float nn.Linear; quantize its weight with "
-                         f"FixedPoint or QuantSpec(scale='pow2') first")
-    raise ValueError(f"{name}: {type(module).__name__} has no fixed-point export; "
-                     f"supported: QuantLinear, LowRankLinear, TuckerLinear (order 1), "
-                     f"TTLinear, nn.ReLU")
+    if route is None:
+        raise ValueError(f"{name}: {type(module).__name__} has no fixed-point export; "
+                         f"supported: QuantLinear, LowRankLinear, TuckerLinear (order 1), "
+                         f"TTLinear, nn.ReLU")
+    return route[1](name, module, state, overrides, done)
 
 
 def build_graph(model: nn.Module, input_spec: FixedPoint | None = None, *,
@@ -404,7 +438,7 @@ def build_graph(model: nn.Module, input_spec: FixedPoint | None = None, *,
                              "prev": None}
     ops: list[Op] = []
     for name, module in _leaves(model):
-        if not isinstance(module, (nn.Identity, nn.Dropout)):
+        if export_route(module) != "skip":
             ops += _module_ops(name, module, state, overrides, ops)
     if not ops:
         raise ValueError("the model has no layer to export")

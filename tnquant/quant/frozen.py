@@ -74,6 +74,7 @@ True
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
@@ -225,13 +226,8 @@ def _block(spec: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _scale_dtype(spec: Any, dtype: torch.dtype) -> torch.dtype:
-    # what the quantizers produce: QuantSpec scales in the compute dtype,
-    # binary/ternary alphas in the tensor's dtype
+    """What the quantizers produce: QuantSpec scales in the compute dtype, else ``dtype``."""
     return compute_dtype(dtype) if isinstance(spec, QuantSpec) else dtype
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class FrozenTensor(nn.Module):
@@ -282,10 +278,7 @@ class FrozenTensor(nn.Module):
         self.qmin, self.qmax = layout.qmin, layout.qmax
         self.cast_dtype = FLOAT_DTYPES[spec.dtype] if layout.storage == "cast" else None
         self.block_size = _block(spec, shape)
-        numel = 1
-        for s in shape:
-            numel *= s
-        self.n_codes = numel
+        self.n_codes = numel = math.prod(shape)
         if layout.storage in ("cast", "binary", "packed"):
             nbytes = (numel * layout.code_bits + 7) // 8
             packed = torch.zeros(nbytes, dtype=torch.uint8, device=device)
@@ -305,7 +298,6 @@ class FrozenTensor(nn.Module):
         self.register_buffer("_anchor", torch.empty(0, dtype=dtype, device=device),
                              persistent=False)
 
-    # ------------------------------------------------------------ building
     @classmethod
     def from_codes(cls, codes: Tensor, qparams: QParams, spec: Any) -> FrozenTensor:
         """Store ``codes`` and ``qparams`` as returned by :func:`~tnquant.quant.quantize`.
@@ -375,7 +367,6 @@ class FrozenTensor(nn.Module):
             c = torch.where(c >= (1 << (self.code_bits - 1)), c - (1 << self.code_bits), c)
         return c.to(_WIDE[self.code_bits][1])
 
-    # ------------------------------------------------------------- reading
     @property
     def dtype(self) -> torch.dtype:
         """Dtype of the dequantized tensor."""
@@ -451,7 +442,6 @@ class FrozenTensor(nn.Module):
         return sum(tensor_bits(b) for n, b in self._buffers.items()
                    if b is not None and n not in self._non_persistent_buffers_set)
 
-    # ------------------------------------------------------------- metadata
     def metadata(self) -> dict[str, Any]:
         """JSON-safe ``{'spec', 'shape', 'dtype'}``; :meth:`from_metadata` rebuilds the skeleton.
 
@@ -464,7 +454,7 @@ class FrozenTensor(nn.Module):
         from tnquant.specs import spec_to_dict
 
         return {"spec": spec_to_dict(self.spec), "shape": list(self.shape),
-                "dtype": _dtype_name(self.dtype)}
+                "dtype": str(self.dtype).removeprefix("torch.")}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], device: Any = None) -> FrozenTensor:

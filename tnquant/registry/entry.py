@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from tnquant.decompose.api import DECOMPOSERS
 from tnquant.registry.serialize import Handler
 
 __all__ = ["LayerKind", "ROLES", "WEIGHT_KINDS"]
@@ -24,7 +25,7 @@ __all__ = ["LayerKind", "ROLES", "WEIGHT_KINDS"]
 #: part (``Quantizer``, ``FrozenTensor``, ``Identity`` in a quantizer slot), or another module
 ROLES = ("dense", "factorized", "quantized", "part", "other")
 #: the weight kinds of :data:`tnquant.decompose.api.DECOMPOSERS`
-WEIGHT_KINDS = ("linear", "conv2d", "embedding")
+WEIGHT_KINDS = tuple(DECOMPOSERS)
 
 Refusal = Callable[[nn.Module], "str | None"]
 
@@ -93,10 +94,21 @@ class LayerKind:
                                      or self.refuse):
             raise ValueError(f"{name}: only a dense kind takes factorize=, quantized=, "
                              f"weight_kind= and refuse=")
-        if self.factorize and self.weight_kind not in WEIGHT_KINDS:
+        if self.factorize:
+            self._check_factorize(name)
+        self._check_handler(name)
+
+    def _check_factorize(self, name: str) -> None:
+        if self.weight_kind not in WEIGHT_KINDS:
             raise ValueError(f"{name}: weight_kind must be one of {WEIGHT_KINDS} when it "
                              f"factorizes, got {self.weight_kind!r}")
-        self._check_handler(name)
+        for spec_type, target in self.factorize.items():
+            if spec_type not in DECOMPOSERS[self.weight_kind]:
+                raise ValueError(f"{name}: tnquant.decompose has no {spec_type.__name__} "
+                                 f"decomposition of a {self.weight_kind} weight")
+            if not (isinstance(target, type) and issubclass(target, nn.Module)):
+                raise TypeError(f"{name}: factorize[{spec_type.__name__}] must be a layer "
+                                f"class, got {target!r}")
 
     def _check_handler(self, name: str) -> None:
         h = self.handler
