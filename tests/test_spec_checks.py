@@ -229,7 +229,7 @@ def test_bits_is_type_checked_under_a_dtype():
 
 
 def test_recipe_names_the_culprit_key():
-    from tnquant.recipe import parse_recipe
+    from tnquant.cli.recipe import parse_recipe
 
     for text, key in [
         ('[quantize.weights]\n"*" = {bits = 4, symmetric = "false"}', "symmetric"),
