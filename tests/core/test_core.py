@@ -135,3 +135,12 @@ def test_model_output_rule(out: object, want: float) -> None:
 def test_model_output_refuses_no_tensor() -> None:
     with pytest.raises(TypeError, match="cannot find a tensor"):
         model_output({"a": 1})
+
+
+def test_passes_name_the_verb_in_data_errors() -> None:
+    model = _net()
+    bad = [torch.full((1, 3), float("nan"))]
+    with pytest.raises(ValueError, match="search"):
+        capture_grams(model, {"head": model.head}, bad, what="search")
+    with pytest.raises(ValueError, match="calibrate"):
+        run(model, bad, what="calibrate")

@@ -86,11 +86,13 @@ def hooks(modules: Mapping[str, nn.Module], pre: PreHook | None = None,
 
 
 def run(model: nn.Module, data: Iterable[Any], num_batches: int | None = None, *,
-        desc: str = "", progress: bool = False, each: Callable[[Any], None] | None = None
-        ) -> int:
+        desc: str = "", progress: bool = False, each: Callable[[Any], None] | None = None,
+        what: str = "this step", arg: str = "data") -> int:
     """Run ``data`` through ``model`` under :func:`evaluating`; the number of batches run.
 
-    ``each`` is called with every model output.
+    ``each`` is called with every model output. Every batch is checked by
+    :func:`tnquant.batches.iterate_batches`; ``what`` and ``arg`` name the
+    verb and its argument in those messages (as in every pass below).
 
     Examples
     --------
@@ -100,7 +102,7 @@ def run(model: nn.Module, data: Iterable[Any], num_batches: int | None = None, *
     """
     count = 0
     with evaluating(model):
-        for batch in tqdm(iterate_batches(data, num_batches), desc=desc or None,
+        for batch in tqdm(iterate_batches(data, num_batches, what=what, arg=arg), desc=desc or None,
                           disable=not progress, leave=False):
             out = call_model(model, batch)
             if each is not None:
@@ -110,7 +112,8 @@ def run(model: nn.Module, data: Iterable[Any], num_batches: int | None = None, *
 
 
 def outputs(model: nn.Module, data: Iterable[Any], num_batches: int | None = None, *,
-            desc: str = "", progress: bool = False) -> list[Tensor]:
+            desc: str = "", progress: bool = False, what: str = "this step",
+            arg: str = "data") -> list[Tensor]:
     """:func:`~tnquant.core.output.model_output` of every batch, detached.
 
     Examples
@@ -120,7 +123,7 @@ def outputs(model: nn.Module, data: Iterable[Any], num_batches: int | None = Non
     [[0.0, 2.0]]
     """
     seen: list[Tensor] = []
-    run(model, data, num_batches, desc=desc, progress=progress,
+    run(model, data, num_batches, desc=desc, progress=progress, what=what, arg=arg,
         each=lambda out: seen.append(model_output(out).detach()))
     return seen
 
@@ -152,7 +155,8 @@ class Gram:
 
 def capture_grams(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable[Any],
                   num_batches: int | None = None, *, desc: str = "collect input statistics",
-                  progress: bool = False) -> dict[str, Gram]:
+                  progress: bool = False, what: str = "this step", arg: str = "data"
+                  ) -> dict[str, Gram]:
     """One :class:`Gram` per named module, of the first positional input it sees on ``data``.
 
     A module reached under several names gets one Gram (under its first name).
@@ -164,13 +168,14 @@ def capture_grams(model: nn.Module, modules: Mapping[str, nn.Module], data: Iter
         grams.setdefault(id(module), Gram())
     unique = {first[k]: m for k, m in ((id(m), m) for m in modules.values())}
     with hooks(unique, pre=lambda name, m, args: grams[id(m)].add(args[0])):
-        run(model, data, num_batches, desc=desc, progress=progress)
+        run(model, data, num_batches, desc=desc, progress=progress, what=what, arg=arg)
     return {first[k]: g for k, g in grams.items()}
 
 
 def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable[Any],
                    num_batches: int | None = None, *, rows: int | None = None,
-                   progress: bool = False) -> dict[str, Tensor]:
+                   progress: bool = False, what: str = "this step", arg: str = "data"
+                   ) -> dict[str, Tensor]:
     """The first positional input of each named module on ``data``, concatenated (``rows`` max).
 
     Examples
@@ -190,13 +195,13 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
             counts[name] += args[0].shape[0]
 
     with hooks(modules, pre=record):
-        run(model, data, num_batches, progress=progress)
+        run(model, data, num_batches, progress=progress, what=what, arg=arg)
     return {name: torch.cat(v)[:rows] for name, v in seen.items() if v}
 
 
 def capture_outputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable[Any],
-                    num_batches: int | None = None, *, progress: bool = False
-                    ) -> dict[str, list[Tensor]]:
+                    num_batches: int | None = None, *, progress: bool = False,
+                    what: str = "this step", arg: str = "data") -> dict[str, list[Tensor]]:
     """Every output (detached) of each named module on ``data``, batch by batch.
 
     Examples
@@ -210,5 +215,5 @@ def capture_outputs(model: nn.Module, modules: Mapping[str, nn.Module], data: It
     seen: dict[str, list[Tensor]] = {name: [] for name in modules}
     with hooks(modules, post=lambda name, _m, _a, out: seen[name].append(
             model_output(out).detach())):
-        run(model, data, num_batches, progress=progress)
+        run(model, data, num_batches, progress=progress, what=what, arg=arg)
     return seen
