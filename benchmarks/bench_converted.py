@@ -75,6 +75,7 @@ from tnquant.pipeline import QuantizeSection, Recipe, run_pipeline  # noqa: E402
 
 LAYERS = "encoder.encoder.layer.*"
 RESULTS = Path(__file__).resolve().parent / "results" / "converted.md"
+FAST = "int8 per-channel, convert(int8_kernels=True) (inexact fast path)"
 
 
 def dir_bytes(path: Path) -> int:
@@ -83,6 +84,111 @@ def dir_bytes(path: Path) -> int:
 
 def linear_bits(model, names) -> int:
     return sum(model_size_bits(model.get_submodule(n)) for n in names)
+
+
+def build_models(model, calib, names) -> tuple[dict[str, torch.nn.Module], torch.nn.Module,
+                                               float, str]:
+    """The compared models, the fake-quant TT model, the TT fit's seconds, a note."""
+    models: dict[str, torch.nn.Module] = {"float32 (original)": model}
+    int8 = QuantizeSection(weights={LAYERS: QuantSpec(bits=8, granularity="channel", axis=0)},
+                           convert=False)  # quantize + calibrate; converted twice below
+    int8_fq = run_pipeline(model, Recipe(quantize=int8), calib, progress=False).model
+    models["int8 per-channel, fake-quant"] = int8_fq
+    models["int8 per-channel, converted"] = convert(int8_fq, inplace=False, progress=False).model
+    fast = convert(copy.deepcopy(int8_fq), int8_kernels=True, progress=False).model
+    models[FAST] = fast
+
+    tt = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    factorize(tt, {LAYERS: TT(ratio=0.25, order=2)}, progress=False)
+    tt_sec = time.perf_counter() - t0
+    models["TT(0.25) float32"] = tt
+    cores = QuantizeSection(cores={0: QuantSpec(bits=8, granularity="channel", axis=3),
+                                   -1: QuantSpec(bits=8, granularity="channel", axis=0)},
+                            include=(LAYERS,), convert=False)  # quantize + calibrate
+    tt_q = run_pipeline(tt, Recipe(quantize=cores), calib, progress=False).model
+    models["TT(0.25) + int8 cores, converted"] = convert(tt_q, inplace=False,
+                                                          progress=False).model
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dyn = quantize_dynamic(copy.deepcopy(model),
+                                   {n: per_channel_dynamic_qconfig for n in names},
+                                   dtype=torch.qint8)
+        models["torch quantize_dynamic int8 (reference)"] = dyn
+        dyn_note = f"quantized engine {torch.backends.quantized.engine}"
+    except Exception as err:  # noqa: BLE001 - the reference row is optional
+        dyn_note = f"quantize_dynamic unavailable: {type(err).__name__}: {err}"
+        print(dyn_note)
+    return models, tt_q, tt_sec, dyn_note
+
+
+def exactness(out, tt_q, batch) -> list[str]:
+    """Exactness of convert, and the fast path's agreement with the exact converted model."""
+    checks = [
+        f"converted int8 == fake-quant int8 bitwise: "
+        f"{torch.equal(out['int8 per-channel, converted'], out['int8 per-channel, fake-quant'])}",
+        f"converted TT+int8 == its fake-quant bitwise: "
+        f"{torch.equal(out['TT(0.25) + int8 cores, converted'], tt_q.eval()(**batch))}",
+    ]
+    diff = (out[FAST] - out["int8 per-channel, converted"]).abs().max().item()
+    fast_cos = F.cosine_similarity(out[FAST], out["int8 per-channel, converted"]).mean()
+    checks.append(f"int8 fast path vs exact converted int8: max abs diff {diff:.3g}, mean cosine "
+                  f"{fast_cos.item():.5f} (not bit-identical, by design)")
+    return checks
+
+
+def disk_sizes(models, names, batch, out) -> dict[str, tuple[int, float | None, str]]:
+    """Bytes on disk, encoder Linear MB and a note (save/load exact) of every model."""
+    sizes: dict[str, tuple[int, float | None, str]] = {}
+    for label, m in models.items():
+        if label.startswith("torch") or "int8_kernels" in label:
+            buf = io.BytesIO()
+            torch.save(m.state_dict(), buf)
+            sizes[label] = (buf.getbuffer().nbytes, None, "torch.save(state_dict)")
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            save(m, d)
+            size = dir_bytes(Path(d))
+            back = load(d, model=load_minilm()[0])
+            with torch.no_grad():
+                same = torch.equal(back.eval()(**batch), out[label])
+        sizes[label] = (size, linear_bits(m, names) / 8e6, f"save/load exact: {same}")
+    return sizes
+
+
+def timings(models, batch, rounds: int, repeats: int) -> tuple[dict[str, float],
+                                                              dict[str, float]]:
+    """Median forward seconds (interleaved rounds) and the dequantize-all seconds."""
+    from tnquant.quant.frozen import FrozenTensor
+
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for label, m in models.items():
+                times[label].append(median_time(lambda m=m: m(**batch), repeats=repeats))
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    def dequant_all(m):  # what a converted model does on every forward call
+        return [f.dequantize() for f in m.modules() if isinstance(f, FrozenTensor)]
+
+    deq = {label: median_time(lambda m=models[label]: dequant_all(m), repeats=repeats)
+           for label in ("int8 per-channel, converted", "TT(0.25) + int8 cores, converted")}
+    return med, deq
+
+
+def table_rows(models, sizes, med, out) -> list[tuple]:
+    f_size, f_time = sizes["float32 (original)"][0], med["float32 (original)"]
+    rows = []
+    for label in models:
+        size, lin, note = sizes[label]
+        cos = F.cosine_similarity(out[label], out["float32 (original)"]).mean().item()
+        rows.append((label, round(size / 1e6, 2), round(size / f_size, 3),
+                     None if lin is None else round(lin, 2), round(med[label] * 1e3, 1),
+                     round(med[label] / f_time, 2), round(cos, 5), note))
+    return rows
 
 
 def main() -> None:
@@ -105,104 +211,13 @@ def main() -> None:
                             truncation=True, max_length=64)) for i in (0, 32)]
     names = [n for n, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and n.startswith("encoder.encoder.layer.")]
-
-    models: dict[str, torch.nn.Module] = {"float32 (original)": model}
-
-    int8 = QuantizeSection(weights={LAYERS: QuantSpec(bits=8, granularity="channel", axis=0)},
-                           convert=False)  # quantize + calibrate; converted twice below
-    int8_fq = run_pipeline(model, Recipe(quantize=int8), calib, progress=False).model
-    models["int8 per-channel, fake-quant"] = int8_fq
-    int8_cv = convert(int8_fq, inplace=False, progress=False).model
-    models["int8 per-channel, converted"] = int8_cv
-
-    fast = convert(copy.deepcopy(int8_fq), int8_kernels=True, progress=False).model
-    models["int8 per-channel, convert(int8_kernels=True) (inexact fast path)"] = fast
-
-    tt = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    factorize(tt, {LAYERS: TT(ratio=0.25, order=2)}, progress=False)
-    tt_sec = time.perf_counter() - t0
-    models["TT(0.25) float32"] = tt
-    cores = QuantizeSection(cores={0: QuantSpec(bits=8, granularity="channel", axis=3),
-                                   -1: QuantSpec(bits=8, granularity="channel", axis=0)},
-                            include=(LAYERS,), convert=False)  # quantize + calibrate
-    tt_q = run_pipeline(tt, Recipe(quantize=cores), calib, progress=False).model
-    tt_cv = convert(tt_q, inplace=False, progress=False).model
-    models["TT(0.25) + int8 cores, converted"] = tt_cv
-
-    dyn_note = ""
-    try:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dyn = quantize_dynamic(copy.deepcopy(model),
-                                   {n: per_channel_dynamic_qconfig for n in names},
-                                   dtype=torch.qint8)
-        models["torch quantize_dynamic int8 (reference)"] = dyn
-        dyn_note = f"quantized engine {torch.backends.quantized.engine}"
-    except Exception as err:  # noqa: BLE001 - the reference row is optional
-        dyn_note = f"quantize_dynamic unavailable: {type(err).__name__}: {err}"
-        print(dyn_note)
-
-    # outputs: exactness of convert, agreement with float
+    models, tt_q, tt_sec, dyn_note = build_models(model, calib, names)
     with torch.no_grad():
         out = {k: m.eval()(**batch) for k, m in models.items()}
-    checks = [
-        f"converted int8 == fake-quant int8 bitwise: "
-        f"{torch.equal(out['int8 per-channel, converted'], out['int8 per-channel, fake-quant'])}",
-        f"converted TT+int8 == its fake-quant bitwise: "
-        f"{torch.equal(out['TT(0.25) + int8 cores, converted'], tt_q.eval()(**batch))}",
-    ]
-    fast_label = "int8 per-channel, convert(int8_kernels=True) (inexact fast path)"
-    diff = (out[fast_label] - out["int8 per-channel, converted"]).abs().max().item()
-    fast_cos = F.cosine_similarity(out[fast_label], out["int8 per-channel, converted"]).mean()
-    checks.append(f"int8 fast path vs exact converted int8: max abs diff {diff:.3g}, mean cosine "
-                  f"{fast_cos.item():.5f} (not bit-identical, by design)")
-
-    # sizes on disk
-    sizes: dict[str, tuple[int | None, float | None, str]] = {}
-    for label, m in models.items():
-        if label.startswith("torch") or "int8_kernels" in label:
-            buf = io.BytesIO()
-            torch.save(m.state_dict(), buf)
-            lin = None
-            sizes[label] = (buf.getbuffer().nbytes, lin, "torch.save(state_dict)")
-            continue
-        with tempfile.TemporaryDirectory() as d:
-            save(m, d)
-            size = dir_bytes(Path(d))
-            back = load(d, model=load_minilm()[0])
-            with torch.no_grad():
-                same = torch.equal(back.eval()(**batch), out[label])
-        sizes[label] = (size, linear_bits(m, names) / 8e6, f"save/load exact: {same}")
-
-    # timing: interleaved rounds
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for label, m in models.items():
-                times[label].append(median_time(lambda m=m: m(**batch), repeats=repeats))
-    med = {k: statistics.median(v) for k, v in times.items()}
-
-    # where the converted time goes: dequantizing every FrozenTensor once
-    from tnquant.quant.frozen import FrozenTensor
-
-    def dequant_all(m):
-        return [f.dequantize() for f in m.modules() if isinstance(f, FrozenTensor)]
-
-    deq = {label: median_time(lambda m=models[label]: dequant_all(m), repeats=repeats)
-           for label in ("int8 per-channel, converted", "TT(0.25) + int8 cores, converted")}
-
-    f_size = sizes["float32 (original)"][0]
-    f_time = med["float32 (original)"]
-    rows = []
-    for label in models:
-        size, lin, note = sizes[label]
-        cos = F.cosine_similarity(out[label], out["float32 (original)"]).mean().item()
-        rows.append((label, round(size / 1e6, 2), round(size / f_size, 3),
-                     None if lin is None else round(lin, 2), round(med[label] * 1e3, 1),
-                     round(med[label] / f_time, 2), round(cos, 5), note))
+    checks = exactness(out, tt_q, batch)
+    sizes = disk_sizes(models, names, batch, out)
+    med, deq = timings(models, batch, rounds, repeats)
+    rows = table_rows(models, sizes, med, out)
     for r in rows:
         print(r)
     header = ("model", "on disk MB", "size / float", "encoder Linear MB", "forward ms (32 sent.)",
@@ -232,7 +247,6 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(f"total {total:.0f}s; wrote {args.out}")
-
 
 if __name__ == "__main__":
     main()
