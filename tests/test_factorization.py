@@ -207,3 +207,24 @@ def test_a_linear_the_data_never_reaches_is_fitted_to_its_weight_and_says_so():
     alone = nn.Sequential(reference)
     factorize(alone, LowRank(rank=2), progress=False)  # the weight-only fit
     torch.testing.assert_close(model.unused.to_dense().weight, alone[0].to_dense().weight)
+
+
+# --- patterns go through the one glob table, as in quantize ---------------------------------
+
+
+def test_a_pattern_that_matches_nothing_is_listed_in_skipped():
+    model = _net()
+    report = factorize(model, {"head": LowRank(rank=2), "decoder.*": TT(rank=2)}, progress=False)
+    assert type(model.head) is LowRankLinear
+    assert [(s["name"], s["kind"], s["reason"]) for s in report.skipped] == [
+        ("factorize['decoder.*']", "pattern", "matched nothing")]
+
+
+def test_a_shadowed_pattern_is_refused_before_anything_changes():
+    model = _net()
+    with pytest.raises(ValueError, match=r"factorize pattern 'blocks.0.attn' is never used: every "
+                                         r"name it matches \(e.g. 'blocks.0.attn'\) is matched "
+                                         r"first by 'blocks.\*'"):
+        factorize(model, {"blocks.*": LowRank(rank=2), "blocks.0.attn": TT(rank=2)},
+                  progress=False)
+    assert type(model.blocks[0].attn) is nn.Linear
