@@ -270,35 +270,32 @@ def factorize(
         grams = collect_grams(model, linears, data, num_batches, progress)
         unreached = {id(m) for m in linears if id(m) not in grams}
 
-    items = list(targets.values())
-    for module, spec, names in tqdm(items, desc="factorize", disable=not progress):
-        layer_cls: Any = LAYER_TABLE[(type(module), type(spec))]
-        kwargs = {}
-        if id(module) in grams:
-            kwargs["gram"] = grams[id(module)]
-        new = layer_cls.from_dense(module, spec, name=names[0], **kwargs)
-        for name in names:
-            replace_module(model, name, new)
-        info = new.decomposition_info
-        before = sum(p.numel() for p in module.parameters())
-        after = new.n_params
-        note = info.get("capped")
-        if id(module) in unreached:
-            fit = "not reached by the data: fitted to the weight alone"
-            note = f"{note}; {fit}" if note else fit
-        if len(names) > 1:
-            shared = f"shared with {', '.join(names[1:])}"
-            note = f"{note}; {shared}" if note else shared
-        report.add(
-            name=names[0],
-            kind=type(module).__name__,
-            format=type(spec).__name__,
-            ranks=tuple(info.get("ranks", ())),
-            params_before=before,
-            params_after=after,
-            ratio=after / before,
-            rel_error=info.get("rel_error"),
-            out_rel_error=info.get("out_rel_error"),
-            note=note,
-        )
+    for module, spec, names in tqdm(list(targets.values()), desc="factorize",
+                                    disable=not progress):
+        report.add(**_factorize_one(model, module, spec, names, grams.get(id(module)),
+                                    id(module) in unreached))
     return report
+
+
+def _factorize_one(model: nn.Module, module: nn.Module, spec: Any, names: list[str],
+                   gram: torch.Tensor | None, unreached: bool) -> dict[str, Any]:
+    """Replace ``module`` (at every one of ``names``) by its factorized layer; its report row."""
+    layer_cls: Any = LAYER_TABLE[(type(module), type(spec))]
+    kwargs = {} if gram is None else {"gram": gram}
+    new = layer_cls.from_dense(module, spec, name=names[0], **kwargs)
+    for name in names:
+        replace_module(model, name, new)
+    info = new.decomposition_info
+    before = sum(p.numel() for p in module.parameters())
+    after = new.n_params
+    note = info.get("capped")
+    if unreached:
+        fit = "not reached by the data: fitted to the weight alone"
+        note = f"{note}; {fit}" if note else fit
+    if len(names) > 1:
+        shared = f"shared with {', '.join(names[1:])}"
+        note = f"{note}; {shared}" if note else shared
+    return {"name": names[0], "kind": type(module).__name__, "format": type(spec).__name__,
+            "ranks": tuple(info.get("ranks", ())), "params_before": before,
+            "params_after": after, "ratio": after / before, "rel_error": info.get("rel_error"),
+            "out_rel_error": info.get("out_rel_error"), "note": note}

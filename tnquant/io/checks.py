@@ -200,7 +200,7 @@ def check_listing(header: dict[str, TensorInfo], listing: dict[str, Any], tensor
 
 
 # --------------------------------------------------------------------------- #
-# model.json: the top level (entries and nodes: tnquant.io_fields)
+# model.json: the top level (entries and nodes: tnquant.io.fields)
 # --------------------------------------------------------------------------- #
 
 _TOP = {"format", "version", "model_class", "tensors", "modules", "tied"}
