@@ -145,3 +145,20 @@ def test_register_refuses_clashes_and_entries_are_checked():
         LayerKind(Linear, "factorized", nn.Linear, handler=linear_handler(LowRankLinear))
     with pytest.raises(ValueError, match="only a dense kind takes"):
         LayerKind(Linear, "quantized", nn.Linear, quantized=QuantLinear)
+
+
+def test_the_registry_anatomy_agrees_with_the_layers_own_for_builtin_kinds():
+    from tnquant.layers import quantized as layer_anatomy
+    from tnquant.registry import activation_sites, quant_state, weight_pairs
+
+    modules = [nn.Linear(4, 3), nn.Conv2d(2, 3, 3), nn.Embedding(5, 2), nn.ReLU(),
+               LowRankLinear([torch.randn(3, 2), torch.randn(2, 4)]),
+               TTEmbedding([torch.randn(1, 2, 2, 2), torch.randn(2, 3, 2, 1)]),
+               QuantLinear(4, 3), QuantEmbedding(5, 2)]
+    quantize(nn.Sequential(*modules[4:6]), cores=QuantSpec(4), progress=False)
+    for m in modules:
+        assert [(n, t is t2, q is q2) for (n, t, q), (_, t2, q2) in zip(
+            weight_pairs(m), layer_anatomy.weight_pairs(m), strict=True)] == [
+            (n, True, True) for n, _, _ in layer_anatomy.weight_pairs(m)]
+        assert activation_sites(m) == layer_anatomy.activation_sites(m)
+        assert quant_state(m) == layer_anatomy.quant_state(m)
