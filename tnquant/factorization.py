@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnquant.batches import check_data, iterate_batches
+from tnquant.batches import check_data
 from tnquant.checks import check_model
 from tnquant.core.capture import capture_grams
 from tnquant.core.globs import GlobTable, selected
@@ -166,8 +166,7 @@ def collect_grams(
     [[3.0, 3.0], [3.0, 3.0]]
     """
     named = {str(k): m for k, m in enumerate(modules)}
-    batches = iterate_batches(data, num_batches, what=what, arg=arg)
-    grams = capture_grams(model, named, batches, progress=progress)
+    grams = capture_grams(model, named, data, num_batches, progress=progress, what=what, arg=arg)
     return {id(named[name]): g.h for name, g in grams.items() if g.h is not None}
 
 
