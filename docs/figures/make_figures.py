@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from tnquant import TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker  # noqa: E402
-from tnquant.datasets import load_minilm  # noqa: E402
+from tnquant.cli.datasets import load_minilm  # noqa: E402
 from tnquant.decompose import decompose_linear  # noqa: E402
 from tnquant.quant import choose_qparams, fake_quantize  # noqa: E402
 from tnquant.quant.observers import estimate_range  # noqa: E402
