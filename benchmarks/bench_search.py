@@ -50,9 +50,9 @@ from common import embed, judge, knn, machine, make_batches, markdown_table  # n
 
 from tnquant import LowRank, QuantSpec, Ternary, model_size_bits  # noqa: E402
 from tnquant.cli.datasets import load_minilm, split_corpus  # noqa: E402
-from tnquant.layers.quantized import weight_pairs  # noqa: E402
 from tnquant.planning import Candidates, Choice, Plan, apply, search, sensitivity  # noqa: E402
 from tnquant.quant import Quantizer  # noqa: E402
+from tnquant.registry import weight_pairs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "search.md"

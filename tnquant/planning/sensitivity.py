@@ -59,13 +59,13 @@ from tnquant.core.capture import evaluating
 from tnquant.core.globs import selected
 from tnquant.core.output import model_output
 from tnquant.factorization import LAYER_TABLE, collect_grams
-from tnquant.layers.quantized import weight_pairs
 from tnquant.planning.candidates import Candidates, candidate_table, candidates_for
 from tnquant.planning.evaluate import Evaluator, Targets
 from tnquant.planning.inputs import check_inputs, data_passes
 from tnquant.planning.plan import Choice
 from tnquant.quant.quantizer import Quantizer
 from tnquant.quantization import quantize
+from tnquant.registry import weight_pairs
 from tnquant.sizes import SizeCounter, model_size_bits
 
 __all__ = ["Candidates", "Sensitivity", "sensitivity", "search_targets", "output_tensor"]

@@ -62,9 +62,9 @@ from tqdm.auto import tqdm
 from tnquant.batches import check_data, iterate_batches
 from tnquant.checks import check_model
 from tnquant.core.capture import hooks, run
-from tnquant.layers.quantized import weight_pairs
 from tnquant.quant.frozen import FrozenTensor
 from tnquant.quant.quantizer import Quantizer
+from tnquant.registry import weight_pairs
 from tnquant.report import Report
 
 __all__ = ["correct_biases", "bias_targets"]

@@ -56,10 +56,10 @@ from torch import Tensor, nn
 from tnquant.batches import check_data, check_reiterable, iterate_batches
 from tnquant.checks import check_model
 from tnquant.core.capture import run
-from tnquant.layers.quantized import weight_pairs
 from tnquant.ptq.bias_correction import correct_biases
 from tnquant.quant.observers import Observer
 from tnquant.quant.quantizer import Quantizer
+from tnquant.registry import weight_pairs
 from tnquant.report import Report
 from tnquant.specs import QuantSpec
 

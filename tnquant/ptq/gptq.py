@@ -75,11 +75,11 @@ from tnquant.checks import check_model
 from tnquant.core.capture import Gram, capture_grams
 from tnquant.layers.base import FactorizedLayer
 from tnquant.layers.lowrank import LowRankLinear
-from tnquant.layers.quantized import weight_pairs
 from tnquant.ptq.bias_correction import layer_order
 from tnquant.quant.qparams import QParams, expand, to_blocks
 from tnquant.quant.quantizer import Quantizer
 from tnquant.quant.rounding import round_tensor
+from tnquant.registry import weight_pairs
 from tnquant.report import Report
 from tnquant.specs import QuantSpec
 

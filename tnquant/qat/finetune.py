@@ -30,7 +30,6 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from tnquant.layers.quantized import weight_pairs
 from tnquant.qat.config import FinetuneConfig, merge_config
 from tnquant.qat.distributed import DistContext
 from tnquant.qat.history import FinetuneReport
@@ -39,6 +38,7 @@ from tnquant.qat.trainer import Trainer, model_device
 from tnquant.quant import fused as _fused
 from tnquant.quant.frozen import FrozenTensor
 from tnquant.quant.quantizer import Quantizer
+from tnquant.registry import weight_pairs
 
 __all__ = ["finetune", "use_fused", "FUSED_AUTO_MIN", "FinetuneConfig"]
 
