@@ -21,8 +21,8 @@ from typing import Any
 from torch import nn
 
 from tnquant.core.globs import GlobTable
-from tnquant.factorization import LAYER_TABLE
 from tnquant.planning.plan import Choice
+from tnquant.registry import factorized_class, refusal
 from tnquant.specs import CP, TT, Binary, LowRank, QuantSpec, Ternary, Tucker
 
 __all__ = ["Candidates", "candidates_for", "candidate_table", "FORMATS"]
@@ -121,11 +121,11 @@ class Candidates:
     def factorizations(self, module: nn.Module) -> list[Any]:
         """The factorization specs (``None`` for dense first) that apply to ``module``."""
         out: list[Any] = [None] if self.dense else []
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
+        if refusal(module) is not None:
             return out
         for f in self.formats:
             cls = FORMATS[f]
-            if (type(module), cls) not in LAYER_TABLE:
+            if factorized_class(module, cls) is None:
                 continue
             for r in self.ratios:
                 out.append(cls(ratio=r, order=self.order) if cls is TT else cls(ratio=r))
@@ -141,9 +141,7 @@ def _supported(module: nn.Module, choice: Choice) -> bool:
     f = choice.factorization
     if f is None:
         return True
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        return False
-    return (type(module), type(f)) in LAYER_TABLE
+    return refusal(module) is None and factorized_class(module, f) is not None
 
 
 def candidate_table(candidates: Any) -> GlobTable | None:

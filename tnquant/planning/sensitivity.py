@@ -58,14 +58,14 @@ from tqdm.auto import tqdm
 from tnquant.core.capture import evaluating
 from tnquant.core.globs import selected
 from tnquant.core.output import model_output
-from tnquant.factorization import LAYER_TABLE, collect_grams
+from tnquant.factorization import collect_grams
 from tnquant.planning.candidates import Candidates, candidate_table, candidates_for
 from tnquant.planning.evaluate import Evaluator, Targets
 from tnquant.planning.inputs import check_inputs, data_passes
 from tnquant.planning.plan import Choice
 from tnquant.quant.quantizer import Quantizer
 from tnquant.quantization import quantize
-from tnquant.registry import weight_pairs
+from tnquant.registry import factorized_class, weight_pairs
 from tnquant.sizes import SizeCounter, model_size_bits
 
 __all__ = ["Candidates", "Sensitivity", "sensitivity", "search_targets", "output_tensor"]
@@ -73,6 +73,14 @@ __all__ = ["Candidates", "Sensitivity", "sensitivity", "search_targets", "output
 _DENSE = (nn.Linear, nn.Conv2d, nn.Embedding)
 Metric = Union[None, str, Callable[[nn.Module], float]]
 
+
+
+def _factorized(module: nn.Module, spec: Any) -> Any:
+    """The registry's factorized class of ``module`` under ``spec`` (``ValueError`` if none)."""
+    cls = factorized_class(module, spec)
+    if cls is None:
+        raise ValueError(f"{type(spec).__name__} does not factorize a {type(module).__name__}")
+    return cls
 
 def search_targets(model: nn.Module, include: Iterable[str] | None = None,
                    exclude: Iterable[str] | None = None) -> list[tuple[list[str], nn.Module]]:
@@ -328,7 +336,7 @@ def _layer_entries(k: int, name: str, module: nn.Module, options: list[Choice],
         spec = choice.factorization
         if spec is not None and spec not in layers:
             try:
-                built = LAYER_TABLE[(type(module), type(spec))].from_dense(module, spec,
+                built = _factorized(module, spec).from_dense(module, spec,
                                                                            name=name, **fit)
                 layers[spec] = (built, tuple(built.ranks))
             except ValueError as err:
@@ -403,7 +411,7 @@ def _rescale(k: int, module: nn.Module, choices: list[Choice], errors: list[floa
     probes.sort(key=lambda c: errors[c])
     c = probes[len(probes) // 2]
     spec = choices[c].factorization
-    base = module if spec is None else LAYER_TABLE[(type(module), type(spec))].from_dense(
+    base = module if spec is None else _factorized(module, spec).from_dense(
         module, spec)
     out_err = evaluator.error(k, _quantized(base, choices[c]), output=True)
     factor = out_err / errors[c]
