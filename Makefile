@@ -42,6 +42,8 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check tnquant tests benchmarks examples
+	$(BIN)/ruff format --check tnquant tests benchmarks examples
+	$(BIN)/lint-imports
 	$(BIN)/mypy tnquant
 
 format: $(STAMP)

@@ -61,15 +61,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, median_time  # noqa: E402
 
-from tnquant import (  # noqa: E402
-    TT,
-    QuantSpec,
-    convert,
-    factorize,
-    load,
-    model_size_bits,
-    save,
-)
+from tnquant import TT, QuantSpec, convert, factorize, load, model_size_bits, save  # noqa: E402
 from tnquant.cli.datasets import load_minilm, split_corpus  # noqa: E402
 from tnquant.pipeline import QuantizeSection, Recipe, run_pipeline  # noqa: E402
 
@@ -86,12 +78,14 @@ def linear_bits(model, names) -> int:
     return sum(model_size_bits(model.get_submodule(n)) for n in names)
 
 
-def build_models(model, calib, names) -> tuple[dict[str, torch.nn.Module], torch.nn.Module,
-                                               float, str]:
+def build_models(
+    model, calib, names
+) -> tuple[dict[str, torch.nn.Module], torch.nn.Module, float, str]:
     """The compared models, the fake-quant TT model, the TT fit's seconds, a note."""
     models: dict[str, torch.nn.Module] = {"float32 (original)": model}
-    int8 = QuantizeSection(weights={LAYERS: QuantSpec(bits=8, granularity="channel", axis=0)},
-                           convert=False)  # quantize + calibrate; converted twice below
+    int8 = QuantizeSection(
+        weights={LAYERS: QuantSpec(bits=8, granularity="channel", axis=0)}, convert=False
+    )  # quantize + calibrate; converted twice below
     int8_fq = run_pipeline(model, Recipe(quantize=int8), calib, progress=False).model
     models["int8 per-channel, fake-quant"] = int8_fq
     models["int8 per-channel, converted"] = convert(int8_fq, inplace=False, progress=False).model
@@ -103,20 +97,26 @@ def build_models(model, calib, names) -> tuple[dict[str, torch.nn.Module], torch
     factorize(tt, {LAYERS: TT(ratio=0.25, order=2)}, progress=False)
     tt_sec = time.perf_counter() - t0
     models["TT(0.25) float32"] = tt
-    cores = QuantizeSection(cores={0: QuantSpec(bits=8, granularity="channel", axis=3),
-                                   -1: QuantSpec(bits=8, granularity="channel", axis=0)},
-                            include=(LAYERS,), convert=False)  # quantize + calibrate
+    cores = QuantizeSection(
+        cores={
+            0: QuantSpec(bits=8, granularity="channel", axis=3),
+            -1: QuantSpec(bits=8, granularity="channel", axis=0),
+        },
+        include=(LAYERS,),
+        convert=False,
+    )  # quantize + calibrate
     tt_q = run_pipeline(tt, Recipe(quantize=cores), calib, progress=False).model
-    models["TT(0.25) + int8 cores, converted"] = convert(tt_q, inplace=False,
-                                                          progress=False).model
+    models["TT(0.25) + int8 cores, converted"] = convert(tt_q, inplace=False, progress=False).model
     try:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dyn = quantize_dynamic(copy.deepcopy(model),
-                                   {n: per_channel_dynamic_qconfig for n in names},
-                                   dtype=torch.qint8)
+            dyn = quantize_dynamic(
+                copy.deepcopy(model),
+                {n: per_channel_dynamic_qconfig for n in names},
+                dtype=torch.qint8,
+            )
         models["torch quantize_dynamic int8 (reference)"] = dyn
         dyn_note = f"quantized engine {torch.backends.quantized.engine}"
     except Exception as err:  # noqa: BLE001 - the reference row is optional
@@ -135,8 +135,10 @@ def exactness(out, tt_q, batch) -> list[str]:
     ]
     diff = (out[FAST] - out["int8 per-channel, converted"]).abs().max().item()
     fast_cos = F.cosine_similarity(out[FAST], out["int8 per-channel, converted"]).mean()
-    checks.append(f"int8 fast path vs exact converted int8: max abs diff {diff:.3g}, mean cosine "
-                  f"{fast_cos.item():.5f} (not bit-identical, by design)")
+    checks.append(
+        f"int8 fast path vs exact converted int8: max abs diff {diff:.3g}, mean cosine "
+        f"{fast_cos.item():.5f} (not bit-identical, by design)"
+    )
     return checks
 
 
@@ -159,8 +161,7 @@ def disk_sizes(models, names, batch, out) -> dict[str, tuple[int, float | None, 
     return sizes
 
 
-def timings(models, batch, rounds: int, repeats: int) -> tuple[dict[str, float],
-                                                              dict[str, float]]:
+def timings(models, batch, rounds: int, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
     """Median forward seconds (interleaved rounds) and the dequantize-all seconds."""
     from tnquant.quant.frozen import FrozenTensor
 
@@ -174,8 +175,10 @@ def timings(models, batch, rounds: int, repeats: int) -> tuple[dict[str, float],
     def dequant_all(m):  # what a converted model does on every forward call
         return [f.dequantize() for f in m.modules() if isinstance(f, FrozenTensor)]
 
-    deq = {label: median_time(lambda m=models[label]: dequant_all(m), repeats=repeats)
-           for label in ("int8 per-channel, converted", "TT(0.25) + int8 cores, converted")}
+    deq = {
+        label: median_time(lambda m=models[label]: dequant_all(m), repeats=repeats)
+        for label in ("int8 per-channel, converted", "TT(0.25) + int8 cores, converted")
+    }
     return med, deq
 
 
@@ -185,9 +188,18 @@ def table_rows(models, sizes, med, out) -> list[tuple]:
     for label in models:
         size, lin, note = sizes[label]
         cos = F.cosine_similarity(out[label], out["float32 (original)"]).mean().item()
-        rows.append((label, round(size / 1e6, 2), round(size / f_size, 3),
-                     None if lin is None else round(lin, 2), round(med[label] * 1e3, 1),
-                     round(med[label] / f_time, 2), round(cos, 5), note))
+        rows.append(
+            (
+                label,
+                round(size / 1e6, 2),
+                round(size / f_size, 3),
+                None if lin is None else round(lin, 2),
+                round(med[label] * 1e3, 1),
+                round(med[label] / f_time, 2),
+                round(cos, 5),
+                note,
+            )
+        )
     return rows
 
 
@@ -205,12 +217,20 @@ def main() -> None:
 
     model, tokenizer = load_minilm()
     train, test = split_corpus(64, 32, seed=0)
-    batch = dict(tokenizer(test, return_tensors="pt", padding=True, truncation=True,
-                           max_length=64))
-    calib = [dict(tokenizer(train[i:i + 32], return_tensors="pt", padding=True,
-                            truncation=True, max_length=64)) for i in (0, 32)]
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.startswith("encoder.encoder.layer.")]
+    batch = dict(tokenizer(test, return_tensors="pt", padding=True, truncation=True, max_length=64))
+    calib = [
+        dict(
+            tokenizer(
+                train[i : i + 32], return_tensors="pt", padding=True, truncation=True, max_length=64
+            )
+        )
+        for i in (0, 32)
+    ]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith("encoder.encoder.layer.")
+    ]
     models, tt_q, tt_sec, dyn_note = build_models(model, calib, names)
     with torch.no_grad():
         out = {k: m.eval()(**batch) for k, m in models.items()}
@@ -220,12 +240,21 @@ def main() -> None:
     rows = table_rows(models, sizes, med, out)
     for r in rows:
         print(r)
-    header = ("model", "on disk MB", "size / float", "encoder Linear MB", "forward ms (32 sent.)",
-              "time / float", "cos to float", "note")
+    header = (
+        "model",
+        "on disk MB",
+        "size / float",
+        "encoder Linear MB",
+        "forward ms (32 sent.)",
+        "time / float",
+        "cos to float",
+        "note",
+    )
     md = markdown_table(header, [tuple("-" if v is None else v for v in r) for r in rows])
     deq_md = markdown_table(
         ("converted model", "dequantize all FrozenTensors, ms", "share of its forward"),
-        [(k, round(v * 1e3, 1), round(v / med[k], 2)) for k, v in deq.items()])
+        [(k, round(v * 1e3, 1), round(v / med[k], 2)) for k, v in deq.items()],
+    )
     total = time.perf_counter() - t_start
     tokens = int(batch["attention_mask"].sum())
     text = (
@@ -247,6 +276,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(f"total {total:.0f}s; wrote {args.out}")
+
 
 if __name__ == "__main__":
     main()

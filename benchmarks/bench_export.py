@@ -81,8 +81,9 @@ TT_KERNEL_QUICK = {("TT", 4)}
 
 
 def make_mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
-                         nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
 
 
 def accuracy_of(logits: np.ndarray | torch.Tensor, y: torch.Tensor) -> float:
@@ -147,8 +148,11 @@ int main() {{
 """)
     exe = out_dir / "tt_main"
     t0 = time.perf_counter()
-    subprocess.run(["g++", "-O1", "-std=c++14", f"-I{ap}", f"-I{out_dir}", str(main), "-o",
-                    str(exe)], check=True, capture_output=True)
+    subprocess.run(
+        ["g++", "-O1", "-std=c++14", f"-I{ap}", f"-I{out_dir}", str(main), "-o", str(exe)],
+        check=True,
+        capture_output=True,
+    )
     compile_s = time.perf_counter() - t0
     vals = np.ldexp(x_in.astype(np.float64), -op.input_type.frac)
     text = "\n".join(" ".join(repr(float(v)) for v in row) for row in vals)
@@ -192,19 +196,31 @@ def main() -> None:
             base = copy.deepcopy(teacher)
             if mapping is not None:
                 factorize(base, mapping, data=calib, progress=False)
-                finetune(base, labelled, teacher, loss="kl", task_loss=F.cross_entropy,
-                         epochs=ft_epochs, lr=1e-3, progress=False)
+                finetune(
+                    base,
+                    labelled,
+                    teacher,
+                    loss="kl",
+                    task_loss=F.cross_entropy,
+                    epochs=ft_epochs,
+                    lr=1e-3,
+                    progress=False,
+                )
             base.eval()
             with torch.no_grad():
                 base_acc = accuracy_of(base(x_te), y_te)
             for bits in bits_list:
                 label = f"W{bits}A{bits}"
                 model = copy.deepcopy(base).double()
-                quantize(model, weights=QuantSpec(bits=bits, scale="pow2", granularity="channel"),
-                         activations={"*.input": QuantSpec(bits=bits, symmetric=False,
-                                                           scale="pow2"),
-                                      "*.inter_*": QuantSpec(bits=2 * bits, scale="pow2")},
-                         progress=False)
+                quantize(
+                    model,
+                    weights=QuantSpec(bits=bits, scale="pow2", granularity="channel"),
+                    activations={
+                        "*.input": QuantSpec(bits=bits, symmetric=False, scale="pow2"),
+                        "*.inter_*": QuantSpec(bits=2 * bits, scale="pow2"),
+                    },
+                    progress=False,
+                )
                 calibrate(model, calib64, progress=False)
                 snap_biases(model)
                 model.eval()
@@ -220,8 +236,11 @@ def main() -> None:
                 same_hw: Any = ""
                 compile_s: Any = ""
                 if (arch, bits) in hls_rows:
-                    hm = to_hls4ml(model, work / f"hls_{arch}_{bits}",
-                                   project_name=f"tnq_{arch.lower()}_{bits}")
+                    hm = to_hls4ml(
+                        model,
+                        work / f"hls_{arch}_{bits}",
+                        project_name=f"tnq_{arch.lower()}_{bits}",
+                    )
                     t0 = time.perf_counter()
                     hm.compile()
                     compile_s = round(time.perf_counter() - t0, 1)
@@ -233,29 +252,58 @@ def main() -> None:
                     compile_s = round(cs, 1)
                     same_hw = f"{n_same} (TT kernel)"
                 tot = em.report().totals
-                row = (arch, label, round(float_acc, 4), round(base_acc, 4),
-                       round(accuracy_of(fq, y_te), 4), round(accuracy_of(emu, y_te), 4),
-                       hls_acc, same_fq, same_hw, tot["multiplies"], tot["dense_multiplies"],
-                       tot["memory_bits"], tot["dense_memory_bits"], tot["max_accum_width"],
-                       round(export_s, 2), compile_s)
+                row = (
+                    arch,
+                    label,
+                    round(float_acc, 4),
+                    round(base_acc, 4),
+                    round(accuracy_of(fq, y_te), 4),
+                    round(accuracy_of(emu, y_te), 4),
+                    hls_acc,
+                    same_fq,
+                    same_hw,
+                    tot["multiplies"],
+                    tot["dense_multiplies"],
+                    tot["memory_bits"],
+                    tot["dense_memory_bits"],
+                    tot["max_accum_width"],
+                    round(export_s, 2),
+                    compile_s,
+                )
                 rows.append(row)
                 print(row, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     total_s = time.perf_counter() - t_start
-    header = ("model", "precision", "float acc", "factorized float acc", "fake-quant acc",
-              "emulator acc", "hls4ml acc", f"emu == fake-quant (of {n_test})",
-              f"emu == hls4ml / C kernel (of {n_test})", "multiplies", "dense multiplies",
-              "memory bits", "dense memory bits", "max accum bits", "export s", "compile s")
+    header = (
+        "model",
+        "precision",
+        "float acc",
+        "factorized float acc",
+        "fake-quant acc",
+        "emulator acc",
+        "hls4ml acc",
+        f"emu == fake-quant (of {n_test})",
+        f"emu == hls4ml / C kernel (of {n_test})",
+        "multiplies",
+        "dense multiplies",
+        "memory bits",
+        "dense memory bits",
+        "max accum bits",
+        "export s",
+        "compile s",
+    )
     md = markdown_table(header, rows)
     print(md)
     all_fq = all(r[7] == n_test for r in rows)
     hw = [r[8] for r in rows if r[8] != ""]
     all_hw = all(str(h).startswith(f"{n_test} ") for h in hw)
-    verdict = (f"**Emulator == fake-quant torch model on every test image in every row: "
-               f"{'yes' if all_fq else 'NO'}; emulator == hls4ml C simulation / TT C kernel "
-               f"on every test image in the {len(hw)} checked rows: "
-               f"{'yes' if all_hw else 'NO'}.**")
+    verdict = (
+        f"**Emulator == fake-quant torch model on every test image in every row: "
+        f"{'yes' if all_fq else 'NO'}; emulator == hls4ml C simulation / TT C kernel "
+        f"on every test image in the {len(hw)} checked rows: "
+        f"{'yes' if all_hw else 'NO'}.**"
+    )
     print(verdict)
     text = (
         f"# Export bit-exactness on the digits MLP\n\ncommand: `{command}`\n\n"
@@ -282,7 +330,8 @@ def main() -> None:
         f"a b-bit weight is stored 1-3 bits wider (e.g. `ap_fixed<10,0>` for the first "
         f"dense W8 layer): that is why the factorized rows' 'dense memory bits' differ from "
         f"the dense row's 'memory bits' at the same precision. {n_test} test images.\n\n"
-        f"{verdict}\n\n{md}\n")
+        f"{verdict}\n\n{md}\n"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(f"wrote {args.out} ({total_s:.0f}s)")

@@ -148,8 +148,11 @@ def main() -> None:
             t0 = time.perf_counter()
             with CountSolves() as solves:
                 report = factorize(
-                    student, spec, include=list(dense), data=calib if aware else None,
-                    progress=False
+                    student,
+                    spec,
+                    include=list(dense),
+                    data=calib if aware else None,
+                    progress=False,
                 )
             seconds = time.perf_counter() - t0
             gram_s = 0.0

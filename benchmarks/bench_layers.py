@@ -89,8 +89,9 @@ def tltorch_twin(layer, bias):
     with torch.no_grad():
         for t, s in zip(targets, sources, strict=True):
             if t.shape != s.shape:
-                raise RuntimeError(f"TensorLy-Torch twin: shape {tuple(t.shape)} vs ours "
-                                   f"{tuple(s.shape)}")
+                raise RuntimeError(
+                    f"TensorLy-Torch twin: shape {tuple(t.shape)} vs ours {tuple(s.shape)}"
+                )
             t.copy_(s)
         twin.bias.copy_(bias)
     return twin
@@ -106,8 +107,9 @@ def build(kind, ratio, dense):
     return LowRankLinear.from_dense(dense, LowRank(ratio=ratio))
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int,
-                min_time: float = 0.01) -> dict[str, float]:
+def interleaved(
+    fns: dict[str, Callable[[], Any]], rounds: int, min_time: float = 0.01
+) -> dict[str, float]:
     """Median seconds per call of each function, timed in interleaved rounds."""
     counts = {}
     for name, fn in fns.items():
@@ -142,8 +144,9 @@ def machine_limits(repeats: int) -> dict[str, float]:
     return {"bandwidth": 2 * src.numel() * 4 / t_copy, "call": t_call}
 
 
-def bound(layer, flops: dict[str, Any], batch: int, dense_rate: float,
-          limits: dict[str, float]) -> float:
+def bound(
+    layer, flops: dict[str, Any], batch: int, dense_rate: float, limits: dict[str, float]
+) -> float:
     """Highest % of dense GFLOP/s reachable: traffic or call overhead, whichever is longer.
 
     The layer must at least read x, write y and read what it multiplies them
@@ -156,8 +159,11 @@ def bound(layer, flops: dict[str, Any], batch: int, dense_rate: float,
     else:
         weights = sum(c.numel() for c in layer.cores)
     moved = 4 * (batch * (layer.in_features + layer.out_features) + weights)
-    t_min = max(moved / limits["bandwidth"], flops["calls"] * limits["call"],
-                flops["cheapest"] / (2 * dense_rate))
+    t_min = max(
+        moved / limits["bandwidth"],
+        flops["calls"] * limits["call"],
+        flops["cheapest"] / (2 * dense_rate),
+    )
     return min(100.0, 100 * flops["cheapest"] / t_min / dense_rate)
 
 
@@ -195,8 +201,10 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     c_val = lr[0]["vs_dense"] if lr else float("nan")
 
     def cells(miss: list[dict[str, Any]]) -> str:
-        return ", ".join(f"{r['kind']} {r['comp']} B={r['batch']} ({r['value']:.2f})"
-                         for r in miss) or "none"
+        return (
+            ", ".join(f"{r['kind']} {r['comp']} B={r['batch']} ({r['value']:.2f})" for r in miss)
+            or "none"
+        )
 
     for r in rows:
         r["value"] = r["vs_tl"]
@@ -205,12 +213,21 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         r["value"] = r["pct"]
     b_text = cells(b_miss)
     return [
-        ("(a) >= 1.5x vs TensorLy-Torch's faster impl.",
-         f"{len(rows) - len(a_miss)}/{len(rows)} cells", f"missed: {a_text}"),
-        ("(b) >= 60% of dense GFLOP/s (cheapest order's FLOPs)",
-         f"{len(rows) - len(b_miss)}/{len(rows)} cells", f"missed: {b_text}"),
-        ("(c) LowRank 10x >= 4x nn.Linear at B=128", f"{c_val:.2f}x",
-         "met" if c_val >= 4 else "missed"),
+        (
+            "(a) >= 1.5x vs TensorLy-Torch's faster impl.",
+            f"{len(rows) - len(a_miss)}/{len(rows)} cells",
+            f"missed: {a_text}",
+        ),
+        (
+            "(b) >= 60% of dense GFLOP/s (cheapest order's FLOPs)",
+            f"{len(rows) - len(b_miss)}/{len(rows)} cells",
+            f"missed: {b_text}",
+        ),
+        (
+            "(c) LowRank 10x >= 4x nn.Linear at B=128",
+            f"{c_val:.2f}x",
+            "met" if c_val >= 4 else "missed",
+        ),
     ]
 
 
@@ -282,16 +299,48 @@ def main() -> None:
                         )
                     )
                     r = rows[-1]
-                    print(f"{kind} {r['comp']} B={batch}: ours {r['t_ours']:.1f} us, "
-                          f"vs TL {r['vs_tl']:.2f}, {r['pct']:.0f}% dense", flush=True)
-    header = ["layer", "compr.", "ranks", "B", "auto", "nn.Linear us", "ours us",
-              "no cache us", "TL-Torch us", "x vs nn.Linear", "x vs TL (a)",
-              "x vs TL, no cache", "GFLOP/s", "% dense GF/s (b)", "bound %",
-              "cheapest/dense FLOPs"]
+                    print(
+                        f"{kind} {r['comp']} B={batch}: ours {r['t_ours']:.1f} us, "
+                        f"vs TL {r['vs_tl']:.2f}, {r['pct']:.0f}% dense",
+                        flush=True,
+                    )
+    header = [
+        "layer",
+        "compr.",
+        "ranks",
+        "B",
+        "auto",
+        "nn.Linear us",
+        "ours us",
+        "no cache us",
+        "TL-Torch us",
+        "x vs nn.Linear",
+        "x vs TL (a)",
+        "x vs TL, no cache",
+        "GFLOP/s",
+        "% dense GF/s (b)",
+        "bound %",
+        "cheapest/dense FLOPs",
+    ]
     table = [
-        (r["kind"], r["comp"], r["ranks"], r["batch"], r["auto"], r["t_dense"], r["t_ours"],
-         r["t_plain"], f"{r['t_tl']:.1f} ({r['tl_impl']})", r["vs_dense"], r["vs_tl"],
-         r["vs_tl_plain"], r["gflops"], r["pct"], r["bound"], r["fl_ratio"])
+        (
+            r["kind"],
+            r["comp"],
+            r["ranks"],
+            r["batch"],
+            r["auto"],
+            r["t_dense"],
+            r["t_ours"],
+            r["t_plain"],
+            f"{r['t_tl']:.1f} ({r['tl_impl']})",
+            r["vs_dense"],
+            r["vs_tl"],
+            r["vs_tl_plain"],
+            r["gflops"],
+            r["pct"],
+            r["bound"],
+            r["fl_ratio"],
+        )
         for r in rows
     ]
     text = "\n".join(

@@ -110,16 +110,17 @@ def token_length(tokenizer, sentence: str) -> int:
     return len(tokenizer(sentence, truncation=True, max_length=MAX_LENGTH)["input_ids"])
 
 
-
-
 # ----------------------------------------------------------------------- caching
 
 
 def source_hash() -> str:
     """Hash of the sources a factorized model depends on (stale cache on any change)."""
     h = hashlib.sha256()
-    files = [PKG / "factorization.py", *sorted((PKG / "decompose").glob("*.py")),
-             *sorted((PKG / "layers").glob("*.py"))]
+    files = [
+        PKG / "factorization.py",
+        *sorted((PKG / "decompose").glob("*.py")),
+        *sorted((PKG / "layers").glob("*.py")),
+    ]
     for f in files:
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
@@ -199,8 +200,11 @@ def dense_rows(quick: bool):
         ("ternary (TWN) per-channel", Ternary(granularity="channel"), False),
     ]
     if quick:
-        rows = [r for r in rows if r[0] in ("int8 per-channel", "int4 per-channel",
-                                            "int2 per-channel mse + bias corr.")]
+        rows = [
+            r
+            for r in rows
+            if r[0] in ("int8 per-channel", "int4 per-channel", "int2 per-channel mse + bias corr.")
+        ]
     return rows
 
 
@@ -214,14 +218,16 @@ FACTORS = [
 def factor_rows(quick: bool):
     rows = []
     for fname, cls, extra, qargs in FACTORS:
-        for ratio in ((0.5,) if quick else (0.5, 0.25)):
+        for ratio in (0.5,) if quick else (0.5, 0.25):
             spec = cls(ratio=ratio, **extra)
-            for bits in ((4,) if quick else (8, 4)):
-                rows.append((f"{fname}({ratio}) + int{bits} per-channel cores", spec, bits,
-                             qargs, False))
+            for bits in (4,) if quick else (8, 4):
+                rows.append(
+                    (f"{fname}({ratio}) + int{bits} per-channel cores", spec, bits, qargs, False)
+                )
             if fname == "LowRank" and not quick:
-                rows.append((f"{fname}({ratio}) + int4 per-channel cores + GPTQ", spec, 4,
-                             qargs, True))
+                rows.append(
+                    (f"{fname}({ratio}) + int4 per-channel cores + GPTQ", spec, 4, qargs, True)
+                )
     if quick:
         rows = [r for r in rows if r[0].startswith("LowRank")]
     return rows
@@ -268,13 +274,23 @@ def main() -> None:
     t0 = time.perf_counter()
     cos0, r0 = judge(model, held_out, reference, ref_knn)
     judge_sec = time.perf_counter() - t0
-    print(f"{len(names)} Linear layers, {n_weights} weights; {n_calib} calibration / {n_test} "
-          f"held-out sentences; reference embeddings {how} ({ref_sec:.1f}s); one judge "
-          f"pass {judge_sec:.1f}s; float self-check cos {cos0:.4f} R@10 {r0:.3f}", flush=True)
+    print(
+        f"{len(names)} Linear layers, {n_weights} weights; {n_calib} calibration / {n_test} "
+        f"held-out sentences; reference embeddings {how} ({ref_sec:.1f}s); one judge "
+        f"pass {judge_sec:.1f}s; float self-check cos {cos0:.4f} R@10 {r0:.3f}",
+        flush=True,
+    )
 
     header = ("model", "bits/w", "cos", "R@10", "row s")
-    dense_table = [("float32 (original)", round(float_bits, 3), round(cos0, 4), round(r0, 3),
-                    round(judge_sec, 1))]
+    dense_table = [
+        (
+            "float32 (original)",
+            round(float_bits, 3),
+            round(cos0, 4),
+            round(r0, 3),
+            round(judge_sec, 1),
+        )
+    ]
     for label, spec, bc in select(dense_rows(args.quick), args.rows):
         t0 = time.perf_counter()
         student = copy.deepcopy(model)
@@ -289,8 +305,13 @@ def main() -> None:
             gptq(student, calib, progress=False)
         bits = bits_per_weight(student, names)
         cos, r10 = judge(student, held_out, reference, ref_knn)
-        row = (label, round(bits, 3), round(cos, 4), round(r10, 3),
-               round(time.perf_counter() - t0, 1))
+        row = (
+            label,
+            round(bits, 3),
+            round(cos, 4),
+            round(r10, 3),
+            round(time.perf_counter() - t0, 1),
+        )
         dense_table.append(row)
         print(row, flush=True)
 
@@ -307,23 +328,36 @@ def main() -> None:
             print(fac_log[-1], f"float cos {fc:.4f} R@10 {fr:.3f}", flush=True)
         fbits, fc, fr = float_cos[repr(spec)]
         student = copy.deepcopy(current[1])
-        quantize(student, **{k: ({LAYERS: v} if k == "weights" else v)
-                             for k, v in qargs(bits).items()},
-                 include=[LAYERS], progress=False)
+        quantize(
+            student,
+            **{k: ({LAYERS: v} if k == "weights" else v) for k, v in qargs(bits).items()},
+            include=[LAYERS],
+            progress=False,
+        )
         calibrate(student, calib, progress=False)
         if use_gptq:
             gptq(student, calib, progress=False)
         qbits = bits_per_weight(student, names)
         cos, r10 = judge(student, held_out, reference, ref_knn)
-        row = (label, round(qbits, 3), round(cos, 4), round(r10, 3), round(fbits, 2),
-               round(fc, 4), round(fr, 3), round(time.perf_counter() - t0, 1))
+        row = (
+            label,
+            round(qbits, 3),
+            round(cos, 4),
+            round(r10, 3),
+            round(fbits, 2),
+            round(fc, 4),
+            round(fr, 3),
+            round(time.perf_counter() - t0, 1),
+        )
         fac_table.append(row)
         print(row, flush=True)
     total = time.perf_counter() - t_start
 
     md_dense = markdown_table(header, dense_table)
-    md_fac = markdown_table(("model", "bits/w", "cos", "R@10", "float bits/w",
-                             "float cos", "float R@10", "row s"), fac_table)
+    md_fac = markdown_table(
+        ("model", "bits/w", "cos", "R@10", "float bits/w", "float cos", "float R@10", "row s"),
+        fac_table,
+    )
     print(md_dense)
     print(md_fac)
     text = (

@@ -55,9 +55,15 @@ RESULTS = Path(__file__).resolve().parent / "results" / "qat_digits.md"
 
 def make_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(512, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
 
 
@@ -96,9 +102,11 @@ def main() -> None:
     calib = [x_tr[i : i + 64] for i in range(0, len(x_tr), 64)]
     labelled = [(x_tr[i : i + 64], y_tr[i : i + 64]) for i in range(0, len(x_tr), 64)]
 
-    archs = {"dense": None,
-             "Tucker+LowRank": {"2": Tucker(ratio=0.5), "6": LowRank(ratio=0.25)},
-             "CP+LowRank": {"2": CP(ratio=0.5), "6": LowRank(ratio=0.25)}}
+    archs = {
+        "dense": None,
+        "Tucker+LowRank": {"2": Tucker(ratio=0.5), "6": LowRank(ratio=0.25)},
+        "CP+LowRank": {"2": CP(ratio=0.5), "6": LowRank(ratio=0.25)},
+    }
     rows = []
     float_bits = model_size_bits(teacher)
     rows.append(("dense", "float32", float_bits, 1.0, accuracy(teacher, x_te, y_te), "", ""))
@@ -107,36 +115,81 @@ def main() -> None:
         if mapping is not None:
             factorize(base, mapping, data=calib, progress=False)
             # float fine-tune of the factorized model first (a few epochs)
-            finetune(base, labelled, teacher, loss="kl", task_loss=F.cross_entropy,
-                     epochs=qat_epochs, lr=1e-3, progress=False)
-            rows.append((arch, "float32", model_size_bits(base),
-                         float_bits / model_size_bits(base), accuracy(base, x_te, y_te), "", ""))
+            finetune(
+                base,
+                labelled,
+                teacher,
+                loss="kl",
+                task_loss=F.cross_entropy,
+                epochs=qat_epochs,
+                lr=1e-3,
+                progress=False,
+            )
+            rows.append(
+                (
+                    arch,
+                    "float32",
+                    model_size_bits(base),
+                    float_bits / model_size_bits(base),
+                    accuracy(base, x_te, y_te),
+                    "",
+                    "",
+                )
+            )
         for label, spec in SPECS:
             student = copy.deepcopy(base)
             quantize(student, weights=spec, progress=False)
             calibrate(student, calib, progress=False)
             bits = model_size_bits(student)
             ptq = accuracy(student, x_te, y_te)
-            rep = finetune(student, labelled, teacher, loss="kl", task_loss=F.cross_entropy,
-                           alpha=0.5, epochs=qat_epochs, lr=1e-3, progress=False)
+            rep = finetune(
+                student,
+                labelled,
+                teacher,
+                loss="kl",
+                task_loss=F.cross_entropy,
+                alpha=0.5,
+                epochs=qat_epochs,
+                lr=1e-3,
+                progress=False,
+            )
             qat = accuracy(student, x_te, y_te)
-            row = (arch, label, bits, round(float_bits / bits, 1), round(ptq, 4),
-                   round(qat, 4), round(rep.history.time_s, 1))
+            row = (
+                arch,
+                label,
+                bits,
+                round(float_bits / bits, 1),
+                round(ptq, 4),
+                round(qat, 4),
+                round(rep.history.time_s, 1),
+            )
             rows.append(row)
             print(row, flush=True)
     header = ("model", "weights", "size bits", "x smaller", "PTQ acc", "QAT acc", "QAT s")
-    rows = [(r[0], r[1], r[2], r[3] if r[3] != 1.0 else 1.0, r[4] if r[1] != "float32" else "",
-             r[5] if r[1] != "float32" else r[4], r[6]) for r in rows]
+    rows = [
+        (
+            r[0],
+            r[1],
+            r[2],
+            r[3] if r[3] != 1.0 else 1.0,
+            r[4] if r[1] != "float32" else "",
+            r[5] if r[1] != "float32" else r[4],
+            r[6],
+        )
+        for r in rows
+    ]
     md = markdown_table(header, rows)
     print(md)
-    text = (f"# PTQ vs QAT on a digits CNN\n\ncommand: `{command}`\n\nmachine: {machine()}\n\n"
-            f"{'QUICK run' if args.quick else 'full run'}: float CNN trained {float_epochs} "
-            f"epochs ({train_s:.1f}s); QAT {qat_epochs} epochs x {len(labelled)} batches of 64, "
-            f"AdamW lr 1e-3, cross-entropy + KL to the float CNN (alpha 0.5). Factorized "
-            f"models are fine-tuned in float for {qat_epochs} epochs before quantization. "
-            f"All Conv2d/Linear weights and cores quantized with the row's spec (first conv and "
-            f"last fc too). Float rows: accuracy in the QAT column. {len(y_te)} test images.\n\n"
-            f"{md}\n")
+    text = (
+        f"# PTQ vs QAT on a digits CNN\n\ncommand: `{command}`\n\nmachine: {machine()}\n\n"
+        f"{'QUICK run' if args.quick else 'full run'}: float CNN trained {float_epochs} "
+        f"epochs ({train_s:.1f}s); QAT {qat_epochs} epochs x {len(labelled)} batches of 64, "
+        f"AdamW lr 1e-3, cross-entropy + KL to the float CNN (alpha 0.5). Factorized "
+        f"models are fine-tuned in float for {qat_epochs} epochs before quantization. "
+        f"All Conv2d/Linear weights and cores quantized with the row's spec (first conv and "
+        f"last fc too). Float rows: accuracy in the QAT column. {len(y_te)} test images.\n\n"
+        f"{md}\n"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")

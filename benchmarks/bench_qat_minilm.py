@@ -71,16 +71,7 @@ from common import (  # noqa: E402
     markdown_table,
 )
 
-from tnquant import (  # noqa: E402
-    TT,
-    LowRank,
-    QuantSpec,
-    Tucker,
-    calibrate,
-    factorize,
-    finetune,
-    quantize,
-)
+from tnquant import TT, LowRank, QuantSpec, Tucker, calibrate, factorize, finetune, quantize  # noqa: E402
 from tnquant.batches import move_batch  # noqa: E402
 from tnquant.cli.datasets import load_minilm, split_corpus  # noqa: E402
 from tnquant.planning import Candidates, Plan, apply, search, sensitivity  # noqa: E402
@@ -90,35 +81,45 @@ LAYERS = "encoder.encoder.layer.*"
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_minilm.md"
 
 
-
-
 # ------------------------------------------------------------------ rows
 
 
 def dense_rows():
     def spec(bits, gran):
         g = ("group", 64) if gran == "g64" else "channel"
-        return QuantSpec(bits=bits, granularity=g, axis=1 if gran == "g64" else 0,
-                         learnable=True)
-    return [(f"dense int{b} {g}", None, spec(b, g))
-            for b, g in [(4, "g64"), (4, "channel"), (3, "g64"), (3, "channel"), (2, "g64")]]
+        return QuantSpec(bits=bits, granularity=g, axis=1 if gran == "g64" else 0, learnable=True)
+
+    return [
+        (f"dense int{b} {g}", None, spec(b, g))
+        for b, g in [(4, "g64"), (4, "channel"), (3, "g64"), (3, "channel"), (2, "g64")]
+    ]
 
 
 def factor_rows():
     rows = []
-    for fname, make in [("Tucker", lambda r: Tucker(ratio=r)),
-                        ("TT", lambda r: TT(ratio=r, order=2)),
-                        ("LowRank", lambda r: LowRank(ratio=r))]:
+    for fname, make in [
+        ("Tucker", lambda r: Tucker(ratio=r)),
+        ("TT", lambda r: TT(ratio=r, order=2)),
+        ("LowRank", lambda r: LowRank(ratio=r)),
+    ]:
         for ratio in (0.5, 0.25):
             for bits in (8, 4):
-                rows.append((f"{fname}({ratio}) int{bits} ch", (fname, ratio, make(ratio)),
-                             QuantSpec(bits=bits, granularity="channel", learnable=True)))
+                rows.append(
+                    (
+                        f"{fname}({ratio}) int{bits} ch",
+                        (fname, ratio, make(ratio)),
+                        QuantSpec(bits=bits, granularity="channel", learnable=True),
+                    )
+                )
     # ~2.2 bits per original weight: fewer parameters at 4 bits or more at 3 ('mse' ranges)
     for ratio, bits in [(0.55, 4), (0.73, 3)]:
-        rows.append((f"LowRank({ratio}) int{bits} ch mse", ("LowRank", ratio,
-                                                           LowRank(ratio=ratio)),
-                     QuantSpec(bits=bits, granularity="channel", observer="mse",
-                               learnable=True)))
+        rows.append(
+            (
+                f"LowRank({ratio}) int{bits} ch mse",
+                ("LowRank", ratio, LowRank(ratio=ratio)),
+                QuantSpec(bits=bits, granularity="channel", observer="mse", learnable=True),
+            )
+        )
     return rows
 
 
@@ -132,17 +133,36 @@ def select(rows, wanted):
 def mixed_plan(model, calib, bits_per_weight_budget: float, n_weights: int, cache: dict):
     """A searched mixed-precision plan at the budget, with learnable (LSQ) quantizers."""
     if "sens" not in cache:
-        cands = Candidates(formats=cache.get("formats", ()), ratios=(0.5,),
-                           bits=(8, 6, 5, 4, 3, 2), ternary=True, binary=False, observer="mse")
+        cands = Candidates(
+            formats=cache.get("formats", ()),
+            ratios=(0.5,),
+            bits=(8, 6, 5, 4, 3, 2),
+            ternary=True,
+            binary=False,
+            observer="mse",
+        )
         t0 = time.perf_counter()
-        cache["sens"] = sensitivity(model, calib[:2], cands, metric="output",
-                                    include=[LAYERS], fit_data=cache["fit_search"],
-                                    progress=False)
+        cache["sens"] = sensitivity(
+            model,
+            calib[:2],
+            cands,
+            metric="output",
+            include=[LAYERS],
+            fit_data=cache["fit_search"],
+            progress=False,
+        )
         cache["sens_s"] = time.perf_counter() - t0
     sens = cache["sens"]
     budget = sens.fixed_bits + int(bits_per_weight_budget * n_weights)
-    plan = search(model, calib[:2], metric="output", budget_bits=budget, precomputed=sens,
-                  verify_plan=False, progress=False)
+    plan = search(
+        model,
+        calib[:2],
+        metric="output",
+        budget_bits=budget,
+        precomputed=sens,
+        verify_plan=False,
+        progress=False,
+    )
     learn = {}
     for name, choice in plan.items():
         w = choice.weights
@@ -152,13 +172,18 @@ def mixed_plan(model, calib, bits_per_weight_budget: float, n_weights: int, cach
     return Plan(learn)
 
 
-def build_student(model, label, factor, spec, calib, held_out, reference, ref_knn, n_weights,
-                  state):
+def build_student(
+    model, label, factor, spec, calib, held_out, reference, ref_knn, n_weights, state
+):
     """The compressed (PTQ) student of one row and its factorized-float cosine ('' if dense)."""
     if label.startswith("mixed"):
         student = copy.deepcopy(model)
-        apply(student, mixed_plan(model, calib, float(label.split()[1]), n_weights, state),
-              data=state["fit"], progress=False)
+        apply(
+            student,
+            mixed_plan(model, calib, float(label.split()[1]), n_weights, state),
+            data=state["fit"],
+            progress=False,
+        )
         return student, ""
     if factor is None:
         student, fz = copy.deepcopy(model), ""
@@ -182,22 +207,43 @@ def plan_summary(student) -> str:
     from tnquant.layers import FactorizedLayer
     from tnquant.quant.quantizer import Quantizer
 
-    kinds = Counter(type(m).__name__ for n, m in student.named_modules()
-                    if n.startswith("encoder.encoder.layer.") and
-                    (isinstance(m, FactorizedLayer) or hasattr(m, "weight_quantizer")))
-    bits = Counter(getattr(q.spec, "bits", type(q.spec).__name__) for n, q
-                   in student.named_modules()
-                   if isinstance(q, Quantizer) and n.startswith("encoder.encoder.layer."))
-    return (", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) + "; quantizers by bits: "
-            + ", ".join(f"{k}: {v}" for k, v in sorted(bits.items(), key=str)))
+    kinds = Counter(
+        type(m).__name__
+        for n, m in student.named_modules()
+        if n.startswith("encoder.encoder.layer.")
+        and (isinstance(m, FactorizedLayer) or hasattr(m, "weight_quantizer"))
+    )
+    bits = Counter(
+        getattr(q.spec, "bits", type(q.spec).__name__)
+        for n, q in student.named_modules()
+        if isinstance(q, Quantizer) and n.startswith("encoder.encoder.layer.")
+    )
+    return (
+        ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
+        + "; quantizers by bits: "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(bits.items(), key=str))
+    )
 
 
 def write(args, text_head, table, notes, total):
-    header = ("model", "bits/w", "float cos (factorized)", "RTN cos", "PTQ cos", "PTQ R@10",
-              "QAT cos", "QAT R@10", "finetune s", "steps")
+    header = (
+        "model",
+        "bits/w",
+        "float cos (factorized)",
+        "RTN cos",
+        "PTQ cos",
+        "PTQ R@10",
+        "QAT cos",
+        "QAT R@10",
+        "finetune s",
+        "steps",
+    )
     md = markdown_table(header, table)
-    text = (text_head + f"{md}\n\nTotal wall time of the rows: {total:.0f}s.\n"
-            + "".join(f"- {n}\n" for n in notes))
+    text = (
+        text_head
+        + f"{md}\n\nTotal wall time of the rows: {total:.0f}s.\n"
+        + "".join(f"- {n}\n" for n in notes)
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     return md
@@ -211,31 +257,58 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=None, help="training sentences")
     ap.add_argument("--test", type=int, default=None, help="held-out sentences")
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--scale-lr", type=float, default=None,
-                    help="learning rate of the LSQ scales (default: --lr)")
+    ap.add_argument(
+        "--scale-lr",
+        type=float,
+        default=None,
+        help="learning rate of the LSQ scales (default: --lr)",
+    )
     ap.add_argument("--loss", default="cosine", choices=["cosine", "mse", "hidden"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--gptq", type=int, default=0,
-                    help="GPTQ rounding on this many training batches after calibration")
-    ap.add_argument("--formats", default="",
-                    help="factorizations the mixed rows may pick (e.g. 'lowrank', ratio 0.5)")
-    ap.add_argument("--fit-search", action="store_true",
-                    help="with --fit N: the search measures the factorized candidates fitted "
-                         "to the same N batches (sensitivity(fit_data=))")
-    ap.add_argument("--no-dropout", action="store_true",
-                    help="finetune(dropout=False): no dropout in the student while it trains "
-                         "(default here: dropout=True, the student's own, as in the earlier "
-                         "result files; finetune's own default with a teacher is off)")
-    ap.add_argument("--fit", type=int, default=0,
-                    help="fit the layers a mixed plan factorizes to N training batches "
-                         "(data-aware; default: the plain decompositions the search measured)")
-    ap.add_argument("--rotate", action="store_true",
-                    help="rotate the layers' inputs (tnquant.ptq.rotate) before quantizing")
+    ap.add_argument(
+        "--gptq",
+        type=int,
+        default=0,
+        help="GPTQ rounding on this many training batches after calibration",
+    )
+    ap.add_argument(
+        "--formats",
+        default="",
+        help="factorizations the mixed rows may pick (e.g. 'lowrank', ratio 0.5)",
+    )
+    ap.add_argument(
+        "--fit-search",
+        action="store_true",
+        help="with --fit N: the search measures the factorized candidates fitted "
+        "to the same N batches (sensitivity(fit_data=))",
+    )
+    ap.add_argument(
+        "--no-dropout",
+        action="store_true",
+        help="finetune(dropout=False): no dropout in the student while it trains "
+        "(default here: dropout=True, the student's own, as in the earlier "
+        "result files; finetune's own default with a teacher is off)",
+    )
+    ap.add_argument(
+        "--fit",
+        type=int,
+        default=0,
+        help="fit the layers a mixed plan factorizes to N training batches "
+        "(data-aware; default: the plain decompositions the search measured)",
+    )
+    ap.add_argument(
+        "--rotate",
+        action="store_true",
+        help="rotate the layers' inputs (tnquant.ptq.rotate) before quantizing",
+    )
     ap.add_argument("--mixed", default="3.0,2.5", help="budgets (bits/w) of mixed rows")
     ap.add_argument("--time-limit", type=float, default=None, help="start no row after (s)")
-    ap.add_argument("--corpus", default=None,
-                    help="text file of sentence_corpus(seed=0), one a line (another Python's "
-                         "stdlib gives other docstrings: carry this machine's corpus)")
+    ap.add_argument(
+        "--corpus",
+        default=None,
+        help="text file of sentence_corpus(seed=0), one a line (another Python's "
+        "stdlib gives other docstrings: carry this machine's corpus)",
+    )
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -244,15 +317,18 @@ def main() -> None:
     epochs = args.epochs or (1 if args.quick else 2)
     device = torch.device(args.device)
     command = "python " + " ".join(sys.argv)
-    where = machine() if device.type == "cpu" else \
-        f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    where = (
+        machine()
+        if device.type == "cpu"
+        else f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    )
     print(command, "\n", where, flush=True)
 
     model, tokenizer = load_minilm()
     model.to(device)
     if args.corpus:
         lines = Path(args.corpus).read_text().splitlines()
-        train, test = lines[:n_train], lines[n_train:n_train + n_test]
+        train, test = lines[:n_train], lines[n_train : n_train + n_test]
     else:
         train, test = split_corpus(n_train, n_test, seed=0)
     calib = [move_batch(b, device) for b in make_batches(tokenizer, train)]
@@ -288,14 +364,18 @@ def main() -> None:
         f"encoder.encoder.layer.* Linear layers (codes, scales, zero points, float32 "
         f"biases, all cores) / {n_weights} original weights. PTQ = same quantize + "
         f"calibrate, no finetune (same size). float cos = the factorized float model "
-        f"(data-aware fit on the train batches) before quantization.\n\n")
+        f"(data-aware fit on the train batches) before quantization.\n\n"
+    )
     table: list[tuple] = []
     notes: list[str] = []
     # fit: batches for a data-aware fit of the planned factorizations (None: plain SVD);
     # fit_search: the same batches for the search's sensitivities, or None
-    fit = calib[:args.fit] if args.fit else None
-    state: dict = {"formats": tuple(f for f in args.formats.split(",") if f), "fit": fit,
-                   "fit_search": fit if args.fit_search else None}
+    fit = calib[: args.fit] if args.fit else None
+    state: dict = {
+        "formats": tuple(f for f in args.formats.split(",") if f),
+        "fit": fit,
+        "fit_search": fit if args.fit_search else None,
+    }
     t_all = time.perf_counter()
     for label, factor, spec in rows:
         if args.time_limit and time.perf_counter() - t_all > args.time_limit:
@@ -303,8 +383,9 @@ def main() -> None:
             break
         t0 = time.perf_counter()
         try:
-            student, fz = build_student(base, label, factor, spec, calib, held_out, reference,
-                                        ref_knn, n_weights, state)
+            student, fz = build_student(
+                base, label, factor, spec, calib, held_out, reference, ref_knn, n_weights, state
+            )
             if label.startswith("mixed"):
                 notes.append(f"'{label}' plan: {plan_summary(student)}")
             calibrate(student, calib, progress=False)
@@ -312,24 +393,43 @@ def main() -> None:
             cos_p, r_p = judge(student, held_out, reference, ref_knn)
             cos_rtn = round(cos_p, 4)
             if args.gptq:
-                gptq(student, calib[:args.gptq], progress=False)
+                gptq(student, calib[: args.gptq], progress=False)
                 cos_p, r_p = judge(student, held_out, reference, ref_knn)
-            rep = finetune(student, calib, teacher=model, loss=loss, hidden=hidden,
-                           epochs=epochs, lr=args.lr, scale_lr=args.scale_lr,
-                           dropout=not args.no_dropout, progress=False)
+            rep = finetune(
+                student,
+                calib,
+                teacher=model,
+                loss=loss,
+                hidden=hidden,
+                epochs=epochs,
+                lr=args.lr,
+                scale_lr=args.scale_lr,
+                dropout=not args.no_dropout,
+                progress=False,
+            )
             cos_q, r_q = judge(student, held_out, reference, ref_knn)
         except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
             notes.append(f"'{label}' failed: {type(err).__name__}: {err}")
             print(notes[-1], flush=True)
             continue
-        row = (label, round(bits, 3), fz, cos_rtn, round(cos_p, 4), round(r_p, 3),
-               round(cos_q, 4),
-               round(r_q, 3), round(rep.history.time_s, 1), len(rep.history.step))
+        row = (
+            label,
+            round(bits, 3),
+            fz,
+            cos_rtn,
+            round(cos_p, 4),
+            round(r_p, 3),
+            round(cos_q, 4),
+            round(r_q, 3),
+            round(rep.history.time_s, 1),
+            len(rep.history.step),
+        )
         table.append(row)
         print(f"{row}  [{time.perf_counter() - t0:.0f}s]", flush=True)
         if "sens_s" in state and not any(n.startswith("search") for n in notes):
-            notes.append(f"search sensitivity (metric 'output', 64 sentences): "
-                         f"{state['sens_s']:.0f}s")
+            notes.append(
+                f"search sensitivity (metric 'output', 64 sentences): {state['sens_s']:.0f}s"
+            )
         write(args, text_head, table, notes, time.perf_counter() - t_all)
     md = write(args, text_head, table, notes, time.perf_counter() - t_all)
     print(md)

@@ -78,8 +78,10 @@ def brevitas_stack():
     import brevitas
 
     def make(i, o):
-        return qnn.QuantLinear(i, o, bias=True, weight_quant=Int8WeightPerChannelFloat,
-                               weight_bit_width=4)
+        return qnn.QuantLinear(
+            i, o, bias=True, weight_quant=Int8WeightPerChannelFloat, weight_bit_width=4
+        )
+
     return linear_stack(make), f"brevitas {brevitas.__version__}"
 
 
@@ -98,8 +100,11 @@ def main() -> None:
 
     cases = []
     stack = linear_stack()
-    for label, spec in [("dense", None), ("LowRank(0.5)", LowRank(ratio=0.5)),
-                        ("TT(0.5, order=2)", TT(ratio=0.5, order=2))]:
+    for label, spec in [
+        ("dense", None),
+        ("LowRank(0.5)", LowRank(ratio=0.5)),
+        ("TT(0.5, order=2)", TT(ratio=0.5, order=2)),
+    ]:
         m = copy.deepcopy(stack)
         if spec is not None:
             factorize(m, spec, progress=False)
@@ -117,8 +122,15 @@ def main() -> None:
         calibrate(q, [x], progress=False)
         t_float = median_time(step_fn(m, x, y), repeats=repeats)
         t_quant = median_time(step_fn(q, x, y), repeats=repeats)
-        rows.append((label, "tnquant int4 ch LSQ (eager)", round(t_float * 1e3, 2),
-                     round(t_quant * 1e3, 2), round(t_quant / t_float, 2)))
+        rows.append(
+            (
+                label,
+                "tnquant int4 ch LSQ (eager)",
+                round(t_float * 1e3, 2),
+                round(t_quant * 1e3, 2),
+                round(t_quant / t_float, 2),
+            )
+        )
         print(rows[-1], flush=True)
         for backend in ("cpp", "compile"):
             with fused.fused(False, backend):
@@ -126,9 +138,15 @@ def main() -> None:
                     continue
             with fused.fused(True, backend):
                 t_fused = median_time(step_fn(q, x, y), repeats=repeats)
-            rows.append((label, f"tnquant int4 ch LSQ (fused, {backend})",
-                         round(t_float * 1e3, 2), round(t_fused * 1e3, 2),
-                         round(t_fused / t_float, 2)))
+            rows.append(
+                (
+                    label,
+                    f"tnquant int4 ch LSQ (fused, {backend})",
+                    round(t_float * 1e3, 2),
+                    round(t_fused * 1e3, 2),
+                    round(t_fused / t_float, 2),
+                )
+            )
             print(rows[-1], flush=True)
 
     bstack, note = brevitas_stack()
@@ -136,16 +154,25 @@ def main() -> None:
         bstack.load_state_dict(stack.state_dict(), strict=False)
         t_float = median_time(step_fn(stack, xs, ys), repeats=repeats)
         t_b = median_time(step_fn(bstack, xs, ys), repeats=repeats)
-        rows.append(("stack dense", note + " QuantLinear int4 ch", round(t_float * 1e3, 2),
-                     round(t_b * 1e3, 2), round(t_b / t_float, 2)))
+        rows.append(
+            (
+                "stack dense",
+                note + " QuantLinear int4 ch",
+                round(t_float * 1e3, 2),
+                round(t_b * 1e3, 2),
+                round(t_b / t_float, 2),
+            )
+        )
         print(rows[-1], flush=True)
     header = ("model", "quantizers", "float step ms", "fake-quant step ms", "ratio")
     md = markdown_table(header, rows)
     print(md)
-    text = (f"# QAT step time\n\ncommand: `{command}`\n\nmachine: {machine()}\n\n"
-            f"{'QUICK run' if args.quick else 'full run'}: forward + backward + AdamW step, "
-            f"medians of {repeats} blocks; stack input (64, {tokens}, 384), CNN batch 64. "
-            f"Target ratio <= 1.5. Brevitas: {note}.\n\n{md}\n")
+    text = (
+        f"# QAT step time\n\ncommand: `{command}`\n\nmachine: {machine()}\n\n"
+        f"{'QUICK run' if args.quick else 'full run'}: forward + backward + AdamW step, "
+        f"medians of {repeats} blocks; stack input (64, {tokens}, 384), CNN batch 64. "
+        f"Target ratio <= 1.5. Brevitas: {note}.\n\n{md}\n"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")

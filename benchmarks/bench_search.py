@@ -99,8 +99,9 @@ class Judge:
 
 
 def cached_sensitivity(model, calib, cands, quick: bool):
-    key = hashlib.sha256(repr((cands, quick, [b["input_ids"].tolist() for b in calib]))
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        repr((cands, quick, [b["input_ids"].tolist() for b in calib])).encode()
+    ).hexdigest()[:16]
     path = Path.home() / ".cache" / "tnquant-bench" / f"search-sens-{key}.pkl"
     if path.exists():
         with open(path, "rb") as f:
@@ -115,15 +116,32 @@ def cached_sensitivity(model, calib, cands, quick: bool):
 
 
 def baseline_choices(quick: bool) -> list[tuple[str, str, Choice]]:
-    out = [("plain PTQ", f"int{k} per-channel min-max", Choice(None, QuantSpec(
-        k, granularity="channel"))) for k in (8, 6, 5, 4, 3, 2)]
-    out += [("uniform", f"int{k} per-channel mse", Choice(None, QuantSpec(
-        k, granularity="channel", observer="mse"))) for k in (8, 6, 5, 4, 3, 2)]
+    out = [
+        (
+            "plain PTQ",
+            f"int{k} per-channel min-max",
+            Choice(None, QuantSpec(k, granularity="channel")),
+        )
+        for k in (8, 6, 5, 4, 3, 2)
+    ]
+    out += [
+        (
+            "uniform",
+            f"int{k} per-channel mse",
+            Choice(None, QuantSpec(k, granularity="channel", observer="mse")),
+        )
+        for k in (8, 6, 5, 4, 3, 2)
+    ]
     out.append(("uniform", "ternary per-channel", Choice(None, Ternary(granularity="channel"))))
     if not quick:
         for k in (8, 4):
-            out.append(("uniform", f"LowRank(0.5) + int{k} cores", Choice(
-                LowRank(ratio=0.5), QuantSpec(k, granularity="channel", observer="mse"))))
+            out.append(
+                (
+                    "uniform",
+                    f"LowRank(0.5) + int{k} cores",
+                    Choice(LowRank(ratio=0.5), QuantSpec(k, granularity="channel", observer="mse")),
+                )
+            )
     return out
 
 
@@ -166,9 +184,19 @@ def compare(baselines, searched) -> tuple[list[tuple], int, int]:
         best = max(fits, key=lambda s: s[2])
         win = best[2] >= cos
         wins += win
-        rows.append((family, label, round(size, 3), round(cos, 4), round(r10, 3),
-                     round(best[1], 3), round(best[2], 4), round(best[3], 3),
-                     "yes" if win else "NO"))
+        rows.append(
+            (
+                family,
+                label,
+                round(size, 3),
+                round(cos, 4),
+                round(r10, 3),
+                round(best[1], 3),
+                round(best[2], 4),
+                round(best[3], 3),
+                "yes" if win else "NO",
+            )
+        )
     return rows, wins, len(rows)
 
 
@@ -188,8 +216,14 @@ def main() -> None:
     by_len = lambda s: len(tokenizer(s)["input_ids"])  # noqa: E731
     calib = make_batches(tokenizer, sorted(train[:64], key=by_len))
     held_out = make_batches(tokenizer, sorted(test, key=by_len))
-    cands = Candidates(formats=() if args.quick else ("lowrank",), ratios=(0.5,),
-                       bits=(8, 6, 5, 4, 3, 2), ternary=True, binary=False, observer="mse")
+    cands = Candidates(
+        formats=() if args.quick else ("lowrank",),
+        ratios=(0.5,),
+        bits=(8, 6, 5, 4, 3, 2),
+        ternary=True,
+        binary=False,
+        observer="mse",
+    )
     sens, how = cached_sensitivity(model, calib, cands, args.quick)
     n_weights = sum(model.get_submodule(n).weight.numel() for n in sens.names)
     n_cands = sum(len(c) for c in sens.choices)
@@ -210,44 +244,99 @@ def main() -> None:
             continue
         t1 = time.perf_counter()
         try:
-            plan = search(model, calib, metric="output", budget_bits=sens.fixed_bits + bits,
-                          precomputed=sens, grid=args.grid, verify_plan=False, progress=False)
+            plan = search(
+                model,
+                calib,
+                metric="output",
+                budget_bits=sens.fixed_bits + bits,
+                precomputed=sens,
+                grid=args.grid,
+                verify_plan=False,
+                progress=False,
+            )
         except ValueError as err:
             print(f"budget {run.bpw(bits):.3f} bits/w: {err}")
             continue
         t_search = time.perf_counter() - t1
         size, cos, r10 = run(plan)
-        searched.append((run.bpw(bits), run.bpw(size), cos, r10, plan.predicted_error or 0.0,
-                         f"{t_search:.1f}s; {mix_of(plan)}"))
+        searched.append(
+            (
+                run.bpw(bits),
+                run.bpw(size),
+                cos,
+                r10,
+                plan.predicted_error or 0.0,
+                f"{t_search:.1f}s; {mix_of(plan)}",
+            )
+        )
         print(searched[-1], flush=True)
     rows, wins, total = compare(baselines, searched)
     png = plot(Path(args.out).with_name("search_pareto.png"), baselines, searched)
-    text = "\n".join([
-        "# Searched mixed plans vs uniform plans vs plain per-channel PTQ (MiniLM-L6)", "",
-        f"command: `{command}`", "", f"machine: {machine()}", "",
-        f"{'QUICK run (dense candidates only). ' if args.quick else ''}"
-        f"Sensitivity (`metric='output'`, 64 calibration sentences): {n_cands} candidates "
-        f"over {len(sens.names)} layers ({how}); total {time.perf_counter() - t_all:.0f}s. "
-        f"Judged on 512 held-out sentences (cos, R@10 vs the original embeddings). bits/w "
-        f"over the {n_weights} weights of the 36 Linear layers. Budgets: each baseline's "
-        f"exact size, and 2..8 bits/w; DP grid {args.grid}.", "",
-        f"**Searched >= baseline (cosine) at equal or smaller size: {wins}/{total}.**", "",
-        "## Comparison at equal size", "",
-        markdown_table(("baseline family", "baseline", "bits/w", "cos", "R@10",
-                        "searched bits/w (<=)", "searched cos", "searched R@10",
-                        "searched >= baseline"), rows), "",
-        "## Baselines", "",
-        markdown_table(("family", "model", "bits/w", "cos", "R@10"),
-                       [(f, lab, round(s, 3), round(c, 4), round(r, 3))
-                        for f, lab, s, c, r in baselines]), "",
-        "## Searched plans", "",
-        "`predicted err` = summed per-layer output relative MSE on the calibration sentences "
-        "(the DP's objective).", "",
-        markdown_table(("budget bits/w", "bits/w", "cos", "R@10", "predicted err (sum)",
-                        "search time; plan"),
-                       [(round(b, 3), round(s, 3), round(c, 4), round(r, 3), f"{p:.3g}", note)
-                        for b, s, c, r, p, note in searched]), "",
-        f"![Pareto front]({png.name})" if png else "", ""])
+    text = "\n".join(
+        [
+            "# Searched mixed plans vs uniform plans vs plain per-channel PTQ (MiniLM-L6)",
+            "",
+            f"command: `{command}`",
+            "",
+            f"machine: {machine()}",
+            "",
+            f"{'QUICK run (dense candidates only). ' if args.quick else ''}"
+            f"Sensitivity (`metric='output'`, 64 calibration sentences): {n_cands} candidates "
+            f"over {len(sens.names)} layers ({how}); total {time.perf_counter() - t_all:.0f}s. "
+            f"Judged on 512 held-out sentences (cos, R@10 vs the original embeddings). bits/w "
+            f"over the {n_weights} weights of the 36 Linear layers. Budgets: each baseline's "
+            f"exact size, and 2..8 bits/w; DP grid {args.grid}.",
+            "",
+            f"**Searched >= baseline (cosine) at equal or smaller size: {wins}/{total}.**",
+            "",
+            "## Comparison at equal size",
+            "",
+            markdown_table(
+                (
+                    "baseline family",
+                    "baseline",
+                    "bits/w",
+                    "cos",
+                    "R@10",
+                    "searched bits/w (<=)",
+                    "searched cos",
+                    "searched R@10",
+                    "searched >= baseline",
+                ),
+                rows,
+            ),
+            "",
+            "## Baselines",
+            "",
+            markdown_table(
+                ("family", "model", "bits/w", "cos", "R@10"),
+                [(f, lab, round(s, 3), round(c, 4), round(r, 3)) for f, lab, s, c, r in baselines],
+            ),
+            "",
+            "## Searched plans",
+            "",
+            "`predicted err` = summed per-layer output relative MSE on the calibration sentences "
+            "(the DP's objective).",
+            "",
+            markdown_table(
+                (
+                    "budget bits/w",
+                    "bits/w",
+                    "cos",
+                    "R@10",
+                    "predicted err (sum)",
+                    "search time; plan",
+                ),
+                [
+                    (round(b, 3), round(s, 3), round(c, 4), round(r, 3), f"{p:.3g}", note)
+                    for b, s, c, r, p, note in searched
+                ],
+            ),
+            "",
+            f"![Pareto front]({png.name})" if png else "",
+            "",
+        ]
+    )
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -71,8 +71,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def linear_names(model) -> dict[str, int]:
     """The encoder's Linear layers (the ones every MiniLM row compresses) -> weight count."""
-    return {n: m.weight.numel() for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith("encoder.encoder.layer.")}
+    return {
+        n: m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith("encoder.encoder.layer.")
+    }
 
 
 def bits_per_weight(model, names: dict[str, int]) -> float:
@@ -95,12 +98,22 @@ def bits_per_weight(model, names: dict[str, int]) -> float:
     return total / sum(names.values())
 
 
-def make_batches(tokenizer, sentences: Sequence[str], size: int = 32,
-                 max_length: int = 64) -> list[dict]:
+def make_batches(
+    tokenizer, sentences: Sequence[str], size: int = 32, max_length: int = 64
+) -> list[dict]:
     """Tokenized batches (padded to the longest in each batch, truncated at max_length)."""
-    return [dict(tokenizer(list(sentences[i:i + size]), return_tensors="pt", padding=True,
-                           truncation=True, max_length=max_length))
-            for i in range(0, len(sentences), size)]
+    return [
+        dict(
+            tokenizer(
+                list(sentences[i : i + size]),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            )
+        )
+        for i in range(0, len(sentences), size)
+    ]
 
 
 def embed(model, batches) -> Any:
@@ -131,13 +144,15 @@ def judge(model, held_out, reference, ref_knn) -> tuple[float, float]:
 
     emb = embed(model, held_out)
     cos = F.cosine_similarity(emb, reference).mean().item()
-    overlap = [len(set(a.tolist()) & set(b.tolist())) / 10
-               for a, b in zip(knn(emb), ref_knn, strict=True)]
+    overlap = [
+        len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(knn(emb), ref_knn, strict=True)
+    ]
     return cos, sum(overlap) / len(overlap)
 
 
-def train_classifier(make: Callable[[], Any], x, y, epochs: int, lr: float = 3e-3,
-                     batch: int = 64) -> Any:
+def train_classifier(
+    make: Callable[[], Any], x, y, epochs: int, lr: float = 3e-3, batch: int = 64
+) -> Any:
     """A float classifier from ``make()`` trained with Adam + cross-entropy (seeded, eval mode)."""
     import torch
     import torch.nn.functional as F

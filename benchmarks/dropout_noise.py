@@ -35,8 +35,10 @@ def main() -> None:
     with torch.no_grad():
         noisy = torch.cat([model(**b) for b in held_out])
     cos = F.cosine_similarity(noisy, reference, dim=-1)
-    print(f"MiniLM-L6 with its dropout vs eval mode, {len(test)} held-out sentences: "
-          f"mean cosine {cos.mean().item():.4f} (min {cos.min().item():.4f})")
+    print(
+        f"MiniLM-L6 with its dropout vs eval mode, {len(test)} held-out sentences: "
+        f"mean cosine {cos.mean().item():.4f} (min {cos.min().item():.4f})"
+    )
 
 
 if __name__ == "__main__":

@@ -21,10 +21,28 @@ import warnings
 
 import tnquant.cli.datasets as ds
 
-PACKAGES = ["numpy", "scipy", "sklearn", "torch.nn", "sympy", "pandas", "networkx",
-            "hypothesis", "setuptools", "pip._internal"]
-MORE = ["transformers", "matplotlib", "tensorly", "pygments", "jinja2", "huggingface_hub",
-        "hls4ml", "torch"]
+PACKAGES = [
+    "numpy",
+    "scipy",
+    "sklearn",
+    "torch.nn",
+    "sympy",
+    "pandas",
+    "networkx",
+    "hypothesis",
+    "setuptools",
+    "pip._internal",
+]
+MORE = [
+    "transformers",
+    "matplotlib",
+    "tensorly",
+    "pygments",
+    "jinja2",
+    "huggingface_hub",
+    "hls4ml",
+    "torch",
+]
 SKIP = ("test", "__main__", "f2py", "conftest", "setup", "distutils")
 
 
@@ -39,8 +57,9 @@ def main(out: str, extra_max: int = 4000, more: bool = False) -> None:
         except Exception:  # noqa: BLE001 - a package that is not installed is skipped
             continue
         modules.append(pkg)
-        for m in pkgutil.walk_packages(getattr(package, "__path__", []), pkg + ".",
-                                       onerror=lambda name: None):
+        for m in pkgutil.walk_packages(
+            getattr(package, "__path__", []), pkg + ".", onerror=lambda name: None
+        ):
             if not any(t in m.name for t in SKIP):
                 modules.append(m.name)
     ds._CORPUS_MODULES = modules  # the same sentence filter over other docstrings
@@ -48,8 +67,10 @@ def main(out: str, extra_max: int = 4000, more: bool = False) -> None:
     extra = [s for s in ds.sentence_corpus(seed=0) if s not in taken][:extra_max]
     with open(out, "w") as f:
         f.write("\n".join(extra + train_std + held) + "\n")
-    print(f"{len(modules)} modules; wrote {len(extra)} + {len(train_std)} training and "
-          f"{len(held)} held-out sentences to {out}")
+    print(
+        f"{len(modules)} modules; wrote {len(extra)} + {len(train_std)} training and "
+        f"{len(held)} held-out sentences to {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,18 @@ RUNS = "runs.json"
 
 #: section order of REPORT.md: a results file ``<stem>.md`` goes under the first
 #: entry that equals its stem or, for entries ending in ``*``, starts it
-ORDER = ["quant", "layers", "factorize", "ptq_minilm", "converted", "qat_minilm*",
-         "qat_digits", "qat_step", "search", "export"]
+ORDER = [
+    "quant",
+    "layers",
+    "factorize",
+    "ptq_minilm",
+    "converted",
+    "qat_minilm*",
+    "qat_digits",
+    "qat_step",
+    "search",
+    "export",
+]
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _HEADING = re.compile(r"^(#{1,6})(\s.*)$")
@@ -69,7 +79,7 @@ def _split_title(text: str) -> tuple[str | None, list[str]]:
             continue
         m = _HEADING.match(line)
         if m and len(m.group(1)) == 1:
-            return m.group(2).strip(), lines[i + 1:]
+            return m.group(2).strip(), lines[i + 1 :]
         break
     return None, lines
 
@@ -91,7 +101,7 @@ def _demote(lines: list[str]) -> list[str]:
 def _first_line(lines: list[str], prefix: str) -> str | None:
     for line in lines:
         if line.startswith(prefix):
-            return line[len(prefix):].strip()
+            return line[len(prefix) :].strip()
     return None
 
 
@@ -107,12 +117,17 @@ def _cell(text: str) -> str:
 
 
 def _fmt_runs(runs: dict[str, Any]) -> list[str]:
-    out = ["Scripts run (the latest run of each):", "",
-           "| script | exit status | wall s | finished |", "|---|---|---|---|"]
+    out = [
+        "Scripts run (the latest run of each):",
+        "",
+        "| script | exit status | wall s | finished |",
+        "|---|---|---|---|",
+    ]
     for r in runs.get("scripts", []):
         status = "ok" if r["returncode"] == 0 else f"FAILED ({r['returncode']})"
-        out.append(f"| `{r['command']}` | {status} | {r['wall_s']:.0f} | "
-                   f"{r.get('finished', '?')} |")
+        out.append(
+            f"| `{r['command']}` | {status} | {r['wall_s']:.0f} | {r.get('finished', '?')} |"
+        )
     return out
 
 
@@ -130,8 +145,9 @@ def merge_runs(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any
     return {"scripts": sorted(by_name.values(), key=lambda r: order_key(r["name"][6:]))}
 
 
-def build_report(results: Path, runs: dict[str, Any] | None = None,
-                 report_only: bool = False) -> str:
+def build_report(
+    results: Path, runs: dict[str, Any] | None = None, report_only: bool = False
+) -> str:
     """The text of REPORT.md for the results folder ``results``.
 
     ``runs`` is the record of the scripts run (as written to ``runs.json``);
@@ -139,8 +155,9 @@ def build_report(results: Path, runs: dict[str, Any] | None = None,
     """
     if runs is None and (results / RUNS).is_file():
         runs = json.loads((results / RUNS).read_text())
-    mds = sorted((p for p in results.glob("*.md") if p.name != REPORT),
-                 key=lambda p: order_key(p.stem))
+    mds = sorted(
+        (p for p in results.glob("*.md") if p.name != REPORT), key=lambda p: order_key(p.stem)
+    )
     pngs = sorted(results.glob("*.png"))
     texts = {p: p.read_text() for p in mds}
     referenced = {Path(m).name for t in texts.values() for m in _IMAGE.findall(t)}
@@ -153,16 +170,22 @@ def build_report(results: Path, runs: dict[str, Any] | None = None,
         plots.setdefault(owner, []).append(png)
 
     today = datetime.date.today().isoformat()
-    head = ["# Benchmark report", "",
-            f"Assembled {today} by `python benchmarks/run_all.py"
-            f"{' --report-only' if report_only else ''}` from the {len(mds)} results files "
-            f"in `{results.name}/`; each section keeps its own command, machine and date "
-            f"lines.", ""]
+    head = [
+        "# Benchmark report",
+        "",
+        f"Assembled {today} by `python benchmarks/run_all.py"
+        f"{' --report-only' if report_only else ''}` from the {len(mds)} results files "
+        f"in `{results.name}/`; each section keeps its own command, machine and date "
+        f"lines.",
+        "",
+    ]
     if runs and runs.get("scripts"):
         head += _fmt_runs(runs)
         if report_only:
-            head += ["", "(the last recorded run; this report was re-assembled without "
-                         "running anything)"]
+            head += [
+                "",
+                "(the last recorded run; this report was re-assembled without running anything)",
+            ]
     else:
         head.append("No run recorded: assembled from the existing results, nothing run.")
     head += ["", "## Contents", "", "| section | file | command | machine |", "|---|---|---|---|"]
@@ -172,8 +195,9 @@ def build_report(results: Path, runs: dict[str, Any] | None = None,
     for p in mds:
         title, body = split[p]
         # a title that several files share gets the file's stem
-        name = p.stem if title is None else title if seen.count(title) == 1 else \
-            f"{title} ({p.stem})"
+        name = (
+            p.stem if title is None else title if seen.count(title) == 1 else f"{title} ({p.stem})"
+        )
         command = _first_line(body, "command:") or "(not recorded)"
         mach = _first_line(body, "machine:") or "(not recorded)"
         cells = (_cell(name), f"[{p.name}]({p.name})", _cell(command), _cell(mach))
@@ -186,13 +210,20 @@ def build_report(results: Path, runs: dict[str, Any] | None = None,
             sec += ["", f"![{png.stem}]({png.name})"]
         sections.append("\n".join(sec).rstrip() + "\n")
     if plots.get(None):
-        sections.append("\n".join(["## Other plots", ""] + [
-            f"![{png.stem}]({png.name})\n" for png in plots[None]]))
-    others = sorted(p.name for p in results.iterdir()
-                    if p.is_file() and p.suffix not in (".md", ".png") and p.name != RUNS)
+        sections.append(
+            "\n".join(
+                ["## Other plots", ""] + [f"![{png.stem}]({png.name})\n" for png in plots[None]]
+            )
+        )
+    others = sorted(
+        p.name
+        for p in results.iterdir()
+        if p.is_file() and p.suffix not in (".md", ".png") and p.name != RUNS
+    )
     if others:
-        sections.append("\n".join(["## Other files", ""] +
-                                  [f"- [{n}]({n})" for n in others]) + "\n")
+        sections.append(
+            "\n".join(["## Other files", ""] + [f"- [{n}]({n})" for n in others]) + "\n"
+        )
     return "\n".join(head) + "\n\n" + "\n".join(sections)
 
 
@@ -211,8 +242,15 @@ def run_scripts(names: list[str], quick: bool) -> tuple[dict[str, Any], bool]:
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, env=env, check=False).returncode
         wall = time.perf_counter() - t0
-        record.append({"name": name, "command": shown, "returncode": rc, "wall_s": wall,
-                       "finished": datetime.datetime.now().isoformat(timespec="seconds")})
+        record.append(
+            {
+                "name": name,
+                "command": shown,
+                "returncode": rc,
+                "wall_s": wall,
+                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            }
+        )
         if rc != 0:
             ok = False
             print(f"benchmark {name} failed (exit status {rc})", file=sys.stderr)
@@ -220,14 +258,22 @@ def run_scripts(names: list[str], quick: bool) -> tuple[dict[str, Any], bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("names", nargs="*", help=f"which to run (default all): {SCRIPTS}")
     parser.add_argument("--quick", action="store_true", help="pass --quick where supported")
-    parser.add_argument("--report-only", action="store_true",
-                        help="only re-assemble REPORT.md from the existing results")
-    parser.add_argument("--results", type=Path, default=RESULTS,
-                        help="results folder to assemble REPORT.md from (default %(default)s)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only re-assemble REPORT.md from the existing results",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="results folder to assemble REPORT.md from (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     results: Path = args.results
     if not results.is_dir():

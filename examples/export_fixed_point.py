@@ -24,15 +24,20 @@ def main(out_dir: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
     factorize(model, {"0": LowRank(rank=4)}, progress=False)
-    quantize(model, cores=QuantSpec(bits=8, scale="pow2", granularity="channel", axis=0),
-             weights={"2": FixedPoint(8, 2, rounding="RND_CONV", overflow="SAT")},
-             progress=False)
+    quantize(
+        model,
+        cores=QuantSpec(bits=8, scale="pow2", granularity="channel", axis=0),
+        weights={"2": FixedPoint(8, 2, rounding="RND_CONV", overflow="SAT")},
+        progress=False,
+    )
     input_spec = FixedPoint(12, 4, rounding="RND", overflow="SAT")
     em = fixed_point(model, out_dir / "export", input_spec)
     print(em)
     for op in em.ops:
-        print(f"  {op.name:5s} {op.kind:5s} accum={[str(t) for t in op.accum_types]} "
-              f"result={op.result_type}")
+        print(
+            f"  {op.name:5s} {op.kind:5s} accum={[str(t) for t in op.accum_types]} "
+            f"result={op.result_type}"
+        )
     x = np.random.default_rng(0).normal(size=(256, 16))
     y = em.predict(x)
     with torch.no_grad():
@@ -46,9 +51,11 @@ def main(out_dir: Path) -> None:
     rows = json.loads((out_dir / "export_narrow" / "report.json").read_text())["drift"]
     print(f"\ndrift from the fake-quant torch model with accum['0.1'] = {narrow}:")
     for row in rows:
-        print(f"  layer {row['layer']:3s} max_abs={row['max_abs']:.4g} "
-              f"max_rel={row['max_rel']:.3g} accum_overflow={row['accum_overflow']:.3%} "
-              f"({row['overflow_modes']})")
+        print(
+            f"  layer {row['layer']:3s} max_abs={row['max_abs']:.4g} "
+            f"max_rel={row['max_rel']:.3g} accum_overflow={row['accum_overflow']:.3%} "
+            f"({row['overflow_modes']})"
+        )
     if shutil.which("g++") is None:
         print("g++ not found: skipping the hls4ml C simulation")
         return

@@ -33,9 +33,18 @@ LAYERS = "encoder.encoder.layer.*"
 
 
 def make_batches(tokenizer, sentences: Sequence[str], size: int = 32) -> list[dict]:
-    return [dict(tokenizer(list(sentences[i:i + size]), return_tensors="pt", padding=True,
-                           truncation=True, max_length=64))
-            for i in range(0, len(sentences), size)]
+    return [
+        dict(
+            tokenizer(
+                list(sentences[i : i + size]),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=64,
+            )
+        )
+        for i in range(0, len(sentences), size)
+    ]
 
 
 @torch.no_grad()
@@ -54,8 +63,9 @@ def main() -> None:
     calib, held_out = make_batches(tokenizer, train), make_batches(tokenizer, test)
     reference = embed(model, held_out)
     print(f"MiniLM-L6, 36 Linear layers; {n_calib} calibration / {n_test} held-out sentences")
-    print(f"{'weights':<26}{'RTN cos':>9}{'GPTQ cos':>10}{'layer error RTN -> GPTQ':>26}"
-          f"{'GPTQ s':>8}")
+    print(
+        f"{'weights':<26}{'RTN cos':>9}{'GPTQ cos':>10}{'layer error RTN -> GPTQ':>26}{'GPTQ s':>8}"
+    )
     for bits in bits_list:
         student = copy.deepcopy(model)
         spec = QuantSpec(bits=bits, granularity="channel", observer="mse")
@@ -68,10 +78,14 @@ def main() -> None:
         cos = F.cosine_similarity(embed(student, held_out), reference).mean().item()
         e_rtn = sorted(r["rtn_error"] for r in report.rows)[len(report.rows) // 2]
         e_gptq = sorted(r["error"] for r in report.rows)[len(report.rows) // 2]
-        print(f"{f'int{bits} per-channel mse':<26}{rtn:>9.4f}{cos:>10.4f}"
-              f"{f'{e_rtn:.4f} -> {e_gptq:.4f}':>26}{seconds:>8.1f}")
-    print("layer error: median over the layers of |X W^T - X Q^T|^2 / |X W^T|^2 on the "
-          "calibration inputs")
+        print(
+            f"{f'int{bits} per-channel mse':<26}{rtn:>9.4f}{cos:>10.4f}"
+            f"{f'{e_rtn:.4f} -> {e_gptq:.4f}':>26}{seconds:>8.1f}"
+        )
+    print(
+        "layer error: median over the layers of |X W^T - X Q^T|^2 / |X W^T|^2 on the "
+        "calibration inputs"
+    )
 
 
 if __name__ == "__main__":

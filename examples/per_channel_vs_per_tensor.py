@@ -47,9 +47,15 @@ MINILM_LAYERS = "encoder.encoder.layer.*"
 # --------------------------------------------------------------------------- digits CNN
 def make_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
 
 
@@ -77,9 +83,14 @@ def cnn_specs(bits: int) -> list[tuple[str, dict[str, QuantSpec]]]:
         ("per-tensor", {"*": QuantSpec(bits=bits, granularity="tensor")}),
         ("per-channel", {"*": channel}),
         # Linear layers 6 and 8: one scale per 32 consecutive inputs of each row
-        ("per-group 32", {"6": QuantSpec(bits=bits, granularity=("group", 32), axis=1),
-                          "8": QuantSpec(bits=bits, granularity=("group", 32), axis=1),
-                          "*": channel}),
+        (
+            "per-group 32",
+            {
+                "6": QuantSpec(bits=bits, granularity=("group", 32), axis=1),
+                "8": QuantSpec(bits=bits, granularity=("group", 32), axis=1),
+                "*": channel,
+            },
+        ),
     ]
 
 
@@ -91,21 +102,28 @@ def digits_table(epochs: int) -> None:
     train(model, x_train, y_train, epochs)
     calib = [x_train[:256]]
     dense_bits = model_size_bits(model)
-    print(f"1) digits CNN ({sum(p.numel() for p in model.parameters())} parameters, trained "
-          f"{epochs} epochs in {time.perf_counter() - t0:.1f} s); every Conv2d/Linear weight "
-          f"quantized, {len(y_test)} test images")
-    print(f"   {'bits':>4}  {'granularity':<14}{'size (bits)':>12}{'x smaller':>11}"
-          f"{'test acc':>10}")
-    print(f"   {32:>4}  {'float32':<14}{dense_bits:>12}{1.0:>11.2f}"
-          f"{accuracy(model, x_test, y_test):>10.4f}")
+    print(
+        f"1) digits CNN ({sum(p.numel() for p in model.parameters())} parameters, trained "
+        f"{epochs} epochs in {time.perf_counter() - t0:.1f} s); every Conv2d/Linear weight "
+        f"quantized, {len(y_test)} test images"
+    )
+    print(
+        f"   {'bits':>4}  {'granularity':<14}{'size (bits)':>12}{'x smaller':>11}{'test acc':>10}"
+    )
+    print(
+        f"   {32:>4}  {'float32':<14}{dense_bits:>12}{1.0:>11.2f}"
+        f"{accuracy(model, x_test, y_test):>10.4f}"
+    )
     for bits in BITS:
         for label, weights in cnn_specs(bits):
             m = copy.deepcopy(model)
             quantize(m, weights=weights, progress=False)
             calibrate(m, calib, progress=False)
             size = model_size_bits(m)
-            print(f"   {bits:>4}  {label:<14}{size:>12}{dense_bits / size:>11.2f}"
-                  f"{accuracy(m, x_test, y_test):>10.4f}")
+            print(
+                f"   {bits:>4}  {label:<14}{size:>12}{dense_bits / size:>11.2f}"
+                f"{accuracy(m, x_test, y_test):>10.4f}"
+            )
 
 
 # --------------------------------------------------------------------------- MiniLM-L6
@@ -125,9 +143,18 @@ def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def make_batches(tokenizer, sentences: Sequence[str], size: int = 32) -> list[dict]:
     ordered = sorted(sentences, key=lambda s: len(tokenizer(s)["input_ids"]))  # less padding
-    return [dict(tokenizer(ordered[i:i + size], return_tensors="pt", padding=True,
-                           truncation=True, max_length=64))
-            for i in range(0, len(ordered), size)]
+    return [
+        dict(
+            tokenizer(
+                ordered[i : i + size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=64,
+            )
+        )
+        for i in range(0, len(ordered), size)
+    ]
 
 
 @torch.no_grad()
@@ -140,9 +167,11 @@ def minilm_tables(n_calib: int, n_test: int) -> None:
     model, tokenizer = load_minilm()
     weight = model.encoder.encoder.layer[0].intermediate.dense.weight.detach()
     row_max = weight.abs().amax(dim=1)
-    print(f"\n2a) MiniLM-L6 encoder.layer.0.intermediate.dense.weight {tuple(weight.shape)}: "
-          f"max|w| = {row_max.max():.3f}, median row max|w| = {row_max.median():.3f} "
-          f"(x{row_max.max() / row_max.median():.1f}); SQNR in dB, higher is better")
+    print(
+        f"\n2a) MiniLM-L6 encoder.layer.0.intermediate.dense.weight {tuple(weight.shape)}: "
+        f"max|w| = {row_max.max():.3f}, median row max|w| = {row_max.median():.3f} "
+        f"(x{row_max.max() / row_max.median():.1f}); SQNR in dB, higher is better"
+    )
     print(f"   {'bits':>4}" + "".join(f"{label:>15}" for label, _ in minilm_specs(8)))
     for bits in BITS:
         cells = [sqnr_db(weight, fake_quantize(weight, spec)) for _, spec in minilm_specs(bits)]
@@ -151,11 +180,16 @@ def minilm_tables(n_calib: int, n_test: int) -> None:
     train, test = split_corpus(n_calib, n_test, seed=0)
     calib, held_out = make_batches(tokenizer, train), make_batches(tokenizer, test)
     reference = embed(model, held_out)
-    n_weights = sum(m.weight.numel() for name, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and name.startswith("encoder.encoder.layer."))
-    print(f"\n2b) MiniLM-L6, all 36 Linear layers of {MINILM_LAYERS} quantized "
-          f"({n_weights / 1e6:.1f}M weights); mean cosine of the embeddings to the original "
-          f"on {len(test)} held-out sentences (loaded in {time.perf_counter() - t0:.1f} s)")
+    n_weights = sum(
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.startswith("encoder.encoder.layer.")
+    )
+    print(
+        f"\n2b) MiniLM-L6, all 36 Linear layers of {MINILM_LAYERS} quantized "
+        f"({n_weights / 1e6:.1f}M weights); mean cosine of the embeddings to the original "
+        f"on {len(test)} held-out sentences (loaded in {time.perf_counter() - t0:.1f} s)"
+    )
     print(f"   {'bits':>4}  {'granularity':<14}{'bits/weight':>12}{'mean cos':>10}")
     for bits in BITS:
         for label, spec in minilm_specs(bits):
@@ -171,8 +205,9 @@ def minilm_tables(n_calib: int, n_test: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="short settings: 10 training epochs, 16+16 sentences")
+    ap.add_argument(
+        "--quick", action="store_true", help="short settings: 10 training epochs, 16+16 sentences"
+    )
     ap.add_argument("--no-minilm", action="store_true", help="only the digits CNN")
     args = ap.parse_args(argv)
     start = time.perf_counter()

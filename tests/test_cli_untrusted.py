@@ -66,8 +66,22 @@ def compressed(tmp_path_factory):
     torch.save(TinyNet().state_dict(), d / "tiny.pt")
     np.save(d / "calib.npy", np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32))
     (d / "recipe.toml").write_text(RECIPE)
-    assert main(["compress", str(d / "tiny.pt"), "--recipe", str(d / "recipe.toml"), "--calib",
-                 str(d / "calib.npy"), "--out", str(d / "out"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(d / "tiny.pt"),
+                "--recipe",
+                str(d / "recipe.toml"),
+                "--calib",
+                str(d / "calib.npy"),
+                "--out",
+                str(d / "out"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return d / "out"
 
 
@@ -96,9 +110,14 @@ def _export(d: Path, out: Path, *extra: str) -> int:
 
 def test_export_never_calls_the_class_of_the_directory_recipe(forged, tmp_path, capsys):
     marker = tmp_path / "marker"
-    text = (forged / "recipe.toml").read_text().replace(
-        f'class = "{CLASS}"', f'class = "subprocess:run"\n'
-        f'kwargs = {{args = "echo ran > {marker}", shell = true}}')
+    text = (
+        (forged / "recipe.toml")
+        .read_text()
+        .replace(
+            f'class = "{CLASS}"',
+            f'class = "subprocess:run"\nkwargs = {{args = "echo ran > {marker}", shell = true}}',
+        )
+    )
     (forged / "recipe.toml").write_text(text)
     assert _export(forged, tmp_path / "fx") == 2
     _one_line_error(capsys, "--model-class", "checkpoint")
@@ -111,19 +130,30 @@ def test_export_never_calls_the_class_of_the_directory_recipe(forged, tmp_path, 
 
 def test_python_m_export_does_not_import_a_module_from_the_cwd(forged, tmp_path):
     marker = tmp_path / "imported"
-    (tmp_path / "mod.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass X:\n"
-                                     "    pass\n")
+    (tmp_path / "mod.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass X:\n    pass\n")
     text = (forged / "recipe.toml").read_text().replace(f'class = "{CLASS}"', 'class = "mod:X"')
     (forged / "recipe.toml").write_text(text)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "tnquant", "export", str(forged), "--fixed-point",
-            str(tmp_path / "fx")]
-    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    args = [
+        sys.executable,
+        "-m",
+        "tnquant",
+        "export",
+        str(forged),
+        "--fixed-point",
+        str(tmp_path / "fx"),
+    ]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--model-class" in proc.stderr, proc.stderr
     assert not marker.exists()
-    proc = subprocess.run(args + ["--model-class", CLASS], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        args + ["--model-class", CLASS],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists()
 
@@ -135,8 +165,9 @@ def _hf_source(d: Path, hf: Path) -> None:
 def test_hugging_face_base_with_custom_code_is_refused(forged, tmp_path, capsys):
     hf, marker = tmp_path / "hf", tmp_path / "marker"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps(
-        {"model_type": "bert", "auto_map": {"AutoModel": "modeling_evil.Evil"}}))
+    (hf / "config.json").write_text(
+        json.dumps({"model_type": "bert", "auto_map": {"AutoModel": "modeling_evil.Evil"}})
+    )
     (hf / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
     _hf_source(forged, hf)
     assert _export(forged, tmp_path / "fx") == 2
@@ -145,8 +176,21 @@ def test_hugging_face_base_with_custom_code_is_refused(forged, tmp_path, capsys)
     # compress refuses the same directory before loading anything
     (tmp_path / "s.txt").write_text("a sentence\n")
     (tmp_path / "r.toml").write_text('[quantize.weights]\n"*" = {bits = 8}\n')
-    assert main(["compress", str(hf), "--recipe", str(tmp_path / "r.toml"), "--calib",
-                 str(tmp_path / "s.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "compress",
+                str(hf),
+                "--recipe",
+                str(tmp_path / "r.toml"),
+                "--calib",
+                str(tmp_path / "s.txt"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, "auto_map")
     assert not marker.exists()
 
@@ -155,9 +199,18 @@ def test_hugging_face_base_is_sized_before_it_is_built(forged, tmp_path, capsys)
     pytest.importorskip("transformers")
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps(
-        {"model_type": "bert", "vocab_size": 10**9, "hidden_size": 32, "num_hidden_layers": 1,
-         "num_attention_heads": 2, "intermediate_size": 64}))  # 128 GB of embeddings
+    (hf / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "bert",
+                "vocab_size": 10**9,
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+            }
+        )
+    )  # 128 GB of embeddings
     _hf_source(forged, hf)
     assert _export(forged, tmp_path / "fx") == 2
     _one_line_error(capsys, "config.json describes a model of", "bytes")
@@ -179,8 +232,10 @@ def test_model_class_flags_are_checked(forged, tmp_path, capsys):
     _one_line_error(capsys, "--model-class: cannot import")
     assert _export(forged, tmp_path / "fx", "--model-class", CLASS, "--model-kwargs", "[1]") == 2
     _one_line_error(capsys, "--model-kwargs must be a JSON object")
-    assert _export(forged, tmp_path / "fx", "--model-class", CLASS, "--model-kwargs",
-                   '{"depth": 3}') == 2
+    assert (
+        _export(forged, tmp_path / "fx", "--model-class", CLASS, "--model-kwargs", '{"depth": 3}')
+        == 2
+    )
     _one_line_error(capsys, "--model-class:", "depth")
     assert _export(forged, tmp_path / "fx", "--model-kwargs", "{}") == 2
     _one_line_error(capsys, "--model-kwargs needs --model-class")
@@ -233,7 +288,7 @@ def test_a_bad_report_names_the_file_and_field(forged, tmp_path, capsys, path, v
     _one_line_error(capsys, "report.json", message)
 
 
-@pytest.mark.parametrize("text", ["{", "[]", "\"x\"", "{\"a\": " * 100000 + "1" + "}" * 100000])
+@pytest.mark.parametrize("text", ["{", "[]", '"x"', '{"a": ' * 100000 + "1" + "}" * 100000])
 def test_report_json_that_is_not_an_object(forged, capsys, text):
     (forged / "report.json").write_text(text)
     assert main(["report", str(forged)]) == 2
@@ -280,25 +335,33 @@ class _Touch:
 def _header_only(path: Path, shape: tuple[int, ...]) -> None:
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(
-            f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            f, {"descr": "<f4", "fortran_order": False, "shape": shape}
+        )
         f.write(b"\0" * 64)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("pickle", "not a readable .npy array"),
-    ("huge header", "not a readable .npy array"),
-    ("3-d", "2-D float array"),
-    ("ints", "2-D float array"),
-    ("width", "rows of 16 inputs"),
-    ("empty", "holds no input rows"),
-    ("nan", "non-finite"),
-    ("missing", "is missing"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("pickle", "not a readable .npy array"),
+        ("huge header", "not a readable .npy array"),
+        ("3-d", "2-D float array"),
+        ("ints", "2-D float array"),
+        ("width", "rows of 16 inputs"),
+        ("empty", "holds no input rows"),
+        ("nan", "non-finite"),
+        ("missing", "is missing"),
+    ],
+)
 def test_bad_recorded_inputs(forged, tmp_path, capsys, case, message):
     path, marker = forged / "export_inputs" / "body.npy", tmp_path / "unpickled"
-    arrays = {"3-d": np.zeros((4, 2, 8), np.float32), "ints": np.zeros((4, 16), np.int64),
-              "width": np.zeros((4, 15), np.float32), "empty": np.zeros((0, 16), np.float32),
-              "nan": np.full((4, 16), np.nan, np.float32)}
+    arrays = {
+        "3-d": np.zeros((4, 2, 8), np.float32),
+        "ints": np.zeros((4, 16), np.int64),
+        "width": np.zeros((4, 15), np.float32),
+        "empty": np.zeros((0, 16), np.float32),
+        "nan": np.full((4, 16), np.nan, np.float32),
+    }
     if case == "pickle":
         np.save(path, np.array([_Touch(marker)], dtype=object), allow_pickle=True)
     elif case == "huge header":
@@ -312,13 +375,16 @@ def test_bad_recorded_inputs(forged, tmp_path, capsys, case, message):
     assert not marker.exists() and not (tmp_path / "fx").exists()
 
 
-@pytest.mark.parametrize("source, message", [
-    ([], "must hold a JSON object"),
-    ({"kind": "checkpoint"}, "field 'model' is missing"),
-    ({"model": "x", "kind": "pickle"}, "field 'kind' must be one of"),
-    ({"model": "/x", "kind": "minilm"}, "field 'model' must be 'minilm'"),
-    ({"model": 3, "kind": "hf"}, "field 'model' must be a string"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ([], "must hold a JSON object"),
+        ({"kind": "checkpoint"}, "field 'model' is missing"),
+        ({"model": "x", "kind": "pickle"}, "field 'kind' must be one of"),
+        ({"model": "/x", "kind": "minilm"}, "field 'model' must be 'minilm'"),
+        ({"model": 3, "kind": "hf"}, "field 'model' must be a string"),
+    ],
+)
 def test_a_bad_source_json(forged, tmp_path, capsys, source, message):
     (forged / "source.json").write_text(json.dumps(source))
     assert _export(forged, tmp_path / "fx") == 2
@@ -375,20 +441,24 @@ def no_training(monkeypatch):
     monkeypatch.setattr(tnquant.cli.inputs, "_train_digits", train)
 
 
-@pytest.mark.parametrize("extra, recipe, message", [
-    (["--calib", "missing.npy"], "", "--calib data file 'missing.npy' not found"),
-    (["--calib", "digits", "--eval", "missing.pt"], "", "--eval data file 'missing.pt'"),
-    (["--calib", "corpus"], "", "--calib 'corpus' is text data"),
-    (["--calib", "wide.npy"], "", "--calib data does not fit the model"),
-    (["--calib", "x.npy"], "[finetune]\ntask_loss = \"cross_entropy\"\n", "finetune.task_loss"),
-    (["--calib", "digits"], "[export]\nlayers = \"head\"\n", "'export.layers'"),
-    (["--calib", "digits"], "[finetune]\nwarmup = 10.0\n", "'finetune.warmup'"),
-    (["--calib", "digits", "--seed", "-1"], "", "--seed must be in"),
-    (["--calib", "digits", "--out", "file"], "", "--out 'file' is a file, not a directory"),
-    (["--calib", "digits", "--out", "file/sub"], "", "is a file, not a directory"),
-])
-def test_compress_checks_every_argument_before_training(tmp_path, monkeypatch, capsys,
-                                                        no_training, extra, recipe, message):
+@pytest.mark.parametrize(
+    "extra, recipe, message",
+    [
+        (["--calib", "missing.npy"], "", "--calib data file 'missing.npy' not found"),
+        (["--calib", "digits", "--eval", "missing.pt"], "", "--eval data file 'missing.pt'"),
+        (["--calib", "corpus"], "", "--calib 'corpus' is text data"),
+        (["--calib", "wide.npy"], "", "--calib data does not fit the model"),
+        (["--calib", "x.npy"], '[finetune]\ntask_loss = "cross_entropy"\n', "finetune.task_loss"),
+        (["--calib", "digits"], '[export]\nlayers = "head"\n', "'export.layers'"),
+        (["--calib", "digits"], "[finetune]\nwarmup = 10.0\n", "'finetune.warmup'"),
+        (["--calib", "digits", "--seed", "-1"], "", "--seed must be in"),
+        (["--calib", "digits", "--out", "file"], "", "--out 'file' is a file, not a directory"),
+        (["--calib", "digits", "--out", "file/sub"], "", "is a file, not a directory"),
+    ],
+)
+def test_compress_checks_every_argument_before_training(
+    tmp_path, monkeypatch, capsys, no_training, extra, recipe, message
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("x")
     np.save(tmp_path / "wide.npy", np.zeros((4, 3, 8, 8), np.float32))

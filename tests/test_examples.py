@@ -25,27 +25,48 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 SHORT: dict[str, tuple[list[str], list[str]]] = {
     "per_channel_vs_per_tensor.py": (
         ["--quick"],
-        ["granularity    size (bits)  x smaller  test acc", "2  per-group 32",
-         "per-tensor    per-channel   per-group 64", "bits/weight  mean cos"]),
+        [
+            "granularity    size (bits)  x smaller  test acc",
+            "2  per-group 32",
+            "per-tensor    per-channel   per-group 64",
+            "bits/weight  mean cos",
+        ],
+    ),
     "qat_vs_ptq.py": (
         ["--quick"],
-        ["size (bits)  x smaller  PTQ acc  QAT acc", "dense           binary channel",
-         "Tucker+LowRank  int2 channel"]),
+        [
+            "size (bits)  x smaller  PTQ acc  QAT acc",
+            "dense           binary channel",
+            "Tucker+LowRank  int2 channel",
+        ],
+    ),
     "minimal_precision.py": (
         ["--quick", "--minilm"],
-        ["chosen precision per layer:", "searched (mixed)", "MiniLM-L6: 2 Linear layers",
-         "held-out cosine", "int8/channel mse"]),
+        [
+            "chosen precision per layer:",
+            "searched (mixed)",
+            "MiniLM-L6: 2 Linear layers",
+            "held-out cosine",
+            "int8/channel mse",
+        ],
+    ),
     "export_fixed_point.py": (
         ["{out}"],
-        ["max |emulator - float model|", "bit budget and resource estimate", "drift"]),
+        ["max |emulator - float model|", "bit budget and resource estimate", "drift"],
+    ),
 }
 SHORT["gptq_vs_rtn.py"] = (
     ["--quick"],
-    ["weights                     RTN cos  GPTQ cos", "int3 per-channel mse", "layer error"])
+    ["weights                     RTN cos  GPTQ cos", "int3 per-channel mse", "layer error"],
+)
 SHORT["demo.py"] = (
     ["--quick"],
-    ["1) quantizers on a real weight", "2) factorize all Linear layers",
-     "3) compress -> quantize -> calibrate -> distil -> convert"])
+    [
+        "1) quantizers on a real weight",
+        "2) factorize all Linear layers",
+        "3) compress -> quantize -> calibrate -> distil -> convert",
+    ],
+)
 # too long for short settings (minutes on 2 cores) and without a --quick flag
 SLOW: dict[str, list[str]] = {}
 
@@ -70,13 +91,26 @@ def _arguments(path: Path) -> tuple[list[str], list[str]]:
 def test_example_runs(path: Path, tmp_path: Path) -> None:
     args, expected = _arguments(path)
     args = [a.replace("{out}", str(tmp_path / "out")) for a in args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MPLBACKEND": "Agg",
+    }
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run([sys.executable, str(path), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
-    where = f"{path.name} {' '.join(args)}\n--- stdout\n{proc.stdout[-3000:]}\n" \
-            f"--- stderr\n{proc.stderr[-3000:]}"
+    proc = subprocess.run(
+        [sys.executable, str(path), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    where = (
+        f"{path.name} {' '.join(args)}\n--- stdout\n{proc.stdout[-3000:]}\n"
+        f"--- stderr\n{proc.stderr[-3000:]}"
+    )
     assert proc.returncode == 0, where
     assert proc.stdout.strip(), where
     for text in expected:

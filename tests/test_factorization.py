@@ -175,15 +175,19 @@ def test_data_that_is_not_iterable_is_refused():
     with pytest.raises(TypeError, match="factorize: data must be an iterable of batches"):
         factorize(_mlp(), LowRank(rank=2), data=3, progress=False)
     with pytest.raises(TypeError, match="data_aware must be True, False or None"):
-        factorize(_mlp(), LowRank(rank=2), data=[torch.randn(2, 8)], data_aware="yes",
-                  progress=False)
+        factorize(
+            _mlp(), LowRank(rank=2), data=[torch.randn(2, 8)], data_aware="yes", progress=False
+        )
 
 
 def test_meta_model_is_refused_with_how_to_materialize():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
-    with pytest.raises(ValueError, match=r"factorize needs the model's values, but parameter "
-                                         r"'0.weight' is on the meta device.*to_empty"):
+    with pytest.raises(
+        ValueError,
+        match=r"factorize needs the model's values, but parameter "
+        r"'0.weight' is on the meta device.*to_empty",
+    ):
         factorize(model, LowRank(rank=2), progress=False)
     report = factorize(model, {"nothing.*": LowRank(rank=2)}, progress=False)  # no target
     assert report.rows == [] and type(model[0]) is nn.Linear
@@ -217,14 +221,17 @@ def test_a_pattern_that_matches_nothing_is_listed_in_skipped():
     report = factorize(model, {"head": LowRank(rank=2), "decoder.*": TT(rank=2)}, progress=False)
     assert type(model.head) is LowRankLinear
     assert [(s["name"], s["kind"], s["reason"]) for s in report.skipped] == [
-        ("factorize['decoder.*']", "pattern", "matched nothing")]
+        ("factorize['decoder.*']", "pattern", "matched nothing")
+    ]
 
 
 def test_a_shadowed_pattern_is_refused_before_anything_changes():
     model = _net()
-    with pytest.raises(ValueError, match=r"factorize pattern 'blocks.0.attn' is never used: every "
-                                         r"name it matches \(e.g. 'blocks.0.attn'\) is matched "
-                                         r"first by 'blocks.\*'"):
-        factorize(model, {"blocks.*": LowRank(rank=2), "blocks.0.attn": TT(rank=2)},
-                  progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"factorize pattern 'blocks.0.attn' is never used: every "
+        r"name it matches \(e.g. 'blocks.0.attn'\) is matched "
+        r"first by 'blocks.\*'",
+    ):
+        factorize(model, {"blocks.*": LowRank(rank=2), "blocks.0.attn": TT(rank=2)}, progress=False)
     assert type(model.blocks[0].attn) is nn.Linear

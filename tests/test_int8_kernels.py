@@ -60,13 +60,20 @@ def test_outputs_close_to_exact_model_within_activation_rounding():
 
 def test_ineligible_layers_kept_with_reasons():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8),
-                          nn.Linear(8, 2))
-    quantize(model, weights={"0": QuantSpec(bits=8, symmetric=False),
-                             "1": QuantSpec(bits=8, granularity=("group", 4), axis=1),
-                             "2": Ternary(),
-                             "3": QuantSpec(bits=8)},
-             activations={"3.input": QuantSpec(bits=8)}, progress=False)
+    model = nn.Sequential(
+        nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+    )
+    quantize(
+        model,
+        weights={
+            "0": QuantSpec(bits=8, symmetric=False),
+            "1": QuantSpec(bits=8, granularity=("group", 4), axis=1),
+            "2": Ternary(),
+            "3": QuantSpec(bits=8),
+        },
+        activations={"3.input": QuantSpec(bits=8)},
+        progress=False,
+    )
     report = to_int8_kernels(model, progress=False)
     reasons = {r["name"]: r["reason"] for r in report.rows if r["status"] == "kept"}
     assert "symmetric=False" in reasons["0"]
@@ -83,8 +90,14 @@ def test_rejects_non_module():
 
 def test_convert_flag_takes_the_fast_path_and_notes_it():
     model = _model(2)
-    quantize(model, weights={"0": QuantSpec(bits=8, granularity="channel"),
-                             "2": QuantSpec(bits=3, symmetric=False)}, progress=False)
+    quantize(
+        model,
+        weights={
+            "0": QuantSpec(bits=8, granularity="channel"),
+            "2": QuantSpec(bits=3, symmetric=False),
+        },
+        progress=False,
+    )
     report = convert(model, int8_kernels=True, progress=False)
     notes = {r["name"]: r["note"] for r in report.rows}
     assert notes == {"0": "int8 kernel", "2": None}

@@ -48,8 +48,14 @@ class Net(nn.Module):
         return self.head(self.norm(self.alias(torch.relu(self.shared(h)))))
 
 
-FACTORIZE = {"conv": Tucker(rank=(4, 2)), "conv2": CP(rank=3), "emb": TT(rank=3, order=2),
-             "fc1": TT(rank=4, order=2), "fc2": Tucker(rank=(4, 4)), "shared": LowRank(rank=4)}
+FACTORIZE = {
+    "conv": Tucker(rank=(4, 2)),
+    "conv2": CP(rank=3),
+    "emb": TT(rank=3, order=2),
+    "fc1": TT(rank=4, order=2),
+    "fc2": Tucker(rank=(4, 4)),
+    "shared": LowRank(rank=4),
+}
 
 WEIGHT_SPECS = [
     QuantSpec(bits=4, granularity="channel"),
@@ -63,8 +69,10 @@ WEIGHT_SPECS = [
     Ternary(),
     QuantSpec(bits=12, symmetric=False, granularity="channel"),
 ]
-ACT_SPECS = [QuantSpec(bits=8, symmetric=False), QuantSpec(bits=8, observer="percentile",
-                                                           percentile=99.0)]
+ACT_SPECS = [
+    QuantSpec(bits=8, symmetric=False),
+    QuantSpec(bits=8, observer="percentile", percentile=99.0),
+]
 
 
 def _inputs(seed: int = 0, n: int = 4):
@@ -86,12 +94,15 @@ def _quantize(model: nn.Module) -> None:
         for i in range(len(model.get_submodule(name).cores)):
             cores[f"{name}.cores.{i}"] = WEIGHT_SPECS[k % len(WEIGHT_SPECS)]
             k += 1
-    dense = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d,
-                                                                   nn.Embedding)]
+    dense = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d, nn.Embedding)]
     weights = {n: WEIGHT_SPECS[(k + i) % len(WEIGHT_SPECS)] for i, n in enumerate(dense)}
-    quantize(model, weights=weights or None, cores=cores or None,
-             activations={"*.inter_*": ACT_SPECS[0], "*.input": ACT_SPECS[1], "*": ACT_SPECS[0]},
-             progress=False)
+    quantize(
+        model,
+        weights=weights or None,
+        cores=cores or None,
+        activations={"*.inter_*": ACT_SPECS[0], "*.input": ACT_SPECS[1], "*": ACT_SPECS[0]},
+        progress=False,
+    )
 
 
 def _factorized() -> Net:
@@ -140,9 +151,15 @@ def _partly_quantized() -> Net:
     return model
 
 
-SCENARIOS = {"factorized": _factorized, "fake-quant": _fake_quant, "converted": _converted,
-             "dense-quant": _dense_quant, "dense-converted": _dense_converted,
-             "uncalibrated": _uncalibrated, "partly-quantized": _partly_quantized}
+SCENARIOS = {
+    "factorized": _factorized,
+    "fake-quant": _fake_quant,
+    "converted": _converted,
+    "dense-quant": _dense_quant,
+    "dense-converted": _dense_converted,
+    "uncalibrated": _uncalibrated,
+    "partly-quantized": _partly_quantized,
+}
 
 
 def _assert_same(model: nn.Module, loaded: nn.Module) -> None:
@@ -155,7 +172,8 @@ def _assert_same(model: nn.Module, loaded: nn.Module) -> None:
     for name, m in mods_a.items():
         if isinstance(m, (Quantizer, FrozenTensor)):
             assert m.spec == mods_b[name].spec and getattr(m, "mode", None) == getattr(
-                mods_b[name], "mode", None), name
+                mods_b[name], "mode", None
+            ), name
         if isinstance(m, FactorizedLayer):
             assert m.spec == mods_b[name].spec and m.ranks == mods_b[name].ranks
             assert m.decomposition_info == mods_b[name].decomposition_info
@@ -191,7 +209,8 @@ def test_converted_stores_codes_not_floats(tmp_path):
     children = dict(entries["fc1"]["node"]["children"])
     frozen = children["core_quantizers"]["list"][0]
     assert frozen["class"] == "FrozenTensor" and frozen["config"]["shape"] == list(
-        model.fc1.core_quantizers[0].shape)
+        model.fc1.core_quantizers[0].shape
+    )
     assert entries["shared"]["names"] == ["shared", "alias"]
     assert entries["conv"]["replaces"] == "Conv2d" and entries["fc1"]["node"]["class"] == "TTLinear"
 
@@ -309,7 +328,7 @@ def _rewrite_json(path: Path, change) -> None:
     meta = json.loads((path / JSON_FILE).read_text())
     meta.pop("checksum")
     change(meta)
-    text = lambda m: (json.dumps(m, sort_keys=True, indent=1, ensure_ascii=True) + "\n")  # noqa: E731
+    text = lambda m: json.dumps(m, sort_keys=True, indent=1, ensure_ascii=True) + "\n"  # noqa: E731
     meta["checksum"] = hashlib.sha256(text(meta).encode()).hexdigest()
     (path / JSON_FILE).write_text(text(meta))
 
@@ -352,14 +371,21 @@ class Other(Net):
             self.norm = nn.LayerNorm(12)
 
 
-@pytest.mark.parametrize("base,match", [
-    (lambda: _net(hidden=48), "'fc1'.*out_features=48"),
-    (lambda: Other("no-head"), "head"),
-    (lambda: Other("conv-for-linear"), "'fc2' of the model is a Conv2d, expected a Linear"),
-    (lambda: Other("extra"), "missing from the save: 'extra.bias'"),
-    (lambda: Other("head-size"), "'head' of the model has out_features=7, .* expects 10"),
-    (lambda: Other("norm-size"), r"shape mismatches: norm.bias \(model \(12,\), saved \(16,\)\)"),
-], ids=["sizes", "missing", "type", "extra", "head", "shape"])
+@pytest.mark.parametrize(
+    "base,match",
+    [
+        (lambda: _net(hidden=48), "'fc1'.*out_features=48"),
+        (lambda: Other("no-head"), "head"),
+        (lambda: Other("conv-for-linear"), "'fc2' of the model is a Conv2d, expected a Linear"),
+        (lambda: Other("extra"), "missing from the save: 'extra.bias'"),
+        (lambda: Other("head-size"), "'head' of the model has out_features=7, .* expects 10"),
+        (
+            lambda: Other("norm-size"),
+            r"shape mismatches: norm.bias \(model \(12,\), saved \(16,\)\)",
+        ),
+    ],
+    ids=["sizes", "missing", "type", "extra", "head", "shape"],
+)
 def test_mismatching_architecture_is_refused_untouched(saved, base, match):
     model = base()
     before = copy.deepcopy(model.state_dict())
@@ -404,10 +430,15 @@ def _forge(saved: Path, dst: Path, change, tensors: dict | None = None) -> Path:
     if tensors is not None:
         save_file(tensors, str(work / TENSORS_FILE))
         raw = (work / TENSORS_FILE).read_bytes()
-        entries = {k: {"dtype": str(t.dtype)[6:], "shape": list(t.shape)}
-                   for k, t in tensors.items()}
-        _rewrite_json(work, lambda m: m["tensors"].update(
-            bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest(), entries=entries))
+        entries = {
+            k: {"dtype": str(t.dtype)[6:], "shape": list(t.shape)} for k, t in tensors.items()
+        }
+        _rewrite_json(
+            work,
+            lambda m: m["tensors"].update(
+                bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest(), entries=entries
+            ),
+        )
     _rewrite_json(work, change)
     return work
 
@@ -423,11 +454,18 @@ def _refused(work: Path, base: nn.Module, error=ValueError, match=None) -> None:
 
 
 def test_identity_and_replaces_come_from_the_class_table(saved, tmp_path):
-    tensors = {k: v for k, v in load_file(str(saved / TENSORS_FILE)).items()
-               if not k.startswith("head.")}
+    tensors = {
+        k: v for k, v in load_file(str(saved / TENSORS_FILE)).items() if not k.startswith("head.")
+    }
     identity = {"class": "Identity", "config": {}, "children": []}
-    work = _forge(saved, tmp_path / "a", lambda m: next(e for e in m["modules"] if e["names"] == [
-        "head"]).update(replaces=None, node=identity), tensors)
+    work = _forge(
+        saved,
+        tmp_path / "a",
+        lambda m: next(e for e in m["modules"] if e["names"] == ["head"]).update(
+            replaces=None, node=identity
+        ),
+        tensors,
+    )
     _refused(work, _net(), match="'head' of the model is a Linear; the saved Identity replaces no")
     work = _forge(saved, tmp_path / "b", lambda m: m["modules"][0].update(replaces="Linear"))
     _refused(work, _net(), IntegrityError, "replaces 'Linear'; a TuckerConv2d replaces 'Conv2d'")
@@ -438,8 +476,14 @@ def test_identity_and_replaces_come_from_the_class_table(saved, tmp_path):
 
 
 def test_forged_tied_groups_leave_the_base_untouched(saved, tmp_path):
-    groups = [["fc1.bias", "fc2.bias"], ["shared.bias", "fc2.bias"], ["fc2.bias", "nowhere"],
-              ["fc2.bias"], ["fc2.bias", "fc2.bias"], "fc2.bias"]
+    groups = [
+        ["fc1.bias", "fc2.bias"],
+        ["shared.bias", "fc2.bias"],
+        ["fc2.bias", "nowhere"],
+        ["fc2.bias"],
+        ["fc2.bias", "fc2.bias"],
+        "fc2.bias",
+    ]
     for k, group in enumerate(groups):
         work = _forge(saved, tmp_path / str(k), lambda m, g=group: m.update(tied=[g]))
         _refused(work, _net(), IntegrityError, r"tied\[0\]")
@@ -468,58 +512,94 @@ def test_huge_sizes_are_refused_quickly_without_allocating(tmp_path):
 
     start, activity = time.perf_counter(), [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activity, profile_memory=True) as prof:
-        _refused(_forge(tmp_path / "m", tmp_path / "huge", grow), _net(), IntegrityError,
-                 rf"{JSON_FILE}: modules\[0\] \(TuckerConv2d")
+        _refused(
+            _forge(tmp_path / "m", tmp_path / "huge", grow),
+            _net(),
+            IntegrityError,
+            rf"{JSON_FILE}: modules\[0\] \(TuckerConv2d",
+        )
     assert time.perf_counter() - start < 30
     assert max((e.cpu_memory_usage for e in prof.events()), default=0) < 1 << 20
 
 
-@pytest.mark.parametrize("path,match", [
-    (("modules", 0, "node", "config", "in_channels"), r"modules\[0\].*lacks field 'in_channels'"),
-    (("modules", 0, "names"), r"modules\[0\] must be an object with 'names'"),
-    (("modules", 0, "node", "children", 0, 1), r"a child must be \[name, \{kind"),
-    (("tensors",), "expected the fields"), (("tied",), "expected the fields"),
-    (("tensors", "entries"), "'tensors' must be an object"),
-])
+@pytest.mark.parametrize(
+    "path,match",
+    [
+        (
+            ("modules", 0, "node", "config", "in_channels"),
+            r"modules\[0\].*lacks field 'in_channels'",
+        ),
+        (("modules", 0, "names"), r"modules\[0\] must be an object with 'names'"),
+        (("modules", 0, "node", "children", 0, 1), r"a child must be \[name, \{kind"),
+        (("tensors",), "expected the fields"),
+        (("tied",), "expected the fields"),
+        (("tensors", "entries"), "'tensors' must be an object"),
+    ],
+)
 def test_a_missing_field_is_named(saved, tmp_path, path, match):
     work = _forge(saved, tmp_path / "m", lambda m: reduce(getitem, path[:-1], m).pop(path[-1]))
     _refused(work, _net(), IntegrityError, match)
 
 
-@pytest.mark.parametrize("where,value,error,match", [
-    ("file", "../../etc/passwd", IntegrityError, "'tensors.file' must be 'tensors.safetensors'"),
-    ("file", "/etc/passwd", IntegrityError, "'tensors.file' must be"),
-    ("names", ["../../x"], IntegrityError, "'../../x' is not a module name"),
-    ("names", ["fc1.weight"], ValueError, "the model has no module 'fc1.weight'"),
-    ("names", ["__class__"], ValueError, "the model has no module '__class__'"),
-])
+@pytest.mark.parametrize(
+    "where,value,error,match",
+    [
+        (
+            "file",
+            "../../etc/passwd",
+            IntegrityError,
+            "'tensors.file' must be 'tensors.safetensors'",
+        ),
+        ("file", "/etc/passwd", IntegrityError, "'tensors.file' must be"),
+        ("names", ["../../x"], IntegrityError, "'../../x' is not a module name"),
+        ("names", ["fc1.weight"], ValueError, "the model has no module 'fc1.weight'"),
+        ("names", ["__class__"], ValueError, "the model has no module '__class__'"),
+    ],
+)
 def test_path_traversal_is_refused(saved, tmp_path, where, value, error, match):
-    work = _forge(saved, tmp_path / "m", lambda m: (m["tensors"] if where == "file" else m[
-        "modules"][3]).update({where: value}))
+    work = _forge(
+        saved,
+        tmp_path / "m",
+        lambda m: (m["tensors"] if where == "file" else m["modules"][3]).update({where: value}),
+    )
     _refused(work, _net(), error, match)
 
 
-@pytest.mark.parametrize("spec,match", [
-    (5, "must be a spec object"), ({"type": "Nope"}, "unknown spec type 'Nope'"),
-    ({"type": "QuantSpec", "bits": "eight"}, "is not a valid spec"),
-    ({"type": "TT", "rank": 2}, "must be a QuantSpec or Binary or Ternary or FixedPoint spec"),
-    ({"type": "QuantSpec", "nope": 1}, "unknown field"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        (5, "must be a spec object"),
+        ({"type": "Nope"}, "unknown spec type 'Nope'"),
+        ({"type": "QuantSpec", "bits": "eight"}, "is not a valid spec"),
+        ({"type": "TT", "rank": 2}, "must be a QuantSpec or Binary or Ternary or FixedPoint spec"),
+        ({"type": "QuantSpec", "nope": 1}, "unknown field"),
+    ],
+)
 def test_a_bad_spec_dict_names_the_entry(saved, tmp_path, spec, match):
     change = lambda m: dict(m["modules"][0]["node"]["children"])[  # noqa: E731
-        "core_quantizers"]["list"][0]["config"].update(spec=spec)  # conv's first core quantizer
-    _refused(_forge(saved, tmp_path / "m", change), _net(), IntegrityError,
-             rf"modules\[0\] 'conv'\.core_quantizers\.0 \(FrozenTensor\): field 'spec' .*{match}")
+        "core_quantizers"
+    ]["list"][0]["config"].update(spec=spec)  # conv's first core quantizer
+    _refused(
+        _forge(saved, tmp_path / "m", change),
+        _net(),
+        IntegrityError,
+        rf"modules\[0\] 'conv'\.core_quantizers\.0 \(FrozenTensor\): field 'spec' .*{match}",
+    )
 
 
-@pytest.mark.parametrize("meta,match", [
-    ({"shape": [2]}, "'spec', 'shape'"), ({"spec": {"type": "Binary"}, "shape": [-1]}, "'shape'"),
-    ({"spec": {"type": "Binary"}, "shape": "22"}, "'shape'"), ([], "'spec'"),
-    ({"spec": {"type": "Binary"}, "shape": [2], "dtype": "int8"}, "'dtype'"),
-    ({"spec": {"type": "Binary"}, "shape": [2], "x": 1}, "'spec', 'shape'"),
-    ({"spec": {"type": "TT", "rank": 2}, "shape": [2]}, "quantizer spec"),
-    ({"spec": {"type": "QuantSpec", "bits": 99}, "shape": [2]}, "not a valid spec"),
-])
+@pytest.mark.parametrize(
+    "meta,match",
+    [
+        ({"shape": [2]}, "'spec', 'shape'"),
+        ({"spec": {"type": "Binary"}, "shape": [-1]}, "'shape'"),
+        ({"spec": {"type": "Binary"}, "shape": "22"}, "'shape'"),
+        ([], "'spec'"),
+        ({"spec": {"type": "Binary"}, "shape": [2], "dtype": "int8"}, "'dtype'"),
+        ({"spec": {"type": "Binary"}, "shape": [2], "x": 1}, "'spec', 'shape'"),
+        ({"spec": {"type": "TT", "rank": 2}, "shape": [2]}, "quantizer spec"),
+        ({"spec": {"type": "QuantSpec", "bits": 99}, "shape": [2]}, "not a valid spec"),
+    ],
+)
 def test_frozen_metadata_is_checked_field_by_field(meta, match):
     with pytest.raises(ValueError, match=match):
         FrozenTensor.from_metadata(meta)

@@ -78,19 +78,33 @@ def inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def factorized() -> nn.Module:
     model = Small()
-    factorize(model, {"conv": Tucker(rank=(2, 2)), "fc1": TT(rank=2, order=2),
-                      "fc2": LowRank(rank=2)}, progress=False)
+    factorize(
+        model,
+        {"conv": Tucker(rank=(2, 2)), "fc1": TT(rank=2, order=2), "fc2": LowRank(rank=2)},
+        progress=False,
+    )
     return model
 
 
 def converted() -> nn.Module:
     model = Small()
-    factorize(model, {"conv": CP(rank=2), "fc1": Tucker(rank=(2, 2)), "emb": TT(rank=2, order=2)},
-              progress=False)
-    quantize(model, weights={"fc2": QuantSpec(bits=4, granularity="channel"), "head": Ternary()},
-             cores={"conv.cores.*": QuantSpec(bits=3, symmetric=False), "fc1.cores.0": Binary(),
-                    "fc1.cores.1": FixedPoint(8, 3), "emb.cores.*": QuantSpec(bits=5)},
-             activations={"*": QuantSpec(bits=8, symmetric=False)}, progress=False)
+    factorize(
+        model,
+        {"conv": CP(rank=2), "fc1": Tucker(rank=(2, 2)), "emb": TT(rank=2, order=2)},
+        progress=False,
+    )
+    quantize(
+        model,
+        weights={"fc2": QuantSpec(bits=4, granularity="channel"), "head": Ternary()},
+        cores={
+            "conv.cores.*": QuantSpec(bits=3, symmetric=False),
+            "fc1.cores.0": Binary(),
+            "fc1.cores.1": FixedPoint(8, 3),
+            "emb.cores.*": QuantSpec(bits=5),
+        },
+        activations={"*": QuantSpec(bits=8, symmetric=False)},
+        progress=False,
+    )
     calibrate(model, [inputs(0)], progress=False)
     convert(model, progress=False)
     return model
@@ -99,8 +113,15 @@ def converted() -> nn.Module:
 def fake_quant() -> nn.Module:
     """Tied QuantEmbedding/QuantLinear weights, an MSE observer."""
     model = Small()
-    quantize(model, weights={"emb": QuantSpec(bits=4), "head": QuantSpec(bits=4),
-                             "fc1": QuantSpec(bits=8, observer="mse")}, progress=False)
+    quantize(
+        model,
+        weights={
+            "emb": QuantSpec(bits=4),
+            "head": QuantSpec(bits=4),
+            "fc1": QuantSpec(bits=8, observer="mse"),
+        },
+        progress=False,
+    )
     calibrate(model, [inputs(0)], progress=False)
     return model
 
@@ -145,14 +166,21 @@ def forge(src: Path, dst: Path, change: Any) -> Path:
 
 
 #: safetensors dtype code -> (torch name, bytes per element)
-DTYPES = {"F32": ("float32", 4), "F64": ("float64", 8), "U8": ("uint8", 1), "I8": ("int8", 1),
-          "I16": ("int16", 2), "I32": ("int32", 4), "I64": ("int64", 8)}
+DTYPES = {
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "I16": ("int16", 2),
+    "I32": ("int32", 4),
+    "I64": ("int64", 8),
+}
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Any], bytes]:
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def write_safetensors(path: Path, header: dict[str, Any], data: bytes) -> None:
@@ -169,14 +197,18 @@ def resync(directory: Path, listing: bool = True) -> None:
     meta["tensors"]["sha256"] = hashlib.sha256(raw).hexdigest()
     if listing:
         header, _ = read_safetensors(directory / TENSORS_FILE)
-        meta["tensors"]["entries"] = {k: {"dtype": DTYPES[v["dtype"]][0], "shape": v["shape"]}
-                                      for k, v in header.items() if k != "__metadata__"}
+        meta["tensors"]["entries"] = {
+            k: {"dtype": DTYPES[v["dtype"]][0], "shape": v["shape"]}
+            for k, v in header.items()
+            if k != "__metadata__"
+        }
     write_json(directory, meta)
 
 
 def paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(
-        obj, list) else ()
+    items = (
+        obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    )
     return ([prefix] if prefix else []) + [p for k, v in items for p in paths(v, prefix + (k,))]
 
 
@@ -187,12 +219,32 @@ def get(obj: Any, path: tuple) -> Any:
 
 
 #: keys under which an edit may be harmless (may load); INERT ones cannot change the output
-FREE = {"model_class", "decomposition_info", "spec", "implementation", "observer", "norm_type",
-        "scale_grad_by_freq", "sparse", "tied"}
+FREE = {
+    "model_class",
+    "decomposition_info",
+    "spec",
+    "implementation",
+    "observer",
+    "norm_type",
+    "scale_grad_by_freq",
+    "sparse",
+    "tied",
+}
 INERT = FREE - {"spec", "implementation"}
 NUMBERS = [2**62, 2**40 + 1, 10**30, 1 << 20, -1, 0, -(2**40), 3.5, True, "7", None]
-STRINGS = ["", "../../x", "../../etc/passwd", "/etc/passwd", "Identity", "Linear", "x" * 300,
-           "__class__", "fc1.weight", "float64", "int8"]
+STRINGS = [
+    "",
+    "../../x",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "Identity",
+    "Linear",
+    "x" * 300,
+    "__class__",
+    "fc1.weight",
+    "float64",
+    "int8",
+]
 RETYPES = [[], {}, "x", 0, None, [0, 0, 0], {"type": "TT"}]
 CLASSES = sorted(HANDLERS)
 REPLACES = [None, "Linear", "Conv2d", "Embedding", "Identity", "Module"]
@@ -207,14 +259,23 @@ def mutate(meta: dict[str, Any], path: tuple, data: Any) -> dict[str, Any]:
     new = copy.deepcopy(meta)
     parent, key = get(new, path[:-1]), path[-1]
     old = parent[key]
-    ops = (["delete", "retype"] + ["number"] * (type(old) in (int, float))
-           + ["string"] * isinstance(old, str) + [key] * (key in ("class", "replaces")))
+    ops = (
+        ["delete", "retype"]
+        + ["number"] * (type(old) in (int, float))
+        + ["string"] * isinstance(old, str)
+        + [key] * (key in ("class", "replaces"))
+    )
     op = data.draw(st.sampled_from(ops), label="op")
     if op == "delete":
         del parent[key]
     else:
-        pool = {"number": NUMBERS, "string": STRINGS, "retype": RETYPES, "class": CLASSES,
-                "replaces": REPLACES}[op]
+        pool = {
+            "number": NUMBERS,
+            "string": STRINGS,
+            "retype": RETYPES,
+            "class": CLASSES,
+            "replaces": REPLACES,
+        }[op]
         parent[key] = copy.deepcopy(data.draw(st.sampled_from(pool), label=op))
     assume(canonical(new) != canonical(meta))
     return new
@@ -230,8 +291,9 @@ def snapshot(model: nn.Module) -> tuple[dict[str, int], dict[str, torch.Tensor]]
     return modules, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def assert_untouched(model: nn.Module, snap: tuple[dict[str, int], dict[str, torch.Tensor]]
-                     ) -> None:
+def assert_untouched(
+    model: nn.Module, snap: tuple[dict[str, int], dict[str, torch.Tensor]]
+) -> None:
     modules, state = snap
     assert {n: id(m) for n, m in model.named_modules(remove_duplicate=False)} == modules
     after = model.state_dict()
@@ -240,8 +302,11 @@ def assert_untouched(model: nn.Module, snap: tuple[dict[str, int], dict[str, tor
 
 
 def listing(d: Path) -> list[tuple[str, int]]:
-    return sorted((os.path.join(r, f), os.path.getsize(os.path.join(r, f)))
-                  for r, _, files in os.walk(d) for f in files)
+    return sorted(
+        (os.path.join(r, f), os.path.getsize(os.path.join(r, f)))
+        for r, _, files in os.walk(d)
+        for f in files
+    )
 
 
 def refused(directory: Path, model: nn.Module | None) -> BaseException:
@@ -274,9 +339,13 @@ def saved(tmp_path_factory) -> dict[str, Any]:
         with torch.no_grad():
             expected = fresh(*inputs(7))
             assert torch.equal(expected, model(*inputs(7)))
-        out[name] = {"dir": root / name, "meta": read_json(root / name), "expected": expected,
-                     "state": fresh.state_dict(),
-                     "types": {n: type(m) for n, m in fresh.named_modules()}}
+        out[name] = {
+            "dir": root / name,
+            "meta": read_json(root / name),
+            "expected": expected,
+            "state": fresh.state_dict(),
+            "types": {n: type(m) for n, m in fresh.named_modules()},
+        }
     return out
 
 
@@ -285,9 +354,16 @@ def _pools(meta: dict[str, Any]) -> tuple[list[tuple], list[tuple]]:
     return [p for p in all_paths if not free(p)], [p for p in all_paths if free(p)]
 
 
-SETTINGS = settings(derandomize=True, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                           HealthCheck.too_slow, HealthCheck.filter_too_much])
+SETTINGS = settings(
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+    ],
+)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -345,10 +421,13 @@ def test_descriptive_edits_load_only_self_consistent(saved, scenario):
 def test_harmless_edits_load_and_equal_a_fresh_load(saved, tmp_path):
     """Examples of the descriptive pool that must load, with the unforged output."""
     info = saved["fake-quant"]
-    edits = [lambda m: m.update(model_class="Anything"),
-             lambda m: m.update(tied=[]),
-             lambda m: next(e for e in m["modules"] if e["node"]["class"] == "QuantEmbedding")[
-                 "node"]["config"].update(sparse=True, norm_type=1.0)]
+    edits = [
+        lambda m: m.update(model_class="Anything"),
+        lambda m: m.update(tied=[]),
+        lambda m: next(e for e in m["modules"] if e["node"]["class"] == "QuantEmbedding")["node"][
+            "config"
+        ].update(sparse=True, norm_type=1.0),
+    ]
     for k, edit in enumerate(edits):
         loaded = load(forge(info["dir"], tmp_path / str(k), edit), model=Small()).eval()
         with torch.no_grad():
@@ -364,8 +443,9 @@ def _grow(directory: Path, key: str, shape: list[int], pad: bool) -> None:
     """Claim ``shape`` for ``key`` in the header (the bytes too if ``pad``), offsets shifted."""
     header, data = read_safetensors(directory / TENSORS_FILE)
     offset, chunks = 0, []
-    for k in sorted((k for k in header if k != "__metadata__"),
-                    key=lambda k: header[k]["data_offsets"][0]):
+    for k in sorted(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]
+    ):
         start, end = header[k]["data_offsets"]
         n = end - start
         if k == key:
@@ -384,8 +464,9 @@ def test_oversized_header_shapes_are_refused(saved, scenario, tmp_path):
     snap = snapshot(base)
     keys = [k for k, v in info["meta"]["tensors"]["entries"].items() if v["shape"]]
     for i, key in enumerate(keys[:3]):
-        for j, (shape, pad) in enumerate([([1 << 20, 1 << 20], False), ([1 << 40], False),
-                                          ([64, 64], True)]):
+        for j, (shape, pad) in enumerate(
+            [([1 << 20, 1 << 20], False), ([1 << 40], False), ([64, 64], True)]
+        ):
             work = copy_dir(info["dir"], tmp_path / f"{i}-{j}")
             _grow(work, key, shape, pad)
             resync(work)
@@ -404,9 +485,11 @@ def test_header_is_checked_before_any_data_is_read(saved, tmp_path):
     overlap, bad_dtype = copy.deepcopy(header), copy.deepcopy(header)
     overlap[b]["data_offsets"] = list(header[a]["data_offsets"])  # two tensors, one range
     bad_dtype[a]["dtype"] = "F4"
-    blobs = {"huge-length": (1 << 60).to_bytes(8, "little") + raw[8:],
-             "length-past-end": len(raw).to_bytes(8, "little") + raw[8:],
-             "not-json": raw[:8] + b"[" * (len(raw) - 8 - len(data)) + data}
+    blobs = {
+        "huge-length": (1 << 60).to_bytes(8, "little") + raw[8:],
+        "length-past-end": len(raw).to_bytes(8, "little") + raw[8:],
+        "not-json": raw[:8] + b"[" * (len(raw) - 8 - len(data)) + data,
+    }
     base = Small()
     snap = snapshot(base)
     for name, blob in [*blobs.items(), ("overlap", overlap), ("dtype", bad_dtype)]:

@@ -117,11 +117,17 @@ def test_oversized_forgeries_allocate_nothing(saved, tmp_path):  # noqa: F811
     cases.append(["converted-huge", str(work), True])
     path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", CAPPED, str(tmp_path / "tt"), json.dumps(cases),
-                           str(AS_MARGIN)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CAPPED, str(tmp_path / "tt"), json.dumps(cases), str(AS_MARGIN)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = proc.stdout.split("\n")
     assert proc.returncode == 0 and lines[0] == "cap-holds", proc.stdout + proc.stderr
     outcome = {line.split()[0]: line.split()[1:] for line in lines[1:] if line}
     assert outcome == {name: ["refused", "IntegrityError"] for name, _, _ in cases}, (
-        proc.stdout + proc.stderr)
+        proc.stdout + proc.stderr
+    )

@@ -42,8 +42,11 @@ def test_convert_refuses_meta_and_non_finite_models_before_converting_anything()
     with torch.device("meta"):
         meta = nn.Sequential(nn.Linear(4, 4))
     quantize(meta, weights=QuantSpec(bits=8), progress=False)
-    with pytest.raises(ValueError, match=r"convert needs the model's values, but parameter "
-                                         r"'0.weight' is on the meta device.*to_empty"):
+    with pytest.raises(
+        ValueError,
+        match=r"convert needs the model's values, but parameter "
+        r"'0.weight' is on the meta device.*to_empty",
+    ):
         convert(meta, progress=False)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     quantize(model, weights=QuantSpec(bits=8), progress=False)

@@ -38,10 +38,12 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-FULL = Recipe(factorize=FactorizeSection({"0": LowRank(rank=3)}),
-              quantize=QuantizeSection(weights={"*": QuantSpec(bits=4, learnable=True)}),
-              calibrate=CalibrateSection(num_batches=2),
-              finetune=FinetuneSection(epochs=2, lr=1e-2, loss="cosine"))
+FULL = Recipe(
+    factorize=FactorizeSection({"0": LowRank(rank=3)}),
+    quantize=QuantizeSection(weights={"*": QuantSpec(bits=4, learnable=True)}),
+    calibrate=CalibrateSection(num_batches=2),
+    finetune=FinetuneSection(epochs=2, lr=1e-2, loss="cosine"),
+)
 
 
 def test_the_road_is_the_verbs_in_order():
@@ -67,23 +69,33 @@ def test_stages_run_only_when_the_recipe_asks():
     assert list(result.reports) == ["factorize"]
     kept = Recipe(quantize=QuantizeSection(weights={"*": QuantSpec(bits=8)}, convert=False))
     assert list(run_pipeline(_mlp(), kept, _data(), progress=False).reports) == [
-        "quantize", "calibrate"]
+        "quantize",
+        "calibrate",
+    ]
 
 
 def test_after_sees_every_stage_in_order():
     seen = []
-    run_pipeline(_mlp(), FULL, _data(), progress=False,
-                 after=lambda name, model, report, seconds: seen.append((name, seconds >= 0)))
+    run_pipeline(
+        _mlp(),
+        FULL,
+        _data(),
+        progress=False,
+        after=lambda name, model, report, seconds: seen.append((name, seconds >= 0)),
+    )
     assert seen == [(s.name, True) for s in STAGES]
 
 
 def test_task_loss_reads_labels_and_distill_false_has_no_teacher():
     data = _data()
-    labels = [torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i))
-              for i in range(len(data))]
-    recipe = Recipe(quantize=QuantizeSection(weights={"*": QuantSpec(bits=8)}, convert=False),
-                    finetune=FinetuneSection(task_loss="cross_entropy", distill=False,
-                                             epochs=1, lr=1e-2))
+    labels = [
+        torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i))
+        for i in range(len(data))
+    ]
+    recipe = Recipe(
+        quantize=QuantizeSection(weights={"*": QuantSpec(bits=8)}, convert=False),
+        finetune=FinetuneSection(task_loss="cross_entropy", distill=False, epochs=1, lr=1e-2),
+    )
     model = _mlp()
     torch.manual_seed(0)
     got = run_pipeline(model, recipe, data, labels=labels, progress=False)
@@ -91,19 +103,40 @@ def test_task_loss_reads_labels_and_distill_false_has_no_teacher():
     ref = copy.deepcopy(model)
     quantize(ref, weights={"*": QuantSpec(bits=8)}, progress=False)
     calibrate(ref, data, progress=False)
-    report = finetune(ref, list(zip(data, labels, strict=True)),
-                      task_loss=nn.functional.cross_entropy, epochs=1, lr=1e-2, progress=False)
+    report = finetune(
+        ref,
+        list(zip(data, labels, strict=True)),
+        task_loss=nn.functional.cross_entropy,
+        epochs=1,
+        lr=1e-2,
+        progress=False,
+    )
     assert _same(got.model, ref)
     assert got.reports["finetune"].history.distill == report.history.distill == []
 
 
-@pytest.mark.parametrize("recipe, kwargs, match", [
-    (Recipe(), {}, "neither factorize nor quantize"),
-    (Recipe(quantize=QuantizeSection(weights={"*": QuantSpec()}),
-            finetune=FinetuneSection(task_loss="cross_entropy")), {}, "needs labels="),
-    (Recipe(quantize=QuantizeSection(weights={"*": QuantSpec()}),
-            finetune=FinetuneSection(distill=False)), {}, "distill=True or a task_loss"),
-])
+@pytest.mark.parametrize(
+    "recipe, kwargs, match",
+    [
+        (Recipe(), {}, "neither factorize nor quantize"),
+        (
+            Recipe(
+                quantize=QuantizeSection(weights={"*": QuantSpec()}),
+                finetune=FinetuneSection(task_loss="cross_entropy"),
+            ),
+            {},
+            "needs labels=",
+        ),
+        (
+            Recipe(
+                quantize=QuantizeSection(weights={"*": QuantSpec()}),
+                finetune=FinetuneSection(distill=False),
+            ),
+            {},
+            "distill=True or a task_loss",
+        ),
+    ],
+)
 def test_bad_recipes_are_refused_before_any_work(recipe, kwargs, match):
     model = _mlp()
     calls = []
@@ -130,13 +163,17 @@ def test_finetune_section_is_a_finetune_config():
     assert type(config) is FinetuneConfig
     assert (config.lr, config.loss, config.seed, config.progress) == (1e-3, "kl", 5, False)
     defaults = FinetuneConfig()
-    assert all(getattr(FinetuneSection(), f) == getattr(defaults, f)
-               for f in FinetuneConfig.__dataclass_fields__)
+    assert all(
+        getattr(FinetuneSection(), f) == getattr(defaults, f)
+        for f in FinetuneConfig.__dataclass_fields__
+    )
 
 
 def test_a_recipe_file_runs_on_the_pipeline():
-    recipe = parse_recipe('[factorize]\n"0" = {format = "lowrank", rank = 3}\n'
-                          '[quantize.weights]\n"*" = {bits = 4}\n[finetune]\nepochs = 1\n')
+    recipe = parse_recipe(
+        '[factorize]\n"0" = {format = "lowrank", rank = 3}\n'
+        '[quantize.weights]\n"*" = {bits = 4}\n[finetune]\nepochs = 1\n'
+    )
     assert isinstance(recipe, RecipeFile) and isinstance(recipe, Recipe)
     result = run_pipeline(_mlp(), recipe, _data(), progress=False)
     assert list(result.reports) == [s.name for s in STAGES]

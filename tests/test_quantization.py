@@ -101,13 +101,17 @@ def _quantize_all(model: nn.Module, spec, **kwargs):
     if isinstance(layer, (TTLinear, TuckerLinear, LowRankLinear, TuckerConv2d, CPConv2d)):
         cores = {k: _fit(spec, tuple(c.shape)) for k, c in enumerate(layer.cores)}
         return quantize(model, cores=cores, progress=False, **kwargs)
-    return quantize(model, weights=_fit(spec, tuple(layer.weight.shape)), progress=False,
-                    **kwargs)
+    return quantize(model, weights=_fit(spec, tuple(layer.weight.shape)), progress=False, **kwargs)
 
 
 def _calibrate_activations(model: nn.Module, x: torch.Tensor) -> None:
-    acts = [q for m in model.modules() if getattr(m, "act_quantizers", None) is not None
-            for q in m.act_quantizers.values() if getattr(q, "observer", None) is not None]
+    acts = [
+        q
+        for m in model.modules()
+        if getattr(m, "act_quantizers", None) is not None
+        for q in m.act_quantizers.values()
+        if getattr(q, "observer", None) is not None
+    ]
     for q in acts:
         q.observe()
     with torch.no_grad():
@@ -141,8 +145,11 @@ def test_convert_equals_fake_quant(spec, kind):
 def test_convert_equals_fake_quant_with_calibrated_activations(kind):
     model = nn.Sequential(_build(kind, torch.float64))
     x = _input(kind, torch.float64)
-    _quantize_all(model, QuantSpec(bits=4, granularity="channel"),
-                  activations={"*.inter_*": QuantSpec(bits=12), "*": QuantSpec(8, symmetric=False)})
+    _quantize_all(
+        model,
+        QuantSpec(bits=4, granularity="channel"),
+        activations={"*.inter_*": QuantSpec(bits=12), "*": QuantSpec(8, symmetric=False)},
+    )
     _calibrate_activations(model, x)
     y_fake = model(x).detach()
     convert(model, progress=False)
@@ -152,8 +159,12 @@ def test_convert_equals_fake_quant_with_calibrated_activations(kind):
 
 def test_convert_embeddings():
     model = nn.Sequential(nn.Embedding(12, 4), TTEmbedding([_rand(1, 3, 2, 2), _rand(2, 4, 2, 1)]))
-    quantize(model, weights={"0": QuantSpec(bits=2, granularity="channel")},
-             cores={"1.cores.0": Ternary(), "1.cores.1": FixedPoint(6, 2)}, progress=False)
+    quantize(
+        model,
+        weights={"0": QuantSpec(bits=2, granularity="channel")},
+        cores={"1.cores.0": Ternary(), "1.cores.1": FixedPoint(6, 2)},
+        progress=False,
+    )
     assert isinstance(model[0], QuantEmbedding)
     idx = torch.tensor([[0, 5, 11]])
     y0, y1 = model[0](idx).detach(), model[1](idx).detach()
@@ -190,8 +201,10 @@ def test_factorized_output_equals_einsum_of_dequantized_cores(kind, plan, eq):
     layer = _build(kind, torch.float64)
     model = nn.Sequential(layer)
     gran = {None: "tensor"}
-    cores = {k: QuantSpec(bits=b, granularity=gran.get(ax, "channel"), axis=ax or 0)
-             for k, (b, ax) in enumerate(plan)}
+    cores = {
+        k: QuantSpec(bits=b, granularity=gran.get(ax, "channel"), axis=ax or 0)
+        for k, (b, ax) in enumerate(plan)
+    }
     quantize(model, cores=cores, progress=False)
     deq = [_np_sym(c, b, ax) for c, (b, ax) in zip(layer.cores, plan, strict=True)]
     w = torch.einsum(eq, *deq)
@@ -209,17 +222,23 @@ def test_factorized_output_equals_einsum_of_dequantized_cores(kind, plan, eq):
 
 def test_each_core_has_its_own_qparams():
     layer = _build("tt")
-    quantize(nn.Sequential(layer), cores={0: QuantSpec(4, granularity="channel", axis=3),
-                                          1: QuantSpec(8, symmetric=False),
-                                          2: QuantSpec(2, granularity="channel", axis=1)},
-             progress=False)
+    quantize(
+        nn.Sequential(layer),
+        cores={
+            0: QuantSpec(4, granularity="channel", axis=3),
+            1: QuantSpec(8, symmetric=False),
+            2: QuantSpec(2, granularity="channel", axis=1),
+        },
+        progress=False,
+    )
     qps = [q.qparams(c) for q, c in zip(layer.core_quantizers, layer.cores, strict=True)]
     assert [tuple(qp.scale.shape) for qp in qps] == [(1, 1, 1, 2), (1, 1, 1, 1), (1, 2, 1, 1)]
     assert [(qp.qmin, qp.qmax) for qp in qps] == [(-8, 7), (0, 255), (-2, 1)]
     assert qps[0].zero_point is None and qps[1].zero_point is not None
     c0 = layer.cores[0].detach().numpy()
-    np.testing.assert_allclose(qps[0].scale.flatten().numpy(),
-                               np.abs(c0).max(axis=(0, 1, 2)) / 7, rtol=1e-6)
+    np.testing.assert_allclose(
+        qps[0].scale.flatten().numpy(), np.abs(c0).max(axis=(0, 1, 2)) / 7, rtol=1e-6
+    )
     c1 = layer.cores[1].detach().numpy()
     assert qps[1].scale.item() == pytest.approx((c1.max() - c1.min()) / 255, rel=1e-6)
 
@@ -239,17 +258,26 @@ def test_model_size_bits_hand_count():
     model = _small_model()
     # float: Linear 80 + 8, LayerNorm 8 + 8, TT cores 24 + 24 and bias 8; all float32
     assert model_size_bits(model) == (88 + 16 + 56) * 32 == 5120
-    quantize(model, weights={"0": QuantSpec(bits=4, granularity="channel")},
-             cores={0: QuantSpec(bits=8), 1: Ternary()},
-             activations={"2.output": QuantSpec(bits=8, symmetric=False)}, progress=False)
+    quantize(
+        model,
+        weights={"0": QuantSpec(bits=4, granularity="channel")},
+        cores={0: QuantSpec(bits=8), 1: Ternary()},
+        activations={"2.output": QuantSpec(bits=8, symmetric=False)},
+        progress=False,
+    )
     _calibrate_activations(model, _rand(3, 10))
     expected = (
-        80 * 4 + 8 * 32 + 8 * 32    # Linear: int4 codes (40 bytes), 8 scales, bias
-        + 16 * 32                   # LayerNorm weight and bias
-        + 24 * 8 + 32               # TT core 0: int8 codes, one scale
-        + (24 * 2) + 32             # TT core 1: ternary, 2 bits each (6 bytes), one scale
-        + 8 * 32                    # TT bias
-        + 32 + 16                   # output quantizer: float32 scale, int16 zero point
+        80 * 4
+        + 8 * 32
+        + 8 * 32  # Linear: int4 codes (40 bytes), 8 scales, bias
+        + 16 * 32  # LayerNorm weight and bias
+        + 24 * 8
+        + 32  # TT core 0: int8 codes, one scale
+        + (24 * 2)
+        + 32  # TT core 1: ternary, 2 bits each (6 bytes), one scale
+        + 8 * 32  # TT bias
+        + 32
+        + 16  # output quantizer: float32 scale, int16 zero point
     )
     assert expected == 1952
     assert model_size_bits(model) == expected  # fake-quant: what convert will store
@@ -285,22 +313,33 @@ def _specs_of(layer):
 def test_cores_take_precedence_over_weights_and_negative_index():
     layer = _build("tt")
     model = nn.Sequential(layer, nn.Linear(16, 4))
-    quantize(model, weights=QuantSpec(bits=8), cores={1: QuantSpec(bits=4), -1: Ternary()},
-             progress=False)
+    quantize(
+        model,
+        weights=QuantSpec(bits=8),
+        cores={1: QuantSpec(bits=4), -1: Ternary()},
+        progress=False,
+    )
     assert _specs_of(layer) == [QuantSpec(bits=8), QuantSpec(bits=4), Ternary()]
     assert model[1].weight_quantizer.spec == QuantSpec(bits=8)
 
 
 def test_first_match_wins_and_shadowed_patterns_raise():
     model = nn.Sequential(_build("tucker"))
-    report = quantize(model, cores={"*.cores.1": Binary(), "*": QuantSpec(bits=4)},
-                      activations={"*.inter_*": QuantSpec(16), "*": QuantSpec(8)},
-                      progress=False)
+    report = quantize(
+        model,
+        cores={"*.cores.1": Binary(), "*": QuantSpec(bits=4)},
+        activations={"*.inter_*": QuantSpec(16), "*": QuantSpec(8)},
+        progress=False,
+    )
     assert _specs_of(model[0]) == [QuantSpec(bits=4), Binary(), QuantSpec(bits=4)]
-    assert report["0"]["activations"] == ("input=int8/tensor, output=int8/tensor, "
-                                          "inter_0=int16/tensor, inter_1=int16/tensor")
-    with pytest.raises(ValueError, match=r"pattern '\*.inter_\*' is never used.*matched first "
-                                         r"by '\*'"):
+    assert report["0"]["activations"] == (
+        "input=int8/tensor, output=int8/tensor, inter_0=int16/tensor, inter_1=int16/tensor"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"pattern '\*.inter_\*' is never used.*matched first "
+        r"by '\*'",
+    ):
         quantize(model, activations={"*": QuantSpec(8), "*.inter_*": QuantSpec(16)})
     with pytest.raises(ValueError, match="pattern 1 is never used"):
         quantize(model, cores={"*.cores.1": Binary(), 1: QuantSpec(4)})
@@ -310,8 +349,9 @@ def test_none_removes_and_requantize_replaces():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     quantize(model, weights=QuantSpec(bits=4), progress=False)
     first = model[0].weight_quantizer
-    report = quantize(model, weights={"1": None, "*": Binary()}, activations=QuantSpec(8),
-                      progress=False)
+    report = quantize(
+        model, weights={"1": None, "*": Binary()}, activations=QuantSpec(8), progress=False
+    )
     assert model[0].weight_quantizer is not first and model[0].weight_quantizer.spec == Binary()
     assert model[1].weight_quantizer is None
     assert report["0"]["note"] == "re-quantized" and report["1"]["weights"] == "float"
@@ -322,8 +362,13 @@ def test_none_removes_and_requantize_replaces():
 
 def test_include_exclude_and_unmatched_patterns():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
-    report = quantize(model, weights={"*": QuantSpec(4), "decoder.*": QuantSpec(2)},
-                      include=["0", "1"], exclude=["1"], progress=False)
+    report = quantize(
+        model,
+        weights={"*": QuantSpec(4), "decoder.*": QuantSpec(2)},
+        include=["0", "1"],
+        exclude=["1"],
+        progress=False,
+    )
     assert type(model[0]) is QuantLinear and type(model[1]) is nn.Linear
     assert type(model[2]) is nn.Linear
     assert any(s["name"] == "weights['decoder.*']" for s in report.skipped)
@@ -331,14 +376,22 @@ def test_include_exclude_and_unmatched_patterns():
 
 def test_report_contents():
     model = nn.Sequential(_build("tt"), nn.Linear(16, 4))
-    report = quantize(model, cores={0: QuantSpec(4, granularity="channel", axis=3),
-                                    1: Ternary(method="ttq"), 2: FixedPoint(8, 3)},
-                      weights=QuantSpec(8, scale="pow2"), activations={"1.*": QuantSpec(8)},
-                      progress=False)
+    report = quantize(
+        model,
+        cores={
+            0: QuantSpec(4, granularity="channel", axis=3),
+            1: Ternary(method="ttq"),
+            2: FixedPoint(8, 3),
+        },
+        weights=QuantSpec(8, scale="pow2"),
+        activations={"1.*": QuantSpec(8)},
+        progress=False,
+    )
     row = report["0"]
     assert row["kind"] == "TTLinear"
-    assert row["weights"] == ("cores.0=int4/channel(axis=3), cores.1=ternary-ttq, "
-                              "cores.2=ap_fixed<8,3>")
+    assert row["weights"] == (
+        "cores.0=int4/channel(axis=3), cores.1=ternary-ttq, cores.2=ap_fixed<8,3>"
+    )
     assert row["params"] == 24 + 48 + 12 + 16  # three cores and the bias
     assert row["bits_before"] == 100 * 32
     # core 0: 24 4-bit codes (12 bytes), 2 scales; core 1: 48 2-bit codes (12 bytes), scale
@@ -363,8 +416,11 @@ def test_argument_errors():
         quantize(model, weights={0: QuantSpec()})
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         quantize("model", weights=QuantSpec())
-    with pytest.raises(ValueError, match=r"int4/group3 cannot quantize '0.cores.0' of shape "
-                                         r"\(1, 4, 3, 2\): group size 3 does not divide axis 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"int4/group3 cannot quantize '0.cores.0' of shape "
+        r"\(1, 4, 3, 2\): group size 3 does not divide axis 0",
+    ):
         quantize(model, cores={0: QuantSpec(4, granularity=("group", 3))})
     with pytest.raises(ValueError, match="axis must be in"):
         quantize(model, weights=QuantSpec(4, granularity="channel", axis=4))
@@ -378,8 +434,11 @@ def test_argument_errors():
 def test_convert_errors_and_dynamic_activations():
     model = nn.Sequential(nn.Linear(4, 4))
     quantize(model, weights=QuantSpec(4), activations=QuantSpec(8), progress=False)
-    with pytest.raises(ValueError, match=r"\['0.act_quantizers.input', "
-                                         r"'0.act_quantizers.output'\] have no calibrated"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['0.act_quantizers.input', "
+        r"'0.act_quantizers.output'\] have no calibrated",
+    ):
         convert(model)
     x = _rand(2, 4)
     y = model(x).detach()
@@ -428,13 +487,17 @@ def test_shared_modules_and_attention_out_proj():
 
 def test_factorized_root_module():
     layer = _build("lowrank")
-    report = quantize(layer, cores=QuantSpec(4), activations={"inter_0": QuantSpec(8)},
-                      progress=False)
+    report = quantize(
+        layer, cores=QuantSpec(4), activations={"inter_0": QuantSpec(8)}, progress=False
+    )
     assert [r["name"] for r in report] == [""] and list(layer.act_quantizers) == ["inter_0"]
     with pytest.raises(ValueError, match="at least one"):
         quantize(nn.Linear(2, 2))
-    assert quantize(nn.Linear(2, 2), weights=QuantSpec()).skipped[0]["reason"].startswith(
-        "the model itself")
+    assert (
+        quantize(nn.Linear(2, 2), weights=QuantSpec())
+        .skipped[0]["reason"]
+        .startswith("the model itself")
+    )
 
 
 def test_learnable_scales_survive_training_step_then_convert():
@@ -456,8 +519,11 @@ def test_learnable_scales_survive_training_step_then_convert():
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_convert_equals_fake_quant(kind):
     model = nn.Sequential(_build(kind)).cuda()
-    _quantize_all(model, QuantSpec(bits=4, granularity="channel"),
-                  activations={"*.inter_*": QuantSpec(12), "*": QuantSpec(8)})
+    _quantize_all(
+        model,
+        QuantSpec(bits=4, granularity="channel"),
+        activations={"*.inter_*": QuantSpec(12), "*": QuantSpec(8)},
+    )
     x = _input(kind).cuda()
     _calibrate_activations(model, x)
     y = model(x).detach()

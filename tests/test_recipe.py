@@ -46,9 +46,12 @@ data_aware = false
 """)
     assert r.factorize is not None and r.factorize.data_aware is False
     assert list(r.factorize.mapping().items()) == [
-        ("b.*", TT(ratio=0.25, order=2)), ("a", Tucker(rank=(4, 3))),
-        ("c", CP(rank=5, n_iter_max=10)), ("d", LowRank(tol=0.1, svd="randomized")),
-        ("e", None)]
+        ("b.*", TT(ratio=0.25, order=2)),
+        ("a", Tucker(rank=(4, 3))),
+        ("c", CP(rank=5, n_iter_max=10)),
+        ("d", LowRank(tol=0.1, svd="randomized")),
+        ("e", None),
+    ]
 
 
 def test_quant_specs():
@@ -71,17 +74,24 @@ convert = false
     q = r.quantize
     assert q is not None and q.exclude == ("head",) and q.include is None and not q.convert
     kw = q.kwargs()
-    assert kw["cores"] == {0: QuantSpec(bits=4, granularity="channel", axis=3, learnable=True),
-                           -1: Binary(granularity="channel"),
-                           "*.cores.1": QuantSpec(bits=3, granularity=("group", 8), axis=1,
-                                                  scale="pow2")}
-    assert kw["weights"] == {"fc": FixedPoint(8, 2, rounding="RND", overflow="SAT"),
-                             "fc2": FixedPoint(6, 1), "t": Ternary(method="ttq"), "x": None}
+    assert kw["cores"] == {
+        0: QuantSpec(bits=4, granularity="channel", axis=3, learnable=True),
+        -1: Binary(granularity="channel"),
+        "*.cores.1": QuantSpec(bits=3, granularity=("group", 8), axis=1, scale="pow2"),
+    }
+    assert kw["weights"] == {
+        "fc": FixedPoint(8, 2, rounding="RND", overflow="SAT"),
+        "fc2": FixedPoint(6, 1),
+        "t": Ternary(method="ttq"),
+        "x": None,
+    }
     assert kw["activations"] == {"*.input": QuantSpec(bits=8, symmetric=False)}
 
 
 def test_other_sections():
-    r = parse_recipe(WEIGHTS + """
+    r = parse_recipe(
+        WEIGHTS
+        + """
 [model]
 class = "torch.nn:Linear"
 kwargs = {in_features = 4, out_features = 2}
@@ -100,13 +110,20 @@ clip_grad_norm = false
 layers = ["a", "b.*"]
 input = "ap_fixed<12,4>"
 accum = "ap_fixed<32,12>"
-""")
-    assert r.model.cls == "torch.nn:Linear" and dict(r.model.kwargs) == {"in_features": 4,
-                                                                         "out_features": 2}
+"""
+    )
+    assert r.model.cls == "torch.nn:Linear" and dict(r.model.kwargs) == {
+        "in_features": 4,
+        "out_features": 2,
+    }
     assert r.data.batch_size == 8 and r.calibrate.num_batches == 2
     ft = r.finetune
-    assert ft is not None and (ft.epochs, ft.lr, ft.loss, ft.task_loss) == (3, 1e-3, "kl",
-                                                                            "cross_entropy")
+    assert ft is not None and (ft.epochs, ft.lr, ft.loss, ft.task_loss) == (
+        3,
+        1e-3,
+        "kl",
+        "cross_entropy",
+    )
     assert ft.clip_grad_norm is None and ft.distill is True
     ex = r.export
     assert ex is not None and ex.layers == ("a", "b.*") and ex.input == "ap_fixed<12,4>"
@@ -118,35 +135,39 @@ BAD = [
     ('[quantize.cores]\n"*" = {bits = 0}', "'quantize.cores.*.bits'"),
     ('[quantize.cores]\n"*" = {bits = 4, granularity = "row"}', "'quantize.cores.*.granularity'"),
     ('[quantize.weights]\n"*" = {kind = "int5"}', "'quantize.weights.*.kind'"),
-    ('[quantize.weights]\n"*" = {kind = "ternary", threshold = 5}',
-     "'quantize.weights.*.threshold'"),
-    ('[quantize.weights]\n"*" = {kind = "fixed", type = "ap_fixd<8,2>"}',
-     "'quantize.weights.*.type'"),
+    (
+        '[quantize.weights]\n"*" = {kind = "ternary", threshold = 5}',
+        "'quantize.weights.*.threshold'",
+    ),
+    (
+        '[quantize.weights]\n"*" = {kind = "fixed", type = "ap_fixd<8,2>"}',
+        "'quantize.weights.*.type'",
+    ),
     ('[quantize.weights]\n"*" = 8', "'quantize.weights.*' must be a table"),
-    ('[quantize]\nweight = {}', "'quantize.weight' is not known"),
+    ("[quantize]\nweight = {}", "'quantize.weight' is not known"),
     ('[quantize]\nconvert = "yes"\n[quantize.weights]\n"*" = {bits = 8}', "'quantize.convert'"),
     ('[factorize]\n"fc" = {format = "ttt", rank = 2}', "'factorize.fc.format'"),
     ('[factorize]\n"fc" = {rank = 2}', "'factorize.fc.format' is missing"),
     ('[factorize]\n"fc" = {format = "tt", ratio = 2.0}', "'factorize.fc.ratio'"),
     ('[factorize]\n"fc" = {format = "tt"}', "'factorize.fc': TT takes exactly one"),
     ('[factorize]\n"fc" = {format = "tt", rank = 2, rnak = 3}', "'factorize.fc.rnak'"),
-    ('[factorize]\nfoo = 3', "'factorize.foo' is not known"),
+    ("[factorize]\nfoo = 3", "'factorize.foo' is not known"),
     ('[factorize]\nencoder.layer = {format = "tt", rank = 2}', "quote layer globs"),
-    ('[finetune]\nlr = -1\n' + WEIGHTS, "'finetune.lr'"),
+    ("[finetune]\nlr = -1\n" + WEIGHTS, "'finetune.lr'"),
     ('[finetune]\nloss = "l1"\n' + WEIGHTS, "'finetune.loss'"),
-    ('[finetune]\nepohcs = 1\n' + WEIGHTS, "'finetune.epohcs' is not known"),
-    ('[finetune]\nepochs = true\n' + WEIGHTS, "'finetune.epochs'"),
-    ('[calibrate]\nnum_batches = 0\n' + WEIGHTS, "'calibrate.num_batches'"),
+    ("[finetune]\nepohcs = 1\n" + WEIGHTS, "'finetune.epohcs' is not known"),
+    ("[finetune]\nepochs = true\n" + WEIGHTS, "'finetune.epochs'"),
+    ("[calibrate]\nnum_batches = 0\n" + WEIGHTS, "'calibrate.num_batches'"),
     ('[data]\nbatch_size = "x"\n' + WEIGHTS, "'data.batch_size'"),
-    ('[export]\nlayers = 3\n' + WEIGHTS, "'export.layers'"),
+    ("[export]\nlayers = 3\n" + WEIGHTS, "'export.layers'"),
     ('[export]\ninput = "auto"\n' + WEIGHTS, "'export.layers' is missing"),
     ('[export]\nlayers = "a"\ninput = "ap_fixd<8,2>"\n' + WEIGHTS, "'export.input'"),
     ('[export]\nlayers = "a"\ntolerance = 0\n' + WEIGHTS, "'export.tolerance'"),
     ('[model]\nclass = "nocolon"\n' + WEIGHTS, "'model.class'"),
     ('[model]\nclas = "a:B"\n' + WEIGHTS, "'model.clas' is not known"),
-    ('[modle]\n' + WEIGHTS, "'modle' is not known"),
-    ('[data]\nbatch_size = 8\n', "nothing to do"),
-    ('[quantize\n', "not valid TOML"),
+    ("[modle]\n" + WEIGHTS, "'modle' is not known"),
+    ("[data]\nbatch_size = 8\n", "nothing to do"),
+    ("[quantize\n", "not valid TOML"),
 ]
 
 
@@ -176,8 +197,11 @@ def test_warmup_is_steps_or_a_fraction(value, expected):
 
 @pytest.mark.parametrize("value", ["true", "-1", "-0.5", "1.0", "10.0", '"5%"'])
 def test_bad_warmup_is_refused_by_name(value):
-    with pytest.raises(ValueError, match=r"recipe key 'finetune.warmup' must be an integer "
-                                         r"number of steps >= 0 or a float fraction"):
+    with pytest.raises(
+        ValueError,
+        match=r"recipe key 'finetune.warmup' must be an integer "
+        r"number of steps >= 0 or a float fraction",
+    ):
         parse_recipe(f"[finetune]\nwarmup = {value}\n" + WEIGHTS)
 
 
@@ -185,17 +209,28 @@ def test_warmup_steps_go_to_the_optimizer_schedule():
     from tnquant.qat.optim import warmup_steps
 
     # the recipe's value is what finetune's schedule takes: an int as steps, a float as fraction
-    assert warmup_steps(parse_recipe("[finetune]\nwarmup = 10\n" + WEIGHTS).finetune.warmup,
-                        200) == 10
-    assert warmup_steps(parse_recipe("[finetune]\nwarmup = 0.25\n" + WEIGHTS).finetune.warmup,
-                        200) == 50
+    assert (
+        warmup_steps(parse_recipe("[finetune]\nwarmup = 10\n" + WEIGHTS).finetune.warmup, 200) == 10
+    )
+    assert (
+        warmup_steps(parse_recipe("[finetune]\nwarmup = 0.25\n" + WEIGHTS).finetune.warmup, 200)
+        == 50
+    )
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("[finetune]\ndistill = false\n" + WEIGHTS, "'finetune' needs distill = true or a task_loss"),
-    ('[export]\nlayers = "a"\ninput_width = 65\n' + WEIGHTS,
-     "'export.input_width' must be an integer in 2..64"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "[finetune]\ndistill = false\n" + WEIGHTS,
+            "'finetune' needs distill = true or a task_loss",
+        ),
+        (
+            '[export]\nlayers = "a"\ninput_width = 65\n' + WEIGHTS,
+            "'export.input_width' must be an integer in 2..64",
+        ),
+    ],
+)
 def test_recipe_errors_found_at_parse_time(text, expected):
     with pytest.raises(ValueError, match=expected):
         parse_recipe(text)
@@ -223,8 +258,12 @@ def test_finetune_table_is_derived_from_finetune_config():
     defaults = FinetuneConfig()
     for name in FinetuneConfig.__dataclass_fields__:
         assert getattr(ft, name) == getattr(defaults, name), name
-    for key, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                         ("train", TRAIN_CHOICES)):
+    for key, choices in (
+        ("loss", LOSSES),
+        ("optimizer", OPTIMIZERS),
+        ("schedule", SCHEDULES),
+        ("train", TRAIN_CHOICES),
+    ):
         for choice in choices:
             value = parse_recipe(f'[finetune]\n{key} = "{choice}"\n' + WEIGHTS).finetune
             assert getattr(value, key) == choice

@@ -52,8 +52,13 @@ def _real(v):
 
 
 def _group(v):
-    return (isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == "group" and _int(v[1])
-            and v[1] >= 1)
+    return (
+        isinstance(v, (tuple, list))
+        and len(v) == 2
+        and v[0] == "group"
+        and _int(v[1])
+        and v[1] >= 1
+    )
 
 
 KINDS = {
@@ -61,13 +66,19 @@ KINDS = {
     "int": _int,
     "real": _real,
     "opt_real": lambda v: v is None or _real(v),
-    "rank": lambda v: v is None or v == "full" or _int(v)
-    or (isinstance(v, (tuple, list)) and len(v) > 0 and all(_int(r) for r in v)),
-    "shape": lambda v: v is None
-    or (isinstance(v, (tuple, list)) and len(v) > 0 and all(_int(r) for r in v)),
+    "rank": lambda v: (
+        v is None
+        or v == "full"
+        or _int(v)
+        or (isinstance(v, (tuple, list)) and len(v) > 0 and all(_int(r) for r in v))
+    ),
+    "shape": lambda v: (
+        v is None or (isinstance(v, (tuple, list)) and len(v) > 0 and all(_int(r) for r in v))
+    ),
     "granularity": lambda v: v in ("tensor", "channel") if isinstance(v, str) else _group(v),
-    "dtype": lambda v: v is None or (isinstance(v, str) and v in FLOAT_DTYPES)
-    or v in FLOAT_DTYPES.values(),
+    "dtype": lambda v: (
+        v is None or (isinstance(v, str) and v in FLOAT_DTYPES) or v in FLOAT_DTYPES.values()
+    ),
 }
 
 
@@ -76,34 +87,58 @@ def choice(valid):
 
 
 FACTOR = {"rank": KINDS["rank"], "ratio": KINDS["opt_real"], "tol": KINDS["opt_real"]}
-TENSORIZED = {**FACTOR, "order": KINDS["int"], "in_shape": KINDS["shape"],
-              "out_shape": KINDS["shape"], "svd": choice(SVD_METHODS)}
+TENSORIZED = {
+    **FACTOR,
+    "order": KINDS["int"],
+    "in_shape": KINDS["shape"],
+    "out_shape": KINDS["shape"],
+    "svd": choice(SVD_METHODS),
+}
 FIELDS = {
     TT: TENSORIZED,
     Tucker: TENSORIZED,
     CP: {**FACTOR, "n_iter_max": KINDS["int"]},
     LowRank: {**FACTOR, "svd": choice(SVD_METHODS)},
     QuantSpec: {
-        "bits": KINDS["int"], "symmetric": KINDS["bool"], "granularity": KINDS["granularity"],
-        "axis": KINDS["int"], "scale": choice(SCALE_KINDS), "pow2_rounding": choice(POW2_ROUNDINGS),
-        "observer": choice(OBSERVERS), "learnable": KINDS["bool"], "narrow_range": KINDS["bool"],
-        "rounding": choice(ROUNDING_MODES), "dtype": KINDS["dtype"], "percentile": KINDS["real"],
-        "ema_decay": KINDS["real"]},
-    Binary: {"granularity": KINDS["granularity"], "axis": KINDS["int"],
-             "learnable": KINDS["bool"]},
-    Ternary: {"threshold": KINDS["real"], "method": choice(("twn", "ttq")),
-              "granularity": KINDS["granularity"], "axis": KINDS["int"]},
-    FixedPoint: {"width": KINDS["int"], "integer": KINDS["int"], "signed": KINDS["bool"],
-                 "rounding": choice(AP_ROUNDING), "overflow": choice(AP_OVERFLOW)},
+        "bits": KINDS["int"],
+        "symmetric": KINDS["bool"],
+        "granularity": KINDS["granularity"],
+        "axis": KINDS["int"],
+        "scale": choice(SCALE_KINDS),
+        "pow2_rounding": choice(POW2_ROUNDINGS),
+        "observer": choice(OBSERVERS),
+        "learnable": KINDS["bool"],
+        "narrow_range": KINDS["bool"],
+        "rounding": choice(ROUNDING_MODES),
+        "dtype": KINDS["dtype"],
+        "percentile": KINDS["real"],
+        "ema_decay": KINDS["real"],
+    },
+    Binary: {"granularity": KINDS["granularity"], "axis": KINDS["int"], "learnable": KINDS["bool"]},
+    Ternary: {
+        "threshold": KINDS["real"],
+        "method": choice(("twn", "ttq")),
+        "granularity": KINDS["granularity"],
+        "axis": KINDS["int"],
+    },
+    FixedPoint: {
+        "width": KINDS["int"],
+        "integer": KINDS["int"],
+        "signed": KINDS["bool"],
+        "rounding": choice(AP_ROUNDING),
+        "overflow": choice(AP_OVERFLOW),
+    },
 }
 # the type is wrong -> TypeError (other fields may say ValueError for a wrong shape of value)
-_NUMBER = lambda v: (_int(v) or isinstance(v, float))  # noqa: E731
+_NUMBER = lambda v: _int(v) or isinstance(v, float)  # noqa: E731
 TYPE_OF = {
     **{f: _int for f in ("bits", "axis", "width", "integer", "order", "n_iter_max")},
     **{f: KINDS["bool"] for f in ("symmetric", "learnable", "narrow_range", "signed")},
     **{f: _NUMBER for f in ("percentile", "ema_decay", "threshold")},
-    **{f: lambda v: isinstance(v, str) for f in ("svd", "scale", "pow2_rounding", "observer",
-                                                  "rounding", "method", "overflow")},
+    **{
+        f: lambda v: isinstance(v, str)
+        for f in ("svd", "scale", "pow2_rounding", "observer", "rounding", "method", "overflow")
+    },
 }
 
 
@@ -128,16 +163,52 @@ JUNK = st.one_of(
     st.integers(),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=6),
-    st.sampled_from(["false", "true", "no", "8", "0.5", "tensor", "channel", "full", "group",
-                     "TRN", "SAT", "twn", "pow2", "minmax", "float16", "truncated"]),
-    st.lists(st.one_of(st.integers(-3, 6), st.booleans(), st.floats(-2, 9), st.text(max_size=2)),
-             max_size=3),
-    st.tuples(st.sampled_from(["group", "grp", 3]),
-              st.one_of(st.integers(-2, 64), st.floats(0, 9), st.booleans(), st.none())),
+    st.sampled_from(
+        [
+            "false",
+            "true",
+            "no",
+            "8",
+            "0.5",
+            "tensor",
+            "channel",
+            "full",
+            "group",
+            "TRN",
+            "SAT",
+            "twn",
+            "pow2",
+            "minmax",
+            "float16",
+            "truncated",
+        ]
+    ),
+    st.lists(
+        st.one_of(st.integers(-3, 6), st.booleans(), st.floats(-2, 9), st.text(max_size=2)),
+        max_size=3,
+    ),
+    st.tuples(
+        st.sampled_from(["group", "grp", 3]),
+        st.one_of(st.integers(-2, 64), st.floats(0, 9), st.booleans(), st.none()),
+    ),
     st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
     st.complex_numbers(allow_nan=False, max_magnitude=10),
-    st.sampled_from([torch.float16, torch.bfloat16, torch.int8, torch.float32, b"8", object(),
-                     frozenset([1]), 8.0, 0.0, -1, 2**70, math.inf]),
+    st.sampled_from(
+        [
+            torch.float16,
+            torch.bfloat16,
+            torch.int8,
+            torch.float32,
+            b"8",
+            object(),
+            frozenset([1]),
+            8.0,
+            0.0,
+            -1,
+            2**70,
+            math.inf,
+        ]
+    ),
 )
 
 
@@ -167,33 +238,36 @@ def test_wrong_values_are_refused_naming_the_field(cls, field, value):
     assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec
 
 
-@pytest.mark.parametrize(("make", "field", "error"), [
-    (lambda: QuantSpec(symmetric="false"), "symmetric", TypeError),
-    (lambda: QuantSpec(symmetric=0), "symmetric", TypeError),
-    (lambda: FixedPoint(8, 2, signed="no"), "signed", TypeError),
-    (lambda: QuantSpec(percentile="99"), "percentile", TypeError),
-    (lambda: QuantSpec(ema_decay="0.9"), "ema_decay", TypeError),
-    (lambda: QuantSpec(ema_decay=math.nan), "ema_decay", ValueError),
-    (lambda: Ternary(threshold="0.7"), "threshold", TypeError),
-    (lambda: CP(rank=4, n_iter_max="100"), "n_iter_max", TypeError),
-    (lambda: CP(rank=4, n_iter_max=True), "n_iter_max", TypeError),
-    (lambda: QuantSpec(bits=8.0), "bits", TypeError),
-    (lambda: QuantSpec(bits=True), "bits", TypeError),
-    (lambda: QuantSpec(learnable=1), "learnable", TypeError),
-    (lambda: Binary(learnable="yes"), "learnable", TypeError),
-    (lambda: Binary(axis=1.0), "axis", TypeError),
-    (lambda: TT(rank=2, order="3"), "order", TypeError),
-    (lambda: TT(rank=2, in_shape=4), "in_shape", TypeError),
-    (lambda: TT(rank=2, svd=None), "svd", TypeError),
-    (lambda: TT(ratio=True), "ratio", TypeError),
-    (lambda: TT(rank=2.5), "rank", TypeError),
-    (lambda: QuantSpec(granularity=7), "granularity", TypeError),
-    (lambda: QuantSpec(granularity=("group", 0)), "granularity", ValueError),
-    (lambda: QuantSpec(dtype=8), "dtype", TypeError),
-    (lambda: QuantSpec(rounding=1), "rounding", TypeError),
-    (lambda: FixedPoint(8, 5000), "integer", ValueError),
-    (lambda: FixedPoint("8", 3), "width", TypeError),
-])
+@pytest.mark.parametrize(
+    ("make", "field", "error"),
+    [
+        (lambda: QuantSpec(symmetric="false"), "symmetric", TypeError),
+        (lambda: QuantSpec(symmetric=0), "symmetric", TypeError),
+        (lambda: FixedPoint(8, 2, signed="no"), "signed", TypeError),
+        (lambda: QuantSpec(percentile="99"), "percentile", TypeError),
+        (lambda: QuantSpec(ema_decay="0.9"), "ema_decay", TypeError),
+        (lambda: QuantSpec(ema_decay=math.nan), "ema_decay", ValueError),
+        (lambda: Ternary(threshold="0.7"), "threshold", TypeError),
+        (lambda: CP(rank=4, n_iter_max="100"), "n_iter_max", TypeError),
+        (lambda: CP(rank=4, n_iter_max=True), "n_iter_max", TypeError),
+        (lambda: QuantSpec(bits=8.0), "bits", TypeError),
+        (lambda: QuantSpec(bits=True), "bits", TypeError),
+        (lambda: QuantSpec(learnable=1), "learnable", TypeError),
+        (lambda: Binary(learnable="yes"), "learnable", TypeError),
+        (lambda: Binary(axis=1.0), "axis", TypeError),
+        (lambda: TT(rank=2, order="3"), "order", TypeError),
+        (lambda: TT(rank=2, in_shape=4), "in_shape", TypeError),
+        (lambda: TT(rank=2, svd=None), "svd", TypeError),
+        (lambda: TT(ratio=True), "ratio", TypeError),
+        (lambda: TT(rank=2.5), "rank", TypeError),
+        (lambda: QuantSpec(granularity=7), "granularity", TypeError),
+        (lambda: QuantSpec(granularity=("group", 0)), "granularity", ValueError),
+        (lambda: QuantSpec(dtype=8), "dtype", TypeError),
+        (lambda: QuantSpec(rounding=1), "rounding", TypeError),
+        (lambda: FixedPoint(8, 5000), "integer", ValueError),
+        (lambda: FixedPoint("8", 3), "width", TypeError),
+    ],
+)
 def test_issue_examples(make, field, error):
     """The cases of the issue: before, 'false' was truthy and a str failed in a comparison."""
     with pytest.raises(error) as info:
@@ -205,8 +279,11 @@ def test_issue_examples(make, field, error):
 def test_message_says_expected_and_got():
     with pytest.raises(TypeError, match=r"^symmetric must be a bool, got 'false' \(str\)$"):
         QuantSpec(symmetric="false")
-    with pytest.raises(TypeError, match=r"^percentile must be a number \(int or float\), got "
-                                        r"'99' \(str\)$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^percentile must be a number \(int or float\), got "
+        r"'99' \(str\)$",
+    ):
         QuantSpec(percentile="99")
     with pytest.raises(ValueError, match=r"^bits must be in 1\.\.16, got 0$"):
         QuantSpec(bits=0)
@@ -234,8 +311,10 @@ def test_recipe_names_the_culprit_key():
     for text, key in [
         ('[quantize.weights]\n"*" = {bits = 4, symmetric = "false"}', "symmetric"),
         ('[quantize.weights]\n"*" = {kind = "ternary", threshold = "0.7"}', "threshold"),
-        ('[quantize.weights]\n"*" = {kind = "fixed", width = 8, integer = 2, signed = "no"}',
-         "signed"),
+        (
+            '[quantize.weights]\n"*" = {kind = "fixed", width = 8, integer = 2, signed = "no"}',
+            "signed",
+        ),
         ('[factorize]\n"fc" = {format = "cp", rank = 2, n_iter_max = "5"}', "n_iter_max"),
     ]:
         with pytest.raises(ValueError) as info:
@@ -250,23 +329,46 @@ def test_recipe_names_the_culprit_key():
 NAMES = [cls.__name__ for cls in FIELDS]
 
 
-@pytest.mark.parametrize("data", [
-    None, 3, "QuantSpec", ["type", "QuantSpec"], {}, {"bits": 4}, {"type": None},
-    {"type": ["QuantSpec"]}, {"type": {"a": 1}}, {"type": 3}, {"type": "Nope"},
-    {"type": "__class__"}, {"type": "QuantSpec", "bitz": 4}, {"type": "QuantSpec", 3: 4},
-    {"type": "QuantSpec", "bits": "4"}, {"type": "FixedPoint", "width": 8},
-    {"type": "FixedPoint"}, {"type": "TT", "rank": [[1, 2]]}, {"type": "TT", "rank": {"a": 1}},
-    {"type": "TT", "rank": 2, "in_shape": "ab"}, {"type": "Binary", "granularity": ["group"]},
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        3,
+        "QuantSpec",
+        ["type", "QuantSpec"],
+        {},
+        {"bits": 4},
+        {"type": None},
+        {"type": ["QuantSpec"]},
+        {"type": {"a": 1}},
+        {"type": 3},
+        {"type": "Nope"},
+        {"type": "__class__"},
+        {"type": "QuantSpec", "bitz": 4},
+        {"type": "QuantSpec", 3: 4},
+        {"type": "QuantSpec", "bits": "4"},
+        {"type": "FixedPoint", "width": 8},
+        {"type": "FixedPoint"},
+        {"type": "TT", "rank": [[1, 2]]},
+        {"type": "TT", "rank": {"a": 1}},
+        {"type": "TT", "rank": 2, "in_shape": "ab"},
+        {"type": "Binary", "granularity": ["group"]},
+    ],
+)
 def test_spec_from_dict_refuses_bad_dicts(data):
     with pytest.raises((TypeError, ValueError)):
         spec_from_dict(data)
 
 
 @settings(derandomize=True, deadline=None, max_examples=300)
-@given(st.sampled_from(NAMES + ["X", ""]),
-       st.dictionaries(st.sampled_from(sorted({f for fs in FIELDS.values() for f in fs})
-                                       + ["type", "zzz"]), JUNK, max_size=4))
+@given(
+    st.sampled_from(NAMES + ["X", ""]),
+    st.dictionaries(
+        st.sampled_from(sorted({f for fs in FIELDS.values() for f in fs}) + ["type", "zzz"]),
+        JUNK,
+        max_size=4,
+    ),
+)
 def test_spec_from_dict_junk_gives_type_or_value_errors(name, fields):
     data = {"type": name, **fields} if "type" not in fields else fields
     try:

@@ -35,8 +35,14 @@ from torch import nn
 
 from tnquant.checks import count_non_finite
 
-__all__ = ["call_model", "iterate_batches", "move_batch", "check_data", "check_reiterable",
-           "check_batch"]
+__all__ = [
+    "call_model",
+    "iterate_batches",
+    "move_batch",
+    "check_data",
+    "check_reiterable",
+    "check_batch",
+]
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -81,8 +87,10 @@ def check_reiterable(data: Any, what: str) -> None:
     # not iter(data) is data: iter() of a DataLoader draws a seed from torch's generator
     # (and starts its workers)
     if isinstance(data, Iterator):
-        raise TypeError(f"{what} reads the data several times; pass a list or a DataLoader, "
-                        f"got a one-shot {type(data).__name__}")
+        raise TypeError(
+            f"{what} reads the data several times; pass a list or a DataLoader, "
+            f"got a one-shot {type(data).__name__}"
+        )
 
 
 def check_data(data: Any, what: str, *, arg: str = "data", reiterable: bool = False) -> None:
@@ -122,16 +130,19 @@ def check_data(data: Any, what: str, *, arg: str = "data", reiterable: bool = Fa
     if isinstance(data, (torch.Tensor, Mapping)):
         return
     if data is None or not isinstance(data, Iterable):
-        raise TypeError(f"{what}: {arg} must be an iterable of batches (a list, a DataLoader) "
-                        f"or one tensor, got {type(data).__name__}")
+        raise TypeError(
+            f"{what}: {arg} must be an iterable of batches (a list, a DataLoader) "
+            f"or one tensor, got {type(data).__name__}"
+        )
     if isinstance(data, Sized):
         try:
             empty = len(data) == 0
         except TypeError:  # e.g. a DataLoader over an IterableDataset
             empty = False
         if empty:
-            raise ValueError(f"{what} needs at least one batch of {arg}, got an empty "
-                             f"{type(data).__name__}")
+            raise ValueError(
+                f"{what} needs at least one batch of {arg}, got an empty {type(data).__name__}"
+            )
     if reiterable:
         check_reiterable(data, what)
 
@@ -166,8 +177,10 @@ def check_batch(batch: Any, index: int, what: str, *, arg: str = "data") -> None
     for where, t in _tensors(batch, "batch"):
         where = "the batch" if where == "batch" else where
         if t.is_meta:
-            raise ValueError(f"{what}: batch {index} of {arg} holds a tensor on the meta device "
-                             f"in {where} (a shape without values); pass real tensors")
+            raise ValueError(
+                f"{what}: batch {index} of {arg} holds a tensor on the meta device "
+                f"in {where} (a shape without values); pass real tensors"
+            )
         bad = count_non_finite(t)
         if bad:
             dtype = str(t.dtype).removeprefix("torch.")
@@ -175,11 +188,17 @@ def check_batch(batch: Any, index: int, what: str, *, arg: str = "data") -> None
                 f"{what}: batch {index} of {arg} holds {bad} non-finite "
                 f"value{'s' if bad > 1 else ''} (NaN or inf) in {where}, a {dtype} tensor of "
                 f"shape {tuple(t.shape)}; clean the data (e.g. torch.nan_to_num) or leave that "
-                f"batch out")
+                f"batch out"
+            )
 
 
-def iterate_batches(data: Iterable[Any], num_batches: int | None = None, *,
-                    what: str = "this step", arg: str = "data") -> Iterator[Any]:
+def iterate_batches(
+    data: Iterable[Any],
+    num_batches: int | None = None,
+    *,
+    what: str = "this step",
+    arg: str = "data",
+) -> Iterator[Any]:
     """Yield at most ``num_batches`` batches from ``data`` (all when ``None``), each checked.
 
     A single tensor (or mapping) is taken as one batch, not iterated row by
@@ -210,5 +229,6 @@ def iterate_batches(data: Iterable[Any], num_batches: int | None = None, *,
         count += 1
         yield batch
     if count == 0:
-        raise ValueError(f"{what} needs at least one batch of {arg}, got an empty "
-                         f"{type(source).__name__}")
+        raise ValueError(
+            f"{what} needs at least one batch of {arg}, got an empty {type(source).__name__}"
+        )

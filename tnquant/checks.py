@@ -90,20 +90,22 @@ def check_model(model: nn.Module, what: str, *, finite: bool = False) -> None:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    for kind, named in (("parameter", model.named_parameters()),
-                        ("buffer", model.named_buffers())):
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in named:
             if t.is_meta:
                 raise ValueError(
                     f"{what} needs the model's values, but {kind} {name!r} is on the meta device "
                     f"(a shape without data); materialize the model first: "
                     f"model.to_empty(device='cpu') (or 'cuda'), then load its weights with "
-                    f"model.load_state_dict(state_dict)")
+                    f"model.load_state_dict(state_dict)"
+                )
     if not finite:
         return
     for name, p in model.named_parameters():
         bad = count_non_finite(p)
         if bad:
-            raise ValueError(f"{what}: parameter {name!r} holds {bad} non-finite "
-                             f"value{'s' if bad > 1 else ''} (NaN or inf) of {p.numel()}; the "
-                             f"model's weights must be finite")
+            raise ValueError(
+                f"{what}: parameter {name!r} holds {bad} non-finite "
+                f"value{'s' if bad > 1 else ''} (NaN or inf) of {p.numel()}; the "
+                f"model's weights must be finite"
+            )

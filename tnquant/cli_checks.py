@@ -8,5 +8,9 @@ import warnings
 from tnquant.cli.checks import *  # noqa: F403
 from tnquant.cli.checks import __all__  # noqa: F401
 
-warnings.warn("tnquant.cli_checks is deprecated and will be removed in the next release; "
-              "import tnquant.cli.checks instead", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "tnquant.cli_checks is deprecated and will be removed in the next release; "
+    "import tnquant.cli.checks instead",
+    DeprecationWarning,
+    stacklevel=2,
+)

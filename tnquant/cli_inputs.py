@@ -11,5 +11,9 @@ from tnquant.cli.report import export_inputs as capture_inputs  # noqa: F401
 
 __all__ = [*_all, "capture_inputs"]
 
-warnings.warn("tnquant.cli_inputs is deprecated and will be removed in the next release; "
-              "import tnquant.cli.inputs instead", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "tnquant.cli_inputs is deprecated and will be removed in the next release; "
+    "import tnquant.cli.inputs instead",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -48,8 +48,11 @@ class ConvertReport(Report):
 
 def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers holding weight quantizers (their registry entries say so)."""
-    return [(name, cast(nn.Module, m)) for name, m in model.named_modules()
-            if (kind := lookup(m)) is not None and kind.holds_quantizers]
+    return [
+        (name, cast(nn.Module, m))
+        for name, m in model.named_modules()
+        if (kind := lookup(m)) is not None and kind.holds_quantizers
+    ]
 
 
 def _check_convertible(units: list[tuple[str, nn.Module]], dynamic_activations: bool) -> None:
@@ -68,30 +71,43 @@ def _check_convertible(units: list[tuple[str, nn.Module]], dynamic_activations: 
                 elif q.mode == "quantize" and q.dynamic and not dynamic_activations:
                     dynamic.append(join(name, qname))
     if observing:
-        raise ValueError(f"quantizers {observing} are still observing; finish calibration "
-                         f"(tnquant.calibrate, or freeze()) before convert()")
+        raise ValueError(
+            f"quantizers {observing} are still observing; finish calibration "
+            f"(tnquant.calibrate, or freeze()) before convert()"
+        )
     if dynamic:
-        raise ValueError(f"activation quantizers {dynamic} have no calibrated ranges (they would "
-                         f"compute scales from every input); run tnquant.calibrate(model, data) "
-                         f"first, or pass dynamic_activations=True to keep per-input ranges")
+        raise ValueError(
+            f"activation quantizers {dynamic} have no calibrated ranges (they would "
+            f"compute scales from every input); run tnquant.calibrate(model, data) "
+            f"first, or pass dynamic_activations=True to keep per-input ranges"
+        )
 
 
-def _freeze_weight(module: nn.Module, k: int, tname: str, t: Tensor, q: Quantizer,
-                   where: str) -> FrozenTensor:
+def _freeze_weight(
+    module: nn.Module, k: int, tname: str, t: Tensor, q: Quantizer, where: str
+) -> FrozenTensor:
     with torch.no_grad():
         ref = q(t)  # also initialises a learnable quantizer, as the fake forward would
         frozen = FrozenTensor.from_quantizer(q, t, name=where)
         stochastic = getattr(q.spec, "rounding", None) == "stochastic"
         if not stochastic and not torch.equal(frozen(), ref):
-            raise RuntimeError(f"the stored codes of {where} do not reproduce the fake-quant "
-                               f"values of {q.spec}; please report this")
+            raise RuntimeError(
+                f"the stored codes of {where} do not reproduce the fake-quant "
+                f"values of {q.spec}; please report this"
+            )
     placeholder = nn.Parameter(t.detach().new_empty(0), requires_grad=False)
     store_frozen(module, k, frozen, placeholder)
     return frozen
 
 
-def convert(model: nn.Module, *, inplace: bool = True, dynamic_activations: bool = False,
-            int8_kernels: bool = False, progress: bool = True) -> ConvertReport:
+def convert(
+    model: nn.Module,
+    *,
+    inplace: bool = True,
+    dynamic_activations: bool = False,
+    int8_kernels: bool = False,
+    progress: bool = True,
+) -> ConvertReport:
     """Freeze every fake-quant weight into integer storage (:class:`FrozenTensor`).
 
     Each weight quantizer in ``'quantize'`` mode is replaced by a
@@ -161,22 +177,34 @@ def convert(model: nn.Module, *, inplace: bool = True, dynamic_activations: bool
     report = ConvertReport("convert", columns=_COLUMNS)
     report.model = model
     for name, module in tqdm(units, desc="convert", disable=not progress):
-        pending = [(k, tname, t, q) for k, (tname, t, q) in enumerate(weight_pairs(module))
-                   if isinstance(q, Quantizer) and q.mode == "quantize"]
+        pending = [
+            (k, tname, t, q)
+            for k, (tname, t, q) in enumerate(weight_pairs(module))
+            if isinstance(q, Quantizer) and q.mode == "quantize"
+        ]
         if not pending:
             continue
         before = sum(tensor_bits(t) for _, _, t, _ in pending)
-        frozen = [(tname, _freeze_weight(module, k, tname, t, q, repr(join(name, tname))))
-                  for k, tname, t, q in pending]
-        report.add(name=name, kind=type(module).__name__,
-                   tensors=", ".join(f"{tname}={spec_summary(f.spec)}" for tname, f in frozen),
-                   bits_before=before, bits_after=sum(f.nbits() for _, f in frozen),
-                   note=None)
+        frozen = [
+            (tname, _freeze_weight(module, k, tname, t, q, repr(join(name, tname))))
+            for k, tname, t, q in pending
+        ]
+        report.add(
+            name=name,
+            kind=type(module).__name__,
+            tensors=", ".join(f"{tname}={spec_summary(f.spec)}" for tname, f in frozen),
+            bits_before=before,
+            bits_after=sum(f.nbits() for _, f in frozen),
+            note=None,
+        )
     if int8_kernels:
         from tnquant.int8_kernels import to_int8_kernels
 
-        fast = {row["name"] for row in to_int8_kernels(model, progress=progress).rows
-                if row["status"] == "int8 kernel"}
+        fast = {
+            row["name"]
+            for row in to_int8_kernels(model, progress=progress).rows
+            if row["status"] == "int8 kernel"
+        }
         for row in report.rows:
             if row["name"] in fast:
                 row["note"] = "int8 kernel"

@@ -88,8 +88,10 @@ def _skip_reason(module: nn.Module, spec: Any) -> str | None:
         return None
     if type(spec) not in kind.factorize:
         supported = sorted(s.__name__ for s in kind.factorize)
-        return (f"{type(spec).__name__} is not supported on {type(module).__name__} "
-                f"(supported: {', '.join(supported)})")
+        return (
+            f"{type(spec).__name__} is not supported on {type(module).__name__} "
+            f"(supported: {', '.join(supported)})"
+        )
     return refusal(module)
 
 
@@ -269,15 +271,23 @@ def factorize(
         grams = collect_grams(model, linears, data, num_batches, progress)
         unreached = {id(m) for m in linears if id(m) not in grams}
 
-    for module, spec, names in tqdm(list(targets.values()), desc="factorize",
-                                    disable=not progress):
-        report.add(**_factorize_one(model, module, spec, names, grams.get(id(module)),
-                                    id(module) in unreached))
+    for module, spec, names in tqdm(list(targets.values()), desc="factorize", disable=not progress):
+        report.add(
+            **_factorize_one(
+                model, module, spec, names, grams.get(id(module)), id(module) in unreached
+            )
+        )
     return report
 
 
-def _factorize_one(model: nn.Module, module: nn.Module, spec: Any, names: list[str],
-                   gram: torch.Tensor | None, unreached: bool) -> dict[str, Any]:
+def _factorize_one(
+    model: nn.Module,
+    module: nn.Module,
+    spec: Any,
+    names: list[str],
+    gram: torch.Tensor | None,
+    unreached: bool,
+) -> dict[str, Any]:
     """Replace ``module`` (at every one of ``names``) by its factorized layer; its report row."""
     layer_cls: Any = LAYER_TABLE[(type(module), type(spec))]
     kwargs = {} if gram is None else {"gram": gram}
@@ -294,7 +304,15 @@ def _factorize_one(model: nn.Module, module: nn.Module, spec: Any, names: list[s
     if len(names) > 1:
         shared = f"shared with {', '.join(names[1:])}"
         note = f"{note}; {shared}" if note else shared
-    return {"name": names[0], "kind": type(module).__name__, "format": type(spec).__name__,
-            "ranks": tuple(info.get("ranks", ())), "params_before": before,
-            "params_after": after, "ratio": after / before, "rel_error": info.get("rel_error"),
-            "out_rel_error": info.get("out_rel_error"), "note": note}
+    return {
+        "name": names[0],
+        "kind": type(module).__name__,
+        "format": type(spec).__name__,
+        "ranks": tuple(info.get("ranks", ())),
+        "params_before": before,
+        "params_after": after,
+        "ratio": after / before,
+        "rel_error": info.get("rel_error"),
+        "out_rel_error": info.get("out_rel_error"),
+        "note": note,
+    }

@@ -82,12 +82,16 @@ def _why_not(module: QuantLinear) -> str | None:
     if not isinstance(spec, QuantSpec) or spec.dtype is not None:
         return f"weight spec {type(spec).__name__} is not an integer QuantSpec"
     if spec.bits > 8 or not spec.symmetric:
-        return f"needs symmetric codes of <= 8 bits, got bits={spec.bits}, " \
-               f"symmetric={spec.symmetric}"
-    if spec.granularity not in ("tensor", "channel") or (spec.granularity == "channel"
-                                                         and spec.axis != 0):
-        return f"needs per-tensor or per-output-channel scales, got {spec.granularity!r} " \
-               f"axis {spec.axis}"
+        return (
+            f"needs symmetric codes of <= 8 bits, got bits={spec.bits}, symmetric={spec.symmetric}"
+        )
+    if spec.granularity not in ("tensor", "channel") or (
+        spec.granularity == "channel" and spec.axis != 0
+    ):
+        return (
+            f"needs per-tensor or per-output-channel scales, got {spec.granularity!r} "
+            f"axis {spec.axis}"
+        )
     if isinstance(q, Quantizer) and q.mode != "quantize":
         return f"weight quantizer in mode {q.mode!r} (calibrate first)"
     if module.act_quantizers is not None and len(module.act_quantizers):
@@ -114,8 +118,9 @@ def _dynamic_linear(module: QuantLinear) -> nn.Module:
     with warnings.catch_warnings():  # torch marks its quantized tensors deprecated (-> torchao)
         warnings.simplefilter("ignore", UserWarning)
         qweight = torch._make_per_channel_quantized_tensor(codes, scale, zero, 0)
-        dyn = DynamicLinear(module.in_features, out_features, bias_=module.bias is not None,
-                            dtype=torch.qint8)
+        dyn = DynamicLinear(
+            module.in_features, out_features, bias_=module.bias is not None, dtype=torch.qint8
+        )
         bias = None if module.bias is None else module.bias.detach().float().cpu()
         dyn.set_weight_bias(qweight, bias)
     return dyn
@@ -158,11 +163,12 @@ def to_int8_kernels(model: nn.Module, *, progress: bool = True) -> Report:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not int8_kernels_available():
-        raise RuntimeError("this torch build has no quantized engine (fbgemm/x86/qnnpack): "
-                           "int8 kernels are unavailable; keep the exact converted model")
+        raise RuntimeError(
+            "this torch build has no quantized engine (fbgemm/x86/qnnpack): "
+            "int8 kernels are unavailable; keep the exact converted model"
+        )
     report = Report("int8 kernels", columns=("name", "status", "reason"))
-    targets = [(n, cast(QuantLinear, m)) for n, m in model.named_modules()
-               if _quantized_linear(m)]
+    targets = [(n, cast(QuantLinear, m)) for n, m in model.named_modules() if _quantized_linear(m)]
     for name, module in tqdm(targets, desc="int8 kernels", disable=not progress):
         reason = _why_not(module) if name else "the model itself cannot be replaced; wrap it"
         if reason is None and any(p.device.type != "cpu" for p in module.parameters()):
@@ -173,4 +179,3 @@ def to_int8_kernels(model: nn.Module, *, progress: bool = True) -> Report:
         replace_module(model, name, _dynamic_linear(module))
         report.add(name=name, status="int8 kernel", reason="")
     return report
-

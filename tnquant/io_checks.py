@@ -22,5 +22,8 @@ from tnquant.io.checks import (  # noqa: F401
 )
 from tnquant.io.files import dtype_name  # noqa: F401
 
-warnings.warn("tnquant.io_checks is deprecated; import from tnquant.io.checks instead",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "tnquant.io_checks is deprecated; import from tnquant.io.checks instead",
+    DeprecationWarning,
+    stacklevel=2,
+)

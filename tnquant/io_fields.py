@@ -46,8 +46,14 @@ from tnquant.registry.fields import factorized_fields as _factorized_fields
 from tnquant.specs import CP, TT, LowRank, Tucker
 
 #: class name -> the spec types it takes (the registry reads each class's ``spec_type``)
-FACTORIZATION_SPECS = {"LowRankLinear": (LowRank,), "TTLinear": (TT,), "TuckerLinear": (Tucker,),
-                       "TuckerConv2d": (Tucker,), "CPConv2d": (CP,), "TTEmbedding": (TT,)}
+FACTORIZATION_SPECS = {
+    "LowRankLinear": (LowRank,),
+    "TTLinear": (TT,),
+    "TuckerLinear": (Tucker,),
+    "TuckerConv2d": (Tucker,),
+    "CPConv2d": (CP,),
+    "TTEmbedding": (TT,),
+}
 
 
 def factorized_fields(cls_name: str, sizes: Mapping[str, Field]) -> dict[str, Field]:
@@ -55,10 +61,29 @@ def factorized_fields(cls_name: str, sizes: Mapping[str, Field]) -> dict[str, Fi
     return _factorized_fields(FACTORIZATION_SPECS[cls_name][0], sizes)
 
 
-__all__ = ["IntegrityError", "Field", "check_config", "parse_spec", "spec_field",
-           "factorized_fields", "check_modules", "check_entry", "check_node", "check_tied",
-           "check_tied_kinds", "check_tied_values", "MAX_DIM", "MAX_NDIM", "MAX_CORES", "SIZE",
-           "BOOL"]
+__all__ = [
+    "IntegrityError",
+    "Field",
+    "check_config",
+    "parse_spec",
+    "spec_field",
+    "factorized_fields",
+    "check_modules",
+    "check_entry",
+    "check_node",
+    "check_tied",
+    "check_tied_kinds",
+    "check_tied_values",
+    "MAX_DIM",
+    "MAX_NDIM",
+    "MAX_CORES",
+    "SIZE",
+    "BOOL",
+]
 
-warnings.warn("tnquant.io_fields is deprecated; import from tnquant.io.fields (checks) or "
-              "tnquant.registry.fields (schemas) instead", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "tnquant.io_fields is deprecated; import from tnquant.io.fields (checks) or "
+    "tnquant.registry.fields (schemas) instead",
+    DeprecationWarning,
+    stacklevel=2,
+)

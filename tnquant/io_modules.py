@@ -16,5 +16,8 @@ from tnquant.io.nodes import (  # noqa: F401
     describe_node,
 )
 
-warnings.warn("tnquant.io_modules is deprecated; import from tnquant.io.nodes or "
-              "tnquant.registry instead", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "tnquant.io_modules is deprecated; import from tnquant.io.nodes or tnquant.registry instead",
+    DeprecationWarning,
+    stacklevel=2,
+)

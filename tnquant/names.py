@@ -10,5 +10,8 @@ from tnquant.core.globs import selected
 
 __all__ = ["selected"]
 
-warnings.warn("tnquant.names is deprecated; import selected from tnquant.core.globs instead",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "tnquant.names is deprecated; import selected from tnquant.core.globs instead",
+    DeprecationWarning,
+    stacklevel=2,
+)

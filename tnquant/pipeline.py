@@ -68,8 +68,17 @@ from tnquant.qat import finetune
 from tnquant.qat.config import FinetuneConfig
 from tnquant.quantization import convert, quantize
 
-__all__ = ["Recipe", "FactorizeSection", "QuantizeSection", "CalibrateSection",
-           "FinetuneSection", "Stage", "STAGES", "PipelineResult", "run_pipeline"]
+__all__ = [
+    "Recipe",
+    "FactorizeSection",
+    "QuantizeSection",
+    "CalibrateSection",
+    "FinetuneSection",
+    "Stage",
+    "STAGES",
+    "PipelineResult",
+    "run_pipeline",
+]
 
 #: ``((glob or core index, spec or None), ...)`` in order: the first match wins.
 Pairs = tuple[tuple[Any, Any], ...]
@@ -83,8 +92,9 @@ def _pairs(value: Any, what: str) -> Pairs | None:
     try:
         pairs = tuple((key, spec) for key, spec in items)
     except (TypeError, ValueError):
-        raise TypeError(f"{what} must be a mapping of globs to specs (or pairs), got "
-                        f"{type(value).__name__}") from None
+        raise TypeError(
+            f"{what} must be a mapping of globs to specs (or pairs), got {type(value).__name__}"
+        ) from None
     return pairs
 
 
@@ -174,8 +184,12 @@ class FinetuneSection(FinetuneConfig):
         return FinetuneConfig(**{**values, **overrides})
 
 
-_SECTIONS = {"factorize": FactorizeSection, "quantize": QuantizeSection,
-             "calibrate": CalibrateSection, "finetune": FinetuneSection}
+_SECTIONS = {
+    "factorize": FactorizeSection,
+    "quantize": QuantizeSection,
+    "calibrate": CalibrateSection,
+    "finetune": FinetuneSection,
+}
 
 
 @dataclass(frozen=True)
@@ -195,9 +209,11 @@ class Recipe:
         for name, cls in _SECTIONS.items():
             value = getattr(self, name)
             if value is not None and not isinstance(value, cls):
-                raise TypeError(f"Recipe.{name} must be a {cls.__name__}"
-                                f"{'' if name == 'calibrate' else ' or None'}, got "
-                                f"{type(value).__name__}")
+                raise TypeError(
+                    f"Recipe.{name} must be a {cls.__name__}"
+                    f"{'' if name == 'calibrate' else ' or None'}, got "
+                    f"{type(value).__name__}"
+                )
 
 
 # --------------------------------------------------------------------------- #
@@ -219,8 +235,13 @@ class _Run:
 
 
 def _factorize(run: _Run, section: FactorizeSection) -> Any:
-    return factorize(run.model, section.mapping(), data=run.calib if section.data_aware else None,
-                     num_batches=section.num_batches, progress=run.progress)
+    return factorize(
+        run.model,
+        section.mapping(),
+        data=run.calib if section.data_aware else None,
+        num_batches=section.num_batches,
+        progress=run.progress,
+    )
 
 
 def _quantize(run: _Run, section: QuantizeSection) -> Any:
@@ -228,8 +249,13 @@ def _quantize(run: _Run, section: QuantizeSection) -> Any:
 
 
 def _calibrate(run: _Run, section: CalibrateSection) -> Any:
-    return calibrate(run.model, run.calib, section.num_batches,
-                     bias_correction=section.bias_correction, progress=run.progress)
+    return calibrate(
+        run.model,
+        run.calib,
+        section.num_batches,
+        bias_correction=section.bias_correction,
+        progress=run.progress,
+    )
 
 
 def _finetune(run: _Run, section: FinetuneSection) -> Any:
@@ -237,8 +263,9 @@ def _finetune(run: _Run, section: FinetuneSection) -> Any:
     if section.task_loss is not None:
         data = list(zip(run.calib, run.labels, strict=True))
     teacher = run.teacher if section.distill else None
-    return finetune(run.model, data, teacher,
-                    config=section.config(seed=run.seed, progress=run.progress))
+    return finetune(
+        run.model, data, teacher, config=section.config(seed=run.seed, progress=run.progress)
+    )
 
 
 def _convert(run: _Run, section: QuantizeSection) -> Any:
@@ -269,8 +296,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("quantize", lambda r: r.quantize, _quantize),
     Stage("calibrate", lambda r: _quantized(r, r.calibrate), _calibrate),
     Stage("finetune", lambda r: r.finetune, _finetune),
-    Stage("convert", lambda r: r.quantize if r.quantize and r.quantize.convert else None,
-          _convert),
+    Stage("convert", lambda r: r.quantize if r.quantize and r.quantize.convert else None, _convert),
 )
 
 
@@ -295,15 +321,24 @@ def _check(model: Any, recipe: Any, labels: Any) -> None:
         raise ValueError("the recipe has neither factorize nor quantize: nothing to do")
     ft = recipe.finetune
     if ft is not None and ft.task_loss is not None and labels is None:
-        raise ValueError("the recipe's finetune task_loss needs labels= (one label batch per "
-                         "calibration batch)")
+        raise ValueError(
+            "the recipe's finetune task_loss needs labels= (one label batch per calibration batch)"
+        )
     if ft is not None and not ft.distill and ft.task_loss is None:
         raise ValueError("the recipe's finetune needs distill=True or a task_loss")
 
 
-def run_pipeline(model: nn.Module, recipe: Recipe, calib: Any, *, labels: Any = None,
-                 teacher: nn.Module | None = None, seed: int = 0, progress: bool = True,
-                 after: AfterStage | None = None) -> PipelineResult:
+def run_pipeline(
+    model: nn.Module,
+    recipe: Recipe,
+    calib: Any,
+    *,
+    labels: Any = None,
+    teacher: nn.Module | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    after: AfterStage | None = None,
+) -> PipelineResult:
     """Run the road on a copy of ``model``; the input model is not changed.
 
     Parameters
@@ -346,8 +381,15 @@ def run_pipeline(model: nn.Module, recipe: Recipe, calib: Any, *, labels: Any = 
     ['quantize', 'calibrate', 'convert']
     """
     _check(model, recipe, labels)
-    run = _Run(copy.deepcopy(model), recipe, calib, labels,
-               model if teacher is None else teacher, seed, progress)
+    run = _Run(
+        copy.deepcopy(model),
+        recipe,
+        calib,
+        labels,
+        model if teacher is None else teacher,
+        seed,
+        progress,
+    )
     result = PipelineResult(run.model)
     for stage in STAGES:
         section = stage.section(recipe)

@@ -82,12 +82,19 @@ from tnquant.report import Report
 from tnquant.sizes import SizeCounter, model_size_bits, size_report
 from tnquant.specs import Binary, FixedPoint, QuantSpec, Ternary
 
-__all__ = ["quantize", "convert", "model_size_bits", "size_report", "spec_summary",
-           "ConvertReport"]
+__all__ = ["quantize", "convert", "model_size_bits", "size_report", "spec_summary", "ConvertReport"]
 
 _SPECS = (QuantSpec, Binary, Ternary, FixedPoint)
-_Q_COLUMNS = ("name", "kind", "weights", "activations", "params", "bits_before", "bits_after",
-              "note")
+_Q_COLUMNS = (
+    "name",
+    "kind",
+    "weights",
+    "activations",
+    "params",
+    "bits_before",
+    "bits_after",
+    "note",
+)
 
 
 # --------------------------------------------------------------------------- #
@@ -97,8 +104,10 @@ _Q_COLUMNS = ("name", "kind", "weights", "activations", "params", "bits_before",
 
 def _check_value(spec: Any, where: str) -> None:
     if spec is not None and not isinstance(spec, _SPECS):
-        raise TypeError(f"{where} must be a QuantSpec, Binary, Ternary or FixedPoint spec (or "
-                        f"None), got {type(spec).__name__}")
+        raise TypeError(
+            f"{where} must be a QuantSpec, Binary, Ternary or FixedPoint spec (or "
+            f"None), got {type(spec).__name__}"
+        )
 
 
 def _table(arg: Any, what: str, int_keys: bool = False) -> GlobTable:
@@ -106,8 +115,10 @@ def _table(arg: Any, what: str, int_keys: bool = False) -> GlobTable:
     if isinstance(arg, _SPECS):
         arg = {"*": arg}
     elif arg is not None and not isinstance(arg, Mapping):
-        raise TypeError(f"{what} must be a QuantSpec, Binary, Ternary or FixedPoint spec, or "
-                        f"a mapping of patterns to them, got {type(arg).__name__}")
+        raise TypeError(
+            f"{what} must be a QuantSpec, Binary, Ternary or FixedPoint spec, or "
+            f"a mapping of patterns to them, got {type(arg).__name__}"
+        )
     return GlobTable(arg, what, check_value=_check_value, int_keys=int_keys)
 
 
@@ -123,18 +134,22 @@ def _check_weight_spec(spec: Any, shape: tuple[int, ...], where: str) -> None:
     try:
         block_size(shape, spec.granularity, spec.axis)
     except ValueError as err:
-        raise ValueError(f"{spec_summary(spec)} cannot quantize {where} of shape {shape}: "
-                         f"{err}") from None
+        raise ValueError(
+            f"{spec_summary(spec)} cannot quantize {where} of shape {shape}: {err}"
+        ) from None
 
 
 def _check_act_spec(spec: Any, where: str) -> None:
     gran = getattr(spec, "granularity", "tensor")
     if gran != "tensor":
-        raise ValueError(f"activation quantizers are per tensor (an activation's shape changes "
-                         f"with the batch); {where} got granularity {gran!r}")
+        raise ValueError(
+            f"activation quantizers are per tensor (an activation's shape changes "
+            f"with the batch); {where} got granularity {gran!r}"
+        )
     if isinstance(spec, Ternary) and spec.method == "ttq":
-        raise ValueError(f"Ternary(method='ttq') learns weight scales; use Ternary() for "
-                         f"activation {where}")
+        raise ValueError(
+            f"Ternary(method='ttq') learns weight scales; use Ternary() for activation {where}"
+        )
 
 
 def _shape(t: Tensor, q: nn.Module | None) -> tuple[int, ...]:
@@ -146,8 +161,9 @@ def _shape(t: Tensor, q: nn.Module | None) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- #
 
 
-def _targets(model: nn.Module, include: Iterable[str] | None, exclude: Iterable[str] | None,
-             report: Report) -> list[tuple[nn.Module, list[str]]]:
+def _targets(
+    model: nn.Module, include: Iterable[str] | None, exclude: Iterable[str] | None, report: Report
+) -> list[tuple[nn.Module, list[str]]]:
     found: dict[int, tuple[nn.Module, list[str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) in found:
@@ -158,19 +174,27 @@ def _targets(model: nn.Module, include: Iterable[str] | None, exclude: Iterable[
         kind = _kind(module)
         if kind is None:
             if isinstance(module, dense_classes()):
-                report.skip(name, type(module).__name__, "a subclass of a dense layer (its "
-                            "weight may be used outside forward, as in nn.MultiheadAttention)")
+                report.skip(
+                    name,
+                    type(module).__name__,
+                    "a subclass of a dense layer (its "
+                    "weight may be used outside forward, as in nn.MultiheadAttention)",
+                )
             continue
         if kind.role == "dense" and not name:
-            report.skip(name, type(module).__name__, "the model itself cannot be replaced; wrap "
-                        "it, e.g. in nn.Sequential")
+            report.skip(
+                name,
+                type(module).__name__,
+                "the model itself cannot be replaced; wrap it, e.g. in nn.Sequential",
+            )
             continue
         found[id(module)] = (module, [name])
     return list(found.values())
 
 
-def _plan_layer(module: nn.Module, name: str, pats: tuple[GlobTable, GlobTable, GlobTable]
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
+def _plan_layer(
+    module: nn.Module, name: str, pats: tuple[GlobTable, GlobTable, GlobTable]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Which weight tensors and activation sites this call changes, and to what."""
     weights, cores, acts = pats
     wchanges: dict[str, Any] = {}
@@ -186,8 +210,10 @@ def _plan_layer(module: nn.Module, name: str, pats: tuple[GlobTable, GlobTable, 
             continue
         where = f"{join(name, tname)!r}"
         if isinstance(q, FrozenTensor):
-            raise ValueError(f"{where} is converted (integer storage, its float values are "
-                             f"gone); quantize the float model instead")
+            raise ValueError(
+                f"{where} is converted (integer storage, its float values are "
+                f"gone); quantize the float model instead"
+            )
         if spec is not None:
             _check_weight_spec(spec, _shape(t, q), where)
         wchanges[tname] = spec
@@ -216,10 +242,10 @@ def _apply(module: nn.Module, wchanges: dict[str, Any], achanges: dict[str, Any]
                 spec = wchanges[tname]
                 qs[k] = nn.Identity() if spec is None else _new_quantizer(spec, t)
         keep = any(not isinstance(q, nn.Identity) for q in qs)
-        module.core_quantizers = nn.ModuleList(qs) if keep else None
+        module.core_quantizers = cast(Any, nn.ModuleList(qs) if keep else None)
     elif "weight" in wchanges:
         spec = wchanges["weight"]
-        module.weight_quantizer = None if spec is None else _new_quantizer(spec, ref)
+        module.weight_quantizer = cast(Any, None if spec is None else _new_quantizer(spec, ref))
     if achanges:
         current = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
         acts: dict[str, nn.Module] = dict(current.items()) if current is not None else {}
@@ -229,7 +255,7 @@ def _apply(module: nn.Module, wchanges: dict[str, Any], achanges: dict[str, Any]
                 acts[site] = _new_quantizer(spec, ref)
         order = activation_sites(module)
         ordered = {s: acts[s] for s in order if s in acts}
-        module.act_quantizers = nn.ModuleDict(ordered) if ordered else None
+        module.act_quantizers = cast(Any, nn.ModuleDict(ordered) if ordered else None)
 
 
 def _summaries(module: nn.Module) -> tuple[str, str]:
@@ -240,8 +266,10 @@ def _summaries(module: nn.Module) -> tuple[str, str]:
     else:
         weights = ", ".join(f"{tname}={spec_summary(s)}" for tname, s in specs)
     acts = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
-    act_text = ", ".join(f"{site}={spec_summary(getattr(q, 'spec', None))}"
-                         for site, q in (acts.items() if acts is not None else ()))
+    act_text = ", ".join(
+        f"{site}={spec_summary(getattr(q, 'spec', None))}"
+        for site, q in (acts.items() if acts is not None else ())
+    )
     return weights, act_text
 
 
@@ -251,9 +279,16 @@ def _params(module: nn.Module) -> int:
     return n + (bias.numel() if bias is not None else 0)
 
 
-def quantize(model: nn.Module, weights: Any = None, activations: Any = None, cores: Any = None,
-             *, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
-             progress: bool = True) -> Report:
+def quantize(
+    model: nn.Module,
+    weights: Any = None,
+    activations: Any = None,
+    cores: Any = None,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    progress: bool = True,
+) -> Report:
     """Attach a quantizer to every weight tensor, core and activation that a pattern names.
 
     Changes ``model`` in place. Exact ``nn.Linear``/``nn.Conv2d``/``nn.Embedding``
@@ -329,8 +364,11 @@ def quantize(model: nn.Module, weights: Any = None, activations: Any = None, cor
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    pats = (_table(weights, "weights"), _table(cores, "cores", int_keys=True),
-            _table(activations, "activations"))
+    pats = (
+        _table(weights, "weights"),
+        _table(cores, "cores", int_keys=True),
+        _table(activations, "activations"),
+    )
     if not any(p.given for p in pats):
         raise ValueError("quantize() needs at least one of weights=, activations=, cores=")
     report = Report("quantize", columns=_Q_COLUMNS)
@@ -358,7 +396,14 @@ def quantize(model: nn.Module, weights: Any = None, activations: Any = None, cor
         if len(names) > 1:
             notes.append(f"shared with {', '.join(names[1:])}")
         weight_text, act_text = _summaries(module)
-        report.add(name=names[0], kind=kind, weights=weight_text, activations=act_text,
-                   params=_params(module), bits_before=before,
-                   bits_after=sum(SizeCounter().subtree(module)), note="; ".join(notes) or None)
+        report.add(
+            name=names[0],
+            kind=kind,
+            weights=weight_text,
+            activations=act_text,
+            params=_params(module),
+            bits_before=before,
+            bits_after=sum(SizeCounter().subtree(module)),
+            note="; ".join(notes) or None,
+        )
     return report

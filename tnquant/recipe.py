@@ -8,5 +8,9 @@ import warnings
 from tnquant.cli.recipe import *  # noqa: F403
 from tnquant.cli.recipe import __all__  # noqa: F401
 
-warnings.warn("tnquant.recipe is deprecated and will be removed in the next release; "
-              "import tnquant.cli.recipe instead", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "tnquant.recipe is deprecated and will be removed in the next release; "
+    "import tnquant.cli.recipe instead",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -63,10 +63,7 @@ class Report:
     """
 
     def __init__(
-        self,
-        stage: str,
-        columns: Iterable[str] = (),
-        rows: Iterable[dict[str, Any]] = (),
+        self, stage: str, columns: Iterable[str] = (), rows: Iterable[dict[str, Any]] = ()
     ) -> None:
         self.stage = stage
         self.columns = tuple(columns)

@@ -100,8 +100,10 @@ class SizeCounter:
             self._frozen(module, out)
             return
         if isinstance(module, Quantizer):
-            for name, t in [*module.named_parameters(recurse=False),
-                            *module.named_buffers(recurse=False)]:
+            for name, t in [
+                *module.named_parameters(recurse=False),
+                *module.named_buffers(recurse=False),
+            ]:
                 if name in _QPARAM_NAMES and id(t) not in self.tensors:
                     self.tensors.add(id(t))
                     out[1] += tensor_bits(t)
@@ -150,7 +152,8 @@ def _unit(module: nn.Module) -> bool:
     """A layer holding quantizers, or a quantizer part: one row with everything under it."""
     kind = lookup(module)
     return isinstance(module, (Quantizer, FrozenTensor)) or (
-        kind is not None and kind.holds_quantizers)
+        kind is not None and kind.holds_quantizers
+    )
 
 
 def size_report(model: nn.Module) -> Report:
@@ -186,6 +189,13 @@ def size_report(model: nn.Module) -> Report:
             children = [(join(name, n), c) for n, c in m.named_children()]
             stack.extend(reversed(children))
         if sum(out) or unit:
-            report.add(name=name, kind=type(m).__name__, state=quant_state(m), codes_bits=out[0],
-                       qparams_bits=out[1], other_bits=out[2], size_bits=sum(out))
+            report.add(
+                name=name,
+                kind=type(m).__name__,
+                state=quant_state(m),
+                codes_bits=out[0],
+                qparams_bits=out[1],
+                other_bits=out[2],
+                size_bits=sum(out),
+            )
     return report

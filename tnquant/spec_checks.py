@@ -18,5 +18,8 @@ from tnquant.specs.checks import (  # noqa: F401
     describe,
 )
 
-warnings.warn("tnquant.spec_checks is deprecated; import from tnquant.specs.checks instead",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "tnquant.spec_checks is deprecated; import from tnquant.specs.checks instead",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -63,7 +63,8 @@ def test_glob_table_first_match_wins_and_reports_misses() -> None:
     report = Report("factorize", ("name",))
     table.check(report)
     assert [(s["name"], s["reason"]) for s in report.skipped] == [
-        ("factorize['typo']", "matched nothing")]
+        ("factorize['typo']", "matched nothing")
+    ]
 
 
 def test_glob_table_refuses_shadowed_pattern() -> None:
@@ -121,13 +122,16 @@ def test_capture_inputs_and_outputs() -> None:
     assert all(torch.equal(a, b.detach()) for a, b in zip(outs["head"], ref, strict=True))
 
 
-@pytest.mark.parametrize("out, want", [
-    (torch.ones(1), 1.0),
-    ((torch.full((1,), 2.0), torch.zeros(1)), 2.0),
-    ({"loss": torch.zeros(()), "logits": torch.full((1,), 3.0)}, 3.0),
-    ({"last_hidden_state": torch.full((1,), 4.0), "pooler_output": torch.zeros(1)}, 4.0),
-    ({"hidden": torch.full((1,), 5.0)}, 5.0),
-])
+@pytest.mark.parametrize(
+    "out, want",
+    [
+        (torch.ones(1), 1.0),
+        ((torch.full((1,), 2.0), torch.zeros(1)), 2.0),
+        ({"loss": torch.zeros(()), "logits": torch.full((1,), 3.0)}, 3.0),
+        ({"last_hidden_state": torch.full((1,), 4.0), "pooler_output": torch.zeros(1)}, 4.0),
+        ({"hidden": torch.full((1,), 5.0)}, 5.0),
+    ],
+)
 def test_model_output_rule(out: object, want: float) -> None:
     assert model_output(out).flatten()[0].item() == want
 

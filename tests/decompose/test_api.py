@@ -70,8 +70,10 @@ def test_in_shape_too_small():
         (lambda: decompose_embedding(torch.randn(9, 4), CP(rank=2)), "Embedding weight, got CP"),
         (lambda: decompose_embedding(torch.randn(9, 4), Tucker(rank=2)), "Embedding weight"),
         (lambda: decompose_linear(np.ones((4, 4)), LowRank(rank=2)), "torch.Tensor, got ndarray"),
-        (lambda: decompose_linear(torch.ones(4, 4, dtype=torch.int64), LowRank(rank=2)),
-         "floating-point tensor, got dtype torch.int64"),
+        (
+            lambda: decompose_linear(torch.ones(4, 4, dtype=torch.int64), LowRank(rank=2)),
+            "floating-point tensor, got dtype torch.int64",
+        ),
     ],
 )
 def test_wrong_types(call, message):

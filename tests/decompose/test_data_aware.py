@@ -99,7 +99,8 @@ def test_tt_als_improves_on_tt_svd():
 
 
 @pytest.mark.parametrize(
-    "spec", [LowRank(tol=0.2), Tucker(tol=0.2), TT(tol=0.2, order=2)],
+    "spec",
+    [LowRank(tol=0.2), Tucker(tol=0.2), TT(tol=0.2, order=2)],
     ids=lambda s: type(s).__name__,
 )
 def test_tol_with_gram_bounds_the_output_error(spec):

@@ -82,6 +82,7 @@ def test_proportional_ranks():
     ranks = proportional_ranks_for_ratio(sizes, caps, count, target)
     assert abs(count(ranks) - target) / target < 0.1
     assert ranks[0] > ranks[1]  # proportional to the mode sizes
+
     # brute force over the scale: nothing is closer
     def at(a):
         return tuple(min(c, max(1, round(a * n))) for n, c in zip(sizes, caps, strict=True))
@@ -91,10 +92,7 @@ def test_proportional_ranks():
 
 
 @settings(max_examples=50, deadline=None)
-@given(
-    s=st.lists(st.floats(0, 10), min_size=1, max_size=12),
-    delta=st.floats(0, 20),
-)
+@given(s=st.lists(st.floats(0, 10), min_size=1, max_size=12), delta=st.floats(0, 20))
 def test_energy_rank_matches_brute_force(s, delta):
     s = sorted(s, reverse=True)
     r = energy_rank(torch.tensor(s, dtype=torch.float64), delta)

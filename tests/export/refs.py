@@ -63,9 +63,16 @@ def value(m: int, spec: FixedPoint) -> Fraction:
     return Fraction(int(m)) / (Fraction(2) ** spec.frac)
 
 
-def ref_dense(x: list[int], w: list[list[int]], bias: list[int] | None, in_t: FixedPoint,
-              w_t: FixedPoint, bias_t: FixedPoint | None, accum: FixedPoint,
-              result: FixedPoint) -> list[int]:
+def ref_dense(
+    x: list[int],
+    w: list[list[int]],
+    bias: list[int] | None,
+    in_t: FixedPoint,
+    w_t: FixedPoint,
+    bias_t: FixedPoint | None,
+    accum: FixedPoint,
+    result: FixedPoint,
+) -> list[int]:
     """hls4ml dense_latency, element by element, in exact rationals."""
     out = []
     for o, row in enumerate(w):
@@ -77,9 +84,16 @@ def ref_dense(x: list[int], w: list[list[int]], bias: list[int] | None, in_t: Fi
     return out
 
 
-def ref_dense_counted(x: list[int], w: list[list[int]], bias: list[int], in_t: FixedPoint,
-                      w_t: FixedPoint, bias_t: FixedPoint, accum: FixedPoint,
-                      result: FixedPoint) -> tuple[list[int], int, int]:
+def ref_dense_counted(
+    x: list[int],
+    w: list[list[int]],
+    bias: list[int],
+    in_t: FixedPoint,
+    w_t: FixedPoint,
+    bias_t: FixedPoint,
+    accum: FixedPoint,
+    result: FixedPoint,
+) -> tuple[list[int], int, int]:
     """:func:`ref_dense` plus (accumulator casts, of which overflowed): bias, products, sums."""
     out, casts, over = [], 0, 0
     for o, row in enumerate(w):

@@ -32,20 +32,32 @@ def _tt_model() -> nn.Module:
     torch.manual_seed(7)
     cores = [torch.randn(1, 3, 2, 2), torch.randn(2, 2, 3, 3), torch.randn(3, 2, 2, 1)]
     model = nn.Sequential(TTLinear(cores, in_features=10, out_features=11, bias=torch.randn(11)))
-    quantize(model, cores={0: FixedPoint(7, 2), 1: QuantSpec(6, scale="pow2"),
-                           2: QuantSpec(5, scale="pow2", granularity="channel", axis=1)},
-             progress=False)
+    quantize(
+        model,
+        cores={
+            0: FixedPoint(7, 2),
+            1: QuantSpec(6, scale="pow2"),
+            2: QuantSpec(5, scale="pow2", granularity="channel", axis=1),
+        },
+        progress=False,
+    )
     return model
 
 
 def test_files_manifest_and_reload(tmp_path: Path) -> None:
-    model = nn.Sequential(LowRankLinear([torch.randn(5, 2), torch.randn(2, 6)]), nn.ReLU(),
-                          nn.Linear(5, 3))
+    model = nn.Sequential(
+        LowRankLinear([torch.randn(5, 2), torch.randn(2, 6)]), nn.ReLU(), nn.Linear(5, 3)
+    )
     quantize(model, weights=QuantSpec(6, scale="pow2"), progress=False)
     em = fixed_point(model, tmp_path, FixedPoint(9, 3), hls4ml=False)
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"cores.npz", "manifest.json", "tnquant_weights.h", "tnquant_weights_int.h",
-            "tt_linear.h"} <= names
+    assert {
+        "cores.npz",
+        "manifest.json",
+        "tnquant_weights.h",
+        "tnquant_weights_int.h",
+        "tt_linear.h",
+    } <= names
     man = json.loads((tmp_path / "manifest.json").read_text())
     assert [op["name"] for op in man["ops"]] == ["0.0", "0.1", "1", "2"]
     assert man["ops"][0]["weight_shapes"] == [[2, 6]] and man["input_type"] == "ap_fixed<9,3>"
@@ -70,13 +82,20 @@ def test_tampered_cores_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None or _ap_types() is None,
-                    reason="needs g++ and the ap_types headers shipped with hls4ml")
+@pytest.mark.skipif(
+    shutil.which("g++") is None or _ap_types() is None,
+    reason="needs g++ and the ap_types headers shipped with hls4ml",
+)
 def test_tt_kernel_compiled_is_bit_exact(tmp_path: Path) -> None:
     model = _tt_model()
     narrow = FixedPoint(11, 4, rounding="RND", overflow="SAT")
-    em = fixed_point(model, tmp_path, FixedPoint(8, 3, rounding="RND_CONV", overflow="SAT"),
-                     accum={"0.1": narrow}, result={"0.0": FixedPoint(10, 4, overflow="SAT")})
+    em = fixed_point(
+        model,
+        tmp_path,
+        FixedPoint(8, 3, rounding="RND_CONV", overflow="SAT"),
+        accum={"0.1": narrow},
+        result={"0.0": FixedPoint(10, 4, overflow="SAT")},
+    )
     assert "tnquant_tt_layers.h" in {p.name for p in tmp_path.iterdir()}
     fn = c_name("0")
     main = tmp_path / "main.cpp"
@@ -96,8 +115,20 @@ int main() {{
 }}
 """)
     exe = tmp_path / "tt"
-    subprocess.run(["g++", "-O1", "-std=c++14", f"-I{_ap_types()}", f"-I{tmp_path}",
-                    str(main), "-o", str(exe)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "g++",
+            "-O1",
+            "-std=c++14",
+            f"-I{_ap_types()}",
+            f"-I{tmp_path}",
+            str(main),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+        capture_output=True,
+    )
     x = np.random.default_rng(2).normal(size=(200, 10)) * 3
     text = "\n".join(" ".join(repr(float(v)) for v in row) for row in x)
     out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True)
@@ -121,8 +152,16 @@ def test_export_removes_the_files_of_an_earlier_model(tmp_path: Path) -> None:
     fixed_point(dense, tmp_path, FixedPoint(8, 3), hls4ml=False)
     names = {p.name for p in tmp_path.iterdir()}
     assert not names & {"hls4ml_config.json", "tnquant_tt_layers.h"}
-    assert names == {"notes.txt", "cores.npz", "manifest.json", "report.json", "report.md",
-                     "tnquant_weights.h", "tnquant_weights_int.h", "tt_linear.h"}
+    assert names == {
+        "notes.txt",
+        "cores.npz",
+        "manifest.json",
+        "report.json",
+        "report.md",
+        "tnquant_weights.h",
+        "tnquant_weights_int.h",
+        "tt_linear.h",
+    }
 
 
 def test_export_replaces_links_instead_of_writing_through_them(tmp_path: Path) -> None:
@@ -142,8 +181,19 @@ def test_save_refuses_unknown_extra_keys_and_inconsistent_ops(tmp_path: Path) ->
     relu = Op("r", "relu", "r", 2, 2, t, t)
     with pytest.raises(ValueError, match="extra keys must be among .* got 'note'"):
         IntegerModel([relu]).save(tmp_path, {"note": 1})
-    dense = Op("d", "dense", "d", 2, 1, t, t, weights=[np.array([[1, 2]])], weight_types=[t],
-               accum_types=[t], step_types=[FixedPoint(5, 2)])
+    dense = Op(
+        "d",
+        "dense",
+        "d",
+        2,
+        1,
+        t,
+        t,
+        weights=[np.array([[1, 2]])],
+        weight_types=[t],
+        accum_types=[t],
+        step_types=[FixedPoint(5, 2)],
+    )
     with pytest.raises(ValueError, match=r"cannot export these ops: .*step_types\[-1\]"):
         IntegerModel([dense]).save(tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -27,7 +27,9 @@ def test_lossless_export_has_zero_drift(tmp_path: Path) -> None:
     in_t = FixedPoint(10, 4, rounding="RND_CONV", overflow="SAT")
     model = nn.Sequential(
         LowRankLinear([torch.randn(8, 3), torch.randn(3, 12)], bias=_grid(8, 6 + 3, 1).float()),
-        nn.ReLU(), nn.Linear(8, 4)).double()
+        nn.ReLU(),
+        nn.Linear(8, 4),
+    ).double()
     quantize(model, cores=FixedPoint(8, 5), weights={"2": FixedPoint(6, 3)}, progress=False)
     frac_last = build_graph(model, in_t)[-2].result_type.frac + 3
     with torch.no_grad():
@@ -43,12 +45,13 @@ def test_lossless_export_has_zero_drift(tmp_path: Path) -> None:
     assert "## Drift from the torch model" in (tmp_path / "report.md").read_text()
 
 
-@pytest.mark.parametrize(("rounding", "overflow"), [("TRN", "WRAP"), ("RND", "SAT"),
-                                                   ("RND_CONV", "SAT_SYM"),
-                                                   ("TRN_ZERO", "SAT_ZERO")])
+@pytest.mark.parametrize(
+    ("rounding", "overflow"),
+    [("TRN", "WRAP"), ("RND", "SAT"), ("RND_CONV", "SAT_SYM"), ("TRN_ZERO", "SAT_ZERO")],
+)
 def test_narrow_accumulator_drift_matches_reference(rounding: str, overflow: str) -> None:
     torch.manual_seed(3)
-    in_t = FixedPoint(8, 3, rounding="RND_CONV", overflow="SAT")   # as np.round + np.clip
+    in_t = FixedPoint(8, 3, rounding="RND_CONV", overflow="SAT")  # as np.round + np.clip
     w_t, b_t = FixedPoint(6, 2), FixedPoint(10, 4)
     accum = FixedPoint(9, 4, rounding=rounding, overflow=overflow)  # lossless: 18 bits
     model = nn.Sequential(nn.Linear(6, 4)).double()
@@ -69,8 +72,9 @@ def test_narrow_accumulator_drift_matches_reference(rounding: str, overflow: str
     bm = (model[0].bias.detach().numpy() * 2**b_t.frac).astype(int)
     outs, casts, over = [], 0, 0
     for r in xm:
-        o, c, v = ref_dense_counted(r.tolist(), wm.tolist(), bm.tolist(), in_t, w_t, b_t, accum,
-                                    accum)
+        o, c, v = ref_dense_counted(
+            r.tolist(), wm.tolist(), bm.tolist(), in_t, w_t, b_t, accum, accum
+        )
         outs.append(o)
         casts, over = casts + c, over + v
     got = np.array(outs, dtype=np.float64) * 2.0**-accum.frac
@@ -78,13 +82,13 @@ def test_narrow_accumulator_drift_matches_reference(rounding: str, overflow: str
     with torch.no_grad():
         want = model(torch.from_numpy(xm * 2.0**-in_t.frac)).numpy()
     err = np.abs(got - want).max()
-    assert over > 0 and err > 0          # the narrow accumulator really saturates / wraps
+    assert over > 0 and err > 0  # the narrow accumulator really saturates / wraps
     assert row["max_abs"] == err
     assert row["max_rel"] == pytest.approx(err / np.abs(want).max(), rel=1e-12)
     assert row["max_abs_lsb"] == err * 2**accum.frac
     assert row["accum_overflow"] == over / casts
     assert row["result_overflow"] == 0.0
-    assert row["overflow_modes"] == overflow        # only the accumulator overflowed
+    assert row["overflow_modes"] == overflow  # only the accumulator overflowed
 
 
 def test_drift_checks_its_arguments() -> None:

@@ -15,15 +15,22 @@ from tnquant.export.emulator import IntegerModel, contract_step
 from tnquant.export.graph import build_graph
 from tnquant.layers import LowRankLinear, TTLinear
 
-MODES = [("TRN", "WRAP"), ("RND", "SAT"), ("RND_CONV", "SAT_SYM"), ("TRN_ZERO", "SAT_ZERO"),
-         ("RND_INF", "WRAP"), ("RND_MIN_INF", "SAT"), ("RND_ZERO", "WRAP")]
+MODES = [
+    ("TRN", "WRAP"),
+    ("RND", "SAT"),
+    ("RND_CONV", "SAT_SYM"),
+    ("TRN_ZERO", "SAT_ZERO"),
+    ("RND_INF", "WRAP"),
+    ("RND_MIN_INF", "SAT"),
+    ("RND_ZERO", "WRAP"),
+]
 
 
 @pytest.mark.parametrize(("rounding", "overflow"), MODES)
 def test_dense_step_matches_rational_reference(rounding: str, overflow: str) -> None:
     rng = np.random.default_rng(hash((rounding, overflow)) % 2**32)
     in_t, w_t, b_t = FixedPoint(6, 2), FixedPoint(5, 1), FixedPoint(9, 2)
-    accum = FixedPoint(8, 3, rounding=rounding, overflow=overflow)   # narrow: rounds, overflows
+    accum = FixedPoint(8, 3, rounding=rounding, overflow=overflow)  # narrow: rounds, overflows
     result = FixedPoint(6, 2, rounding=rounding, overflow=overflow)
     x = rng.integers(in_t.qmin, in_t.qmax + 1, size=(40, 7))
     w = rng.integers(w_t.qmin, w_t.qmax + 1, size=(4, 7))
@@ -56,9 +63,12 @@ def test_lossless_emulator_equals_fake_quant_model() -> None:
     # biases on the products' grid (input frac 6 + core frac): no bias rounding at all
     model = nn.Sequential(
         LowRankLinear([torch.randn(8, 3), torch.randn(3, 12)], bias=_grid_bias(8, 6 + 5, 1)),
-        nn.ReLU(), nn.Linear(8, 4)).double()
-    quantize(model, cores=FixedPoint(8, 3), weights={"2": QuantSpec(6, scale="pow2")},
-             progress=False)
+        nn.ReLU(),
+        nn.Linear(8, 4),
+    ).double()
+    quantize(
+        model, cores=FixedPoint(8, 3), weights={"2": QuantSpec(6, scale="pow2")}, progress=False
+    )
     ops = build_graph(model, in_t)
     frac_last = ops[-2].result_type.frac + ops[-1].weight_types[0].frac
     with torch.no_grad():
@@ -87,8 +97,9 @@ def test_narrow_output_within_one_lsb_of_fake_quant() -> None:
 def test_tt_lossless_equals_float_model() -> None:
     torch.manual_seed(2)
     cores = [torch.randn(1, 3, 2, 2), torch.randn(2, 2, 3, 3), torch.randn(3, 2, 2, 1)]
-    layer = TTLinear(cores, in_features=10, out_features=11,
-                     bias=_grid_bias(11, 5 + 4 * 3, 4)).double()
+    layer = TTLinear(
+        cores, in_features=10, out_features=11, bias=_grid_bias(11, 5 + 4 * 3, 4)
+    ).double()
     model = nn.Sequential(layer)
     quantize(model, cores=FixedPoint(6, 2), progress=False)
     in_t = FixedPoint(8, 3)
@@ -102,14 +113,21 @@ def test_tt_lossless_equals_float_model() -> None:
 
 def test_save_load_round_trip(tmp_path: object) -> None:
     torch.manual_seed(4)
-    model = nn.Sequential(LowRankLinear([torch.randn(5, 2), torch.randn(2, 6)],
-                                        bias=torch.randn(5)), nn.ReLU(),
-                          TTLinear([torch.randn(1, 2, 2, 2), torch.randn(2, 2, 3, 1)],
-                                   in_features=5, bias=torch.randn(4)))
-    quantize(model, cores=QuantSpec(6, scale="pow2", granularity="channel", axis=0),
-             progress=False)
-    em = IntegerModel(build_graph(model, FixedPoint(9, 3, rounding="RND", overflow="SAT"),
-                                  accum={"2.1": FixedPoint(12, 4, overflow="SAT")}))
+    model = nn.Sequential(
+        LowRankLinear([torch.randn(5, 2), torch.randn(2, 6)], bias=torch.randn(5)),
+        nn.ReLU(),
+        TTLinear(
+            [torch.randn(1, 2, 2, 2), torch.randn(2, 2, 3, 1)], in_features=5, bias=torch.randn(4)
+        ),
+    )
+    quantize(model, cores=QuantSpec(6, scale="pow2", granularity="channel", axis=0), progress=False)
+    em = IntegerModel(
+        build_graph(
+            model,
+            FixedPoint(9, 3, rounding="RND", overflow="SAT"),
+            accum={"2.1": FixedPoint(12, 4, overflow="SAT")},
+        )
+    )
     em.save(tmp_path)  # type: ignore[arg-type]
     back = IntegerModel.load(tmp_path)  # type: ignore[arg-type]
     x = np.random.default_rng(0).integers(-256, 256, size=(50, 6))

@@ -60,16 +60,24 @@ def test_lossless_accum_widths() -> None:
 def test_chain_layers_give_steps_and_overrides_apply() -> None:
     torch.manual_seed(1)
     model = nn.Sequential(
-        TuckerLinear([torch.randn(6, 3), torch.randn(3, 2), torch.randn(5, 2)],
-                     bias=torch.randn(6)),
-        nn.ReLU(), nn.Linear(6, 2))
+        TuckerLinear(
+            [torch.randn(6, 3), torch.randn(3, 2), torch.randn(5, 2)], bias=torch.randn(6)
+        ),
+        nn.ReLU(),
+        nn.Linear(6, 2),
+    )
     quantize(model, weights=FixedPoint(8, 2), progress=False)
     narrow = FixedPoint(12, 5, rounding="RND", overflow="SAT")
     ops = build_graph(model, FixedPoint(8, 3), accum={"0.1": narrow}, result={"2": narrow})
     assert [op.name for op in ops] == ["0.0", "0.1", "0.2", "1", "2"]
     assert [op.kind for op in ops] == ["dense"] * 3 + ["relu", "dense"]
-    assert [(op.in_features, op.out_features) for op in ops] == [(5, 2), (2, 3), (3, 6),
-                                                                  (6, 6), (6, 2)]
+    assert [(op.in_features, op.out_features) for op in ops] == [
+        (5, 2),
+        (2, 3),
+        (3, 6),
+        (6, 6),
+        (6, 2),
+    ]
     assert ops[1].accum_types == [narrow] and ops[-1].result_type == narrow
     assert ops[2].bias is not None and ops[0].bias is None
     for a, b in zip(ops[:-1], ops[1:], strict=True):
@@ -80,8 +88,9 @@ def test_fixed_point_activation_quantizer_sets_the_step_type() -> None:
     layer = LowRankLinear([torch.randn(4, 2), torch.randn(2, 3)])
     model = nn.Sequential(layer)
     t = FixedPoint(10, 4, rounding="RND_CONV", overflow="SAT")
-    quantize(model, cores=FixedPoint(6, 2), activations={"*.inter_0": t, "*.input": t},
-             progress=False)
+    quantize(
+        model, cores=FixedPoint(6, 2), activations={"*.inter_0": t, "*.input": t}, progress=False
+    )
     ops = build_graph(model)
     assert ops[0].input_type == t and ops[0].result_type == t
 
@@ -104,14 +113,21 @@ def _deep_chain() -> nn.Module:
 def test_accumulator_past_64_bits_names_the_op_and_how_to_narrow(tmp_path: Path) -> None:
     # lossless widths add up: 24 + 16 + 2 + 1 = 43, 43 + 19 = 62, 62 + 19 = 81 bits
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"op '2' needs a 81-bit lossless accumulator .* "
-                                         r"narrow it with result=\{'1': FixedPoint\(") as err:
+    with pytest.raises(
+        ValueError,
+        match=r"op '2' needs a 81-bit lossless accumulator .* "
+        r"narrow it with result=\{'1': FixedPoint\(",
+    ) as err:
         fixed_point(_deep_chain(), out, FixedPoint(24, 8), hls4ml=False)
     assert "accum={'2'" in str(err.value) and not out.exists()
-    w, i = (int(v) for v in re.search(r"'1': FixedPoint\((\d+), (-?\d+)", str(err.value))
-            .groups())  # type: ignore[union-attr]
-    em = fixed_point(_deep_chain(), out, FixedPoint(24, 8), hls4ml=False,
-                     result={"1": FixedPoint(w, i, rounding="RND", overflow="SAT")})
+    w, i = (int(v) for v in re.search(r"'1': FixedPoint\((\d+), (-?\d+)", str(err.value)).groups())  # type: ignore[union-attr]
+    em = fixed_point(
+        _deep_chain(),
+        out,
+        FixedPoint(24, 8),
+        hls4ml=False,
+        result={"1": FixedPoint(w, i, rounding="RND", overflow="SAT")},
+    )
     assert em.ops[2].accum_types[0].width <= 62
 
 
@@ -134,10 +150,22 @@ def test_tt_step_products_and_bias_types_past_62_bits_are_refused() -> None:
     model = nn.Sequential(layer)
     quantize(model, cores=FixedPoint(30, 2), progress=False)
     # step 1 multiplies step 0's 40-bit result by 30-bit cores: 70 bits
-    with pytest.raises(ValueError, match=r"op '0': products of ap_fixed<40,20> and "
-                                         r"ap_fixed<30,2> exceed 62 bits"):
-        build_graph(model, FixedPoint(8, 3), result={"0.0": FixedPoint(40, 20)},
-                    accum={"0.1": FixedPoint(60, 30)})
+    with pytest.raises(
+        ValueError,
+        match=r"op '0': products of ap_fixed<40,20> and "
+        r"ap_fixed<30,2> exceed 62 bits",
+    ):
+        build_graph(
+            model,
+            FixedPoint(8, 3),
+            result={"0.0": FixedPoint(40, 20)},
+            accum={"0.1": FixedPoint(60, 30)},
+        )
     with pytest.raises(ValueError, match=r"op '0' needs type ap_fixed<63,10> wider than 62"):
-        build_graph(model, FixedPoint(8, 3), bias=FixedPoint(63, 10),
-                    accum=FixedPoint(40, 20), result=FixedPoint(16, 8))
+        build_graph(
+            model,
+            FixedPoint(8, 3),
+            bias=FixedPoint(63, 10),
+            accum=FixedPoint(40, 20),
+            result=FixedPoint(16, 8),
+        )

@@ -21,15 +21,18 @@ from tnquant.export import fixed_point, to_hls4ml
 from tnquant.layers import LowRankLinear
 
 hls4ml = pytest.importorskip("hls4ml")
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")]
 
 IN_T = FixedPoint(10, 3, rounding="RND", overflow="SAT")
 NARROW: dict[str, Any] = {  # narrow user types: every product and add rounds / saturates / wraps
-    "accum": {"0.0": FixedPoint(9, 3, rounding="RND_CONV", overflow="SAT_SYM"),
-              "2": FixedPoint(10, 3, rounding="RND", overflow="SAT")},
-    "result": {"0.1": FixedPoint(8, 3, rounding="RND", overflow="SAT"),
-               "2": FixedPoint(9, 2, rounding="TRN", overflow="WRAP")},
+    "accum": {
+        "0.0": FixedPoint(9, 3, rounding="RND_CONV", overflow="SAT_SYM"),
+        "2": FixedPoint(10, 3, rounding="RND", overflow="SAT"),
+    },
+    "result": {
+        "0.1": FixedPoint(8, 3, rounding="RND", overflow="SAT"),
+        "2": FixedPoint(9, 2, rounding="TRN", overflow="WRAP"),
+    },
 }
 
 
@@ -37,10 +40,15 @@ def _model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
         LowRankLinear([torch.randn(6, 3), torch.randn(3, 8)], bias=torch.randn(6)),
-        nn.ReLU(), nn.Linear(6, 4))
-    quantize(model, cores={0: FixedPoint(8, 3),
-                           1: QuantSpec(6, scale="pow2", granularity="channel", axis=0)},
-             weights={"2": QuantSpec(5, scale="pow2")}, progress=False)
+        nn.ReLU(),
+        nn.Linear(6, 4),
+    )
+    quantize(
+        model,
+        cores={0: FixedPoint(8, 3), 1: QuantSpec(6, scale="pow2", granularity="channel", axis=0)},
+        weights={"2": QuantSpec(5, scale="pow2")},
+        progress=False,
+    )
     return model
 
 
@@ -84,8 +92,7 @@ def test_hls4ml_took_the_exported_types(exported: tuple[Any, Any, Path]) -> None
             assert prec["weight"] == str(op.weight_types[0])
             # hls4ml parsed it: the generated accum type has the same width and modes
             acc = layers[name].get_attr("accum_t").precision
-            assert (acc.width, acc.integer) == (op.accum_types[0].width,
-                                                op.accum_types[0].integer)
+            assert (acc.width, acc.integer) == (op.accum_types[0].width, op.accum_types[0].integer)
     assert "ap_fixed" in em.output_type
 
 
@@ -93,25 +100,32 @@ def test_activation_quantizers_hls4ml_bit_exact(tmp_path: Path) -> None:
     """pow2 activation quantizers as hls4ml types: a ReLU casting to ap_ufixed, narrow results."""
     torch.manual_seed(3)
 
-    def coarse(n: int) -> torch.Tensor:   # on every accumulator grid: biases are not rounded
+    def coarse(n: int) -> torch.Tensor:  # on every accumulator grid: biases are not rounded
         return torch.round(torch.randn(n) * 8) / 8
 
     model = nn.Sequential(
-        LowRankLinear([torch.randn(6, 3), torch.randn(3, 8)], bias=coarse(6)), nn.ReLU(),
-        nn.Linear(6, 4)).double()
+        LowRankLinear([torch.randn(6, 3), torch.randn(3, 8)], bias=coarse(6)),
+        nn.ReLU(),
+        nn.Linear(6, 4),
+    ).double()
     with torch.no_grad():
         model[2].bias.copy_(coarse(4))
-    quantize(model, cores=QuantSpec(6, scale="pow2", granularity="channel", axis=0),
-             weights={"2": QuantSpec(5, scale="pow2")},
-             activations={"0.input": QuantSpec(8, scale="pow2"),
-                          "0.inter_0": QuantSpec(7, scale="pow2", rounding="half_up"),
-                          "0.output": QuantSpec(9, scale="pow2", narrow_range=True),
-                          "2.input": QuantSpec(6, symmetric=False, scale="pow2",
-                                               rounding="floor"),
-                          "2.output": QuantSpec(8, scale="pow2")}, progress=False)
+    quantize(
+        model,
+        cores=QuantSpec(6, scale="pow2", granularity="channel", axis=0),
+        weights={"2": QuantSpec(5, scale="pow2")},
+        activations={
+            "0.input": QuantSpec(8, scale="pow2"),
+            "0.inter_0": QuantSpec(7, scale="pow2", rounding="half_up"),
+            "0.output": QuantSpec(9, scale="pow2", narrow_range=True),
+            "2.input": QuantSpec(6, symmetric=False, scale="pow2", rounding="floor"),
+            "2.output": QuantSpec(8, scale="pow2"),
+        },
+        progress=False,
+    )
     calibrate(model, [torch.randn(256, 8, dtype=torch.float64) * 2], progress=False)
     em = fixed_point(model, tmp_path / "files")
-    assert "ap_ufixed" in str(em.ops[2].result_type)          # the ReLU casts to 2.input
+    assert "ap_ufixed" in str(em.ops[2].result_type)  # the ReLU casts to 2.input
     hls_model = to_hls4ml(model, tmp_path / "hls")
     hls_model.compile()
     x = _inputs()

@@ -111,20 +111,60 @@ def _zip(members: list[tuple[str, bytes, int, int, int]]) -> bytes:
     for name, payload, method, crc, size in members:
         raw = name.encode()
         offset = len(out)
-        out += struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, method, 0, 0x21, crc,
-                           len(payload), size, len(raw), 0) + raw + payload
-        central += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, method, 0, 0x21, crc,
-                               len(payload), size, len(raw), 0, 0, 0, 0, 0, offset) + raw
-    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(members), len(members),
-                      len(central), len(out), 0)
+        out += (
+            struct.pack(
+                "<4s5H3L2H",
+                b"PK\x03\x04",
+                20,
+                0,
+                method,
+                0,
+                0x21,
+                crc,
+                len(payload),
+                size,
+                len(raw),
+                0,
+            )
+            + raw
+            + payload
+        )
+        central += (
+            struct.pack(
+                "<4s6H3L5H2L",
+                b"PK\x01\x02",
+                20,
+                20,
+                0,
+                method,
+                0,
+                0x21,
+                crc,
+                len(payload),
+                size,
+                len(raw),
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
+            + raw
+        )
+    end = struct.pack(
+        "<4s4H2LH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central), len(out), 0
+    )
     return bytes(out + central + end)
 
 
-def _npy(shape: tuple[int, ...], data: bytes = b"", descr: str = "<i8",
-         fortran: bool = False) -> bytes:
+def _npy(
+    shape: tuple[int, ...], data: bytes = b"", descr: str = "<i8", fortran: bool = False
+) -> bytes:
     buf = io.BytesIO()
-    npy_format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": fortran,
-                                            "shape": shape})
+    npy_format.write_array_header_1_0(
+        buf, {"descr": descr, "fortran_order": fortran, "shape": shape}
+    )
     return buf.getvalue() + data
 
 
@@ -161,9 +201,11 @@ def _refused(d: Path, match: str | None = None) -> str:
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    quantize(model, weights={"0": FixedPoint(6, 2),
-                             "2": QuantSpec(5, scale="pow2", granularity="channel")},
-             progress=False)
+    quantize(
+        model,
+        weights={"0": FixedPoint(6, 2), "2": QuantSpec(5, scale="pow2", granularity="channel")},
+        progress=False,
+    )
     return model
 
 
@@ -181,8 +223,7 @@ def exports(tmp_path_factory: Any) -> dict[str, tuple[Path, np.ndarray, np.ndarr
     for name, make in (("mlp", _mlp), ("tt", _tt)):
         d = tmp_path_factory.mktemp(name)
         em = fixed_point(make(), d, IN_T, hls4ml=False)
-        x = np.random.default_rng(0).integers(IN_T.qmin, IN_T.qmax + 1,
-                                              size=(16, em.in_features))
+        x = np.random.default_rng(0).integers(IN_T.qmin, IN_T.qmax + 1, size=(16, em.in_features))
         out[name] = (d, x, em.run(x))
     return out
 
@@ -245,12 +286,15 @@ def test_manifest_without_its_own_checksum_or_edited_by_hand_is_refused(exports:
         _refused(d, "version must be 2, got 1; .*export again")
 
 
-@pytest.mark.parametrize("body", [
-    "[" + ",".join(["{}"] * 349000) + "]",  # 1 MiB of objects: parsed, then refused
-    "[" * 100000,  # nested past the recursion limit
-    " " * (1 << 20) + "{}",  # past MAX_MANIFEST_BYTES: never parsed
-    '{"format": "tnquant-fixed-point", "version": 2, "x": NaN}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[" + ",".join(["{}"] * 349000) + "]",  # 1 MiB of objects: parsed, then refused
+        "[" * 100000,  # nested past the recursion limit
+        " " * (1 << 20) + "{}",  # past MAX_MANIFEST_BYTES: never parsed
+        '{"format": "tnquant-fixed-point", "version": 2, "x": NaN}',
+    ],
+)
 def test_pathological_manifest_json_is_refused_within_the_bound(exports: Any, body: str) -> None:
     with _copy(exports["mlp"][0]) as d:
         (d / "manifest.json").write_text(body)
@@ -270,8 +314,9 @@ def test_corrupted_cores_with_array_checksums_intact_is_refused(exports: Any) ->
         _refused(d, "cores.npz: its SHA-256 does not match")
 
 
-def test_zip_bomb_is_refused_before_decompression(exports: Any,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zip_bomb_is_refused_before_decompression(
+    exports: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # 2 GiB of int64 zeros behind a valid .npy header, deflated to about 2 MB
     n = 1 << 28
     comp = zlib.compressobj(9, zlib.DEFLATED, -15)
@@ -281,8 +326,9 @@ def test_zip_bomb_is_refused_before_decompression(exports: Any,
     assert block == comp.compress(mib) + comp.flush(zlib.Z_FULL_FLUSH)  # repeatable
     stream = head + block * ((8 * n >> 20) - 1) + comp.compress(mib) + comp.flush()
     size = len(_npy((n,))) + 8 * n
-    assert len(stream) < 3 * 2**20 and zlib.decompressobj(-15).decompress(stream, 1 << 24) \
-        == _npy((n,)) + bytes((1 << 24) - len(_npy((n,))))
+    assert len(stream) < 3 * 2**20 and zlib.decompressobj(-15).decompress(stream, 1 << 24) == _npy(
+        (n,)
+    ) + bytes((1 << 24) - len(_npy((n,))))
     # the CRC is left 0: an unchecked loader decompresses all 2 GiB before it checks it
     calls: list[int] = []
     real = zipfile._get_decompressor  # type: ignore[attr-defined]
@@ -301,14 +347,23 @@ def test_zip_bomb_is_refused_before_decompression(exports: Any,
         _refused(d, "cores.npz holds .* bytes; the arrays expected in it need at most")
         # the forger also declares the bomb's shape: a single dense op of 2**14 x 2**14
         op = man["ops"][0]
-        op.update(in_features=1 << 14, out_features=1 << 14, weight_shapes=[[1 << 14] * 2],
-                  bias=None, bias_type=None, derived={"accum": [False], "result": [False],
-                                                      "bias": False})
-        man.update(ops=[op], in_features=1 << 14, out_features=1 << 14,
-                   output_type=op["result_type"], routes={"0": "hls4ml"},
-                   checksums={"0.w0": "0" * 64, "cores.npz": "0" * 64})
-        _seal(d, man, npz=_zip([("0.w0.npy", stream, zipfile.ZIP_DEFLATED, 0, size)]),
-              resum=False)
+        op.update(
+            in_features=1 << 14,
+            out_features=1 << 14,
+            weight_shapes=[[1 << 14] * 2],
+            bias=None,
+            bias_type=None,
+            derived={"accum": [False], "result": [False], "bias": False},
+        )
+        man.update(
+            ops=[op],
+            in_features=1 << 14,
+            out_features=1 << 14,
+            output_type=op["result_type"],
+            routes={"0": "hls4ml"},
+            checksums={"0.w0": "0" * 64, "cores.npz": "0" * 64},
+        )
+        _seal(d, man, npz=_zip([("0.w0.npy", stream, zipfile.ZIP_DEFLATED, 0, size)]), resum=False)
         _refused(d, "must be stored uncompressed")
     assert calls == []  # nothing was ever decompressed
 
@@ -337,14 +392,36 @@ def test_member_outside_the_directory_is_refused_and_nothing_is_written(exports:
             members[0] = _stored(bad, members[0][1])
             _seal(d, man, npz=_zip(members))
             _refused(d, "unexpected")
-            assert sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                          if p.is_file() and "export" not in p.parts) == []
+            assert (
+                sorted(
+                    str(p.relative_to(root))
+                    for p in root.rglob("*")
+                    if p.is_file() and "export" not in p.parts
+                )
+                == []
+            )
 
 
-@pytest.mark.parametrize("forge", [
-    "extra member", "duplicate member", "float64", "object", "fortran", "int32", "truncated",
-    "appended", "out of range", "missing member", "bias without type", "chain broken",
-    "tt ranks", "unknown key", "old extra"])
+@pytest.mark.parametrize(
+    "forge",
+    [
+        "extra member",
+        "duplicate member",
+        "float64",
+        "object",
+        "fortran",
+        "int32",
+        "truncated",
+        "appended",
+        "out of range",
+        "missing member",
+        "bias without type",
+        "chain broken",
+        "tt ranks",
+        "unknown key",
+        "old extra",
+    ],
+)
 def test_forged_directory_is_refused(exports: Any, forge: str) -> None:
     with _copy(exports["tt" if forge == "tt ranks" else "mlp"][0]) as d:
         man, arrays = _read(d)
@@ -353,20 +430,27 @@ def test_forged_directory_is_refused(exports: Any, forge: str) -> None:
         edits: dict[str, Callable[[], None]] = {
             "extra member": lambda: members.append(_stored("x.npy", _npy((1,), bytes(8)))),
             "duplicate member": lambda: members.append(members[0]),
-            "float64": lambda: members.__setitem__(0, _stored("0.w0.npy", _npy(
-                w.shape, w.astype(np.float64).tobytes(), "<f8"))),
-            "object": lambda: members.__setitem__(0, _stored("0.w0.npy", _npy(
-                w.shape, bytes(8 * w.size), "|O"))),
-            "fortran": lambda: members.__setitem__(0, _stored("0.w0.npy", _npy(
-                w.shape, w.tobytes(), fortran=True))),
-            "int32": lambda: members.__setitem__(0, _stored("0.w0.npy", _npy(
-                w.shape, w.astype(np.int32).tobytes() * 2, "<i4"))),
-            "truncated": lambda: members.__setitem__(0, _stored("0.w0.npy", _npy(
-                w.shape, w.tobytes()[:-8]))),
-            "appended": lambda: members.__setitem__(0, _stored("0.w0.npy", _npy(
-                w.shape, w.tobytes() + bytes(8)))),
-            "out of range": lambda: members.__setitem__(0, _stored("0.w0.npy", _npy(
-                w.shape, (w * 0 + 40).tobytes()))),  # ap_fixed<6,2> holds -32..31
+            "float64": lambda: members.__setitem__(
+                0, _stored("0.w0.npy", _npy(w.shape, w.astype(np.float64).tobytes(), "<f8"))
+            ),
+            "object": lambda: members.__setitem__(
+                0, _stored("0.w0.npy", _npy(w.shape, bytes(8 * w.size), "|O"))
+            ),
+            "fortran": lambda: members.__setitem__(
+                0, _stored("0.w0.npy", _npy(w.shape, w.tobytes(), fortran=True))
+            ),
+            "int32": lambda: members.__setitem__(
+                0, _stored("0.w0.npy", _npy(w.shape, w.astype(np.int32).tobytes() * 2, "<i4"))
+            ),
+            "truncated": lambda: members.__setitem__(
+                0, _stored("0.w0.npy", _npy(w.shape, w.tobytes()[:-8]))
+            ),
+            "appended": lambda: members.__setitem__(
+                0, _stored("0.w0.npy", _npy(w.shape, w.tobytes() + bytes(8)))
+            ),
+            "out of range": lambda: members.__setitem__(
+                0, _stored("0.w0.npy", _npy(w.shape, (w * 0 + 40).tobytes()))
+            ),  # ap_fixed<6,2> holds -32..31
             "missing member": lambda: members.pop(),
             "bias without type": lambda: man["ops"][2].update(bias_type=None),
             "chain broken": lambda: man["ops"][2].update(in_features=4),
@@ -396,10 +480,41 @@ def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
-VALUES = [None, True, False, 0, -1, 1, 2, 7, 2**31, 2**62, 10**30, 1.5, "", "x", "0.w0",
-          "../../x", "ap_fixed<7,5>", "ap_fixed<64,2>", "ap_fixed<62,2>", "ap_ufixed<8,8>",
-          "ap_fixed<8,3,RND,SAT>", "ap_fixed<1000,2>", "ap_fixed<8,3000>", "dense", "tt",
-          "relu", [], [1], [[1, 2]], [[1 << 20, 1 << 20]], {}, {"a": 1}, "0" * 64]
+VALUES = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2,
+    7,
+    2**31,
+    2**62,
+    10**30,
+    1.5,
+    "",
+    "x",
+    "0.w0",
+    "../../x",
+    "ap_fixed<7,5>",
+    "ap_fixed<64,2>",
+    "ap_fixed<62,2>",
+    "ap_ufixed<8,8>",
+    "ap_fixed<8,3,RND,SAT>",
+    "ap_fixed<1000,2>",
+    "ap_fixed<8,3000>",
+    "dense",
+    "tt",
+    "relu",
+    [],
+    [1],
+    [[1, 2]],
+    [[1 << 20, 1 << 20]],
+    {},
+    {"a": 1},
+    "0" * 64,
+]
 
 
 def _perturb(v: Any, k: int) -> Any:
@@ -408,8 +523,13 @@ def _perturb(v: Any, k: int) -> Any:
     if isinstance(v, int):
         return [v + 1, v - 1, -v, v * 2**20, 0][k % 5]
     if isinstance(v, str) and v.startswith("ap_"):
-        return [v.replace("<", "<1", 1), v.replace(",", ",1", 1), v.replace("ap_fixed",
-                "ap_ufixed"), v.replace(">", ",RND,SAT>"), v.replace(">", ",RND>")][k % 5]
+        return [
+            v.replace("<", "<1", 1),
+            v.replace(",", ",1", 1),
+            v.replace("ap_fixed", "ap_ufixed"),
+            v.replace(">", ",RND,SAT>"),
+            v.replace(">", ",RND>"),
+        ][k % 5]
     if isinstance(v, str):
         return v + "x" if k % 2 else v[:-1]
     if isinstance(v, list):
@@ -417,8 +537,12 @@ def _perturb(v: Any, k: int) -> Any:
     return {**v, "x": 1} if isinstance(v, dict) else v
 
 
-@settings(derandomize=True, max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    derandomize=True,
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_random_manifest_edits_are_refused_or_harmless(exports: Any, data: Any) -> None:
     name = data.draw(st.sampled_from(["mlp", "tt"]))
@@ -456,11 +580,14 @@ def test_random_manifest_edits_are_refused_or_harmless(exports: Any, data: Any) 
             assert np.array_equal(em.run(x), y)
 
 
-@settings(derandomize=True, max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    derandomize=True,
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
-def test_random_cores_corruptions_are_refused_or_read_faithfully(exports: Any,
-                                                                 data: Any) -> None:
+def test_random_cores_corruptions_are_refused_or_read_faithfully(exports: Any, data: Any) -> None:
     src = exports[data.draw(st.sampled_from(["mlp", "tt"]))][0]
     man, _ = _read(src)
     raw = bytearray((src / "cores.npz").read_bytes())

@@ -20,8 +20,7 @@ IN_T = FixedPoint(8, 3)
 def _tt_layer(bias: bool = True) -> TTLinear:
     torch.manual_seed(7)
     cores = [torch.randn(1, 3, 2, 2), torch.randn(2, 2, 3, 3), torch.randn(3, 2, 2, 1)]
-    return TTLinear(cores, in_features=10, out_features=11,
-                    bias=torch.randn(11) if bias else None)
+    return TTLinear(cores, in_features=10, out_features=11, bias=torch.randn(11) if bias else None)
 
 
 def test_dense_layer_counts() -> None:
@@ -29,7 +28,7 @@ def test_dense_layer_counts() -> None:
     quantize(model, weights=FixedPoint(6, 2), progress=False)
     rep = build_report(build_graph(model, IN_T))
     (row,) = rep.rows
-    assert row["multiplies"] == 5 * 7                  # one product per weight
+    assert row["multiplies"] == 5 * 7  # one product per weight
     assert row["weight_bits"] == 35 * 6 and row["bias_bits"] == 0
     # lossless: 8 + 6 bits of product, + ceil(log2 7) = 3 bits of growth
     assert row["accum_width"] == 17 and row["result_width"] == 17
@@ -40,8 +39,9 @@ def test_dense_layer_counts() -> None:
 
 def test_lowrank_counts_against_dense() -> None:
     # W = U (12, 3) @ V (3, 10): x V^T costs 3*10, then U costs 12*3
-    model = nn.Sequential(LowRankLinear([torch.randn(12, 3), torch.randn(3, 10)],
-                                        bias=torch.randn(12)))
+    model = nn.Sequential(
+        LowRankLinear([torch.randn(12, 3), torch.randn(3, 10)], bias=torch.randn(12))
+    )
     quantize(model, cores={0: FixedPoint(8, 2), 1: FixedPoint(5, 1)}, progress=False)
     rep = build_report(build_graph(model, IN_T, bias=FixedPoint(10, 4)))
     assert [r["name"] for r in rep.rows] == ["0.0", "0.1"]
@@ -76,8 +76,9 @@ def test_tt_counts_by_hand() -> None:
 
 def test_multiplies_equal_the_products_the_emulator_computes() -> None:
     # without biases every product is cast once and added once: accum casts = 2 * products
-    model = nn.Sequential(LowRankLinear([torch.randn(10, 2), torch.randn(2, 9)]), nn.ReLU(),
-                          _tt_layer(bias=False))
+    model = nn.Sequential(
+        LowRankLinear([torch.randn(10, 2), torch.randn(2, 9)]), nn.ReLU(), _tt_layer(bias=False)
+    )
     quantize(model, cores=QuantSpec(6, scale="pow2"), progress=False)
     em = IntegerModel(build_graph(model, IN_T))
     batch = 3
@@ -93,8 +94,9 @@ def test_multiplies_equal_the_products_the_emulator_computes() -> None:
 
 
 def test_fixed_point_writes_the_report(tmp_path: Path) -> None:
-    model = nn.Sequential(LowRankLinear([torch.randn(5, 2), torch.randn(2, 6)]), nn.ReLU(),
-                          nn.Linear(5, 3))
+    model = nn.Sequential(
+        LowRankLinear([torch.randn(5, 2), torch.randn(2, 6)]), nn.ReLU(), nn.Linear(5, 3)
+    )
     quantize(model, weights=QuantSpec(6, scale="pow2"), progress=False)
     em = fixed_point(model, tmp_path, FixedPoint(9, 3), hls4ml=False)
     data = json.loads((tmp_path / "report.json").read_text())

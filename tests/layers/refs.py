@@ -53,8 +53,9 @@ def tt_weight_tl(cores, out_features: int, in_features: int) -> torch.Tensor:
     return full.reshape(outs, -1)[:out_features, :in_features]
 
 
-def tucker_weight_np(cores, out_features: int | None = None,
-                     in_features: int | None = None) -> np.ndarray:
+def tucker_weight_np(
+    cores, out_features: int | None = None, in_features: int | None = None
+) -> np.ndarray:
     """Tucker Linear weight; order-1 ``[U_out, G, U_in]`` or ``[G, U_1..U_2d]``."""
     cs = [np64(c) for c in cores]
     if len(cs) == 3 and all(c.ndim == 2 for c in cs):
@@ -99,8 +100,9 @@ def cp_kernel_np(cores) -> np.ndarray:
     rank = a_out.shape[1]
     k = np.zeros((a_out.shape[0], a_in.shape[0], a_h.shape[0], a_w.shape[0]))
     for r in range(rank):
-        k += np.multiply.outer(np.multiply.outer(a_out[:, r], a_in[:, r]),
-                               np.multiply.outer(a_h[:, r], a_w[:, r]))
+        k += np.multiply.outer(
+            np.multiply.outer(a_out[:, r], a_in[:, r]), np.multiply.outer(a_h[:, r], a_w[:, r])
+        )
     return k
 
 

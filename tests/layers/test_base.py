@@ -137,13 +137,19 @@ def test_tt_intermediates_follow_the_chain_order():
 
 
 def test_module_plumbing():
-    layer = TTLinear(random_cores([(1, 2, 3, 2), (2, 3, 2, 1)], 3), in_features=5,
-                     bias=torch.zeros(6, dtype=torch.float64))
+    layer = TTLinear(
+        random_cores([(1, 2, 3, 2), (2, 3, 2, 1)], 3),
+        in_features=5,
+        bias=torch.zeros(6, dtype=torch.float64),
+    )
     assert isinstance(layer, FactorizedLayer)
     names = [n for n, _ in layer.named_parameters()]
     assert sorted(names) == ["bias", "cores.0", "cores.1"]
-    fresh = TTLinear(random_cores([(1, 2, 3, 2), (2, 3, 2, 1)], 9), in_features=5,
-                     bias=torch.ones(6, dtype=torch.float64))
+    fresh = TTLinear(
+        random_cores([(1, 2, 3, 2), (2, 3, 2, 1)], 9),
+        in_features=5,
+        bias=torch.ones(6, dtype=torch.float64),
+    )
     fresh.load_state_dict(layer.state_dict())
     x = torch.randn(2, 5, dtype=torch.float64)
     np.testing.assert_allclose(np64(fresh(x)), np64(layer(x)), rtol=F64_RTOL)

@@ -87,8 +87,9 @@ def test_every_pairwise_order_gives_the_same_result(case, data):
 def test_fused_bias_and_hooks():
     x, v, u = _operands([(5, 6), (3, 6), (4, 3)], 0)
     bias = torch.randn(4, dtype=torch.float64)
-    prog = plan_einsum("Za,ra,or->Zo", [(5, 6), (3, 6), (4, 3)],
-                       candidates=[chain_path(3, [1, 2])], search=False)
+    prog = plan_einsum(
+        "Za,ra,or->Zo", [(5, 6), (3, 6), (4, 3)], candidates=[chain_path(3, [1, 2])], search=False
+    )
     assert prog.fusable
     seen = []
 
@@ -110,10 +111,16 @@ def test_costs_follow_opt_einsum_convention():
     prog = plan_einsum("ij,jk,kl->il", [(2, 3), (3, 4), (4, 5)])
     assert prog.cost == 128
     # a worse explicit candidate loses to the optimizer, a forced one is kept
-    assert plan_einsum("ij,jk,kl->il", [(2, 3), (3, 4), (4, 5)],
-                       candidates=[[(1, 2), (0, 1)]]).cost == 128
-    assert plan_einsum("ij,jk,kl->il", [(2, 3), (3, 4), (4, 5)],
-                       candidates=[[(1, 2), (0, 1)]], search=False).cost == 180
+    assert (
+        plan_einsum("ij,jk,kl->il", [(2, 3), (3, 4), (4, 5)], candidates=[[(1, 2), (0, 1)]]).cost
+        == 128
+    )
+    assert (
+        plan_einsum(
+            "ij,jk,kl->il", [(2, 3), (3, 4), (4, 5)], candidates=[[(1, 2), (0, 1)]], search=False
+        ).cost
+        == 180
+    )
 
 
 def test_chain_path_positions():
@@ -158,8 +165,7 @@ def random_paths(draw, n):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(2, 7).flatmap(lambda n: st.tuples(st.just(n), random_paths(n))),
-       st.data())
+@given(st.integers(2, 7).flatmap(lambda n: st.tuples(st.just(n), random_paths(n))), st.data())
 def test_ssa_round_trip_and_hoisting_keep_the_tree(case, data):
     n, path = case
     ssa = path_to_ssa(n, path)
@@ -178,8 +184,7 @@ def test_ssa_round_trip_and_hoisting_keep_the_tree(case, data):
 
     assert tree(path_to_ssa(n, hoisted)) == tree(ssa)
     # steps without the variable come first
-    flags = [variable in leaves for leaves in
-             _covers(n, path_to_ssa(n, hoisted))]
+    flags = [variable in leaves for leaves in _covers(n, path_to_ssa(n, hoisted))]
     assert flags == sorted(flags)
 
 
@@ -212,8 +217,12 @@ def test_prepare_then_run_matches_numpy_einsum(case, data, objective):
     x2 = torch.randn(ops[variable].shape, dtype=torch.float64)
     ops2 = list(ops)
     ops2[variable] = x2
-    np.testing.assert_allclose(prog.run(x2, prepared).numpy(),
-                               np.einsum(eq, *[o.numpy() for o in ops2]), rtol=RTOL, atol=1e-12)
+    np.testing.assert_allclose(
+        prog.run(x2, prepared).numpy(),
+        np.einsum(eq, *[o.numpy() for o in ops2]),
+        rtol=RTOL,
+        atol=1e-12,
+    )
     assert prog.estimate(prepared=True) <= prog.estimate()
 
 
@@ -222,8 +231,9 @@ def test_prepared_operands_are_laid_out_for_their_matmul():
     shapes = [(5, 6), (3, 6), (4, 3)]
     x, v, u = _operands(shapes, 1)
     bias = torch.randn(4, dtype=torch.float64)
-    prog = plan_einsum("Za,ra,or->Zo", shapes, candidates=[chain_path(3, [1, 2])],
-                       search=False, variable=0)
+    prog = plan_einsum(
+        "Za,ra,or->Zo", shapes, candidates=[chain_path(3, [1, 2])], search=False, variable=0
+    )
     prepared = prog.prepare([v.requires_grad_(), u])
     assert all(p.is_contiguous() and not p.requires_grad for p in prepared)
     assert tuple(prepared[0].shape) == (6, 3)
@@ -240,14 +250,18 @@ def test_time_objective_prefers_fewer_passes_over_the_activation():
     shapes = [(1024, 16, 8, 8), (8, 5), (8, 5)]
     by_flops = plan_einsum(eq, shapes, variable=0)
     merged = ssa_to_path(3, [(1, 2), (0, 3)])
-    by_time = plan_einsum(eq, shapes, candidates=[merged], variable=0, objective="time",
-                          prepared=True)
+    by_time = plan_einsum(
+        eq, shapes, candidates=[merged], variable=0, objective="time", prepared=True
+    )
     assert by_time.path == merged != by_flops.path
     assert by_time.cost > by_flops.cost
     assert by_time.estimate(prepared=True) < by_flops.estimate(prepared=True)
     x, a, b = _operands(shapes, 3)
-    np.testing.assert_allclose(by_time.run(x, by_time.prepare([a, b])).numpy(),
-                               np.einsum(eq, x.numpy(), a.numpy(), b.numpy()), rtol=RTOL)
+    np.testing.assert_allclose(
+        by_time.run(x, by_time.prepare([a, b])).numpy(),
+        np.einsum(eq, x.numpy(), a.numpy(), b.numpy()),
+        rtol=RTOL,
+    )
 
 
 def test_bad_objective_and_variable_are_refused():
@@ -259,13 +273,25 @@ def test_bad_objective_and_variable_are_refused():
         plan_einsum("ij,jk->ik", [(2, 3), (3, 4)]).prepare([torch.ones(3, 4)])
     with pytest.raises(ValueError, match="prepare\\(\\) takes the 1 constant operands, got 2"):
         plan_einsum("ij,jk->ik", [(2, 3), (3, 4)], variable=0).prepare(
-            [torch.ones(3, 4), torch.ones(3, 4)])
+            [torch.ones(3, 4), torch.ones(3, 4)]
+        )
 
 
 def test_steps_have_named_fields():
     prog = plan_einsum("ba,ra,or->bo", [(4, 6), (2, 6), (5, 2)], variable=0)
-    assert steps.Step._fields == ("p0", "p1", "swap", "sum_a", "perm_a", "shape_a", "sum_b",
-                                  "perm_b", "shape_b", "kind", "view")
+    assert steps.Step._fields == (
+        "p0",
+        "p1",
+        "swap",
+        "sum_a",
+        "perm_a",
+        "shape_a",
+        "sum_b",
+        "perm_b",
+        "shape_b",
+        "kind",
+        "view",
+    )
     assert all(isinstance(st, steps.Step) for st in prog.steps)
     assert prog.kinds == tuple(st.kind for st in prog.steps)
     assert all(isinstance(st, steps.StepStats) for st in prog._stats)

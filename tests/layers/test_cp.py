@@ -32,8 +32,9 @@ def test_forward_matches_dense_reference(setup, impl, rank):
     (o, i, kh, kw), padding, stride, dilation, mode, xshape, with_bias, seed = setup
     cores = random_cores([(o, rank), (i, rank), (kh, rank), (kw, rank)], seed)
     bias = torch.randn(o, dtype=torch.float64) if with_bias else None
-    layer = CPConv2d(cores, stride=stride, padding=padding, dilation=dilation,
-                     padding_mode=mode, bias=bias)
+    layer = CPConv2d(
+        cores, stride=stride, padding=padding, dilation=dilation, padding_mode=mode, bias=bias
+    )
     layer.implementation = impl
     x = torch.randn(xshape, dtype=torch.float64)
     ref = dense_conv_reference(cp_kernel_np(cores), bias, x, stride, padding, dilation, mode)
@@ -54,14 +55,20 @@ def test_to_dense_matches_tensorly():
 @pytest.mark.parametrize("impl", ["factorized", "reconstructed"])
 def test_gradcheck(impl):
     cores = random_cores([(3, 2), (2, 2), (3, 2), (2, 2)], 1)
-    layer = CPConv2d(cores, stride=(1, 2), padding=(1, 1), padding_mode="circular",
-                     bias=torch.randn(3, dtype=torch.float64))
+    layer = CPConv2d(
+        cores,
+        stride=(1, 2),
+        padding=(1, 1),
+        padding_mode="circular",
+        bias=torch.randn(3, dtype=torch.float64),
+    )
     layer.implementation = impl
     x = torch.randn(2, 2, 4, 5, dtype=torch.float64, requires_grad=True)
     # fast mode (random projections): the slow mode's 100+ backward passes through
     # float64 convolutions take ~20 s here for the same verdict
-    assert torch.autograd.gradcheck(lambda x, *ps: layer(x), (x, *layer.parameters()),
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda x, *ps: layer(x), (x, *layer.parameters()), fast_mode=True
+    )
 
 
 def test_full_rank_from_dense_reproduces_dense():

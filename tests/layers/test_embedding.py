@@ -49,14 +49,20 @@ def test_lookup_matches_table_rows(setup):
     got = layer(idx)
     assert got.shape == (*idx_shape, dim)
     np.testing.assert_allclose(np64(got), table[idx.numpy()], rtol=F64_RTOL, atol=1e-12)
-    np.testing.assert_allclose(np64(layer.to_dense().weight), np64(tt_weight_tl(cores, num, dim)),
-                               rtol=F64_RTOL, atol=1e-12)
+    np.testing.assert_allclose(
+        np64(layer.to_dense().weight),
+        np64(tt_weight_tl(cores, num, dim)),
+        rtol=F64_RTOL,
+        atol=1e-12,
+    )
 
 
 def test_awkward_sizes_and_both_chain_directions():
     # 97 rows in 5*5*4 = 100, 13 columns in 2*2*4 = 16; padding must stay invisible
-    for shapes in ([(1, 5, 2, 3), (3, 5, 2, 2), (2, 4, 4, 1)],
-                   [(1, 5, 4, 2), (2, 5, 2, 3), (3, 4, 2, 1)]):
+    for shapes in (
+        [(1, 5, 2, 3), (3, 5, 2, 2), (2, 4, 4, 1)],
+        [(1, 5, 4, 2), (2, 5, 2, 3), (3, 4, 2, 1)],
+    ):
         cores = random_cores(shapes, 4)
         layer = TTEmbedding(cores, num_embeddings=97, embedding_dim=13)
         idx = torch.tensor([[0, 96, 50], [7, 7, 13]])
@@ -74,8 +80,9 @@ def test_scalar_index_and_dtypes_of_indices():
     layer = TTEmbedding(cores)
     table = tt_weight_np(cores, 9, 4)
     np.testing.assert_allclose(np64(layer(torch.tensor(4))), table[4], rtol=F64_RTOL)
-    np.testing.assert_allclose(np64(layer(torch.tensor([4], dtype=torch.int32))), table[[4]],
-                               rtol=F64_RTOL)
+    np.testing.assert_allclose(
+        np64(layer(torch.tensor([4], dtype=torch.int32))), table[[4]], rtol=F64_RTOL
+    )
     with pytest.raises(TypeError, match="integer indices, got dtype torch.float32"):
         layer(torch.tensor([1.0]))
     with pytest.raises(IndexError, match=r"indices must be in \[0, 8\], got values in \[0, 9\]"):
@@ -100,8 +107,9 @@ def test_gradcheck_and_padding_idx_gets_no_gradient():
     for a, b in zip(with_pad, layer.cores, strict=True):
         np.testing.assert_allclose(np64(a), np64(b.grad), rtol=F64_RTOL, atol=1e-12)
     # the padding row's value is what the factorized table gives
-    np.testing.assert_allclose(np64(layer(torch.tensor(2))), tt_weight_np(cores, 8, 4)[2],
-                               rtol=F64_RTOL)
+    np.testing.assert_allclose(
+        np64(layer(torch.tensor(2))), tt_weight_np(cores, 8, 4)[2], rtol=F64_RTOL
+    )
 
 
 def test_full_rank_from_dense_and_padding_idx():

@@ -13,21 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from tests.layers.refs import (
-    F64_RTOL,
-    np64,
-    random_cores,
-    tt_weight_np,
-    tucker_weight_np,
-)
+from tests.layers.refs import F64_RTOL, np64, random_cores, tt_weight_np, tucker_weight_np
 from tnquant.layers import LowRankLinear, TTLinear, TuckerLinear
 from tnquant.layers.contract import plan_einsum
 from tnquant.layers.tucker import _blocks, _tucker_paths
 
 
 def lowrank():
-    return LowRankLinear(random_cores([(12, 3), (3, 10)], 0), bias=torch.randn(
-        12, dtype=torch.float64)), lambda cs: np64(cs[0]) @ np64(cs[1])
+    return LowRankLinear(
+        random_cores([(12, 3), (3, 10)], 0), bias=torch.randn(12, dtype=torch.float64)
+    ), lambda cs: np64(cs[0]) @ np64(cs[1])
 
 
 def tucker1():
@@ -36,8 +31,12 @@ def tucker1():
 
 def tucker3():
     shapes = [(2, 2, 3, 2, 2, 2), (3, 2), (2, 2), (4, 3), (2, 2), (3, 2), (2, 2)]
-    layer = TuckerLinear(random_cores(shapes, 2), in_features=11, out_features=20,
-                         bias=torch.randn(20, dtype=torch.float64))
+    layer = TuckerLinear(
+        random_cores(shapes, 2),
+        in_features=11,
+        out_features=20,
+        bias=torch.randn(20, dtype=torch.float64),
+    )
     return layer, lambda cs: tucker_weight_np(cs, 20, 11)
 
 
@@ -80,8 +79,9 @@ def test_cache_follows_every_kind_of_core_change(make):
     def check():
         with torch.no_grad():
             got = layer(x)
-        np.testing.assert_allclose(np64(got), reference(layer, weight_of, x), rtol=F64_RTOL,
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            np64(got), reference(layer, weight_of, x), rtol=F64_RTOL, atol=1e-12
+        )
 
     check()
     with torch.no_grad():  # in place: the version counter moves
@@ -111,8 +111,9 @@ def test_cache_follows_dtype_and_copies():
         twin = copy.deepcopy(layer)
         with torch.no_grad():
             twin.cores[1].zero_()
-        np.testing.assert_allclose(np64(twin(x)), np64(twin.bias).reshape(1, -1).repeat(4, 0),
-                                   rtol=F64_RTOL)
+        np.testing.assert_allclose(
+            np64(twin(x)), np64(twin.bias).reshape(1, -1).repeat(4, 0), rtol=F64_RTOL
+        )
         np.testing.assert_allclose(np64(layer(x)), reference(layer, weight_of, x), rtol=F64_RTOL)
         half = layer.to(torch.float32)
         got = half(x.float())
@@ -158,8 +159,7 @@ def test_clear_cache_and_inference_mode():
         layer.cores[1].data.mul_(0)  # invisible to the version counter ...
         layer.clear_cache()  # ... hence clear_cache()
         got = layer(x)
-    np.testing.assert_allclose(np64(got), reference(layer, weight_of, x), rtol=F64_RTOL,
-                               atol=1e-12)
+    np.testing.assert_allclose(np64(got), reference(layer, weight_of, x), rtol=F64_RTOL, atol=1e-12)
 
 
 def test_auto_reuses_the_cached_weight_at_large_batch():
@@ -180,8 +180,9 @@ def test_auto_reuses_the_cached_weight_at_large_batch():
 
 def test_blocks_are_every_split_into_runs():
     assert _blocks(1) == [[[0]]]
-    assert sorted(map(str, _blocks(3))) == sorted(map(str, [
-        [[0], [1], [2]], [[0], [1, 2]], [[0, 1], [2]], [[0, 1, 2]]]))
+    assert sorted(map(str, _blocks(3))) == sorted(
+        map(str, [[[0], [1], [2]], [[0], [1, 2]], [[0, 1], [2]], [[0, 1, 2]]])
+    )
     assert len(_blocks(4)) == 8
 
 
@@ -197,8 +198,9 @@ def test_every_tucker_candidate_order_is_right(d):
     n = len(_blocks(d))
     assert len(paths) == n * n + 2 * n  # G alone, or folded into a one-run side
     for path in paths:
-        prog = plan_einsum(layer._x_eq, layer._x_shapes(4), candidates=[path], search=False,
-                           variable=0)
+        prog = plan_einsum(
+            layer._x_eq, layer._x_shapes(4), candidates=[path], search=False, variable=0
+        )
         xt = x.reshape(4, *layer.in_shape)
         got = prog.run(xt, prog.prepare(list(layer.cores))).reshape(4, -1)
         np.testing.assert_allclose(np64(got), ref, rtol=F64_RTOL, atol=1e-12)

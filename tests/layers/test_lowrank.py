@@ -17,9 +17,15 @@ IMPLS = ("factorized", "reconstructed", "auto")
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 5),
-       st.lists(st.integers(0, 3), max_size=3), st.booleans(), st.sampled_from(IMPLS),
-       st.integers(0, 2**31 - 1))
+@given(
+    st.integers(1, 9),
+    st.integers(1, 9),
+    st.integers(1, 5),
+    st.lists(st.integers(0, 3), max_size=3),
+    st.booleans(),
+    st.sampled_from(IMPLS),
+    st.integers(0, 2**31 - 1),
+)
 def test_forward_matches_dense_reference(out_f, in_f, rank, lead, with_bias, impl, seed):
     u, v = random_cores([(out_f, rank), (rank, in_f)], seed)
     bias = torch.randn(out_f, dtype=torch.float64) if with_bias else None
@@ -48,8 +54,9 @@ def test_to_dense_and_counts():
 
 @pytest.mark.parametrize("impl", ["factorized", "reconstructed"])
 def test_gradcheck(impl):
-    layer = LowRankLinear(random_cores([(4, 2), (2, 5)], 1),
-                          bias=torch.randn(4, dtype=torch.float64))
+    layer = LowRankLinear(
+        random_cores([(4, 2), (2, 5)], 1), bias=torch.randn(4, dtype=torch.float64)
+    )
     layer.implementation = impl
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *ps: layer(x), (x, *layer.parameters()))

@@ -58,16 +58,21 @@ def test_linear_weight_and_activation_quantizers():
     x = torch.randn(5, 8)
     ref = F.linear(x, _np_int4_rows(dense.weight), dense.bias)
     assert torch.equal(layer(x), ref)
-    layer.act_quantizers = nn.ModuleDict({"input": Quantizer(QuantSpec(dtype="bfloat16")),
-                                          "output": Quantizer(QuantSpec(dtype="float16"))})
+    layer.act_quantizers = nn.ModuleDict(
+        {
+            "input": Quantizer(QuantSpec(dtype="bfloat16")),
+            "output": Quantizer(QuantSpec(dtype="float16")),
+        }
+    )
     ref = F.linear(x.bfloat16().float(), _np_int4_rows(dense.weight), dense.bias)
     assert torch.equal(layer(x), ref.half().float())
 
 
 def test_conv_from_float_keeps_hyperparameters():
     torch.manual_seed(2)
-    dense = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2), groups=2,
-                      padding_mode="reflect")
+    dense = nn.Conv2d(
+        4, 6, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2), groups=2, padding_mode="reflect"
+    )
     layer = QuantConv2d.from_float(dense)
     for attr in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
         assert getattr(layer, attr) == getattr(dense, attr)

@@ -67,8 +67,9 @@ def test_to_dense_matches_tensorly(setup):
     dense = layer.to_dense()
     assert isinstance(dense, nn.Linear)
     assert (dense.in_features, dense.out_features) == (in_f, out_f)
-    np.testing.assert_allclose(np64(dense.weight), np64(tt_weight_tl(cores, out_f, in_f)),
-                               rtol=F64_RTOL, atol=1e-12)
+    np.testing.assert_allclose(
+        np64(dense.weight), np64(tt_weight_tl(cores, out_f, in_f)), rtol=F64_RTOL, atol=1e-12
+    )
     if with_bias:
         assert torch.equal(dense.bias, bias)
     else:
@@ -91,8 +92,9 @@ def test_padding_never_changes_outputs():
 @pytest.mark.parametrize("impl", ["factorized", "reconstructed"])
 def test_gradcheck(impl):
     cores = random_cores([(1, 2, 3, 2), (2, 3, 2, 2), (2, 2, 2, 1)], 2)
-    layer = TTLinear(cores, in_features=10, out_features=11,
-                     bias=torch.randn(11, dtype=torch.float64))
+    layer = TTLinear(
+        cores, in_features=10, out_features=11, bias=torch.randn(11, dtype=torch.float64)
+    )
     layer.implementation = impl
     x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *ps: layer(x), (x, *layer.parameters()))
@@ -143,8 +145,12 @@ def test_half_precision_matches_float32(dtype, tol):
     for impl in ("factorized", "reconstructed"):
         layer.implementation = impl
         ref = layer(x)
-        half = TTLinear([c.to(dtype) for c in cores], in_features=30, out_features=30,
-                        bias=layer.bias.detach().to(dtype))
+        half = TTLinear(
+            [c.to(dtype) for c in cores],
+            in_features=30,
+            out_features=30,
+            bias=layer.bias.detach().to(dtype),
+        )
         half.implementation = impl
         out = half(x.to(dtype))
         assert out.dtype == dtype

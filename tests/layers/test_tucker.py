@@ -68,16 +68,18 @@ def test_linear_to_dense_matches_tensorly(setup):
     shapes, out_f, in_f, _, _, seed = setup
     cores = random_cores(shapes, seed)
     layer = TuckerLinear(cores, in_features=in_f, out_features=out_f)
-    np.testing.assert_allclose(np64(layer.to_dense().weight),
-                               np64(tucker_weight_tl(cores, out_f, in_f)),
-                               rtol=F64_RTOL, atol=1e-12)
+    np.testing.assert_allclose(
+        np64(layer.to_dense().weight),
+        np64(tucker_weight_tl(cores, out_f, in_f)),
+        rtol=F64_RTOL,
+        atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("impl", ["factorized", "reconstructed"])
-@pytest.mark.parametrize("shapes", [
-    [(4, 2), (2, 3), (5, 3)],
-    [(2, 2, 1, 2), (2, 2), (3, 2), (3, 1), (2, 2)],
-])
+@pytest.mark.parametrize(
+    "shapes", [[(4, 2), (2, 3), (5, 3)], [(2, 2, 1, 2), (2, 2), (3, 2), (3, 1), (2, 2)]]
+)
 def test_linear_gradcheck(shapes, impl):
     cores = random_cores(shapes, 0)
     out_f = shapes[0][0] if len(shapes) == 3 else 5
@@ -116,8 +118,11 @@ def test_linear_layouts_and_names():
 # TuckerConv2d
 # --------------------------------------------------------------------------- #
 
-PADDINGS = st.one_of(st.integers(0, 2), st.tuples(st.integers(0, 2), st.integers(0, 2)),
-                     st.sampled_from(["same", "valid"]))
+PADDINGS = st.one_of(
+    st.integers(0, 2),
+    st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    st.sampled_from(["same", "valid"]),
+)
 
 
 @st.composite
@@ -131,15 +136,32 @@ def conv_setups(draw):
     h = draw(st.integers(2 * max(kh, kw) + 1, 8))
     w = draw(st.integers(2 * max(kh, kw) + 1, 8))
     n = draw(st.integers(1, 2))
-    return (o, i, kh, kw), padding, stride, dilation, mode, (n, i, h, w), draw(st.booleans()), \
-        draw(st.integers(0, 2**31 - 1))
+    return (
+        (o, i, kh, kw),
+        padding,
+        stride,
+        dilation,
+        mode,
+        (n, i, h, w),
+        draw(st.booleans()),
+        draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def dense_conv_reference(kernel, bias, x, stride, padding, dilation, mode):
     """The reference: an nn.Conv2d built here, holding the kernel computed by the test."""
     o, i, kh, kw = kernel.shape
-    conv = nn.Conv2d(i, o, (kh, kw), stride=stride, padding=padding, dilation=dilation,
-                     bias=bias is not None, padding_mode=mode, dtype=torch.float64)
+    conv = nn.Conv2d(
+        i,
+        o,
+        (kh, kw),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        bias=bias is not None,
+        padding_mode=mode,
+        dtype=torch.float64,
+    )
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(kernel))
         if bias is not None:
@@ -154,8 +176,9 @@ def test_conv_forward_matches_dense_reference(setup, impl, r_out, r_in):
     (o, i, kh, kw), padding, stride, dilation, mode, xshape, with_bias, seed = setup
     cores = random_cores([(o, r_out), (r_out, r_in, kh, kw), (i, r_in)], seed)
     bias = torch.randn(o, dtype=torch.float64) if with_bias else None
-    layer = TuckerConv2d(cores, stride=stride, padding=padding, dilation=dilation,
-                         padding_mode=mode, bias=bias)
+    layer = TuckerConv2d(
+        cores, stride=stride, padding=padding, dilation=dilation, padding_mode=mode, bias=bias
+    )
     layer.implementation = impl
     x = torch.randn(xshape, dtype=torch.float64)
     ref = dense_conv_reference(tucker_kernel_np(cores), bias, x, stride, padding, dilation, mode)
@@ -166,13 +189,23 @@ def test_conv_forward_matches_dense_reference(setup, impl, r_out, r_in):
 
 def test_conv_to_dense_matches_tensorly():
     cores = random_cores([(5, 2), (2, 3, 3, 2), (4, 3)], 0)
-    layer = TuckerConv2d(cores, stride=(2, 1), padding=(1, 0), dilation=(1, 2),
-                         padding_mode="reflect", bias=torch.ones(5, dtype=torch.float64))
+    layer = TuckerConv2d(
+        cores,
+        stride=(2, 1),
+        padding=(1, 0),
+        dilation=(1, 2),
+        padding_mode="reflect",
+        bias=torch.ones(5, dtype=torch.float64),
+    )
     dense = layer.to_dense()
     assert isinstance(dense, nn.Conv2d)
     np.testing.assert_allclose(np64(dense.weight), np64(tucker_kernel_tl(cores)), rtol=F64_RTOL)
-    assert (dense.stride, dense.padding, dense.dilation, dense.padding_mode) == \
-        ((2, 1), (1, 0), (1, 2), "reflect")
+    assert (dense.stride, dense.padding, dense.dilation, dense.padding_mode) == (
+        (2, 1),
+        (1, 0),
+        (1, 2),
+        "reflect",
+    )
     assert torch.equal(dense.bias, layer.bias)
 
 
@@ -184,8 +217,9 @@ def test_conv_gradcheck(impl):
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     # fast mode (random projections): the slow mode's 100+ backward passes through
     # float64 convolutions take ~20 s here for the same verdict
-    assert torch.autograd.gradcheck(lambda x, *ps: layer(x), (x, *layer.parameters()),
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda x, *ps: layer(x), (x, *layer.parameters()), fast_mode=True
+    )
 
 
 def test_conv_full_rank_from_dense_and_unbatched_input():
@@ -207,8 +241,9 @@ def test_conv_refusals():
     with pytest.raises(TypeError, match="expects an nn.Conv2d, got Linear"):
         TuckerConv2d.from_dense(nn.Linear(4, 4), Tucker(rank=2))
     layer = TuckerConv2d(random_cores([(3, 2), (2, 2, 3, 3), (4, 2)], 0))
-    with pytest.raises(ValueError,
-                       match=r"expects input of shape \(N, 4, H, W\).*got \(1, 3, 5, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"expects input of shape \(N, 4, H, W\).*got \(1, 3, 5, 5\)"
+    ):
         layer(torch.randn(1, 3, 5, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="padding='same' needs stride 1"):
         TuckerConv2d(random_cores([(3, 2), (2, 2, 3, 3), (4, 2)], 0), padding="same", stride=2)
@@ -237,8 +272,9 @@ def test_conv_no_grad_keeps_the_kernel_until_a_core_changes(impl):
     x = torch.randn(64, 4, 6, 6, dtype=torch.float64)
 
     def check():
-        ref = dense_conv_reference(tucker_kernel_np(list(layer.cores)), layer.bias, x, 1, 1,
-                                   1, "zeros")
+        ref = dense_conv_reference(
+            tucker_kernel_np(list(layer.cores)), layer.bias, x, 1, 1, 1, "zeros"
+        )
         with torch.no_grad():
             for _ in range(2):
                 np.testing.assert_allclose(np64(layer(x)), np64(ref), rtol=F64_RTOL, atol=1e-12)

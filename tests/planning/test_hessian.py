@@ -29,8 +29,9 @@ def test_trace_matches_exact_gauss_newton_of_a_nonlinear_model():
 
 def test_hessian_metric_agrees_with_output_metric():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                          nn.Linear(32, 4))
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
     data = [torch.randn(128, 16) for _ in range(2)]
     choices = [Choice(None, QuantSpec(bits=b, granularity="channel")) for b in (8, 6, 4)]
     hess = sensitivity(model, data, choices, metric="hessian", progress=False)
@@ -46,8 +47,13 @@ def test_candidate_weight_of_each_layer_kind():
     torch.manual_seed(2)
     dense = nn.Linear(6, 5)
     assert torch.equal(candidate_weight(dense), dense.weight)
-    sens = sensitivity(nn.Sequential(dense), [torch.randn(8, 6)],
-                       [Choice(LowRank(rank=2), None)], metric="hessian", progress=False)
+    sens = sensitivity(
+        nn.Sequential(dense),
+        [torch.randn(8, 6)],
+        [Choice(LowRank(rank=2), None)],
+        metric="hessian",
+        progress=False,
+    )
     assert sens.errors[0][0] > 0
     with pytest.raises(ValueError, match="probes"):
         hutchinson_traces(nn.Sequential(dense), [dense], [torch.randn(2, 6)], probes=0)

@@ -32,8 +32,13 @@ def full_plan() -> Plan:
             "4": Choice(None, Binary(granularity="channel")),
         },
         layers={"0": {"size_bits": 123, "error": 0.5, "ranks": [4]}},
-        metric="layer", budget_bits=1000, predicted_size_bits=900, predicted_error=0.1,
-        measured_size_bits=900, measured_error=0.2, measured_output_error=0.3,
+        metric="layer",
+        budget_bits=1000,
+        predicted_size_bits=900,
+        predicted_error=0.1,
+        measured_size_bits=900,
+        measured_error=0.2,
+        measured_output_error=0.3,
     )
 
 
@@ -49,9 +54,13 @@ def test_json_round_trip():
 
 
 def test_round_trip_of_every_spec_kind():
-    plan = Plan({"a": Choice(Tucker(rank=(3, 2)), FixedPoint(8, 3)),
-                 "b": Choice(None, QuantSpec(bits=6, symmetric=False, granularity=("group", 4))),
-                 "c": Choice(None, None)})
+    plan = Plan(
+        {
+            "a": Choice(Tucker(rank=(3, 2)), FixedPoint(8, 3)),
+            "b": Choice(None, QuantSpec(bits=6, symmetric=False, granularity=("group", 4))),
+            "c": Choice(None, None),
+        }
+    )
     assert Plan.from_json(plan.to_json()) == plan
 
 
@@ -77,9 +86,16 @@ def test_apply_equals_factorize_and_quantize_by_hand():
     report = apply(model, plan, progress=False)
 
     factorize(by_hand, {"0": LowRank(ratio=0.25), "2": TT(ratio=0.5, order=2)}, progress=False)
-    quantize(by_hand, weights={"0": QuantSpec(bits=4, granularity="channel"), "2": Ternary(),
-                               "4": Binary(granularity="channel")},
-             cores={"2.cores.1": QuantSpec(bits=8)}, progress=False)
+    quantize(
+        by_hand,
+        weights={
+            "0": QuantSpec(bits=4, granularity="channel"),
+            "2": Ternary(),
+            "4": Binary(granularity="channel"),
+        },
+        cores={"2.cores.1": QuantSpec(bits=8)},
+        progress=False,
+    )
     x = batches()[0]
     with torch.no_grad():
         assert torch.equal(model(x), by_hand(x))
@@ -116,12 +132,19 @@ def test_apply_with_data_fits_the_factorized_layers_to_their_inputs():
 def test_apply_on_a_cnn():
     model = cnn()
     by_hand = copy.deepcopy(model)
-    plan = Plan({"2": Choice(Tucker(ratio=0.5), QuantSpec(bits=4)),
-                 "6": Choice(None, QuantSpec(bits=8, granularity="channel"))})
+    plan = Plan(
+        {
+            "2": Choice(Tucker(ratio=0.5), QuantSpec(bits=4)),
+            "6": Choice(None, QuantSpec(bits=8, granularity="channel")),
+        }
+    )
     apply(model, plan, progress=False)
     factorize(by_hand, {"2": Tucker(ratio=0.5)}, progress=False)
-    quantize(by_hand, weights={"2": QuantSpec(bits=4),
-                               "6": QuantSpec(bits=8, granularity="channel")}, progress=False)
+    quantize(
+        by_hand,
+        weights={"2": QuantSpec(bits=4), "6": QuantSpec(bits=8, granularity="channel")},
+        progress=False,
+    )
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x), by_hand(x))

@@ -44,8 +44,14 @@ def test_tighter_budget_never_gives_a_larger_model(mlp_sens):
     dense = model_size_bits(model)
     sizes, errors = [], []
     for frac in np.linspace(0.5, 0.035, 12):
-        plan = search(model, batches(), budget_bits=int(frac * dense), precomputed=sens,
-                      verify_plan=False, progress=False)
+        plan = search(
+            model,
+            batches(),
+            budget_bits=int(frac * dense),
+            precomputed=sens,
+            verify_plan=False,
+            progress=False,
+        )
         sizes.append(applied_size(model, plan))
         errors.append(plan.predicted_error)
     assert all(a >= b for a, b in zip(sizes, sizes[1:], strict=False))
@@ -56,13 +62,20 @@ def test_dominant_branch_gets_more_bits():
     model = TwoBranch(scale=100.0).eval()
     data = batches()
     budget = model_size_bits(model) // 5
-    plan = search(model, data, metric="output", budget_bits=budget, candidates=QUANT_ONLY,
-                  progress=False)
+    plan = search(
+        model, data, metric="output", budget_bits=budget, candidates=QUANT_ONLY, progress=False
+    )
     big, small = plan.layers["big"]["size_bits"], plan.layers["small"]["size_bits"]
     assert big > small, plan.table()
     # the same layers, unscaled, are treated alike
-    even = search(TwoBranch(scale=1.0).eval(), data, metric="output", budget_bits=budget,
-                  candidates=QUANT_ONLY, progress=False)
+    even = search(
+        TwoBranch(scale=1.0).eval(),
+        data,
+        metric="output",
+        budget_bits=budget,
+        candidates=QUANT_ONLY,
+        progress=False,
+    )
     assert abs(even.layers["big"]["size_bits"] - even.layers["small"]["size_bits"]) < big - small
 
 
@@ -77,8 +90,14 @@ def test_scaled_metric_weights_layers_by_their_effect_on_the_output():
         assert max(ratios) == pytest.approx(min(ratios), rel=1e-9)
     # big dominates the output: its errors weigh ~1, small's ~1e-4
     assert scaled.errors[big][-1] > 100 * scaled.errors[small][-1]
-    plan = search(model, data, metric="scaled", budget_bits=model_size_bits(model) // 5,
-                  candidates=QUANT_ONLY, progress=False)
+    plan = search(
+        model,
+        data,
+        metric="scaled",
+        budget_bits=model_size_bits(model) // 5,
+        candidates=QUANT_ONLY,
+        progress=False,
+    )
     assert plan.layers["big"]["size_bits"] > plan.layers["small"]["size_bits"]
     assert plan.measured_error == plan.measured_output_error
 
@@ -88,10 +107,16 @@ def test_low_rank_layer_gets_the_lower_rank():
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)).eval()
     with torch.no_grad():  # layer 0 is exactly rank 4, layer 1 full rank
         model[0].weight.copy_(torch.randn(64, 4) @ torch.randn(4, 64) / 8)
-    cands = [Choice(None)] + [Choice(__import__("tnquant").LowRank(ratio=r))
-                              for r in (0.5, 0.25, 0.125)]
-    plan = search(model, batches(shape=(128, 64)), budget_bits=model_size_bits(model) * 6 // 10,
-                  candidates=cands, progress=False)
+    cands = [Choice(None)] + [
+        Choice(__import__("tnquant").LowRank(ratio=r)) for r in (0.5, 0.25, 0.125)
+    ]
+    plan = search(
+        model,
+        batches(shape=(128, 64)),
+        budget_bits=model_size_bits(model) * 6 // 10,
+        candidates=cands,
+        progress=False,
+    )
     assert plan["0"].factorization is not None
     size0, size1 = plan.layers["0"]["size_bits"], plan.layers["1"]["size_bits"]
     assert size0 < size1, plan.table()
@@ -109,8 +134,9 @@ def test_target_gives_the_smallest_plan_within_it(mlp_sens):
 def test_lagrangian_method_is_feasible(mlp_sens):
     model, sens = mlp_sens
     budget = model_size_bits(model) // 8
-    lag = search(model, batches(), budget_bits=budget, precomputed=sens, method="lagrangian",
-                 progress=False)
+    lag = search(
+        model, batches(), budget_bits=budget, precomputed=sens, method="lagrangian", progress=False
+    )
     dp = search(model, batches(), budget_bits=budget, precomputed=sens, progress=False)
     assert lag.measured_size_bits <= budget
     assert lag.predicted_error >= dp.predicted_error - 1e-12
@@ -118,8 +144,9 @@ def test_lagrangian_method_is_feasible(mlp_sens):
 
 def test_plan_survives_json_and_gives_the_same_model(mlp_sens):
     model, sens = mlp_sens
-    plan = search(model, batches(), budget_bits=model_size_bits(model) // 6, precomputed=sens,
-                  progress=False)
+    plan = search(
+        model, batches(), budget_bits=model_size_bits(model) // 6, precomputed=sens, progress=False
+    )
     back = Plan.from_json(plan.to_json())
     assert back == plan
     a, b = copy.deepcopy(model), copy.deepcopy(model)
@@ -147,8 +174,9 @@ def test_pareto_points_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     model = mlp()
     out = tmp_path / "pareto.png"
-    points = pareto(model, batches(), budgets=[0.1, 0.2, 0.4], candidates=QUANT_ONLY,
-                    path=out, progress=False)
+    points = pareto(
+        model, batches(), budgets=[0.1, 0.2, 0.4], candidates=QUANT_ONLY, path=out, progress=False
+    )
     assert len(points) == 3
     dense = model_size_bits(model)
     for (size, err, plan), frac in zip(points, (0.1, 0.2, 0.4), strict=False):
@@ -156,5 +184,4 @@ def test_pareto_points_and_plot(tmp_path):
         assert err == plan.measured_error
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.warns(UserWarning, match="skipped"):
-        assert pareto(model, batches(), budgets=[10], candidates=QUANT_ONLY,
-                      progress=False) == []
+        assert pareto(model, batches(), budgets=[10], candidates=QUANT_ONLY, progress=False) == []

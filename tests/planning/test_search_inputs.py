@@ -23,18 +23,29 @@ def test_one_shot_data_is_refused_where_it_is_read_twice():
     model = mlp()
     # before: sensitivities emptied the iterator and the plan was verified on nothing
     with pytest.raises(TypeError, match="search reads the data several times.*one-shot"):
-        search(model, iter(batches()), budget_bits=_budget(model), candidates=INT8,
-               progress=False)
+        search(model, iter(batches()), budget_bits=_budget(model), candidates=INT8, progress=False)
     with pytest.raises(TypeError, match="search reads the data several times"):
         sensitivity(model, (b for b in batches()), INT8, "output", progress=False)
 
 
 def test_one_shot_data_read_once_is_fine():
     model = mlp()
-    once = search(model, iter(batches()), budget_bits=_budget(model), candidates=INT8,
-                  verify_plan=False, progress=False)
-    listed = search(model, batches(), budget_bits=_budget(model), candidates=INT8,
-                    verify_plan=False, progress=False)
+    once = search(
+        model,
+        iter(batches()),
+        budget_bits=_budget(model),
+        candidates=INT8,
+        verify_plan=False,
+        progress=False,
+    )
+    listed = search(
+        model,
+        batches(),
+        budget_bits=_budget(model),
+        candidates=INT8,
+        verify_plan=False,
+        progress=False,
+    )
     assert once.predicted_error == listed.predicted_error
     assert once.predicted_size_bits == listed.predicted_size_bits
 
@@ -42,8 +53,14 @@ def test_one_shot_data_read_once_is_fine():
 def test_one_shot_fit_data_is_refused_when_the_plan_is_verified():
     model = mlp()
     with pytest.raises(TypeError, match="search reads the data several times"):
-        search(model, batches(), budget_bits=_budget(model), candidates=LOWRANK,
-               fit_data=iter(batches()), progress=False)
+        search(
+            model,
+            batches(),
+            budget_bits=_budget(model),
+            candidates=LOWRANK,
+            fit_data=iter(batches()),
+            progress=False,
+        )
 
 
 def test_verify_on_exhausted_data_is_refused_not_zero():
@@ -52,8 +69,9 @@ def test_verify_on_exhausted_data_is_refused_not_zero():
     data = iter(batches())
     list(data)  # already read
     # before: measured_error came back 0.0
-    with pytest.raises(ValueError, match="search needs at least one batch of data, got an "
-                                         "empty list_iterator"):
+    with pytest.raises(
+        ValueError, match="search needs at least one batch of data, got an empty list_iterator"
+    ):
         verify(model, plan, data)
 
 
@@ -63,8 +81,14 @@ def test_empty_data_is_refused(empty):
     with pytest.raises(ValueError, match="search needs at least one batch of data"):
         search(model, empty, budget_bits=_budget(model), candidates=INT8, progress=False)
     with pytest.raises(ValueError, match="search needs at least one batch of fit_data"):
-        search(model, batches(), budget_bits=_budget(model), candidates=LOWRANK, fit_data=empty,
-               progress=False)
+        search(
+            model,
+            batches(),
+            budget_bits=_budget(model),
+            candidates=LOWRANK,
+            fit_data=empty,
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("metric", [None, "output", "hessian", "scaled"])
@@ -73,11 +97,13 @@ def test_non_finite_data_names_the_batch_not_no_plan_fits(metric):
     data = batches(n=3)
     data[2][5, :4] = float("nan")
     data[2][6, 0] = float("inf")
-    with pytest.raises(ValueError, match=r"search: batch 2 of data holds 5 non-finite values "
-                                         r"\(NaN or inf\) in the batch, a float32 tensor of "
-                                         r"shape \(64, 32\)"):
-        search(model, data, metric, budget_bits=_budget(model), candidates=INT8,
-               progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"search: batch 2 of data holds 5 non-finite values "
+        r"\(NaN or inf\) in the batch, a float32 tensor of "
+        r"shape \(64, 32\)",
+    ):
+        search(model, data, metric, budget_bits=_budget(model), candidates=INT8, progress=False)
 
 
 def test_non_finite_fit_data_names_it():
@@ -85,23 +111,35 @@ def test_non_finite_fit_data_names_it():
     fit = batches()
     fit[0][0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"search: batch 0 of fit_data holds 1 non-finite"):
-        search(model, batches(), budget_bits=_budget(model), candidates=LOWRANK, fit_data=fit,
-               progress=False)
+        search(
+            model,
+            batches(),
+            budget_bits=_budget(model),
+            candidates=LOWRANK,
+            fit_data=fit,
+            progress=False,
+        )
 
 
 def test_non_finite_weights_name_the_parameter():
     model = mlp()
     with torch.no_grad():
         model[2].weight[3, :7] = float("nan")
-    with pytest.raises(ValueError, match=r"search: parameter '2.weight' holds 7 non-finite "
-                                         r"values \(NaN or inf\) of 2304"):
+    with pytest.raises(
+        ValueError,
+        match=r"search: parameter '2.weight' holds 7 non-finite "
+        r"values \(NaN or inf\) of 2304",
+    ):
         search(model, batches(), budget_bits=_budget(model), candidates=INT8, progress=False)
 
 
 def test_meta_model_is_refused_with_how_to_materialize():
     model = mlp().to("meta")
-    with pytest.raises(ValueError, match=r"search needs the model's values, but parameter "
-                                         r"'0.weight' is on the meta device.*to_empty"):
+    with pytest.raises(
+        ValueError,
+        match=r"search needs the model's values, but parameter "
+        r"'0.weight' is on the meta device.*to_empty",
+    ):
         search(model, batches(), budget_bits=10**6, candidates=INT8, progress=False)
 
 
@@ -110,17 +148,20 @@ def test_an_overflow_inside_the_model_names_the_layer():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     with torch.no_grad():
         model[2].weight.fill_(3e38)  # finite weights, an infinite output
-    with pytest.raises(ValueError, match=r"search: layer '2' got a non-finite error for 1 of "
-                                         r"its 2 candidates \(dense/int8/channel: nan\)"):
-        search(model, [torch.rand(16, 8) + 1], budget_bits=10**6, candidates=INT8,
-               progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"search: layer '2' got a non-finite error for 1 of "
+        r"its 2 candidates \(dense/int8/channel: nan\)",
+    ):
+        search(model, [torch.rand(16, 8) + 1], budget_bits=10**6, candidates=INT8, progress=False)
 
 
 def test_a_bad_grid_is_not_reported_as_no_plan_fits():
     model = mlp()
     with pytest.raises(ValueError, match="grid must be a positive int"):
-        search(model, batches(), budget_bits=_budget(model), candidates=INT8, grid=0,
-               progress=False)
+        search(
+            model, batches(), budget_bits=_budget(model), candidates=INT8, grid=0, progress=False
+        )
 
 
 def test_pareto_refuses_one_shot_data_instead_of_warning_every_budget_away():
@@ -129,8 +170,14 @@ def test_pareto_refuses_one_shot_data_instead_of_warning_every_budget_away():
     model = mlp()
     with pytest.raises(TypeError, match="search reads the data several times"):
         pareto(model, iter(batches()), budgets=[0.3, 0.6], candidates=INT8, progress=False)
-    points = pareto(model, iter(batches()), budgets=[0.3, 0.6], candidates=INT8,
-                    verify_plans=False, progress=False)  # read once
+    points = pareto(
+        model,
+        iter(batches()),
+        budgets=[0.3, 0.6],
+        candidates=INT8,
+        verify_plans=False,
+        progress=False,
+    )  # read once
     assert len(points) == 2
 
 

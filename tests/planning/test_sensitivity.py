@@ -30,11 +30,15 @@ def test_sizes_match_model_size_bits_of_the_applied_model():
         for c, choice in enumerate(sens.choices[k]):
             applied = copy.deepcopy(model)
             apply(applied, Plan({name: choice}), progress=False)
-            others = sum(sens.sizes[j][[i for i, ch in enumerate(sens.choices[j])
-                                        if ch == Choice()][0]]
-                         for j in range(len(sens.names)) if j != k)
+            others = sum(
+                sens.sizes[j][[i for i, ch in enumerate(sens.choices[j]) if ch == Choice()][0]]
+                for j in range(len(sens.names))
+                if j != k
+            )
             assert model_size_bits(applied) == sens.fixed_bits + others + sens.sizes[k][c], (
-                name, choice.label())
+                name,
+                choice.label(),
+            )
 
 
 def test_layer_error_matches_numpy_reference():
@@ -48,7 +52,7 @@ def test_layer_error_matches_numpy_reference():
     ref = x @ w.T + b
     for choice, err in zip(sens.choices[0], sens.errors[0], strict=True):
         wq = int_fake_quant_rows(w.astype(np.float32).astype(np.float64), choice.weights.bits)
-        expected = ((x @ wq.T + b - ref) ** 2).sum() / (ref ** 2).sum()
+        expected = ((x @ wq.T + b - ref) ** 2).sum() / (ref**2).sum()
         assert err == pytest.approx(expected, rel=1e-3)
     assert sens.errors[0][0] < sens.errors[0][1] < sens.errors[0][2]
 
@@ -60,7 +64,7 @@ def test_lowrank_error_is_the_svd_tail_on_whitened_free_data():
     data = [torch.eye(16)]
     sens = sensitivity(model, data, [Choice(LowRank(rank=4))], progress=False)
     s = np.linalg.svd(model[0].weight.detach().double().numpy(), compute_uv=False)
-    assert sens.errors[0][0] == pytest.approx((s[4:] ** 2).sum() / (s ** 2).sum(), rel=ERR_RTOL)
+    assert sens.errors[0][0] == pytest.approx((s[4:] ** 2).sum() / (s**2).sum(), rel=ERR_RTOL)
     assert sens.ranks[0][0] == (4,)
 
 
@@ -79,7 +83,7 @@ def test_data_aware_lowrank_error_is_the_svd_tail_of_the_outputs():
     fitted = sensitivity(model, [x], [Choice(LowRank(rank=4))], fit_data=[x], progress=False)
     y = x.double().numpy() @ model[0].weight.detach().double().numpy().T
     s = np.linalg.svd(y, compute_uv=False)
-    assert fitted.errors[0][0] == pytest.approx((s[4:] ** 2).sum() / (s ** 2).sum(), rel=1e-4)
+    assert fitted.errors[0][0] == pytest.approx((s[4:] ** 2).sum() / (s**2).sum(), rel=1e-4)
     assert fitted.errors[0][0] < 0.5 * plain.errors[0][0]
     assert fitted.sizes == plain.sizes and fitted.data_aware and not plain.data_aware
 
@@ -87,26 +91,48 @@ def test_data_aware_lowrank_error_is_the_svd_tail_of_the_outputs():
 def test_data_aware_search_verifies_the_data_aware_plan():
     model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
     data = [_correlated(128), _correlated(128, seed=4)]
-    cands = Candidates(formats=("lowrank",), ratios=(0.25,), bits=(8,), ternary=False,
-                       binary=False, keep_float=False, dense=False)
+    cands = Candidates(
+        formats=("lowrank",),
+        ratios=(0.25,),
+        bits=(8,),
+        ternary=False,
+        binary=False,
+        keep_float=False,
+        dense=False,
+    )
     fit = data + [_correlated(128, seed=5)]  # more rows to fit on than to measure with
-    plan = search(model, data, metric="output", budget_bits=10**6, candidates=cands,
-                  include=["0"], fit_data=fit, progress=False)
+    plan = search(
+        model,
+        data,
+        metric="output",
+        budget_bits=10**6,
+        candidates=cands,
+        include=["0"],
+        fit_data=fit,
+        progress=False,
+    )
     by_hand = copy.deepcopy(model)
     apply(by_hand, plan, data=fit, progress=False)
     with torch.no_grad():
         ref, new = torch.cat([model(x) for x in data]), torch.cat([by_hand(x) for x in data])
     err = float((new - ref).pow(2).sum() / ref.pow(2).sum())
     assert plan.measured_output_error == pytest.approx(err, rel=1e-5)
-    plain = search(model, data, metric="output", budget_bits=10**6, candidates=cands,
-                   include=["0"], progress=False)
+    plain = search(
+        model,
+        data,
+        metric="output",
+        budget_bits=10**6,
+        candidates=cands,
+        include=["0"],
+        progress=False,
+    )
     assert plan.measured_output_error < plain.measured_output_error
-    sens = sensitivity(model, data, cands, "output", include=["0"], fit_data=fit,
-                       progress=False)
+    sens = sensitivity(model, data, cands, "output", include=["0"], fit_data=fit, progress=False)
     with pytest.raises(ValueError, match="pass the same fit_data"):
         search(model, data, "output", budget_bits=10**6, precomputed=sens, progress=False)
-    again = search(model, data, "output", budget_bits=10**6, precomputed=sens, fit_data=fit,
-                   progress=False)
+    again = search(
+        model, data, "output", budget_bits=10**6, precomputed=sens, fit_data=fit, progress=False
+    )
     assert again.measured_output_error == pytest.approx(err, rel=1e-5)
 
 
@@ -124,13 +150,22 @@ def test_default_candidates_cover_formats_and_skip_unsupported():
 def test_repeated_ranks_are_measured_once():
     # a 4x4 layer: every ratio gives the same capped rank
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    cands = Candidates(formats=("lowrank",), ratios=(0.9, 0.8), bits=(8,), ternary=False,
-                       binary=False, keep_float=False)
+    cands = Candidates(
+        formats=("lowrank",),
+        ratios=(0.9, 0.8),
+        bits=(8,),
+        ternary=False,
+        binary=False,
+        keep_float=False,
+    )
     sens = sensitivity(model, [torch.randn(8, 4)], cands, progress=False)
-    assert [c.label() for c in sens.choices[0]] == ["dense/int8/channel",
-                                                     "LowRank(ratio=0.9)/int8/channel"]
+    assert [c.label() for c in sens.choices[0]] == [
+        "dense/int8/channel",
+        "LowRank(ratio=0.9)/int8/channel",
+    ]
     assert [(label, "same layer" in why) for _, label, why in sens.skipped] == [
-        ("LowRank(ratio=0.8)/int8/channel", True)]
+        ("LowRank(ratio=0.8)/int8/channel", True)
+    ]
 
 
 def test_output_and_callable_metrics():
@@ -191,6 +226,11 @@ def test_errors_measure_the_logits_of_a_mapping_output():
 
     torch.manual_seed(0)
     model = Named().eval()
-    sens = sensitivity(model, [torch.randn(16, 8)], [Choice(None, QuantSpec(bits=2))],
-                       metric="output", progress=False)
+    sens = sensitivity(
+        model,
+        [torch.randn(16, 8)],
+        [Choice(None, QuantSpec(bits=2))],
+        metric="output",
+        progress=False,
+    )
     assert sens.errors[0][0] > 0

@@ -52,8 +52,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _hand_activations(model: ActNet, data):
     """fc1 and fc2 outputs of the float model, in float64 numpy."""
-    w1, b1, w2, b2 = (_np(p) for p in (model.fc1.weight, model.fc1.bias, model.fc2.weight,
-                                       model.fc2.bias))
+    w1, b1, w2, b2 = (
+        _np(p) for p in (model.fc1.weight, model.fc1.bias, model.fc2.weight, model.fc2.bias)
+    )
     h1 = [_np(x) @ w1.T + b1 for x in data]
     h2 = [np.maximum(h, 0) @ w2.T + b2 for h in h1]
     return h1, h2
@@ -79,8 +80,10 @@ def _check_qparams(q: Quantizer, lo, hi, spec):
 
 MINMAX_SPECS = [
     (QuantSpec(bits=8), QuantSpec(bits=4, symmetric=False)),
-    (QuantSpec(bits=6, symmetric=False, granularity="channel", axis=1),
-     QuantSpec(bits=8, granularity="channel", axis=1)),
+    (
+        QuantSpec(bits=6, symmetric=False, granularity="channel", axis=1),
+        QuantSpec(bits=8, granularity="channel", axis=1),
+    ),
 ]
 
 
@@ -103,8 +106,10 @@ def test_minmax_ranges_equal_hand_reference(spec1, spec2):
 
 def test_ema_and_percentile_observers_follow_hand_reference():
     torch.manual_seed(1)
-    ema, pct = QuantSpec(bits=8, observer="ema", ema_decay=0.5), QuantSpec(
-        bits=8, observer="percentile", percentile=90.0, symmetric=False)
+    ema, pct = (
+        QuantSpec(bits=8, observer="ema", ema_decay=0.5),
+        QuantSpec(bits=8, observer="percentile", percentile=90.0, symmetric=False),
+    )
     model = ActNet(ema, pct)
     data = _batches(2, n=4)
     calibrate(model, data, progress=False)
@@ -140,8 +145,9 @@ def test_weights_frozen_and_activations_see_quantized_weights():
     u, v = torch.randn(5, 3), torch.randn(3, 6)
     layer = LowRankLinear([u, v], bias=torch.randn(5))
     layer.core_quantizers = nn.ModuleList([Quantizer(spec_w), Quantizer(spec_w)])
-    layer.act_quantizers = nn.ModuleDict({"inter_0": Quantizer(spec_a),
-                                          "output": Quantizer(spec_a)})
+    layer.act_quantizers = nn.ModuleDict(
+        {"inter_0": Quantizer(spec_a), "output": Quantizer(spec_a)}
+    )
     data = _batches(4)
     report = calibrate(layer, data, progress=False)
     cores_q = []
@@ -150,24 +156,32 @@ def test_weights_frozen_and_activations_see_quantized_weights():
         amax = np.abs(c).max(axis=1)
         scale = amax / spec_w.qmax
         np.testing.assert_allclose(_np(q.qparams().scale).reshape(-1), scale, rtol=RTOL)
-        cores_q.append(np.clip(np.round(c / scale[:, None]), spec_w.qmin, spec_w.qmax)
-                       * scale[:, None])
+        cores_q.append(
+            np.clip(np.round(c / scale[:, None]), spec_w.qmin, spec_w.qmax) * scale[:, None]
+        )
     inter = [_np(x) @ cores_q[1].T for x in data]
     out = [i @ cores_q[0].T + _np(layer.bias) for i in inter]  # inter_0 unquantized
     for name, acts in (("inter_0", inter), ("output", out)):
         stacked = np.concatenate(acts)
         _check_qparams(layer.act_quantizers[name], stacked.min(), stacked.max(), spec_a)
     kinds = {r["name"]: r["kind"] for r in report}
-    assert kinds == {"core_quantizers.0": "weight", "core_quantizers.1": "weight",
-                     "act_quantizers.inter_0": "activation", "act_quantizers.output": "activation"}
+    assert kinds == {
+        "core_quantizers.0": "weight",
+        "core_quantizers.1": "weight",
+        "act_quantizers.inter_0": "activation",
+        "act_quantizers.output": "activation",
+    }
 
 
 def test_calibrate_is_deterministic_and_idempotent():
     torch.manual_seed(4)
-    model = nn.Sequential(QLinear(6, 8, QuantSpec(bits=4, observer="mse")),
-                          Quantizer(QuantSpec(bits=8, observer="percentile", percentile=99.0)),
-                          nn.ReLU(), QLinear(8, 4, QuantSpec(bits=3)),
-                          Quantizer(QuantSpec(bits=4, symmetric=False, observer="mse")))
+    model = nn.Sequential(
+        QLinear(6, 8, QuantSpec(bits=4, observer="mse")),
+        Quantizer(QuantSpec(bits=8, observer="percentile", percentile=99.0)),
+        nn.ReLU(),
+        QLinear(8, 4, QuantSpec(bits=3)),
+        Quantizer(QuantSpec(bits=4, symmetric=False, observer="mse")),
+    )
     twin = copy.deepcopy(model)
     data = _batches(5)
     calibrate(model, data, progress=False, bias_correction=True)
@@ -190,8 +204,9 @@ def test_training_flag_and_skips():
     unused = Quantizer(QuantSpec(bits=8))
     off = Quantizer(QuantSpec(bits=8)).disable()
     tern = Quantizer(Ternary())
-    model = _WithUnused(nn.Sequential(nn.Linear(6, 6), off, tern, Quantizer(QuantSpec(bits=8))),
-                        unused)
+    model = _WithUnused(
+        nn.Sequential(nn.Linear(6, 6), off, tern, Quantizer(QuantSpec(bits=8))), unused
+    )
     model.train()
     report = calibrate(model, _batches(6), progress=False)
     assert model.training
@@ -237,8 +252,10 @@ def test_batches_as_dicts_and_num_batches():
             return self.q(x * scale)
 
     model = Kw()
-    data = [{"x": torch.tensor([[1.0, -2.0]]), "scale": 1.0},
-            {"x": torch.tensor([[8.0, 0.0]]), "scale": 1.0}]
+    data = [
+        {"x": torch.tensor([[1.0, -2.0]]), "scale": 1.0},
+        {"x": torch.tensor([[8.0, 0.0]]), "scale": 1.0},
+    ]
     calibrate(model, data, num_batches=1, progress=False)
     assert model.q.observer.max_val.item() == 1.0 and model.q.observer.min_val.item() == -2.0
 
@@ -267,8 +284,11 @@ def _qlinear(bits: int) -> tuple[nn.Module, object]:
     return layer, lambda x: F.linear(x, w, b)
 
 
-@pytest.mark.parametrize("make,bits", [(_lowrank, 2), (_lowrank, 3), (_qlinear, 2)],
-                         ids=["lowrank-2bit", "lowrank-3bit", "dense-2bit"])
+@pytest.mark.parametrize(
+    "make,bits",
+    [(_lowrank, 2), (_lowrank, 3), (_qlinear, 2)],
+    ids=["lowrank-2bit", "lowrank-3bit", "dense-2bit"],
+)
 def test_bias_correction_removes_the_mean_shift(make, bits):
     torch.manual_seed(10 + bits)
     layer, float_ref = make(bits)
@@ -287,15 +307,17 @@ def test_bias_correction_removes_the_mean_shift(make, bits):
     assert after.abs().max() < 1e-5 * max(1.0, before.abs().max().item())
     assert err_corr < 0.5 * err_plain
     rows = [r for r in report if r["kind"] == "bias"]
-    assert len(rows) == 1 and rows[0]["bias_shift"] == pytest.approx(before.norm().item(),
-                                                                     rel=1e-4)
+    assert len(rows) == 1 and rows[0]["bias_shift"] == pytest.approx(before.norm().item(), rel=1e-4)
 
 
 def test_bias_correction_conv_in_forward_order():
     """Two layers: the second is measured on inputs from the corrected first one."""
     torch.manual_seed(30)
-    conv = TuckerConv2d([torch.randn(6, 3), torch.randn(3, 2, 3, 3), torch.randn(4, 2)],
-                        padding=1, bias=torch.randn(6))
+    conv = TuckerConv2d(
+        [torch.randn(6, 3), torch.randn(3, 2, 3, 3), torch.randn(4, 2)],
+        padding=1,
+        bias=torch.randn(6),
+    )
     conv.core_quantizers = nn.ModuleList([Quantizer(QuantSpec(bits=3)) for _ in range(3)])
     head = QLinear(6, 5, QuantSpec(bits=2))
     model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(2), _Mean(), head)
@@ -325,26 +347,33 @@ def test_bias_correction_skips_layers_without_bias():
     layer = QLinear(4, 3, QuantSpec(bits=2), bias=False)
     report = correct_biases(nn.Sequential(layer), [torch.randn(5, 4)], progress=False)
     assert len(report) == 0
-    assert report.skipped == [{"name": "0", "kind": "QuantLinear",
-                               "reason": "no bias: not corrected"}]
+    assert report.skipped == [
+        {"name": "0", "kind": "QuantLinear", "reason": "no bias: not corrected"}
+    ]
 
 
 def test_find_quantizers_kinds():
     model = nn.Sequential(QLinear(4, 3, QuantSpec()), Quantizer(QuantSpec()))
     assert [(r.name, r.kind) for r in find_quantizers(model)] == [
-        ("0.weight_quantizer", "weight"), ("1", "activation")]
+        ("0.weight_quantizer", "weight"),
+        ("1", "activation"),
+    ]
 
 
 def test_quantize_calibrate_convert_pipeline():
     """After calibrate the model is static: convert accepts it and keeps its outputs."""
     torch.manual_seed(40)
-    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                          nn.Linear(16, 4))
+    model = nn.Sequential(
+        nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+    )
     factorize(model, {"2": LowRank(rank=4)}, progress=False)
-    quantize(model, weights=QuantSpec(bits=4, granularity="channel"),
-             cores={1: Ternary()}, activations={"*.inter_*": QuantSpec(bits=8),
-                                                "*": QuantSpec(bits=8, symmetric=False)},
-             progress=False)
+    quantize(
+        model,
+        weights=QuantSpec(bits=4, granularity="channel"),
+        cores={1: Ternary()},
+        activations={"*.inter_*": QuantSpec(bits=8), "*": QuantSpec(bits=8, symmetric=False)},
+        progress=False,
+    )
     data = _batches(41, cols=10)
     report = calibrate(model, data, bias_correction=True, progress=False)
     kinds = [r["kind"] for r in report]
@@ -359,15 +388,19 @@ def test_quantize_calibrate_convert_pipeline():
         assert torch.equal(model(x), before)
     again = calibrate(model, data, bias_correction=True, progress=False)
     assert {s["reason"] for s in again.skipped} == {
-        "converted weights (no float reference): not corrected"}
+        "converted weights (no float reference): not corrected"
+    }
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_calibrate_on_cuda_matches_cpu():
     torch.manual_seed(50)
-    model = nn.Sequential(QLinear(6, 8, QuantSpec(bits=3)), Quantizer(QuantSpec(bits=8)),
-                          nn.ReLU(), LowRankLinear([torch.randn(4, 2), torch.randn(2, 8)],
-                                                   bias=torch.randn(4)))
+    model = nn.Sequential(
+        QLinear(6, 8, QuantSpec(bits=3)),
+        Quantizer(QuantSpec(bits=8)),
+        nn.ReLU(),
+        LowRankLinear([torch.randn(4, 2), torch.randn(2, 8)], bias=torch.randn(4)),
+    )
     model[3].core_quantizers = nn.ModuleList([Quantizer(QuantSpec(bits=2)) for _ in range(2)])
     gpu = copy.deepcopy(model).cuda()
     data = _batches(51, mean=1.0)

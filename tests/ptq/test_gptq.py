@@ -21,8 +21,16 @@ from tnquant.ptq.gptq import column_qparams, gptq_weight
 from tnquant.quantization import convert, quantize
 
 
-def obs_reference(w: np.ndarray, h: np.ndarray, s: np.ndarray, zp: np.ndarray | None,
-                  qmin: int, qmax: int, damp: float, order: np.ndarray) -> np.ndarray:
+def obs_reference(
+    w: np.ndarray,
+    h: np.ndarray,
+    s: np.ndarray,
+    zp: np.ndarray | None,
+    qmin: int,
+    qmax: int,
+    damp: float,
+    order: np.ndarray,
+) -> np.ndarray:
     """Column-by-column OBS rounding with explicit inverses (float64, numpy)."""
     w = w[:, order].astype(np.float64).copy()
     h = h[np.ix_(order, order)].astype(np.float64).copy()
@@ -59,8 +67,9 @@ def test_gptq_weight_matches_obs_reference(act_order, block, affine):
     zp = torch.full_like(w, 1.0) if affine else None
     got = gptq_weight(w, h, s, zp, -4, 3, damp=0.01, block=block, act_order=act_order)
     order = np.argsort(-np.diag(h.numpy()), kind="stable") if act_order else np.arange(20)
-    ref = obs_reference(w.numpy(), h.numpy(), s.numpy(), None if zp is None else zp.numpy(),
-                        -4, 3, 0.01, order)
+    ref = obs_reference(
+        w.numpy(), h.numpy(), s.numpy(), None if zp is None else zp.numpy(), -4, 3, 0.01, order
+    )
     codes_got = torch.round(got / s) + (0 if zp is None else zp)
     codes_ref = np.round(ref / s.numpy()) + (0 if zp is None else zp.numpy())
     assert np.array_equal(codes_got.numpy(), codes_ref)
@@ -89,8 +98,9 @@ def test_gptq_weight_dead_inputs_and_errors():
 
 def net(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(),
-                         nn.Linear(24, 8))
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8)
+    )
 
 
 def data(seed=1, batches=4):
@@ -100,11 +110,13 @@ def data(seed=1, batches=4):
     return [torch.randn(64, 16, generator=g) @ mix for _ in range(batches)]
 
 
-SPECS = [QuantSpec(bits=3, granularity="channel"),
-         QuantSpec(bits=4),
-         QuantSpec(bits=3, granularity=("group", 8), axis=1),
-         QuantSpec(bits=3, granularity="channel", symmetric=False),
-         QuantSpec(bits=3, granularity="channel", learnable=True)]
+SPECS = [
+    QuantSpec(bits=3, granularity="channel"),
+    QuantSpec(bits=4),
+    QuantSpec(bits=3, granularity=("group", 8), axis=1),
+    QuantSpec(bits=3, granularity="channel", symmetric=False),
+    QuantSpec(bits=3, granularity="channel", learnable=True),
+]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: repr(s)[:60])
@@ -113,8 +125,11 @@ def test_gptq_model_beats_rtn_and_stays_on_grid(spec):
     quantize(model, weights=spec, progress=False)
     calibrate(model, xs, progress=False)
     rtn = copy.deepcopy(model)
-    scales = {n: m.weight_quantizer.qparams().scale.clone() for n, m in model.named_modules()
-              if getattr(m, "weight_quantizer", None) is not None}
+    scales = {
+        n: m.weight_quantizer.qparams().scale.clone()
+        for n, m in model.named_modules()
+        if getattr(m, "weight_quantizer", None) is not None
+    }
     report = gptq(model, xs, progress=False)
     assert [r["name"] for r in report.rows] == ["0", "2", "4"]  # forward order
     for row in report.rows:
@@ -148,8 +163,10 @@ def test_gptq_first_layer_hessian_matches_inputs():
     expect = gptq_weight(w0, h, s, None, qp.qmin, qp.qmax, act_order=True)
     assert torch.equal(model[0].weight.detach(), expect)
     d = (w0 - expect).double()
-    err = float(torch.einsum("oi,ij,oj->", d, h, d) / torch.einsum("oi,ij,oj->", w0.double(),
-                                                                   h, w0.double()))
+    err = float(
+        torch.einsum("oi,ij,oj->", d, h, d)
+        / torch.einsum("oi,ij,oj->", w0.double(), h, w0.double())
+    )
     assert report.rows[0]["error"] == pytest.approx(err, rel=1e-9)
 
 
@@ -167,11 +184,13 @@ def test_gptq_lowrank_rounds_v_then_u_on_its_inputs():
     assert [r["name"] for r in report.rows] == ["0.cores.1", "0.cores.0"]
     # independent reference: GPTQ of V on x, then of U on the rounded V x
     x = x32.double()
-    v_new = gptq_weight(v0, x.T @ x, column_qparams(qv.qparams(), (6, 16))[0], None, -4, 3,
-                        act_order=True)
+    v_new = gptq_weight(
+        v0, x.T @ x, column_qparams(qv.qparams(), (6, 16))[0], None, -4, 3, act_order=True
+    )
     z = x @ v_new.double().T
-    u_new = gptq_weight(u0, z.T @ z, column_qparams(qu.qparams(), (32, 6))[0], None, -4, 3,
-                        act_order=True)
+    u_new = gptq_weight(
+        u0, z.T @ z, column_qparams(qu.qparams(), (32, 6))[0], None, -4, 3, act_order=True
+    )
     assert torch.equal(layer.cores[1].detach(), v_new)
     assert torch.equal(layer.cores[0].detach(), u_new)
     for row in report.rows:
@@ -183,10 +202,16 @@ def test_gptq_lowrank_rounds_v_then_u_on_its_inputs():
 
 def test_gptq_skips_with_reasons():
     model = net()
-    factorize(model, {"2": LowRank(rank=4), "4": TT(rank=2, order=2, in_shape=(4, 6),
-                                                    out_shape=(2, 4))}, progress=False)
-    quantize(model, weights={"0": Ternary(), "2": QuantSpec(bits=4), "4": QuantSpec(bits=4)},
-             progress=False)
+    factorize(
+        model,
+        {"2": LowRank(rank=4), "4": TT(rank=2, order=2, in_shape=(4, 6), out_shape=(2, 4))},
+        progress=False,
+    )
+    quantize(
+        model,
+        weights={"0": Ternary(), "2": QuantSpec(bits=4), "4": QuantSpec(bits=4)},
+        progress=False,
+    )
     _, skipped = gptq_targets(model)
     reasons = {n: r for n, _, r in skipped}
     assert "Ternary" in reasons["0"]

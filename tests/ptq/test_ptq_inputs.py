@@ -14,8 +14,12 @@ from tnquant.quantization import quantize
 def _model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
-    quantize(model, weights=QuantSpec(bits=4, granularity="channel"),
-             activations={"*.input": QuantSpec(bits=8)}, progress=False)
+    quantize(
+        model,
+        weights=QuantSpec(bits=4, granularity="channel"),
+        activations={"*.input": QuantSpec(bits=8)},
+        progress=False,
+    )
     return model
 
 
@@ -36,19 +40,24 @@ def test_meta_model_is_refused_with_how_to_materialize():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(6, 8))
     quantize(model, weights=QuantSpec(bits=8), activations=QuantSpec(bits=8), progress=False)
-    for verb, call in (("calibrate", lambda: calibrate(model, _data(), progress=False)),
-                       ("GPTQ", lambda: gptq(model, _data(), progress=False)),
-                       ("bias correction", lambda: correct_biases(model, _data(),
-                                                                  progress=False))):
-        with pytest.raises(ValueError, match=rf"{verb} needs the model's values, but parameter "
-                                             rf"'0.weight' is on the meta device.*to_empty"):
+    for verb, call in (
+        ("calibrate", lambda: calibrate(model, _data(), progress=False)),
+        ("GPTQ", lambda: gptq(model, _data(), progress=False)),
+        ("bias correction", lambda: correct_biases(model, _data(), progress=False)),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"{verb} needs the model's values, but parameter "
+            rf"'0.weight' is on the meta device.*to_empty",
+        ):
             call()
 
 
 def test_empty_data_is_refused_before_the_weights_are_frozen():
     model = _model()
-    with pytest.raises(ValueError, match="calibrate needs at least one batch of data, got an "
-                                         "empty list"):
+    with pytest.raises(
+        ValueError, match="calibrate needs at least one batch of data, got an empty list"
+    ):
         calibrate(model, [], progress=False)
     assert not any(q.initialized for q in _weight_quantizers(model))
 
@@ -62,8 +71,9 @@ def test_data_is_not_needed_without_activation_quantizers():
 
 
 def test_data_that_is_not_iterable_is_refused():
-    with pytest.raises(TypeError, match="calibrate: data must be an iterable of batches.*"
-                                        "got NoneType"):
+    with pytest.raises(
+        TypeError, match="calibrate: data must be an iterable of batches.*got NoneType"
+    ):
         calibrate(_model(), None, progress=False)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="GPTQ: data must be an iterable of batches"):
         gptq(_model(), 3, progress=False)
@@ -75,9 +85,12 @@ def test_non_finite_batch_is_named_and_observers_are_restored():
     data = _data()
     data[1][3, :2] = float("nan")
     data[1][0, 0] = float("-inf")
-    with pytest.raises(ValueError, match=r"calibrate: batch 1 of data holds 3 non-finite values "
-                                         r"\(NaN or inf\) in the batch, a float32 tensor of "
-                                         r"shape \(16, 6\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"calibrate: batch 1 of data holds 3 non-finite values "
+        r"\(NaN or inf\) in the batch, a float32 tensor of "
+        r"shape \(16, 6\)",
+    ):
         calibrate(model, data, progress=False)
     assert [q.mode for q in _act_quantizers(model)] == modes
     assert not any(q.initialized for q in _act_quantizers(model))

@@ -26,8 +26,9 @@ def reference_matrix(signs: np.ndarray, block: int) -> np.ndarray:
 
 @pytest.mark.parametrize("n", [1, 2, 8, 128])
 def test_hadamard_matches_scipy(n):
-    np.testing.assert_allclose(hadamard(n, torch.float64).numpy(),
-                               scipy_hadamard(n) / np.sqrt(n), atol=1e-15)
+    np.testing.assert_allclose(
+        hadamard(n, torch.float64).numpy(), scipy_hadamard(n) / np.sqrt(n), atol=1e-15
+    )
 
 
 def test_hadamard_rejects_non_power_of_two():
@@ -35,9 +36,18 @@ def test_hadamard_rejects_non_power_of_two():
         hadamard(12)
 
 
-@pytest.mark.parametrize(("features", "block", "expected"),
-                         [(384, 128, 128), (1536, 128, 128), (1536, 1024, 512), (96, 128, 32),
-                          (10, 128, 2), (7, 128, 1), (256, 64, 64)])
+@pytest.mark.parametrize(
+    ("features", "block", "expected"),
+    [
+        (384, 128, 128),
+        (1536, 128, 128),
+        (1536, 1024, 512),
+        (96, 128, 32),
+        (10, 128, 2),
+        (7, 128, 1),
+        (256, 64, 64),
+    ],
+)
 def test_rotation_block(features, block, expected):
     assert rotation_block(features, block) == expected
 
@@ -52,8 +62,7 @@ def test_rotation_is_the_reference_matrix(features, block):
     x = torch.randn(3, 2, features, dtype=torch.float64)
     np.testing.assert_allclose(rot(x).numpy(), x.numpy() @ ref, atol=1e-12)
     r = rot.matrix().double()
-    torch.testing.assert_close(r @ r.T, torch.eye(features, dtype=torch.float64), atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(r @ r.T, torch.eye(features, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
 def test_signs_depend_on_the_seed_and_come_back_on_load():
@@ -66,8 +75,9 @@ def test_signs_depend_on_the_seed_and_come_back_on_load():
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
-                         nn.Linear(32, 8))
+    return nn.Sequential(
+        nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)
+    )
 
 
 def test_rotate_keeps_the_function_linear_and_lowrank():
@@ -94,12 +104,14 @@ def test_rotate_patterns_and_skips():
     again = rotate(model, include=["0", "2"], progress=False)
     assert [r["name"] for r in again.rows] == ["2"]
     assert ("0", "RotatedLinear", "rotated already") in [
-        (s["name"], s["kind"], s["reason"]) for s in again.skipped]
+        (s["name"], s["kind"], s["reason"]) for s in again.skipped
+    ]
     q = mlp()
     quantize(q, weights=QuantSpec(bits=4), include=["0"], progress=False)
     skipped = rotate(q, progress=False).skipped
     assert [(s["name"], s["reason"]) for s in skipped] == [
-        ("0", "it is quantized already: rotate before quantize")]
+        ("0", "it is quantized already: rotate before quantize")
+    ]
     with pytest.raises(TypeError, match="rotate before quantize"):
         RotatedLinear.from_linear(q[0])
     mha = nn.Sequential(nn.MultiheadAttention(16, 2))
@@ -171,11 +183,13 @@ def test_finetune_trains_through_the_rotation():
     model = mlp()
     teacher = copy.deepcopy(model)
     rotate(model, progress=False)
-    quantize(model, weights=QuantSpec(bits=3, granularity="channel", learnable=True),
-             progress=False)
+    quantize(
+        model, weights=QuantSpec(bits=3, granularity="channel", learnable=True), progress=False
+    )
     data = [torch.randn(32, 48) for _ in range(4)]
     calibrate(model, data, progress=False)
-    report = tnquant.finetune(model, data, teacher=teacher, loss="mse", epochs=5, lr=1e-3,
-                              progress=False)
+    report = tnquant.finetune(
+        model, data, teacher=teacher, loss="mse", epochs=5, lr=1e-3, progress=False
+    )
     losses = report.history.loss
     assert losses[-1] < losses[0]

@@ -41,28 +41,38 @@ def global_batches():
 
 def train(**kwargs):
     student, teacher = build()
-    report = finetune(student, global_batches(), teacher, epochs=EPOCHS, lr=1e-2,
-                      progress=False, **kwargs)
+    report = finetune(
+        student, global_batches(), teacher, epochs=EPOCHS, lr=1e-2, progress=False, **kwargs
+    )
     return student, report
 
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     ckpt = out / "ckpt"
-    student, report = train(ddp=True, checkpoint_dir=ckpt, checkpoint_every=CHECKPOINT_EVERY,
-                            keep_checkpoints=None)
+    student, report = train(
+        ddp=True, checkpoint_dir=ckpt, checkpoint_every=CHECKPOINT_EVERY, keep_checkpoints=None
+    )
     group_left = torch.distributed.is_initialized()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # a file store: torchrun's own store does not take a second default group
-    torch.distributed.init_process_group("gloo", init_method=f"file://{out / 'store'}",
-                                         rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world
+    )
     torch.distributed.barrier()  # rank 0 has written every checkpoint
     resumed, _ = train(ddp="auto", resume_from=ckpt / f"step_{RESUME_STEP:08d}.pt")
     still_there = torch.distributed.is_initialized()
     torch.distributed.destroy_process_group()
-    torch.save({"full": student.state_dict(), "resumed": resumed.state_dict(),
-                "loss": report.history.loss, "group_left": group_left,
-                "user_group_kept": still_there}, out / f"rank{rank}.pt")
+    torch.save(
+        {
+            "full": student.state_dict(),
+            "resumed": resumed.state_dict(),
+            "loss": report.history.loss,
+            "group_left": group_left,
+            "user_group_kept": still_there,
+        },
+        out / f"rank{rank}.pt",
+    )
 
 
 if __name__ == "__main__":

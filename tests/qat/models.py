@@ -11,8 +11,14 @@ from tnquant import LowRank, QuantSpec, factorize
 from tnquant.quantization import quantize
 
 
-def mlp(seed: int = 0, d_in: int = 8, hidden: int = 16, d_out: int = 4, dropout: float = 0.0,
-        dtype: torch.dtype = torch.float32) -> nn.Sequential:
+def mlp(
+    seed: int = 0,
+    d_in: int = 8,
+    hidden: int = 16,
+    d_out: int = 4,
+    dropout: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Sequential:
     """``Linear-Tanh-[Dropout]-Linear-Tanh-Linear`` with weights drawn from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = [nn.Linear(d_in, hidden), nn.Tanh()]
@@ -37,8 +43,9 @@ def compressed(teacher: nn.Module, rank: int = 3, bits: int | None = 4) -> nn.Mo
     return student
 
 
-def batches(seed: int, n: int, size: int = 8, d_in: int = 8,
-            dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+def batches(
+    seed: int, n: int, size: int = 8, d_in: int = 8, dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor]:
     """``n`` input batches of ``size`` rows drawn from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(size, d_in, generator=gen, dtype=dtype) for _ in range(n)]

@@ -40,8 +40,10 @@ def test_latest_and_prune(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_00000010.pt"
     assert load_checkpoint(tmp_path)["step"] == 10
     prune_checkpoints(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000007.pt",
-                                                              "step_00000010.pt"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [
+        "step_00000007.pt",
+        "step_00000010.pt",
+    ]
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no step_"):
         load_checkpoint(tmp_path / "empty")

@@ -23,8 +23,10 @@ def test_shuffle_depends_on_seed_and_epoch_only():
     assert list(a.batches(0)) != list(a.batches(1))
     assert sorted(a.batches(0)) == data
     assert list(a.batches(2, skip=4)) == list(a.batches(2))[4:]
-    assert list(EpochPlan(data, world=2, rank=1, shuffle=True, seed=5).batches(2)) == \
-        list(a.batches(2))[1::2]
+    assert (
+        list(EpochPlan(data, world=2, rank=1, shuffle=True, seed=5).batches(2))
+        == list(a.batches(2))[1::2]
+    )
 
 
 @pytest.mark.parametrize("world, rank", [(1, 0), (2, 1)])

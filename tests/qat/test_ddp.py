@@ -18,7 +18,8 @@ RTOL = 1e-6  # DDP (mean of two shard gradients) vs one process (mean over the c
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="needs torch.distributed with gloo")
+    reason="needs torch.distributed with gloo",
+)
 
 
 def _free_port() -> int:
@@ -29,10 +30,21 @@ def _free_port() -> int:
 
 def _launch(out: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
-    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m",
-                                                         "torch.distributed.run"]
-    cmd = launcher + ["--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                      "--master_port", str(_free_port()), ddp_worker.__file__, str(out)]
+    launcher = (
+        [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    )
+    cmd = launcher + [
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        ddp_worker.__file__,
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -46,8 +58,7 @@ def test_two_process_ddp_matches_one_process_on_the_global_batch(tmp_path):
     gb = ddp_worker.global_batches()
     student, teacher = ddp_worker.build()
     data = [torch.cat([gb[2 * k], gb[2 * k + 1]]) for k in range(len(gb) // 2)]
-    finetune(student, data, teacher, epochs=ddp_worker.EPOCHS, lr=1e-2, ddp=False,
-             progress=False)
+    finetune(student, data, teacher, epochs=ddp_worker.EPOCHS, lr=1e-2, ddp=False, progress=False)
     ref = student.state_dict()
 
     cores = [k for k in ref if ".cores." in k or k.endswith("weight")]

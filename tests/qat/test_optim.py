@@ -17,8 +17,11 @@ def _expected(kind, total, warmup):
             out.append((s + 1) / (warmup + 1))
             continue
         p = (s - warmup) / (total - warmup)
-        out.append({"constant": 1.0, "linear": 1.0 - p,
-                    "cosine": 0.5 * (1.0 + math.cos(math.pi * p))}[kind])
+        out.append(
+            {"constant": 1.0, "linear": 1.0 - p, "cosine": 0.5 * (1.0 + math.cos(math.pi * p))}[
+                kind
+            ]
+        )
     return out
 
 

@@ -28,11 +28,21 @@ EXPECTED = {
 
 def _model():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16),
-                          nn.Tanh(), nn.Linear(16, 4), nn.Linear(4, 4))
+    model = nn.Sequential(
+        nn.LayerNorm(8),
+        nn.Linear(8, 16),
+        nn.Tanh(),
+        nn.Linear(16, 16),
+        nn.Tanh(),
+        nn.Linear(16, 4),
+        nn.Linear(4, 4),
+    )
     factorize(model, {"1": LowRank(rank=3)}, progress=False)
-    quantize(model, weights={"1": QuantSpec(bits=3, learnable=True),
-                             "3": QuantSpec(bits=3, learnable=True)}, progress=False)
+    quantize(
+        model,
+        weights={"1": QuantSpec(bits=3, learnable=True), "3": QuantSpec(bits=3, learnable=True)},
+        progress=False,
+    )
     model[6].bias.requires_grad_(False)
     data = batches(0, 3)
     with torch.no_grad():
@@ -56,8 +66,18 @@ def test_train_option_changes_exactly_its_parameters(train):
         for p in teacher.parameters():
             p.add_(0.3 * torch.randn_like(p))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    finetune(model, data, teacher, train=train, optimizer="sgd", lr=0.05, schedule="constant",
-             warmup=0, clip_grad_norm=None, progress=False)
+    finetune(
+        model,
+        data,
+        teacher,
+        train=train,
+        optimizer="sgd",
+        lr=0.05,
+        schedule="constant",
+        warmup=0,
+        clip_grad_norm=None,
+        progress=False,
+    )
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == EXPECTED[train]
     flags = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -73,10 +93,22 @@ def test_groups_decay_and_learning_rates():
         return torch.optim.SGD(groups, lr=123.0)
 
     labelled = [(x, torch.zeros(x.shape[0], 4)) for x in data]
-    finetune(model, labelled, task_loss=lambda out, y: (out - y).pow(2).mean(), optimizer=make,
-             lr=0.01, scale_lr=0.002, weight_decay=0.1, progress=False)
-    assert seen == {"cores": (0.01, 0.1, 3), "scales": (0.002, 0.0, 3),
-                    "other": (0.01, 0.1, 2), "no_decay": (0.01, 0.0, 5)}
+    finetune(
+        model,
+        labelled,
+        task_loss=lambda out, y: (out - y).pow(2).mean(),
+        optimizer=make,
+        lr=0.01,
+        scale_lr=0.002,
+        weight_decay=0.1,
+        progress=False,
+    )
+    assert seen == {
+        "cores": (0.01, 0.1, 3),
+        "scales": (0.002, 0.0, 3),
+        "other": (0.01, 0.1, 2),
+        "no_decay": (0.01, 0.0, 5),
+    }
 
 
 def test_nothing_to_train_and_bad_optimizer_are_clear_errors():
@@ -87,5 +119,4 @@ def test_nothing_to_train_and_bad_optimizer_are_clear_errors():
     with pytest.raises(ValueError, match=r"train must be one of \['all', 'cores'"):
         finetune(student, batches(0, 2), teacher, train="weights", progress=False)
     with pytest.raises(TypeError, match="must return a torch.optim.Optimizer, got list"):
-        finetune(student, batches(0, 2), teacher, optimizer=lambda groups: groups,
-                 progress=False)
+        finetune(student, batches(0, 2), teacher, optimizer=lambda groups: groups, progress=False)

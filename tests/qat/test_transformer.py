@@ -24,20 +24,25 @@ def test_default_finetune_distils_a_compressed_minilm():
     sentences = datasets.sentence_corpus(96, seed=0)
 
     def encode(chunk):
-        return dict(tokenizer(chunk, padding=True, truncation=True, max_length=24,
-                              return_tensors="pt"))
+        return dict(
+            tokenizer(chunk, padding=True, truncation=True, max_length=24, return_tensors="pt")
+        )
 
-    data = [encode(sentences[i:i + 8]) for i in range(0, 64, 8)]
+    data = [encode(sentences[i : i + 8]) for i in range(0, 64, 8)]
     held_out = encode(sentences[64:])
     student = copy.deepcopy(teacher)
     factorize(student, {"*intermediate.dense": LowRank(ratio=0.25)}, progress=False)
-    quantize(student, weights=QuantSpec(bits=4, learnable=True, granularity="channel"),
-             progress=False)
+    quantize(
+        student, weights=QuantSpec(bits=4, learnable=True, granularity="channel"), progress=False
+    )
 
     def similarity():
         with torch.no_grad():
-            return torch.nn.functional.cosine_similarity(student(**held_out),
-                                                         teacher(**held_out)).mean().item()
+            return (
+                torch.nn.functional.cosine_similarity(student(**held_out), teacher(**held_out))
+                .mean()
+                .item()
+            )
 
     before = similarity()
     report = finetune(student, data, teacher, progress=False)  # every default

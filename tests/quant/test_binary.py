@@ -66,8 +66,11 @@ def test_alpha_is_l2_optimal() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(
-    arrays(np.float64, st.tuples(st.integers(1, 5), st.integers(1, 7)),
-           elements=st.floats(-1e3, 1e3, allow_nan=False)),
+    arrays(
+        np.float64,
+        st.tuples(st.integers(1, 5), st.integers(1, 7)),
+        elements=st.floats(-1e3, 1e3, allow_nan=False),
+    ),
     st.sampled_from(SPECS[:3]),
 )
 def test_output_is_plus_minus_alpha(w: np.ndarray, spec: Binary) -> None:

@@ -100,8 +100,11 @@ def test_ternary_delta_beyond_the_dtype_is_capped():
 
 def test_fixed_point_value_beyond_the_dtype_is_refused():
     spec = FixedPoint(8, 1030)
-    with pytest.raises(ValueError, match=r"ap_fixed<8,1030>: 1 of 1 value\(s\) are beyond "
-                                         r"torch.float32's largest"):
+    with pytest.raises(
+        ValueError,
+        match=r"ap_fixed<8,1030>: 1 of 1 value\(s\) are beyond "
+        r"torch.float32's largest",
+    ):
         fake_quantize(torch.tensor([-1.0]), spec)
     with pytest.raises(ValueError, match="beyond torch.float32"):
         quantize(torch.tensor([-1.0]), spec)
@@ -147,8 +150,11 @@ def test_symmetric_int_at_the_largest_value(dtype):
 
 def test_grid_beyond_the_dtype_is_refused_clearly():
     x = torch.tensor([top(torch.float32), -top(torch.float32)])
-    with pytest.raises(ValueError, match=r"value\(s\) quantize to grid points beyond "
-                                         r"torch.float32's largest value"):
+    with pytest.raises(
+        ValueError,
+        match=r"value\(s\) quantize to grid points beyond "
+        r"torch.float32's largest value",
+    ):
         fake_quantize(x, QuantSpec(bits=4, scale="pow2"))
     with pytest.raises(ValueError, match="grid points beyond"):
         quantize(x, QuantSpec(bits=8, symmetric=False), name="w")
@@ -159,8 +165,9 @@ def test_grid_beyond_the_dtype_is_refused_clearly():
 def test_affine_range_wider_than_the_dtype_gets_a_finite_scale():
     """hi - lo overflows float32 where (hi - lo) / 255 does not: formed in float64."""
     big = top(torch.float32)
-    qp = qparams_from_range(torch.tensor(-big * 0.9), torch.tensor(big * 0.9),
-                            QuantSpec(bits=8, symmetric=False), ())
+    qp = qparams_from_range(
+        torch.tensor(-big * 0.9), torch.tensor(big * 0.9), QuantSpec(bits=8, symmetric=False), ()
+    )
     expected = np.float32(np.float64(np.float32(big * 0.9)) * 2 / 255)
     assert qp.scale.item() == float(expected)
 
@@ -200,8 +207,7 @@ def test_observers_average_huge_ranges_finitely():
     ema(torch.tensor([big, big * 0.99]))
     ema(torch.tensor([big, big]))
     assert bool(torch.isfinite(ema.max_val).all())
-    mean = PercentileObserver(QuantSpec(observer="percentile", percentile=100.0,
-                                        symmetric=False))
+    mean = PercentileObserver(QuantSpec(observer="percentile", percentile=100.0, symmetric=False))
     mean(torch.tensor([big, big * 0.5]))
     mean(torch.tensor([-big, -big * 0.5]))
     assert float(mean.min_val) == pytest.approx(-big / 4, rel=1e-6)  # (big/2 - big) / 2
@@ -214,28 +220,49 @@ def test_observers_average_huge_ranges_finitely():
 # hypothesis: finite in, finite out (or a justified refusal)
 # --------------------------------------------------------------------------- #
 
-UNIFORM = [QuantSpec(bits=8), QuantSpec(bits=8, symmetric=False), QuantSpec(bits=4),
-           QuantSpec(bits=2, symmetric=False), QuantSpec(bits=1),
-           QuantSpec(bits=1, symmetric=False), QuantSpec(bits=16), QuantSpec(bits=4, scale="pow2"),
-           QuantSpec(bits=4, scale="pow2", pow2_rounding="round"),
-           QuantSpec(bits=8, narrow_range=True, granularity="channel"),
-           QuantSpec(bits=3, symmetric=False, granularity=("group", 2), axis=1),
-           QuantSpec(bits=4, rounding="half_up"), QuantSpec(bits=4, rounding="floor"),
-           QuantSpec(bits=4, rounding="stochastic")]
+UNIFORM = [
+    QuantSpec(bits=8),
+    QuantSpec(bits=8, symmetric=False),
+    QuantSpec(bits=4),
+    QuantSpec(bits=2, symmetric=False),
+    QuantSpec(bits=1),
+    QuantSpec(bits=1, symmetric=False),
+    QuantSpec(bits=16),
+    QuantSpec(bits=4, scale="pow2"),
+    QuantSpec(bits=4, scale="pow2", pow2_rounding="round"),
+    QuantSpec(bits=8, narrow_range=True, granularity="channel"),
+    QuantSpec(bits=3, symmetric=False, granularity=("group", 2), axis=1),
+    QuantSpec(bits=4, rounding="half_up"),
+    QuantSpec(bits=4, rounding="floor"),
+    QuantSpec(bits=4, rounding="stochastic"),
+]
 CASTS = [QuantSpec(dtype=d) for d in ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")]
-OTHERS = [Binary(), Binary(granularity="channel"), Ternary(), Ternary(method="ttq"),
-          Ternary(threshold=1.5, granularity="channel"), Ternary(threshold=0.3)]
-FIXED = [FixedPoint(8, 3), FixedPoint(16, 6, rounding="RND", overflow="SAT"),
-         FixedPoint(32, 20, rounding="RND_CONV", overflow="SAT"), FixedPoint(8, 1030),
-         FixedPoint(16, 130, overflow="SAT_SYM"), FixedPoint(12, 17, signed=False, overflow="SAT"),
-         FixedPoint(64, 140, rounding="RND"), FixedPoint(6, -200)]
+OTHERS = [
+    Binary(),
+    Binary(granularity="channel"),
+    Ternary(),
+    Ternary(method="ttq"),
+    Ternary(threshold=1.5, granularity="channel"),
+    Ternary(threshold=0.3),
+]
+FIXED = [
+    FixedPoint(8, 3),
+    FixedPoint(16, 6, rounding="RND", overflow="SAT"),
+    FixedPoint(32, 20, rounding="RND_CONV", overflow="SAT"),
+    FixedPoint(8, 1030),
+    FixedPoint(16, 130, overflow="SAT_SYM"),
+    FixedPoint(12, 17, signed=False, overflow="SAT"),
+    FixedPoint(64, 140, rounding="RND"),
+    FixedPoint(6, -200),
+]
 
 
 @st.composite
 def tensors(draw):
     dtype = draw(st.sampled_from(DTYPES))
-    fraction = st.one_of(st.floats(-1, 1), st.sampled_from([1.0, -1.0, 0.999, -0.5, 0.0]),
-                         st.floats(-1e-30, 1e-30))
+    fraction = st.one_of(
+        st.floats(-1, 1), st.sampled_from([1.0, -1.0, 0.999, -0.5, 0.0]), st.floats(-1e-30, 1e-30)
+    )
     scale = draw(st.sampled_from([1.0, 1e-3, 1e-20]))
     values = draw(st.lists(fraction, min_size=4, max_size=4))
     x = torch.tensor(values, dtype=torch.float64).reshape(2, 2) * top(dtype) * scale

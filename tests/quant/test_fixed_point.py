@@ -232,11 +232,13 @@ def test_to_mantissa_matches_rational_reference(spec: FixedPoint, xs: list[float
 @given(
     specs(),
     st.integers(-80, 80),
-    st.lists(st.one_of(st.integers(I64_MIN, I64_MAX), st.integers(-4096, 4096)), min_size=1,
-             max_size=8),
+    st.lists(
+        st.one_of(st.integers(I64_MIN, I64_MAX), st.integers(-4096, 4096)), min_size=1, max_size=8
+    ),
 )
-def test_cast_mantissa_matches_rational_reference(spec: FixedPoint, frac_in: int,
-                                                  ms: list[int]) -> None:
+def test_cast_mantissa_matches_rational_reference(
+    spec: FixedPoint, frac_in: int, ms: list[int]
+) -> None:
     expected = [ref_mantissa(Fraction(m, 1) / Fraction(2) ** frac_in, spec) for m in ms]
     got_np = cast_mantissa(np.array(ms, dtype=np.int64), frac_in, spec)
     got_t = cast_mantissa(torch.tensor(ms, dtype=torch.int64), frac_in, spec)
@@ -268,8 +270,9 @@ def test_wrap_saturate_overflow(width: int, signed: bool, ms: list[int]) -> None
     assert wrap(torch.from_numpy(m), width, signed).tolist() == exp_wrap
     assert saturate(m, width, signed).tolist() == [min(max(v, lo), hi) for v in ms]
     sym_lo = -hi if signed and width >= 2 else lo
-    assert saturate(m, width, signed, symmetric=True).tolist() == [min(max(v, sym_lo), hi)
-                                                                    for v in ms]
+    assert saturate(m, width, signed, symmetric=True).tolist() == [
+        min(max(v, sym_lo), hi) for v in ms
+    ]
     for o in AP_OVERFLOW:
         spec = FixedPoint(width, 0, signed=signed, overflow=o)
         assert apply_overflow(m, spec).tolist() == [ref_overflow(v, spec) for v in ms]
@@ -422,7 +425,7 @@ def _program() -> str:
         "    std::memcpy(&d, &b, 8);",
     ]  # fmt: skip
     lines += [f"    conv<{_ctype(s)} >(d);" for s in DOUBLE_TYPES]
-    lines += ['    printf("\\n"); }', "  else while (scanf(\"%llx\", &b) == 1) {"]
+    lines += ['    printf("\\n"); }', '  else while (scanf("%llx", &b) == 1) {']
     for (w, i, signed), t in CAST_PAIRS:
         src = f"{'ap_fixed' if signed else 'ap_ufixed'}<{w},{i}>"
         lines.append(f"    cast<{src}, {_ctype(t)} >(b);")
@@ -453,8 +456,9 @@ def ap_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run(binary: Path, mode: str, words: list[int]) -> list[list[int]]:
     text = "".join(f"{w:x}\n" for w in words)
-    out = subprocess.run([str(binary), mode], input=text, capture_output=True, text=True,
-                         check=True, timeout=120).stdout
+    out = subprocess.run(
+        [str(binary), mode], input=text, capture_output=True, text=True, check=True, timeout=120
+    ).stdout
     return [[int(v) for v in line.split()] for line in out.splitlines() if line.strip()]
 
 

@@ -83,8 +83,9 @@ def test_layout_table(spec, storage, bits, signed):
 
 
 def test_skeleton_buffers_and_errors():
-    f = FrozenTensor(QuantSpec(bits=4, symmetric=False, granularity=("group", 2), axis=1),
-                     (3, 6), torch.float64)
+    f = FrozenTensor(
+        QuantSpec(bits=4, symmetric=False, granularity=("group", 2), axis=1), (3, 6), torch.float64
+    )
     assert f.packed.shape == (9,) and f.packed.dtype == torch.uint8
     assert f.scale.shape == (3, 3) and f.scale.dtype == torch.float64
     assert f.zero_point.shape == (3, 3) and f.zero_point.dtype == torch.uint8
@@ -140,8 +141,9 @@ def test_affine_uint4_matches_numpy():
     zp = np.clip(0 - np.round(lo / scale), 0, 15)
     codes = np.clip(np.round(w / scale) + zp, 0, 15).astype(np.int64)
     values = ((codes - zp) * scale).astype(np.float32)
-    f = FrozenTensor.from_quantizer(Quantizer(QuantSpec(bits=4, symmetric=False)),
-                                    torch.from_numpy(w))
+    f = FrozenTensor.from_quantizer(
+        Quantizer(QuantSpec(bits=4, symmetric=False)), torch.from_numpy(w)
+    )
     assert np.array_equal(f.packed.numpy(), _np_nibbles(codes))
     assert int(f.zero_point) == zp and f.zero_point.dtype == torch.uint8
     assert np.array_equal(f().numpy(), values)
@@ -252,8 +254,7 @@ def test_dtype_follows_module_to():
     seed=st.integers(0, 1000),
 )
 def test_codes_round_trip_any_width(rows, cols, bits, symmetric, channel, seed):
-    spec = QuantSpec(bits=bits, symmetric=symmetric,
-                     granularity="channel" if channel else "tensor")
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="channel" if channel else "tensor")
     w = _w(seed, (rows, cols))
     q = Quantizer(spec)
     codes, _ = q.quantize_codes(w)

@@ -40,7 +40,7 @@ def _ties(shape, scale, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * 6 * scale.mean()
     flat = x.view(-1)
-    ties = (torch.randint(-9, 9, (flat.numel() // 4,), generator=g) + 0.5)
+    ties = torch.randint(-9, 9, (flat.numel() // 4,), generator=g) + 0.5
     flat[: ties.numel()] = ties * scale.reshape(-1)[0]
     return x
 
@@ -72,11 +72,15 @@ def test_fused_equals_eager(rounding, affine, backend):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(bits=4, learnable=True),
-                                  QuantSpec(bits=3, granularity="channel", learnable=True),
-                                  QuantSpec(bits=4, granularity=("group", 8), axis=1,
-                                            learnable=True)],
-                         ids=["tensor", "channel", "group"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=4, learnable=True),
+        QuantSpec(bits=3, granularity="channel", learnable=True),
+        QuantSpec(bits=4, granularity=("group", 8), axis=1, learnable=True),
+    ],
+    ids=["tensor", "channel", "group"],
+)
 def test_fused_blocks_all_granularities(spec, backend):
     w = torch.randn(16, 32)
     scale = (w.abs().amax(1, keepdim=True) / 7) if spec.granularity == "channel" else None
@@ -136,10 +140,18 @@ def test_auto_takes_the_cpp_kernel_on_cpu_even_for_small_tensors(monkeypatch):
 
 
 @pytest.mark.skipif(not cpu_kernel.available(), reason="the C++ kernel does not build here")
-@pytest.mark.parametrize(("x_shape", "s_shape", "rows"),
-                         [((6, 5), (6, 1), 6), ((6, 5), (1,), 1), ((6, 5), (), 1),
-                          ((2, 3, 4), (2, 3, 1), 6), ((2, 3, 4), (2, 1, 1), 2),
-                          ((6, 5), (1, 5), None), ((2, 3, 4), (2, 1, 4), None)])
+@pytest.mark.parametrize(
+    ("x_shape", "s_shape", "rows"),
+    [
+        ((6, 5), (6, 1), 6),
+        ((6, 5), (1,), 1),
+        ((6, 5), (), 1),
+        ((2, 3, 4), (2, 3, 1), 6),
+        ((2, 3, 4), (2, 1, 1), 2),
+        ((6, 5), (1, 5), None),
+        ((2, 3, 4), (2, 1, 4), None),
+    ],
+)
 def test_cpp_row_views(x_shape, s_shape, rows):
     """Scales constant along trailing dims map to rows; others are refused (None)."""
     x = torch.randn(x_shape)
@@ -154,11 +166,15 @@ def test_cpp_row_views(x_shape, s_shape, rows):
 @pytest.mark.skipif(not cpu_kernel.available(), reason="the C++ kernel does not build here")
 def test_cpp_refuses_what_it_does_not_handle():
     s = torch.tensor([0.1])
-    assert cpu_kernel.fake_quantize(torch.randn(4).half(), s.half(), None, -4, 3, 1.0,
-                                    "nearest_even") is None
+    assert (
+        cpu_kernel.fake_quantize(torch.randn(4).half(), s.half(), None, -4, 3, 1.0, "nearest_even")
+        is None
+    )
     assert cpu_kernel.fake_quantize(torch.randn(4), s, None, -4, 3, 1.0, "stochastic") is None
-    assert cpu_kernel.fake_quantize(torch.randn(4), s.double(), None, -4, 3, 1.0,
-                                    "nearest_even") is None
+    assert (
+        cpu_kernel.fake_quantize(torch.randn(4), s.double(), None, -4, 3, 1.0, "nearest_even")
+        is None
+    )
     with pytest.raises(ValueError, match="backend"):
         fused.enable(True, "triton")
 
@@ -207,8 +223,9 @@ def _student():
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     student = copy.deepcopy(teacher)
-    quantize(student, weights=QuantSpec(bits=3, granularity="channel", learnable=True),
-             progress=False)
+    quantize(
+        student, weights=QuantSpec(bits=3, granularity="channel", learnable=True), progress=False
+    )
     data = [torch.randn(32, 16) for _ in range(4)]
     calibrate(student, data, progress=False)
     return teacher, student, data

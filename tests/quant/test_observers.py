@@ -80,10 +80,12 @@ def test_percentile_matches_numpy(p):
     assert hi.item() == pytest.approx(np.percentile(np.abs(xn), p), rel=1e-5)
     assert lo.item() == -hi.item()
     lo, hi = percentile_range(x, (1, 301), p, symmetric=False)  # per row
-    np.testing.assert_allclose(lo.flatten().numpy(), np.percentile(xn, 100 - p, axis=1),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(hi.flatten().numpy(), np.percentile(xn, p, axis=1),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        lo.flatten().numpy(), np.percentile(xn, 100 - p, axis=1), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        hi.flatten().numpy(), np.percentile(xn, p, axis=1), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_percentile_observer_averages_batches():
@@ -130,10 +132,13 @@ def test_mse_observer_beats_minmax_on_heavy_tails(symmetric, granularity):
     # per block, too: never worse than min-max
     for row in range(8):
         if granularity == "channel":
-            sl = x[row:row + 1]
+            sl = x[row : row + 1]
             lo, hi = mse_range(sl, QuantSpec(bits=4, symmetric=symmetric))
-            a = _mse(sl, spec, choose_qparams(sl, spec, min_val=lo.reshape(1, 1),
-                                              max_val=hi.reshape(1, 1)))
+            a = _mse(
+                sl,
+                spec,
+                choose_qparams(sl, spec, min_val=lo.reshape(1, 1), max_val=hi.reshape(1, 1)),
+            )
             assert a <= _mse(sl, spec, choose_qparams(sl, spec))
 
 
@@ -152,8 +157,7 @@ def test_estimate_qparams_follows_spec_observer():
     s_pct = estimate_qparams(x, QuantSpec(bits=4, observer="percentile", percentile=99.0))
     s_mse = estimate_qparams(x, QuantSpec(bits=4, observer="mse")).scale.item()
     assert s_minmax == pytest.approx(3 / 7) and s_ema == s_minmax
-    assert s_pct.scale.item() == pytest.approx(np.percentile(np.abs(x.numpy()), 99.0) / 7,
-                                               rel=1e-5)
+    assert s_pct.scale.item() == pytest.approx(np.percentile(np.abs(x.numpy()), 99.0) / 7, rel=1e-5)
     assert s_mse < s_minmax
 
 

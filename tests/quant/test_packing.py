@@ -127,5 +127,6 @@ def test_odd_widths_match_numpy_bit_stream(bits: int) -> None:
     expected = np.packbits(bit_matrix.reshape(-1).astype(np.uint8), bitorder="little")
     packed = pack(torch.from_numpy(codes), bits, signed=False)
     assert packed.numpy().tolist() == expected.tolist()
-    assert unpack(packed, bits, codes.size, signed=False, dtype=torch.int64).tolist() == \
-        codes.tolist()
+    assert (
+        unpack(packed, bits, codes.size, signed=False, dtype=torch.int64).tolist() == codes.tolist()
+    )

@@ -34,8 +34,14 @@ SETTINGS = settings(max_examples=60, deadline=None)
 # --------------------------------------------------------------------------- #
 
 
-def np_quantize(x: np.ndarray, bits: int, symmetric: bool, narrow: bool = False,
-                axis: int | None = None, group: int | None = None):
+def np_quantize(
+    x: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    narrow: bool = False,
+    axis: int | None = None,
+    group: int | None = None,
+):
     """Codes, scale, zero point of a uniform quantizer, written from the docs.
 
     ``axis`` alone: per channel; ``axis`` and ``group``: groups along ``axis``.
@@ -196,12 +202,18 @@ GRANULARITIES = [
 def test_against_numpy_reference(bits, symmetric, narrow, granularity, axis, group):
     gen = torch.Generator().manual_seed(bits * 7 + symmetric)
     x = torch.randn(6, 8, generator=gen) * torch.linspace(0.1, 3.0, 8)
-    spec = QuantSpec(bits=bits, symmetric=symmetric, narrow_range=narrow,
-                     granularity=granularity, axis=0 if axis is None else axis)
+    spec = QuantSpec(
+        bits=bits,
+        symmetric=symmetric,
+        narrow_range=narrow,
+        granularity=granularity,
+        axis=0 if axis is None else axis,
+    )
     codes, qp = quantize(x, spec)
     np_axis = None if axis is None else axis % 2
-    ref_codes, ref_scale, ref_zp, ref_values = np_quantize(x.numpy(), bits, symmetric, narrow,
-                                                           np_axis, group)
+    ref_codes, ref_scale, ref_zp, ref_values = np_quantize(
+        x.numpy(), bits, symmetric, narrow, np_axis, group
+    )
     np.testing.assert_array_equal(codes.numpy().astype(np.int64), ref_codes)
     scale, zp = _blocks_params(qp)
     np.testing.assert_array_equal(scale.numpy(), ref_scale)
@@ -219,8 +231,13 @@ def test_against_numpy_reference(bits, symmetric, narrow, granularity, axis, gro
 def tensors_and_specs(draw, rounding=("nearest_even", "half_up")):
     rows = draw(st.integers(1, 5))
     cols = draw(st.sampled_from([1, 2, 4, 6]))
-    values = draw(st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32),
-                           min_size=rows * cols, max_size=rows * cols))
+    values = draw(
+        st.lists(
+            st.floats(-1e3, 1e3, allow_nan=False, width=32),
+            min_size=rows * cols,
+            max_size=rows * cols,
+        )
+    )
     x = torch.tensor(values, dtype=torch.float32).reshape(rows, cols)
     symmetric = draw(st.booleans())
     bits = draw(st.integers(1 if not symmetric else 2, 12))
@@ -228,15 +245,22 @@ def tensors_and_specs(draw, rounding=("nearest_even", "half_up")):
     axis = draw(st.sampled_from([0, 1, -1, -2]))
     if kind == "group":
         size = x.shape[axis]
-        granularity = ("group", draw(st.sampled_from([d for d in range(1, size + 1)
-                                                      if size % d == 0])))
+        granularity = (
+            "group",
+            draw(st.sampled_from([d for d in range(1, size + 1) if size % d == 0])),
+        )
     else:
         granularity = kind
-    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity, axis=axis,
-                     narrow_range=symmetric and draw(st.booleans()),
-                     rounding=draw(st.sampled_from(rounding)),
-                     scale=draw(st.sampled_from(["float", "pow2"])),
-                     pow2_rounding="ceil")
+    spec = QuantSpec(
+        bits=bits,
+        symmetric=symmetric,
+        granularity=granularity,
+        axis=axis,
+        narrow_range=symmetric and draw(st.booleans()),
+        rounding=draw(st.sampled_from(rounding)),
+        scale=draw(st.sampled_from(["float", "pow2"])),
+        pow2_rounding="ceil",
+    )
     return x, spec
 
 
@@ -258,8 +282,10 @@ def test_error_at_most_half_a_step(case):
 
 
 @SETTINGS
-@given(tensors_and_specs(rounding=("nearest_even", "half_up", "floor")),
-       st.sampled_from([1.0, 0.5, 0.25, 0.125, 0.9, 0.3, 0.05]))
+@given(
+    tensors_and_specs(rounding=("nearest_even", "half_up", "floor")),
+    st.sampled_from([1.0, 0.5, 0.25, 0.125, 0.9, 0.3, 0.05]),
+)
 def test_given_qparams_inside_range_and_idempotent(case, shrink):
     x, spec = case
     qp = choose_qparams(x, spec)
@@ -308,10 +334,17 @@ def test_qparam_shapes(case):
 @given(tensors_and_specs(), st.sampled_from(["ceil", "round"]))
 def test_pow2_scales_are_powers_of_two(case, rounding):
     x, spec = case
-    pspec = QuantSpec(bits=spec.bits, symmetric=spec.symmetric, granularity=spec.granularity,
-                      axis=spec.axis, scale="pow2", pow2_rounding=rounding)
-    fspec = QuantSpec(bits=spec.bits, symmetric=spec.symmetric, granularity=spec.granularity,
-                      axis=spec.axis)
+    pspec = QuantSpec(
+        bits=spec.bits,
+        symmetric=spec.symmetric,
+        granularity=spec.granularity,
+        axis=spec.axis,
+        scale="pow2",
+        pow2_rounding=rounding,
+    )
+    fspec = QuantSpec(
+        bits=spec.bits, symmetric=spec.symmetric, granularity=spec.granularity, axis=spec.axis
+    )
     ps = choose_qparams(x, pspec).scale.double().flatten().tolist()
     fs = choose_qparams(x, fspec).scale.double().flatten().tolist()
     for p, f in zip(ps, fs, strict=True):
@@ -351,10 +384,15 @@ def test_per_channel_beats_per_tensor_on_unequal_channels():
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=8, symmetric=False),
-                                  QuantSpec(bits=4, granularity="channel", scale="pow2"),
-                                  QuantSpec(bits=3, symmetric=False, granularity=("group", 2),
-                                            axis=1)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=4),
+        QuantSpec(bits=8, symmetric=False),
+        QuantSpec(bits=4, granularity="channel", scale="pow2"),
+        QuantSpec(bits=3, symmetric=False, granularity=("group", 2), axis=1),
+    ],
+)
 def test_all_zero_tensor_dequantizes_exactly(spec):
     x = torch.zeros(3, 4)
     codes, qp = quantize(x, spec)
@@ -401,8 +439,9 @@ def test_float_formats_are_saturating_casts(fmt):
     spec = QuantSpec(dtype=fmt)
     dt = spec.torch_dtype
     big = torch.finfo(dt).max
-    x = torch.tensor([0.3, -1.7, 2.0 * big, -2.0 * big, 0.0], dtype=torch.float64,
-                     requires_grad=True)
+    x = torch.tensor(
+        [0.3, -1.7, 2.0 * big, -2.0 * big, 0.0], dtype=torch.float64, requires_grad=True
+    )
     codes, qp = quantize(x, spec)
     assert codes.dtype == dt and qp.cast_dtype == dt
     assert torch.equal(qp.scale, torch.ones_like(qp.scale))
@@ -478,14 +517,16 @@ def test_unknown_spec_type_lists_valid_ones():
 def test_choose_from_given_ranges_matches_numpy():
     x = torch.zeros(2, 3)
     spec = QuantSpec(bits=8, symmetric=False, granularity="channel")
-    qp = choose_qparams(x, spec, min_val=torch.tensor([[-1.0], [0.5]]),
-                        max_val=torch.tensor([[3.0], [2.0]]))
+    qp = choose_qparams(
+        x, spec, min_val=torch.tensor([[-1.0], [0.5]]), max_val=torch.tensor([[3.0], [2.0]])
+    )
     scale = np.array([4.0, 2.0], dtype=np.float32) / np.float32(255)
     zp = np.clip(0 - np.round(np.array([-1.0, 0.0], dtype=np.float32) / scale), 0, 255)
     np.testing.assert_array_equal(qp.scale.flatten().numpy(), scale)
     np.testing.assert_array_equal(qp.zero_point.flatten().numpy(), zp)
-    direct = qparams_from_range(torch.tensor([[-1.0], [0.5]]), torch.tensor([[3.0], [2.0]]),
-                                spec, (2, 3))
+    direct = qparams_from_range(
+        torch.tensor([[-1.0], [0.5]]), torch.tensor([[3.0], [2.0]]), spec, (2, 3)
+    )
     assert torch.equal(direct.scale, qp.scale)
 
 

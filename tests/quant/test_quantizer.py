@@ -54,8 +54,11 @@ def test_forward_equals_dequantize_of_codes(spec):
         assert torch.equal(y, dequantize(codes, qp))
 
 
-@pytest.mark.parametrize("spec", [s for s in UNIFORM_SPECS if not s.learnable],
-                         ids=_ids([s for s in UNIFORM_SPECS if not s.learnable]))
+@pytest.mark.parametrize(
+    "spec",
+    [s for s in UNIFORM_SPECS if not s.learnable],
+    ids=_ids([s for s in UNIFORM_SPECS if not s.learnable]),
+)
 def test_frozen_after_observe_is_exact_and_uses_observer(spec):
     q = Quantizer(spec).observe()
     batches = [_x(s) for s in range(3)]
@@ -96,8 +99,9 @@ def _fresh_after(spec, state: str) -> tuple[Quantizer, Quantizer]:
 @pytest.mark.parametrize("state", ["dynamic", "observed", "trained"])
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=_ids(ALL_SPECS))
 def test_state_dict_round_trip_into_fresh_quantizer(spec, state):
-    if state == "observed" and (not isinstance(spec, QuantSpec) or spec.dtype is not None
-                                or spec.learnable):
+    if state == "observed" and (
+        not isinstance(spec, QuantSpec) or spec.dtype is not None or spec.learnable
+    ):
         pytest.skip("only integer QuantSpecs observe")
     q, fresh = _fresh_after(spec, state)
     assert fresh.mode == q.mode and fresh.initialized == q.initialized

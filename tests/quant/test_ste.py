@@ -95,8 +95,9 @@ def test_lsq_gradients_match_formula(bits, affine, seed, scale_mult):
     zp = None if zp0 is None else zp0.clone().requires_grad_(True)
     y = lsq_fake_quantize(xv, s[:, None], None if zp is None else zp[:, None], qmin, qmax, gs)
     (y * g).sum().backward()
-    ry, rdx, rds, rdzp = np_lsq(x.numpy(), s0.numpy(), None if zp0 is None else zp0.numpy(),
-                                qmin, qmax, g.numpy(), gs)
+    ry, rdx, rds, rdzp = np_lsq(
+        x.numpy(), s0.numpy(), None if zp0 is None else zp0.numpy(), qmin, qmax, g.numpy(), gs
+    )
     np.testing.assert_allclose(y.detach().numpy(), ry, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(xv.grad.numpy(), rdx)
     np.testing.assert_allclose(s.grad.numpy(), rds, rtol=1e-9, atol=1e-12)
@@ -113,8 +114,9 @@ def test_lsq_matches_torch_learnable_fake_quant():
     outs = []
     for fn in (
         lambda x, s, z: lsq_fake_quantize(x, s, z, 0, 255, grad_factor),
-        lambda x, s, z: torch._fake_quantize_learnable_per_tensor_affine(x, s, z, 0, 255,
-                                                                         grad_factor),
+        lambda x, s, z: torch._fake_quantize_learnable_per_tensor_affine(
+            x, s, z, 0, 255, grad_factor
+        ),
     ):
         x, s, z = (t.clone().requires_grad_(True) for t in (x0, s0, z0))
         y = fn(x, s, z)
@@ -135,8 +137,8 @@ def test_lsq_scale_gradcheck_where_smooth():
     # the gradient to x is the identity inside the range (the STE of a linear map)
     xin = torch.tensor([0.31, -0.52, 0.93], dtype=torch.float64, requires_grad=True)
     jac = torch.autograd.functional.jacobian(
-        lambda t: lsq_fake_quantize(t, torch.tensor(0.25, dtype=torch.float64), None, -8, 7),
-        xin)
+        lambda t: lsq_fake_quantize(t, torch.tensor(0.25, dtype=torch.float64), None, -8, 7), xin
+    )
     assert torch.equal(jac, torch.eye(3, dtype=torch.float64))
 
 

@@ -27,8 +27,9 @@ def np_twn(w: np.ndarray, spec: Ternary) -> tuple[np.ndarray, np.ndarray]:
         out_shape = (1,) * w.ndim
     else:
         ax = spec.axis % w.ndim
-        blocks = [tuple(c if d == ax else slice(None) for d in range(w.ndim))
-                  for c in range(w.shape[ax])]
+        blocks = [
+            tuple(c if d == ax else slice(None) for d in range(w.ndim)) for c in range(w.shape[ax])
+        ]
         out_shape = tuple(w.shape[ax] if d == ax else 1 for d in range(w.ndim))
     deltas, alphas = [], []
     for idx in blocks:
@@ -76,8 +77,11 @@ def test_fallbacks_never_divide_by_zero() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(
-    arrays(np.float64, st.tuples(st.integers(1, 5), st.integers(1, 7)),
-           elements=st.floats(-1e3, 1e3, allow_nan=False)),
+    arrays(
+        np.float64,
+        st.tuples(st.integers(1, 5), st.integers(1, 7)),
+        elements=st.floats(-1e3, 1e3, allow_nan=False),
+    ),
     st.sampled_from(SPECS),
 )
 def test_output_in_minus_alpha_zero_alpha(w: np.ndarray, spec: Ternary) -> None:

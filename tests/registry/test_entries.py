@@ -38,16 +38,36 @@ DENSE = [k for k in kinds() if k.role == "dense"]
 
 
 def test_the_builtin_kinds_and_tables():
-    assert kinds()[:len(BUILTIN)] == BUILTIN
+    assert kinds()[: len(BUILTIN)] == BUILTIN
     assert dict(LAYER_TABLE) == {
-        (nn.Linear, TT): TTLinear, (nn.Linear, Tucker): TuckerLinear,
-        (nn.Linear, LowRank): LowRankLinear, (nn.Conv2d, Tucker): TuckerConv2d,
-        (nn.Conv2d, CP): CPConv2d, (nn.Embedding, TT): TTEmbedding}
+        (nn.Linear, TT): TTLinear,
+        (nn.Linear, Tucker): TuckerLinear,
+        (nn.Linear, LowRank): LowRankLinear,
+        (nn.Conv2d, Tucker): TuckerConv2d,
+        (nn.Conv2d, CP): CPConv2d,
+        (nn.Embedding, TT): TTEmbedding,
+    }
     assert {k.cls: k.quantized for k in DENSE} == {
-        nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, nn.Embedding: QuantEmbedding}
-    assert sorted(HANDLERS) == sorted([
-        "LowRankLinear", "TTLinear", "TuckerLinear", "TuckerConv2d", "CPConv2d", "TTEmbedding",
-        "QuantLinear", "QuantConv2d", "QuantEmbedding", "FrozenTensor", "Quantizer", "Identity"])
+        nn.Linear: QuantLinear,
+        nn.Conv2d: QuantConv2d,
+        nn.Embedding: QuantEmbedding,
+    }
+    assert sorted(HANDLERS) == sorted(
+        [
+            "LowRankLinear",
+            "TTLinear",
+            "TuckerLinear",
+            "TuckerConv2d",
+            "CPConv2d",
+            "TTEmbedding",
+            "QuantLinear",
+            "QuantConv2d",
+            "QuantEmbedding",
+            "FrozenTensor",
+            "Quantizer",
+            "Identity",
+        ]
+    )
 
 
 @pytest.mark.parametrize("dense", DENSE, ids=lambda k: k.cls.__name__)
@@ -61,8 +81,11 @@ def test_every_class_a_dense_kind_names_has_an_entry_naming_it_back(dense):
     assert kind is not None and kind.role == "quantized" and kind.dense is dense.cls
 
 
-@pytest.mark.parametrize("kind", [k for k in kinds() if k.role in ("factorized", "quantized")],
-                         ids=lambda k: k.cls.__name__)
+@pytest.mark.parametrize(
+    "kind",
+    [k for k in kinds() if k.role in ("factorized", "quantized")],
+    ids=lambda k: k.cls.__name__,
+)
 def test_every_layer_kind_stands_for_a_dense_kind_that_names_it(kind):
     dense = kind_of(kind.dense)
     assert dense is not None and dense.role == "dense"
@@ -83,9 +106,12 @@ def test_every_export_route_is_one_the_export_knows():
 
 def _quantized(dense: nn.Module, x: torch.Tensor) -> nn.Sequential:
     model = nn.Sequential(dense)
-    quantize(model, weights=QuantSpec(bits=4, granularity="channel"),
-             activations={"0.output": QuantSpec(8)} if not isinstance(dense, nn.Embedding)
-             else None, progress=False)
+    quantize(
+        model,
+        weights=QuantSpec(bits=4, granularity="channel"),
+        activations={"0.output": QuantSpec(8)} if not isinstance(dense, nn.Embedding) else None,
+        progress=False,
+    )
     if not isinstance(dense, nn.Embedding):
         from tnquant.ptq import calibrate
 
@@ -93,10 +119,12 @@ def _quantized(dense: nn.Module, x: torch.Tensor) -> nn.Sequential:
     return model
 
 
-CASES = [(lambda: nn.Linear(6, 4), lambda: torch.randn(3, 6)),
-         (lambda: nn.Conv2d(3, 4, 3, stride=2, groups=1), lambda: torch.randn(2, 3, 7, 7)),
-         (lambda: nn.Conv2d(4, 4, 3, groups=2), lambda: torch.randn(2, 4, 5, 5)),
-         (lambda: nn.Embedding(9, 5, padding_idx=0), lambda: torch.tensor([[1, 0, 8]]))]
+CASES = [
+    (lambda: nn.Linear(6, 4), lambda: torch.randn(3, 6)),
+    (lambda: nn.Conv2d(3, 4, 3, stride=2, groups=1), lambda: torch.randn(2, 3, 7, 7)),
+    (lambda: nn.Conv2d(4, 4, 3, groups=2), lambda: torch.randn(2, 4, 5, 5)),
+    (lambda: nn.Embedding(9, 5, padding_idx=0), lambda: torch.tensor([[1, 0, 8]])),
+]
 
 
 @pytest.mark.parametrize("converted", [False, True])
@@ -151,14 +179,23 @@ def test_the_registry_anatomy_agrees_with_the_layers_own_for_builtin_kinds():
     from tnquant.layers import quantized as layer_anatomy
     from tnquant.registry import activation_sites, quant_state, weight_pairs
 
-    modules = [nn.Linear(4, 3), nn.Conv2d(2, 3, 3), nn.Embedding(5, 2), nn.ReLU(),
-               LowRankLinear([torch.randn(3, 2), torch.randn(2, 4)]),
-               TTEmbedding([torch.randn(1, 2, 2, 2), torch.randn(2, 3, 2, 1)]),
-               QuantLinear(4, 3), QuantEmbedding(5, 2)]
+    modules = [
+        nn.Linear(4, 3),
+        nn.Conv2d(2, 3, 3),
+        nn.Embedding(5, 2),
+        nn.ReLU(),
+        LowRankLinear([torch.randn(3, 2), torch.randn(2, 4)]),
+        TTEmbedding([torch.randn(1, 2, 2, 2), torch.randn(2, 3, 2, 1)]),
+        QuantLinear(4, 3),
+        QuantEmbedding(5, 2),
+    ]
     quantize(nn.Sequential(*modules[4:6]), cores=QuantSpec(4), progress=False)
     for m in modules:
-        assert [(n, t is t2, q is q2) for (n, t, q), (_, t2, q2) in zip(
-            weight_pairs(m), layer_anatomy.weight_pairs(m), strict=True)] == [
-            (n, True, True) for n, _, _ in layer_anatomy.weight_pairs(m)]
+        assert [
+            (n, t is t2, q is q2)
+            for (n, t, q), (_, t2, q2) in zip(
+                weight_pairs(m), layer_anatomy.weight_pairs(m), strict=True
+            )
+        ] == [(n, True, True) for n, _, _ in layer_anatomy.weight_pairs(m)]
         assert activation_sites(m) == layer_anatomy.activation_sites(m)
         assert quant_state(m) == layer_anatomy.quant_state(m)

@@ -28,14 +28,17 @@ GAIN = 0.5
 class Scaled(nn.Module):
     """``y = GAIN * (x W^T + b)``: dense-like, not an ``nn.Linear``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.randn(out_features, in_features, device=device,
-                                               dtype=dtype))
-        self.bias = nn.Parameter(torch.randn(out_features, device=device, dtype=dtype)) \
-            if bias else None
+        self.weight = nn.Parameter(
+            torch.randn(out_features, in_features, device=device, dtype=dtype)
+        )
+        self.bias = (
+            nn.Parameter(torch.randn(out_features, device=device, dtype=dtype)) if bias else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return GAIN * F.linear(x, self.weight, self.bias)
@@ -51,8 +54,13 @@ class QuantScaled(Scaled):
 
     @classmethod
     def from_float(cls, module: Scaled) -> QuantScaled:
-        new = cls(module.in_features, module.out_features, bias=module.bias is not None,
-                  device="meta", dtype=module.weight.dtype)
+        new = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device="meta",
+            dtype=module.weight.dtype,
+        )
         new.weight, new.bias = module.weight, module.bias
         return new
 
@@ -71,8 +79,9 @@ class LowRankScaled(LowRankLinear):
 
     @classmethod
     def from_dense(cls, module: Scaled, spec, *, gram=None, name: str = "weight"):
-        dense = nn.Linear(module.in_features, module.out_features,
-                          bias=module.bias is not None, device="meta")
+        dense = nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+        )
         dense.weight, dense.bias = module.weight, module.bias
         return super().from_dense(dense, spec, gram=gram, name=name)
 
@@ -81,11 +90,16 @@ class LowRankScaled(LowRankLinear):
 
 
 KINDS = (
-    LayerKind(Scaled, "dense", Scaled, weight_kind="linear", factorize={LowRank: LowRankScaled},
-              quantized=QuantScaled),
+    LayerKind(
+        Scaled,
+        "dense",
+        Scaled,
+        weight_kind="linear",
+        factorize={LowRank: LowRankScaled},
+        quantized=QuantScaled,
+    ),
     LayerKind(LowRankScaled, "factorized", Scaled, handler=linear_handler(LowRankScaled, Scaled)),
-    LayerKind(QuantScaled, "quantized", Scaled,
-              handler=quant_linear_handler(QuantScaled, Scaled)),
+    LayerKind(QuantScaled, "quantized", Scaled, handler=quant_linear_handler(QuantScaled, Scaled)),
 )
 
 
@@ -135,8 +149,7 @@ def test_factorized_through_its_entry(toy):
 
 def test_data_aware_fit_uses_the_weight_kind(toy):
     model = _net()
-    report = factorize(model, {"0": LowRank(rank=3)}, data=[torch.randn(32, 12)],
-                       progress=False)
+    report = factorize(model, {"0": LowRank(rank=3)}, data=[torch.randn(32, 12)], progress=False)
     assert report["0"]["out_rel_error"] is not None
 
 
@@ -182,7 +195,8 @@ def test_without_its_entries_the_kind_is_left_alone(tmp_path):
     report = quantize(model, weights=QuantSpec(bits=8), progress=False)
     assert report.rows == [] and [type(m) for m in model] == [Scaled, nn.ReLU, Scaled]
     assert [(s["name"], s["reason"]) for s in report.skipped] == [
-        ("weights['*']", "matched nothing")]
+        ("weights['*']", "matched nothing")
+    ]
 
 
 def test_a_model_holding_an_unregistered_factorized_kind_is_not_saved(tmp_path):

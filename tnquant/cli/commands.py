@@ -51,7 +51,12 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 #: Exceptions that mean bad input: exit 2 (as does a ValueError that starts with "recipe").
 _USAGE = (UsageError, IntegrityError, FileNotFoundError, NotADirectoryError)
 REPORT, SOURCE, RECIPE, INPUTS, PLOT = (
-    "report.json", "source.json", "recipe.toml", "export_inputs", "report.png")
+    "report.json",
+    "source.json",
+    "recipe.toml",
+    "export_inputs",
+    "report.png",
+)
 
 
 def _say(*args: Any) -> None:
@@ -69,8 +74,13 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _measure(args: argparse.Namespace, inputs: Inputs, result: PipelineResult,
-             stages: dict[str, float], progress: bool) -> dict[str, Any]:
+def _measure(
+    args: argparse.Namespace,
+    inputs: Inputs,
+    result: PipelineResult,
+    stages: dict[str, float],
+    progress: bool,
+) -> dict[str, Any]:
     """``report.json``: the layer table, the before/after table, the stage times."""
     original, student = inputs.original, result.model.eval()
     fact, quant = result.reports.get("factorize"), result.reports.get("quantize")
@@ -80,19 +90,32 @@ def _measure(args: argparse.Namespace, inputs: Inputs, result: PipelineResult,
     cmp = compare(original, student, inputs.batches, inputs.labels, progress)
     stages["eval"] = time.perf_counter() - t0
     rows = layer_rows(original, student, fact, quant, errors)
-    return {"tnquant_report": 1, "model": args.model, "recipe": str(args.recipe),
-            "seed": args.seed, "calib_data": args.calib, "eval_data": args.eval or args.calib,
-            "layers": rows, "totals": totals(rows, cmp), "compare": cmp, "stages": stages,
-            "export_layers": inputs.names}
+    return {
+        "tnquant_report": 1,
+        "model": args.model,
+        "recipe": str(args.recipe),
+        "seed": args.seed,
+        "calib_data": args.calib,
+        "eval_data": args.eval or args.calib,
+        "layers": rows,
+        "totals": totals(rows, cmp),
+        "compare": cmp,
+        "stages": stages,
+        "export_layers": inputs.names,
+    }
 
 
-def _write(out: Path, student: Any, recipe: Recipe, inputs: Inputs, seed: int,
-           report: dict[str, Any]) -> None:
+def _write(
+    out: Path, student: Any, recipe: Recipe, inputs: Inputs, seed: int, report: dict[str, Any]
+) -> None:
     from tnquant.io import save
 
     save(student, out)
-    rows = export_inputs(student, inputs.names, inputs.calib, recipe.export.num_samples
-                         ) if recipe.export else {}
+    rows = (
+        export_inputs(student, inputs.names, inputs.calib, recipe.export.num_samples)
+        if recipe.export
+        else {}
+    )
     (out / INPUTS).mkdir(exist_ok=True)
     for name, x in rows.items():
         np.save(out / INPUTS / f"{name}.npy", x)
@@ -108,8 +131,14 @@ def _compress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     inputs = prepare_compress(args, recipe, kind, progress)
     stages = {"load": time.perf_counter() - t0}
-    result = run_pipeline(inputs.original, recipe, inputs.calib, labels=inputs.calib_labels,
-                          seed=args.seed, progress=progress)
+    result = run_pipeline(
+        inputs.original,
+        recipe,
+        inputs.calib,
+        labels=inputs.calib_labels,
+        seed=args.seed,
+        progress=progress,
+    )
     stages.update(result.seconds)
     report = _measure(args, inputs, result, stages, progress)
     _write(out, result.model, recipe, inputs, args.seed, report)
@@ -159,16 +188,25 @@ def _export_one(name: str, module: Any, x: np.ndarray, ex: Any, out: Path) -> di
         spec = FixedPoint(ex.input_width, integer, rounding="RND", overflow="SAT")
     else:
         spec = FixedPoint.from_string(ex.input)
-    em = fixed_point(module, out / name, spec, accum=ex.accum, result=ex.result, bias=ex.bias,
-                     hls4ml=ex.hls4ml)
+    em = fixed_point(
+        module, out / name, spec, accum=ex.accum, result=ex.result, bias=ex.bias, hls4ml=ex.hls4ml
+    )
     y = em.predict(x)
     with torch.no_grad():
         ref = module(fake_quantize(torch.from_numpy(x), spec)).double().numpy()
     diff = float(np.abs(y - ref).max())
     rel = diff / max(float(np.abs(ref).max()), 1e-30)
-    return {"layer": name, "ops": len(em.ops), "input": em.input_type, "output": em.output_type,
-            "rows": len(x), "max_abs_diff": diff, "rel_diff": rel, "ok": rel <= ex.tolerance,
-            "dir": str(out / name)}
+    return {
+        "layer": name,
+        "ops": len(em.ops),
+        "input": em.input_type,
+        "output": em.output_type,
+        "rows": len(x),
+        "max_abs_diff": diff,
+        "rel_diff": rel,
+        "ok": rel <= ex.tolerance,
+        "dir": str(out / name),
+    }
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -183,8 +221,13 @@ def _export(args: argparse.Namespace) -> int:
     ex, out = recipe.export, checks.check_out_dir(args.fixed_point, "--fixed-point", args.force)
     if out.resolve() == directory.resolve():
         raise UsageError(f"--fixed-point {args.fixed_point!r} is DIR itself; choose another")
-    base = rebuild_base(source, directory, model=args.model, model_class=args.model_class,
-                        model_kwargs=args.model_kwargs)
+    base = rebuild_base(
+        source,
+        directory,
+        model=args.model,
+        model_class=args.model_class,
+        model_kwargs=args.model_kwargs,
+    )
     try:
         model = load(directory, model=base).eval()
     except ValueError as e:  # IntegrityError too: a directory that does not fit its base
@@ -193,10 +236,15 @@ def _export(args: argparse.Namespace) -> int:
     _clear(out, list(inputs))
     results = [_export_one(name, module, x, ex, out) for name, (module, x) in inputs.items()]
     (out / "check.json").write_text(json.dumps(results, indent=1))
-    _say(f"fixed-point export of {len(results)} module(s) to {out}; emulator vs fake-quant "
-         f"model on recorded inputs (tolerance {ex.tolerance:g} relative):")
-    _say(table(results, ["layer", "ops", "input", "output", "rows", "max_abs_diff",
-                         "rel_diff", "ok"]))
+    _say(
+        f"fixed-point export of {len(results)} module(s) to {out}; emulator vs fake-quant "
+        f"model on recorded inputs (tolerance {ex.tolerance:g} relative):"
+    )
+    _say(
+        table(
+            results, ["layer", "ops", "input", "output", "rows", "max_abs_diff", "rel_diff", "ok"]
+        )
+    )
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILURE
 
 
@@ -226,15 +274,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _compress_parser(sub: Any, fmt: Any) -> None:
-    c = sub.add_parser("compress", help="run a recipe on a model", epilog=EPILOG,
-                       formatter_class=fmt)
-    c.add_argument("model", metavar="MODEL",
-                   help="'minilm', 'digits-cnn', a Hugging Face model dir or a checkpoint")
+    c = sub.add_parser(
+        "compress", help="run a recipe on a model", epilog=EPILOG, formatter_class=fmt
+    )
+    c.add_argument(
+        "model",
+        metavar="MODEL",
+        help="'minilm', 'digits-cnn', a Hugging Face model dir or a checkpoint",
+    )
     c.add_argument("--recipe", required=True, help="recipe TOML file")
-    c.add_argument("--calib", required=True, metavar="DATA",
-                   help="'corpus', 'digits', a text file (one sentence a line), .npy or .pt")
-    c.add_argument("--eval", metavar="DATA", help="held-out data for the before/after table "
-                   "(default: the held-out split of --calib's shortcut, or --calib itself)")
+    c.add_argument(
+        "--calib",
+        required=True,
+        metavar="DATA",
+        help="'corpus', 'digits', a text file (one sentence a line), .npy or .pt",
+    )
+    c.add_argument(
+        "--eval",
+        metavar="DATA",
+        help="held-out data for the before/after table "
+        "(default: the held-out split of --calib's shortcut, or --calib itself)",
+    )
     c.add_argument("--out", required=True, metavar="DIR", help="output directory")
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c.add_argument("--force", action="store_true", help="write into a non-empty DIR")
@@ -242,18 +302,35 @@ def _compress_parser(sub: Any, fmt: Any) -> None:
 
 
 def _export_parser(sub: Any, fmt: Any) -> None:
-    e = sub.add_parser("export", help="fixed-point export of the recipe's export layers",
-                       epilog=EPILOG, formatter_class=fmt)
+    e = sub.add_parser(
+        "export",
+        help="fixed-point export of the recipe's export layers",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
     e.add_argument("dir", metavar="DIR")
     e.add_argument("--fixed-point", required=True, metavar="OUT", help="output directory")
-    e.add_argument("--force", action="store_true", help="write into a non-empty OUT (each "
-                   "exported layer's OUT/<name>/ is cleared first)")
-    e.add_argument("--model", metavar="MODEL", help="the base model instead of the one "
-                   "DIR/source.json names: 'minilm', 'digits-cnn' or a Hugging Face model dir")
-    e.add_argument("--model-class", metavar="pkg.mod:Class", help="the base model's class, "
-                   "for a checkpoint base (DIR's recipe is never imported)")
-    e.add_argument("--model-kwargs", metavar="JSON", help="constructor arguments for "
-                   "--model-class, a JSON object")
+    e.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty OUT (each exported layer's OUT/<name>/ is cleared first)",
+    )
+    e.add_argument(
+        "--model",
+        metavar="MODEL",
+        help="the base model instead of the one "
+        "DIR/source.json names: 'minilm', 'digits-cnn' or a Hugging Face model dir",
+    )
+    e.add_argument(
+        "--model-class",
+        metavar="pkg.mod:Class",
+        help="the base model's class, for a checkpoint base (DIR's recipe is never imported)",
+    )
+    e.add_argument(
+        "--model-kwargs",
+        metavar="JSON",
+        help="constructor arguments for --model-class, a JSON object",
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -265,13 +342,18 @@ def make_parser() -> argparse.ArgumentParser:
     'o'
     """
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(prog="tnquant", epilog=EPILOG, formatter_class=fmt,
-                     description="Compress PyTorch models with tensor networks and quantization.")
+    parser = _Parser(
+        prog="tnquant",
+        epilog=EPILOG,
+        formatter_class=fmt,
+        description="Compress PyTorch models with tensor networks and quantization.",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _compress_parser(sub, fmt)
-    r = sub.add_parser("report", help="print the report of a compressed model", epilog=EPILOG,
-                       formatter_class=fmt)
+    r = sub.add_parser(
+        "report", help="print the report of a compressed model", epilog=EPILOG, formatter_class=fmt
+    )
     r.add_argument("dir", metavar="DIR")
     r.add_argument("--json", action="store_true", help="print report.json")
     _export_parser(sub, fmt)
@@ -285,8 +367,10 @@ def _fail(args: argparse.Namespace, e: Exception) -> int:
     if usage:
         print(f"tnquant: error: {message}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"tnquant: error: {type(e).__name__}: {message} (rerun with --debug for the "
-          "traceback)", file=sys.stderr)
+    print(
+        f"tnquant: error: {type(e).__name__}: {message} (rerun with --debug for the traceback)",
+        file=sys.stderr,
+    )
     return EXIT_FAILURE
 
 

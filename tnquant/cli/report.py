@@ -26,8 +26,16 @@ from tnquant.cli import checks
 from tnquant.core import capture_inputs, capture_outputs, evaluating, outputs
 from tnquant.quantization import model_size_bits
 
-__all__ = ["compare", "layer_errors", "layer_rows", "totals", "export_inputs", "format_report",
-           "table", "plot"]
+__all__ = [
+    "compare",
+    "layer_errors",
+    "layer_rows",
+    "totals",
+    "export_inputs",
+    "format_report",
+    "table",
+    "plot",
+]
 
 
 # --------------------------------------------------------------------------- #
@@ -36,12 +44,18 @@ __all__ = ["compare", "layer_errors", "layer_rows", "totals", "export_inputs", "
 
 
 def _outputs(model: nn.Module, batches: list[Any], progress: bool, desc: str) -> torch.Tensor:
-    return torch.cat([o.float().flatten(1)
-                      for o in outputs(model, batches, desc=desc, progress=progress)])
+    return torch.cat(
+        [o.float().flatten(1) for o in outputs(model, batches, desc=desc, progress=progress)]
+    )
 
 
-def compare(original: nn.Module, student: nn.Module, batches: list[Any],
-            labels: list[torch.Tensor] | None, progress: bool) -> dict[str, Any]:
+def compare(
+    original: nn.Module,
+    student: nn.Module,
+    batches: list[Any],
+    labels: list[torch.Tensor] | None,
+    progress: bool,
+) -> dict[str, Any]:
     """The before/after table: size, accuracy on ``labels`` (else cosine to the original)."""
     outs, times = [], []
     for model, desc in ((original, "eval original"), (student, "eval compressed")):
@@ -56,13 +70,16 @@ def compare(original: nn.Module, student: nn.Module, batches: list[Any],
         metric = "cosine"
         values = [1.0, nn.functional.cosine_similarity(out, ref).mean().item()]
     names, models = ("original", "compressed"), (original, student)
-    rows = [{"model": n, "size_bits": model_size_bits(m), metric: v, "eval_s": s}
-            for n, m, v, s in zip(names, models, values, times, strict=True)]
+    rows = [
+        {"model": n, "size_bits": model_size_bits(m), metric: v, "eval_s": s}
+        for n, m, v, s in zip(names, models, values, times, strict=True)
+    ]
     return {"metric": metric, "samples": len(ref), "rows": rows}
 
 
-def layer_errors(original: nn.Module, student: nn.Module, names: list[str],
-                 batch: Any) -> dict[str, float]:
+def layer_errors(
+    original: nn.Module, student: nn.Module, names: list[str], batch: Any
+) -> dict[str, float]:
     """Relative output error of each compressed layer on the original layer's inputs."""
     before = dict(original.named_modules())
     modules = {n: before[n] for n in names if n in before}
@@ -78,14 +95,19 @@ def layer_errors(original: nn.Module, student: nn.Module, names: list[str],
 
 
 def _bits_of(module: nn.Module) -> str:
-    bits = sorted({int(m.spec.bits) for n, m in module.named_modules()
-                   if hasattr(m, "spec") and hasattr(m.spec, "bits")
-                   and "act_quantizers" not in n})
+    bits = sorted(
+        {
+            int(m.spec.bits)
+            for n, m in module.named_modules()
+            if hasattr(m, "spec") and hasattr(m.spec, "bits") and "act_quantizers" not in n
+        }
+    )
     return "/".join(str(b) for b in bits) if bits else "32"
 
 
-def layer_rows(original: nn.Module, student: nn.Module, fact: Any, quant: Any,
-               errors: dict[str, float]) -> list[dict[str, Any]]:
+def layer_rows(
+    original: nn.Module, student: nn.Module, fact: Any, quant: Any, errors: dict[str, float]
+) -> list[dict[str, Any]]:
     """One row per factorized or quantized layer: format, ranks, bits, sizes, error."""
     frows = {r["name"]: r for r in fact} if fact is not None else {}
     qnames = {r["name"] for r in quant} if quant is not None else set()
@@ -94,19 +116,29 @@ def layer_rows(original: nn.Module, student: nn.Module, fact: Any, quant: Any,
     for name in (n for n in before if n in frows or n in qnames):
         f = frows.get(name, {})
         params = sum(p.numel() for p in before[name].parameters())
-        rows.append({"name": name, "kind": type(before[name]).__name__,
-                     "format": f.get("format", "dense"), "ranks": f.get("ranks"),
-                     "bits": _bits_of(after[name]), "params_before": params,
-                     "params_after": f.get("params_after", params),
-                     "bits_before": model_size_bits(before[name]),
-                     "size_bits": model_size_bits(after[name]), "error": errors.get(name)})
+        rows.append(
+            {
+                "name": name,
+                "kind": type(before[name]).__name__,
+                "format": f.get("format", "dense"),
+                "ranks": f.get("ranks"),
+                "bits": _bits_of(after[name]),
+                "params_before": params,
+                "params_after": f.get("params_after", params),
+                "bits_before": model_size_bits(before[name]),
+                "size_bits": model_size_bits(after[name]),
+                "error": errors.get(name),
+            }
+        )
     return rows
 
 
 def totals(rows: list[dict[str, Any]], cmp: dict[str, Any]) -> dict[str, Any]:
     """Sums over the layer rows, and the whole model's sizes from the before/after table."""
-    out = {k: sum(r[k] for r in rows) for k in ("params_before", "params_after", "bits_before",
-                                                "size_bits")}
+    out = {
+        k: sum(r[k] for r in rows)
+        for k in ("params_before", "params_after", "bits_before", "size_bits")
+    }
     out["layers_compression"] = out["bits_before"] / max(out["size_bits"], 1)
     sizes = [r["size_bits"] for r in cmp["rows"]]
     out["model_bits_before"], out["model_bits_after"] = sizes
@@ -114,8 +146,9 @@ def totals(rows: list[dict[str, Any]], cmp: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def export_inputs(model: nn.Module, names: list[str], batches: list[Any], rows: int
-                  ) -> dict[str, np.ndarray]:
+def export_inputs(
+    model: nn.Module, names: list[str], batches: list[Any], rows: int
+) -> dict[str, np.ndarray]:
     """Up to ``rows`` input rows of each module ``names`` (``export_inputs/<name>.npy``).
 
     Batches are read one at a time until every module has ``rows`` rows.
@@ -157,8 +190,9 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     """``rows`` as aligned text columns ``cols`` (``-`` for a missing value)."""
     lines = [cols] + [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
-                     for line in lines)
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -175,20 +209,35 @@ def format_report(report: dict[str, Any]) -> str:
     tnquant.cli.checks.UsageError: report.json: field 'recipe' is missing; expected a string
     """
     checks.check_report(report)
-    cols = ["name", "format", "ranks", "bits", "params_before", "params_after", "bits_before",
-            "size_bits", "error"]
+    cols = [
+        "name",
+        "format",
+        "ranks",
+        "bits",
+        "params_before",
+        "params_after",
+        "bits_before",
+        "size_bits",
+        "error",
+    ]
     t = report["totals"]
-    lines = [f"model {report['model']}  recipe {report['recipe']}  seed {report['seed']}", "",
-             table(report["layers"], cols),
-             f"compressed layers: {t['params_before']} -> {t['params_after']} params, "
-             f"{t['bits_before']} -> {t['size_bits']} bits ({t['layers_compression']:.2f}x)",
-             f"whole model: {t['model_bits_before']} -> {t['model_bits_after']} bits "
-             f"({t['model_compression']:.2f}x)", ""]
+    lines = [
+        f"model {report['model']}  recipe {report['recipe']}  seed {report['seed']}",
+        "",
+        table(report["layers"], cols),
+        f"compressed layers: {t['params_before']} -> {t['params_after']} params, "
+        f"{t['bits_before']} -> {t['size_bits']} bits ({t['layers_compression']:.2f}x)",
+        f"whole model: {t['model_bits_before']} -> {t['model_bits_after']} bits "
+        f"({t['model_compression']:.2f}x)",
+        "",
+    ]
     cmp = report["compare"]
     rows = [{**r, "size_MiB": r["size_bits"] / 8 / 2**20} for r in cmp["rows"]]
     what = "to the original outputs" if cmp["metric"] == "cosine" else "on the labels"
-    lines.append(f"before/after on {cmp['samples']} samples of {report['eval_data']!r} "
-                 f"({cmp['metric']} {what})")
+    lines.append(
+        f"before/after on {cmp['samples']} samples of {report['eval_data']!r} "
+        f"({cmp['metric']} {what})"
+    )
     lines.append(table(rows, ["model", "size_MiB", cmp["metric"], "eval_s"]))
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in report["stages"].items())
     lines.append(f"time: {stages}")

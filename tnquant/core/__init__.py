@@ -20,6 +20,20 @@ from tnquant.core.globs import GlobTable, matches, selected
 from tnquant.core.modules import find_module, join, replace_module
 from tnquant.core.output import model_output
 
-__all__ = ["Gram", "capture_grams", "capture_inputs", "capture_outputs", "evaluating", "hooks",
-           "outputs", "run", "GlobTable", "matches", "selected", "find_module", "join",
-           "replace_module", "model_output"]
+__all__ = [
+    "Gram",
+    "capture_grams",
+    "capture_inputs",
+    "capture_outputs",
+    "evaluating",
+    "hooks",
+    "outputs",
+    "run",
+    "GlobTable",
+    "matches",
+    "selected",
+    "find_module",
+    "join",
+    "replace_module",
+    "model_output",
+]

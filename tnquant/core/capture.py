@@ -32,8 +32,16 @@ from tqdm.auto import tqdm
 from tnquant.batches import call_model, iterate_batches
 from tnquant.core.output import model_output
 
-__all__ = ["evaluating", "hooks", "run", "outputs", "Gram", "capture_grams", "capture_inputs",
-           "capture_outputs"]
+__all__ = [
+    "evaluating",
+    "hooks",
+    "run",
+    "outputs",
+    "Gram",
+    "capture_grams",
+    "capture_inputs",
+    "capture_outputs",
+]
 
 PreHook = Callable[[str, nn.Module, tuple[Any, ...]], None]
 PostHook = Callable[[str, nn.Module, tuple[Any, ...], Any], None]
@@ -64,8 +72,9 @@ def evaluating(model: nn.Module, *, train: bool = False, grad: bool = False) -> 
 
 
 @contextmanager
-def hooks(modules: Mapping[str, nn.Module], pre: PreHook | None = None,
-          post: PostHook | None = None) -> Iterator[None]:
+def hooks(
+    modules: Mapping[str, nn.Module], pre: PreHook | None = None, post: PostHook | None = None
+) -> Iterator[None]:
     """Forward hooks ``pre(name, module, args)`` / ``post(name, module, args, out)`` on ``modules``.
 
     The hooks are removed when the body ends, also on error.
@@ -74,20 +83,32 @@ def hooks(modules: Mapping[str, nn.Module], pre: PreHook | None = None,
     try:
         for name, module in modules.items():
             if pre is not None:
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, args, name=name: pre(name, m, args)))
+                handles.append(
+                    module.register_forward_pre_hook(lambda m, args, name=name: pre(name, m, args))
+                )
             if post is not None:
-                handles.append(module.register_forward_hook(
-                    lambda m, args, out, name=name: post(name, m, args, out)))
+                handles.append(
+                    module.register_forward_hook(
+                        lambda m, args, out, name=name: post(name, m, args, out)
+                    )
+                )
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def run(model: nn.Module, data: Iterable[Any], num_batches: int | None = None, *,
-        desc: str = "", progress: bool = False, each: Callable[[Any], None] | None = None,
-        what: str = "this step", arg: str = "data") -> int:
+def run(
+    model: nn.Module,
+    data: Iterable[Any],
+    num_batches: int | None = None,
+    *,
+    desc: str = "",
+    progress: bool = False,
+    each: Callable[[Any], None] | None = None,
+    what: str = "this step",
+    arg: str = "data",
+) -> int:
     """Run ``data`` through ``model`` under :func:`evaluating`; the number of batches run.
 
     ``each`` is called with every model output. Every batch is checked by
@@ -102,8 +123,12 @@ def run(model: nn.Module, data: Iterable[Any], num_batches: int | None = None, *
     """
     count = 0
     with evaluating(model):
-        for batch in tqdm(iterate_batches(data, num_batches, what=what, arg=arg), desc=desc or None,
-                          disable=not progress, leave=False):
+        for batch in tqdm(
+            iterate_batches(data, num_batches, what=what, arg=arg),
+            desc=desc or None,
+            disable=not progress,
+            leave=False,
+        ):
             out = call_model(model, batch)
             if each is not None:
                 each(out)
@@ -111,9 +136,16 @@ def run(model: nn.Module, data: Iterable[Any], num_batches: int | None = None, *
     return count
 
 
-def outputs(model: nn.Module, data: Iterable[Any], num_batches: int | None = None, *,
-            desc: str = "", progress: bool = False, what: str = "this step",
-            arg: str = "data") -> list[Tensor]:
+def outputs(
+    model: nn.Module,
+    data: Iterable[Any],
+    num_batches: int | None = None,
+    *,
+    desc: str = "",
+    progress: bool = False,
+    what: str = "this step",
+    arg: str = "data",
+) -> list[Tensor]:
     """:func:`~tnquant.core.output.model_output` of every batch, detached.
 
     Examples
@@ -123,8 +155,16 @@ def outputs(model: nn.Module, data: Iterable[Any], num_batches: int | None = Non
     [[0.0, 2.0]]
     """
     seen: list[Tensor] = []
-    run(model, data, num_batches, desc=desc, progress=progress, what=what, arg=arg,
-        each=lambda out: seen.append(model_output(out).detach()))
+    run(
+        model,
+        data,
+        num_batches,
+        desc=desc,
+        progress=progress,
+        what=what,
+        arg=arg,
+        each=lambda out: seen.append(model_output(out).detach()),
+    )
     return seen
 
 
@@ -153,10 +193,17 @@ class Gram:
         self.rows += x.shape[0]
 
 
-def capture_grams(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable[Any],
-                  num_batches: int | None = None, *, desc: str = "collect input statistics",
-                  progress: bool = False, what: str = "this step", arg: str = "data"
-                  ) -> dict[str, Gram]:
+def capture_grams(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    data: Iterable[Any],
+    num_batches: int | None = None,
+    *,
+    desc: str = "collect input statistics",
+    progress: bool = False,
+    what: str = "this step",
+    arg: str = "data",
+) -> dict[str, Gram]:
     """One :class:`Gram` per named module, of the first positional input it sees on ``data``.
 
     A module reached under several names gets one Gram (under its first name).
@@ -172,10 +219,17 @@ def capture_grams(model: nn.Module, modules: Mapping[str, nn.Module], data: Iter
     return {first[k]: g for k, g in grams.items()}
 
 
-def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable[Any],
-                   num_batches: int | None = None, *, rows: int | None = None,
-                   progress: bool = False, what: str = "this step", arg: str = "data"
-                   ) -> dict[str, Tensor]:
+def capture_inputs(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    data: Iterable[Any],
+    num_batches: int | None = None,
+    *,
+    rows: int | None = None,
+    progress: bool = False,
+    what: str = "this step",
+    arg: str = "data",
+) -> dict[str, Tensor]:
     """The first positional input of each named module on ``data``, concatenated (``rows`` max).
 
     Examples
@@ -199,9 +253,16 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
     return {name: torch.cat(v)[:rows] for name, v in seen.items() if v}
 
 
-def capture_outputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable[Any],
-                    num_batches: int | None = None, *, progress: bool = False,
-                    what: str = "this step", arg: str = "data") -> dict[str, list[Tensor]]:
+def capture_outputs(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    data: Iterable[Any],
+    num_batches: int | None = None,
+    *,
+    progress: bool = False,
+    what: str = "this step",
+    arg: str = "data",
+) -> dict[str, list[Tensor]]:
     """Every output (detached) of each named module on ``data``, batch by batch.
 
     Examples
@@ -213,7 +274,8 @@ def capture_outputs(model: nn.Module, modules: Mapping[str, nn.Module], data: It
     [0.0, 1.0]
     """
     seen: dict[str, list[Tensor]] = {name: [] for name in modules}
-    with hooks(modules, post=lambda name, _m, _a, out: seen[name].append(
-            model_output(out).detach())):
+    with hooks(
+        modules, post=lambda name, _m, _a, out: seen[name].append(model_output(out).detach())
+    ):
         run(model, data, num_batches, progress=progress, what=what, arg=arg)
     return seen

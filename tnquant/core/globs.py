@@ -74,9 +74,13 @@ class GlobTable:
         Accept int keys (core indices) besides glob strings.
     """
 
-    def __init__(self, entries: Mapping[Any, Any] | None, what: str,
-                 check_value: Callable[[Any, str], None] | None = None,
-                 int_keys: bool = False) -> None:
+    def __init__(
+        self,
+        entries: Mapping[Any, Any] | None,
+        what: str,
+        check_value: Callable[[Any, str], None] | None = None,
+        int_keys: bool = False,
+    ) -> None:
         self.what = what
         self.entries: list[tuple[Any, Any]] | None = None
         self._won: set[int] = set()
@@ -84,8 +88,7 @@ class GlobTable:
         if entries is None:
             return
         if not isinstance(entries, Mapping):
-            raise TypeError(f"{what} must be a mapping of patterns, got "
-                            f"{type(entries).__name__}")
+            raise TypeError(f"{what} must be a mapping of patterns, got {type(entries).__name__}")
         for key, value in entries.items():
             ok_int = int_keys and isinstance(key, int) and not isinstance(key, bool)
             if not (isinstance(key, str) or ok_int):
@@ -124,8 +127,11 @@ class GlobTable:
 
     def unmatched(self) -> list[Any]:
         """Keys that matched no name in the lookups so far."""
-        return [key for i, (key, _) in enumerate(self.entries or ())
-                if i not in self._won and i not in self._beaten]
+        return [
+            key
+            for i, (key, _) in enumerate(self.entries or ())
+            if i not in self._won and i not in self._beaten
+        ]
 
     def check(self, report: _Skips | None = None) -> None:
         """Raise for a shadowed entry; add one ``skipped`` row per unmatched entry to ``report``.
@@ -142,7 +148,8 @@ class GlobTable:
             raise ValueError(
                 f"{self.what} pattern {key!r} is never used: every name it matches (e.g. "
                 f"{name!r}) is matched first by {self.entries[first][0]!r}; the first "
-                f"matching pattern wins, so put more specific patterns first")
+                f"matching pattern wins, so put more specific patterns first"
+            )
         if report is not None:
             for key in self.unmatched():
                 report.skip(f"{self.what}[{key!r}]", "pattern", "matched nothing")

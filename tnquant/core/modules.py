@@ -51,8 +51,10 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
         If ``name`` is empty or names no submodule of ``model``.
     """
     if not name:
-        raise ValueError("replace_module: the root module (name '') cannot be replaced in "
-                         "place; use the new module itself")
+        raise ValueError(
+            "replace_module: the root module (name '') cannot be replaced in "
+            "place; use the new module itself"
+        )
     parent_name, _, attr = name.rpartition(".")
     parent = find_module(model, parent_name)
     old = find_module(model, name)

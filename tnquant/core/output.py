@@ -50,6 +50,8 @@ def model_output(out: Any) -> Tensor:
         for value in out.values():
             if isinstance(value, Tensor):
                 return value
-    raise TypeError(f"cannot find a tensor in the model output ({type(out).__name__}): "
-                    f"expected a tensor, a tuple/list of tensors, or an object with "
-                    f"{' or '.join(OUTPUT_KEYS)}; pass outputs= (a callable) for anything else")
+    raise TypeError(
+        f"cannot find a tensor in the model output ({type(out).__name__}): "
+        f"expected a tensor, a tuple/list of tensors, or an object with "
+        f"{' or '.join(OUTPUT_KEYS)}; pass outputs= (a callable) for anything else"
+    )

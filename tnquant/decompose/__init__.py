@@ -14,12 +14,7 @@ Examples
 ('tt', 2)
 """
 
-from tnquant.decompose.api import (
-    decompose_conv,
-    decompose_embedding,
-    decompose_linear,
-    reconstruct,
-)
+from tnquant.decompose.api import decompose_conv, decompose_embedding, decompose_linear, reconstruct
 from tnquant.decompose.result import Decomposition
 from tnquant.decompose.shapes import choose_shape, validate_shape
 

@@ -69,8 +69,14 @@ from tnquant.decompose.tucker import (
 )
 from tnquant.specs import CP, TT, LowRank, Tucker
 
-__all__ = ["decompose_linear", "decompose_conv", "decompose_embedding", "reconstruct",
-           "DECOMPOSERS", "spec_types"]
+__all__ = [
+    "decompose_linear",
+    "decompose_conv",
+    "decompose_embedding",
+    "reconstruct",
+    "DECOMPOSERS",
+    "spec_types",
+]
 
 #: Times the weight tolerance is halved (tol with a gram, TT / tensorized
 #: Tucker) before falling back to full rank.
@@ -90,8 +96,9 @@ def _check_tensor(x: Any, ndim: int, name: str, layout: str) -> Tensor:
     if not (x.is_floating_point()):
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.ndim != ndim or x.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty {ndim}-D tensor {layout}, got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must be a non-empty {ndim}-D tensor {layout}, got shape {tuple(x.shape)}"
+        )
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise ValueError(f"{name} has {bad} non-finite value(s) (nan or inf); cannot decompose it")
@@ -103,8 +110,9 @@ def _check_spec(spec: Any, weight_kind: str) -> Handler:
     handler = table.get(type(spec))
     if handler is None:
         valid = ", ".join(t.__name__ for t in table)
-        raise TypeError(f"spec must be one of {valid} for a{layer} weight, got "
-                        f"{type(spec).__name__}")
+        raise TypeError(
+            f"spec must be one of {valid} for a{layer} weight, got {type(spec).__name__}"
+        )
     return handler
 
 
@@ -122,10 +130,16 @@ def _check_gram(gram: Any, n: int, like: Tensor) -> Tensor:
 
 
 def _shapes(spec: TT | Tucker, out: int, inn: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    out_shape = (shapes.validate_shape(spec.out_shape, out, "out_shape") if spec.out_shape
-                 else shapes.choose_shape(out, spec.order))
-    in_shape = (shapes.validate_shape(spec.in_shape, inn, "in_shape") if spec.in_shape
-                else shapes.choose_shape(inn, spec.order))
+    out_shape = (
+        shapes.validate_shape(spec.out_shape, out, "out_shape")
+        if spec.out_shape
+        else shapes.choose_shape(out, spec.order)
+    )
+    in_shape = (
+        shapes.validate_shape(spec.in_shape, inn, "in_shape")
+        if spec.in_shape
+        else shapes.choose_shape(inn, spec.order)
+    )
     return out_shape, in_shape
 
 
@@ -138,8 +152,9 @@ def _out_rel(w: Tensor, what: Tensor, gram: Tensor) -> float:
     return math.sqrt(als.output_sq_error(w, what, gram) / total) if total > 0 else 0.0
 
 
-def _fit_tol(fit: Callable[[float | None], Part], w: Tensor, gram: Tensor | None,
-             tol: float | None) -> Part:
+def _fit_tol(
+    fit: Callable[[float | None], Part], w: Tensor, gram: Tensor | None, tol: float | None
+) -> Part:
     """``fit(weight_tol)``; with a gram and tol, halve weight_tol until out error <= tol."""
     if gram is None or tol is None:
         return fit(tol)
@@ -322,8 +337,7 @@ def _finish(part: Part, weight: Tensor, gram: Tensor | None) -> Decomposition:
 
 
 def decompose_linear(
-    weight: Tensor, spec: TT | Tucker | LowRank, *, gram: Tensor | None = None,
-    name: str = "weight",
+    weight: Tensor, spec: TT | Tucker | LowRank, *, gram: Tensor | None = None, name: str = "weight"
 ) -> Decomposition:
     """Decompose a Linear weight ``(out, in)`` into TT, Tucker or low-rank cores.
 
@@ -374,8 +388,9 @@ def decompose_linear(
         return _finish(handler(w, spec, g), weight, g)
 
 
-def decompose_conv(kernel: Tensor, spec: Tucker | CP | LowRank, *,
-                   name: str = "weight") -> Decomposition:
+def decompose_conv(
+    kernel: Tensor, spec: Tucker | CP | LowRank, *, name: str = "weight"
+) -> Decomposition:
     """Decompose a Conv2d kernel ``(O, I, kh, kw)``: Tucker-2, CP, or low rank.
 
     Parameters
@@ -410,8 +425,9 @@ def decompose_conv(kernel: Tensor, spec: Tucker | CP | LowRank, *,
         return _finish(handler(k, spec, None), kernel, None)
 
 
-def decompose_embedding(weight: Tensor, spec: TT | LowRank, *,
-                        name: str = "weight") -> Decomposition:
+def decompose_embedding(
+    weight: Tensor, spec: TT | LowRank, *, name: str = "weight"
+) -> Decomposition:
     """Decompose an Embedding table ``(num, dim)``: TT (TT-Rec) or low rank.
 
     For TT, ``out`` stands for the rows (``num``) and ``in`` for the columns

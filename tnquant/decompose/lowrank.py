@@ -26,12 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from tnquant.decompose.ranks import (
-    cap_ranks,
-    expand_rank,
-    ratio_note,
-    uniform_ranks_for_ratio,
-)
+from tnquant.decompose.ranks import cap_ranks, expand_rank, ratio_note, uniform_ranks_for_ratio
 from tnquant.decompose.result import Part
 from tnquant.decompose.svd import truncated_svd, whitening
 from tnquant.specs import LowRank

@@ -57,14 +57,10 @@ def tt_rank_caps(out_shape: Sequence[int], in_shape: Sequence[int]) -> tuple[int
     (8,)
     """
     modes = [o * i for o, i in zip(out_shape, in_shape, strict=True)]
-    return tuple(
-        min(math.prod(modes[:k]), math.prod(modes[k:])) for k in range(1, len(modes))
-    )
+    return tuple(min(math.prod(modes[:k]), math.prod(modes[k:])) for k in range(1, len(modes)))
 
 
-def tt_n_params(
-    out_shape: Sequence[int], in_shape: Sequence[int], ranks: Sequence[int]
-) -> int:
+def tt_n_params(out_shape: Sequence[int], in_shape: Sequence[int], ranks: Sequence[int]) -> int:
     """Parameters of TT-matrix cores ``(r_{k-1}, out_k, in_k, r_k)``.
 
     ``ranks`` are the ``d - 1`` inner ranks.
@@ -91,9 +87,7 @@ def tucker_rank_caps(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(min(n, total // n) for n in shape)
 
 
-def tucker_n_params(
-    shape: Sequence[int], ranks: Sequence[int], fixed: Sequence[int] = ()
-) -> int:
+def tucker_n_params(shape: Sequence[int], ranks: Sequence[int], fixed: Sequence[int] = ()) -> int:
     """Parameters of a Tucker core of shape ``(*ranks, *fixed)`` and factors ``(n_k, r_k)``.
 
     ``fixed`` are modes kept whole in the core (the kernel modes of a

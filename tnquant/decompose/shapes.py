@@ -186,7 +186,6 @@ def validate_shape(shape: Sequence[int], n: int, name: str = "shape") -> tuple[i
         raise ValueError(f"{name} must be a non-empty tuple of positive ints, got {shape!r}")
     if math.prod(shape) < n:
         raise ValueError(
-            f"{name} {shape} has product {math.prod(shape)}, below the dimension {n} "
-            "it must cover"
+            f"{name} {shape} has product {math.prod(shape)}, below the dimension {n} it must cover"
         )
     return shape

@@ -102,11 +102,7 @@ def randomized_svd(a: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor
 
 
 def truncated_svd(
-    a: Tensor,
-    *,
-    max_rank: int | None = None,
-    delta: float | None = None,
-    method: str = "truncated",
+    a: Tensor, *, max_rank: int | None = None, delta: float | None = None, method: str = "truncated"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Truncated SVD ``a ~ U diag(S) Vh`` of a 2-D tensor.
 

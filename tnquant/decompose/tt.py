@@ -194,4 +194,3 @@ def tt_als(
             break
         previous = err
     return best
-

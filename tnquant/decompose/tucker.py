@@ -135,8 +135,13 @@ def hooi(
     svd = "randomized_svd" if method == "randomized" else "truncated_svd"
     with tl.backend_context("pytorch"):
         (new_core, new_factors), _ = partial_tucker(
-            t, rank=[f.shape[1] for f in factors], modes=list(modes), n_iter_max=HOOI_ITERS,
-            init=(core, list(factors)), svd=svd, random_state=0,
+            t,
+            rank=[f.shape[1] for f in factors],
+            modes=list(modes),
+            n_iter_max=HOOI_ITERS,
+            init=(core, list(factors)),
+            svd=svd,
+            random_state=0,
         )
     if new_core.norm() < core.norm():  # HOOI maximizes ||core||: keep the HOSVD otherwise
         return core, factors

@@ -91,13 +91,33 @@ from tnquant.export.manifest import CORES, HLS4ML_CONFIG, MANIFEST
 from tnquant.export.report import REPORT_JSON, REPORT_MD, ExportReport, build_report
 from tnquant.specs import FixedPoint
 
-__all__ = ["fixed_point", "to_hls4ml", "IntegerModel", "Op", "build_graph", "HLS4ML_CONFIG",
-           "ExportReport", "build_report", "drift", "OWNED"]
+__all__ = [
+    "fixed_point",
+    "to_hls4ml",
+    "IntegerModel",
+    "Op",
+    "build_graph",
+    "HLS4ML_CONFIG",
+    "ExportReport",
+    "build_report",
+    "drift",
+    "OWNED",
+]
 
 #: every file :func:`fixed_point` may write in ``out_dir``, removed in this order
-OWNED = (MANIFEST, CORES, HLS4ML_CONFIG, REPORT_JSON, REPORT_MD, "tnquant_weights.h",
-         "tnquant_weights_int.h", "tt_linear.h", "tnquant_tt_layers.h", MANIFEST + ".tmp",
-         CORES + ".tmp")
+OWNED = (
+    MANIFEST,
+    CORES,
+    HLS4ML_CONFIG,
+    REPORT_JSON,
+    REPORT_MD,
+    "tnquant_weights.h",
+    "tnquant_weights_int.h",
+    "tt_linear.h",
+    "tnquant_tt_layers.h",
+    MANIFEST + ".tmp",
+    CORES + ".tmp",
+)
 
 
 def _clear(out: Path) -> None:
@@ -105,16 +125,25 @@ def _clear(out: Path) -> None:
     for name in OWNED:
         path = out / name
         if path.is_dir() and not path.is_symlink():
-            raise ValueError(f"{path} is a directory; fixed_point writes a file of that name "
-                             f"there: remove it or export elsewhere")
+            raise ValueError(
+                f"{path} is a directory; fixed_point writes a file of that name "
+                f"there: remove it or export elsewhere"
+            )
     for name in OWNED:
         (out / name).unlink(missing_ok=True)
 
 
-def fixed_point(model: nn.Module, out_dir: str | Path, input_spec: FixedPoint | None = None,
-                *, accum: TypeOverride = None, result: TypeOverride = None,
-                bias: TypeOverride = None, hls4ml: bool = True,
-                sample: Any = None) -> IntegerModel:
+def fixed_point(
+    model: nn.Module,
+    out_dir: str | Path,
+    input_spec: FixedPoint | None = None,
+    *,
+    accum: TypeOverride = None,
+    result: TypeOverride = None,
+    bias: TypeOverride = None,
+    hls4ml: bool = True,
+    sample: Any = None,
+) -> IntegerModel:
     """Export a quantized model to fixed point; return its integer emulator.
 
     Parameters
@@ -180,9 +209,10 @@ QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec
     out.mkdir(parents=True, exist_ok=True)
     _clear(out)
     headers = write_headers(ops, out)
-    extra: dict[str, Any] = {"headers": [p.name for p in headers],
-                             "routes": {op.name: "hls4ml" if op.kind != "tt" else "c-headers"
-                                        for op in ops}}
+    extra: dict[str, Any] = {
+        "headers": [p.name for p in headers],
+        "routes": {op.name: "hls4ml" if op.kind != "tt" else "c-headers" for op in ops},
+    }
     if cfg is not None:
         (out / HLS4ML_CONFIG).write_text(json.dumps(cfg, indent=1, default=str))
         extra["hls4ml_config"] = HLS4ML_CONFIG

@@ -84,36 +84,49 @@ per batch); calibrate() the model or freeze() the quantizer before exporting
     spec = getattr(quantizer, "spec", None)
     if isinstance(spec, FixedPoint):
         return spec
-    fix = ("use a FixedPoint activation spec or QuantSpec(scale='pow2'), calibrated, per "
-           "tensor")
+    fix = "use a FixedPoint activation spec or QuantSpec(scale='pow2'), calibrated, per tensor"
     if not isinstance(spec, QuantSpec) or spec.dtype is not None:
-        raise ValueError(f"activation quantizer {where} is {spec!r}, not a fixed-point cast; "
-                         f"{fix}")
+        raise ValueError(f"activation quantizer {where} is {spec!r}, not a fixed-point cast; {fix}")
     if spec.scale != "pow2":
-        raise ValueError(f"activation quantizer {where} has float scales (scale="
-                         f"{spec.scale!r}); {fix}")
+        raise ValueError(
+            f"activation quantizer {where} has float scales (scale={spec.scale!r}); {fix}"
+        )
     if spec.rounding not in ROUNDING_TO_AP:
-        raise ValueError(f"activation quantizer {where} rounds {spec.rounding!r}, which no "
-                         f"ap_fixed type does; use one of {list(ROUNDING_TO_AP)}")
+        raise ValueError(
+            f"activation quantizer {where} rounds {spec.rounding!r}, which no "
+            f"ap_fixed type does; use one of {list(ROUNDING_TO_AP)}"
+        )
     if not getattr(quantizer, "initialized", False):
-        raise ValueError(f"activation quantizer {where} has no stored scale (it would "
-                         f"compute one per batch); calibrate() the model or freeze() the "
-                         f"quantizer before exporting")
+        raise ValueError(
+            f"activation quantizer {where} has no stored scale (it would "
+            f"compute one per batch); calibrate() the model or freeze() the "
+            f"quantizer before exporting"
+        )
     qp = quantizer.qparams()
     scale = qp.scale.detach().to(torch.float64).cpu().flatten()
     if scale.numel() != 1:
-        raise ValueError(f"activation quantizer {where} has {scale.numel()} scales; the "
-                         f"export needs one per tensor ({fix})")
+        raise ValueError(
+            f"activation quantizer {where} has {scale.numel()} scales; the "
+            f"export needs one per tensor ({fix})"
+        )
     mant, exp = torch.frexp(scale)
     if float(mant[0]) != 0.5:
-        raise ValueError(f"activation quantizer {where} has scale {float(scale[0])!r}, not "
-                         f"a power of two; {fix}")
+        raise ValueError(
+            f"activation quantizer {where} has scale {float(scale[0])!r}, not a power of two; {fix}"
+        )
     e = int(exp[0]) - 1
     signed = spec.symmetric
     if not signed and qp.zero_point is not None and bool((qp.zero_point != 0).any()):
-        raise ValueError(f"activation quantizer {where} has zero point "
-                         f"{qp.zero_point.flatten().tolist()}, not 0; use symmetric=True "
-                         f"(or an input range that starts at 0)")
+        raise ValueError(
+            f"activation quantizer {where} has zero point "
+            f"{qp.zero_point.flatten().tolist()}, not 0; use symmetric=True "
+            f"(or an input range that starts at 0)"
+        )
     overflow = "SAT_SYM" if signed and spec.narrow_range else "SAT"
-    return FixedPoint(spec.bits, spec.bits + e, signed=signed,
-                      rounding=ROUNDING_TO_AP[spec.rounding], overflow=overflow)
+    return FixedPoint(
+        spec.bits,
+        spec.bits + e,
+        signed=signed,
+        rounding=ROUNDING_TO_AP[spec.rounding],
+        overflow=overflow,
+    )

@@ -143,7 +143,7 @@ def _literal(m: int, t: FixedPoint) -> str:
 
 def _array(ctype: str, name: str, values: np.ndarray, fmt: object) -> str:
     items = [fmt(int(v)) for v in values.reshape(-1)]  # type: ignore[operator]
-    body = ",\n    ".join(", ".join(items[i: i + 8]) for i in range(0, len(items), 8))
+    body = ",\n    ".join(", ".join(items[i : i + 8]) for i in range(0, len(items), 8))
     return f"const {ctype} {name}[{len(items)}] = {{\n    {body}\n}};\n"
 
 
@@ -160,17 +160,24 @@ def _typedefs(op: Op) -> list[tuple[str, FixedPoint]]:
 
 def _arrays(op: Op) -> list[tuple[str, np.ndarray, FixedPoint]]:
     c = c_name(op.name)
-    out = [(f"{c}_w{k}", w, t) for k, (w, t) in enumerate(zip(op.weights, op.weight_types,
-                                                               strict=True))]
+    out = [
+        (f"{c}_w{k}", w, t)
+        for k, (w, t) in enumerate(zip(op.weights, op.weight_types, strict=True))
+    ]
     if op.bias is not None and op.bias_type is not None:
         out.append((f"{c}_bias", op.bias, op.bias_type))
     return out
 
 
 def _fixed_header(ops: list[Op]) -> str:
-    lines = ["#ifndef TNQUANT_WEIGHTS_H_", "#define TNQUANT_WEIGHTS_H_", "",
-             "// Weights of a tnquant fixed-point export (see manifest.json).",
-             '#include "ap_fixed.h"', ""]
+    lines = [
+        "#ifndef TNQUANT_WEIGHTS_H_",
+        "#define TNQUANT_WEIGHTS_H_",
+        "",
+        "// Weights of a tnquant fixed-point export (see manifest.json).",
+        '#include "ap_fixed.h"',
+        "",
+    ]
     for op in ops:
         lines.append(f"// op {op.name!r} ({op.kind}): {op.in_features} -> {op.out_features}")
         lines += [f"typedef {c_type(t)} {n};" for n, t in _typedefs(op)]
@@ -182,9 +189,14 @@ def _fixed_header(ops: list[Op]) -> str:
 
 
 def _int_header(ops: list[Op]) -> str:
-    lines = ["#ifndef TNQUANT_WEIGHTS_INT_H_", "#define TNQUANT_WEIGHTS_INT_H_", "",
-             "// Integer mantissas of a tnquant fixed-point export: value = m * 2^-FRAC.",
-             "#include <stdint.h>", ""]
+    lines = [
+        "#ifndef TNQUANT_WEIGHTS_INT_H_",
+        "#define TNQUANT_WEIGHTS_INT_H_",
+        "",
+        "// Integer mantissas of a tnquant fixed-point export: value = m * 2^-FRAC.",
+        "#include <stdint.h>",
+        "",
+    ]
     for op in ops:
         for name, arr, t in _arrays(op):
             ctype = "int32_t" if t.width <= 32 else "int64_t"
@@ -203,18 +215,21 @@ def _tt_function(op: Op) -> str:
     in_shape = [w.shape[2] for w in cores]
     in_pad, out_pad = math.prod(in_shape), math.prod(w.shape[1] for w in cores)
     out_t = f"{c}_res{d - 1}_t"
-    lines = [f"// TT layer {op.name!r}: cores {[list(w.shape) for w in cores]}, right to left",
-             f"inline void {c}(const {c}_input_t x[{op.in_features}], "
-             f"{out_t} y[{op.out_features}]) {{",
-             f"    {c}_input_t s_in[{in_pad}];",
-             f"    for (int i = 0; i < {in_pad}; i++) s_in[i] = i < {op.in_features} ? x[i] : "
-             f"({c}_input_t)0;"]
+    lines = [
+        f"// TT layer {op.name!r}: cores {[list(w.shape) for w in cores]}, right to left",
+        f"inline void {c}(const {c}_input_t x[{op.in_features}], {out_t} y[{op.out_features}]) {{",
+        f"    {c}_input_t s_in[{in_pad}];",
+        f"    for (int i = 0; i < {in_pad}; i++) s_in[i] = i < {op.in_features} ? x[i] : "
+        f"({c}_input_t)0;",
+    ]
     if op.bias is not None:
         bias = np.zeros(out_pad, dtype=np.int64)
         bias[: op.bias.shape[0]] = op.bias
         bt = cast(FixedPoint, op.bias_type)
-        lines.append("    static " + _array(f"{c}_bias_t", "bias_pad", bias,
-                                             lambda m: _literal(m, bt)).rstrip())
+        lines.append(
+            "    static "
+            + _array(f"{c}_bias_t", "bias_pad", bias, lambda m: _literal(m, bt)).rstrip()
+        )
     prev, q = "s_in", 1
     for s in range(d):
         k = d - 1 - s
@@ -251,12 +266,21 @@ def write_headers(ops: list[Op], out_dir: str | Path) -> list[Path]:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"tnquant_weights.h": _fixed_header(ops), "tnquant_weights_int.h": _int_header(ops),
-             "tt_linear.h": TT_KERNEL}
+    files = {
+        "tnquant_weights.h": _fixed_header(ops),
+        "tnquant_weights_int.h": _int_header(ops),
+        "tt_linear.h": TT_KERNEL,
+    }
     tts = [op for op in ops if op.kind == "tt"]
     if tts:
-        body = ["#ifndef TNQUANT_TT_LAYERS_H_", "#define TNQUANT_TT_LAYERS_H_", "",
-                '#include "tnquant_weights.h"', '#include "tt_linear.h"', ""]
+        body = [
+            "#ifndef TNQUANT_TT_LAYERS_H_",
+            "#define TNQUANT_TT_LAYERS_H_",
+            "",
+            '#include "tnquant_weights.h"',
+            '#include "tt_linear.h"',
+            "",
+        ]
         body += [_tt_function(op) for op in tts]
         body += ["#endif", ""]
         files["tnquant_tt_layers.h"] = "\n".join(body)

@@ -31,6 +31,7 @@ __all__ = ["fixed_codes", "lossless_accum", "auto_accum", "MAX_WIDTH"]
 #: widest accumulator the int64 emulator takes (a sum of two stays below 2**63)
 MAX_WIDTH = 62
 
+
 def _signed_width(lo: int, hi: int) -> int:
     """Smallest signed width holding ``[lo, hi]``."""
     return max(int(hi).bit_length(), int(-lo - 1).bit_length() if lo < 0 else 0) + 1
@@ -45,8 +46,9 @@ def _expand(q: Tensor, shape: tuple[int, ...]) -> Tensor:
     return q
 
 
-def fixed_codes(quantizer: Any, tensor: Tensor, where: str) -> tuple[np.ndarray, FixedPoint,
-                                                                      list[int]]:
+def fixed_codes(
+    quantizer: Any, tensor: Tensor, where: str
+) -> tuple[np.ndarray, FixedPoint, list[int]]:
     """Integer mantissas, their ``ap_fixed`` type and the scale exponents of a quantized tensor.
 
     Parameters
@@ -81,8 +83,7 @@ def fixed_codes(quantizer: Any, tensor: Tensor, where: str) -> tuple[np.ndarray,
     >>> m.tolist(), str(spec), exps
     ([2, -4, 1], 'ap_fixed<4,2>', [-2])
     """
-    how = (f"quantize {where} with QuantSpec(scale='pow2', symmetric=True) or a FixedPoint "
-           f"spec")
+    how = f"quantize {where} with QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec"
     if isinstance(quantizer, FrozenTensor):
         spec = quantizer.spec
         codes, qp = quantizer.codes(), quantizer.qparams()
@@ -114,17 +115,21 @@ def fixed_codes(quantizer: Any, tensor: Tensor, where: str) -> tuple[np.ndarray,
     c = codes.to(torch.int64).cpu().numpy()
     reach = np.where(c != 0, np.frexp(np.abs(c).astype(np.float64))[1] + shift, 0)
     if reach.size and int(reach.max()) >= MAX_WIDTH:
-        raise ValueError(f"{where}: its power-of-two scales span {int(shift.max())} octaves, so "
-                         f"the aligned mantissas need {int(reach.max()) + 1} bits, more than "
-                         f"{MAX_WIDTH}; {how} per tensor, or with scales closer together")
+        raise ValueError(
+            f"{where}: its power-of-two scales span {int(shift.max())} octaves, so "
+            f"the aligned mantissas need {int(reach.max()) + 1} bits, more than "
+            f"{MAX_WIDTH}; {how} per tensor, or with scales closer together"
+        )
     m = c << shift
-    width = max(_signed_width(qp.qmin, qp.qmax),
-                _signed_width(int(m.min()), int(m.max())) if m.size else 1)
+    width = max(
+        _signed_width(qp.qmin, qp.qmax), _signed_width(int(m.min()), int(m.max())) if m.size else 1
+    )
     return m, FixedPoint(width, width - frac), sorted({int(e) for e in exps.flatten().tolist()})
 
 
-def lossless_accum(input_type: FixedPoint, weight_type: FixedPoint, n: int,
-                   bias_type: FixedPoint | None = None) -> FixedPoint:
+def lossless_accum(
+    input_type: FixedPoint, weight_type: FixedPoint, n: int, bias_type: FixedPoint | None = None
+) -> FixedPoint:
     """The accumulator of ``n`` products (plus a bias) that can never overflow.
 
     Examples
@@ -136,13 +141,16 @@ def lossless_accum(input_type: FixedPoint, weight_type: FixedPoint, n: int,
     """
     width, integer = _lossless(input_type, weight_type, n, bias_type)
     if width > 64:
-        raise ValueError(f"the lossless accumulator of {n} products of {input_type} and "
-                         f"{weight_type} needs {width} bits; FixedPoint holds at most 64")
+        raise ValueError(
+            f"the lossless accumulator of {n} products of {input_type} and "
+            f"{weight_type} needs {width} bits; FixedPoint holds at most 64"
+        )
     return FixedPoint(width, integer)
 
 
-def _lossless(input_type: FixedPoint, weight_type: FixedPoint, n: int,
-              bias_type: FixedPoint | None) -> tuple[int, int]:
+def _lossless(
+    input_type: FixedPoint, weight_type: FixedPoint, n: int, bias_type: FixedPoint | None
+) -> tuple[int, int]:
     """``(width, integer)`` of :func:`lossless_accum`, as hls4ml's ``infer_precision``."""
     width = input_type.width + weight_type.width
     frac = input_type.frac + weight_type.frac
@@ -153,8 +161,14 @@ def _lossless(input_type: FixedPoint, weight_type: FixedPoint, n: int,
     return integer + frac, integer
 
 
-def auto_accum(op: str, in_type: FixedPoint, w_type: FixedPoint, n: int,
-                bias_type: FixedPoint | None, prev: str | None) -> FixedPoint:
+def auto_accum(
+    op: str,
+    in_type: FixedPoint,
+    w_type: FixedPoint,
+    n: int,
+    bias_type: FixedPoint | None,
+    prev: str | None,
+) -> FixedPoint:
     """:func:`lossless_accum` for op ``op``, refused past ``MAX_WIDTH`` with how to narrow it.
 
     ``prev`` names the op whose result feeds ``op`` (``None`` for the model
@@ -177,12 +191,16 @@ accum={'2': FixedPoint(...)}
     if width <= MAX_WIDTH:
         return FixedPoint(width, integer)
     i = max(1, in_type.integer)
-    fix = (f"result={{'{prev}': FixedPoint({max(24, i + 8)}, {i}, rounding='RND', "
-           f"overflow='SAT')}} (the op before; lossless widths add up along the chain)"
-           if prev is not None else
-           f"a narrower input_spec than {in_type}")
-    raise ValueError(f"op {op!r} needs a {width}-bit lossless accumulator ({n} products of its "
-                     f"input {in_type} and weights {w_type}"
-                     f"{' plus a bias' if bias_type is not None else ''}), wider than "
-                     f"{MAX_WIDTH} bits (the int64 emulator's limit); narrow it with {fix}, or "
-                     f"give this op's accumulator with accum={{'{op}': FixedPoint(...)}}")
+    fix = (
+        f"result={{'{prev}': FixedPoint({max(24, i + 8)}, {i}, rounding='RND', "
+        f"overflow='SAT')}} (the op before; lossless widths add up along the chain)"
+        if prev is not None
+        else f"a narrower input_spec than {in_type}"
+    )
+    raise ValueError(
+        f"op {op!r} needs a {width}-bit lossless accumulator ({n} products of its "
+        f"input {in_type} and weights {w_type}"
+        f"{' plus a bias' if bias_type is not None else ''}), wider than "
+        f"{MAX_WIDTH} bits (the int64 emulator's limit); narrow it with {fix}, or "
+        f"give this op's accumulator with accum={{'{op}': FixedPoint(...)}}"
+    )

@@ -60,15 +60,13 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _reference_outputs(model: nn.Module, layers: list[str], x: np.ndarray
-                       ) -> dict[str, np.ndarray]:
+def _reference_outputs(model: nn.Module, layers: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
     """The last output of each of ``layers`` of a float64 copy of ``model`` on ``x``."""
     ref = copy.deepcopy(model).to(torch.float64)
     device = next((p.device for p in ref.parameters()), torch.device("cpu"))
     modules = {name: ref.get_submodule(name) for name in layers}
     seen = capture_outputs(ref, modules, [torch.from_numpy(x).to(device)])
-    return {name: outs[-1].to(torch.float64).cpu().numpy() for name, outs in seen.items()
-            if outs}
+    return {name: outs[-1].to(torch.float64).cpu().numpy() for name, outs in seen.items() if outs}
 
 
 def drift(model: nn.Module, integer_model: IntegerModel, inputs: Any) -> list[dict[str, Any]]:
@@ -110,12 +108,14 @@ def drift(model: nn.Module, integer_model: IntegerModel, inputs: Any) -> list[di
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(integer_model, IntegerModel):
-        raise TypeError(f"integer_model must be an IntegerModel, got "
-                        f"{type(integer_model).__name__}")
+        raise TypeError(
+            f"integer_model must be an IntegerModel, got {type(integer_model).__name__}"
+        )
     x = _as_numpy(inputs)
     if x.ndim != 2 or x.shape[1] != integer_model.in_features or x.shape[0] == 0:
-        raise ValueError(f"inputs must have shape (batch >= 1, {integer_model.in_features}), "
-                         f"got {x.shape}")
+        raise ValueError(
+            f"inputs must have shape (batch >= 1, {integer_model.in_features}), got {x.shape}"
+        )
     m = integer_model.quantize_input(x)
     xq = np.ldexp(m.astype(np.float64), -integer_model.ops[0].input_type.frac)
     trace = integer_model.trace(m)
@@ -130,21 +130,29 @@ def drift(model: nn.Module, integer_model: IntegerModel, inputs: Any) -> list[di
         want = ref[name].reshape(got.shape)
         err = float(np.abs(got - want).max())
         top = float(np.abs(want).max())
-        counts = {k: sum(trace[i][1].get(k, 0) for i in idx)
-                  for k in ("accum", "accum_overflow", "result", "result_overflow")}
-        modes = sorted({t.overflow for i in idx for t in ops[i].accum_types
-                        if counts["accum_overflow"]}
-                       | {t.overflow for i in idx for t in ops[i].step_types
-                          if counts["result_overflow"]})
-        rows.append({
-            "layer": name, "kind": last.kind, "samples": int(x.shape[0]),
-            "max_abs": err,
-            "max_rel": err / top if top > 0 else (0.0 if err == 0 else float("inf")),
-            "max_abs_lsb": err / last.result_type.scale,
-            "accum_overflow": counts["accum_overflow"] / counts["accum"] if counts["accum"]
-            else 0.0,
-            "result_overflow": counts["result_overflow"] / counts["result"] if counts["result"]
-            else 0.0,
-            "overflow_modes": "/".join(modes),
-        })
+        counts = {
+            k: sum(trace[i][1].get(k, 0) for i in idx)
+            for k in ("accum", "accum_overflow", "result", "result_overflow")
+        }
+        modes = sorted(
+            {t.overflow for i in idx for t in ops[i].accum_types if counts["accum_overflow"]}
+            | {t.overflow for i in idx for t in ops[i].step_types if counts["result_overflow"]}
+        )
+        rows.append(
+            {
+                "layer": name,
+                "kind": last.kind,
+                "samples": int(x.shape[0]),
+                "max_abs": err,
+                "max_rel": err / top if top > 0 else (0.0 if err == 0 else float("inf")),
+                "max_abs_lsb": err / last.result_type.scale,
+                "accum_overflow": counts["accum_overflow"] / counts["accum"]
+                if counts["accum"]
+                else 0.0,
+                "result_overflow": counts["result_overflow"] / counts["result"]
+                if counts["result"]
+                else 0.0,
+                "overflow_modes": "/".join(modes),
+            }
+        )
     return rows

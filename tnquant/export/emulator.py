@@ -80,18 +80,25 @@ def _overflows(m: np.ndarray, frac_in: int, spec: FixedPoint) -> int:
     return int(np.count_nonzero((r < lo) | (r > hi)))
 
 
-def _count(stats: dict[str, int] | None, key: str, m: np.ndarray, frac_in: int,
-           spec: FixedPoint) -> None:
+def _count(
+    stats: dict[str, int] | None, key: str, m: np.ndarray, frac_in: int, spec: FixedPoint
+) -> None:
     if stats is not None:
         stats[key] = stats.get(key, 0) + int(m.size)
-        stats[key + "_overflow"] = stats.get(key + "_overflow", 0) + _overflows(m, frac_in,
-                                                                                  spec)
+        stats[key + "_overflow"] = stats.get(key + "_overflow", 0) + _overflows(m, frac_in, spec)
 
 
-def contract_step(x: np.ndarray, w: np.ndarray, in_type: FixedPoint, w_type: FixedPoint,
-                  accum: FixedPoint, result: FixedPoint, bias: np.ndarray | None = None,
-                  bias_type: FixedPoint | None = None,
-                  stats: dict[str, int] | None = None) -> np.ndarray:
+def contract_step(
+    x: np.ndarray,
+    w: np.ndarray,
+    in_type: FixedPoint,
+    w_type: FixedPoint,
+    accum: FixedPoint,
+    result: FixedPoint,
+    bias: np.ndarray | None = None,
+    bias_type: FixedPoint | None = None,
+    stats: dict[str, int] | None = None,
+) -> np.ndarray:
     """One hls4ml-exact contraction: ``x (..., n, Q)`` with ``w (m, n)`` -> ``(..., m, Q)``.
 
     ``bias`` (mantissas of ``bias_type``) broadcasts against ``(m, Q)``. With
@@ -151,8 +158,9 @@ def _tt_run(op: Op, x: np.ndarray, stats: dict[str, int] | None = None) -> np.nd
             bias = np.zeros(out_pad, dtype=np.int64)
             bias[: op.bias.shape[0]] = op.bias
             bias, bt = bias.reshape(o, q), op.bias_type
-        state = contract_step(xs, w, cur, op.weight_types[k], op.accum_types[s],
-                              op.step_types[s], bias, bt, stats)
+        state = contract_step(
+            xs, w, cur, op.weight_types[k], op.accum_types[s], op.step_types[s], bias, bt, stats
+        )
         cur, q = op.step_types[s], o * q
     return state.reshape(b, out_pad)[:, : op.out_features]
 
@@ -161,10 +169,20 @@ def _dense_run(op: Op, x: np.ndarray, stats: dict[str, int] | None = None) -> np
     w = op.weights[0]
     bias = None if op.bias is None else op.bias[:, None]
     rows = max(1, _CHUNK // max(1, w.size))
-    outs = [contract_step(x[s: s + rows, :, None], w, op.input_type, op.weight_types[0],
-                          op.accum_types[0], op.result_type, bias, op.bias_type,
-                          stats)[..., 0]
-            for s in range(0, x.shape[0], rows)]
+    outs = [
+        contract_step(
+            x[s : s + rows, :, None],
+            w,
+            op.input_type,
+            op.weight_types[0],
+            op.accum_types[0],
+            op.result_type,
+            bias,
+            op.bias_type,
+            stats,
+        )[..., 0]
+        for s in range(0, x.shape[0], rows)
+    ]
     return np.concatenate(outs, axis=0) if outs else np.zeros((0, w.shape[0]), np.int64)
 
 
@@ -287,17 +305,22 @@ class IntegerModel:
     def _check_run_input(self, x: Any) -> np.ndarray:
         arr = np.asarray(x)
         if arr.dtype.kind not in "iu":
-            raise TypeError(f"run() takes integer mantissas, got dtype {arr.dtype}; use "
-                            f"predict() for floats")
+            raise TypeError(
+                f"run() takes integer mantissas, got dtype {arr.dtype}; use predict() for floats"
+            )
         arr = arr.reshape(1, -1) if arr.ndim == 1 else arr
         if arr.ndim != 2 or arr.shape[1] != self.in_features:
-            raise ValueError(f"expected mantissas of shape (batch, {self.in_features}), got "
-                             f"{np.asarray(x).shape}")
+            raise ValueError(
+                f"expected mantissas of shape (batch, {self.in_features}), got "
+                f"{np.asarray(x).shape}"
+            )
         t = self.ops[0].input_type
         arr = arr.astype(np.int64)
         if arr.size and (arr.min() < t.qmin or arr.max() > t.qmax):
-            raise ValueError(f"input mantissas must lie in [{t.qmin}, {t.qmax}] ({t}), got "
-                             f"[{arr.min()}, {arr.max()}]")
+            raise ValueError(
+                f"input mantissas must lie in [{t.qmin}, {t.qmax}] ({t}), got "
+                f"[{arr.min()}, {arr.max()}]"
+            )
         return arr
 
     def quantize_input(self, x: Any) -> np.ndarray:

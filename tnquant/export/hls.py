@@ -60,8 +60,10 @@ def hls4ml_supported(ops: list[Op]) -> bool:
 
 def _value(m: np.ndarray, t: FixedPoint) -> torch.Tensor:
     if t.width > 53:
-        raise ValueError(f"{t} is wider than float64's 53-bit mantissa; hls4ml reads weights "
-                         f"as floats, so it cannot take them exactly")
+        raise ValueError(
+            f"{t} is wider than float64's 53-bit mantissa; hls4ml reads weights "
+            f"as floats, so it cannot take them exactly"
+        )
     return torch.from_numpy(np.ldexp(m.astype(np.float64), -t.frac))
 
 
@@ -85,10 +87,13 @@ def torch_chain(ops: list[Op]) -> nn.Sequential:
             mods.append(nn.ReLU())
             continue
         if op.kind != "dense":
-            raise ValueError(f"op {op.name!r} ({op.kind}) has no hls4ml route; TT layers export "
-                             f"as C headers and tt_linear.h (see tnquant.export)")
-        lin = nn.Linear(op.in_features, op.out_features, bias=op.bias is not None,
-                        dtype=torch.float64)
+            raise ValueError(
+                f"op {op.name!r} ({op.kind}) has no hls4ml route; TT layers export "
+                f"as C headers and tt_linear.h (see tnquant.export)"
+            )
+        lin = nn.Linear(
+            op.in_features, op.out_features, bias=op.bias is not None, dtype=torch.float64
+        )
         with torch.no_grad():
             lin.weight.copy_(_value(op.weights[0], op.weight_types[0]))
             if op.bias is not None and op.bias_type is not None:
@@ -117,14 +122,20 @@ def hls4ml_config(ops: list[Op], chain: nn.Module | None = None) -> dict[str, An
 
     chain = torch_chain(ops) if chain is None else chain
     cfg = hls4ml.utils.config_from_pytorch_model(
-        chain, input_shape=(ops[0].in_features,), granularity="name", backend="Vivado",
-        default_precision=str(ops[0].input_type), channels_last_conversion="full")
+        chain,
+        input_shape=(ops[0].in_features,),
+        granularity="name",
+        backend="Vivado",
+        default_precision=str(ops[0].input_type),
+        channels_last_conversion="full",
+    )
     names = list(cfg["LayerName"])
     if len(names) != len(ops) + 1:
-        raise RuntimeError(f"hls4ml named {len(names)} layers {names} for {len(ops)} ops + the "
-                           f"input; cannot match them")
-    cfg["Model"].update({"ReuseFactor": 1, "Strategy": "Latency",
-                         "ChannelsLastConversion": "full"})
+        raise RuntimeError(
+            f"hls4ml named {len(names)} layers {names} for {len(ops)} ops + the "
+            f"input; cannot match them"
+        )
+    cfg["Model"].update({"ReuseFactor": 1, "Strategy": "Latency", "ChannelsLastConversion": "full"})
     cfg["LayerName"][names[0]]["Precision"] = {"result": str(ops[0].input_type)}
     for name, op in zip(names[1:], ops, strict=True):
         layer = cfg["LayerName"][name]
@@ -143,10 +154,17 @@ def hls4ml_config(ops: list[Op], chain: nn.Module | None = None) -> dict[str, An
     return cfg
 
 
-def to_hls4ml(model: nn.Module, out_dir: str | Path, input_spec: FixedPoint | None = None, *,
-              accum: TypeOverride = None, result: TypeOverride = None,
-              bias: TypeOverride = None, project_name: str = "tnquant_model",
-              part: str | None = None) -> Any:
+def to_hls4ml(
+    model: nn.Module,
+    out_dir: str | Path,
+    input_spec: FixedPoint | None = None,
+    *,
+    accum: TypeOverride = None,
+    result: TypeOverride = None,
+    bias: TypeOverride = None,
+    project_name: str = "tnquant_model",
+    part: str | None = None,
+) -> Any:
     """The model as an hls4ml ``ModelGraph`` (not compiled) with the exported types.
 
     Parameters
@@ -178,8 +196,13 @@ def to_hls4ml(model: nn.Module, out_dir: str | Path, input_spec: FixedPoint | No
     return graph_to_hls4ml(ops, out_dir, project_name=project_name, part=part)
 
 
-def graph_to_hls4ml(ops: list[Op], out_dir: str | Path, *, project_name: str = "tnquant_model",
-                    part: str | None = None) -> Any:
+def graph_to_hls4ml(
+    ops: list[Op],
+    out_dir: str | Path,
+    *,
+    project_name: str = "tnquant_model",
+    part: str | None = None,
+) -> Any:
     """:func:`to_hls4ml` from an already built IR.
 
     Examples
@@ -197,5 +220,12 @@ def graph_to_hls4ml(ops: list[Op], out_dir: str | Path, *, project_name: str = "
     cfg = hls4ml_config(ops, chain)
     kwargs: dict[str, Any] = {"part": part} if part is not None else {}
     return hls4ml.converters.convert_from_pytorch_model(
-        chain, input_shape=(ops[0].in_features,), hls_config=cfg, output_dir=str(out_dir),
-        project_name=project_name, backend="Vivado", io_type="io_parallel", **kwargs)
+        chain,
+        input_shape=(ops[0].in_features,),
+        hls_config=cfg,
+        output_dir=str(out_dir),
+        project_name=project_name,
+        backend="Vivado",
+        io_type="io_parallel",
+        **kwargs,
+    )

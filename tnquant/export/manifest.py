@@ -70,9 +70,22 @@ from tnquant.export.manifest_fields import (
 from tnquant.export.safe_npz import read_npz
 from tnquant.io import IntegrityError
 
-__all__ = ["write_export", "read_export", "build_manifest", "canonical", "MANIFEST", "CORES",
-           "HLS4ML_CONFIG", "FORMAT", "FORMAT_VERSION", "MAX_MANIFEST_BYTES", "MAX_OPS",
-           "MAX_FEATURES", "MAX_ELEMENTS", "MAX_STATE"]
+__all__ = [
+    "write_export",
+    "read_export",
+    "build_manifest",
+    "canonical",
+    "MANIFEST",
+    "CORES",
+    "HLS4ML_CONFIG",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MAX_MANIFEST_BYTES",
+    "MAX_OPS",
+    "MAX_FEATURES",
+    "MAX_ELEMENTS",
+    "MAX_STATE",
+]
 
 MANIFEST = "manifest.json"
 CORES = "cores.npz"
@@ -81,8 +94,18 @@ FORMAT = "tnquant-fixed-point"
 FORMAT_VERSION = 2
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_ELEMENTS = 1 << 28  # all arrays together (2 GiB of int64)
-_TOP = {"format", "version", "tnquant_version", "input_type", "output_type", "in_features",
-        "out_features", "ops", "checksums", "checksum"}
+_TOP = {
+    "format",
+    "version",
+    "tnquant_version",
+    "input_type",
+    "output_type",
+    "in_features",
+    "out_features",
+    "ops",
+    "checksums",
+    "checksum",
+}
 _EXTRA = {"headers", "routes", "hls4ml_config"}
 _HEADER = re.compile(r"[A-Za-z0-9_.\-]{1,64}\.h")
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -96,8 +119,9 @@ def canonical(obj: dict[str, Any]) -> bytes:
     >>> canonical({"b": 1, "a": [2]})
     b'{\\n "a": [\\n  2\\n ],\\n "b": 1\\n}\\n'
     """
-    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False)
-            + "\n").encode("ascii")
+    return (
+        json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False) + "\n"
+    ).encode("ascii")
 
 
 def _sha(data: Any) -> str:
@@ -118,9 +142,13 @@ def _arrays(op: Op) -> dict[str, np.ndarray]:
 def _op_to_dict(op: Op) -> dict[str, Any]:
     n = _steps(op)
     return {
-        "name": op.name, "kind": op.kind, "layer": op.layer,
-        "in_features": int(op.in_features), "out_features": int(op.out_features),
-        "input_type": str(op.input_type), "result_type": str(op.result_type),
+        "name": op.name,
+        "kind": op.kind,
+        "layer": op.layer,
+        "in_features": int(op.in_features),
+        "out_features": int(op.out_features),
+        "input_type": str(op.input_type),
+        "result_type": str(op.result_type),
         "weights": [f"{op.name}.w{k}" for k in range(len(op.weights))],
         "weight_shapes": [[int(s) for s in w.shape] for w in op.weights],
         "weight_types": [str(t) for t in op.weight_types],
@@ -128,12 +156,14 @@ def _op_to_dict(op: Op) -> dict[str, Any]:
         "bias": None if op.bias is None else f"{op.name}.bias",
         "bias_type": None if op.bias_type is None else str(op.bias_type),
         "accum_types": [str(t) for t in op.accum_types],
-        "step_types": [str(t) for t in (op.step_types if op.kind != "relu"
-                                        else [op.result_type])],
-        "derived": {"accum": [bool(b) for b in op.accum_derived or
-                              [False] * (n if op.kind != "relu" else 0)],
-                    "result": [bool(b) for b in op.result_derived or [False] * n],
-                    "bias": bool(op.bias_derived)},
+        "step_types": [str(t) for t in (op.step_types if op.kind != "relu" else [op.result_type])],
+        "derived": {
+            "accum": [
+                bool(b) for b in op.accum_derived or [False] * (n if op.kind != "relu" else 0)
+            ],
+            "result": [bool(b) for b in op.result_derived or [False] * n],
+            "bias": bool(op.bias_derived),
+        },
         "contraction": _contraction(op),
     }
 
@@ -163,9 +193,13 @@ def build_manifest(ops: list[Op], extra: dict[str, Any] | None = None) -> dict[s
             raise ValueError(f"extra keys must be among {sorted(_EXTRA)}, got {key!r}")
     arrays = {k: v for op in ops for k, v in _arrays(op).items()}
     man: dict[str, Any] = {
-        "format": FORMAT, "version": FORMAT_VERSION, "tnquant_version": __version__,
-        "input_type": str(ops[0].input_type), "output_type": str(ops[-1].result_type),
-        "in_features": int(ops[0].in_features), "out_features": int(ops[-1].out_features),
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "tnquant_version": __version__,
+        "input_type": str(ops[0].input_type),
+        "output_type": str(ops[-1].result_type),
+        "in_features": int(ops[0].in_features),
+        "out_features": int(ops[-1].out_features),
         "ops": [_op_to_dict(op) for op in ops],
         "checksums": {k: _array_sha(v) for k, v in arrays.items()},
     }
@@ -173,8 +207,7 @@ def build_manifest(ops: list[Op], extra: dict[str, Any] | None = None) -> dict[s
     return man
 
 
-def write_export(ops: list[Op], out_dir: str | Path, extra: dict[str, Any] | None = None,
-                 ) -> Path:
+def write_export(ops: list[Op], out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``cores.npz`` and then ``manifest.json`` (each via a temporary file) to ``out_dir``.
 
     The manifest is checked as :func:`read_export` checks it before anything
@@ -198,8 +231,9 @@ def write_export(ops: list[Op], out_dir: str | Path, extra: dict[str, Any] | Non
     except IntegrityError as err:
         raise ValueError(f"cannot export these ops: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(v, dtype=np.int64) for op in ops
-              for k, v in _arrays(op).items()}
+    arrays = {
+        k: np.ascontiguousarray(v, dtype=np.int64) for op in ops for k, v in _arrays(op).items()
+    }
     tmp = out / (CORES + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]
@@ -231,16 +265,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         man = json.loads(raw.decode("ascii"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise IntegrityError(f"{path} is not valid ASCII JSON ({type(err).__name__}: "
-                             f"{str(err)[:100]})") from None
+        raise IntegrityError(
+            f"{path} is not valid ASCII JSON ({type(err).__name__}: {str(err)[:100]})"
+        ) from None
     if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise IntegrityError(f"{path}: format must be {FORMAT!r}, got "
-                             f"{_show(man.get('format') if isinstance(man, dict) else man)}")
+        raise IntegrityError(
+            f"{path}: format must be {FORMAT!r}, got "
+            f"{_show(man.get('format') if isinstance(man, dict) else man)}"
+        )
     if man.get("version") != FORMAT_VERSION:
-        raise IntegrityError(f"{path}: version must be {FORMAT_VERSION}, got "
-                             f"{_show(man.get('version'))}; directories of version 1 carry no "
-                             f"checksum of their own: export again with "
-                             f"tnquant.export.fixed_point")
+        raise IntegrityError(
+            f"{path}: version must be {FORMAT_VERSION}, got "
+            f"{_show(man.get('version'))}; directories of version 1 carry no "
+            f"checksum of their own: export again with "
+            f"tnquant.export.fixed_point"
+        )
     claimed = man.get("checksum")
     try:
         same = raw == canonical(man)
@@ -256,8 +295,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _check_manifest(man: dict[str, Any], path: Path) -> tuple[list[Op], dict[str, tuple]]:
     """Every field of a manifest; the ops (no arrays yet) and the shape of every array."""
-    _dict(path, "the manifest", man, _TOP - ({"checksum"} if "checksum" not in man else set()),
-          _EXTRA)
+    _dict(
+        path, "the manifest", man, _TOP - ({"checksum"} if "checksum" not in man else set()), _EXTRA
+    )
     _text(path, "tnquant_version", man["tnquant_version"])
     raw_ops = _list(path, "ops", man["ops"])
     if not raw_ops:
@@ -268,24 +308,34 @@ def _check_manifest(man: dict[str, Any], path: Path) -> tuple[list[Op], dict[str
     for k, d in enumerate(raw_ops):
         op, sh = _op_fields(path, k, d, names)
         w = f"ops[{k}]"
-        if k and (op.input_type != ops[-1].result_type or
-                  op.in_features != ops[-1].out_features):
-            raise _fail(path, f"{w}.input_type/in_features", f"the result of ops[{k - 1}] "
-                        f"({ops[-1].result_type}, {ops[-1].out_features})",
-                        [str(op.input_type), op.in_features])
+        if k and (op.input_type != ops[-1].result_type or op.in_features != ops[-1].out_features):
+            raise _fail(
+                path,
+                f"{w}.input_type/in_features",
+                f"the result of ops[{k - 1}] ({ops[-1].result_type}, {ops[-1].out_features})",
+                [str(op.input_type), op.in_features],
+            )
         _check_derived(path, w, op, sh)
         ops.append(op)
         shapes.update({f"{op.name}.w{j}": s for j, s in enumerate(sh)})
         if op.bias_type is not None:
             shapes[f"{op.name}.bias"] = (op.out_features,)
-    top = {"input_type": str(ops[0].input_type), "output_type": str(ops[-1].result_type),
-           "in_features": ops[0].in_features, "out_features": ops[-1].out_features}
+    top = {
+        "input_type": str(ops[0].input_type),
+        "output_type": str(ops[-1].result_type),
+        "in_features": ops[0].in_features,
+        "out_features": ops[-1].out_features,
+    }
     for key, want in top.items():
         if man[key] != want or type(man[key]) is not type(want):
             raise _fail(path, key, f"{want!r} (from the ops)", man[key])
     if sum(math.prod(s) for s in shapes.values()) > MAX_ELEMENTS:
-        raise _fail(path, "weight_shapes", f"at most {MAX_ELEMENTS} elements in all",
-                    sum(math.prod(s) for s in shapes.values()))
+        raise _fail(
+            path,
+            "weight_shapes",
+            f"at most {MAX_ELEMENTS} elements in all",
+            sum(math.prod(s) for s in shapes.values()),
+        )
     try:
         check_widths(ops)
     except ValueError as err:
@@ -299,8 +349,10 @@ def _check_manifest(man: dict[str, Any], path: Path) -> tuple[list[Op], dict[str
 
 def _check_extra(path: Path, man: dict[str, Any], ops: list[Op]) -> None:
     if "headers" in man:
-        heads = [_text(path, "headers[]", h, _HEADER)
-                 for h in _list(path, "headers", man["headers"], None, 16)]
+        heads = [
+            _text(path, "headers[]", h, _HEADER)
+            for h in _list(path, "headers", man["headers"], None, 16)
+        ]
         if len(set(heads)) != len(heads):
             raise _fail(path, "headers", "distinct file names", heads)
     if "routes" in man:
@@ -340,18 +392,24 @@ their own: export again with tnquant.export.fixed_point
     arrays = read_npz(out / CORES, shapes, man["checksums"][CORES])
     for key, a in arrays.items():
         if _array_sha(a) != man["checksums"][key]:
-            raise IntegrityError(f"{out / CORES}: array {key!r}: its SHA-256 does not match "
-                                 f"checksums[{key!r}] of the manifest")
+            raise IntegrityError(
+                f"{out / CORES}: array {key!r}: its SHA-256 does not match "
+                f"checksums[{key!r}] of the manifest"
+            )
     for k, op in enumerate(ops):
         op.weights = [arrays[f"{op.name}.w{j}"] for j in range(len(op.weight_types))]
         op.bias = arrays.get(f"{op.name}.bias")
-        named = [(f"w{j}", w, t) for j, (w, t) in enumerate(zip(op.weights, op.weight_types,
-                                                                strict=True))]
+        named = [
+            (f"w{j}", w, t)
+            for j, (w, t) in enumerate(zip(op.weights, op.weight_types, strict=True))
+        ]
         if op.bias is not None and op.bias_type is not None:
             named.append(("bias", op.bias, op.bias_type))
         for what, a, t in named:
             if a.size and (int(a.min()) < t.qmin or int(a.max()) > t.qmax):
-                raise IntegrityError(f"{out / CORES}: array '{op.name}.{what}' (ops[{k}]) "
-                                     f"holds mantissas in [{a.min()}, {a.max()}], outside "
-                                     f"{t} ([{t.qmin}, {t.qmax}])")
+                raise IntegrityError(
+                    f"{out / CORES}: array '{op.name}.{what}' (ops[{k}]) "
+                    f"holds mantissas in [{a.min()}, {a.max()}], outside "
+                    f"{t} ([{t.qmin}, {t.qmax}])"
+                )
     return ops

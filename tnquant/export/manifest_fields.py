@@ -39,9 +39,25 @@ MAX_STATE = 1 << 26  # elements of one TT intermediate per input row
 _MAX_INTEGER = 1024  # |I| of an ap_fixed
 _MAX_TT_CORES = 32
 _KINDS = ("dense", "relu", "tt")
-_OP = {"name", "kind", "layer", "in_features", "out_features", "input_type", "result_type",
-       "weights", "weight_shapes", "weight_types", "scale_exponents", "bias", "bias_type",
-       "accum_types", "step_types", "derived", "contraction"}
+_OP = {
+    "name",
+    "kind",
+    "layer",
+    "in_features",
+    "out_features",
+    "input_type",
+    "result_type",
+    "weights",
+    "weight_shapes",
+    "weight_types",
+    "scale_exponents",
+    "bias",
+    "bias_type",
+    "accum_types",
+    "step_types",
+    "derived",
+    "contraction",
+}
 _NAME = re.compile(r"[ -.0-\[\]-~]{1,256}")  # printable ASCII without '/' and '\'
 
 
@@ -53,12 +69,16 @@ def _contraction(op: Op) -> str:
     if op.kind == "relu":
         return "y = max(x, 0)"
     if op.kind == "dense":
-        return ("y[o] = result(accum(b[o]) + sum_i accum(x[i] * W[o, i])), i ascending, "
-                "accum overflow after every add")
+        return (
+            "y[o] = result(accum(b[o]) + sum_i accum(x[i] * W[o, i])), i ascending, "
+            "accum overflow after every add"
+        )
     d = len(op.weight_types)
-    return (f"TT right to left: cores {list(range(d - 1, -1, -1))}; step s contracts "
-            f"(i_k, r_k) of state (B, i_0..i_k, r_k, o_k+1..) with core k "
-            f"(r_k-1*o_k, i_k*r_k), as a dense step")
+    return (
+        f"TT right to left: cores {list(range(d - 1, -1, -1))}; step s contracts "
+        f"(i_k, r_k) of state (B, i_0..i_k, r_k, o_k+1..) with core k "
+        f"(r_k-1*o_k, i_k*r_k), as a dense step"
+    )
 
 
 _REPR = reprlib.Repr()
@@ -92,9 +112,13 @@ def _list(path: Path, where: str, v: Any, n: int | None = None, most: int = MAX_
     return v
 
 
-def _dict(path: Path, where: str, v: Any, keys: set[str],
-          optional: frozenset[str] | set[str] = frozenset()
-          ) -> dict[str, Any]:
+def _dict(
+    path: Path,
+    where: str,
+    v: Any,
+    keys: set[str],
+    optional: frozenset[str] | set[str] = frozenset(),
+) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise _fail(path, where, "a JSON object", v)
     missing, unknown = keys - set(v), set(v) - keys - optional
@@ -127,8 +151,7 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
     kind = d["kind"]
     if kind not in _KINDS:
         raise _fail(path, f"{w}.kind", f"one of {list(_KINDS)}", kind)
-    feats = [_int(path, f"{w}.{f}", d[f], 1, MAX_FEATURES) for f in ("in_features",
-                                                                      "out_features")]
+    feats = [_int(path, f"{w}.{f}", d[f], 1, MAX_FEATURES) for f in ("in_features", "out_features")]
     n_w = {"dense": 1, "relu": 0}.get(kind, -1)
     cores = _list(path, f"{w}.weights", d["weights"], None if n_w < 0 else n_w, _MAX_TT_CORES)
     if kind == "tt" and not cores:
@@ -136,50 +159,88 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
     n = len(cores)
     if cores != [f"{name}.w{j}" for j in range(n)]:
         raise _fail(path, f"{w}.weights", repr([f"{name}.w{j}" for j in range(n)]), cores)
-    shapes = [tuple(_int(path, f"{w}.weight_shapes[{j}][{i}]", s, 1, MAX_FEATURES)
-                    for i, s in enumerate(_list(path, f"{w}.weight_shapes[{j}]", sh,
-                                                2 if kind == "dense" else 4)))
-              for j, sh in enumerate(_list(path, f"{w}.weight_shapes", d["weight_shapes"], n))]
-    wtypes = [_type(path, f"{w}.weight_types[{j}]", t)
-              for j, t in enumerate(_list(path, f"{w}.weight_types", d["weight_types"], n))]
+    shapes = [
+        tuple(
+            _int(path, f"{w}.weight_shapes[{j}][{i}]", s, 1, MAX_FEATURES)
+            for i, s in enumerate(
+                _list(path, f"{w}.weight_shapes[{j}]", sh, 2 if kind == "dense" else 4)
+            )
+        )
+        for j, sh in enumerate(_list(path, f"{w}.weight_shapes", d["weight_shapes"], n))
+    ]
+    wtypes = [
+        _type(path, f"{w}.weight_types[{j}]", t)
+        for j, t in enumerate(_list(path, f"{w}.weight_types", d["weight_types"], n))
+    ]
     scales = _list(path, f"{w}.scale_exponents", d["scale_exponents"], None, n)
     if scales and len(scales) != n:
         raise _fail(path, f"{w}.scale_exponents", f"[] or {n} lists", scales)
     for j, exps in enumerate(scales):
-        e = [_int(path, f"{w}.scale_exponents[{j}]", x, -4 * _MAX_INTEGER, 4 * _MAX_INTEGER)
-             for x in _list(path, f"{w}.scale_exponents[{j}]", exps, None, 4096)]
+        e = [
+            _int(path, f"{w}.scale_exponents[{j}]", x, -4 * _MAX_INTEGER, 4 * _MAX_INTEGER)
+            for x in _list(path, f"{w}.scale_exponents[{j}]", exps, None, 4096)
+        ]
         if not e or e != sorted(set(e)) or -e[0] != wtypes[j].frac:
-            raise _fail(path, f"{w}.scale_exponents[{j}]", f"distinct ascending ints, the "
-                        f"first -{wtypes[j].frac} (the binary point of {wtypes[j]})", exps)
+            raise _fail(
+                path,
+                f"{w}.scale_exponents[{j}]",
+                f"distinct ascending ints, the "
+                f"first -{wtypes[j].frac} (the binary point of {wtypes[j]})",
+                exps,
+            )
     has_bias = d["bias"] is not None
     if has_bias != (d["bias_type"] is not None) or (has_bias and kind == "relu"):
-        raise _fail(path, f"{w}.bias/bias_type", "both null or (not for a ReLU) both set",
-                    [d["bias"], d["bias_type"]])
+        raise _fail(
+            path,
+            f"{w}.bias/bias_type",
+            "both null or (not for a ReLU) both set",
+            [d["bias"], d["bias_type"]],
+        )
     if has_bias and d["bias"] != f"{name}.bias":
         raise _fail(path, f"{w}.bias", repr(f"{name}.bias"), d["bias"])
     steps = 1 if kind != "tt" else n
-    accums = [_type(path, f"{w}.accum_types[{j}]", t) for j, t in enumerate(
-        _list(path, f"{w}.accum_types", d["accum_types"], 0 if kind == "relu" else steps))]
-    results = [_type(path, f"{w}.step_types[{j}]", t)
-               for j, t in enumerate(_list(path, f"{w}.step_types", d["step_types"], steps))]
+    accums = [
+        _type(path, f"{w}.accum_types[{j}]", t)
+        for j, t in enumerate(
+            _list(path, f"{w}.accum_types", d["accum_types"], 0 if kind == "relu" else steps)
+        )
+    ]
+    results = [
+        _type(path, f"{w}.step_types[{j}]", t)
+        for j, t in enumerate(_list(path, f"{w}.step_types", d["step_types"], steps))
+    ]
     der = _dict(path, f"{w}.derived", d["derived"], {"accum", "result", "bias"})
-    flags = {key: _list(path, f"{w}.derived.{key}", der[key], len(v))
-             for key, v in (("accum", accums), ("result", results))}
-    for key, v in [*((f"{key}[{j}]", b) for key, fl in flags.items() for j, b in
-                     enumerate(fl)), ("bias", der["bias"])]:
+    flags = {
+        key: _list(path, f"{w}.derived.{key}", der[key], len(v))
+        for key, v in (("accum", accums), ("result", results))
+    }
+    for key, v in [
+        *((f"{key}[{j}]", b) for key, fl in flags.items() for j, b in enumerate(fl)),
+        ("bias", der["bias"]),
+    ]:
         if not isinstance(v, bool):
             raise _fail(path, f"{w}.derived.{key}", "true or false", v)
-    op = Op(name=name, kind=kind, layer=_text(path, f"{w}.layer", d["layer"]),
-            in_features=feats[0], out_features=feats[1],
-            input_type=_type(path, f"{w}.input_type", d["input_type"]),
-            result_type=_type(path, f"{w}.result_type", d["result_type"]),
-            weight_types=wtypes, bias_type=_type(path, f"{w}.bias_type", d["bias_type"])
-            if has_bias else None, accum_types=accums, step_types=results,
-            scales=[list(s) for s in scales], accum_derived=list(flags["accum"]),
-            result_derived=list(flags["result"]), bias_derived=der["bias"])
+    op = Op(
+        name=name,
+        kind=kind,
+        layer=_text(path, f"{w}.layer", d["layer"]),
+        in_features=feats[0],
+        out_features=feats[1],
+        input_type=_type(path, f"{w}.input_type", d["input_type"]),
+        result_type=_type(path, f"{w}.result_type", d["result_type"]),
+        weight_types=wtypes,
+        bias_type=_type(path, f"{w}.bias_type", d["bias_type"]) if has_bias else None,
+        accum_types=accums,
+        step_types=results,
+        scales=[list(s) for s in scales],
+        accum_derived=list(flags["accum"]),
+        result_derived=list(flags["result"]),
+        bias_derived=der["bias"],
+    )
     if results[-1] != op.result_type:
-        raise _fail(path, f"{w}.step_types[-1]", f"the result_type {op.result_type}",
-                    str(results[-1]))
+        raise _fail(
+            path, f"{w}.step_types[-1]", f"the result_type {op.result_type}", str(results[-1])
+        )
     if der["bias"] and not has_bias:
         raise _fail(path, f"{w}.derived.bias", "false without a bias", True)
     if d["contraction"] != _contraction(op):
@@ -191,63 +252,103 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
 def _check_shapes(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]]) -> None:
     if op.kind == "relu":
         if op.in_features != op.out_features:
-            raise _fail(path, f"{w}.out_features", f"in_features {op.in_features} (a ReLU)",
-                        op.out_features)
+            raise _fail(
+                path, f"{w}.out_features", f"in_features {op.in_features} (a ReLU)", op.out_features
+            )
         return
     if op.kind == "dense":
         if shapes[0] != (op.out_features, op.in_features):
-            raise _fail(path, f"{w}.weight_shapes[0]", f"[out_features, in_features] = "
-                        f"{[op.out_features, op.in_features]}", list(shapes[0]))
+            raise _fail(
+                path,
+                f"{w}.weight_shapes[0]",
+                f"[out_features, in_features] = {[op.out_features, op.in_features]}",
+                list(shapes[0]),
+            )
         return
     ranks = [1] + [s[3] for s in shapes[:-1]] + [1]
     for j, s in enumerate(shapes):
         if (s[0], s[3]) != (ranks[j], ranks[j + 1]):
-            raise _fail(path, f"{w}.weight_shapes[{j}]", f"a core (r, o, i, r') with r = "
-                        f"{ranks[j]} and r' = {ranks[j + 1]} (ranks chain, 1 at both ends)",
-                        list(s))
+            raise _fail(
+                path,
+                f"{w}.weight_shapes[{j}]",
+                f"a core (r, o, i, r') with r = "
+                f"{ranks[j]} and r' = {ranks[j + 1]} (ranks chain, 1 at both ends)",
+                list(s),
+            )
     ins, outs = [s[2] for s in shapes], [s[1] for s in shapes]
-    if not op.in_features <= math.prod(ins) <= 4 * MAX_FEATURES or \
-            not op.out_features <= math.prod(outs) <= 4 * MAX_FEATURES:
-        raise _fail(path, f"{w}.weight_shapes", f"cores whose i and o multiply to at least "
-                    f"in/out_features ({op.in_features}, {op.out_features})",
-                    [list(s) for s in shapes])
+    if (
+        not op.in_features <= math.prod(ins) <= 4 * MAX_FEATURES
+        or not op.out_features <= math.prod(outs) <= 4 * MAX_FEATURES
+    ):
+        raise _fail(
+            path,
+            f"{w}.weight_shapes",
+            f"cores whose i and o multiply to at least "
+            f"in/out_features ({op.in_features}, {op.out_features})",
+            [list(s) for s in shapes],
+        )
     for k, s in enumerate(shapes):  # state (P, I_k R_k, Q) -> (P, R_k-1 O_k, Q) per input row
-        p, q = math.prod(ins[:k]), math.prod(outs[k + 1:])
+        p, q = math.prod(ins[:k]), math.prod(outs[k + 1 :])
         if p * q * max(s[0] * s[1], s[2] * s[3]) > MAX_STATE:
-            raise _fail(path, f"{w}.weight_shapes[{k}]", f"a core whose intermediates stay "
-                        f"within {MAX_STATE} elements per row", list(s))
+            raise _fail(
+                path,
+                f"{w}.weight_shapes[{k}]",
+                f"a core whose intermediates stay within {MAX_STATE} elements per row",
+                list(s),
+            )
 
 
 def _check_derived(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]]) -> None:
     """The types build_graph derived must be what it derives from these inputs again."""
     if op.kind == "relu":
         if op.result_derived[0] and op.result_type != op.input_type:
-            raise _fail(path, f"{w}.result_type", f"the input type {op.input_type} (derived)",
-                        str(op.result_type))
+            raise _fail(
+                path,
+                f"{w}.result_type",
+                f"the input type {op.input_type} (derived)",
+                str(op.result_type),
+            )
         return
     d = len(op.weight_types)
     cur = op.input_type
     for s in range(_steps(op)):
         k = d - 1 - s if op.kind == "tt" else 0
-        wt, n = op.weight_types[k], shapes[k][1] if op.kind == "dense" else \
-            shapes[k][2] * shapes[k][3]
+        wt, n = (
+            op.weight_types[k],
+            shapes[k][1] if op.kind == "dense" else shapes[k][2] * shapes[k][3],
+        )
         bt = op.bias_type if s == _steps(op) - 1 else None
-        if bt is not None and op.bias_derived and (
-                bt.frac != cur.frac + wt.frac or bt != FixedPoint(bt.width, bt.integer)):
-            raise _fail(path, f"{w}.bias_type", f"ap_fixed<W,I> with the products' "
-                        f"{cur.frac + wt.frac} fractional bits (derived)", str(bt))
+        if (
+            bt is not None
+            and op.bias_derived
+            and (bt.frac != cur.frac + wt.frac or bt != FixedPoint(bt.width, bt.integer))
+        ):
+            raise _fail(
+                path,
+                f"{w}.bias_type",
+                f"ap_fixed<W,I> with the products' {cur.frac + wt.frac} fractional bits (derived)",
+                str(bt),
+            )
         if op.accum_derived[s]:
             try:
                 want = lossless_accum(cur, wt, n, bt)
             except ValueError as err:
                 raise IntegrityError(f"{path}: {w}.accum_types[{s}]: {err}") from None
             if op.accum_types[s] != want:
-                raise _fail(path, f"{w}.accum_types[{s}]", f"{want}, the lossless accumulator "
-                            f"of {n} products of {cur} and {wt} (derived; a weight, input "
-                            f"or bias type was edited?)", str(op.accum_types[s]))
+                raise _fail(
+                    path,
+                    f"{w}.accum_types[{s}]",
+                    f"{want}, the lossless accumulator "
+                    f"of {n} products of {cur} and {wt} (derived; a weight, input "
+                    f"or bias type was edited?)",
+                    str(op.accum_types[s]),
+                )
         a = op.accum_types[s]
-        if op.result_derived[s] and op.step_types[s] != FixedPoint(a.width, a.integer,
-                                                                   a.signed):
-            raise _fail(path, f"{w}.step_types[{s}]", f"the accumulator type without its "
-                        f"modes (derived from {a})", str(op.step_types[s]))
+        if op.result_derived[s] and op.step_types[s] != FixedPoint(a.width, a.integer, a.signed):
+            raise _fail(
+                path,
+                f"{w}.step_types[{s}]",
+                f"the accumulator type without its modes (derived from {a})",
+                str(op.step_types[s]),
+            )
         cur = op.step_types[s]

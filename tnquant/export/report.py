@@ -56,8 +56,9 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
 
-def _row(name: str, op: Op, shape: list[int], w_type: Any, step: int, mults: int,
-         bias: bool) -> dict[str, Any]:
+def _row(
+    name: str, op: Op, shape: list[int], w_type: Any, step: int, mults: int, bias: bool
+) -> dict[str, Any]:
     n_w = math.prod(shape) if shape else 0
     n_b = int(op.bias.size) if bias and op.bias is not None else 0
     b_width = op.bias_type.width if n_b and op.bias_type is not None else 0
@@ -65,15 +66,24 @@ def _row(name: str, op: Op, shape: list[int], w_type: Any, step: int, mults: int
     accum = op.accum_types[step] if op.accum_types else None
     result = op.step_types[step] if op.step_types else op.result_type
     return {
-        "name": name, "layer": op.layer, "kind": op.kind, "shape": shape,
-        "weights": n_w, "weight_type": str(w_type) if w_type is not None else None,
-        "weight_width": w_width, "weight_bits": n_w * w_width,
-        "bias": n_b, "bias_type": str(op.bias_type) if n_b else None, "bias_width": b_width,
+        "name": name,
+        "layer": op.layer,
+        "kind": op.kind,
+        "shape": shape,
+        "weights": n_w,
+        "weight_type": str(w_type) if w_type is not None else None,
+        "weight_width": w_width,
+        "weight_bits": n_w * w_width,
+        "bias": n_b,
+        "bias_type": str(op.bias_type) if n_b else None,
+        "bias_width": b_width,
         "bias_bits": n_b * b_width,
         "accum_type": str(accum) if accum is not None else None,
         "accum_width": accum.width if accum is not None else 0,
-        "result_type": str(result), "result_width": result.width,
-        "multiplies": mults, "memory_bits": n_w * w_width + n_b * b_width,
+        "result_type": str(result),
+        "result_width": result.width,
+        "multiplies": mults,
+        "memory_bits": n_w * w_width + n_b * b_width,
     }
 
 
@@ -90,9 +100,10 @@ def _op_rows(op: Op) -> list[dict[str, Any]]:
     for s in range(d):
         k = d - 1 - s
         r0, o, i, r1 = (int(n) for n in op.weights[k].shape)
-        mults = math.prod(in_modes[:k]) * (r0 * o) * (i * r1) * math.prod(out_modes[k + 1:])
-        rows.append(_row(f"{op.name}.{s}", op, [r0, o, i, r1], op.weight_types[k], s, mults,
-                         s == d - 1))
+        mults = math.prod(in_modes[:k]) * (r0 * o) * (i * r1) * math.prod(out_modes[k + 1 :])
+        rows.append(
+            _row(f"{op.name}.{s}", op, [r0, o, i, r1], op.weight_types[k], s, mults, s == d - 1)
+        )
     return rows
 
 
@@ -140,9 +151,13 @@ class ExportReport:
         >>> sorted(ExportReport([], [], {}).to_dict())
         ['drift', 'layers', 'rows', 'totals', 'types']
         """
-        return {"types": dict(self.types), "rows": [dict(r) for r in self.rows],
-                "layers": [dict(r) for r in self.layers], "totals": dict(self.totals),
-                "drift": None if self.drift is None else [dict(r) for r in self.drift]}
+        return {
+            "types": dict(self.types),
+            "rows": [dict(r) for r in self.rows],
+            "layers": [dict(r) for r in self.layers],
+            "totals": dict(self.totals),
+            "drift": None if self.drift is None else [dict(r) for r in self.drift],
+        }
 
     def table(self) -> str:
         """The report as markdown tables (steps, layers vs dense, totals, drift).
@@ -154,17 +169,44 @@ class ExportReport:
         """
         out = []
         if self.types:
-            out.append(f"input `{self.types.get('input')}` -> output "
-                       f"`{self.types.get('output')}`\n")
-        cols = ["name", "kind", "shape", "weight_type", "weight_bits", "bias_bits",
-                "accum_width", "result_width", "multiplies", "memory_bits"]
+            out.append(
+                f"input `{self.types.get('input')}` -> output `{self.types.get('output')}`\n"
+            )
+        cols = [
+            "name",
+            "kind",
+            "shape",
+            "weight_type",
+            "weight_bits",
+            "bias_bits",
+            "accum_width",
+            "result_width",
+            "multiplies",
+            "memory_bits",
+        ]
         out += ["## Steps", "", _md(cols, self.rows), ""]
-        cols = ["layer", "in_features", "out_features", "multiplies", "dense_multiplies",
-                "multiply_ratio", "memory_bits", "dense_memory_bits", "memory_ratio"]
+        cols = [
+            "layer",
+            "in_features",
+            "out_features",
+            "multiplies",
+            "dense_multiplies",
+            "multiply_ratio",
+            "memory_bits",
+            "dense_memory_bits",
+            "memory_ratio",
+        ]
         out += ["## Layers vs dense", "", _md(cols, self.layers), ""]
         if self.drift is not None:
-            cols = ["layer", "max_abs", "max_rel", "max_abs_lsb", "accum_overflow",
-                    "result_overflow", "overflow_modes"]
+            cols = [
+                "layer",
+                "max_abs",
+                "max_rel",
+                "max_abs_lsb",
+                "accum_overflow",
+                "result_overflow",
+                "overflow_modes",
+            ]
             out += ["## Drift from the torch model", "", _md(cols, self.drift), ""]
         out += ["## Totals", "", "| total | value |", "|---|---|"]
         out += [f"| {k} | {_fmt(v)} |" for k, v in self.totals.items()]
@@ -236,19 +278,35 @@ def build_report(ops: list[Op], drift: list[dict[str, Any]] | None = None) -> Ex
         mults = sum(r["multiplies"] for r in lrows)
         mem = sum(r["memory_bits"] for r in lrows)
         d_mults, d_mem = n_in * n_out, n_in * n_out * width + bias_bits
-        layers.append({"layer": name, "kind": mine[0].kind, "steps": len(lrows),
-                       "in_features": n_in, "out_features": n_out, "multiplies": mults,
-                       "memory_bits": mem, "dense_width": width, "dense_multiplies": d_mults,
-                       "dense_memory_bits": d_mem, "multiply_ratio": _ratio(d_mults, mults),
-                       "memory_ratio": _ratio(d_mem, mem)})
-    totals: dict[str, Any] = {k: sum(r[k] for r in rows) for k in
-                              ("weights", "weight_bits", "bias_bits", "memory_bits",
-                               "multiplies")}
+        layers.append(
+            {
+                "layer": name,
+                "kind": mine[0].kind,
+                "steps": len(lrows),
+                "in_features": n_in,
+                "out_features": n_out,
+                "multiplies": mults,
+                "memory_bits": mem,
+                "dense_width": width,
+                "dense_multiplies": d_mults,
+                "dense_memory_bits": d_mem,
+                "multiply_ratio": _ratio(d_mults, mults),
+                "memory_ratio": _ratio(d_mem, mem),
+            }
+        )
+    totals: dict[str, Any] = {
+        k: sum(r[k] for r in rows)
+        for k in ("weights", "weight_bits", "bias_bits", "memory_bits", "multiplies")
+    }
     totals["max_accum_width"] = max(r["accum_width"] for r in rows)
     for k in ("dense_multiplies", "dense_memory_bits"):
         totals[k] = sum(r[k] for r in layers)
     totals["multiply_ratio"] = _ratio(totals["dense_multiplies"], totals["multiplies"])
     totals["memory_ratio"] = _ratio(totals["dense_memory_bits"], totals["memory_bits"])
-    return ExportReport(rows=rows, layers=layers, totals=totals, drift=drift,
-                        types={"input": str(ops[0].input_type),
-                               "output": str(ops[-1].result_type)})
+    return ExportReport(
+        rows=rows,
+        layers=layers,
+        totals=totals,
+        drift=drift,
+        types={"input": str(ops[0].input_type), "output": str(ops[-1].result_type)},
+    )

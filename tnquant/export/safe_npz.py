@@ -50,8 +50,6 @@ _NPY_HEADER = 4096  # bytes of one .npy header at most
 _CHUNK = 1 << 20
 
 
-
-
 def _npy_header(fp: Any, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = npy_format.read_magic(fp)
     if version == (1, 0):
@@ -61,41 +59,61 @@ def _npy_header(fp: Any, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     raise ValueError(f"{where}: .npy version {version} is not 1.0 or 2.0")
 
 
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, shape: tuple[int, ...],
-                 where: str, size: int) -> np.ndarray:
+def _read_member(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, shape: tuple[int, ...], where: str, size: int
+) -> np.ndarray:
     nbytes = 8 * math.prod(shape)
     if info.header_offset + 30 + len(info.filename) + info.compress_size > size:
-        raise IntegrityError(f"{where} claims {info.compress_size} bytes at offset "
-                             f"{info.header_offset}, past the end of the {size}-byte file")
-    if info.flag_bits & 0x1 or info.compress_type != zipfile.ZIP_STORED or \
-            info.compress_size != info.file_size:
-        raise IntegrityError(f"{where} must be stored uncompressed (as np.savez writes it), "
-                             f"got compression {info.compress_type}, {info.compress_size} "
-                             f"bytes for {info.file_size}")
+        raise IntegrityError(
+            f"{where} claims {info.compress_size} bytes at offset "
+            f"{info.header_offset}, past the end of the {size}-byte file"
+        )
+    if (
+        info.flag_bits & 0x1
+        or info.compress_type != zipfile.ZIP_STORED
+        or info.compress_size != info.file_size
+    ):
+        raise IntegrityError(
+            f"{where} must be stored uncompressed (as np.savez writes it), "
+            f"got compression {info.compress_type}, {info.compress_size} "
+            f"bytes for {info.file_size}"
+        )
     if not nbytes < info.file_size <= nbytes + _NPY_HEADER:
-        raise IntegrityError(f"{where} holds {info.file_size} bytes; an int64 array of shape "
-                             f"{shape} takes {nbytes} plus its header")
+        raise IntegrityError(
+            f"{where} holds {info.file_size} bytes; an int64 array of shape "
+            f"{shape} takes {nbytes} plus its header"
+        )
     with zf.open(info) as fp:
         try:
             got, fortran, dtype = _npy_header(fp, where)
         except (ValueError, TypeError, SyntaxError) as err:
             raise IntegrityError(f"{where}: not a valid .npy header ({str(err)[:100]})") from None
-        if dtype.kind != "i" or dtype.itemsize != 8 or dtype.hasobject or fortran or \
-                tuple(got) != shape:
-            raise IntegrityError(f"{where}: its .npy header declares {dtype} of shape "
-                                 f"{tuple(got)}{' (Fortran order)' if fortran else ''}; "
-                                 f"expected int64 of shape {shape}")
+        if (
+            dtype.kind != "i"
+            or dtype.itemsize != 8
+            or dtype.hasobject
+            or fortran
+            or tuple(got) != shape
+        ):
+            raise IntegrityError(
+                f"{where}: its .npy header declares {dtype} of shape "
+                f"{tuple(got)}{' (Fortran order)' if fortran else ''}; "
+                f"expected int64 of shape {shape}"
+            )
         if info.file_size != fp.tell() + nbytes:
-            raise IntegrityError(f"{where} holds {info.file_size} bytes, not its "
-                                 f"{fp.tell()}-byte header plus {nbytes} bytes of data")
+            raise IntegrityError(
+                f"{where} holds {info.file_size} bytes, not its "
+                f"{fp.tell()}-byte header plus {nbytes} bytes of data"
+            )
         data = fp.read(nbytes)
         if len(data) != nbytes or fp.read(1):
             raise IntegrityError(f"{where} is truncated")
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(np.int64)
 
 
-def read_npz(path: str | os.PathLike[str], shapes: dict[str, tuple[int, ...]], digest: str
-             ) -> dict[str, np.ndarray]:
+def read_npz(
+    path: str | os.PathLike[str], shapes: dict[str, tuple[int, ...]], digest: str
+) -> dict[str, np.ndarray]:
     """The int64 arrays ``shapes`` names from the ``.npz`` at ``path`` (module docs: the checks).
 
     Parameters
@@ -129,20 +147,21 @@ def read_npz(path: str | os.PathLike[str], shapes: dict[str, tuple[int, ...]], d
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    limit = 1024 + sum(8 * math.prod(s) + _NPY_HEADER + 2 * len(k) + 256
-                       for k, s in shapes.items())
+    limit = 1024 + sum(8 * math.prod(s) + _NPY_HEADER + 2 * len(k) + 256 for k, s in shapes.items())
     members = {f"{k}.npy": k for k in shapes}
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
-            raise IntegrityError(f"{path} holds {size} bytes; the arrays expected in it need "
-                                 f"at most {limit}")
+            raise IntegrityError(
+                f"{path} holds {size} bytes; the arrays expected in it need at most {limit}"
+            )
         h = hashlib.sha256()
         while chunk := f.read(_CHUNK):
             h.update(chunk)
         if h.hexdigest() != digest:
-            raise IntegrityError(f"{path}: its SHA-256 does not match the expected checksum "
-                                 f"(corrupted or replaced)")
+            raise IntegrityError(
+                f"{path}: its SHA-256 does not match the expected checksum (corrupted or replaced)"
+            )
         f.seek(0)
         try:
             with zipfile.ZipFile(f) as zf:
@@ -154,13 +173,26 @@ def read_npz(path: str | os.PathLike[str], shapes: dict[str, tuple[int, ...]], d
                     raise IntegrityError(
                         f"{path} must hold exactly the {len(members)} members '<array>.npy' "
                         f"of the expected arrays, got {len(names)}; unexpected: {extra}, "
-                        f"missing: {missing}")
-                return {members[i.filename]: _read_member(
-                    zf, i, shapes[members[i.filename]], f"{path}[{i.filename!r}]", size)
-                    for i in infos}
+                        f"missing: {missing}"
+                    )
+                return {
+                    members[i.filename]: _read_member(
+                        zf, i, shapes[members[i.filename]], f"{path}[{i.filename!r}]", size
+                    )
+                    for i in infos
+                }
         except IntegrityError:
             raise
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
-                OverflowError, NotImplementedError, KeyError) as err:
-            raise IntegrityError(f"{path} is not a valid npz archive ({type(err).__name__}: "
-                                 f"{str(err)[:100]})") from None
+        except (
+            zipfile.BadZipFile,
+            zipfile.LargeZipFile,
+            OSError,
+            EOFError,
+            ValueError,
+            OverflowError,
+            NotImplementedError,
+            KeyError,
+        ) as err:
+            raise IntegrityError(
+                f"{path} is not a valid npz archive ({type(err).__name__}: {str(err)[:100]})"
+            ) from None

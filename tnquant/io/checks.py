@@ -31,7 +31,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -263,12 +263,12 @@ def finish_layer(module: nn.Module, name: str, tensors: Mapping[str, Tensor],
     must stand for the tensor it sits next to, a layer has one core
     quantizer per core, and its ``act_quantizers`` keys are its sites.
     """
-    quantizers = module._modules.get("core_quantizers")
+    quantizers = cast("nn.ModuleList | None", module._modules.get("core_quantizers"))
     cores = getattr(module, "cores", ())
     if quantizers is not None and len(quantizers) != len(cores):
         raise ValueError(f"{name!r}: core_quantizers holds {len(quantizers)} modules for "
                          f"{len(cores)} cores")
-    acts = module._modules.get("act_quantizers")
+    acts = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
     sites = activation_sites(module)
     if acts is not None and not set(acts).issubset(sites):
         raise ValueError(f"{name!r}: act_quantizers keys {sorted(acts)} are not all among the "

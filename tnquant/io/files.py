@@ -15,8 +15,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "VERSION", "TENSORS_FILE", "JSON_FILE", "canonical", "sha256_file",
-           "dtype_name"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "TENSORS_FILE",
+    "JSON_FILE",
+    "canonical",
+    "sha256_file",
+    "dtype_name",
+]
 
 FORMAT = "tnquant"
 #: The format version this module writes and reads.

@@ -94,22 +94,27 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise IntegrityError(f"{json_path} is corrupt (not valid JSON: {err})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("checksum"), str):
-        raise IntegrityError(f"{json_path} is corrupt: expected a JSON object with a 'checksum' "
-                             "field")
+        raise IntegrityError(
+            f"{json_path} is corrupt: expected a JSON object with a 'checksum' field"
+        )
     if raw != canonical(meta):
-        raise IntegrityError(f"{json_path} was altered: its bytes are not the canonical form "
-                             "that save() writes")
+        raise IntegrityError(
+            f"{json_path} was altered: its bytes are not the canonical form that save() writes"
+        )
     claimed = meta.pop("checksum")
     actual = hashlib.sha256(canonical(meta)).hexdigest()
     if claimed != actual:
-        raise IntegrityError(f"{json_path} was altered: checksum {claimed} does not match its "
-                             f"content ({actual})")
+        raise IntegrityError(
+            f"{json_path} was altered: checksum {claimed} does not match its content ({actual})"
+        )
     if meta.get("format") != FORMAT:
         raise ValueError(f"{json_path}: format must be {FORMAT!r}, got {meta.get('format')!r}")
     version = meta.get("version")
     if type(version) is not int or version != VERSION:
-        raise ValueError(f"{json_path}: unsupported format version {version!r}; "
-                         f"this tnquant reads version {VERSION}")
+        raise ValueError(
+            f"{json_path}: unsupported format version {version!r}; "
+            f"this tnquant reads version {VERSION}"
+        )
     check_meta(meta, str(json_path), TENSORS_FILE)
     return meta
 
@@ -124,23 +129,27 @@ def _read_header(directory: Path, meta: dict[str, Any]) -> tuple[Path, dict[str,
         raise IntegrityError(f"{tensor_path} is not a regular file")
     size = tensor_path.stat().st_size
     if size != info["bytes"]:
-        raise IntegrityError(f"{tensor_path} is truncated or altered: {size} bytes, expected "
-                             f"{info['bytes']}")
+        raise IntegrityError(
+            f"{tensor_path} is truncated or altered: {size} bytes, expected {info['bytes']}"
+        )
     header = read_header(tensor_path, size)
     check_listing(header, info["entries"], tensor_path, JSON_FILE)
     check_tied(meta["tied"], header, str(directory / JSON_FILE))
     return tensor_path, header
 
 
-def _check_base(model: nn.Module, entry: dict[str, Any], names: list[str],
-                known: dict[str, nn.Module]) -> nn.Module:
+def _check_base(
+    model: nn.Module, entry: dict[str, Any], names: list[str], known: dict[str, nn.Module]
+) -> nn.Module:
     """Check what ``model`` holds at each of ``names``; return the first such module."""
     for name in names:
         if name not in known:
             parent = name.rpartition(".")[0]
             missing = name if parent in known else parent
-            raise ValueError(f"the model has no module {missing!r} (the saved model has a "
-                             f"{entry['node']['class']} at {name!r})")
+            raise ValueError(
+                f"the model has no module {missing!r} (the saved model has a "
+                f"{entry['node']['class']} at {name!r})"
+            )
         check_replaced(entry, name, known[name], HANDLERS[entry["node"]["class"]])
     return known[names[0]]
 
@@ -152,17 +161,28 @@ def _device_of(module: nn.Module | None) -> torch.device:
     return torch.device("cpu")
 
 
-_BUILD_ERRORS = (KeyError, TypeError, IndexError, ValueError, AttributeError, RuntimeError,
-                 OverflowError, AssertionError, NotImplementedError)
+_BUILD_ERRORS = (
+    KeyError,
+    TypeError,
+    IndexError,
+    ValueError,
+    AttributeError,
+    RuntimeError,
+    OverflowError,
+    AssertionError,
+    NotImplementedError,
+)
 
 
-def _plan(model: nn.Module | None, entries: list[dict[str, Any]],
-          header: dict[str, TensorInfo], json_path: Path
-          ) -> list[tuple[list[str], nn.Module, torch.device]]:
+def _plan(
+    model: nn.Module | None,
+    entries: list[dict[str, Any]],
+    header: dict[str, TensorInfo],
+    json_path: Path,
+) -> list[tuple[list[str], nn.Module, torch.device]]:
     """Check every entry and build its module on the meta device (not attached yet)."""
     for i, entry in enumerate(entries):
-        check_node(entry["node"], f"modules[{i}] {entry['names'][0]!r}", str(json_path),
-                   HANDLERS)
+        check_node(entry["node"], f"modules[{i}] {entry['names'][0]!r}", str(json_path), HANDLERS)
     known = dict(model.named_modules(remove_duplicate=False)) if model is not None else {}
     ctx = BuildContext(tensors={k: info.meta() for k, info in header.items()})
     planned = []
@@ -176,45 +196,52 @@ def _plan(model: nn.Module | None, entries: list[dict[str, Any]],
         except IntegrityError:
             raise
         except _BUILD_ERRORS as err:
-            raise IntegrityError(f"{where} cannot be rebuilt: {type(err).__name__}: "
-                                 f"{err}") from None
+            raise IntegrityError(
+                f"{where} cannot be rebuilt: {type(err).__name__}: {err}"
+            ) from None
         check_planned(built, names, header, where)
         planned.append((names, built, _device_of(base)))
     return planned
 
 
-def _read_data(tensor_path: Path, header: dict[str, TensorInfo], digest: str
-               ) -> dict[str, Tensor]:
+def _read_data(tensor_path: Path, header: dict[str, TensorInfo], digest: str) -> dict[str, Tensor]:
     """The tensors, once the file's sha256 matches (read again: the header must still hold)."""
     actual, _ = sha256_file(tensor_path)
     if actual != digest:
-        raise IntegrityError(f"{tensor_path} was altered: sha256 {actual} does not match "
-                             f"{digest} recorded in {JSON_FILE}")
+        raise IntegrityError(
+            f"{tensor_path} was altered: sha256 {actual} does not match "
+            f"{digest} recorded in {JSON_FILE}"
+        )
     try:
         tensors = load_file(str(tensor_path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise IntegrityError(f"{tensor_path} could not be read: {err}") from None
     if set(tensors) != set(header) or any(
-            (t.dtype, tuple(t.shape)) != (header[k].dtype, header[k].shape)
-            for k, t in tensors.items()):
+        (t.dtype, tuple(t.shape)) != (header[k].dtype, header[k].shape) for k, t in tensors.items()
+    ):
         raise IntegrityError(f"{tensor_path} changed while it was read")
     return tensors
 
 
-def _fill(planned: list[tuple[list[str], nn.Module, torch.device]],
-          tensors: dict[str, Tensor], json_path: Path) -> list[tuple[list[str], nn.Module]]:
+def _fill(
+    planned: list[tuple[list[str], nn.Module, torch.device]],
+    tensors: dict[str, Tensor],
+    json_path: Path,
+) -> list[tuple[list[str], nn.Module]]:
     """Allocate each rebuilt module where it goes and load its own state (not attached yet)."""
     filled = []
     for names, module, device in planned:
         prefix = f"{names[0]}." if names[0] else ""
-        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         module = module.to_empty(device=device)  # sizes checked against the file
         try:
             with torch.no_grad():
                 module.load_state_dict(own, strict=True)
         except _BUILD_ERRORS as err:
-            raise IntegrityError(f"{json_path}: the saved state of {names[0]!r} does not load: "
-                                 f"{type(err).__name__}: {err}") from None
+            raise IntegrityError(
+                f"{json_path}: the saved state of {names[0]!r} does not load: "
+                f"{type(err).__name__}: {err}"
+            ) from None
         check_states(module, f"{json_path}: {names[0]!r}")
         filled.append((names, module))
     return filled
@@ -281,9 +308,11 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     meta = _read_meta(directory)
     entries = meta["modules"]
     if model is None and not (len(entries) == 1 and entries[0]["names"] == [""]):
-        raise ValueError(f"{directory} holds a full model, not a single tnquant module; pass a "
-                         "freshly constructed model of the original architecture: "
-                         "load(path, model=YourModel())")
+        raise ValueError(
+            f"{directory} holds a full model, not a single tnquant module; pass a "
+            "freshly constructed model of the original architecture: "
+            "load(path, model=YourModel())"
+        )
     tensor_path, header = _read_header(directory, meta)
     planned = _plan(model, entries, header, json_path)
     check_base_state(model, [name for names, _, _ in planned for name in names], header)

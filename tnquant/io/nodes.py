@@ -33,8 +33,7 @@ from tnquant.quant.observers import Observer
 from tnquant.quant.quantizer import Quantizer
 from tnquant.registry import BuildContext, Handler, HandlerTable, lookup
 
-__all__ = ["HANDLERS", "Handler", "BuildContext", "describe_node", "describe_entries",
-           "build_node"]
+__all__ = ["HANDLERS", "Handler", "BuildContext", "describe_node", "describe_entries", "build_node"]
 
 #: class name -> Handler: the one (closed) table of what save/load can rebuild.
 HANDLERS = HandlerTable()
@@ -56,23 +55,29 @@ def describe_node(module: nn.Module, name: str) -> dict[str, Any]:
     """
     handler = _handler_of(module)
     if handler is None:
-        raise TypeError(f"cannot save {type(module).__name__} at {name!r}: tnquant.io rebuilds "
-                        f"{sorted(HANDLERS)} (and keeps every other module of the base model)")
+        raise TypeError(
+            f"cannot save {type(module).__name__} at {name!r}: tnquant.io rebuilds "
+            f"{sorted(HANDLERS)} (and keeps every other module of the base model)"
+        )
     children: list[list[Any]] = []
     for child_name, child in module.named_children():
         if child_name in handler.own_children:
             continue
         where = f"{_prefix(name)}{child_name}"
         if isinstance(child, nn.ModuleList):
-            desc: dict[str, Any] = {"list": [describe_node(c, f"{where}.{k}")
-                                             for k, c in enumerate(child)]}
+            desc: dict[str, Any] = {
+                "list": [describe_node(c, f"{where}.{k}") for k, c in enumerate(child)]
+            }
         elif isinstance(child, nn.ModuleDict):
             desc = {"dict": [[k, describe_node(c, f"{where}.{k}")] for k, c in child.items()]}
         else:
             desc = {"module": describe_node(child, where)}
         children.append([child_name, desc])
-    return {"class": type(module).__name__, "config": handler.describe(module),
-            "children": children}
+    return {
+        "class": type(module).__name__,
+        "config": handler.describe(module),
+        "children": children,
+    }
 
 
 def _must_describe(module: nn.Module) -> bool:
@@ -80,10 +85,21 @@ def _must_describe(module: nn.Module) -> bool:
         return True
     kind = lookup(module)
     if (kind is not None and kind.role in ("factorized", "quantized")) or isinstance(
-            module, (FactorizedLayer, Quantizer, Observer, FrozenTensor, QuantLinear,
-                     QuantConv2d, QuantEmbedding)):
-        raise TypeError(f"cannot save a {type(module).__name__}: tnquant.io has no handler for "
-                        f"it (known: {sorted(HANDLERS)})")
+        module,
+        (
+            FactorizedLayer,
+            Quantizer,
+            Observer,
+            FrozenTensor,
+            QuantLinear,
+            QuantConv2d,
+            QuantEmbedding,
+        ),
+    ):
+        raise TypeError(
+            f"cannot save a {type(module).__name__}: tnquant.io has no handler for "
+            f"it (known: {sorted(HANDLERS)})"
+        )
     return False
 
 
@@ -111,10 +127,11 @@ def describe_entries(model: nn.Module) -> list[dict[str, Any]]:
             found[id(module)]["names"].append(name)
             continue
         handler = HANDLERS[type(module).__name__]
-        found[id(module)] = {"names": [name],
-                             "replaces": None if handler.replaces is None
-                             else handler.replaces.__name__,
-                             "node": describe_node(module, name)}
+        found[id(module)] = {
+            "names": [name],
+            "replaces": None if handler.replaces is None else handler.replaces.__name__,
+            "node": describe_node(module, name),
+        }
     return list(found.values())
 
 
@@ -141,11 +158,11 @@ def build_node(node: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
         where = f"{_prefix(name)}{child_name}"
         built: nn.Module
         if "list" in child:
-            built = nn.ModuleList([build_node(c, f"{where}.{k}", ctx)
-                                   for k, c in enumerate(child["list"])])
+            built = nn.ModuleList(
+                [build_node(c, f"{where}.{k}", ctx) for k, c in enumerate(child["list"])]
+            )
         elif "dict" in child:
-            built = nn.ModuleDict({k: build_node(c, f"{where}.{k}", ctx)
-                                   for k, c in child["dict"]})
+            built = nn.ModuleDict({k: build_node(c, f"{where}.{k}", ctx) for k, c in child["dict"]})
         else:
             built = build_node(child["module"], where, ctx)
         setattr(module, child_name, built)

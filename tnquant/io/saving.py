@@ -43,8 +43,9 @@ def _tensors_for_file(model: nn.Module) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if not isinstance(value, Tensor):
-            raise TypeError(f"state_dict entry {key!r} is a {type(value).__name__}; only tensors "
-                            "can be saved")
+            raise TypeError(
+                f"state_dict entry {key!r} is a {type(value).__name__}; only tensors can be saved"
+            )
         t = value.detach().to("cpu").contiguous()
         ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         if t.numel() and ident in seen:
@@ -58,8 +59,10 @@ def _tensors_for_file(model: nn.Module) -> dict[str, Tensor]:
 def _tied_groups(model: nn.Module, tensors: dict[str, Tensor]) -> list[list[str]]:
     """State-dict keys that name one and the same parameter or buffer object."""
     groups: dict[int, list[str]] = {}
-    named = [*model.named_parameters(remove_duplicate=False),
-             *model.named_buffers(remove_duplicate=False)]
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
     for key, value in named:
         if key in tensors:
             groups.setdefault(id(value), []).append(key)
@@ -116,8 +119,10 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
             "file": TENSORS_FILE,
             "sha256": digest,
             "bytes": size,
-            "entries": {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)}
-                        for k, t in tensors.items()},
+            "entries": {
+                k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)}
+                for k, t in tensors.items()
+            },
         },
         "modules": entries,
         "tied": _tied_groups(model, tensors),

@@ -124,8 +124,15 @@ class FactorizedLayer(nn.Module):
     core_quantizers: nn.ModuleList | None
     act_quantizers: nn.ModuleDict | None
 
-    def __init__(self, cores: Sequence[Tensor], *, bias: nn.Parameter | None, spec: Any,
-                 decomposition_info: dict[str, Any] | None, ranks: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        cores: Sequence[Tensor],
+        *,
+        bias: nn.Parameter | None,
+        spec: Any,
+        decomposition_info: dict[str, Any] | None,
+        ranks: tuple[int, ...],
+    ) -> None:
         super().__init__()
         if isinstance(cores, Tensor) or not isinstance(cores, (list, tuple, nn.ParameterList)):
             raise TypeError(f"cores must be a list of tensors, got {type(cores).__name__}")
@@ -140,8 +147,10 @@ class FactorizedLayer(nn.Module):
                     f"{ref.device}, cores[{k}] is {p.dtype} on {p.device}"
                 )
         if bias is not None and (bias.dtype != ref.dtype or bias.device != ref.device):
-            raise ValueError(f"bias must match the cores' dtype and device ({ref.dtype} on "
-                             f"{ref.device}), got {bias.dtype} on {bias.device}")
+            raise ValueError(
+                f"bias must match the cores' dtype and device ({ref.dtype} on "
+                f"{ref.device}), got {bias.dtype} on {bias.device}"
+            )
         self.cores = nn.ParameterList(params)
         # plans (compiled contraction orders) depend on shapes only, never on
         # dtype or device, so they survive .to(); keyed by batch and flags
@@ -307,8 +316,10 @@ class FactorizedLayer(nn.Module):
         # shape lives in the FrozenTensor that stores it
         quantizers = cast("nn.ModuleList | None", self._modules.get("core_quantizers"))
         if quantizers is not None:
-            shapes = [q.shape if isinstance(q, FrozenTensor) else s
-                      for q, s in zip(quantizers, shapes, strict=False)]
+            shapes = [
+                q.shape if isinstance(q, FrozenTensor) else s
+                for q, s in zip(quantizers, shapes, strict=False)
+            ]
         return shapes
 
 
@@ -346,9 +357,7 @@ def check_cores(cores: Any, ndims: Sequence[int], owner: str) -> list[tuple[int,
         if not isinstance(core, Tensor):
             raise TypeError(f"{owner} cores[{k}] must be a tensor, got {type(core).__name__}")
         if core.ndim != nd:
-            raise ValueError(
-                f"{owner} cores[{k}] must be {nd}-d, got shape {tuple(core.shape)}"
-            )
+            raise ValueError(f"{owner} cores[{k}] must be {nd}-d, got shape {tuple(core.shape)}")
         shapes.append(tuple(core.shape))
     return shapes
 

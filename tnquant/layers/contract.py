@@ -113,18 +113,38 @@ class Program:
     24.0
     """
 
-    __slots__ = ("equation", "path", "cost", "steps", "final", "fusable", "out_shape", "kinds",
-                 "variable", "n_const", "_stats", "_run_steps", "_final_moved")
+    __slots__ = (
+        "equation",
+        "path",
+        "cost",
+        "steps",
+        "final",
+        "fusable",
+        "out_shape",
+        "kinds",
+        "variable",
+        "n_const",
+        "_stats",
+        "_run_steps",
+        "_final_moved",
+    )
 
-    def __init__(self, equation: str, shapes: Sequence[Sequence[int]], path: Path,
-                 cost: int, variable: int | None = None) -> None:
+    def __init__(
+        self,
+        equation: str,
+        shapes: Sequence[Sequence[int]],
+        path: Path,
+        cost: int,
+        variable: int | None = None,
+    ) -> None:
         inputs, output = equation.split("->")
         terms = inputs.split(",")
         sizes = _letter_sizes(equation, terms, shapes)
         self.equation = equation
         if variable is not None and not 0 <= variable < len(terms):
-            raise ValueError(f"variable must index one of the {len(terms)} operands, got "
-                             f"{variable}")
+            raise ValueError(
+                f"variable must index one of the {len(terms)} operands, got {variable}"
+            )
         self.variable = variable
         path = [tuple(p) for p in path]
         if variable is not None:
@@ -144,8 +164,14 @@ class Program:
         self._run_steps = self._compile_run()
         # the bias (of the last output letter) goes into the last matmul when its
         # columns are exactly that letter and nothing is permuted afterwards
-        self.fusable = bool(steps and steps[-1].kind in (MM, LINEAR) and final_perm is None
-                            and not final_sum and output and n_cols == output[-1])
+        self.fusable = bool(
+            steps
+            and steps[-1].kind in (MM, LINEAR)
+            and final_perm is None
+            and not final_sum
+            and output
+            and n_cols == output[-1]
+        )
         self.kinds = tuple(st.kind for st in steps)
 
     def __repr__(self) -> str:
@@ -185,21 +211,30 @@ class Program:
         run: list[RunStep] = []
         if self.variable is None:
             return run
-        for k, st, stats in zip(range(self.n_const, len(self.steps)), self.steps[self.n_const:],
-                                self._stats[self.n_const:], strict=True):
+        for k, st, stats in zip(
+            range(self.n_const, len(self.steps)),
+            self.steps[self.n_const :],
+            self._stats[self.n_const :],
+            strict=True,
+        ):
             if not stats.variable:
                 raise ValueError("a step among the constants follows one with the variable")
+            arrange: tuple[Any, Any, Any]
             if st.kind == UNARY:
                 arrange = (st.sum_a, None, None)
                 run.append(RunStep(k, True, arrange if st.sum_a else None, UNARY, None))
                 continue
             # the variable is A: B is prepared, a (N, K) F.linear weight turned (K, N) for mm
             a_side = stats.side == 0
-            arrange = ((st.sum_a, st.perm_a, st.shape_a) if a_side
-                       else (st.sum_b, st.perm_b, st.shape_b))
+            arrange = (
+                (st.sum_a, st.perm_a, st.shape_a) if a_side else (st.sum_b, st.perm_b, st.shape_b)
+            )
             kind = MM if a_side and st.kind == LINEAR else st.kind
-            run.append(RunStep(k, a_side, None if arrange == (None, None, None) else arrange,
-                               kind, st.view))
+            run.append(
+                RunStep(
+                    k, a_side, None if arrange == (None, None, None) else arrange, kind, st.view
+                )
+            )
         return run
 
     def prepare(self, constants: Sequence[Tensor]) -> list[Tensor | None]:
@@ -232,8 +267,9 @@ class Program:
             raise ValueError("prepare() needs a program built with a variable operand")
         n_terms = len(self.equation.split("->")[0].split(","))
         if len(constants) != n_terms - 1:
-            raise ValueError(f"prepare() takes the {n_terms - 1} constant operands, got "
-                             f"{len(constants)}")
+            raise ValueError(
+                f"prepare() takes the {n_terms - 1} constant operands, got {len(constants)}"
+            )
         ops: list[Any] = list(constants)
         ops.insert(self.variable, None)  # None marks what depends on the variable
         for st in self.steps[: self.n_const]:
@@ -244,7 +280,7 @@ class Program:
             a, b = _pop_pair(ops, st)
             ops.append(_matmul(st.kind, _arrange_a(a, st), _arrange_b(b, st), st.view))
         prepared: list[Tensor | None] = []
-        for st, run_step in zip(self.steps[self.n_const:], self._run_steps, strict=True):
+        for st, run_step in zip(self.steps[self.n_const :], self._run_steps, strict=True):
             if st.kind == UNARY:
                 ops.pop(st.p0)
                 prepared.append(None)
@@ -261,8 +297,13 @@ class Program:
             ops.append(None)
         return prepared
 
-    def run(self, x: Tensor, prepared: Sequence[Any],
-            hooks: Sequence[Hook | None] | None = None, bias: Tensor | None = None) -> Tensor:
+    def run(
+        self,
+        x: Tensor,
+        prepared: Sequence[Any],
+        hooks: Sequence[Hook | None] | None = None,
+        bias: Tensor | None = None,
+    ) -> Tensor:
         """Run the contraction on the variable ``x`` with :meth:`prepare`'s operands.
 
         Same result as calling the program with every operand; ``hooks``
@@ -304,8 +345,12 @@ class Program:
             r = r + bias
         return r
 
-    def __call__(self, operands: Sequence[Tensor], hooks: Sequence[Hook | None] | None = None,
-                 bias: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        operands: Sequence[Tensor],
+        hooks: Sequence[Hook | None] | None = None,
+        bias: Tensor | None = None,
+    ) -> Tensor:
         """Run the contraction.
 
         Parameters
@@ -362,10 +407,17 @@ class Program:
         return r
 
 
-def plan_einsum(equation: str, shapes: Sequence[Sequence[int]], *,
-                candidates: Sequence[Path] = (), optimize: str | None = None,
-                search: bool = True, variable: int | None = None,
-                objective: str = "flops", prepared: bool = False) -> Program:
+def plan_einsum(
+    equation: str,
+    shapes: Sequence[Sequence[int]],
+    *,
+    candidates: Sequence[Path] = (),
+    optimize: str | None = None,
+    search: bool = True,
+    variable: int | None = None,
+    objective: str = "flops",
+    prepared: bool = False,
+) -> Program:
     """Compile the cheapest contraction order of ``equation`` for ``shapes``.
 
     Parameters

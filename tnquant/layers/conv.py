@@ -43,8 +43,11 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in value)):
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in value)
+    ):
         raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return (int(value[0]), int(value[1]))
 
@@ -71,8 +74,9 @@ class FactorizedConv2dBase(FactorizedLayer):
     inference_cache: bool = True
 
     @classmethod
-    def from_dense(cls, module: nn.Conv2d, spec: Any, *,
-                   gram: Tensor | None = None, name: str = "weight") -> FactorizedConv2dBase:
+    def from_dense(
+        cls, module: nn.Conv2d, spec: Any, *, gram: Tensor | None = None, name: str = "weight"
+    ) -> FactorizedConv2dBase:
         """Factorize a pretrained ``nn.Conv2d`` into this layer's format.
 
         Parameters
@@ -108,45 +112,70 @@ class FactorizedConv2dBase(FactorizedLayer):
         torch.Size([3, 6])
         """
         if gram is not None:
-            raise ValueError(f"{cls.__name__}.from_dense takes no gram (only Linear layers "
-                             "use one), got a tensor")
+            raise ValueError(
+                f"{cls.__name__}.from_dense takes no gram (only Linear layers "
+                "use one), got a tensor"
+            )
         if not isinstance(module, nn.Conv2d):
-            raise TypeError(f"{cls.__name__}.from_dense expects an nn.Conv2d, got "
-                            f"{type(module).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_dense expects an nn.Conv2d, got {type(module).__name__}"
+            )
         if module.groups != 1:
-            raise ValueError(f"{cls.__name__} factorizes only groups=1 convolutions, got "
-                             f"groups={module.groups}")
+            raise ValueError(
+                f"{cls.__name__} factorizes only groups=1 convolutions, got groups={module.groups}"
+            )
         if not isinstance(spec, cls.spec_type):
-            raise TypeError(f"{cls.__name__}.from_dense expects a {cls.spec_type.__name__} "
-                            f"spec, got {type(spec).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_dense expects a {cls.spec_type.__name__} "
+                f"spec, got {type(spec).__name__}"
+            )
         from tnquant.decompose import decompose_conv
 
         weight = module.weight.detach()
         dec = decompose_conv(weight, spec, name=name)
         if dec.format != cls.format:
-            raise ValueError(f"{cls.__name__} needs a {cls.format!r} decomposition, got "
-                             f"{dec.format!r}")
+            raise ValueError(
+                f"{cls.__name__} needs a {cls.format!r} decomposition, got {dec.format!r}"
+            )
         cores = [c.detach().to(device=weight.device, dtype=weight.dtype) for c in dec.cores]
         bias = None if module.bias is None else module.bias.detach().clone()
         build: Any = cls  # subclasses take their own keywords
-        return build(cores, stride=module.stride, padding=module.padding,
-                   dilation=module.dilation, padding_mode=module.padding_mode, bias=bias,
-                   spec=spec, decomposition_info=decomposition_fields(dec))
+        return build(
+            cores,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            padding_mode=module.padding_mode,
+            bias=bias,
+            spec=spec,
+            decomposition_info=decomposition_fields(dec),
+        )
 
-    def _setup_conv(self, *, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
-                    stride: Any, padding: Any, dilation: Any, padding_mode: str) -> None:
+    def _setup_conv(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: Any,
+        padding: Any,
+        dilation: Any,
+        padding_mode: str,
+    ) -> None:
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = kernel_size
         self.stride = _pair(stride, "stride", 1)
         self.dilation = _pair(dilation, "dilation", 1)
         if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {list(PADDING_MODES)}, got "
-                             f"{padding_mode!r}")
+            raise ValueError(
+                f"padding_mode must be one of {list(PADDING_MODES)}, got {padding_mode!r}"
+            )
         self.padding_mode = padding_mode
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got "
-                                 f"{padding!r}")
+                raise ValueError(
+                    f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}"
+                )
             if padding == "same" and self.stride != (1, 1):
                 raise ValueError(f"padding='same' needs stride 1, got stride={self.stride}")
             self.padding: tuple[int, int] | str = padding
@@ -188,7 +217,7 @@ class FactorizedConv2dBase(FactorizedLayer):
         return (self.padding[0], 0) if axis == 0 else (0, self.padding[1])
 
     def _out_size(self, size: int, axis: int) -> int:
-        left, right = self._explicit_pad[2 * (1 - axis): 2 * (1 - axis) + 2]
+        left, right = self._explicit_pad[2 * (1 - axis) : 2 * (1 - axis) + 2]
         k, d, s = self.kernel_size[axis], self.dilation[axis], self.stride[axis]
         return (size + left + right - d * (k - 1) - 1) // s + 1
 
@@ -223,8 +252,12 @@ class FactorizedConv2dBase(FactorizedLayer):
         dense = 2 * max(n, 1) * ho * wo * self._dense_weight_numel
         fact = self._factorized_flops(max(n, 1), h, w)
         recon = self._kernel_program().cost + dense
-        return {"factorized": fact, "reconstructed": recon, "dense": dense,
-                "chosen": "reconstructed" if recon <= fact else "factorized"}
+        return {
+            "factorized": fact,
+            "reconstructed": recon,
+            "dense": dense,
+            "chosen": "reconstructed" if recon <= fact else "factorized",
+        }
 
     def _choose(self, shape: tuple[int, ...], chain: bool, cached: bool = False) -> str:
         key = (shape[0], shape[2], shape[3], self._implementation, chain, cached)
@@ -277,8 +310,7 @@ class FactorizedConv2dBase(FactorizedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
-            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got "
-                            f"{type(x).__name__}")
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
         if x.ndim not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (N, {self.in_channels}, H, W) "
@@ -291,16 +323,22 @@ class FactorizedConv2dBase(FactorizedLayer):
         if self.act_quantizers is not None:
             x = self._act("input", x)
             hooks = self._inter_hooks()
-        cached = (hooks is None and not torch.is_grad_enabled() and self.inference_cache
-                  and self._modules.get("core_quantizers") is None
-                  and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+        cached = (
+            hooks is None
+            and not torch.is_grad_enabled()
+            and self.inference_cache
+            and self._modules.get("core_quantizers") is None
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+        )
         if self._choose(tuple(x.shape), hooks is not None, cached) == "reconstructed":
             if cached:
                 kernel = self._cached_kernel()
             else:
                 kernel = self._kernel_program()(self.effective_cores())
-            y = F.conv2d(self._pad(x), kernel, self.bias, self.stride, self._conv_padding(),
-                         self.dilation)
+            y = F.conv2d(
+                self._pad(x), kernel, self.bias, self.stride, self._conv_padding(), self.dilation
+            )
         else:
             y = self._factorized(x, self.effective_cores(), hooks)
         if self.act_quantizers is not None:
@@ -335,10 +373,18 @@ class FactorizedConv2dBase(FactorizedLayer):
         Conv2d(5, 4, kernel_size=(3, 3), stride=(1, 1), padding=same, bias=False)
         """
         ref = self.cores[0]
-        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
-                          stride=self.stride, padding=self.padding, dilation=self.dilation,
-                          bias=self.bias is not None, padding_mode=cast(Any, self.padding_mode),
-                          device=ref.device, dtype=ref.dtype)
+        dense = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=self.bias is not None,
+            padding_mode=cast(Any, self.padding_mode),
+            device=ref.device,
+            dtype=ref.dtype,
+        )
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight())
             if self.bias is not None and dense.bias is not None:
@@ -346,7 +392,9 @@ class FactorizedConv2dBase(FactorizedLayer):
         return dense
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"padding_mode={self.padding_mode!r}, bias={self.bias is not None}, "
-                f"{self._info_repr()}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"padding_mode={self.padding_mode!r}, bias={self.bias is not None}, "
+            f"{self._info_repr()}"
+        )

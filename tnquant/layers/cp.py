@@ -67,22 +67,40 @@ class CPConv2d(FactorizedConv2dBase):
     spec_type = CP
     _kernel_eq = "or,ir,hr,wr->oihw"
 
-    def __init__(self, cores: Sequence[Tensor], *, stride: Any = 1, padding: Any = 0,
-                 dilation: Any = 1, padding_mode: str = "zeros", bias: Tensor | None = None,
-                 spec: CP | None = None, decomposition_info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cores: Sequence[Tensor],
+        *,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        padding_mode: str = "zeros",
+        bias: Tensor | None = None,
+        spec: CP | None = None,
+        decomposition_info: dict[str, Any] | None = None,
+    ) -> None:
         owner = type(self).__name__
         shapes = check_cores(cores, [2, 2, 2, 2], owner)
         rank = shapes[0][1]
         for k, name in enumerate(("A_in", "A_h", "A_w"), start=1):
-            check_match(owner, f"{name}.shape[1] (the CP rank, A_out.shape[1])", rank,
-                        shapes[k][1])
+            check_match(owner, f"{name}.shape[1] (the CP rank, A_out.shape[1])", rank, shapes[k][1])
         out, n_in, kh, kw = (s[0] for s in shapes)
-        super().__init__(cores, bias=check_bias(bias, out),
-                         spec=spec if spec is not None else CP(rank=rank),
-                         decomposition_info=decomposition_info, ranks=(rank,))
-        self._setup_conv(in_channels=n_in, out_channels=out, kernel_size=(kh, kw),
-                         stride=stride, padding=padding, dilation=dilation,
-                         padding_mode=padding_mode)
+        super().__init__(
+            cores,
+            bias=check_bias(bias, out),
+            spec=spec if spec is not None else CP(rank=rank),
+            decomposition_info=decomposition_info,
+            ranks=(rank,),
+        )
+        self._setup_conv(
+            in_channels=n_in,
+            out_channels=out,
+            kernel_size=(kh, kw),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            padding_mode=padding_mode,
+        )
 
     def intermediate_names(self) -> tuple[str, ...]:
         return ("inter_0", "inter_1", "inter_2")
@@ -99,12 +117,24 @@ class CPConv2d(FactorizedConv2dBase):
         t = F.conv2d(x, a_in.t().reshape(rank, a_in.shape[0], 1, 1))
         t = self._hook(hooks, 0, t)
         t = self._pad(t)
-        t = F.conv2d(t, a_h.t().reshape(rank, 1, a_h.shape[0], 1), None,
-                     (self.stride[0], 1), self._conv_padding(0), (self.dilation[0], 1),
-                     groups=rank)
+        t = F.conv2d(
+            t,
+            a_h.t().reshape(rank, 1, a_h.shape[0], 1),
+            None,
+            (self.stride[0], 1),
+            self._conv_padding(0),
+            (self.dilation[0], 1),
+            groups=rank,
+        )
         t = self._hook(hooks, 1, t)
-        t = F.conv2d(t, a_w.t().reshape(rank, 1, 1, a_w.shape[0]), None,
-                     (1, self.stride[1]), self._conv_padding(1), (1, self.dilation[1]),
-                     groups=rank)
+        t = F.conv2d(
+            t,
+            a_w.t().reshape(rank, 1, 1, a_w.shape[0]),
+            None,
+            (1, self.stride[1]),
+            self._conv_padding(1),
+            (1, self.dilation[1]),
+            groups=rank,
+        )
         t = self._hook(hooks, 2, t)
         return F.conv2d(t, a_out.reshape(*a_out.shape, 1, 1), self.bias)

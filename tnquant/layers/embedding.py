@@ -80,9 +80,16 @@ class TTEmbedding(FactorizedLayer):
     implementations = ("auto", "factorized")
     spec_type = TT
 
-    def __init__(self, cores: Sequence[Tensor], *, num_embeddings: int | None = None,
-                 embedding_dim: int | None = None, padding_idx: int | None = None,
-                 spec: TT | None = None, decomposition_info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cores: Sequence[Tensor],
+        *,
+        num_embeddings: int | None = None,
+        embedding_dim: int | None = None,
+        padding_idx: int | None = None,
+        spec: TT | None = None,
+        decomposition_info: dict[str, Any] | None = None,
+    ) -> None:
         owner = type(self).__name__
         shapes = _tt_shapes(cores, owner)
         d = len(shapes)
@@ -91,13 +98,17 @@ class TTEmbedding(FactorizedLayer):
         inner = tuple(s[3] for s in shapes[:-1])
         num = math.prod(num_shape) if num_embeddings is None else num_embeddings
         dim = math.prod(dim_shape) if embedding_dim is None else embedding_dim
-        for name, value, shape in (("num_embeddings", num, num_shape),
-                                   ("embedding_dim", dim, dim_shape)):
+        for name, value, shape in (
+            ("num_embeddings", num, num_shape),
+            ("embedding_dim", dim, dim_shape),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
             if value > math.prod(shape):
-                raise ValueError(f"{name} must be <= {math.prod(shape)} (the product of the "
-                                 f"cores' sizes {shape}), got {value}")
+                raise ValueError(
+                    f"{name} must be <= {math.prod(shape)} (the product of the "
+                    f"cores' sizes {shape}), got {value}"
+                )
         if padding_idx is not None:
             if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
                 raise TypeError(f"padding_idx must be an int or None, got {padding_idx!r}")
@@ -105,27 +116,32 @@ class TTEmbedding(FactorizedLayer):
                 raise ValueError(f"padding_idx must be in [{-num}, {num - 1}], got {padding_idx}")
             padding_idx %= num
         if spec is None:
-            spec = TT(rank=inner if inner else "full", in_shape=dim_shape,
-                      out_shape=num_shape)
-        super().__init__(cores, bias=None, spec=spec, decomposition_info=decomposition_info,
-                         ranks=inner)
+            spec = TT(rank=inner if inner else "full", in_shape=dim_shape, out_shape=num_shape)
+        super().__init__(
+            cores, bias=None, spec=spec, decomposition_info=decomposition_info, ranks=inner
+        )
         self.num_embeddings, self.embedding_dim = num, dim
         self.num_shape, self.dim_shape = num_shape, dim_shape
         self.padding_idx = padding_idx
-        self._strides = tuple(math.prod(num_shape[k + 1:]) for k in range(d))
+        self._strides = tuple(math.prod(num_shape[k + 1 :]) for k in range(d))
         # left-to-right costs sum_k M_{<k} r_{k-1} m_k r_k, right-to-left mirrored
         m, r = dim_shape, (1, *inner, 1)
         left = sum(math.prod(m[:k]) * r[k] * m[k] * r[k + 1] for k in range(1, d))
-        right = sum(math.prod(m[k + 1:]) * r[k] * m[k] * r[k + 1] for k in range(d - 1))
+        right = sum(math.prod(m[k + 1 :]) * r[k] * m[k] * r[k + 1] for k in range(d - 1))
         self.chain_order = tuple(range(d)) if left <= right else tuple(range(d - 1, -1, -1))
         sym = symbols(3 * d + 1)
-        rows, cols, rks = sym[:d], sym[d: 2 * d], sym[2 * d:]
-        self._table_eq = (",".join(rks[k] + rows[k] + cols[k] + rks[k + 1] for k in range(d))
-                          + "->" + "".join(rows) + "".join(cols))
+        rows, cols, rks = sym[:d], sym[d : 2 * d], sym[2 * d :]
+        self._table_eq = (
+            ",".join(rks[k] + rows[k] + cols[k] + rks[k + 1] for k in range(d))
+            + "->"
+            + "".join(rows)
+            + "".join(cols)
+        )
 
     @classmethod
-    def from_dense(cls, module: nn.Embedding, spec: TT, *,
-                   gram: Tensor | None = None, name: str = "weight") -> TTEmbedding:
+    def from_dense(
+        cls, module: nn.Embedding, spec: TT, *, gram: Tensor | None = None, name: str = "weight"
+    ) -> TTEmbedding:
         """Factorize a pretrained ``nn.Embedding`` with a ``TT`` spec.
 
         ``spec.out_shape`` tensorizes the rows (``num_embeddings``),
@@ -145,17 +161,20 @@ class TTEmbedding(FactorizedLayer):
         if gram is not None:
             raise ValueError("TTEmbedding.from_dense takes no gram (only Linear layers use one)")
         if not isinstance(module, nn.Embedding):
-            raise TypeError(f"TTEmbedding.from_dense expects an nn.Embedding, got "
-                            f"{type(module).__name__}")
+            raise TypeError(
+                f"TTEmbedding.from_dense expects an nn.Embedding, got {type(module).__name__}"
+            )
         if not isinstance(spec, TT):
-            raise TypeError(f"TTEmbedding.from_dense expects a TT spec, got "
-                            f"{type(spec).__name__}")
-        for name, bad in (("max_norm", module.max_norm is not None),
-                          ("scale_grad_by_freq", module.scale_grad_by_freq),
-                          ("sparse", module.sparse)):
+            raise TypeError(f"TTEmbedding.from_dense expects a TT spec, got {type(spec).__name__}")
+        for name, bad in (
+            ("max_norm", module.max_norm is not None),
+            ("scale_grad_by_freq", module.scale_grad_by_freq),
+            ("sparse", module.sparse),
+        ):
             if bad:
-                raise ValueError(f"TTEmbedding does not support {name}; got "
-                                 f"{name}={getattr(module, name)!r}")
+                raise ValueError(
+                    f"TTEmbedding does not support {name}; got {name}={getattr(module, name)!r}"
+                )
         from tnquant.decompose import decompose_embedding
 
         weight = module.weight.detach()
@@ -163,9 +182,14 @@ class TTEmbedding(FactorizedLayer):
         if dec.format != "tt":
             raise ValueError(f"TTEmbedding needs a 'tt' decomposition, got {dec.format!r}")
         cores = [c.detach().to(device=weight.device, dtype=weight.dtype) for c in dec.cores]
-        return cls(cores, num_embeddings=module.num_embeddings,
-                   embedding_dim=module.embedding_dim, padding_idx=module.padding_idx,
-                   spec=spec, decomposition_info=decomposition_fields(dec))
+        return cls(
+            cores,
+            num_embeddings=module.num_embeddings,
+            embedding_dim=module.embedding_dim,
+            padding_idx=module.padding_idx,
+            spec=spec,
+            decomposition_info=decomposition_fields(dec),
+        )
 
     def intermediate_names(self) -> tuple[str, ...]:
         return tuple(f"inter_{k}" for k in range(len(self.cores) - 2))
@@ -176,8 +200,9 @@ class TTEmbedding(FactorizedLayer):
 
     def forward(self, indices: Tensor) -> Tensor:
         if not isinstance(indices, Tensor):
-            raise TypeError(f"TTEmbedding expects a tensor of indices, got "
-                            f"{type(indices).__name__}")
+            raise TypeError(
+                f"TTEmbedding expects a tensor of indices, got {type(indices).__name__}"
+            )
         if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise TypeError(f"TTEmbedding expects integer indices, got dtype {indices.dtype}")
         hooks = self._inter_hooks() if self.act_quantizers is not None else None
@@ -185,8 +210,10 @@ class TTEmbedding(FactorizedLayer):
         if flat.numel():
             lo, hi = torch.aminmax(flat)
             if lo < 0 or hi >= self.num_embeddings:
-                raise IndexError(f"indices must be in [0, {self.num_embeddings - 1}], got "
-                                 f"values in [{int(lo)}, {int(hi)}]")
+                raise IndexError(
+                    f"indices must be in [0, {self.num_embeddings - 1}], got "
+                    f"values in [{int(lo)}, {int(hi)}]"
+                )
         rows = self._lookup(flat, self.effective_cores(), hooks)
         if self.padding_idx is not None and rows.requires_grad:
             mask = (flat == self.padding_idx).unsqueeze(1)
@@ -255,13 +282,20 @@ class TTEmbedding(FactorizedLayer):
         Embedding(3, 2, padding_idx=0)
         """
         ref = self.cores[0]
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim,
-                             padding_idx=self.padding_idx, device=ref.device, dtype=ref.dtype)
+        dense = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            padding_idx=self.padding_idx,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight())
         return dense
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, num_shape={self.num_shape}, "
-                f"dim_shape={self.dim_shape}, padding_idx={self.padding_idx}, "
-                f"{self._info_repr()}")
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, num_shape={self.num_shape}, "
+            f"dim_shape={self.dim_shape}, padding_idx={self.padding_idx}, "
+            f"{self._info_repr()}"
+        )

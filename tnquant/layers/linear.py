@@ -56,14 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tnquant.layers.base import FactorizedLayer, decomposition_fields
-from tnquant.layers.contract import (
-    CALL_COST,
-    ELEMENT_COST,
-    Path,
-    Program,
-    chain_path,
-    plan_einsum,
-)
+from tnquant.layers.contract import CALL_COST, ELEMENT_COST, Path, Program, chain_path, plan_einsum
 
 __all__ = ["FactorizedLinearBase"]
 
@@ -93,8 +86,9 @@ class FactorizedLinearBase(FactorizedLayer):
     inference_cache: bool = True
 
     @classmethod
-    def from_dense(cls, module: nn.Linear, spec: Any, *,
-                   gram: Tensor | None = None, name: str = "weight") -> FactorizedLinearBase:
+    def from_dense(
+        cls, module: nn.Linear, spec: Any, *, gram: Tensor | None = None, name: str = "weight"
+    ) -> FactorizedLinearBase:
         """Factorize a pretrained ``nn.Linear`` into this layer's format.
 
         Parameters
@@ -132,28 +126,48 @@ class FactorizedLinearBase(FactorizedLayer):
         True
         """
         if not isinstance(module, nn.Linear):
-            raise TypeError(f"{cls.__name__}.from_dense expects an nn.Linear, got "
-                            f"{type(module).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_dense expects an nn.Linear, got {type(module).__name__}"
+            )
         if not isinstance(spec, cls.spec_type):
-            raise TypeError(f"{cls.__name__}.from_dense expects a {cls.spec_type.__name__} "
-                            f"spec, got {type(spec).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_dense expects a {cls.spec_type.__name__} "
+                f"spec, got {type(spec).__name__}"
+            )
         from tnquant.decompose import decompose_linear
 
         weight = module.weight.detach()
         dec = decompose_linear(weight, spec, gram=gram, name=name)
         if dec.format != cls.format:
-            raise ValueError(f"{cls.__name__} needs a {cls.format!r} decomposition, got "
-                             f"{dec.format!r}")
+            raise ValueError(
+                f"{cls.__name__} needs a {cls.format!r} decomposition, got {dec.format!r}"
+            )
         cores = [c.detach().to(device=weight.device, dtype=weight.dtype) for c in dec.cores]
         bias = None if module.bias is None else module.bias.detach().clone()
         build: Any = cls  # subclasses take their own keywords
-        return build(cores, in_features=module.in_features, out_features=module.out_features,
-                   bias=bias, spec=spec, decomposition_info=decomposition_fields(dec))
+        return build(
+            cores,
+            in_features=module.in_features,
+            out_features=module.out_features,
+            bias=bias,
+            spec=spec,
+            decomposition_info=decomposition_fields(dec),
+        )
 
-    def _setup_linear(self, *, in_features: int, out_features: int, in_shape: Sequence[int],
-                      out_shape: Sequence[int], x_term: str, core_terms: Sequence[str],
-                      out_term: str, w_term: str, chains: Sequence[Sequence[int]],
-                      extra_paths: Sequence[Path] = ()) -> None:
+    def _setup_linear(
+        self,
+        *,
+        in_features: int,
+        out_features: int,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        x_term: str,
+        core_terms: Sequence[str],
+        out_term: str,
+        w_term: str,
+        chains: Sequence[Sequence[int]],
+        extra_paths: Sequence[Path] = (),
+    ) -> None:
         """Store shapes and equations; ``chains[0]`` is the canonical chain.
 
         A chain lists the operand indices (``1..n_cores``) contracted in turn
@@ -205,16 +219,24 @@ class FactorizedLinearBase(FactorizedLayer):
         n, i, o = max(batch, 1), self.in_features, self.out_features
         return 2 * n * i * o + ELEMENT_COST * (n * i + i * o + n * o) + CALL_COST
 
-    def _make_plan(self, batch: int, chain: bool, implementation: str,
-                   prepared: bool) -> tuple[str, Program]:
+    def _make_plan(
+        self, batch: int, chain: bool, implementation: str, prepared: bool
+    ) -> tuple[str, Program]:
         shapes = self._x_shapes(batch)
         if chain:
-            return "factorized", plan_einsum(self._x_eq, shapes, candidates=self._chain_paths[:1],
-                                             search=False, variable=0)
+            return "factorized", plan_einsum(
+                self._x_eq, shapes, candidates=self._chain_paths[:1], search=False, variable=0
+            )
         if implementation == "reconstructed":
             return "reconstructed", self._weight_program()
-        fact = plan_einsum(self._x_eq, shapes, candidates=self._candidates, variable=0,
-                           objective="time", prepared=prepared)
+        fact = plan_einsum(
+            self._x_eq,
+            shapes,
+            candidates=self._candidates,
+            variable=0,
+            objective="time",
+            prepared=prepared,
+        )
         if implementation == "factorized":
             return "factorized", fact
         recon = self._dense_estimate(batch)
@@ -228,15 +250,20 @@ class FactorizedLinearBase(FactorizedLayer):
         key = (batch, self._implementation, chain, prepared)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._remember(key, self._make_plan(batch, chain, self._implementation,
-                                                       prepared))
+            plan = self._remember(
+                key, self._make_plan(batch, chain, self._implementation, prepared)
+            )
         return plan
 
     def _cache_usable(self) -> bool:
         """Whether this call may use the inference cache (see the module doc)."""
-        return (not torch.is_grad_enabled() and self.inference_cache
-                and self._modules.get("core_quantizers") is None
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+        return (
+            not torch.is_grad_enabled()
+            and self.inference_cache
+            and self._modules.get("core_quantizers") is None
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+        )
 
     def clear_cache(self) -> None:
         """Drop the inference cache (rebuilt at the next call that may use it).
@@ -299,24 +326,38 @@ class FactorizedLinearBase(FactorizedLayer):
         fact = plan_einsum(self._x_eq, shapes, candidates=self._candidates, variable=0)
         cached = self._cache_usable() and self._inter_hooks() is None
         kind, prog = self._make_plan(batch_size, False, "auto", cached)
-        fastest = prog if kind == "factorized" else plan_einsum(
-            self._x_eq, shapes, candidates=self._candidates, variable=0, objective="time",
-            prepared=cached)
+        fastest = (
+            prog
+            if kind == "factorized"
+            else plan_einsum(
+                self._x_eq,
+                shapes,
+                candidates=self._candidates,
+                variable=0,
+                objective="time",
+                prepared=cached,
+            )
+        )
         dense = 2 * batch_size * self.in_features * self.out_features
         recon = self._weight_program().cost + dense
         calls = len(prog._run_steps) if cached and kind == "factorized" else len(prog.steps)
-        return {"factorized": fact.cost, "reconstructed": recon, "dense": dense,
-                "chosen": kind, "path": fastest.path, "cached": cached,
-                "cheapest": min(fact.cost, dense if cached else recon),
-                "calls": 1 if cached and kind == "reconstructed" else calls}
+        return {
+            "factorized": fact.cost,
+            "reconstructed": recon,
+            "dense": dense,
+            "chosen": kind,
+            "path": fastest.path,
+            "cached": cached,
+            "cheapest": min(fact.cost, dense if cached else recon),
+            "calls": 1 if cached and kind == "reconstructed" else calls,
+        }
 
     # ------------------------------------------------------------------ #
     # forward
     # ------------------------------------------------------------------ #
     def _check_input(self, x: Any) -> None:
         if not isinstance(x, Tensor):
-            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got "
-                            f"{type(x).__name__}")
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (..., {self.in_features}), "
@@ -334,9 +375,14 @@ class FactorizedLinearBase(FactorizedLayer):
         lead = x.shape[:-1] if x.ndim != 2 else None
         x2 = x.reshape(-1, self.in_features) if lead is not None else x
         bias = self._parameters["bias"]
-        if (hooks is None and not torch.is_grad_enabled() and self.inference_cache
-                and self._modules.get("core_quantizers") is None
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
+        if (
+            hooks is None
+            and not torch.is_grad_enabled()
+            and self.inference_cache
+            and self._modules.get("core_quantizers") is None
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+        ):
             # the inference cache (see _cache_usable, written out: this is the hot path)
             kind, prog = self._plan(x2.shape[0], False, True)
             if kind == "reconstructed":
@@ -356,8 +402,15 @@ class FactorizedLinearBase(FactorizedLayer):
             y = self._act("output", y)
         return y
 
-    def _factorized(self, prog: Program, x2: Tensor, operands: list[Any], bias: Tensor | None,
-                    hooks: list[Any] | None, prepared: bool) -> Tensor:
+    def _factorized(
+        self,
+        prog: Program,
+        x2: Tensor,
+        operands: list[Any],
+        bias: Tensor | None,
+        hooks: list[Any] | None,
+        prepared: bool,
+    ) -> Tensor:
         n = x2.shape[0]
         if self._in_pad:
             x2 = F.pad(x2, (0, self._in_pad))
@@ -418,8 +471,13 @@ class FactorizedLinearBase(FactorizedLayer):
         Linear(in_features=2, out_features=3, bias=False)
         """
         ref = self.cores[0]
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=ref.device, dtype=ref.dtype)
+        dense = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight())
             if self.bias is not None and dense.bias is not None:
@@ -430,5 +488,7 @@ class FactorizedLinearBase(FactorizedLayer):
         shapes = ""
         if len(self.in_shape) > 1:
             shapes = f", in_shape={self.in_shape}, out_shape={self.out_shape}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}{shapes}, "
-                f"bias={self.bias is not None}, {self._info_repr()}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}{shapes}, "
+            f"bias={self.bias is not None}, {self._info_repr()}"
+        )

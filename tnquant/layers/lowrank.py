@@ -62,10 +62,16 @@ class LowRankLinear(FactorizedLinearBase):
     format = "lowrank"
     spec_type = LowRank
 
-    def __init__(self, cores: Sequence[Tensor], *, in_features: int | None = None,
-                 out_features: int | None = None, bias: Tensor | None = None,
-                 spec: LowRank | None = None,
-                 decomposition_info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cores: Sequence[Tensor],
+        *,
+        in_features: int | None = None,
+        out_features: int | None = None,
+        bias: Tensor | None = None,
+        spec: LowRank | None = None,
+        decomposition_info: dict[str, Any] | None = None,
+    ) -> None:
         owner = type(self).__name__
         (out, r), (r2, n_in) = check_cores(cores, [2, 2], owner)
         check_match(owner, "V.shape[0] (the rank of U (out, r))", r, r2)
@@ -73,9 +79,21 @@ class LowRankLinear(FactorizedLinearBase):
             check_match(owner, "in_features (V.shape[1])", n_in, in_features)
         if out_features is not None:
             check_match(owner, "out_features (U.shape[0])", out, out_features)
-        super().__init__(cores, bias=check_bias(bias, out),
-                         spec=spec if spec is not None else LowRank(rank=r),
-                         decomposition_info=decomposition_info, ranks=(r,))
-        self._setup_linear(in_features=n_in, out_features=out, in_shape=(n_in,),
-                           out_shape=(out,), x_term="Za", core_terms=["or", "ra"],
-                           out_term="Zo", w_term="oa", chains=[[2, 1]])
+        super().__init__(
+            cores,
+            bias=check_bias(bias, out),
+            spec=spec if spec is not None else LowRank(rank=r),
+            decomposition_info=decomposition_info,
+            ranks=(r,),
+        )
+        self._setup_linear(
+            in_features=n_in,
+            out_features=out,
+            in_shape=(n_in,),
+            out_shape=(out,),
+            x_term="Za",
+            core_terms=["or", "ra"],
+            out_term="Zo",
+            w_term="oa",
+            chains=[[2, 1]],
+        )

@@ -122,8 +122,9 @@ def ssa_to_path(n_operands: int, ssa: Sequence[Sequence[int]]) -> Path:
         try:
             pos = tuple(sorted(ids.index(v) for v in nodes))
         except ValueError:
-            raise ValueError(f"step {k} of {list(ssa)} uses an id that is not (or no longer) "
-                             "available") from None
+            raise ValueError(
+                f"step {k} of {list(ssa)} uses an id that is not (or no longer) available"
+            ) from None
         for p in sorted(pos, reverse=True):
             ids.pop(p)
         ids.append(n_operands + k)
@@ -154,9 +155,7 @@ def hoist_constant_steps(n_operands: int, path: Sequence[Sequence[int]], variabl
         else:
             const.append(k)
     new_id = {n_operands + k: n_operands + j for j, k in enumerate(const + var)}
-    return ssa_to_path(n_operands, [tuple(new_id.get(v, v) for v in ssa[k])
-                                    for k in const + var])
-
+    return ssa_to_path(n_operands, [tuple(new_id.get(v, v) for v in ssa[k]) for k in const + var])
 
 
 def path_cost(equation: str, shapes: Sequence[Sequence[int]], path: Path) -> int:

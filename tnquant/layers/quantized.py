@@ -76,8 +76,10 @@ def _is_converted(module: nn.Module) -> bool:
 
 def _check_source(cls: type, module: Any, base: type) -> None:
     if type(module) is not base:
-        raise TypeError(f"{cls.__name__}.from_float expects a {base.__module__}.{base.__name__} "
-                        f"(exactly, not a subclass), got {type(module).__name__}")
+        raise TypeError(
+            f"{cls.__name__}.from_float expects a {base.__module__}.{base.__name__} "
+            f"(exactly, not a subclass), got {type(module).__name__}"
+        )
 
 
 class QuantLinear(nn.Linear):
@@ -105,8 +107,14 @@ class QuantLinear(nn.Linear):
     weight_quantizer: nn.Module | None
     act_quantizers: nn.ModuleDict | None
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         # plain None until quantize() assigns modules (nn.Module then registers them)
         self.weight_quantizer = None
@@ -123,8 +131,13 @@ class QuantLinear(nn.Linear):
         True
         """
         _check_source(cls, module, nn.Linear)
-        new = cls(module.in_features, module.out_features, bias=module.bias is not None,
-                  device="meta", dtype=module.weight.dtype)
+        new = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device="meta",
+            dtype=module.weight.dtype,
+        )
         new.weight = module.weight
         new.bias = module.bias
         return new.train(module.training)
@@ -153,8 +166,13 @@ class QuantLinear(nn.Linear):
         True
         """
         w = self.weight
-        new = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device="meta", dtype=w.dtype)
+        new = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device="meta",
+            dtype=w.dtype,
+        )
         new.weight = _float_weight(self)
         new.bias = self.bias
         return new.train(self.training)
@@ -195,10 +213,19 @@ class QuantConv2d(nn.Conv2d):
         2
         """
         _check_source(cls, module, nn.Conv2d)
-        new = cls(module.in_channels, module.out_channels, module.kernel_size,
-                  stride=module.stride, padding=module.padding, dilation=module.dilation,
-                  groups=module.groups, bias=module.bias is not None,
-                  padding_mode=module.padding_mode, device="meta", dtype=module.weight.dtype)
+        new = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device="meta",
+            dtype=module.weight.dtype,
+        )
         new.weight = module.weight
         new.bias = module.bias
         return new.train(module.training)
@@ -225,11 +252,19 @@ class QuantConv2d(nn.Conv2d):
         >>> QuantConv2d.from_float(nn.Conv2d(2, 4, 3)).to_float()
         Conv2d(2, 4, kernel_size=(3, 3), stride=(1, 1))
         """
-        new = nn.Conv2d(self.in_channels, self.out_channels, cast(Any, self.kernel_size),
-                        stride=cast(Any, self.stride), padding=cast(Any, self.padding),
-                        dilation=cast(Any, self.dilation), groups=self.groups,
-                        bias=self.bias is not None, padding_mode=self.padding_mode,
-                        device="meta", dtype=self.weight.dtype)
+        new = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            cast(Any, self.kernel_size),
+            stride=cast(Any, self.stride),
+            padding=cast(Any, self.padding),
+            dilation=cast(Any, self.dilation),
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
         new.weight = _float_weight(self)
         new.bias = self.bias
         return new.train(self.training)
@@ -255,13 +290,23 @@ class QuantEmbedding(nn.Embedding):
     weight_quantizer: nn.Module | None
     act_quantizers: nn.ModuleDict | None
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
-                 device: Any = None, dtype: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        device: Any = None,
+        dtype: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if kwargs.get("max_norm") is not None:
-            raise ValueError(f"QuantEmbedding does not support max_norm (it renormalises the "
-                             f"weight in place), got max_norm={kwargs['max_norm']!r}")
-        super().__init__(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype,
-                         **kwargs)
+            raise ValueError(
+                f"QuantEmbedding does not support max_norm (it renormalises the "
+                f"weight in place), got max_norm={kwargs['max_norm']!r}"
+            )
+        super().__init__(
+            num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype, **kwargs
+        )
         # plain None until quantize() assigns modules (nn.Module then registers them)
         self.weight_quantizer = None
         self.act_quantizers = None
@@ -277,10 +322,17 @@ class QuantEmbedding(nn.Embedding):
         0
         """
         _check_source(cls, module, nn.Embedding)
-        new = cls(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
-                  max_norm=module.max_norm, norm_type=module.norm_type,
-                  scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse,
-                  device="meta", dtype=module.weight.dtype)
+        new = cls(
+            module.num_embeddings,
+            module.embedding_dim,
+            padding_idx=module.padding_idx,
+            max_norm=module.max_norm,
+            norm_type=module.norm_type,
+            scale_grad_by_freq=module.scale_grad_by_freq,
+            sparse=module.sparse,
+            device="meta",
+            dtype=module.weight.dtype,
+        )
         new.weight = module.weight
         return new.train(module.training)
 
@@ -294,8 +346,15 @@ class QuantEmbedding(nn.Embedding):
         return _effective_weight(self)
 
     def forward(self, indices: Tensor) -> Tensor:
-        out = F.embedding(indices, _effective_weight(self), self.padding_idx, None,
-                          self.norm_type, self.scale_grad_by_freq, self.sparse)
+        out = F.embedding(
+            indices,
+            _effective_weight(self),
+            self.padding_idx,
+            None,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
         return _act(self, "output", out)
 
     def to_float(self) -> nn.Embedding:
@@ -307,9 +366,16 @@ class QuantEmbedding(nn.Embedding):
         >>> QuantEmbedding.from_float(nn.Embedding(5, 3)).to_float()
         Embedding(5, 3)
         """
-        new = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
-                           norm_type=self.norm_type, scale_grad_by_freq=self.scale_grad_by_freq,
-                           sparse=self.sparse, device="meta", dtype=self.weight.dtype)
+        new = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            self.padding_idx,
+            norm_type=self.norm_type,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+            sparse=self.sparse,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
         new.weight = _float_weight(self)
         return new.train(self.training)
 

@@ -101,7 +101,7 @@ class RunStep(NamedTuple):
     (``None``: nothing); ``kind`` and ``view`` of the matmul.
     """
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field, shadowing tuple.index on purpose
     variable_is_a: bool
     arrange: tuple[Dims, Dims, Dims] | None
     kind: int
@@ -133,8 +133,9 @@ def _by_output(letters: Any, out: str) -> list[str]:
     return sorted(letters, key=lambda c: rank.get(c, len(out)))
 
 
-def _compile_pair(ta: str, tb: str, out: str, needed: set[str], sizes: dict[str, int]
-                  ) -> tuple[PairStep, str, str]:
+def _compile_pair(
+    ta: str, tb: str, out: str, needed: set[str], sizes: dict[str, int]
+) -> tuple[PairStep, str, str]:
     """One matmul step for ``ta, tb``: the :class:`PairStep`, the result's letters, its columns.
 
     ``A`` is the activation-like operand. When it is the bigger one and its
@@ -166,8 +167,15 @@ def _compile_pair(ta: str, tb: str, out: str, needed: set[str], sizes: dict[str,
     return _permute_a(ta2, tb2, contr, batch, needed, b_free, b_ones, sums, out, sizes)
 
 
-def _linear_or_mm(tb: str, contr: list[str], b_free: list[str], b_ones: list[str], k: int,
-                  n: int, sizes: dict[str, int]) -> tuple[int, Any, Any]:
+def _linear_or_mm(
+    tb: str,
+    contr: list[str],
+    b_free: list[str],
+    b_ones: list[str],
+    k: int,
+    n: int,
+    sizes: dict[str, int],
+) -> tuple[int, Any, Any]:
     """``B`` as ``(K, N)`` for ``mm`` when that needs no permute (and ``(N, K)`` would), else
     as ``(N, K)`` for ``F.linear``: ``(kind, perm_b, shape_b)``."""
     as_mm = _prepare(tb, contr + b_free + b_ones, (k, n), sizes)
@@ -177,19 +185,27 @@ def _linear_or_mm(tb: str, contr: list[str], b_free: list[str], b_ones: list[str
     return kind, perm_b, shape_b
 
 
-def _view_a(ta: str, tb: str, where: list[int], needed: set[str], b_free: list[str],
-            b_ones: list[str], sums: tuple[Any, Any], sizes: dict[str, int]
-            ) -> tuple[PairStep, str, str] | None:
+def _view_a(
+    ta: str,
+    tb: str,
+    where: list[int],
+    needed: set[str],
+    b_free: list[str],
+    b_ones: list[str],
+    sums: tuple[Any, Any],
+    sizes: dict[str, int],
+) -> tuple[PairStep, str, str] | None:
     """The step that views ``A`` (contracted letters contiguous), or ``None`` when its tail
     is too short for a left matmul (see :data:`LEFT_MIN_TRAILING`)."""
     contr = [ta[i] for i in where]
     head = [c for c in ta[: where[0]] if c in needed]
-    tail = [c for c in ta[where[-1] + 1:] if c in needed]
+    tail = [c for c in ta[where[-1] + 1 :] if c in needed]
     k, n = _prod(contr, sizes), _prod(b_free, sizes)
     m, q = _prod(head, sizes), _prod(tail, sizes)
     if tail and q < LEFT_MIN_TRAILING:
         return None
     shape_a: tuple[int, ...] | None
+    flat: tuple[int, ...]
     if not tail:
         kind, perm_b, shape_b = _linear_or_mm(tb, contr, b_free, b_ones, k, n, sizes)
         shape_a, flat, result = (m, k), (m, n), head + b_free
@@ -207,9 +223,18 @@ def _view_a(ta: str, tb: str, where: list[int], needed: set[str], b_free: list[s
     return step, res, "".join(b_free) if kind != LEFT else ""
 
 
-def _permute_a(ta: str, tb: str, contr: list[str], batch: list[str], needed: set[str],
-               b_free: list[str], b_ones: list[str], sums: tuple[Any, Any], out: str,
-               sizes: dict[str, int]) -> tuple[PairStep, str, str]:
+def _permute_a(
+    ta: str,
+    tb: str,
+    contr: list[str],
+    batch: list[str],
+    needed: set[str],
+    b_free: list[str],
+    b_ones: list[str],
+    sums: tuple[Any, Any],
+    out: str,
+    sizes: dict[str, int],
+) -> tuple[PairStep, str, str]:
     """The step that permutes ``A`` to ``(batch, A-free, K)`` (a bmm when batched)."""
     a_free = _by_output((c for c in ta if c not in tb and c in needed), out)
     a_ones = [c for c in ta if c not in tb and c not in needed]
@@ -235,8 +260,9 @@ def _first_output_letter(term: str, other: str, rank: dict[str, int]) -> int:
     return min(free) if free else len(rank)
 
 
-def _matmul(kind: int, a: Tensor, b: Tensor, view: tuple[int, ...] | None,
-            bias: Tensor | None = None) -> Tensor:
+def _matmul(
+    kind: int, a: Tensor, b: Tensor, view: tuple[int, ...] | None, bias: Tensor | None = None
+) -> Tensor:
     """One matmul step of kind ``kind`` (``bias`` only for ``LINEAR``), viewed as ``view``."""
     if kind == LINEAR:
         r = F.linear(a, b, bias)
@@ -249,8 +275,9 @@ def _matmul(kind: int, a: Tensor, b: Tensor, view: tuple[int, ...] | None,
     return r.view(view) if view is not None else r
 
 
-def _step_stats(ta: str, tb: str, result: str, step: PairStep, sizes: dict[str, int],
-                var_a: bool, var_b: bool) -> StepStats:
+def _step_stats(
+    ta: str, tb: str, result: str, step: PairStep, sizes: dict[str, int], var_a: bool, var_b: bool
+) -> StepStats:
     """Cost-model numbers of one pairwise step (see ``Program.estimate``)."""
     sum_a, perm_a, sum_b, perm_b = step.sum_a, step.perm_a, step.sum_b, step.perm_b
     n_a = math.prod(_shape(ta, sizes))
@@ -266,8 +293,12 @@ def _step_stats(ta: str, tb: str, result: str, step: PairStep, sizes: dict[str, 
     return StepStats(var_a or var_b, flops, n_a + n_b + n_r, copy_a, copy_b, 1 if var_b else 0)
 
 
-def _arrange(t: Tensor, summed: tuple[int, ...] | None, perm: tuple[int, ...] | None,
-             shape: tuple[int, ...] | None) -> Tensor:
+def _arrange(
+    t: Tensor,
+    summed: tuple[int, ...] | None,
+    perm: tuple[int, ...] | None,
+    shape: tuple[int, ...] | None,
+) -> Tensor:
     """Sum, permute and reshape ``t`` (each skipped when ``None``)."""
     if summed:
         t = t.sum(summed)
@@ -293,23 +324,25 @@ def _arrange_b(t: Tensor, st: Step) -> Tensor:
     return _arrange(t, st.sum_b, st.perm_b, st.shape_b)
 
 
-def _letter_sizes(equation: str, terms: list[str], shapes: Sequence[Sequence[int]]
-                  ) -> dict[str, int]:
+def _letter_sizes(
+    equation: str, terms: list[str], shapes: Sequence[Sequence[int]]
+) -> dict[str, int]:
     """The size of every letter of ``equation``, checked against ``shapes``."""
     sizes: dict[str, int] = {}
     for term, shape in zip(terms, shapes, strict=True):
         if len(term) != len(shape) or len(set(term)) != len(term):
-            raise ValueError(f"term {term!r} does not fit shape {tuple(shape)} (or repeats "
-                             "a letter)")
+            raise ValueError(
+                f"term {term!r} does not fit shape {tuple(shape)} (or repeats a letter)"
+            )
         for c, size in zip(term, shape, strict=True):
             if sizes.setdefault(c, int(size)) != int(size):
-                raise ValueError(f"letter {c!r} has size {sizes[c]} and {size} in "
-                                 f"{equation!r}")
+                raise ValueError(f"letter {c!r} has size {sizes[c]} and {size} in {equation!r}")
     return sizes
 
 
-def _unary_step(pos: int, term: str, needed: set[str], sizes: dict[str, int],
-                variable: bool) -> tuple[Step, str, StepStats]:
+def _unary_step(
+    pos: int, term: str, needed: set[str], sizes: dict[str, int], variable: bool
+) -> tuple[Step, str, StepStats]:
     """A step on one operand: sum the letters no longer needed (size 1: left for the end)."""
     summed = tuple(k for k, c in enumerate(term) if c not in needed and sizes[c] > 1)
     result = "".join(c for k, c in enumerate(term) if k not in summed)
@@ -319,9 +352,14 @@ def _unary_step(pos: int, term: str, needed: set[str], sizes: dict[str, int],
     return step, result, stats
 
 
-def _pair_step(order: list[int], popped: list[str], flags: list[bool], output: str,
-               needed: set[str], sizes: dict[str, int]
-               ) -> tuple[Step, str, StepStats, str, bool]:
+def _pair_step(
+    order: list[int],
+    popped: list[str],
+    flags: list[bool],
+    output: str,
+    needed: set[str],
+    sizes: dict[str, int],
+) -> tuple[Step, str, StepStats, str, bool]:
     """A pairwise step; also the result's columns and whether it involves the variable.
 
     "A" (the rows of the matmul) holds the free letter that comes first in
@@ -340,9 +378,13 @@ def _pair_step(order: list[int], popped: list[str], flags: list[bool], output: s
     return step, result, _step_stats(ta, tb, result, pair, sizes, fa, fb), n_cols, fa or fb
 
 
-def _compile_steps(terms: list[str], output: str, path: Sequence[tuple[int, ...]],
-                   sizes: dict[str, int], variable: int | None
-                   ) -> tuple[list[Step], list[StepStats], str, str]:
+def _compile_steps(
+    terms: list[str],
+    output: str,
+    path: Sequence[tuple[int, ...]],
+    sizes: dict[str, int],
+    variable: int | None,
+) -> tuple[list[Step], list[StepStats], str, str]:
     """Compile every step of ``path``: the steps, their stats, the last term, its columns."""
     terms = list(terms)
     steps: list[Step] = []
@@ -361,8 +403,9 @@ def _compile_steps(terms: list[str], output: str, path: Sequence[tuple[int, ...]
             step, result, stat = _unary_step(order[0], popped[0], needed, sizes, flags[0])
             var, n_cols = flags[0], ""
         else:
-            step, result, stat, n_cols, var = _pair_step(order, popped, flags, output, needed,
-                                                         sizes)
+            step, result, stat, n_cols, var = _pair_step(
+                order, popped, flags, output, needed, sizes
+            )
         steps.append(step)
         stats.append(stat)
         terms.append(result)
@@ -371,8 +414,9 @@ def _compile_steps(terms: list[str], output: str, path: Sequence[tuple[int, ...]
     return steps, stats, last, n_cols
 
 
-def _final_arrangement(last: str, output: str, sizes: dict[str, int],
-                       out_shape: tuple[int, ...]) -> tuple[Dims, Dims, Dims]:
+def _final_arrangement(
+    last: str, output: str, sizes: dict[str, int], out_shape: tuple[int, ...]
+) -> tuple[Dims, Dims, Dims]:
     """``(sum, perm, reshape)`` taking the last result to the output (``None``: nothing)."""
     rank = {c: k for k, c in enumerate(output)}
     final_sum = tuple(k for k, c in enumerate(last) if c not in rank and sizes[c] > 1)

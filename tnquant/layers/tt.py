@@ -35,14 +35,20 @@ def _tt_shapes(cores: Any, owner: str) -> list[tuple[int, ...]]:
         if not isinstance(core, Tensor):
             raise TypeError(f"{owner} cores[{k}] must be a tensor, got {type(core).__name__}")
         if core.ndim != 4:
-            raise ValueError(f"{owner} cores[{k}] must be 4-d (r_{k}, out_{k + 1}, in_{k + 1}, "
-                             f"r_{k + 1}), got shape {tuple(core.shape)}")
+            raise ValueError(
+                f"{owner} cores[{k}] must be 4-d (r_{k}, out_{k + 1}, in_{k + 1}, "
+                f"r_{k + 1}), got shape {tuple(core.shape)}"
+            )
         shapes.append(tuple(core.shape))
     check_match(owner, "cores[0].shape[0] (boundary rank r_0)", 1, shapes[0][0])
     check_match(owner, "cores[-1].shape[3] (boundary rank r_d)", 1, shapes[-1][3])
     for k in range(1, len(shapes)):
-        check_match(owner, f"cores[{k}].shape[0] (bond rank = cores[{k - 1}].shape[3])",
-                    shapes[k - 1][3], shapes[k][0])
+        check_match(
+            owner,
+            f"cores[{k}].shape[0] (bond rank = cores[{k - 1}].shape[3])",
+            shapes[k - 1][3],
+            shapes[k][0],
+        )
     return shapes
 
 
@@ -104,9 +110,16 @@ class TTLinear(FactorizedLinearBase):
     format = "tt"
     spec_type = TT
 
-    def __init__(self, cores: Sequence[Tensor], *, in_features: int | None = None,
-                 out_features: int | None = None, bias: Tensor | None = None,
-                 spec: TT | None = None, decomposition_info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cores: Sequence[Tensor],
+        *,
+        in_features: int | None = None,
+        out_features: int | None = None,
+        bias: Tensor | None = None,
+        spec: TT | None = None,
+        decomposition_info: dict[str, Any] | None = None,
+    ) -> None:
         owner = type(self).__name__
         shapes = _tt_shapes(cores, owner)
         d = len(shapes)
@@ -117,10 +130,15 @@ class TTLinear(FactorizedLinearBase):
         in_features = math.prod(in_shape) if in_features is None else in_features
         if spec is None:
             spec = TT(rank=inner if inner else "full", in_shape=in_shape, out_shape=out_shape)
-        super().__init__(cores, bias=check_bias(bias, out_features), spec=spec,
-                         decomposition_info=decomposition_info, ranks=inner)
+        super().__init__(
+            cores,
+            bias=check_bias(bias, out_features),
+            spec=spec,
+            decomposition_info=decomposition_info,
+            ranks=inner,
+        )
         sym = symbols(3 * d + 2)
-        batch, ins, outs, rks = sym[0], sym[1: d + 1], sym[d + 1: 2 * d + 1], sym[2 * d + 1:]
+        batch, ins, outs, rks = sym[0], sym[1 : d + 1], sym[d + 1 : 2 * d + 1], sym[2 * d + 1 :]
         core_terms = [rks[k] + outs[k] + ins[k] + rks[k + 1] for k in range(d)]
         x_term, out_term = batch + "".join(ins), batch + "".join(outs)
         x_eq = f"{x_term},{','.join(core_terms)}->{out_term}"
@@ -129,7 +147,14 @@ class TTLinear(FactorizedLinearBase):
         costs = [path_cost(x_eq, x_shapes, chain_path(d + 1, c)) for c in (right, left)]
         chains = [right, left] if costs[0] <= costs[1] else [left, right]
         self.chain_order = tuple(k - 1 for k in chains[0])
-        self._setup_linear(in_features=in_features, out_features=out_features,
-                           in_shape=in_shape, out_shape=out_shape, x_term=x_term,
-                           core_terms=core_terms, out_term=out_term,
-                           w_term="".join(outs) + "".join(ins), chains=chains)
+        self._setup_linear(
+            in_features=in_features,
+            out_features=out_features,
+            in_shape=in_shape,
+            out_shape=out_shape,
+            x_term=x_term,
+            core_terms=core_terms,
+            out_term=out_term,
+            w_term="".join(outs) + "".join(ins),
+            chains=chains,
+        )

@@ -31,8 +31,11 @@ def _blocks(d: int) -> list[list[list[int]]]:
     """Every split of modes ``0..d-1`` into runs of adjacent modes."""
     if d == 0:
         return [[]]
-    return [[list(range(k)), *[[m + k for m in b] for b in rest]]
-            for k in range(1, d + 1) for rest in _blocks(d - k)]
+    return [
+        [list(range(k)), *[[m + k for m in b] for b in rest]]
+        for k in range(1, d + 1)
+        for rest in _blocks(d - k)
+    ]
 
 
 def _tucker_paths(d: int) -> list[Path]:
@@ -144,10 +147,16 @@ class TuckerLinear(FactorizedLinearBase):
     format = "tucker"
     spec_type = Tucker
 
-    def __init__(self, cores: Sequence[Tensor], *, in_features: int | None = None,
-                 out_features: int | None = None, bias: Tensor | None = None,
-                 spec: Tucker | None = None,
-                 decomposition_info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cores: Sequence[Tensor],
+        *,
+        in_features: int | None = None,
+        out_features: int | None = None,
+        bias: Tensor | None = None,
+        spec: Tucker | None = None,
+        decomposition_info: dict[str, Any] | None = None,
+    ) -> None:
         owner = type(self).__name__
         d = _tucker_order(cores, owner)
         if d == 0:
@@ -163,19 +172,22 @@ class TuckerLinear(FactorizedLinearBase):
             x_term, out_term, w_term = "Za", "Zo", "oa"
             core_terms, chains = ["op", "pq", "aq"], [[3, 2, 1]]
             # G folded into U_in or into U_out first: two matmuls with the input
-            extra = [ssa_to_path(4, [(3, 2), (0, 4), (5, 1)]),
-                     ssa_to_path(4, [(1, 2), (0, 3), (5, 4)])]
+            extra = [
+                ssa_to_path(4, [(3, 2), (0, 4), (5, 1)]),
+                ssa_to_path(4, [(1, 2), (0, 3), (5, 4)]),
+            ]
             default_spec = Tucker(rank=ranks)
         else:
             shapes = check_cores(cores, [2 * d] + [2] * (2 * d), owner)
             ranks = shapes[0]
             for k in range(2 * d):
-                check_match(owner, f"cores[{k + 1}].shape[1] (G.shape[{k}])", ranks[k],
-                            shapes[k + 1][1])
-            out_shape = tuple(s[0] for s in shapes[1: d + 1])
-            in_shape = tuple(s[0] for s in shapes[d + 1:])
+                check_match(
+                    owner, f"cores[{k + 1}].shape[1] (G.shape[{k}])", ranks[k], shapes[k + 1][1]
+                )
+            out_shape = tuple(s[0] for s in shapes[1 : d + 1])
+            in_shape = tuple(s[0] for s in shapes[d + 1 :])
             sym = symbols(4 * d + 1)
-            batch, ins, outs, rks = sym[0], sym[1: d + 1], sym[d + 1: 2 * d + 1], sym[2 * d + 1:]
+            batch, ins, outs, rks = sym[0], sym[1 : d + 1], sym[d + 1 : 2 * d + 1], sym[2 * d + 1 :]
             x_term, out_term = batch + "".join(ins), batch + "".join(outs)
             w_term = "".join(outs) + "".join(ins)
             core_terms = ["".join(rks)] + [o + r for o, r in zip(outs + ins, rks, strict=True)]
@@ -184,14 +196,26 @@ class TuckerLinear(FactorizedLinearBase):
             default_spec = Tucker(rank=ranks, in_shape=in_shape, out_shape=out_shape)
         out_features = math.prod(out_shape) if out_features is None else out_features
         in_features = math.prod(in_shape) if in_features is None else in_features
-        super().__init__(cores, bias=check_bias(bias, out_features),
-                         spec=spec if spec is not None else default_spec,
-                         decomposition_info=decomposition_info, ranks=ranks)
+        super().__init__(
+            cores,
+            bias=check_bias(bias, out_features),
+            spec=spec if spec is not None else default_spec,
+            decomposition_info=decomposition_info,
+            ranks=ranks,
+        )
         self.order = max(d, 1)
-        self._setup_linear(in_features=in_features, out_features=out_features,
-                           in_shape=in_shape, out_shape=out_shape, x_term=x_term,
-                           core_terms=core_terms, out_term=out_term, w_term=w_term,
-                           chains=chains, extra_paths=extra)
+        self._setup_linear(
+            in_features=in_features,
+            out_features=out_features,
+            in_shape=in_shape,
+            out_shape=out_shape,
+            x_term=x_term,
+            core_terms=core_terms,
+            out_term=out_term,
+            w_term=w_term,
+            chains=chains,
+            extra_paths=extra,
+        )
 
 
 class TuckerConv2d(FactorizedConv2dBase):
@@ -236,20 +260,38 @@ class TuckerConv2d(FactorizedConv2dBase):
     spec_type = Tucker
     _kernel_eq = "op,pqhw,iq->oihw"
 
-    def __init__(self, cores: Sequence[Tensor], *, stride: Any = 1, padding: Any = 0,
-                 dilation: Any = 1, padding_mode: str = "zeros", bias: Tensor | None = None,
-                 spec: Tucker | None = None,
-                 decomposition_info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cores: Sequence[Tensor],
+        *,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        padding_mode: str = "zeros",
+        bias: Tensor | None = None,
+        spec: Tucker | None = None,
+        decomposition_info: dict[str, Any] | None = None,
+    ) -> None:
         owner = type(self).__name__
         (out, r_out), (g0, g1, kh, kw), (n_in, r_in) = check_cores(cores, [2, 4, 2], owner)
         check_match(owner, "G.shape[0] (U_out.shape[1])", r_out, g0)
         check_match(owner, "G.shape[1] (U_in.shape[1])", r_in, g1)
-        super().__init__(cores, bias=check_bias(bias, out),
-                         spec=spec if spec is not None else Tucker(rank=(r_out, r_in)),
-                         decomposition_info=decomposition_info, ranks=(r_out, r_in))
-        self._setup_conv(in_channels=n_in, out_channels=out, kernel_size=(kh, kw),
-                         stride=stride, padding=padding, dilation=dilation,
-                         padding_mode=padding_mode)
+        super().__init__(
+            cores,
+            bias=check_bias(bias, out),
+            spec=spec if spec is not None else Tucker(rank=(r_out, r_in)),
+            decomposition_info=decomposition_info,
+            ranks=(r_out, r_in),
+        )
+        self._setup_conv(
+            in_channels=n_in,
+            out_channels=out,
+            kernel_size=(kh, kw),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            padding_mode=padding_mode,
+        )
 
     def intermediate_names(self) -> tuple[str, ...]:
         return ("inter_0", "inter_1")

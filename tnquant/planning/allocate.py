@@ -71,18 +71,22 @@ class Allocation:
     error: float
 
 
-def _check(errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]]
-           ) -> tuple[list[np.ndarray], list[list[int]]]:
+def _check(
+    errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]]
+) -> tuple[list[np.ndarray], list[list[int]]]:
     if len(errors) != len(sizes):
-        raise ValueError(f"errors and sizes must have one entry per layer, got {len(errors)} "
-                         f"and {len(sizes)}")
+        raise ValueError(
+            f"errors and sizes must have one entry per layer, got {len(errors)} and {len(sizes)}"
+        )
     if not errors:
         raise ValueError("need at least one layer, got none")
     es, ss = [], []
     for layer, (e, s) in enumerate(zip(errors, sizes, strict=True)):
         if len(e) != len(s) or not len(e):
-            raise ValueError(f"layer {layer}: errors and sizes must be non-empty and of the same "
-                             f"length, got {len(e)} and {len(s)}")
+            raise ValueError(
+                f"layer {layer}: errors and sizes must be non-empty and of the same "
+                f"length, got {len(e)} and {len(s)}"
+            )
         e_arr = np.asarray(e, dtype=np.float64)
         if not np.all(np.isfinite(e_arr)):
             raise ValueError(f"layer {layer}: errors must be finite, got {list(e)}")
@@ -131,8 +135,12 @@ class Table:
     (8, True, [1, 0], [1, 0])
     """
 
-    def __init__(self, errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]],
-                 grid: int = DEFAULT_GRID) -> None:
+    def __init__(
+        self,
+        errors: Sequence[Sequence[float]],
+        sizes: Sequence[Sequence[int]],
+        grid: int = DEFAULT_GRID,
+    ) -> None:
         if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
             raise ValueError(f"grid must be a positive int, got {grid!r}")
         es, ss = _check(errors, sizes)
@@ -142,8 +150,9 @@ class Table:
         g = reduce(math.gcd, (v for s in ss for v in s), 0) or 1
         self.exact = total // g <= grid
         self.unit = g if self.exact else -(-total // grid)
-        self.weights = [[-(-s[c] // self.unit) for c in k] for s, k in zip(ss, self.keep,
-                                                                            strict=True)]
+        self.weights = [
+            [-(-s[c] // self.unit) for c in k] for s, k in zip(ss, self.keep, strict=True)
+        ]
         width = sum(max(w) for w in self.weights) + 1
         E = np.zeros(width)
         S = np.zeros(width, dtype=np.int64)
@@ -154,8 +163,8 @@ class Table:
             for j, c in enumerate(k):
                 cand_e = np.full(width, np.inf)
                 cand_s = np.full(width, np.iinfo(np.int64).max)
-                cand_e[w[j]:] = E[:width - w[j]] + e[c]
-                cand_s[w[j]:] = S[:width - w[j]] + s[c]
+                cand_e[w[j] :] = E[: width - w[j]] + e[c]
+                cand_s[w[j] :] = S[: width - w[j]] + s[c]
                 better = (cand_e < newE) | ((cand_e == newE) & (cand_s < newS))
                 newE[better] = cand_e[better]
                 newS[better] = cand_s[better]
@@ -202,8 +211,9 @@ class Table:
         return out
 
 
-def lagrangian(errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]],
-               budget: int, iters: int = 100) -> Allocation | None:
+def lagrangian(
+    errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], budget: int, iters: int = 100
+) -> Allocation | None:
     """Budgeted allocation by Lagrangian relaxation (see the module docs).
 
     Examples
@@ -244,8 +254,12 @@ def lagrangian(errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]]
     return pick(hi)
 
 
-def fill(errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], budget: int,
-         start: Allocation) -> Allocation:
+def fill(
+    errors: Sequence[Sequence[float]],
+    sizes: Sequence[Sequence[int]],
+    budget: int,
+    start: Allocation,
+) -> Allocation:
     """Spend the bits a discretised solution leaves: greedy single-layer upgrades, exact sizes.
 
     The DP rounds sizes up to its units, so its solution may leave up to one
@@ -271,8 +285,11 @@ def fill(errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], budg
             for c in range(len(ss[k])):
                 gain = float(es[k][c0] - es[k][c])
                 grow = ss[k][c] - ss[k][c0]
-                if gain > 0 and size + grow <= budget and (
-                        best is None or (gain, -grow) > best[:2]):
+                if (
+                    gain > 0
+                    and size + grow <= budget
+                    and (best is None or (gain, -grow) > best[:2])
+                ):
                     best = (gain, -grow, k, c)
         if best is None:
             break
@@ -282,9 +299,15 @@ def fill(errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], budg
     return Allocation(idx, size, float(sum(es[k][c] for k, c in enumerate(idx))))
 
 
-def allocate(errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]],
-             budget: int | None = None, target: float | None = None, *, method: str = "dp",
-             grid: int = DEFAULT_GRID) -> Allocation:
+def allocate(
+    errors: Sequence[Sequence[float]],
+    sizes: Sequence[Sequence[int]],
+    budget: int | None = None,
+    target: float | None = None,
+    *,
+    method: str = "dp",
+    grid: int = DEFAULT_GRID,
+) -> Allocation:
     """One candidate per layer under a size ``budget`` (bits) or an error ``target``.
 
     Parameters
@@ -321,13 +344,18 @@ def allocate(errors: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]],
         result = lagrangian(errors, sizes, budget)
     else:
         table = Table(errors, sizes, grid)
-        result = (table.best(budget) if budget is not None
-                  else table.smallest(float(cast(float, target))))
+        result = (
+            table.best(budget) if budget is not None else table.smallest(float(cast(float, target)))
+        )
     if result is None:
         es, ss = _check(errors, sizes)
         if budget is not None:
-            raise ValueError(f"no combination fits in {budget} bits; the smallest takes "
-                             f"{sum(min(s) for s in ss)} bits")
-        raise ValueError(f"no combination reaches an error of {target}; the least is "
-                         f"{sum(float(e.min()) for e in es)}")
+            raise ValueError(
+                f"no combination fits in {budget} bits; the smallest takes "
+                f"{sum(min(s) for s in ss)} bits"
+            )
+        raise ValueError(
+            f"no combination reaches an error of {target}; the least is "
+            f"{sum(float(e.min()) for e in es)}"
+        )
     return result

@@ -46,19 +46,19 @@ from tnquant.core.output import model_output
 from tnquant.planning.allocate import DEFAULT_GRID, Allocation, allocate, fill
 from tnquant.planning.inputs import check_errors, check_inputs, data_passes, search_batches
 from tnquant.planning.plan import Plan, apply
-from tnquant.planning.sensitivity import (
-    Metric,
-    Sensitivity,
-    _metric_name,
-    sensitivity,
-)
+from tnquant.planning.sensitivity import Metric, Sensitivity, _metric_name, sensitivity
 from tnquant.sizes import model_size_bits
 
 __all__ = ["search", "plan_from", "verify"]
 
 
-def plan_from(sens: Sensitivity, alloc: Allocation, *, budget_bits: int | None = None,
-              target: float | None = None) -> Plan:
+def plan_from(
+    sens: Sensitivity,
+    alloc: Allocation,
+    *,
+    budget_bits: int | None = None,
+    target: float | None = None,
+) -> Plan:
     """The :class:`~tnquant.planning.plan.Plan` of an allocation over ``sens`` (not verified).
 
     Examples
@@ -77,11 +77,22 @@ def plan_from(sens: Sensitivity, alloc: Allocation, *, budget_bits: int | None =
     for k, name in enumerate(sens.names):
         c = alloc.indices[k]
         choices[name] = sens.choices[k][c]
-        layers[name] = {"label": sens.choices[k][c].label(), "ranks": list(sens.ranks[k][c]),
-                        "size_bits": sens.sizes[k][c], "error": sens.errors[k][c],
-                        "dense_bits": sens.sizes[k][_float_index(sens, k)]}
-    return Plan(choices, layers, metric=sens.metric, budget_bits=budget_bits, target=target,
-                predicted_size_bits=sens.fixed_bits + alloc.size, predicted_error=alloc.error)
+        layers[name] = {
+            "label": sens.choices[k][c].label(),
+            "ranks": list(sens.ranks[k][c]),
+            "size_bits": sens.sizes[k][c],
+            "error": sens.errors[k][c],
+            "dense_bits": sens.sizes[k][_float_index(sens, k)],
+        }
+    return Plan(
+        choices,
+        layers,
+        metric=sens.metric,
+        budget_bits=budget_bits,
+        target=target,
+        predicted_size_bits=sens.fixed_bits + alloc.size,
+        predicted_error=alloc.error,
+    )
 
 
 def _float_index(sens: Sensitivity, k: int) -> int:
@@ -107,8 +118,9 @@ class _Accumulator:
         return self.num.get(key, 0.0) / den if den > 0 else 0.0
 
 
-def _compare(ref_model: nn.Module, new_model: nn.Module, names: list[str], data: Any,
-             num_batches: int | None) -> tuple[float, float]:
+def _compare(
+    ref_model: nn.Module, new_model: nn.Module, names: list[str], data: Any, num_batches: int | None
+) -> tuple[float, float]:
     """(summed layer-output relative MSE, model-output relative MSE) of ``new`` vs ``ref``."""
     acc = _Accumulator()
     outs: dict[str, Tensor] = {}
@@ -122,8 +134,12 @@ def _compare(ref_model: nn.Module, new_model: nn.Module, names: list[str], data:
 
     ref_layers = {n: ref_model.get_submodule(n) for n in names}
     new_layers = {n: new_model.get_submodule(n) for n in names}
-    with hooks(ref_layers, post=ref_out), hooks(new_layers, post=new_out), \
-            evaluating(ref_model), evaluating(new_model):
+    with (
+        hooks(ref_layers, post=ref_out),
+        hooks(new_layers, post=new_out),
+        evaluating(ref_model),
+        evaluating(new_model),
+    ):
         for batch in search_batches(data, num_batches):
             ref = model_output(call_model(ref_model, batch))
             new = model_output(call_model(new_model, batch))
@@ -132,9 +148,16 @@ def _compare(ref_model: nn.Module, new_model: nn.Module, names: list[str], data:
     return sum(acc.rel(n) for n in names), acc.rel("__output__")
 
 
-def verify(model: nn.Module, plan: Plan, data: Any, metric: Metric = None, *,
-           num_batches: int | None = None, reference: float | None = None,
-           fit_data: Any = None) -> Plan:
+def verify(
+    model: nn.Module,
+    plan: Plan,
+    data: Any,
+    metric: Metric = None,
+    *,
+    num_batches: int | None = None,
+    reference: float | None = None,
+    fit_data: Any = None,
+) -> Plan:
     """Apply ``plan`` to a copy of ``model`` and store its measured size and error in the plan.
 
     ``fit_data``: apply it with ``apply(copy, plan, data=fit_data)`` (the
@@ -181,13 +204,26 @@ def verify(model: nn.Module, plan: Plan, data: Any, metric: Metric = None, *,
     return plan
 
 
-def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int | None = None,
-           target: float | None = None, candidates: Any = None, *,
-           include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
-           method: str = "dp", grid: int = DEFAULT_GRID, num_batches: int | None = None,
-           max_rows: int = 4096, fit_data: Any = None, verify_plan: bool = True,
-           refine: bool = True, precomputed: Sensitivity | None = None,
-           progress: bool = True) -> Plan:
+def search(
+    model: nn.Module,
+    data: Any,
+    metric: Metric = None,
+    budget_bits: int | None = None,
+    target: float | None = None,
+    candidates: Any = None,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    method: str = "dp",
+    grid: int = DEFAULT_GRID,
+    num_batches: int | None = None,
+    max_rows: int = 4096,
+    fit_data: Any = None,
+    verify_plan: bool = True,
+    refine: bool = True,
+    precomputed: Sensitivity | None = None,
+    progress: bool = True,
+) -> Plan:
     """Choose a format, rank and weight quantizer per layer under a budget or a target.
 
     Parameters
@@ -282,25 +318,49 @@ def search(model: nn.Module, data: Any, metric: Metric = None, budget_bits: int 
     _check_goal(model, budget_bits, target, precomputed)
     measure = precomputed is None
     fit_aware = fit_data is not None if measure else cast(Sensitivity, precomputed).data_aware
-    check_inputs(model, data,
-                 data_reads=(data_passes(_metric_name(metric)) if measure else 0) + verify_plan,
-                 fit_data=fit_data, fit_reads=measure + (verify_plan and fit_aware))
+    check_inputs(
+        model,
+        data,
+        data_reads=(data_passes(_metric_name(metric)) if measure else 0) + verify_plan,
+        fit_data=fit_data,
+        fit_reads=measure + (verify_plan and fit_aware),
+    )
     sens = precomputed
     if sens is None:
-        sens = sensitivity(model, data, candidates, metric, include=include, exclude=exclude,
-                           num_batches=num_batches, max_rows=max_rows, fit_data=fit_data,
-                           progress=progress)
+        sens = sensitivity(
+            model,
+            data,
+            candidates,
+            metric,
+            include=include,
+            exclude=exclude,
+            num_batches=num_batches,
+            max_rows=max_rows,
+            fit_data=fit_data,
+            progress=progress,
+        )
     elif _metric_name(metric) != sens.metric:
-        raise ValueError(f"precomputed sensitivities measure {sens.metric!r}; pass the same "
-                         f"metric (got {_metric_name(metric)!r})")
+        raise ValueError(
+            f"precomputed sensitivities measure {sens.metric!r}; pass the same "
+            f"metric (got {_metric_name(metric)!r})"
+        )
     alloc = _allocate(sens, budget_bits, target, method, grid, refine)
     plan = plan_from(sens, alloc, budget_bits=budget_bits, target=target)
     if verify_plan:
         if sens.data_aware and fit_data is None:
-            raise ValueError("precomputed sensitivities fitted the factorized layers to data: "
-                             "pass the same fit_data= to verify the plan")
-        verify(model, plan, data, metric, num_batches=num_batches, reference=sens.reference,
-               fit_data=fit_data if sens.data_aware else None)
+            raise ValueError(
+                "precomputed sensitivities fitted the factorized layers to data: "
+                "pass the same fit_data= to verify the plan"
+            )
+        verify(
+            model,
+            plan,
+            data,
+            metric,
+            num_batches=num_batches,
+            reference=sens.reference,
+            fit_data=fit_data if sens.data_aware else None,
+        )
     return plan
 
 
@@ -310,31 +370,42 @@ def _check_goal(model: Any, budget_bits: Any, target: Any, precomputed: Any) -> 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if (budget_bits is None) == (target is None):
         raise ValueError("give exactly one of budget_bits= and target=")
-    if budget_bits is not None and (isinstance(budget_bits, bool)
-                                    or not isinstance(budget_bits, int) or budget_bits < 1):
+    if budget_bits is not None and (
+        isinstance(budget_bits, bool) or not isinstance(budget_bits, int) or budget_bits < 1
+    ):
         raise ValueError(f"budget_bits must be a positive int (bits), got {budget_bits!r}")
-    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
-                               or target < 0):
+    if target is not None and (
+        isinstance(target, bool) or not isinstance(target, (int, float)) or target < 0
+    ):
         raise ValueError(f"target must be a non-negative number, got {target!r}")
     if precomputed is not None and not isinstance(precomputed, Sensitivity):
         raise TypeError(f"precomputed must be a Sensitivity, got {type(precomputed).__name__}")
 
 
-def _allocate(sens: Sensitivity, budget_bits: int | None, target: float | None, method: str,
-              grid: int, refine: bool) -> Allocation:
+def _allocate(
+    sens: Sensitivity,
+    budget_bits: int | None,
+    target: float | None,
+    method: str,
+    grid: int,
+    refine: bool,
+) -> Allocation:
     """One candidate per layer within the budget (refined) or the target."""
     budget_layers = None if budget_bits is None else budget_bits - sens.fixed_bits
     if budget_layers is not None and budget_layers < 0:
-        raise ValueError(f"budget_bits={budget_bits} is below the {sens.fixed_bits} bits of the "
-                         f"layers not searched")
+        raise ValueError(
+            f"budget_bits={budget_bits} is below the {sens.fixed_bits} bits of the "
+            f"layers not searched"
+        )
     check_errors(sens)
     try:
-        alloc = allocate(sens.errors, sens.sizes, budget_layers, target, method=method,
-                         grid=grid)
+        alloc = allocate(sens.errors, sens.sizes, budget_layers, target, method=method, grid=grid)
     except ValueError as err:
         if budget_bits is not None and str(err).startswith("no combination fits"):
-            raise ValueError(f"no plan fits in {budget_bits} bits: the smallest model the "
-                             f"candidates give takes {sens.min_size_bits()} bits") from err
+            raise ValueError(
+                f"no plan fits in {budget_bits} bits: the smallest model the "
+                f"candidates give takes {sens.min_size_bits()} bits"
+            ) from err
         raise
     if refine and budget_layers is not None:
         alloc = fill(sens.errors, sens.sizes, budget_layers, alloc)

@@ -110,8 +110,7 @@ class Candidates:
         """The weight quantizer specs (``None`` for float first)."""
         out: list[Any] = [None] if self.keep_float else []
         for g in self.granularity:
-            out += [QuantSpec(bits=b, granularity=g, observer=self.observer)
-                    for b in self.bits]
+            out += [QuantSpec(bits=b, granularity=g, observer=self.observer) for b in self.bits]
             if self.ternary:
                 out.append(Ternary(granularity=g))
             if self.binary:
@@ -158,8 +157,9 @@ def candidate_table(candidates: Any) -> GlobTable | None:
     return GlobTable(candidates, "candidates")
 
 
-def candidates_for(candidates: Any, name: str, module: nn.Module, *,
-                   table: GlobTable | None = None) -> list[Choice] | None:
+def candidates_for(
+    candidates: Any, name: str, module: nn.Module, *, table: GlobTable | None = None
+) -> list[Choice] | None:
     """The candidate choices of one layer; ``None`` when a mapping leaves it out.
 
     A mapping's globs are looked up in ``table`` (its
@@ -182,5 +182,7 @@ def candidates_for(candidates: Any, name: str, module: nn.Module, *,
             if _supported(module, c):
                 out.append(c)
         return out
-    raise TypeError(f"candidates must be a Candidates, a list of Choice, or a mapping of globs "
-                    f"to those, got {type(candidates).__name__}")
+    raise TypeError(
+        f"candidates must be a Candidates, a list of Choice, or a mapping of globs "
+        f"to those, got {type(candidates).__name__}"
+    )

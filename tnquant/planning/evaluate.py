@@ -53,8 +53,9 @@ def _rows(x: Tensor, module: nn.Module) -> Tensor:
     return x if x.dim() == 4 else x.unsqueeze(0)
 
 
-def layer_inputs(model: nn.Module, targets: Targets, data: Any, num_batches: int | None,
-                 max_rows: int) -> list[Tensor]:
+def layer_inputs(
+    model: nn.Module, targets: Targets, data: Any, num_batches: int | None, max_rows: int
+) -> list[Tensor]:
     """Inputs each target saw on ``data``: a seeded random subset of ``max_rows`` at most.
 
     Every batch's inputs are subsampled as they come, then their
@@ -83,8 +84,10 @@ def layer_inputs(model: nn.Module, targets: Targets, data: Any, num_batches: int
     out = []
     for names, _ in targets:
         if not chunks[names[0]]:
-            raise ValueError(f"layer {names[0]!r} was never called on the data; exclude it "
-                             f"(exclude=[{names[0]!r}]) or pass data that reaches it")
+            raise ValueError(
+                f"layer {names[0]!r} was never called on the data; exclude it "
+                f"(exclude=[{names[0]!r}]) or pass data that reaches it"
+            )
         out.append(subsample(torch.cat(chunks[names[0]])))
     return out
 
@@ -110,8 +113,16 @@ def _chunks(x: Tensor, size: int = 2048) -> list[Tensor]:
 class Evaluator:
     """The error of a candidate layer in place of target ``k``, by the chosen metric."""
 
-    def __init__(self, model: nn.Module, data: Any, targets: Targets, metric: Any,
-                 metric_name: str, num_batches: int | None, max_rows: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        targets: Targets,
+        metric: Any,
+        metric_name: str,
+        num_batches: int | None,
+        max_rows: int,
+    ) -> None:
         self.model, self.data, self.targets = model, data, targets
         self.metric_name, self.num_batches = metric_name, num_batches
         self.fn = cast(Callable[[nn.Module], float], metric)
@@ -128,8 +139,9 @@ class Evaluator:
         self.traces: list[float] = []
         self.den = 0.0
         if metric_name == "hessian":
-            self.traces, self.den = hutchinson_traces(model, [m for _, m in targets], data,
-                                                      num_batches)
+            self.traces, self.den = hutchinson_traces(
+                model, [m for _, m in targets], data, num_batches
+            )
         if not self.local and metric_name not in ("output", "hessian"):
             with torch.no_grad():
                 self.reference = float(self.fn(model))
@@ -151,8 +163,9 @@ class Evaluator:
         """The error of ``cand`` in place of target ``k`` (``output``: the model output's)."""
         if self.local and not output:
             with torch.no_grad():
-                return rel_mse((cand(x), ref) for x, ref in zip(self.chunks, self.refs,
-                                                                strict=True))
+                return rel_mse(
+                    (cand(x), ref) for x, ref in zip(self.chunks, self.refs, strict=True)
+                )
         names, module = self.targets[k]
         if self.metric_name == "hessian":
             with torch.no_grad():

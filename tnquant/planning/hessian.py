@@ -39,9 +39,14 @@ from tnquant.core.output import model_output
 __all__ = ["hutchinson_traces", "candidate_weight"]
 
 
-def hutchinson_traces(model: nn.Module, modules: Sequence[nn.Module], data: Any,
-                      num_batches: int | None = None, probes: int = 4,
-                      seed: int = 0) -> tuple[list[float], float]:
+def hutchinson_traces(
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    data: Any,
+    num_batches: int | None = None,
+    probes: int = 4,
+    seed: int = 0,
+) -> tuple[list[float], float]:
     """Hutchinson estimates of ``Tr(H_l)`` for each module's ``weight``, and ``D``.
 
     Parameters

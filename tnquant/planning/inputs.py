@@ -30,8 +30,9 @@ from tnquant.checks import check_model
 __all__ = ["data_passes", "check_inputs", "check_errors", "search_batches"]
 
 
-def search_batches(data: Any, num_batches: int | None = None, *, arg: str = "data"
-                   ) -> Iterator[Any]:
+def search_batches(
+    data: Any, num_batches: int | None = None, *, arg: str = "data"
+) -> Iterator[Any]:
     """The batches of ``data`` the search runs, each checked with the search named in messages.
 
     :func:`tnquant.batches.iterate_batches` with ``what='search'``: the passes
@@ -66,8 +67,9 @@ def data_passes(metric_name: str) -> int:
     return 0
 
 
-def check_inputs(model: nn.Module, data: Any, *, data_reads: int, fit_data: Any = None,
-                 fit_reads: int = 0) -> None:
+def check_inputs(
+    model: nn.Module, data: Any, *, data_reads: int, fit_data: Any = None, fit_reads: int = 0
+) -> None:
     """Refuse a model or data the search cannot use, before anything is measured.
 
     ``data_reads``/``fit_reads``: how many times ``data``/``fit_data`` will be
@@ -111,8 +113,11 @@ def check_errors(sens: Any) -> None:
     ValueError: search: layer 'fc' got a non-finite error for 1 of its 2 candidates (dense/int4...
     """
     for name, errors, choices in zip(sens.names, sens.errors, sens.choices, strict=True):
-        bad = [(choice.label(), err) for choice, err in zip(choices, errors, strict=True)
-               if not math.isfinite(err)]
+        bad = [
+            (choice.label(), err)
+            for choice, err in zip(choices, errors, strict=True)
+            if not math.isfinite(err)
+        ]
         if not bad:
             continue
         shown = ", ".join(f"{label}: {err}" for label, err in bad[:3])
@@ -121,4 +126,5 @@ def check_errors(sens: Any) -> None:
             f"{len(errors)} candidates ({shown}); nan means its output (or the model's) on the "
             f"data is not finite (an overflow inside the model), inf that its output on the "
             f"data is all zero while the candidate's is not; leave it out "
-            f"(exclude=[{name!r}]) or pass other data")
+            f"(exclude=[{name!r}]) or pass other data"
+        )

@@ -38,22 +38,34 @@ __all__ = ["pareto", "plot_pareto"]
 
 def _budget_bits(budget: Any, dense_bits: int) -> int:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"budgets must be ints (bits) or floats in (0, 1] (fractions of the "
-                        f"model's size), got {budget!r}")
+        raise TypeError(
+            f"budgets must be ints (bits) or floats in (0, 1] (fractions of the "
+            f"model's size), got {budget!r}"
+        )
     if isinstance(budget, float):
         if not 0 < budget <= 1:
-            raise ValueError(f"a float budget is a fraction of the model size, in (0, 1]; got "
-                             f"{budget}")
+            raise ValueError(
+                f"a float budget is a fraction of the model size, in (0, 1]; got {budget}"
+            )
         return int(budget * dense_bits)
     if budget < 1:
         raise ValueError(f"budgets in bits must be positive, got {budget}")
     return budget
 
 
-def pareto(model: nn.Module, data: Any, budgets: Sequence[int | float] | None = None,
-           metric: Metric = None, candidates: Any = None, *, path: str | os.PathLike | None = None,
-           n_points: int = 8, verify_plans: bool = True, progress: bool = True,
-           **kwargs: Any) -> list[tuple[int, float, Plan]]:
+def pareto(
+    model: nn.Module,
+    data: Any,
+    budgets: Sequence[int | float] | None = None,
+    metric: Metric = None,
+    candidates: Any = None,
+    *,
+    path: str | os.PathLike | None = None,
+    n_points: int = 8,
+    verify_plans: bool = True,
+    progress: bool = True,
+    **kwargs: Any,
+) -> list[tuple[int, float, Plan]]:
     """Search one plan per budget: the size-error trade-off curve.
 
     Parameters
@@ -109,8 +121,13 @@ def pareto(model: nn.Module, data: Any, budgets: Sequence[int | float] | None = 
     if path is not None:
         _require_matplotlib()
     verified = (len(budgets) if budgets is not None else n_points) if verify_plans else 0
-    check_inputs(model, data, data_reads=data_passes(_metric_name(metric)) + verified,
-                 fit_data=kwargs.get("fit_data"), fit_reads=1 + verified)
+    check_inputs(
+        model,
+        data,
+        data_reads=data_passes(_metric_name(metric)) + verified,
+        fit_data=kwargs.get("fit_data"),
+        fit_reads=1 + verified,
+    )
     sens = sensitivity(model, data, candidates, metric, progress=progress, **kwargs)
     check_errors(sens)  # not a warning per budget
     if budgets is None:
@@ -118,17 +135,24 @@ def pareto(model: nn.Module, data: Any, budgets: Sequence[int | float] | None = 
         if n_points == 1 or hi <= lo:
             bits = [hi]
         else:
-            bits = [int(math.ceil(lo * (hi / lo) ** (k / (n_points - 1))))
-                    for k in range(n_points)]
+            bits = [int(math.ceil(lo * (hi / lo) ** (k / (n_points - 1)))) for k in range(n_points)]
     else:
         bits = [_budget_bits(b, sens.dense_bits) for b in budgets]
     num_batches = kwargs.get("num_batches")
     points: list[tuple[int, float, Plan]] = []
     for budget in tqdm(bits, desc="pareto", disable=not progress):
         try:
-            plan = search(model, data, metric, budget_bits=budget, precomputed=sens,
-                          verify_plan=verify_plans, num_batches=num_batches,
-                          fit_data=kwargs.get("fit_data"), progress=False)
+            plan = search(
+                model,
+                data,
+                metric,
+                budget_bits=budget,
+                precomputed=sens,
+                verify_plan=verify_plans,
+                num_batches=num_batches,
+                fit_data=kwargs.get("fit_data"),
+                progress=False,
+            )
         except ValueError as err:
             warnings.warn(f"budget {budget} bits skipped: {err}", stacklevel=2)
             continue
@@ -144,12 +168,16 @@ def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib "
-                          "(or tnquant[plot])") from None
+        raise ImportError(
+            "plotting needs matplotlib: pip install matplotlib (or tnquant[plot])"
+        ) from None
 
 
-def plot_pareto(points: Sequence[tuple[int, float, Plan]], path: str | os.PathLike,
-                dense_bits: int | None = None) -> None:
+def plot_pareto(
+    points: Sequence[tuple[int, float, Plan]],
+    path: str | os.PathLike,
+    dense_bits: int | None = None,
+) -> None:
     """Plot error against size (measured and predicted) and save it to ``path``.
 
     Uses ``matplotlib.figure.Figure`` directly: no pyplot, no global state.
@@ -173,8 +201,11 @@ def plot_pareto(points: Sequence[tuple[int, float, Plan]], path: str | os.PathLi
     xs = [p[0] / kib for p in points]
     ys = [p[1] for p in points]
     ax.plot(xs, ys, "o-", label="measured")
-    pred = [(p[2].predicted_size_bits / kib, p[2].predicted_error) for p in points
-            if p[2].predicted_size_bits is not None and p[2].predicted_error is not None]
+    pred = [
+        (p[2].predicted_size_bits / kib, p[2].predicted_error)
+        for p in points
+        if p[2].predicted_size_bits is not None and p[2].predicted_error is not None
+    ]
     if pred:
         ax.plot(*zip(*pred, strict=True), "x--", label="predicted (summed)")
     if dense_bits is not None:

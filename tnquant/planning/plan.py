@@ -58,8 +58,15 @@ __all__ = ["Choice", "Plan", "apply"]
 
 _FACT = (TT, Tucker, CP, LowRank)
 _QUANT = (QuantSpec, Binary, Ternary, FixedPoint)
-_NUMBERS = ("budget_bits", "target", "predicted_size_bits", "predicted_error",
-            "measured_size_bits", "measured_error", "measured_output_error")
+_NUMBERS = (
+    "budget_bits",
+    "target",
+    "predicted_size_bits",
+    "predicted_error",
+    "measured_size_bits",
+    "measured_error",
+    "measured_output_error",
+)
 _APPLY_COLUMNS = ("name", "kind", "format", "ranks", "weights", "bits_before", "bits_after")
 
 
@@ -103,26 +110,34 @@ class Choice:
 
     def __post_init__(self) -> None:
         if self.factorization is not None and not isinstance(self.factorization, _FACT):
-            raise TypeError(f"factorization must be a TT, Tucker, CP or LowRank spec or None, "
-                            f"got {type(self.factorization).__name__}")
+            raise TypeError(
+                f"factorization must be a TT, Tucker, CP or LowRank spec or None, "
+                f"got {type(self.factorization).__name__}"
+            )
         if self.weights is not None and not isinstance(self.weights, _QUANT):
-            raise TypeError(f"weights must be a QuantSpec, Binary, Ternary or FixedPoint spec "
-                            f"or None, got {type(self.weights).__name__}")
+            raise TypeError(
+                f"weights must be a QuantSpec, Binary, Ternary or FixedPoint spec "
+                f"or None, got {type(self.weights).__name__}"
+            )
         items = self.cores.items() if isinstance(self.cores, Mapping) else self.cores
         try:
             pairs = [(k, s) for k, s in items]
         except (TypeError, ValueError):
-            raise TypeError(f"cores must be a mapping or (index, spec) pairs, got "
-                            f"{self.cores!r}") from None
+            raise TypeError(
+                f"cores must be a mapping or (index, spec) pairs, got {self.cores!r}"
+            ) from None
         for k, s in pairs:
             if isinstance(k, bool) or not isinstance(k, int):
                 raise TypeError(f"cores keys must be int core indices, got {k!r}")
             if s is not None and not isinstance(s, _QUANT):
-                raise TypeError(f"cores[{k}] must be a quantizer spec or None, got "
-                                f"{type(s).__name__}")
+                raise TypeError(
+                    f"cores[{k}] must be a quantizer spec or None, got {type(s).__name__}"
+                )
         if pairs and self.factorization is None:
-            raise ValueError("cores= applies to factorized layers only; this choice has "
-                             "factorization=None (use weights= for a dense weight)")
+            raise ValueError(
+                "cores= applies to factorized layers only; this choice has "
+                "factorization=None (use weights= for a dense weight)"
+            )
         if len({k for k, _ in pairs}) != len(pairs):
             raise ValueError(f"cores has a repeated index: {[k for k, _ in pairs]}")
         object.__setattr__(self, "cores", tuple(sorted(pairs, key=lambda p: p[0])))
@@ -147,9 +162,11 @@ class Choice:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (specs through :func:`~tnquant.specs.spec_to_dict`)."""
-        return {"factorization": _opt_spec(self.factorization),
-                "weights": _opt_spec(self.weights),
-                "cores": [[k, _opt_spec(s)] for k, s in self.cores]}
+        return {
+            "factorization": _opt_spec(self.factorization),
+            "weights": _opt_spec(self.weights),
+            "cores": [[k, _opt_spec(s)] for k, s in self.cores],
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Choice:
@@ -157,8 +174,11 @@ class Choice:
         unknown = set(data) - {"factorization", "weights", "cores"}
         if unknown:
             raise ValueError(f"unknown Choice field(s) {sorted(unknown)}")
-        return cls(_opt_from(data.get("factorization")), _opt_from(data.get("weights")),
-                   [(int(k), _opt_from(s)) for k, s in data.get("cores", ())])
+        return cls(
+            _opt_from(data.get("factorization")),
+            _opt_from(data.get("weights")),
+            [(int(k), _opt_from(s)) for k, s in data.get("cores", ())],
+        )
 
 
 @dataclass
@@ -206,14 +226,15 @@ class Plan(Mapping):
 
     def __post_init__(self) -> None:
         if not isinstance(self.choices, Mapping):
-            raise TypeError(f"choices must be a mapping of layer names to Choice, got "
-                            f"{type(self.choices).__name__}")
+            raise TypeError(
+                f"choices must be a mapping of layer names to Choice, got "
+                f"{type(self.choices).__name__}"
+            )
         for name, choice in self.choices.items():
             if not isinstance(name, str):
                 raise TypeError(f"layer names must be strings, got {name!r}")
             if not isinstance(choice, Choice):
-                raise TypeError(f"choices[{name!r}] must be a Choice, got "
-                                f"{type(choice).__name__}")
+                raise TypeError(f"choices[{name!r}] must be a Choice, got {type(choice).__name__}")
         self.choices = dict(self.choices)
 
     def __getitem__(self, name: str) -> Choice:
@@ -251,8 +272,12 @@ class Plan(Mapping):
         if unknown:
             raise ValueError(f"unknown Plan field(s) {sorted(unknown)}")
         choices = {n: Choice.from_dict(c) for n, c in data["choices"].items()}
-        return cls(choices, layers=dict(data.get("layers", {})),
-                   metric=data.get("metric", "layer"), **{k: data.get(k) for k in _NUMBERS})
+        return cls(
+            choices,
+            layers=dict(data.get("layers", {})),
+            metric=data.get("metric", "layer"),
+            **{k: data.get(k) for k in _NUMBERS},
+        )
 
     def to_json(self, **kwargs: Any) -> str:
         """The plan as JSON text (``kwargs`` go to ``json.dumps``)."""
@@ -268,11 +293,18 @@ class Plan(Mapping):
         report = Report("plan", columns=("name", "choice", "ranks", "size_bits", "error"))
         for name, choice in self.choices.items():
             info = self.layers.get(name, {})
-            report.add(name=name, choice=choice.label(), ranks=info.get("ranks"),
-                       size_bits=info.get("size_bits"), error=info.get("error"))
+            report.add(
+                name=name,
+                choice=choice.label(),
+                ranks=info.get("ranks"),
+                size_bits=info.get("size_bits"),
+                error=info.get("error"),
+            )
         lines = [report.table()]
-        for label, size, err in (("predicted", self.predicted_size_bits, self.predicted_error),
-                                 ("measured", self.measured_size_bits, self.measured_error)):
+        for label, size, err in (
+            ("predicted", self.predicted_size_bits, self.predicted_error),
+            ("measured", self.measured_size_bits, self.measured_error),
+        ):
             if size is not None or err is not None:
                 lines.append(f"{label}: size {size} bits, error ({self.metric}) {err}")
         return "\n".join(lines)
@@ -308,8 +340,14 @@ def plan_arguments(plan: Plan) -> tuple[dict[str, Any], dict[str, Any], dict[str
     return fact, weights, cores
 
 
-def apply(model: nn.Module, plan: Plan, *, data: Any = None, num_batches: int | None = None,
-          progress: bool = True) -> Report:
+def apply(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    data: Any = None,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> Report:
     """Carry out ``plan`` on ``model`` in place: ``factorize``, then ``quantize``.
 
     Exactly ``factorize(model, {name: spec}, data=data)`` followed by
@@ -359,8 +397,7 @@ def apply(model: nn.Module, plan: Plan, *, data: Any = None, num_batches: int | 
     missing = [n for n in plan if n not in modules]
     if missing:
         raise ValueError(f"the plan names layers the model does not have: {missing}")
-    before = {n: (type(modules[n]).__name__, sum(SizeCounter().subtree(modules[n])))
-              for n in plan}
+    before = {n: (type(modules[n]).__name__, sum(SizeCounter().subtree(modules[n]))) for n in plan}
     fact, weights, cores = plan_arguments(plan)
     if fact:
         factorize(model, fact, data=data, num_batches=num_batches, progress=progress)
@@ -371,7 +408,13 @@ def apply(model: nn.Module, plan: Plan, *, data: Any = None, num_batches: int | 
         module = model.get_submodule(name)
         fmt = getattr(module, "format", None) or "dense"
         ranks = tuple(getattr(module, "ranks", ()))
-        report.add(name=name, kind=before[name][0], format=fmt, ranks=ranks,
-                   weights=choice.label().split("/", 1)[1], bits_before=before[name][1],
-                   bits_after=sum(SizeCounter().subtree(module)))
+        report.add(
+            name=name,
+            kind=before[name][0],
+            format=fmt,
+            ranks=ranks,
+            weights=choice.label().split("/", 1)[1],
+            bits_before=before[name][1],
+            bits_after=sum(SizeCounter().subtree(module)),
+        )
     return report

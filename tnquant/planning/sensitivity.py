@@ -74,7 +74,6 @@ _DENSE = (nn.Linear, nn.Conv2d, nn.Embedding)
 Metric = Union[None, str, Callable[[nn.Module], float]]
 
 
-
 def _factorized(module: nn.Module, spec: Any) -> Any:
     """The registry's factorized class of ``module`` under ``spec`` (``ValueError`` if none)."""
     cls = factorized_class(module, spec)
@@ -82,8 +81,10 @@ def _factorized(module: nn.Module, spec: Any) -> Any:
         raise ValueError(f"{type(spec).__name__} does not factorize a {type(module).__name__}")
     return cls
 
-def search_targets(model: nn.Module, include: Iterable[str] | None = None,
-                   exclude: Iterable[str] | None = None) -> list[tuple[list[str], nn.Module]]:
+
+def search_targets(
+    model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
+) -> list[tuple[list[str], nn.Module]]:
     """The dense ``Linear``/``Conv2d``/``Embedding`` layers a search may change.
 
     Exact types only (not subclasses, not the model itself); a shared module
@@ -200,9 +201,11 @@ def _metric_name(metric: Metric) -> str:
         return str(metric)
     if callable(metric):
         return str(getattr(metric, "__name__", "metric"))
-    raise ValueError(f"metric must be None, 'layer', 'scaled', 'output', 'hessian' or a callable "
-                     f"model -> float, "
-                     f"got {metric!r}")
+    raise ValueError(
+        f"metric must be None, 'layer', 'scaled', 'output', 'hessian' or a callable "
+        f"model -> float, "
+        f"got {metric!r}"
+    )
 
 
 def _fixed_bits(model: nn.Module, targets: Targets) -> int:
@@ -212,10 +215,19 @@ def _fixed_bits(model: nn.Module, targets: Targets) -> int:
     return sum(counter.subtree(model))
 
 
-def sensitivity(model: nn.Module, data: Any, candidates: Any = None, metric: Metric = None, *,
-                include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
-                num_batches: int | None = None, max_rows: int = 4096,
-                fit_data: Any = None, progress: bool = True) -> Sensitivity:
+def sensitivity(
+    model: nn.Module,
+    data: Any,
+    candidates: Any = None,
+    metric: Metric = None,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    num_batches: int | None = None,
+    max_rows: int = 4096,
+    fit_data: Any = None,
+    progress: bool = True,
+) -> Sensitivity:
     """Size and error of every candidate of every layer, one layer changed at a time.
 
     Parameters
@@ -270,17 +282,27 @@ def sensitivity(model: nn.Module, data: Any, candidates: Any = None, metric: Met
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
         raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
     metric_name = _metric_name(metric)
-    check_inputs(model, data, data_reads=data_passes(metric_name), fit_data=fit_data,
-                 fit_reads=1)
+    check_inputs(model, data, data_reads=data_passes(metric_name), fit_data=fit_data, fit_reads=1)
     targets, options, pattern_rows = _select(model, candidates, include, exclude)
     with evaluating(model, grad=torch.is_grad_enabled()):
         grams: dict[int, Tensor] = {}
         if fit_data is not None:
             linears = [m for _, m in targets if isinstance(m, nn.Linear)]
-            grams = collect_grams(model, linears, fit_data, None, progress, what="search",
-                                  arg="fit_data")
-        sens = _measure(model, data, targets, options, metric, metric_name, num_batches,
-                        max_rows, grams, progress)
+            grams = collect_grams(
+                model, linears, fit_data, None, progress, what="search", arg="fit_data"
+            )
+        sens = _measure(
+            model,
+            data,
+            targets,
+            options,
+            metric,
+            metric_name,
+            num_batches,
+            max_rows,
+            grams,
+            progress,
+        )
     sens.skipped.extend(pattern_rows)
     sens.data_aware = fit_data is not None
     return sens
@@ -296,9 +318,9 @@ class _Rows:
         self.rows.append((name, kind, reason))
 
 
-def _select(model: nn.Module, candidates: Any, include: Iterable[str] | None,
-            exclude: Iterable[str] | None
-            ) -> tuple[Targets, list[list[Choice]], list[tuple[str, str, str]]]:
+def _select(
+    model: nn.Module, candidates: Any, include: Iterable[str] | None, exclude: Iterable[str] | None
+) -> tuple[Targets, list[list[Choice]], list[tuple[str, str, str]]]:
     """The layers to search, their candidates, and a row per candidate pattern unmatched.
 
     A mapping of candidates is one :class:`~tnquant.core.globs.GlobTable`:
@@ -317,15 +339,22 @@ def _select(model: nn.Module, candidates: Any, include: Iterable[str] | None,
     if table is not None:
         table.check(unmatched)
     if not targets:
-        raise ValueError("no layer to search: the model has no dense Linear, Conv2d or "
-                         "Embedding that include/exclude/candidates select")
+        raise ValueError(
+            "no layer to search: the model has no dense Linear, Conv2d or "
+            "Embedding that include/exclude/candidates select"
+        )
     return targets, options, unmatched.rows
 
 
-def _layer_entries(k: int, name: str, module: nn.Module, options: list[Choice],
-                   evaluator: Evaluator, skipped: list[tuple[str, str, str]],
-                   gram: Tensor | None = None
-                   ) -> tuple[list[Choice], list[int], list[float], list[tuple[int, ...]]]:
+def _layer_entries(
+    k: int,
+    name: str,
+    module: nn.Module,
+    options: list[Choice],
+    evaluator: Evaluator,
+    skipped: list[tuple[str, str, str]],
+    gram: Tensor | None = None,
+) -> tuple[list[Choice], list[int], list[float], list[tuple[int, ...]]]:
     """Build, size and measure every candidate of one layer (decompositions cached;
     fitted to the input Gram matrix ``gram`` of a Linear when given)."""
     fit = {} if gram is None else {"gram": gram}
@@ -336,8 +365,7 @@ def _layer_entries(k: int, name: str, module: nn.Module, options: list[Choice],
         spec = choice.factorization
         if spec is not None and spec not in layers:
             try:
-                built = _factorized(module, spec).from_dense(module, spec,
-                                                                           name=name, **fit)
+                built = _factorized(module, spec).from_dense(module, spec, name=name, **fit)
                 layers[spec] = (built, tuple(built.ranks))
             except ValueError as err:
                 layers[spec] = str(err)
@@ -367,26 +395,45 @@ def _layer_entries(k: int, name: str, module: nn.Module, options: list[Choice],
             if spec is not None:
                 base.core_quantizers = None
     if not choices:
-        raise ValueError(f"no candidate could be built for layer {name!r}; the reasons: "
-                         f"{[s for s in skipped if s[0] == name]}")
+        raise ValueError(
+            f"no candidate could be built for layer {name!r}; the reasons: "
+            f"{[s for s in skipped if s[0] == name]}"
+        )
     return choices, sizes, errors, ranks
 
 
-def _measure(model: nn.Module, data: Any, targets: Targets,
-             options: list[list[Choice]], metric: Metric, metric_name: str,
-             num_batches: int | None, max_rows: int, grams: dict[int, Tensor],
-             progress: bool) -> Sensitivity:
+def _measure(
+    model: nn.Module,
+    data: Any,
+    targets: Targets,
+    options: list[list[Choice]],
+    metric: Metric,
+    metric_name: str,
+    num_batches: int | None,
+    max_rows: int,
+    grams: dict[int, Tensor],
+    progress: bool,
+) -> Sensitivity:
     evaluator = Evaluator(model, data, targets, metric, metric_name, num_batches, max_rows)
-    sens = Sensitivity([n[0] for n, _ in targets], [n for n, _ in targets], [], [], [], [],
-                       _fixed_bits(model, targets), model_size_bits(model), metric_name,
-                       reference=evaluator.reference)
+    sens = Sensitivity(
+        [n[0] for n, _ in targets],
+        [n for n, _ in targets],
+        [],
+        [],
+        [],
+        [],
+        _fixed_bits(model, targets),
+        model_size_bits(model),
+        metric_name,
+        reference=evaluator.reference,
+    )
     bar = tqdm(list(enumerate(targets)), desc="sensitivity", disable=not progress)
     for k, (names, module) in bar:
         bar.set_postfix_str(names[0])
         evaluator.start(k)
-        choices, sizes, errors, ranks = _layer_entries(k, names[0], module, options[k],
-                                                       evaluator, sens.skipped,
-                                                       grams.get(id(module)))
+        choices, sizes, errors, ranks = _layer_entries(
+            k, names[0], module, options[k], evaluator, sens.skipped, grams.get(id(module))
+        )
         evaluator.finish(k)
         sens.choices.append(choices)
         sens.sizes.append(sizes)
@@ -397,8 +444,9 @@ def _measure(model: nn.Module, data: Any, targets: Targets,
     return sens
 
 
-def _rescale(k: int, module: nn.Module, choices: list[Choice], errors: list[float],
-             evaluator: Evaluator) -> None:
+def _rescale(
+    k: int, module: nn.Module, choices: list[Choice], errors: list[float], evaluator: Evaluator
+) -> None:
     """Scale a layer's local errors by (output error / local error) of one probe candidate.
 
     The probe is the dense quantized candidate (else any) with the median
@@ -411,8 +459,7 @@ def _rescale(k: int, module: nn.Module, choices: list[Choice], errors: list[floa
     probes.sort(key=lambda c: errors[c])
     c = probes[len(probes) // 2]
     spec = choices[c].factorization
-    base = module if spec is None else _factorized(module, spec).from_dense(
-        module, spec)
+    base = module if spec is None else _factorized(module, spec).from_dense(module, spec)
     out_err = evaluator.error(k, _quantized(base, choices[c]), output=True)
     factor = out_err / errors[c]
     errors[:] = [e * factor for e in errors]

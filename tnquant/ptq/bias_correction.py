@@ -133,14 +133,18 @@ class _ShiftMeter:
     def __init__(self, module: nn.Module) -> None:
         self.weights = [q for q in _weight_quantizers(module) if isinstance(q, Quantizer)]
         acts = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
-        self.acts = [q for k, q in (acts.items() if acts is not None else ())
-                     if k != "input" and isinstance(q, Quantizer)]
+        self.acts = [
+            q
+            for k, q in (acts.items() if acts is not None else ())
+            if k != "input" and isinstance(q, Quantizer)
+        ]
         self.conv = hasattr(module, "out_channels")
         self.total: Tensor | None = None
         self.count = 0
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 output: Any) -> None:
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         with _modes(self.acts, "off"):
             y_quant = module.forward(*args, **kwargs)
             with _modes(self.weights, "off"):
@@ -169,9 +173,16 @@ def _forward_order(model: nn.Module, targets: dict[str, nn.Module], batch: Any) 
     return order
 
 
-def layer_order(model: nn.Module, data: Any, num_batches: int | None,
-                targets: dict[str, nn.Module], report: Report, *, what: str,
-                unreached: str) -> list[str]:
+def layer_order(
+    model: nn.Module,
+    data: Any,
+    num_batches: int | None,
+    targets: dict[str, nn.Module],
+    report: Report,
+    *,
+    what: str,
+    unreached: str,
+) -> list[str]:
     """Names of ``targets`` in forward order on the first batch; the others skipped.
 
     Raises ``ValueError`` (naming ``what``) when ``data`` has no batch; each
@@ -188,8 +199,9 @@ def layer_order(model: nn.Module, data: Any, num_batches: int | None,
     return order
 
 
-def correct_biases(model: nn.Module, data: Any, num_batches: int | None = None, *,
-                   progress: bool = True) -> Report:
+def correct_biases(
+    model: nn.Module, data: Any, num_batches: int | None = None, *, progress: bool = True
+) -> Report:
     """Subtract from each quantized layer's bias the mean output shift of its weights.
 
     See the module docs for exactly what is measured and in which order.
@@ -233,15 +245,21 @@ def correct_biases(model: nn.Module, data: Any, num_batches: int | None = None, 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_model(model, "bias correction", finite=True)
     check_data(data, "bias correction", reiterable=True)
-    report = Report("bias_correction", columns=("name", "kind", "layer", "bias_shift",
-                                                "max_shift"))
+    report = Report("bias_correction", columns=("name", "kind", "layer", "bias_shift", "max_shift"))
     targets, skipped = bias_targets(model)
     for name, kind, reason in skipped:
         report.skip(name, kind, reason)
     if not targets:
         return report
-    order = layer_order(model, data, num_batches, targets, report, what="bias correction",
-                        unreached="not reached by the data: not corrected")
+    order = layer_order(
+        model,
+        data,
+        num_batches,
+        targets,
+        report,
+        what="bias correction",
+        unreached="not reached by the data: not corrected",
+    )
     for name in tqdm(order, desc="bias correction", disable=not progress):
         module = targets[name]
         meter = _ShiftMeter(module)
@@ -256,6 +274,11 @@ def correct_biases(model: nn.Module, data: Any, num_batches: int | None = None, 
         bias = cast(Tensor, module.bias)
         with torch.no_grad():
             bias.sub_(shift.to(device=bias.device, dtype=bias.dtype))
-        report.add(name=name, kind="bias", layer=type(module).__name__,
-                   bias_shift=float(shift.norm()), max_shift=float(shift.abs().max()))
+        report.add(
+            name=name,
+            kind="bias",
+            layer=type(module).__name__,
+            bias_shift=float(shift.norm()),
+            max_shift=float(shift.abs().max()),
+        )
     return report

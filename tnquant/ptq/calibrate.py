@@ -65,8 +65,20 @@ from tnquant.specs import QuantSpec
 
 __all__ = ["calibrate", "QuantizerRole", "find_quantizers", "run_batches", "check_reiterable"]
 
-_COLUMNS = ("name", "kind", "spec", "observer", "bits", "range_min", "range_max",
-            "scale_min", "scale_max", "layer", "bias_shift", "max_shift")
+_COLUMNS = (
+    "name",
+    "kind",
+    "spec",
+    "observer",
+    "bits",
+    "range_min",
+    "range_max",
+    "scale_min",
+    "scale_max",
+    "layer",
+    "bias_shift",
+    "max_shift",
+)
 
 
 @dataclass
@@ -168,8 +180,15 @@ def _freeze_weights(roles: list[QuantizerRole], report: Report) -> None:
         report.add(name=role.name, kind="weight", **_spec_fields(q), **_summary(q, lo, hi))
 
 
-def run_batches(model: nn.Module, data: Any, num_batches: int | None, *, desc: str,
-                progress: bool, what: str = "calibrate") -> int:
+def run_batches(
+    model: nn.Module,
+    data: Any,
+    num_batches: int | None,
+    *,
+    desc: str,
+    progress: bool,
+    what: str = "calibrate",
+) -> int:
     """Run ``data`` through ``model`` (:func:`tnquant.core.capture.run`); count batches.
 
     Eval mode and no grad inside, every module's train/eval flag restored.
@@ -183,12 +202,17 @@ def run_batches(model: nn.Module, data: Any, num_batches: int | None, *, desc: s
     >>> run_batches(torch.nn.Identity(), [torch.ones(1)] * 3, 2, desc="", progress=False)
     2
     """
-    return run(model, iterate_batches(data, num_batches, what=what), desc=desc,
-               progress=progress)
+    return run(model, iterate_batches(data, num_batches, what=what), desc=desc, progress=progress)
 
 
-def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = None, *,
-              bias_correction: bool = False, progress: bool = True) -> Report:
+def calibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    num_batches: int | None = None,
+    *,
+    bias_correction: bool = False,
+    progress: bool = True,
+) -> Report:
     """Calibrate the quantizers of ``model`` on ``data`` (PTQ), in place.
 
     Parameters
@@ -251,8 +275,9 @@ def calibrate(model: nn.Module, data: Iterable[Any], num_batches: int | None = N
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if num_batches is not None and (isinstance(num_batches, bool)
-                                    or not isinstance(num_batches, int) or num_batches < 1):
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
     check_model(model, "calibrate", finite=True)
     report = Report("calibrate", columns=_COLUMNS)
@@ -283,17 +308,25 @@ def _select_activations(roles: list[QuantizerRole], report: Report) -> list[Quan
         if q.mode == "off":
             report.skip(role.name, "activation", "quantizer is off; left off")
         elif q.observer is None:
-            reason = ("no observer: the scale stays computed from each input"
-                      if q.dynamic else "fixed format: nothing to calibrate")
+            reason = (
+                "no observer: the scale stays computed from each input"
+                if q.dynamic
+                else "fixed format: nothing to calibrate"
+            )
             report.skip(role.name, "activation", reason)
         else:
             observed.append(role)
     return observed
 
 
-def _calibrate_activations(model: nn.Module, data: Any, num_batches: int | None,
-                           progress: bool, observed: list[QuantizerRole],
-                           report: Report) -> None:
+def _calibrate_activations(
+    model: nn.Module,
+    data: Any,
+    num_batches: int | None,
+    progress: bool,
+    observed: list[QuantizerRole],
+    report: Report,
+) -> None:
     """Observe ``data`` with the ``observed`` quantizers, then freeze those that saw some."""
     if not observed:
         return
@@ -319,12 +352,17 @@ def _calibrate_activations(model: nn.Module, data: Any, num_batches: int | None,
             report.skip(role.name, "activation", "not reached by the data; left as it was")
             continue
         q.freeze()
-        report.add(name=role.name, kind="activation", **_spec_fields(q),
-                   **_summary(q, obs.min_val, obs.max_val))
+        report.add(
+            name=role.name,
+            kind="activation",
+            **_spec_fields(q),
+            **_summary(q, obs.min_val, obs.max_val),
+        )
 
 
-def _restore(roles: list[QuantizerRole], snapshots: dict[int, tuple[str, dict[str, Tensor]]]
-             ) -> None:
+def _restore(
+    roles: list[QuantizerRole], snapshots: dict[int, tuple[str, dict[str, Tensor]]]
+) -> None:
     """Put observers and modes back as they were before calibrate touched them."""
     for role in roles:
         q = role.quantizer

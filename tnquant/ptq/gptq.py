@@ -110,8 +110,7 @@ def _reason(module: nn.Module) -> str | None:
     """Why ``module`` cannot be rounded by GPTQ (``None``: it can)."""
     if isinstance(module, FactorizedLayer):
         if not isinstance(module, LowRankLinear):
-            return (f"{type(module).__name__}: GPTQ covers dense Linear and LowRankLinear "
-                    f"weights")
+            return f"{type(module).__name__}: GPTQ covers dense Linear and LowRankLinear weights"
         acts = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
         if acts is not None and "inter_0" in acts:
             return "an 'inter_0' activation quantizer: the second core's inputs are quantized"
@@ -174,8 +173,7 @@ def column_qparams(qp: QParams, shape: tuple[int, int]) -> tuple[Tensor, Tensor 
     return scale, zp
 
 
-def _fake(w: Tensor, s: Tensor, zp: Tensor | None, qmin: int, qmax: int, rounding: str
-          ) -> Tensor:
+def _fake(w: Tensor, s: Tensor, zp: Tensor | None, qmin: int, qmax: int, rounding: str) -> Tensor:
     """``(clamp(round(w / s) + zp, qmin, qmax) - zp) * s``: the quantizer's arithmetic."""
     r = round_tensor(w / s, rounding)
     if zp is not None:
@@ -183,9 +181,19 @@ def _fake(w: Tensor, s: Tensor, zp: Tensor | None, qmin: int, qmax: int, roundin
     return r.clamp(qmin, qmax).mul(s)
 
 
-def gptq_weight(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tensor | None,
-                qmin: int, qmax: int, *, rounding: str = "nearest_even", damp: float = 0.01,
-                block: int = 128, act_order: bool = False) -> Tensor:
+def gptq_weight(
+    weight: Tensor,
+    hessian: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    qmin: int,
+    qmax: int,
+    *,
+    rounding: str = "nearest_even",
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = False,
+) -> Tensor:
     """GPTQ-rounded ``weight`` (dequantized values on the quantizer's grid).
 
     Parameters
@@ -223,8 +231,10 @@ def gptq_weight(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tens
     [[0.25, -0.25]]
     """
     if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"need an (out, in) weight and an (in, in) hessian, got "
-                         f"{tuple(weight.shape)} and {tuple(hessian.shape)}")
+        raise ValueError(
+            f"need an (out, in) weight and an (in, in) hessian, got "
+            f"{tuple(weight.shape)} and {tuple(hessian.shape)}"
+        )
     if not damp > 0:
         raise ValueError(f"damp must be > 0, got {damp}")
     if block < 1:
@@ -238,8 +248,11 @@ def gptq_weight(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tens
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     cols = w.shape[1]
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else \
-        torch.arange(cols, device=w.device)
+    perm = (
+        torch.argsort(torch.diagonal(h), descending=True)
+        if act_order
+        else torch.arange(cols, device=w.device)
+    )
     w, h, s = w[:, perm], h[perm][:, perm], s[:, perm]
     zp = None if zp is None else zp[:, perm]
     h += damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=dtype, device=h.device)
@@ -253,8 +266,9 @@ def gptq_weight(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tens
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i]
-            qc = _fake(col, s[:, i1 + i], None if zp is None else zp[:, i1 + i], qmin, qmax,
-                       rounding)
+            qc = _fake(
+                col, s[:, i1 + i], None if zp is None else zp[:, i1 + i], qmin, qmax, rounding
+            )
             q[:, i1 + i] = qc
             e = (col - qc) / u1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
@@ -265,8 +279,14 @@ def gptq_weight(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tens
     # the float32 cast of (q - zp) * s computed in float64 can differ from the
     # quantizer's float32 arithmetic by an ulp: recompute it in the weight's dtype
     wd = weight.dtype
-    return _fake(out.to(wd), scale.to(wd), None if zero_point is None else zero_point.to(wd),
-                 qmin, qmax, rounding)
+    return _fake(
+        out.to(wd),
+        scale.to(wd),
+        None if zero_point is None else zero_point.to(wd),
+        qmin,
+        qmax,
+        rounding,
+    )
 
 
 def _output_error(w: Tensor, q: Tensor, h: Tensor) -> float:
@@ -277,8 +297,9 @@ def _output_error(w: Tensor, q: Tensor, h: Tensor) -> float:
     return float(torch.einsum("oi,ij,oj->", d, h, d)) / max(den, 1e-300)
 
 
-def _round_weight(weight: Tensor, quantizer: Quantizer, hessian: Tensor, damp: float,
-                  block: int, act_order: bool) -> dict[str, float]:
+def _round_weight(
+    weight: Tensor, quantizer: Quantizer, hessian: Tensor, damp: float, block: int, act_order: bool
+) -> dict[str, float]:
     """GPTQ-round one 2-D ``weight`` in place; its RTN and GPTQ relative output errors."""
     spec = cast(QuantSpec, quantizer.spec)
     qp = quantizer.qparams()
@@ -286,16 +307,36 @@ def _round_weight(weight: Tensor, quantizer: Quantizer, hessian: Tensor, damp: f
     with torch.no_grad():
         h = hessian.to(device=weight.device, dtype=torch.float64)
         rtn = quantizer(weight)
-        new = gptq_weight(weight, h, scale, zp, qp.qmin, qp.qmax, rounding=spec.rounding,
-                          damp=damp, block=block, act_order=act_order)
-        errors = {"rtn_error": _output_error(weight, rtn, h),
-                  "error": _output_error(weight, new, h)}
+        new = gptq_weight(
+            weight,
+            h,
+            scale,
+            zp,
+            qp.qmin,
+            qp.qmax,
+            rounding=spec.rounding,
+            damp=damp,
+            block=block,
+            act_order=act_order,
+        )
+        errors = {
+            "rtn_error": _output_error(weight, rtn, h),
+            "error": _output_error(weight, new, h),
+        }
         weight.copy_(new)
     return errors
 
 
-def gptq(model: nn.Module, data: Any, num_batches: int | None = None, *, damp: float = 0.01,
-         block: int = 128, act_order: bool = True, progress: bool = True) -> Report:
+def gptq(
+    model: nn.Module,
+    data: Any,
+    num_batches: int | None = None,
+    *,
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = True,
+    progress: bool = True,
+) -> Report:
     """Re-round the weights of the calibrated quantized Linear layers of ``model`` by GPTQ.
 
     See the module docs for exactly what is computed. Call it after
@@ -341,19 +382,28 @@ def gptq(model: nn.Module, data: Any, num_batches: int | None = None, *, damp: f
         report.skip(name, kind, reason)
     if not targets:
         return report
-    order = layer_order(model, data, num_batches, targets, report, what="GPTQ",
-                        unreached="not reached by the data")
+    order = layer_order(
+        model, data, num_batches, targets, report, what="GPTQ", unreached="not reached by the data"
+    )
     for name in tqdm(order, desc="GPTQ", disable=not progress):
         module = targets[name]
-        gram = capture_grams(model, {name: module},
-                             iterate_batches(data, num_batches, what="GPTQ"), desc=name)[name]
+        gram = capture_grams(
+            model, {name: module}, iterate_batches(data, num_batches, what="GPTQ"), desc=name
+        )[name]
         if gram.h is not None:
             _round_layer(name, module, gram, report, damp, block, act_order)
     return report
 
 
-def _round_layer(name: str, module: nn.Module, gram: Gram, report: Report, damp: float,
-                 block: int, act_order: bool) -> None:
+def _round_layer(
+    name: str,
+    module: nn.Module,
+    gram: Gram,
+    report: Report,
+    damp: float,
+    block: int,
+    act_order: bool,
+) -> None:
     """GPTQ-round one target layer on its input Gram matrix; one report row per weight."""
     h = cast(Tensor, gram.h)
     if isinstance(module, LowRankLinear):
@@ -361,15 +411,34 @@ def _round_layer(name: str, module: nn.Module, gram: Gram, report: Report, damp:
         u, v = module.cores
         qu, qv = (cast(Quantizer, q) for q in cast(nn.ModuleList, module.core_quantizers))
         h_x = h.to(v.device)
-        report.add(name=f"{name}.cores.1", kind="gptq", layer="LowRankLinear",
-                   rows=gram.rows, **_round_weight(v, qv, h_x, damp, block, act_order))
+        report.add(
+            name=f"{name}.cores.1",
+            kind="gptq",
+            layer="LowRankLinear",
+            rows=gram.rows,
+            **_round_weight(v, qv, h_x, damp, block, act_order),
+        )
         with torch.no_grad():
             vq = qv(v).to(torch.float64)
-        report.add(name=f"{name}.cores.0", kind="gptq", layer="LowRankLinear",
-                   rows=gram.rows, **_round_weight(u, qu, vq @ h_x @ vq.T, damp, block,
-                                                   act_order))
+        report.add(
+            name=f"{name}.cores.0",
+            kind="gptq",
+            layer="LowRankLinear",
+            rows=gram.rows,
+            **_round_weight(u, qu, vq @ h_x @ vq.T, damp, block, act_order),
+        )
     else:
-        report.add(name=name, kind="gptq", layer=type(module).__name__, rows=gram.rows,
-                   **_round_weight(cast(Tensor, module.weight),
-                                   cast(Quantizer, module.weight_quantizer),
-                                   h, damp, block, act_order))
+        report.add(
+            name=name,
+            kind="gptq",
+            layer=type(module).__name__,
+            rows=gram.rows,
+            **_round_weight(
+                cast(Tensor, module.weight),
+                cast(Quantizer, module.weight_quantizer),
+                h,
+                damp,
+                block,
+                act_order,
+            ),
+        )

@@ -142,8 +142,9 @@ class HadamardRotation(nn.Module):
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, 2, (self.features,), generator=g).to(torch.float32) * 2 - 1
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
-                              **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         signs = self._signs(int(self.seed))
         self.signs = signs.to(device=self.signs.device, dtype=self.signs.dtype)
@@ -183,8 +184,9 @@ class RotatedLinear(nn.Module):
         super().__init__()
         n_in = getattr(layer, "in_features", None)
         if rotation.features != n_in:
-            raise ValueError(f"rotation of {rotation.features} features for a layer of "
-                             f"{n_in} inputs")
+            raise ValueError(
+                f"rotation of {rotation.features} features for a layer of {n_in} inputs"
+            )
         self.rotation = rotation
         self.layer = layer
 
@@ -203,12 +205,16 @@ class RotatedLinear(nn.Module):
         if reason is not None:
             raise TypeError(f"cannot rotate a {type(module).__name__}: {reason}")
         rotation = HadamardRotation(cast(int, module.in_features), block, seed)
-        weight = cast(Tensor, module.cores[1] if isinstance(module, LowRankLinear)
-                      else module.weight)
+        weight = cast(
+            Tensor, module.cores[1] if isinstance(module, LowRankLinear) else module.weight
+        )
         rotation.to(device=weight.device)
         with torch.no_grad():
-            rotated = rotation(weight.to(torch.float64)) if weight.dtype != torch.float64 \
+            rotated = (
+                rotation(weight.to(torch.float64))
+                if weight.dtype != torch.float64
                 else rotation(weight)
+            )
             weight.copy_(rotated.to(weight.dtype))
         if isinstance(module, LowRankLinear):
             module.clear_cache()
@@ -221,8 +227,10 @@ class RotatedLinear(nn.Module):
 def _reason(module: nn.Module) -> str | None:
     """Why ``module`` cannot be rotated, or None."""
     if isinstance(module, LowRankLinear):
-        if module._modules.get("core_quantizers") is not None or module._modules.get(
-                "act_quantizers") is not None:
+        if (
+            module._modules.get("core_quantizers") is not None
+            or module._modules.get("act_quantizers") is not None
+        ):
             return "it is quantized already: rotate before quantize"
         return None
     if hasattr(module, "weight_quantizer"):
@@ -230,15 +238,22 @@ def _reason(module: nn.Module) -> str | None:
     if type(module) is not nn.Linear:
         if isinstance(module, nn.Linear):
             # e.g. nn.MultiheadAttention's out_proj, whose owner reads .weight directly
-            return f"a subclass of nn.Linear ({type(module).__name__}) may be used without its " \
-                   f"forward"
+            return (
+                f"a subclass of nn.Linear ({type(module).__name__}) may be used without its forward"
+            )
         return "not an nn.Linear or a float LowRankLinear"
     return None
 
 
-def rotate(model: nn.Module, include: Iterable[str] | None = None,
-           exclude: Iterable[str] | None = None, *, block: int = BLOCK, seed: int = 0,
-           progress: bool = True) -> Report:
+def rotate(
+    model: nn.Module,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    *,
+    block: int = BLOCK,
+    seed: int = 0,
+    progress: bool = True,
+) -> Report:
     """Replace the matched float Linear layers by :class:`RotatedLinear`, in place.
 
     The model computes the same function afterwards (to float rounding).
@@ -292,8 +307,14 @@ def rotate(model: nn.Module, include: Iterable[str] | None = None,
     for k, (name, module) in enumerate(tqdm(targets, desc="rotate", disable=not progress)):
         rotated = RotatedLinear.from_linear(module, block, seed + k)
         replace_module(model, name, rotated)
-        report.add(name=name, kind="rotate", layer=type(module).__name__,
-                   features=rotated.in_features, block=rotated.rotation.block, seed=seed + k)
+        report.add(
+            name=name,
+            kind="rotate",
+            layer=type(module).__name__,
+            features=rotated.in_features,
+            block=rotated.rotation.block,
+            seed=seed + k,
+        )
     return report
 
 

@@ -48,9 +48,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "checkpoint_path", "save_checkpoint", "load_checkpoint", "read_checkpoint",
-           "latest_checkpoint", "checkpoints", "prune_checkpoints", "remove_stale_temporaries",
-           "rng_state", "set_rng_state"]
+__all__ = [
+    "FORMAT",
+    "checkpoint_path",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
+    "latest_checkpoint",
+    "checkpoints",
+    "prune_checkpoints",
+    "remove_stale_temporaries",
+    "rng_state",
+    "set_rng_state",
+]
 
 #: Version tag of the checkpoint layout.
 FORMAT = "tnquant.finetune/1"
@@ -71,8 +81,7 @@ def checkpoint_path(directory: str | os.PathLike[str], step: int) -> Path:
     return Path(directory) / f"step_{step:08d}.pt"
 
 
-def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike[str],
-                    step: int) -> Path:
+def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike[str], step: int) -> Path:
     """Write ``state`` atomically to :func:`checkpoint_path`; return the path.
 
     Examples
@@ -112,8 +121,11 @@ def checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir()
-             if (m := _NAME.match(p.name)) and p.is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.iterdir()
+        if (m := _NAME.match(p.name)) and p.is_file()
+    ]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -130,12 +142,14 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     return found[0] if found else None
 
 
-def _read(path: Path, map_location: Any,
-          validate: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+def _read(
+    path: Path, map_location: Any, validate: Callable[[dict[str, Any]], None] | None
+) -> dict[str, Any]:
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"not a finetune checkpoint (it holds a {type(state).__name__}, "
-                         "expected a dict)")
+        raise ValueError(
+            f"not a finetune checkpoint (it holds a {type(state).__name__}, expected a dict)"
+        )
     if validate is not None:
         validate(state)
     return state
@@ -145,9 +159,11 @@ def _why(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".split(" This is an internal miniz error")[0]
 
 
-def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu",
-                    validate: Callable[[dict[str, Any]], None] | None = None,
-                    ) -> tuple[dict[str, Any], Path]:
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    map_location: Any = "cpu",
+    validate: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], Path]:
     """Load a checkpoint file, or the newest readable one of a directory; ``(state, path)``.
 
     ``validate(state)`` (optional) raises on a state that is not usable.
@@ -179,24 +195,31 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu",
                 return _read(candidate, map_location, validate), candidate
             except Exception as e:  # any unreadable file: fall back to the previous one
                 tried.append(f"{candidate.name} ({_why(e)})")
-                warnings.warn(f"resume_from: skipping checkpoint {candidate}, which cannot be "
-                              f"read: {_why(e)}; trying the previous one", stacklevel=2)
-        raise ValueError(f"resume_from: no readable checkpoint in directory {p}; tried, newest "
-                         f"first: {'; '.join(tried)}")
+                warnings.warn(
+                    f"resume_from: skipping checkpoint {candidate}, which cannot be "
+                    f"read: {_why(e)}; trying the previous one",
+                    stacklevel=2,
+                )
+        raise ValueError(
+            f"resume_from: no readable checkpoint in directory {p}; tried, newest "
+            f"first: {'; '.join(tried)}"
+        )
     if not p.exists():
-        raise FileNotFoundError(f"resume_from: expected a checkpoint file or directory, "
-                                f"{p} does not exist")
+        raise FileNotFoundError(
+            f"resume_from: expected a checkpoint file or directory, {p} does not exist"
+        )
     if not p.is_file():
-        raise ValueError(f"resume_from: expected a checkpoint file or directory, {p} is "
-                         "neither (not a regular file)")
+        raise ValueError(
+            f"resume_from: expected a checkpoint file or directory, {p} is "
+            "neither (not a regular file)"
+        )
     try:
         return _read(p, map_location, validate), p
     except Exception as e:
         raise ValueError(f"resume_from: cannot read checkpoint {p}: {_why(e)}") from e
 
 
-def load_checkpoint(path: str | os.PathLike[str],
-                    map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint file, or the latest readable one of a directory.
 
     See :func:`read_checkpoint` for what happens to unreadable files.
@@ -246,8 +269,9 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stale = sorted(p for p in directory.iterdir()
-                   if _TMP.match(p.name) and p.is_file() and not p.is_symlink())
+    stale = sorted(
+        p for p in directory.iterdir() if _TMP.match(p.name) and p.is_file() and not p.is_symlink()
+    )
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -269,9 +293,13 @@ def rng_state() -> dict[str, Any]:
     cuda: list[torch.Tensor] = []
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = torch.cuda.get_rng_state_all()
-    return {"cpu": torch.get_rng_state(), "cuda": cuda, "python": list(random.getstate()[1]),
-            "python_version": random.getstate()[0],
-            "python_gauss": random.getstate()[2]}
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": cuda,
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -286,5 +314,4 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     if "python" in state:
-        random.setstate((state["python_version"], tuple(state["python"]),
-                         state["python_gauss"]))
+        random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))

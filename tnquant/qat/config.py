@@ -35,8 +35,15 @@ from tnquant.qat.params import TRAIN_CHOICES
 __all__ = ["FinetuneConfig", "merge_config"]
 
 
-def _number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = True,
-            integer: bool = False, allow_none: bool = False) -> None:
+def _number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float = 0.0,
+    strict: bool = True,
+    integer: bool = False,
+    allow_none: bool = False,
+) -> None:
     if value is None and allow_none:
         return
     kinds: tuple[type, ...] = (int,) if integer else (int, float)
@@ -229,35 +236,40 @@ class FinetuneConfig:
             _number(name, getattr(self, name), integer=True, allow_none=True)
         self._check_choices()
         if self.eval_fn is not None and not callable(self.eval_fn):
-            raise TypeError(f"eval_fn must be a callable (model) -> dict, got "
-                            f"{type(self.eval_fn).__name__}")
+            raise TypeError(
+                f"eval_fn must be a callable (model) -> dict, got {type(self.eval_fn).__name__}"
+            )
         if self.eval_every is not None and self.eval_fn is None:
             raise ValueError("eval_every is set but eval_fn is None; pass eval_fn=")
         self._check_run()
         if self.checkpoint_every is not None and self.checkpoint_dir is None:
-            raise ValueError("checkpoint_every is set but checkpoint_dir is None; pass "
-                             "checkpoint_dir=")
+            raise ValueError(
+                "checkpoint_every is set but checkpoint_dir is None; pass checkpoint_dir="
+            )
         if not (isinstance(self.ddp, bool) or _choice(self.ddp, ("auto",))):
             raise ValueError(f"ddp must be True, False or 'auto', got {self.ddp!r}")
         if self.ddp_kwargs is not None and not isinstance(self.ddp_kwargs, dict):
-            raise TypeError(f"ddp_kwargs must be a dict or None, got "
-                            f"{type(self.ddp_kwargs).__name__}")
+            raise TypeError(
+                f"ddp_kwargs must be a dict or None, got {type(self.ddp_kwargs).__name__}"
+            )
         if not (isinstance(self.fused, bool) or _choice(self.fused, ("auto",))):
             raise ValueError(f"fused must be True, False or 'auto', got {self.fused!r}")
         if not isinstance(self.progress, bool):
             raise TypeError(f"progress must be a bool, got {type(self.progress).__name__}")
-        check_objective(self.loss, self.temperature, self.outputs, self.hidden, self.task_loss,
-                        self.alpha)
+        check_objective(
+            self.loss, self.temperature, self.outputs, self.hidden, self.task_loss, self.alpha
+        )
         if self.dropout is not None and not isinstance(self.dropout, bool):
             raise TypeError(f"dropout must be True, False or None, got {self.dropout!r}")
 
     def _check_choices(self) -> None:
         if not callable(self.optimizer) and not _choice(self.optimizer, OPTIMIZERS):
-            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable "
-                             f"(param_groups) -> Optimizer, got {self.optimizer!r}")
+            raise ValueError(
+                f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable "
+                f"(param_groups) -> Optimizer, got {self.optimizer!r}"
+            )
         if not _choice(self.schedule, SCHEDULES):
-            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got "
-                             f"{self.schedule!r}")
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         warmup_steps(self.warmup, 1)
         if not _choice(self.train, TRAIN_CHOICES):
             raise ValueError(f"train must be one of {list(TRAIN_CHOICES)}, got {self.train!r}")
@@ -270,8 +282,10 @@ class FinetuneConfig:
         for name in ("checkpoint_dir", "resume_from"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
-                raise TypeError(f"{name} must be a path (str or os.PathLike) or None, got "
-                                f"{type(value).__name__}")
+                raise TypeError(
+                    f"{name} must be a path (str or os.PathLike) or None, got "
+                    f"{type(value).__name__}"
+                )
             if value is not None and os.fspath(value) == "":
                 raise ValueError(f"{name} must name a directory or file, got an empty path")
 
@@ -284,8 +298,13 @@ class FinetuneConfig:
 
     def record(self, steps_per_epoch: int, world: int) -> dict[str, Any]:
         """What a checkpoint stores to check that a resumed run continues the same one."""
-        return {"steps_per_epoch": steps_per_epoch, "world": world, "seed": self.seed,
-                "shuffle": self.shuffle, "total_steps": self.total_steps(steps_per_epoch)}
+        return {
+            "steps_per_epoch": steps_per_epoch,
+            "world": world,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "total_steps": self.total_steps(steps_per_epoch),
+        }
 
 
 def merge_config(config: FinetuneConfig | None, options: dict[str, Any]) -> FinetuneConfig:
@@ -310,8 +329,10 @@ def merge_config(config: FinetuneConfig | None, options: dict[str, Any]) -> Fine
     names = [f.name for f in fields(FinetuneConfig)]
     for key in options:
         if key not in names:
-            raise TypeError(f"finetune got an unexpected keyword argument {key!r}; its options "
-                            f"are the fields of FinetuneConfig: {', '.join(names)}")
+            raise TypeError(
+                f"finetune got an unexpected keyword argument {key!r}; its options "
+                f"are the fields of FinetuneConfig: {', '.join(names)}"
+            )
     if config is None:
         return FinetuneConfig(**options)
     return replace(config, **options) if options else config

@@ -60,21 +60,27 @@ class EpochPlan:
     True
     """
 
-    def __init__(self, data: Any, world: int = 1, rank: int = 0, shuffle: bool = False,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, data: Any, world: int = 1, rank: int = 0, shuffle: bool = False, seed: int = 0
+    ) -> None:
         if isinstance(data, (torch.Tensor, Mapping)):
             data = [data]
-        if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__") \
-                or not hasattr(data, "__len__"):
+        if (
+            isinstance(data, (str, bytes))
+            or not hasattr(data, "__iter__")
+            or not hasattr(data, "__len__")
+        ):
             raise TypeError(
                 "data must be a list/tuple of batches, a DataLoader (an object with __len__ "
                 f"and __iter__ that can be iterated once per epoch), or one tensor, got "
-                f"{type(data).__name__}; wrap an iterator with list(...)")
+                f"{type(data).__name__}; wrap an iterator with list(...)"
+            )
         if isinstance(data, Iterator):  # no iter(data): a DataLoader would draw its seed
             raise TypeError(
                 "data must be re-iterable: finetune reads it once per epoch (and once more "
                 "to initialise learnable quantizers); pass a list of batches or a DataLoader, "
-                f"got a one-shot {type(data).__name__} (an iterator)")
+                f"got a one-shot {type(data).__name__} (an iterator)"
+            )
         if not isinstance(shuffle, bool):
             raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -86,8 +92,10 @@ class EpochPlan:
         self.is_sequence = isinstance(data, Sequence)
         self.shuffle = shuffle
         if shuffle and not self.is_sequence:
-            raise ValueError("shuffle=True shuffles a list of batches; a DataLoader shuffles "
-                             "with its own sampler (DataLoader(..., shuffle=True, generator=g))")
+            raise ValueError(
+                "shuffle=True shuffles a list of batches; a DataLoader shuffles "
+                "with its own sampler (DataLoader(..., shuffle=True, generator=g))"
+            )
         sampler = getattr(data, "sampler", None)
         self.presharded = isinstance(sampler, DistributedSampler)
         n = len(data)
@@ -96,8 +104,10 @@ class EpochPlan:
         self.num_batches = n
         self.steps_per_epoch = n if self.presharded else n // world
         if self.steps_per_epoch == 0:
-            raise ValueError(f"data holds {n} batches, fewer than the {world} processes; each "
-                             "process needs at least one batch per epoch")
+            raise ValueError(
+                f"data holds {n} batches, fewer than the {world} processes; each "
+                "process needs at least one batch per epoch"
+            )
 
     @property
     def generator(self) -> torch.Generator | None:
@@ -123,8 +133,9 @@ class EpochPlan:
         gen = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(n, generator=gen).tolist()
 
-    def batches(self, epoch: int, skip: int = 0,
-                positioned: Callable[[], None] | None = None) -> Iterator[Any]:
+    def batches(
+        self, epoch: int, skip: int = 0, positioned: Callable[[], None] | None = None
+    ) -> Iterator[Any]:
         """This rank's batches of epoch ``epoch``, after its first ``skip`` ones.
 
         A ``DataLoader`` is iterated from its start: the iterator is created
@@ -141,7 +152,7 @@ class EpochPlan:
         """
         steps = self.steps_per_epoch
         if self.is_sequence:
-            idx = self.order(epoch)[self.rank::self.world][:steps]
+            idx = self.order(epoch)[self.rank :: self.world][:steps]
             if skip and positioned is not None:
                 positioned()
             return (self.data[i] for i in idx[skip:])

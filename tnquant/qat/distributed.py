@@ -99,11 +99,13 @@ class DistContext:
             raise ValueError(
                 "ddp=True needs torch.distributed: initialise a process group with more than "
                 "one process, or launch with torchrun (RANK, WORLD_SIZE > 1, MASTER_ADDR and "
-                "MASTER_PORT in the environment)")
+                "MASTER_PORT in the environment)"
+            )
         return cls()
 
-    def wrap(self, model: nn.Module, device: torch.device,
-             ddp_kwargs: dict[str, Any] | None) -> nn.Module:
+    def wrap(
+        self, model: nn.Module, device: torch.device, ddp_kwargs: dict[str, Any] | None
+    ) -> nn.Module:
         """``DistributedDataParallel(model)`` when enabled, else ``model``."""
         if not self.enabled:
             return model
@@ -111,8 +113,10 @@ class DistContext:
 
         kwargs = dict(ddp_kwargs or {})
         if device.type == "cuda":
-            kwargs.setdefault("device_ids", [device.index if device.index is not None
-                                             else torch.cuda.current_device()])
+            kwargs.setdefault(
+                "device_ids",
+                [device.index if device.index is not None else torch.cuda.current_device()],
+            )
         return DistributedDataParallel(model, **kwargs)
 
     def gather(self, obj: Any) -> list[Any]:

@@ -77,8 +77,7 @@ def use_fused(model: nn.Module, fused: bool | str) -> bool:
     (False, False)
     """
     if fused == "auto":
-        return (quantized_weights(model) >= FUSED_AUTO_MIN
-                and _fused.available(model_device(model)))
+        return quantized_weights(model) >= FUSED_AUTO_MIN and _fused.available(model_device(model))
     return bool(fused)
 
 
@@ -107,18 +106,28 @@ def _check_models(model: Any, teacher: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise TypeError("pass the unwrapped model: finetune wraps it in "
-                        "DistributedDataParallel itself")
+        raise TypeError(
+            "pass the unwrapped model: finetune wraps it in DistributedDataParallel itself"
+        )
     if any(isinstance(m, FrozenTensor) for m in model.modules()):
-        raise ValueError("model holds converted (integer, frozen) tensors: fine-tune before "
-                         "tnquant.convert, which ends training")
+        raise ValueError(
+            "model holds converted (integer, frozen) tensors: fine-tune before "
+            "tnquant.convert, which ends training"
+        )
     if teacher is model:
-        raise ValueError("teacher must be a separate model (e.g. the original dense one), "
-                         "got the student itself")
+        raise ValueError(
+            "teacher must be a separate model (e.g. the original dense one), got the student itself"
+        )
 
 
-def finetune(model: nn.Module, data: Any, teacher: nn.Module | None = None, *,
-             config: FinetuneConfig | None = None, **options: Any) -> FinetuneReport:
+def finetune(
+    model: nn.Module,
+    data: Any,
+    teacher: nn.Module | None = None,
+    *,
+    config: FinetuneConfig | None = None,
+    **options: Any,
+) -> FinetuneReport:
     """Fine-tune ``model`` in place: cores and quantizer scales through the STEs.
 
     Parameters
@@ -175,11 +184,13 @@ def finetune(model: nn.Module, data: Any, teacher: nn.Module | None = None, *,
     _check_models(model, teacher)
     cfg = merge_config(config, options)
     dropout = teacher is None if cfg.dropout is None else cfg.dropout
-    objective = Objective(teacher, cfg.loss, cfg.temperature, cfg.outputs, cfg.hidden,
-                          cfg.task_loss, cfg.alpha)
+    objective = Objective(
+        teacher, cfg.loss, cfg.temperature, cfg.outputs, cfg.hidden, cfg.task_loss, cfg.alpha
+    )
     if objective.hidden:  # the layers after the hooked ones get no gradient
-        cfg = merge_config(cfg, {"ddp_kwargs": {"find_unused_parameters": True,
-                                                **(cfg.ddp_kwargs or {})}})
+        cfg = merge_config(
+            cfg, {"ddp_kwargs": {"find_unused_parameters": True, **(cfg.ddp_kwargs or {})}}
+        )
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     teacher_training = teacher.training if teacher is not None else False

@@ -54,8 +54,15 @@ class History:
     time_s: float = 0.0
     resumed_from: int | None = None
 
-    def log_step(self, step: int, epoch: int, loss: float, lr: float,
-                 distill: float | None = None, task: float | None = None) -> None:
+    def log_step(
+        self,
+        step: int,
+        epoch: int,
+        loss: float,
+        lr: float,
+        distill: float | None = None,
+        task: float | None = None,
+    ) -> None:
         """Append one step."""
         self.step.append(step)
         self.epoch.append(epoch)
@@ -77,8 +84,7 @@ class History:
         [{'step': 3, 'acc': 0.5, 'v': [1.0, 1.0]}]
         """
         if not isinstance(metrics, dict):
-            raise TypeError(f"eval_fn must return a dict of metrics, got "
-                            f"{type(metrics).__name__}")
+            raise TypeError(f"eval_fn must return a dict of metrics, got {type(metrics).__name__}")
         row: dict[str, Any] = {"step": step}
         for key, value in metrics.items():
             row[str(key)] = _plain(value)
@@ -104,15 +110,16 @@ class History:
             value = known.get(key, [])
             if not isinstance(value, list) or not all(_number(v) for v in value):
                 shown = value[:4] if isinstance(value, list) else type(value).__name__
-                raise ValueError(f"history entry {key!r} must be a list of numbers, got "
-                                 f"{shown!r}")
+                raise ValueError(f"history entry {key!r} must be a list of numbers, got {shown!r}")
         evals = known.get("evals", [])
         if not isinstance(evals, list) or not all(isinstance(e, dict) for e in evals):
-            raise ValueError(f"history entry 'evals' must be a list of dicts, got "
-                             f"{type(evals).__name__}")
+            raise ValueError(
+                f"history entry 'evals' must be a list of dicts, got {type(evals).__name__}"
+            )
         if not _number(known.get("time_s", 0.0)):
-            raise ValueError(f"history entry 'time_s' must be a number, got "
-                             f"{type(known['time_s']).__name__}")
+            raise ValueError(
+                f"history entry 'time_s' must be a number, got {type(known['time_s']).__name__}"
+            )
         return cls(**known)
 
 
@@ -142,8 +149,9 @@ class FinetuneReport(Report):
     """
 
     def __init__(self, history: History, rows: list[dict[str, Any]] | None = None) -> None:
-        super().__init__("finetune", columns=("name", "kind", "cores", "scales", "other"),
-                         rows=rows or ())
+        super().__init__(
+            "finetune", columns=("name", "kind", "cores", "scales", "other"), rows=rows or ()
+        )
         self.history = history
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +163,8 @@ class FinetuneReport(Report):
         text = super().table()
         h = self.history
         if h.loss:
-            text += (f"\n{len(h.loss)} steps in {h.time_s:.1f} s, loss {h.loss[0]:.4g} -> "
-                     f"{h.loss[-1]:.4g}")
+            text += (
+                f"\n{len(h.loss)} steps in {h.time_s:.1f} s, loss {h.loss[0]:.4g} -> "
+                f"{h.loss[-1]:.4g}"
+            )
         return text

@@ -62,11 +62,14 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def _pair(student: Tensor, teacher: Tensor, what: str) -> tuple[Tensor, Tensor]:
     """Check shapes and bring both tensors to a common dtype of at least float32."""
     if not isinstance(student, Tensor) or not isinstance(teacher, Tensor):
-        raise TypeError(f"{what} compares tensors, got {type(student).__name__} and "
-                        f"{type(teacher).__name__}")
+        raise TypeError(
+            f"{what} compares tensors, got {type(student).__name__} and {type(teacher).__name__}"
+        )
     if student.shape != teacher.shape:
-        raise ValueError(f"{what}: the student's output has shape {tuple(student.shape)}, the "
-                         f"teacher's {tuple(teacher.shape)}; they must be equal")
+        raise ValueError(
+            f"{what}: the student's output has shape {tuple(student.shape)}, the "
+            f"teacher's {tuple(teacher.shape)}; they must be equal"
+        )
     dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
     return student.to(dtype), teacher.detach().to(dtype)
 
@@ -110,23 +113,23 @@ def kl_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tenso
     >>> round(kl_loss(s, t).item(), 6) == round(0.25 * math.log(0.5) + 0.75 * math.log(1.5), 6)
     True
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not temperature > 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not temperature > 0
+    ):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     s, t = _pair(student, teacher, "kl loss")
     s = s.reshape(-1, s.shape[-1]) / temperature
     t = t.reshape(-1, t.shape[-1]) / temperature
-    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean",
-                  log_target=True)
+    kl = F.kl_div(
+        F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean", log_target=True
+    )
     return kl * temperature**2
 
 
 #: The named distillation losses ``finetune(loss=...)`` accepts.
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "mse": mse_loss,
-    "cosine": cosine_loss,
-    "kl": kl_loss,
-}
+LOSSES: dict[str, Callable[..., Tensor]] = {"mse": mse_loss, "cosine": cosine_loss, "kl": kl_loss}
 
 
 def resolve_loss(loss: str | LossFn, temperature: float = 1.0) -> LossFn:
@@ -143,8 +146,10 @@ def resolve_loss(loss: str | LossFn, temperature: float = 1.0) -> LossFn:
     if callable(loss):
         return loss
     if not isinstance(loss, str) or loss not in LOSSES:
-        raise ValueError(f"loss must be one of {sorted(LOSSES)} or a callable "
-                         f"(student, teacher) -> scalar, got {loss!r}")
+        raise ValueError(
+            f"loss must be one of {sorted(LOSSES)} or a callable "
+            f"(student, teacher) -> scalar, got {loss!r}"
+        )
     if loss == "kl":
         kl_loss(torch.zeros(1, 1), torch.zeros(1, 1), temperature)  # validates temperature
 
@@ -159,8 +164,9 @@ def resolve_loss(loss: str | LossFn, temperature: float = 1.0) -> LossFn:
 TASK_LOSSES: dict[str, Callable[..., Tensor]] = {"cross_entropy": F.cross_entropy}
 
 
-def resolve_task_loss(task_loss: str | Callable[[Any, Any], Tensor] | None
-                      ) -> Callable[[Any, Any], Tensor] | None:
+def resolve_task_loss(
+    task_loss: str | Callable[[Any, Any], Tensor] | None,
+) -> Callable[[Any, Any], Tensor] | None:
     """The task loss for a name in :data:`TASK_LOSSES`, a callable (as is) or ``None``.
 
     Examples
@@ -172,8 +178,10 @@ def resolve_task_loss(task_loss: str | Callable[[Any, Any], Tensor] | None
     if task_loss is None or callable(task_loss):
         return task_loss
     if not isinstance(task_loss, str) or task_loss not in TASK_LOSSES:
-        raise TypeError(f"task_loss must be one of {sorted(TASK_LOSSES)} or a callable "
-                        f"(output, target) -> loss, got {task_loss!r}")
+        raise TypeError(
+            f"task_loss must be one of {sorted(TASK_LOSSES)} or a callable "
+            f"(output, target) -> loss, got {task_loss!r}"
+        )
     return TASK_LOSSES[task_loss]
 
 
@@ -235,8 +243,10 @@ class HiddenCollector:
         missing = [n for n in self.names if n not in modules]
         if missing:
             sample = [n for n in modules if n][:8]
-            raise ValueError(f"hidden names must be submodules of the model, got {missing} "
-                             f"which are not (some names it has: {sample})")
+            raise ValueError(
+                f"hidden names must be submodules of the model, got {missing} "
+                f"which are not (some names it has: {sample})"
+            )
         self._modules = [modules[n] for n in self.names]
         self._handles: list[Any] = []
         self.outputs: dict[str, Tensor] = {}
@@ -248,8 +258,10 @@ class HiddenCollector:
         return hook
 
     def __enter__(self) -> HiddenCollector:
-        self._handles = [m.register_forward_hook(self._hook(n))
-                         for n, m in zip(self.names, self._modules, strict=True)]
+        self._handles = [
+            m.register_forward_hook(self._hook(n))
+            for n, m in zip(self.names, self._modules, strict=True)
+        ]
         return self
 
     def __exit__(self, *exc: Any) -> None:

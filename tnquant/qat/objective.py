@@ -63,12 +63,14 @@ def model_loss(out: Any) -> Tensor:
             "without a teacher and a task_loss, finetune minimises the loss the model returns "
             "(a scalar tensor, or an output with .loss / ['loss'], e.g. a Hugging Face model "
             f"given labels); got an output of type {type(out).__name__}. Pass teacher= to "
-            "distil, or task_loss=(output, target) -> loss with (inputs, target) batches")
+            "distil, or task_loss=(output, target) -> loss with (inputs, target) batches"
+        )
     return value.reshape(())
 
 
-def check_objective(loss: Any, temperature: Any, outputs: Any, hidden: Any, task_loss: Any,
-                    alpha: Any) -> list[str]:
+def check_objective(
+    loss: Any, temperature: Any, outputs: Any, hidden: Any, task_loss: Any, alpha: Any
+) -> list[str]:
     """Check the objective's options (as :class:`Objective` and ``FinetuneConfig`` take them).
 
     Returns ``hidden`` as a list of names (a single name becomes a list).
@@ -83,15 +85,18 @@ def check_objective(loss: Any, temperature: Any, outputs: Any, hidden: Any, task
     ValueError: alpha (the weight of the task loss) must be in [0, 1], got 2
     """
     if outputs is not None and not callable(outputs):
-        raise TypeError(f"outputs must be a callable (output) -> Tensor, got "
-                        f"{type(outputs).__name__}")
+        raise TypeError(
+            f"outputs must be a callable (output) -> Tensor, got {type(outputs).__name__}"
+        )
     resolve_task_loss(task_loss)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
-            or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha (the weight of the task loss) must be in [0, 1], "
-                         f"got {alpha!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or not temperature > 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (the weight of the task loss) must be in [0, 1], got {alpha!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or not temperature > 0
+    ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     resolve_loss(loss, temperature)  # a known name or a callable
     names = [hidden] if isinstance(hidden, str) else list(hidden) if hidden is not None else []
@@ -142,18 +147,29 @@ class Objective:
     (1.0, {'task': 1.0})
     """
 
-    def __init__(self, teacher: nn.Module | None = None, loss: str | LossFn = "mse",
-                 temperature: float = 1.0, outputs: Callable[[Any], Tensor] | None = None,
-                 hidden: Iterable[str] | None = None,
-                 task_loss: str | Callable[[Any, Any], Tensor] | None = None,
-                 alpha: float = 0.5) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module | None = None,
+        loss: str | LossFn = "mse",
+        temperature: float = 1.0,
+        outputs: Callable[[Any], Tensor] | None = None,
+        hidden: Iterable[str] | None = None,
+        task_loss: str | Callable[[Any, Any], Tensor] | None = None,
+        alpha: float = 0.5,
+    ) -> None:
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
         self.hidden = check_objective(loss, temperature, outputs, hidden, task_loss, alpha)
-        if teacher is None and (self.hidden or outputs is not None or temperature != 1.0
-                                or not (isinstance(loss, str) and loss == "mse")):
-            raise ValueError("loss=, temperature=, outputs= and hidden= configure the "
-                             "distillation and need a teacher; got teacher=None")
+        if teacher is None and (
+            self.hidden
+            or outputs is not None
+            or temperature != 1.0
+            or not (isinstance(loss, str) and loss == "mse")
+        ):
+            raise ValueError(
+                "loss=, temperature=, outputs= and hidden= configure the "
+                "distillation and need a teacher; got teacher=None"
+            )
         self.teacher = teacher
         self.loss, self.temperature = loss, float(temperature)  # as given (checkpoint options)
         self.loss_fn = resolve_loss(loss, temperature) if teacher is not None else None
@@ -190,8 +206,9 @@ class Objective:
             what = f"a {type(batch).__name__}"
             if isinstance(batch, (tuple, list)):
                 what += f" of length {len(batch)}"
-            raise ValueError(f"with task_loss, every batch must be an (inputs, target) pair, "
-                             f"got {what}")
+            raise ValueError(
+                f"with task_loss, every batch must be an (inputs, target) pair, got {what}"
+            )
         return batch[0]
 
     # ----------------------------------------------------------- forward
@@ -202,8 +219,7 @@ class Objective:
             students, teachers = self._collectors[0].take(), self._collectors[1].take()
         else:
             students, teachers = [self.outputs(out)], [self.outputs(t_out)]
-        terms = [loss_fn(s, t.to(s.device))
-                 for s, t in zip(students, teachers, strict=True)]
+        terms = [loss_fn(s, t.to(s.device)) for s, t in zip(students, teachers, strict=True)]
         return torch.stack([_scalar(t, "loss") for t in terms]).mean()
 
     def __call__(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:

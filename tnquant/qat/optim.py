@@ -26,8 +26,14 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "schedule_factor", "make_optimizer", "make_scheduler",
-           "warmup_steps"]
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "schedule_factor",
+    "make_optimizer",
+    "make_scheduler",
+    "warmup_steps",
+]
 
 #: Named optimizers: ``name -> (class, extra defaults)``.
 OPTIMIZERS: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
@@ -67,8 +73,10 @@ def warmup_steps(warmup: int | float, total: int) -> int:
     (10, 3)
     """
     if isinstance(warmup, bool) or not isinstance(warmup, (int, float)):
-        raise TypeError(f"warmup must be an int (steps) or a float in [0, 1] (a fraction of "
-                        f"the steps), got {type(warmup).__name__}")
+        raise TypeError(
+            f"warmup must be an int (steps) or a float in [0, 1] (a fraction of "
+            f"the steps), got {type(warmup).__name__}"
+        )
     if isinstance(warmup, float):
         if not 0.0 <= warmup <= 1.0:
             raise ValueError(f"a float warmup is a fraction of the steps in [0, 1], got {warmup}")
@@ -78,8 +86,9 @@ def warmup_steps(warmup: int | float, total: int) -> int:
     return warmup
 
 
-def make_optimizer(optimizer: str | Callable[[list[dict[str, Any]]], Optimizer],
-                   groups: list[dict[str, Any]]) -> Optimizer:
+def make_optimizer(
+    optimizer: str | Callable[[list[dict[str, Any]]], Optimizer], groups: list[dict[str, Any]]
+) -> Optimizer:
     """The optimizer over ``groups`` (see :func:`~tnquant.qat.params.param_groups`).
 
     ``optimizer`` is a name in :data:`OPTIMIZERS` or a callable taking the
@@ -96,12 +105,16 @@ def make_optimizer(optimizer: str | Callable[[list[dict[str, Any]]], Optimizer],
     if callable(optimizer):
         opt = optimizer(groups)
         if not isinstance(opt, Optimizer):
-            raise TypeError(f"optimizer(param_groups) must return a torch.optim.Optimizer, got "
-                            f"{type(opt).__name__}")
+            raise TypeError(
+                f"optimizer(param_groups) must return a torch.optim.Optimizer, got "
+                f"{type(opt).__name__}"
+            )
         return opt
     if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable "
-                         f"(param_groups) -> Optimizer, got {optimizer!r}")
+        raise ValueError(
+            f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable "
+            f"(param_groups) -> Optimizer, got {optimizer!r}"
+        )
     cls, extra = OPTIMIZERS[optimizer]
     return cls(groups, **extra)
 

@@ -50,8 +50,9 @@ Named = list[tuple[str, nn.Parameter]]
 
 
 def _is_quantized_dense(module: nn.Module) -> bool:
-    return (isinstance(getattr(module, "weight_quantizer", None), nn.Module)
-            and isinstance(getattr(module, "weight", None), nn.Parameter))
+    return isinstance(getattr(module, "weight_quantizer", None), nn.Module) and isinstance(
+        getattr(module, "weight", None), nn.Parameter
+    )
 
 
 def parameter_sets(model: nn.Module) -> dict[str, Named]:
@@ -96,8 +97,10 @@ def select_parameters(model: nn.Module, train: str) -> dict[str, Named]:
     if train not in TRAIN_CHOICES:
         raise ValueError(f"train must be one of {list(TRAIN_CHOICES)}, got {train!r}")
     sets = parameter_sets(model)
-    chosen = {key: [(n, p) for n, p in sets[key] if p.requires_grad and p.numel() > 0]
-              for key in TRAIN_CHOICES[train]}
+    chosen = {
+        key: [(n, p) for n, p in sets[key] if p.requires_grad and p.numel() > 0]
+        for key in TRAIN_CHOICES[train]
+    }
     chosen = {key: v for key, v in chosen.items() if v}
     if not chosen:
         counts = {key: len(v) for key, v in sets.items()}
@@ -105,12 +108,14 @@ def select_parameters(model: nn.Module, train: str) -> dict[str, Named]:
             f"train={train!r} selects no trainable parameter; the model holds {counts} "
             "parameters per set (cores: FactorizedLayer cores and quantized dense weights; "
             "scales: learnable Quantizer parameters, e.g. QuantSpec(learnable=True) or "
-            "Ternary(method='ttq'); frozen and empty parameters are skipped)")
+            "Ternary(method='ttq'); frozen and empty parameters are skipped)"
+        )
     return chosen
 
 
-def param_groups(chosen: dict[str, Named], lr: float, scale_lr: float | None,
-                 weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    chosen: dict[str, Named], lr: float, scale_lr: float | None, weight_decay: float
+) -> list[dict[str, Any]]:
     """Optimizer groups: ``cores`` and dense weights decay, scales and 1-d tensors do not.
 
     Groups (empty ones left out): ``'cores'`` (``lr``, ``weight_decay``),
@@ -125,18 +130,24 @@ def param_groups(chosen: dict[str, Named], lr: float, scale_lr: float | None,
     >>> [(g["name"], len(g["params"]), g["weight_decay"]) for g in groups]
     [('other', 1, 0.01), ('no_decay', 1, 0.0)]
     """
-    lists: dict[str, list[nn.Parameter]] = {"cores": [], "scales": [], "other": [],
-                                            "no_decay": []}
+    lists: dict[str, list[nn.Parameter]] = {"cores": [], "scales": [], "other": [], "no_decay": []}
     for key, named in chosen.items():
         for _, p in named:
             if key == "other":
                 lists["other" if p.ndim >= 2 else "no_decay"].append(p)
             else:
                 lists[key].append(p)
-    rates = {"cores": (lr, weight_decay), "scales": (lr if scale_lr is None else scale_lr, 0.0),
-             "other": (lr, weight_decay), "no_decay": (lr, 0.0)}
-    return [{"params": params, "name": key, "lr": rates[key][0], "weight_decay": rates[key][1]}
-            for key, params in lists.items() if params]
+    rates = {
+        "cores": (lr, weight_decay),
+        "scales": (lr if scale_lr is None else scale_lr, 0.0),
+        "other": (lr, weight_decay),
+        "no_decay": (lr, 0.0),
+    }
+    return [
+        {"params": params, "name": key, "lr": rates[key][0], "weight_decay": rates[key][1]}
+        for key, params in lists.items()
+        if params
+    ]
 
 
 def layer_rows(model: nn.Module, chosen: dict[str, Named]) -> list[dict[str, Any]]:
@@ -154,8 +165,11 @@ def layer_rows(model: nn.Module, chosen: dict[str, Named]) -> list[dict[str, Any
     """
     owner: dict[str, str] = {}
     kinds: dict[str, str] = {}
-    layers = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, FactorizedLayer) or _is_quantized_dense(m)]
+    layers = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, FactorizedLayer) or _is_quantized_dense(m)
+    ]
     for name, module in model.named_modules():
         kinds[name] = type(module).__name__
     for pname, _ in model.named_parameters():
@@ -169,7 +183,9 @@ def layer_rows(model: nn.Module, chosen: dict[str, Named]) -> list[dict[str, Any
     for key, named in chosen.items():
         for pname, p in named:
             lname = owner.get(pname, pname.rpartition(".")[0])
-            row = rows.setdefault(lname, {"name": lname, "kind": kinds.get(lname, ""),
-                                          "cores": 0, "scales": 0, "other": 0})
+            row = rows.setdefault(
+                lname,
+                {"name": lname, "kind": kinds.get(lname, ""), "cores": 0, "scales": 0, "other": 0},
+            )
             row[key] += p.numel()
     return list(rows.values())

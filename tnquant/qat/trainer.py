@@ -65,7 +65,6 @@ def model_device(model: nn.Module) -> torch.device:
     raise ValueError("model has no parameters to fine-tune")
 
 
-
 def _is_lazy(p: nn.Parameter) -> bool:
     return isinstance(p, nn.parameter.UninitializedParameter) or p.numel() == 0
 
@@ -73,15 +72,25 @@ def _is_lazy(p: nn.Parameter) -> bool:
 class Trainer:
     """State of one ``finetune`` call: plan, optimizer, position, history."""
 
-    def __init__(self, model: nn.Module, data: Any, objective: Objective, cfg: FinetuneConfig,
-                 ctx: DistContext, dropout: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        objective: Objective,
+        cfg: FinetuneConfig,
+        ctx: DistContext,
+        dropout: bool,
+    ) -> None:
         self.model, self.objective, self.cfg, self.ctx = model, objective, cfg, ctx
         self.device = model_device(model)
         self.plan = EpochPlan(data, ctx.world, ctx.rank, cfg.shuffle, cfg.seed)
         self.total = cfg.total_steps(self.plan.steps_per_epoch)
         self.options = resume.run_options(cfg, objective, dropout)
-        resumed = None if cfg.resume_from is None else resume.read_resume(
-            cfg.resume_from, self._record(), self.options)  # checked before any work
+        resumed = (
+            None
+            if cfg.resume_from is None
+            else resume.read_resume(cfg.resume_from, self._record(), self.options)
+        )  # checked before any work
         if cfg.checkpoint_dir is not None:
             resume.prepare_checkpoint_dir(cfg.checkpoint_dir, ctx.is_main)
         self._initialize_lazy()
@@ -91,9 +100,11 @@ class Trainer:
             p.requires_grad_(id(p) in trained)
         self.params = [p for named in self.chosen.values() for _, p in named]
         self.optimizer = make_optimizer(
-            cfg.optimizer, param_groups(self.chosen, cfg.lr, cfg.scale_lr, cfg.weight_decay))
-        self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total,
-                                        warmup_steps(cfg.warmup, self.total))
+            cfg.optimizer, param_groups(self.chosen, cfg.lr, cfg.scale_lr, cfg.weight_decay)
+        )
+        self.scheduler = make_scheduler(
+            self.optimizer, cfg.schedule, self.total, warmup_steps(cfg.warmup, self.total)
+        )
         self.history = History()
         self.step = self.epoch = self.epoch_steps = 0
         self.pending: dict[str, Any] | None = None
@@ -142,8 +153,13 @@ class Trainer:
     def run(self) -> FinetuneReport:
         cfg = self.cfg
         clock = (time.perf_counter(), self.history.time_s)
-        bar = tqdm(total=self.total, initial=self.step, desc="finetune", dynamic_ncols=True,
-                   disable=not (cfg.progress and self.ctx.is_main))
+        bar = tqdm(
+            total=self.total,
+            initial=self.step,
+            desc="finetune",
+            dynamic_ncols=True,
+            disable=not (cfg.progress and self.ctx.is_main),
+        )
         self.model.train()
         self.objective.attach(self.model)
         try:
@@ -151,8 +167,10 @@ class Trainer:
                 done = self.step
                 self._run_epoch(bar, clock)
                 if self.step == done:
-                    raise RuntimeError(f"epoch {self.epoch - 1} of data gave no batch; "
-                                       f"expected {self.plan.steps_per_epoch}")
+                    raise RuntimeError(
+                        f"epoch {self.epoch - 1} of data gave no batch; "
+                        f"expected {self.plan.steps_per_epoch}"
+                    )
         finally:
             self.objective.detach()
             bar.close()
@@ -194,7 +212,8 @@ class Trainer:
             f"{what} is {value} at step {step} (epoch {self.epoch}, batch {self.epoch_steps} "
             f"of the epoch on rank {self.ctx.rank}); stopped before the optimizer step, so the "
             f"parameters are those after step {step - 1}. Lower lr, set clip_grad_norm, or "
-            "check that batch for NaN/Inf")
+            "check that batch for NaN/Inf"
+        )
 
     def _train_step(self, batch: Any) -> None:
         batch = move_batch(batch, self.device)
@@ -216,8 +235,9 @@ class Trainer:
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         self.scheduler.step()
-        self.history.log_step(self.step + 1, self.epoch, value, lr, terms.get("distill"),
-                              terms.get("task"))
+        self.history.log_step(
+            self.step + 1, self.epoch, value, lr, terms.get("distill"), terms.get("task")
+        )
 
     def _after_step(self, bar: Any, clock: tuple[float, float]) -> None:
         cfg, step = self.cfg, self.step
@@ -226,7 +246,8 @@ class Trainer:
         if cfg.eval_fn is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
             self._evaluate()
         if cfg.checkpoint_dir is not None and (
-                last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        ):
             self._checkpoint()
         bar.set_postfix(loss=f"{self.history.loss[-1]:.4g}", refresh=False)
         bar.update(1)
@@ -254,16 +275,27 @@ class Trainer:
             epoch, epoch_steps = epoch + 1, 0
             epoch_rng = rng_state()
             epoch_gen = gen.get_state() if gen is not None else None
-        mine = {"rng": rng_state(), "epoch_rng": epoch_rng,
-                "loader_rng": None if gen is None else [epoch_gen, gen.get_state()]}
+        mine = {
+            "rng": rng_state(),
+            "epoch_rng": epoch_rng,
+            "loader_rng": None if gen is None else [epoch_gen, gen.get_state()],
+        }
         ranks = self.ctx.gather(mine)
         if not self.ctx.is_main or self.cfg.checkpoint_dir is None:
             return
         state = {
-            "format": FORMAT, "step": self.step, "epoch": epoch, "epoch_steps": epoch_steps,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "ranks": ranks,
-            "config": self._record(), "history": self.history.to_dict(),
-            "options": self.options, "optimizer_class": resume.class_name(self.optimizer)}
+            "format": FORMAT,
+            "step": self.step,
+            "epoch": epoch,
+            "epoch_steps": epoch_steps,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ranks": ranks,
+            "config": self._record(),
+            "history": self.history.to_dict(),
+            "options": self.options,
+            "optimizer_class": resume.class_name(self.optimizer),
+        }
         save_checkpoint(state, self.cfg.checkpoint_dir, self.step)
         prune_checkpoints(self.cfg.checkpoint_dir, self.cfg.keep_checkpoints)

@@ -47,13 +47,7 @@ from tnquant.quant.qparams import (
 )
 from tnquant.specs import Binary
 
-__all__ = [
-    "binary_codes",
-    "binary_scale",
-    "binary_quantize",
-    "binary_fake_quantize",
-    "wide_mean",
-]
+__all__ = ["binary_codes", "binary_scale", "binary_quantize", "binary_fake_quantize", "wide_mean"]
 
 
 def _check_float(x: Any, name: str, finite: bool = True) -> Tensor:
@@ -81,8 +75,9 @@ def _finite_flags(x: Tensor, name: str, *results: Tensor) -> list[bool]:
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); nothing to quantize")
     lo, hi = torch.aminmax(x.detach())
-    flags = torch.stack([torch.isfinite(lo) & torch.isfinite(hi)]
-                        + [torch.isfinite(r).all() for r in results]).tolist()
+    flags = torch.stack(
+        [torch.isfinite(lo) & torch.isfinite(hi)] + [torch.isfinite(r).all() for r in results]
+    ).tolist()
     if not flags[0]:
         _check_float(x, name)  # raises, with the count
     return flags[1:]
@@ -149,7 +144,8 @@ def wide_mean(blocks: Tensor, dims: tuple[int, ...]) -> Tensor:
     top = a.amax(dim=dims, keepdim=True)
     top = torch.where(top > 0, top, torch.ones_like(top))
     return ((a / top).mean(dim=dims, keepdim=True) * top).reshape(
-        [a.shape[d] for d in range(a.dim()) if d not in dims])
+        [a.shape[d] for d in range(a.dim()) if d not in dims]
+    )
 
 
 def binary_quantize(x: Tensor, spec: Binary) -> tuple[Tensor, QParams]:

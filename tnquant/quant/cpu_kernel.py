@@ -60,14 +60,18 @@ def _module() -> Any:
         try:
             from torch.utils.cpp_extension import load
 
-            _STATE["module"] = load(name="tnquant_lsq_cpu", sources=[str(SOURCE)],
-                                    extra_cflags=CFLAGS, verbose=False)
+            _STATE["module"] = load(
+                name="tnquant_lsq_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False
+            )
         except Exception as err:  # noqa: BLE001 - no compiler / ninja: the caller goes elsewhere
             reason = f"{type(err).__name__}: {err}"
             _STATE["broken"] = reason
-            warnings.warn(f"tnquant: the fused CPU fake-quantization kernel did not build "
-                          f"({reason[:300]}); using another path", RuntimeWarning,
-                          stacklevel=4)
+            warnings.warn(
+                f"tnquant: the fused CPU fake-quantization kernel did not build "
+                f"({reason[:300]}); using another path",
+                RuntimeWarning,
+                stacklevel=4,
+            )
     return _STATE["module"]
 
 
@@ -101,8 +105,17 @@ class _CpuLSQ(Function):
     """LSQ/LSQ+ fake quantization through the C++ kernel (see the module docs)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int,
-                qmax: int, grad_scale: float, mode: int, rows: int) -> Tensor:
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        scale: Tensor,
+        zero_point: Tensor | None,
+        qmin: int,
+        qmax: int,
+        grad_scale: float,
+        mode: int,
+        rows: int,
+    ) -> Tensor:
         x2 = x.reshape(rows, -1).contiguous()
         s = scale.reshape(rows).contiguous()
         zp = zero_point.reshape(rows).contiguous() if zero_point is not None else s.new_empty(0)
@@ -118,23 +131,36 @@ class _CpuLSQ(Function):
         x_shape, s_shape = ctx.shapes
         need_x, need_s, need_zp = ctx.needs_input_grad[:3]
         gx, gs, gz = _STATE["module"].lsq_backward(
-            grad.reshape(x2.shape).contiguous(), x2, s, zp, qmin, qmax, mode, need_x)
+            grad.reshape(x2.shape).contiguous(), x2, s, zp, qmin, qmax, mode, need_x
+        )
         grad_x = gx.view(x_shape) if need_x else None
         grad_s = (gs * grad_scale).view(s_shape) if need_s else None
         grad_zp = (gz * grad_scale).view(s_shape) if affine and need_zp else None
         return grad_x, grad_s, grad_zp, None, None, None, None, None
 
 
-def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int,
-                  grad_scale: float, rounding: str) -> Tensor | None:
+def fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    qmin: int,
+    qmax: int,
+    grad_scale: float,
+    rounding: str,
+) -> Tensor | None:
     """The kernel's result, or ``None`` when it does not apply (the caller goes elsewhere).
 
     Same arguments, values and gradients as
     :func:`~tnquant.quant.ste.lsq_fake_quantize`.
     """
-    if (x.device.type != "cpu" or rounding not in ROUNDINGS
-            or x.dtype not in (torch.float32, torch.float64) or scale.dtype != x.dtype
-            or (zero_point is not None and zero_point.dtype != x.dtype) or x.numel() == 0):
+    if (
+        x.device.type != "cpu"
+        or rounding not in ROUNDINGS
+        or x.dtype not in (torch.float32, torch.float64)
+        or scale.dtype != x.dtype
+        or (zero_point is not None and zero_point.dtype != x.dtype)
+        or x.numel() == 0
+    ):
         return None
     # the scale broadcasts over x: expand it to x's leading dimensions it is constant on
     rows = _rows(x, scale, zero_point)

@@ -204,9 +204,11 @@ def _check_values_fit(values: Tensor, spec: FixedPoint, dtype: torch.dtype) -> N
     if _reach(spec) <= top or all_finite(values):
         return
     bad = int((~torch.isfinite(values)).sum())
-    raise ValueError(f"{spec}: {bad} of {values.numel()} value(s) are beyond {dtype}'s largest "
-                     f"value {top:.6g} (the type reaches {_reach(spec):.6g}); use a wider dtype "
-                     f"or fewer integer bits")
+    raise ValueError(
+        f"{spec}: {bad} of {values.numel()} value(s) are beyond {dtype}'s largest "
+        f"value {top:.6g} (the type reaches {_reach(spec):.6g}); use a wider dtype "
+        f"or fewer integer bits"
+    )
 
 
 # --------------------------------------------------------------------------- #

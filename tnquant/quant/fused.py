@@ -62,8 +62,16 @@ from torch.autograd import Function
 from tnquant.quant import cpu_kernel
 from tnquant.quant.rounding import round_tensor
 
-__all__ = ["enable", "enabled", "fused", "available", "fake_quantize", "FUSED_ROUNDINGS",
-           "FUSED_MIN_NUMEL", "BACKENDS"]
+__all__ = [
+    "enable",
+    "enabled",
+    "fused",
+    "available",
+    "fake_quantize",
+    "FUSED_ROUNDINGS",
+    "FUSED_MIN_NUMEL",
+    "BACKENDS",
+]
 
 #: Rounding modes both fused backends implement (``'stochastic'`` stays eager).
 FUSED_ROUNDINGS = tuple(cpu_kernel.ROUNDINGS)
@@ -86,8 +94,15 @@ class _FusedLSQ(Function):
     """LSQ/LSQ+ fake quantization that saves only its inputs (see :mod:`tnquant.quant.ste`)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int,
-                qmax: int, rounding: str) -> Tensor:
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        scale: Tensor,
+        zero_point: Tensor | None,
+        qmin: int,
+        qmax: int,
+        rounding: str,
+    ) -> Tensor:
         ctx.save_for_backward(x, scale, zero_point)
         ctx.qrange = (qmin, qmax)
         ctx.rounding = rounding
@@ -119,8 +134,9 @@ class _FusedLSQ(Function):
         return grad_x, grad_s, grad_zp, None, None, None
 
 
-def _call(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int,
-          rounding: str) -> Tensor:
+def _call(
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, rounding: str
+) -> Tensor:
     return _FusedLSQ.apply(x, scale, zero_point, qmin, qmax, rounding)
 
 
@@ -217,8 +233,15 @@ def available(device: torch.device | str = "cpu") -> bool:
     return _STATE["broken"] is None
 
 
-def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int,
-                  grad_scale: float, rounding: str) -> Tensor | None:
+def fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    qmin: int,
+    qmax: int,
+    grad_scale: float,
+    rounding: str,
+) -> Tensor | None:
     """The fused result, or ``None`` when no backend takes the call (the caller goes eager).
 
     Same arguments and gradients as :func:`~tnquant.quant.ste.lsq_fake_quantize`.
@@ -235,8 +258,15 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int
     return _compiled_fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale, rounding)
 
 
-def _compiled_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int,
-                            qmax: int, grad_scale: float, rounding: str) -> Tensor | None:
+def _compiled_fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    qmin: int,
+    qmax: int,
+    grad_scale: float,
+    rounding: str,
+) -> Tensor | None:
     fn = _compiled()
     if fn is None:
         return None
@@ -251,6 +281,10 @@ def _compiled_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None,
             return fn(x, scale, zero_point, qmin, qmax, rounding)
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
         _STATE["broken"] = f"{type(err).__name__}: {err}"
-        warnings.warn(f"tnquant: fused fake quantization is unavailable ({_STATE['broken']}"
-                      f"); using the eager path", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"tnquant: fused fake quantization is unavailable ({_STATE['broken']}"
+            f"); using the eager path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None

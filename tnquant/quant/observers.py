@@ -100,12 +100,15 @@ def _row_percentile(rows: Tensor, q: float) -> Tensor:
     if frac == 0 or low + 1 >= n:
         return v_low
     v_high = rows.kthvalue(low + 2, dim=1).values
-    return _finite_or_wide(v_low + (v_high - v_low) * frac,
-                           lambda: v_low.double() + (v_high.double() - v_low.double()) * frac)
+    return _finite_or_wide(
+        v_low + (v_high - v_low) * frac,
+        lambda: v_low.double() + (v_high.double() - v_low.double()) * frac,
+    )
 
 
-def percentile_range(x: Tensor, block: tuple[int, ...], percentile: float, symmetric: bool
-                     ) -> tuple[Tensor, Tensor]:
+def percentile_range(
+    x: Tensor, block: tuple[int, ...], percentile: float, symmetric: bool
+) -> tuple[Tensor, Tensor]:
     """Per-block clipping range from percentiles (linear interpolation, as numpy).
 
     Symmetric: ``(-a, a)`` with ``a`` the ``percentile``-th percentile of
@@ -143,8 +146,9 @@ def _block_mse(x: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec) -> Tensor:
     return err.mean(dim=block_reduce_dims(x.dim())).reshape(lo.shape)
 
 
-def mse_range(x: Tensor, spec: QuantSpec, n_grid: int = 100, low: float = 0.3
-              ) -> tuple[Tensor, Tensor]:
+def mse_range(
+    x: Tensor, spec: QuantSpec, n_grid: int = 100, low: float = 0.3
+) -> tuple[Tensor, Tensor]:
     """Per-block range ``(r * min, r * max)`` with the clip ratio ``r`` minimising MSE.
 
     ``r`` runs over ``n_grid`` values evenly spaced in ``[low, 1]`` (1
@@ -216,8 +220,10 @@ def estimate_qparams(x: Tensor, spec: QuantSpec) -> QParams:
         return qparams_from_range(lo, hi, spec, tuple(x.shape), x.dtype)
     except NonFiniteRange:
         n_nan, n_inf = count_nonfinite(x)
-        raise ValueError(f"tensor holds {n_nan} NaN and {n_inf} Inf value(s) out of "
-                         f"{x.numel()}; cannot choose a scale") from None
+        raise ValueError(
+            f"tensor holds {n_nan} NaN and {n_inf} Inf value(s) out of "
+            f"{x.numel()}; cannot choose a scale"
+        ) from None
 
 
 # --------------------------------------------------------------------------- #
@@ -225,8 +231,9 @@ def estimate_qparams(x: Tensor, spec: QuantSpec) -> QParams:
 # --------------------------------------------------------------------------- #
 
 
-def resize_for_load(module: nn.Module, state_dict: dict[str, Any], prefix: str,
-                    names: tuple[str, ...]) -> None:
+def resize_for_load(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, names: tuple[str, ...]
+) -> None:
     """Give lazily shaped params/buffers the shape they have in ``state_dict``.
 
     Called from ``_load_from_state_dict`` before the default copy; keeps the
@@ -309,9 +316,11 @@ class Observer(nn.Module):
         block = spec_block_size(self.spec, tuple(x.shape))
         lo, hi = self.batch_range(xd, block)
         if self.has_data and self.min_val.shape != lo.shape:
-            raise ValueError(f"{type(self).__name__} tracks ranges of shape "
-                             f"{tuple(self.min_val.shape)}, got a batch of shape "
-                             f"{tuple(x.shape)} giving {tuple(lo.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} tracks ranges of shape "
+                f"{tuple(self.min_val.shape)}, got a batch of shape "
+                f"{tuple(x.shape)} giving {tuple(lo.shape)}"
+            )
         self.num_batches += 1
         if self.has_data:
             lo, hi = self.accumulate(lo.to(self.min_val.dtype), hi.to(self.max_val.dtype))
@@ -332,8 +341,10 @@ class Observer(nn.Module):
         1.0
         """
         if not self.has_data:
-            raise ValueError(f"{type(self).__name__} has observed no data; call it on a batch "
-                             "before compute_qparams()")
+            raise ValueError(
+                f"{type(self).__name__} has observed no data; call it on a batch "
+                "before compute_qparams()"
+            )
         spec = self.spec if spec is None else spec
         shape = tuple(int(s) for s in self.tensor_shape.tolist())
         return qparams_from_range(self.min_val, self.max_val, spec, shape)
@@ -346,8 +357,9 @@ class Observer(nn.Module):
         self.tensor_shape = torch.empty(0, dtype=torch.int64, device=device)
         self.num_batches.zero_()
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
-                              **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         resize_for_load(self, state_dict, prefix, self._STATE)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -389,8 +401,9 @@ class EMAObserver(Observer):
         d = self.spec.ema_decay
 
         def ema(run: Tensor, new: Tensor) -> Tensor:
-            return _finite_or_wide(d * run + (1 - d) * new,
-                                   lambda: d * run.double() + (1 - d) * new.double())
+            return _finite_or_wide(
+                d * run + (1 - d) * new, lambda: d * run.double() + (1 - d) * new.double()
+            )
 
         return ema(self.min_val, lo), ema(self.max_val, hi)
 
@@ -400,8 +413,9 @@ class _MeanObserver(Observer):
         n = self.num_batches.to(lo.dtype)
 
         def mean(run: Tensor, new: Tensor) -> Tensor:
-            return _finite_or_wide(run + (new - run) / n,
-                                   lambda: run.double() + (new.double() - run.double()) / n)
+            return _finite_or_wide(
+                run + (new - run) / n, lambda: run.double() + (new.double() - run.double()) / n
+            )
 
         return mean(self.min_val, lo), mean(self.max_val, hi)
 
@@ -436,12 +450,16 @@ class MSEObserver(_MeanObserver):
     True
     """
 
-    def __init__(self, spec: QuantSpec, shape: tuple[int, ...] | None = None,
-                 n_grid: int = 100, low: float = 0.3) -> None:
+    def __init__(
+        self,
+        spec: QuantSpec,
+        shape: tuple[int, ...] | None = None,
+        n_grid: int = 100,
+        low: float = 0.3,
+    ) -> None:
         super().__init__(spec, shape)
         if n_grid < 1 or not 0 < low <= 1:
-            raise ValueError(f"need n_grid >= 1 and low in (0, 1], got n_grid={n_grid}, "
-                             f"low={low}")
+            raise ValueError(f"need n_grid >= 1 and low in (0, 1], got n_grid={n_grid}, low={low}")
         self.n_grid = n_grid
         self.low = low
 

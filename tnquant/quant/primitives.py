@@ -61,12 +61,7 @@ from torch import Tensor
 
 from tnquant.quant.binary import binary_fake_quantize, binary_quantize
 from tnquant.quant.fixed_point import fixed_point_fake_quantize, fixed_point_quantize
-from tnquant.quant.qparams import (
-    QParams,
-    all_finite,
-    expand,
-    to_blocks,
-)
+from tnquant.quant.qparams import QParams, all_finite, expand, to_blocks
 from tnquant.quant.ranges import (
     NonFiniteRange,
     block_minmax,
@@ -409,7 +404,7 @@ def quantize(x: Tensor, spec: Any, qparams: QParams | None = None, *, name: str 
     check_finite(x, name)
     if qparams is not None:
         qparams = _check_qparams(qparams, x, spec)
-    return handler.quantize(x, spec, qparams, generator, name)
+    return handler.quantize(x, spec, qparams, generator, name)  # type: ignore[call-arg]
 
 
 def dequantize(codes: Tensor, qparams: QParams) -> Tensor:
@@ -470,4 +465,4 @@ def fake_quantize(x: Tensor, spec: Any, qparams: QParams | None = None, *, name:
     check_finite(x, name)
     if qparams is not None:
         qparams = _check_qparams(qparams, x, spec)
-    return handler.fake_quantize(x, spec, qparams, generator, name)
+    return handler.fake_quantize(x, spec, qparams, generator, name)  # type: ignore[call-arg]

@@ -156,7 +156,8 @@ class Quantizer(nn.Module):
             raise ValueError(
                 f"a {type(self.spec).__name__} quantizer has no observer: its scale comes from "
                 "each tensor (Binary, Ternary) or from the format (FixedPoint, float dtypes); "
-                "observe() applies to integer QuantSpecs")
+                "observe() applies to integer QuantSpecs"
+            )
         self._mode = value
         self.mode_id.fill_(MODES.index(value))
 
@@ -231,8 +232,10 @@ class Quantizer(nn.Module):
             elif self.observer is not None and self.observer.has_data:
                 qp = self.observer.compute_qparams()
             else:
-                raise ValueError("freeze() needs a tensor x, or observed data (call observe() "
-                                 "and run batches first)")
+                raise ValueError(
+                    "freeze() needs a tensor x, or observed data (call observe() "
+                    "and run batches first)"
+                )
             self._store(qp)
         self.mode = "quantize"
         return self
@@ -300,8 +303,9 @@ class Quantizer(nn.Module):
         if "zero_point" in self._slots:
             zp = self.zero_point
             if self.learnable and not differentiable:
-                zp = torch.round(zp.clamp(spec.qmin, spec.qmax)).to(code_dtype(spec.qmin,
-                                                                                spec.qmax))
+                zp = torch.round(zp.clamp(spec.qmin, spec.qmax)).to(
+                    code_dtype(spec.qmin, spec.qmax)
+                )
         if "scale_neg" in self._slots:
             scale_neg = self._effective("scale_neg")
         if not differentiable:
@@ -311,8 +315,16 @@ class Quantizer(nn.Module):
             qmin, qmax = spec.qmin, spec.qmax
         else:
             qmin, qmax = -1, 1
-        qp = QParams(scale, zp, qmin, qmax, block_size(shape, spec.granularity, spec.axis),
-                     shape, scale.dtype, scale_neg=scale_neg)
+        qp = QParams(
+            scale,
+            zp,
+            qmin,
+            qmax,
+            block_size(shape, spec.granularity, spec.axis),
+            shape,
+            scale.dtype,
+            scale_neg=scale_neg,
+        )
         return qp if x is None else rebind_qparams(qp, tuple(x.shape), x.dtype)
 
     def qparams(self, x: Tensor | None = None) -> QParams:
@@ -359,8 +371,16 @@ class Quantizer(nn.Module):
         if self.learnable:
             numel = x.numel() // max(qp.scale.numel(), 1)
             grad_scale = lsq_grad_scale(max(numel, 1), spec.qmax)
-        return fake_quantize_blocks(x, qp.scale, zero_point, qp.block_size, qp.qmin, qp.qmax,
-                                    rounding=spec.rounding, grad_scale=grad_scale)
+        return fake_quantize_blocks(
+            x,
+            qp.scale,
+            zero_point,
+            qp.block_size,
+            qp.qmin,
+            qp.qmax,
+            rounding=spec.rounding,
+            grad_scale=grad_scale,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self._mode == "off":
@@ -385,8 +405,9 @@ class Quantizer(nn.Module):
         return HANDLERS[type(spec)].fake_quantize(x, spec, qp, None)
 
     # ----------------------------------------------------------- state dict
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
-                              **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         resize_for_load(self, state_dict, prefix, self._slots + ("tensor_shape",))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         stored = bool(self._slots) and self.scale.numel() > 0

@@ -87,8 +87,10 @@ def check_finite(x: Tensor, name: str = "tensor") -> None:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); nothing to quantize")
     if not all_finite(x):
         n_nan, n_inf = count_nonfinite(x)
-        raise ValueError(f"{name} contains {n_nan + n_inf} NaN or Inf value(s) ({n_nan} NaN, "
-                         f"{n_inf} Inf, out of {x.numel()}); expected finite values")
+        raise ValueError(
+            f"{name} contains {n_nan + n_inf} NaN or Inf value(s) ({n_nan} NaN, "
+            f"{n_inf} Inf, out of {x.numel()}); expected finite values"
+        )
 
 
 def count_nonfinite(x: Tensor) -> tuple[int, int]:
@@ -158,33 +160,45 @@ def _finalize_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
 
 def _check_range(lo: Tensor, hi: Tensor, scale: Tensor, spec: QuantSpec) -> None:
     """One host sync: refuse a non-finite range, then a scale that overflows."""
-    ok_range, ok_scale = torch.stack([torch.isfinite(lo).all() & torch.isfinite(hi).all(),
-                                      torch.isfinite(scale).all()]).tolist()
+    ok_range, ok_scale = torch.stack(
+        [torch.isfinite(lo).all() & torch.isfinite(hi).all(), torch.isfinite(scale).all()]
+    ).tolist()
     if not ok_range:
         bad = int((~(torch.isfinite(lo) & torch.isfinite(hi))).sum())
         nan = bool(torch.isnan(lo).any() | torch.isnan(hi).any())
-        raise NonFiniteRange(f"min_val/max_val hold {'NaN' if nan else 'Inf'} in {bad} of "
-                             f"{lo.numel()} block(s): the tensor they came from held NaN or "
-                             f"Inf values; cannot choose a scale")
+        raise NonFiniteRange(
+            f"min_val/max_val hold {'NaN' if nan else 'Inf'} in {bad} of "
+            f"{lo.numel()} block(s): the tensor they came from held NaN or "
+            f"Inf values; cannot choose a scale"
+        )
     if not ok_scale:
         kind = "power-of-two scale" if spec.scale == "pow2" else "scale"
-        raise ValueError(f"the range of the tensor overflows its dtype: the {kind} of "
-                         f"{spec.bits}-bit codes for [{float(lo.min()):.6g}, "
-                         f"{float(hi.max()):.6g}] is beyond {scale.dtype}'s largest value "
-                         f"{torch.finfo(scale.dtype).max:.6g}; cannot choose a scale")
+        raise ValueError(
+            f"the range of the tensor overflows its dtype: the {kind} of "
+            f"{spec.bits}-bit codes for [{float(lo.min()):.6g}, "
+            f"{float(hi.max()):.6g}] is beyond {scale.dtype}'s largest value "
+            f"{torch.finfo(scale.dtype).max:.6g}; cannot choose a scale"
+        )
 
 
-def cast_qparams(shape: tuple[int, ...], dtype: torch.dtype, device: Any, spec: QuantSpec
-                  ) -> QParams:
+def cast_qparams(
+    shape: tuple[int, ...], dtype: torch.dtype, device: Any, spec: QuantSpec
+) -> QParams:
     cast = FLOAT_DTYPES[spec.dtype]
     info = torch.finfo(cast)
     ones = torch.ones((1,) * len(shape), dtype=compute_dtype(dtype), device=device)
-    return QParams(ones, None, int(info.min), int(info.max), tuple(shape), tuple(shape), dtype,
-                   cast_dtype=cast)
+    return QParams(
+        ones, None, int(info.min), int(info.max), tuple(shape), tuple(shape), dtype, cast_dtype=cast
+    )
 
 
-def qparams_from_range(min_val: Tensor, max_val: Tensor, spec: QuantSpec,
-                       shape: tuple[int, ...], dtype: torch.dtype | None = None) -> QParams:
+def qparams_from_range(
+    min_val: Tensor,
+    max_val: Tensor,
+    spec: QuantSpec,
+    shape: tuple[int, ...],
+    dtype: torch.dtype | None = None,
+) -> QParams:
     """QParams of ``spec`` for per-block ranges ``[min_val, max_val]``.
 
     Parameters
@@ -218,8 +232,10 @@ def qparams_from_range(min_val: Tensor, max_val: Tensor, spec: QuantSpec,
     qshape = qparam_shape(shape, block)
     for label, val in (("min_val", min_val), ("max_val", max_val)):
         if tuple(val.shape) != qshape:
-            raise ValueError(f"{label} must have the qparam shape {qshape} for a tensor of shape "
-                             f"{shape}, got {tuple(val.shape)}")
+            raise ValueError(
+                f"{label} must have the qparam shape {qshape} for a tensor of shape "
+                f"{shape}, got {tuple(val.shape)}"
+            )
     cd = compute_dtype(dtype)
     lo = min_val.to(cd).clamp(max=0)
     hi = max_val.to(cd).clamp(min=0)
@@ -245,8 +261,9 @@ def qparams_from_range(min_val: Tensor, max_val: Tensor, spec: QuantSpec,
     return QParams(scale, zero_point, spec.qmin, spec.qmax, block, shape, dtype)
 
 
-def rebind_qparams(qparams: QParams, shape: tuple[int, ...], dtype: torch.dtype | None = None
-                   ) -> QParams:
+def rebind_qparams(
+    qparams: QParams, shape: tuple[int, ...], dtype: torch.dtype | None = None
+) -> QParams:
     """The same qparams applied to a tensor of another ``shape`` (or dtype).
 
     Dims whose block spans the whole axis (per-tensor, the non-channel axes)
@@ -271,9 +288,13 @@ def rebind_qparams(qparams: QParams, shape: tuple[int, ...], dtype: torch.dtype 
     if per_tensor:
         ones = (1,) * len(shape)
         return qparams.replace(
-            scale=qparams.scale.reshape(ones), shape=shape, block_size=shape, dtype=dtype,
+            scale=qparams.scale.reshape(ones),
+            shape=shape,
+            block_size=shape,
+            dtype=dtype,
             zero_point=None if qparams.zero_point is None else qparams.zero_point.reshape(ones),
-            scale_neg=None if qparams.scale_neg is None else qparams.scale_neg.reshape(ones))
+            scale_neg=None if qparams.scale_neg is None else qparams.scale_neg.reshape(ones),
+        )
     if len(shape) != len(old):
         raise ValueError(f"qparams for shape {old} cannot quantize a tensor of shape {shape}")
     block = []
@@ -283,6 +304,8 @@ def rebind_qparams(qparams: QParams, shape: tuple[int, ...], dtype: torch.dtype 
         elif new == was:
             block.append(b)
         else:
-            raise ValueError(f"qparams for shape {old} cannot quantize a tensor of shape {shape}: "
-                             f"axis {d} has {was} elements in blocks of {b}, got {new}")
+            raise ValueError(
+                f"qparams for shape {old} cannot quantize a tensor of shape {shape}: "
+                f"axis {d} has {was} elements in blocks of {b}, got {new}"
+            )
     return qparams.replace(shape=shape, block_size=tuple(block), dtype=dtype)

@@ -30,8 +30,9 @@ __all__ = ["round_tensor", "uniform_codes", "uniform_values", "pow2_scale", "sat
 _SQRT_HALF = math.sqrt(0.5)
 
 
-def round_tensor(x: Tensor, mode: str = "nearest_even", generator: torch.Generator | None = None
-                 ) -> Tensor:
+def round_tensor(
+    x: Tensor, mode: str = "nearest_even", generator: torch.Generator | None = None
+) -> Tensor:
     """Round ``x`` to integers (returned in ``x``'s float dtype).
 
     Parameters
@@ -75,9 +76,15 @@ def round_tensor(x: Tensor, mode: str = "nearest_even", generator: torch.Generat
     raise ValueError(f"rounding mode must be one of {list(ROUNDING_MODES)}, got {mode!r}")
 
 
-def uniform_codes(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int,
-                  rounding: str = "nearest_even", generator: torch.Generator | None = None
-                  ) -> tuple[Tensor, Tensor]:
+def uniform_codes(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    qmin: int,
+    qmax: int,
+    rounding: str = "nearest_even",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """``q = clamp(round(x / scale) + zp, qmin, qmax)`` and the unclamped ``r``.
 
     All tensors broadcast together and share one float dtype; ``q`` and ``r``

@@ -67,8 +67,9 @@ class RoundSTE(Function):
     """``round_tensor(x, mode)`` forward, identity gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, mode: str = "nearest_even",
-                generator: torch.Generator | None = None) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, mode: str = "nearest_even", generator: torch.Generator | None = None
+    ) -> Tensor:
         return round_tensor(x, mode, generator)
 
     @staticmethod
@@ -80,8 +81,14 @@ class ClippedSTE(Function):
     """``clamp(round(x), qmin, qmax)`` forward; gradient 1 where ``qmin <= round(x) <= qmax``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, qmin: float, qmax: float, mode: str = "nearest_even",
-                generator: torch.Generator | None = None) -> Tensor:
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        qmin: float,
+        qmax: float,
+        mode: str = "nearest_even",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         r = round_tensor(x, mode, generator)
         ctx.save_for_backward((r >= qmin) & (r <= qmax))
         return r.clamp(qmin, qmax)
@@ -92,8 +99,9 @@ class ClippedSTE(Function):
         return grad * inside.to(grad.dtype), None, None, None, None
 
 
-def round_ste(x: Tensor, mode: str = "nearest_even", generator: torch.Generator | None = None
-              ) -> Tensor:
+def round_ste(
+    x: Tensor, mode: str = "nearest_even", generator: torch.Generator | None = None
+) -> Tensor:
     """Round with a straight-through (identity) gradient.
 
     Examples
@@ -107,8 +115,13 @@ def round_ste(x: Tensor, mode: str = "nearest_even", generator: torch.Generator 
     return RoundSTE.apply(x, mode, generator)
 
 
-def clipped_round(x: Tensor, qmin: float, qmax: float, mode: str = "nearest_even",
-                  generator: torch.Generator | None = None) -> Tensor:
+def clipped_round(
+    x: Tensor,
+    qmin: float,
+    qmax: float,
+    mode: str = "nearest_even",
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """``clamp(round(x), qmin, qmax)``; zero gradient where clamping acted.
 
     Examples
@@ -126,9 +139,17 @@ class LSQFakeQuantize(Function):
     """Fake quantization with LSQ/LSQ+ gradients (see :func:`lsq_fake_quantize`)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int,
-                qmax: int, grad_scale: float, rounding: str,
-                generator: torch.Generator | None) -> Tensor:
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        scale: Tensor,
+        zero_point: Tensor | None,
+        qmin: int,
+        qmax: int,
+        grad_scale: float,
+        rounding: str,
+        generator: torch.Generator | None,
+    ) -> Tensor:
         zp = None if zero_point is None else torch.round(zero_point.clamp(qmin, qmax))
         q, r = uniform_codes(x, scale, zp, qmin, qmax, rounding, generator)
         out = uniform_values(q, scale, zp)
@@ -157,9 +178,17 @@ class LSQFakeQuantize(Function):
         return grad_x, grad_s, grad_zp, None, None, None, None, None
 
 
-def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int,
-                      grad_scale: float = 1.0, *, rounding: str = "nearest_even",
-                      generator: torch.Generator | None = None) -> Tensor:
+def lsq_fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    qmin: int,
+    qmax: int,
+    grad_scale: float = 1.0,
+    *,
+    rounding: str = "nearest_even",
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """LSQ / LSQ+ fake quantization: ``(clamp(round(x/s) + zp, qmin, qmax) - zp) * s``.
 
     With ``v = x / s``, ``r = round(v) + zp`` and "inside" meaning
@@ -207,14 +236,19 @@ def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin:
     """
     if qmin > qmax:
         raise ValueError(f"qmin must be <= qmax, got qmin={qmin}, qmax={qmax}")
-    if _fused.enabled() and torch.is_grad_enabled() and (
-            x.requires_grad or scale.requires_grad
-            or (zero_point is not None and zero_point.requires_grad)):
+    if (
+        _fused.enabled()
+        and torch.is_grad_enabled()
+        and (
+            x.requires_grad
+            or scale.requires_grad
+            or (zero_point is not None and zero_point.requires_grad)
+        )
+    ):
         out = _fused.fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale, rounding)
         if out is not None:
             return out
-    return LSQFakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale, rounding,
-                                 generator)
+    return LSQFakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale, rounding, generator)
 
 
 def lsq_grad_scale(numel: int, qmax: int) -> float:

@@ -83,8 +83,10 @@ def twn_params(x: Tensor, spec: Ternary) -> tuple[Tensor, Tensor]:
     delta, alpha = _twn(to_blocks(x.to(acc).abs(), block), dims, spec.threshold, wide=False)
     if not all(_finite_flags(x, "x", delta, alpha)):
         delta, alpha = _twn(to_blocks(x.abs(), block), dims, spec.threshold, wide=True)
-    return (delta.reshape(out_shape).clamp(max=top).to(x.dtype),
-            alpha.reshape(out_shape).to(x.dtype))
+    return (
+        delta.reshape(out_shape).clamp(max=top).to(x.dtype),
+        alpha.reshape(out_shape).to(x.dtype),
+    )
 
 
 def _twn(a: Tensor, dims: tuple[int, ...], threshold: float, wide: bool) -> tuple[Tensor, Tensor]:
@@ -193,9 +195,7 @@ class _TernarySTE(torch.autograd.Function):
         return grad_x, None, grad_p, grad_n
 
 
-def ternary_fake_quantize(
-    x: Tensor, delta: Tensor, alpha_p: Tensor, alpha_n: Tensor
-) -> Tensor:
+def ternary_fake_quantize(x: Tensor, delta: Tensor, alpha_p: Tensor, alpha_n: Tensor) -> Tensor:
     """``alpha_p`` where ``x > delta``, ``-alpha_n`` where ``x < -delta``, else 0.
 
     Parameters

@@ -45,7 +45,27 @@ from tnquant.registry.table import (
     unregister,
 )
 
-__all__ = ["LayerKind", "ROLES", "WEIGHT_KINDS", "BUILTIN", "Handler", "BuildContext",
-           "register", "unregister", "lookup", "kind_of", "kinds", "factorized_class",
-           "refusal", "export_route", "handlers", "dense_classes", "FactorizeTable",
-           "HandlerTable", "weight_pairs", "activation_sites", "quant_state", "store_frozen"]
+__all__ = [
+    "LayerKind",
+    "ROLES",
+    "WEIGHT_KINDS",
+    "BUILTIN",
+    "Handler",
+    "BuildContext",
+    "register",
+    "unregister",
+    "lookup",
+    "kind_of",
+    "kinds",
+    "factorized_class",
+    "refusal",
+    "export_route",
+    "handlers",
+    "dense_classes",
+    "FactorizeTable",
+    "HandlerTable",
+    "weight_pairs",
+    "activation_sites",
+    "quant_state",
+    "store_frozen",
+]

@@ -63,8 +63,7 @@ def quant_state(module: nn.Module) -> str:
     return state_of(weight_pairs(module), module)
 
 
-def store_frozen(module: nn.Module, k: int, frozen: nn.Module, placeholder: nn.Parameter
-                 ) -> None:
+def store_frozen(module: nn.Module, k: int, frozen: nn.Module, placeholder: nn.Parameter) -> None:
     """Put ``frozen`` in weight slot ``k`` of ``module`` and ``placeholder`` for its tensor."""
     kind = lookup(module)
     if kind is not None and kind.role == "factorized":

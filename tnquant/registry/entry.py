@@ -90,44 +90,55 @@ class LayerKind:
             raise ValueError(f"{name}: a dense kind is its own dense class (dense={name})")
         if self.role in ("factorized", "quantized") and self.dense is None:
             raise ValueError(f"{name}: a {self.role} kind names the dense class it stands for")
-        if self.role != "dense" and (self.factorize or self.quantized or self.weight_kind
-                                     or self.refuse):
-            raise ValueError(f"{name}: only a dense kind takes factorize=, quantized=, "
-                             f"weight_kind= and refuse=")
+        if self.role != "dense" and (
+            self.factorize or self.quantized or self.weight_kind or self.refuse
+        ):
+            raise ValueError(
+                f"{name}: only a dense kind takes factorize=, quantized=, weight_kind= and refuse="
+            )
         if self.factorize:
             self._check_factorize(name)
         self._check_handler(name)
 
     def _check_factorize(self, name: str) -> None:
         if self.weight_kind not in WEIGHT_KINDS:
-            raise ValueError(f"{name}: weight_kind must be one of {WEIGHT_KINDS} when it "
-                             f"factorizes, got {self.weight_kind!r}")
+            raise ValueError(
+                f"{name}: weight_kind must be one of {WEIGHT_KINDS} when it "
+                f"factorizes, got {self.weight_kind!r}"
+            )
         for spec_type, target in self.factorize.items():
             if spec_type not in DECOMPOSERS[self.weight_kind]:
-                raise ValueError(f"{name}: tnquant.decompose has no {spec_type.__name__} "
-                                 f"decomposition of a {self.weight_kind} weight")
+                raise ValueError(
+                    f"{name}: tnquant.decompose has no {spec_type.__name__} "
+                    f"decomposition of a {self.weight_kind} weight"
+                )
             if not (isinstance(target, type) and issubclass(target, nn.Module)):
-                raise TypeError(f"{name}: factorize[{spec_type.__name__}] must be a layer "
-                                f"class, got {target!r}")
+                raise TypeError(
+                    f"{name}: factorize[{spec_type.__name__}] must be a layer class, got {target!r}"
+                )
 
     def _check_handler(self, name: str) -> None:
         h = self.handler
         if h is None:
             return
         if not isinstance(h, Handler):
-            raise TypeError(f"{name}: handler must be a registry.serialize.Handler, got "
-                            f"{type(h).__name__}")
+            raise TypeError(
+                f"{name}: handler must be a registry.serialize.Handler, got {type(h).__name__}"
+            )
         replaces = self.dense if self.role in ("factorized", "quantized") else None
         if h.cls is not self.cls or h.replaces is not replaces:
-            raise ValueError(f"{name}: its handler is for a {h.cls.__name__} replacing "
-                             f"{getattr(h.replaces, '__name__', None)}, expected {name} "
-                             f"replacing {getattr(replaces, '__name__', None)}")
+            raise ValueError(
+                f"{name}: its handler is for a {h.cls.__name__} replacing "
+                f"{getattr(h.replaces, '__name__', None)}, expected {name} "
+                f"replacing {getattr(replaces, '__name__', None)}"
+            )
 
     @property
     def quantizable(self) -> bool:
         """Whether its tensors take quantizers: a dense kind with a quantized class, or a layer."""
-        return self.role in ("factorized", "quantized") or (self.role == "dense"
-                                                             and self.quantized is not None)
+        return self.role in ("factorized", "quantized") or (
+            self.role == "dense" and self.quantized is not None
+        )
 
     @property
     def holds_quantizers(self) -> bool:

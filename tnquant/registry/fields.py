@@ -24,13 +24,44 @@ from typing import Any
 from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
 from tnquant.specs import spec_from_dict as _spec_from_dict
 
-__all__ = ["Field", "parse_spec", "spec_field", "factorized_fields", "show", "is_int",
-           "MAX_DIM", "MAX_NDIM", "MAX_CORES", "MAX_NAME", "SIZE", "BOOL", "NAME", "PAIR",
-           "PADDING", "SHAPE", "CORE_SHAPES", "OPT_INDEX", "OPT_NUMBER", "FLOAT_DTYPE",
-           "OBSERVER", "DECOMPOSITION_INFO", "QUANT_SPECS", "FACTORIZATION_SPECS",
-           "LINEAR_FIELDS", "CONV_FIELDS", "EMBEDDING_FIELDS", "QLINEAR_FIELDS", "QCONV_FIELDS",
-           "QEMBEDDING_FIELDS", "FROZEN_FIELDS", "QUANTIZER_FIELDS", "LEAVES", "ACTS",
-           "FACTORIZED_SLOTS", "DENSE_SLOTS"]
+__all__ = [
+    "Field",
+    "parse_spec",
+    "spec_field",
+    "factorized_fields",
+    "show",
+    "is_int",
+    "MAX_DIM",
+    "MAX_NDIM",
+    "MAX_CORES",
+    "MAX_NAME",
+    "SIZE",
+    "BOOL",
+    "NAME",
+    "PAIR",
+    "PADDING",
+    "SHAPE",
+    "CORE_SHAPES",
+    "OPT_INDEX",
+    "OPT_NUMBER",
+    "FLOAT_DTYPE",
+    "OBSERVER",
+    "DECOMPOSITION_INFO",
+    "QUANT_SPECS",
+    "FACTORIZATION_SPECS",
+    "LINEAR_FIELDS",
+    "CONV_FIELDS",
+    "EMBEDDING_FIELDS",
+    "QLINEAR_FIELDS",
+    "QCONV_FIELDS",
+    "QEMBEDDING_FIELDS",
+    "FROZEN_FIELDS",
+    "QUANTIZER_FIELDS",
+    "LEAVES",
+    "ACTS",
+    "FACTORIZED_SLOTS",
+    "DENSE_SLOTS",
+]
 
 #: the largest size (of one dimension, a feature count) a description may give.
 MAX_DIM = 1 << 40
@@ -39,8 +70,15 @@ MAX_NDIM = 16
 #: the most cores of a layer, and items of a child list or dict.
 MAX_CORES = 64
 MAX_NAME = 1000
-_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError,
-           RecursionError)
+_ERRORS = (
+    TypeError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    OverflowError,
+    RecursionError,
+)
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -72,29 +110,46 @@ def _is_number(value: Any) -> bool:
 
 
 def _ints(value: Any, lo: int, n: int | None = None) -> bool:
-    return (isinstance(value, list) and len(value) <= MAX_NDIM
-            and (n is None or len(value) == n) and all(is_int(v, lo, MAX_DIM) for v in value))
+    return (
+        isinstance(value, list)
+        and len(value) <= MAX_NDIM
+        and (n is None or len(value) == n)
+        and all(is_int(v, lo, MAX_DIM) for v in value)
+    )
 
 
 SIZE = _pred("an int in 1..2**40", lambda v: is_int(v, 1, MAX_DIM))
 BOOL = _pred("true or false", lambda v: type(v) is bool)
 NAME = _pred("a string", lambda v: isinstance(v, str) and len(v) <= MAX_NAME)
 PAIR = _pred("a list of 2 ints in 1..2**40", lambda v: _ints(v, 1, 2))
-PADDING = _pred("a list of 2 ints in 0..2**40, 'same' or 'valid'",
-                lambda v: _ints(v, 0, 2) or v in ("same", "valid"))
+PADDING = _pred(
+    "a list of 2 ints in 0..2**40, 'same' or 'valid'",
+    lambda v: _ints(v, 0, 2) or v in ("same", "valid"),
+)
 SHAPE = _pred(f"a list of at most {MAX_NDIM} ints in 0..2**40", lambda v: _ints(v, 0))
-CORE_SHAPES = _pred(f"a list of 1..{MAX_CORES} lists of ints in 1..2**40",
-                    lambda v: isinstance(v, list) and 1 <= len(v) <= MAX_CORES
-                    and all(_ints(s, 1) for s in v))
+CORE_SHAPES = _pred(
+    f"a list of 1..{MAX_CORES} lists of ints in 1..2**40",
+    lambda v: isinstance(v, list) and 1 <= len(v) <= MAX_CORES and all(_ints(s, 1) for s in v),
+)
 OPT_INDEX = _pred("an int or null", lambda v: v is None or is_int(v, -MAX_DIM, MAX_DIM))
 OPT_NUMBER = _pred("a finite number or null", lambda v: v is None or _is_number(v))
 FLOAT_DTYPE = _pred(f"one of {list(_FLOAT_NAMES)}", lambda v: v in _FLOAT_NAMES)
-OBSERVER = _pred("{'n_grid': int in 1..10**6, 'low': number in (0, 1]}",
-                 lambda v: isinstance(v, dict) and set(v) == {"n_grid", "low"}
-                 and is_int(v["n_grid"], 1, 10**6) and _is_number(v["low"])
-                 and 0 < v["low"] <= 1, required=False)
-_INFO_SCALARS = {"rel_error": OPT_NUMBER, "out_rel_error": OPT_NUMBER,
-                 "capped": _pred("a string or null", lambda v: v is None or isinstance(v, str))}
+OBSERVER = _pred(
+    "{'n_grid': int in 1..10**6, 'low': number in (0, 1]}",
+    lambda v: (
+        isinstance(v, dict)
+        and set(v) == {"n_grid", "low"}
+        and is_int(v["n_grid"], 1, 10**6)
+        and _is_number(v["low"])
+        and 0 < v["low"] <= 1
+    ),
+    required=False,
+)
+_INFO_SCALARS = {
+    "rel_error": OPT_NUMBER,
+    "out_rel_error": OPT_NUMBER,
+    "capped": _pred("a string or null", lambda v: v is None or isinstance(v, str)),
+}
 
 
 def _check_info(value: Any) -> str | None:
@@ -142,12 +197,14 @@ def parse_spec(data: Any, types: tuple[type, ...]) -> Any:
 
 def spec_field(*types: type) -> Field:
     """A field holding a spec of one of ``types`` (checked through ``spec_from_dict``)."""
+
     def check(value: Any) -> str | None:
         try:
             parse_spec(value, types)
         except ValueError as err:
             return str(err)
         return None
+
     return Field(check)
 
 
@@ -156,21 +213,38 @@ QUANT_SPECS = (QuantSpec, Binary, Ternary, FixedPoint)
 FACTORIZATION_SPECS = (TT, Tucker, CP, LowRank)
 
 LINEAR_FIELDS = {"in_features": SIZE, "out_features": SIZE}
-CONV_FIELDS = {"in_channels": SIZE, "out_channels": SIZE, "kernel_size": PAIR, "stride": PAIR,
-               "padding": PADDING, "dilation": PAIR, "padding_mode": NAME}
+CONV_FIELDS = {
+    "in_channels": SIZE,
+    "out_channels": SIZE,
+    "kernel_size": PAIR,
+    "stride": PAIR,
+    "padding": PADDING,
+    "dilation": PAIR,
+    "padding_mode": NAME,
+}
 EMBEDDING_FIELDS = {"num_embeddings": SIZE, "embedding_dim": SIZE, "padding_idx": OPT_INDEX}
 QLINEAR_FIELDS = {**LINEAR_FIELDS, "bias": BOOL}
 QCONV_FIELDS = {**CONV_FIELDS, "groups": SIZE, "bias": BOOL}
-QEMBEDDING_FIELDS = {**EMBEDDING_FIELDS, "norm_type": OPT_NUMBER, "scale_grad_by_freq": BOOL,
-                     "sparse": BOOL}
+QEMBEDDING_FIELDS = {
+    **EMBEDDING_FIELDS,
+    "norm_type": OPT_NUMBER,
+    "scale_grad_by_freq": BOOL,
+    "sparse": BOOL,
+}
 FROZEN_FIELDS = {"spec": spec_field(*QUANT_SPECS), "shape": SHAPE, "dtype": FLOAT_DTYPE}
 QUANTIZER_FIELDS = {"spec": spec_field(*QUANT_SPECS), "observer": OBSERVER}
 
 
 def factorized_fields(spec_type: type, sizes: Mapping[str, Field]) -> dict[str, Field]:
     """The config schema of a factorized layer taking ``spec_type``, plus ``sizes``."""
-    return {"spec": spec_field(spec_type), "core_shapes": CORE_SHAPES, "bias": BOOL,
-            "implementation": NAME, "decomposition_info": DECOMPOSITION_INFO, **sizes}
+    return {
+        "spec": spec_field(spec_type),
+        "core_shapes": CORE_SHAPES,
+        "bias": BOOL,
+        "implementation": NAME,
+        "decomposition_info": DECOMPOSITION_INFO,
+        **sizes,
+    }
 
 
 #: the classes a quantizer slot may hold, and each layer kind's slots: name -> (kind, classes)

@@ -53,9 +53,19 @@ from tnquant.registry.fields import (
 )
 from tnquant.specs import spec_to_dict
 
-__all__ = ["Handler", "BuildContext", "linear_handler", "conv_handler", "embedding_handler",
-           "quant_linear_handler", "quant_conv_handler", "quant_embedding_handler",
-           "FROZEN_HANDLER", "QUANTIZER_HANDLER", "IDENTITY_HANDLER"]
+__all__ = [
+    "Handler",
+    "BuildContext",
+    "linear_handler",
+    "conv_handler",
+    "embedding_handler",
+    "quant_linear_handler",
+    "quant_conv_handler",
+    "quant_embedding_handler",
+    "FROZEN_HANDLER",
+    "QUANTIZER_HANDLER",
+    "IDENTITY_HANDLER",
+]
 
 Build = Callable[[dict[str, Any], str, "BuildContext"], nn.Module]
 
@@ -134,21 +144,29 @@ def _padding(config: dict[str, Any]) -> Any:
 
 
 def _factorized_common(layer: FactorizedLayer) -> dict[str, Any]:
-    return {"spec": spec_to_dict(layer.spec),
-            "core_shapes": [list(s) for s in layer._core_shapes()],
-            "bias": layer.bias is not None, "implementation": layer.implementation,
-            "decomposition_info": _jsonable(layer.decomposition_info)}
+    return {
+        "spec": spec_to_dict(layer.spec),
+        "core_shapes": [list(s) for s in layer._core_shapes()],
+        "bias": layer.bias is not None,
+        "implementation": layer.implementation,
+        "decomposition_info": _jsonable(layer.decomposition_info),
+    }
 
 
-def _factorized_kwargs(config: dict[str, Any], name: str, ctx: BuildContext, cls: Any
-                       ) -> tuple[list[Tensor], dict[str, Any]]:
+def _factorized_kwargs(
+    config: dict[str, Any], name: str, ctx: BuildContext, cls: Any
+) -> tuple[list[Tensor], dict[str, Any]]:
     owner = f"{cls.__name__} {name!r}"
-    cores = [ctx.empty(f"{_prefix(name)}cores.{k}", owner, shape)
-             for k, shape in enumerate(config["core_shapes"])]
+    cores = [
+        ctx.empty(f"{_prefix(name)}cores.{k}", owner, shape)
+        for k, shape in enumerate(config["core_shapes"])
+    ]
     info = dict(config["decomposition_info"])
     info.pop("ranks", None)  # the layer derives them from the cores; _finish compares
-    kwargs: dict[str, Any] = {"spec": parse_spec(config["spec"], (cls.spec_type,)),
-                              "decomposition_info": info}
+    kwargs: dict[str, Any] = {
+        "spec": parse_spec(config["spec"], (cls.spec_type,)),
+        "decomposition_info": info,
+    }
     if config["bias"]:
         kwargs["bias"] = ctx.empty(f"{_prefix(name)}bias", owner)
     return cores, kwargs
@@ -157,15 +175,19 @@ def _factorized_kwargs(config: dict[str, Any], name: str, ctx: BuildContext, cls
 def _finish(layer: FactorizedLayer, config: dict[str, Any]) -> FactorizedLayer:
     saved = config["decomposition_info"].get("ranks")
     if saved is not None and tuple(saved) != layer.ranks:
-        raise ValueError(f"decomposition_info ranks {saved} do not match the cores' ranks "
-                         f"{list(layer.ranks)}")
+        raise ValueError(
+            f"decomposition_info ranks {saved} do not match the cores' ranks {list(layer.ranks)}"
+        )
     layer.implementation = config["implementation"]
     return layer
 
 
 def _describe_linear(layer: Any) -> dict[str, Any]:
-    return {**_factorized_common(layer), "in_features": layer.in_features,
-            "out_features": layer.out_features}
+    return {
+        **_factorized_common(layer),
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+    }
 
 
 def _expect_linear(config: dict[str, Any]) -> dict[str, Any]:
@@ -174,66 +196,123 @@ def _expect_linear(config: dict[str, Any]) -> dict[str, Any]:
 
 def _describe_conv(layer: Any) -> dict[str, Any]:
     padding = layer.padding if isinstance(layer.padding, str) else list(layer.padding)
-    return {**_factorized_common(layer), "in_channels": layer.in_channels,
-            "out_channels": layer.out_channels, "kernel_size": list(layer.kernel_size),
-            "stride": list(layer.stride), "padding": padding, "dilation": list(layer.dilation),
-            "padding_mode": layer.padding_mode}
+    return {
+        **_factorized_common(layer),
+        "in_channels": layer.in_channels,
+        "out_channels": layer.out_channels,
+        "kernel_size": list(layer.kernel_size),
+        "stride": list(layer.stride),
+        "padding": padding,
+        "dilation": list(layer.dilation),
+        "padding_mode": layer.padding_mode,
+    }
 
 
 def _expect_conv(config: dict[str, Any]) -> dict[str, Any]:
-    return {"in_channels": config["in_channels"], "out_channels": config["out_channels"],
-            "kernel_size": tuple(config["kernel_size"]), "stride": tuple(config["stride"]),
-            "padding": _padding(config), "dilation": tuple(config["dilation"]),
-            "padding_mode": config["padding_mode"], "groups": 1}
+    return {
+        "in_channels": config["in_channels"],
+        "out_channels": config["out_channels"],
+        "kernel_size": tuple(config["kernel_size"]),
+        "stride": tuple(config["stride"]),
+        "padding": _padding(config),
+        "dilation": tuple(config["dilation"]),
+        "padding_mode": config["padding_mode"],
+        "groups": 1,
+    }
 
 
 def _describe_embedding(layer: Any) -> dict[str, Any]:
-    return {**_factorized_common(layer), "num_embeddings": layer.num_embeddings,
-            "embedding_dim": layer.embedding_dim, "padding_idx": layer.padding_idx}
+    return {
+        **_factorized_common(layer),
+        "num_embeddings": layer.num_embeddings,
+        "embedding_dim": layer.embedding_dim,
+        "padding_idx": layer.padding_idx,
+    }
 
 
 def _expect_embedding(config: dict[str, Any]) -> dict[str, Any]:
-    return {"num_embeddings": config["num_embeddings"], "embedding_dim": config["embedding_dim"],
-            "padding_idx": config["padding_idx"]}
+    return {
+        "num_embeddings": config["num_embeddings"],
+        "embedding_dim": config["embedding_dim"],
+        "padding_idx": config["padding_idx"],
+    }
 
 
-def _factorized(cls: Any, replaces: Any, describe: Any, build: Build, expect: Any,
-                sizes: dict[str, Field]) -> Handler:
-    return Handler(cls, replaces, describe, build, expect, ("cores",), placeholders=True,
-                   schema=factorized_fields(cls.spec_type, sizes), slots=FACTORIZED_SLOTS)
+def _factorized(
+    cls: Any, replaces: Any, describe: Any, build: Build, expect: Any, sizes: dict[str, Field]
+) -> Handler:
+    return Handler(
+        cls,
+        replaces,
+        describe,
+        build,
+        expect,
+        ("cores",),
+        placeholders=True,
+        schema=factorized_fields(cls.spec_type, sizes),
+        slots=FACTORIZED_SLOTS,
+    )
 
 
 def linear_handler(cls: Any, replaces: type[nn.Module] = nn.Linear) -> Handler:
     """The handler of a factorized Linear class built as ``cls(cores, in_features=, ...)``."""
+
     def build(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
         cores, kwargs = _factorized_kwargs(config, name, ctx, cls)
-        return _finish(cls(cores, in_features=config["in_features"],
-                           out_features=config["out_features"], **kwargs), config)
+        return _finish(
+            cls(
+                cores,
+                in_features=config["in_features"],
+                out_features=config["out_features"],
+                **kwargs,
+            ),
+            config,
+        )
+
     return _factorized(cls, replaces, _describe_linear, build, _expect_linear, LINEAR_FIELDS)
 
 
 def conv_handler(cls: Any, replaces: type[nn.Module] = nn.Conv2d) -> Handler:
     """The handler of a factorized Conv2d class built as ``cls(cores, stride=, ...)``."""
+
     def build(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
         cores, kwargs = _factorized_kwargs(config, name, ctx, cls)
-        return _finish(cls(cores, stride=tuple(config["stride"]), padding=_padding(config),
-                           dilation=tuple(config["dilation"]),
-                           padding_mode=config["padding_mode"], **kwargs), config)
+        return _finish(
+            cls(
+                cores,
+                stride=tuple(config["stride"]),
+                padding=_padding(config),
+                dilation=tuple(config["dilation"]),
+                padding_mode=config["padding_mode"],
+                **kwargs,
+            ),
+            config,
+        )
+
     return _factorized(cls, replaces, _describe_conv, build, _expect_conv, CONV_FIELDS)
 
 
-def embedding_handler(cls: Any = TTEmbedding,
-                      replaces: type[nn.Module] = nn.Embedding) -> Handler:
+def embedding_handler(cls: Any = TTEmbedding, replaces: type[nn.Module] = nn.Embedding) -> Handler:
     """The handler of a factorized Embedding class (no bias)."""
+
     def build(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
         if config["bias"]:
             raise ValueError(f"a {cls.__name__} has no bias")
         cores, kwargs = _factorized_kwargs(config, name, ctx, cls)
-        return _finish(cls(cores, num_embeddings=config["num_embeddings"],
-                           embedding_dim=config["embedding_dim"],
-                           padding_idx=config["padding_idx"], **kwargs), config)
-    return _factorized(cls, replaces, _describe_embedding, build, _expect_embedding,
-                       EMBEDDING_FIELDS)
+        return _finish(
+            cls(
+                cores,
+                num_embeddings=config["num_embeddings"],
+                embedding_dim=config["embedding_dim"],
+                padding_idx=config["padding_idx"],
+                **kwargs,
+            ),
+            config,
+        )
+
+    return _factorized(
+        cls, replaces, _describe_embedding, build, _expect_embedding, EMBEDDING_FIELDS
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -262,10 +341,17 @@ def _build_frozen(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Mo
     return FrozenTensor.from_metadata(config, device=ctx.device)
 
 
-FROZEN_HANDLER = Handler(FrozenTensor, None, lambda f: dict(f.metadata()), _build_frozen,
-                         schema=FROZEN_FIELDS)
-QUANTIZER_HANDLER = Handler(Quantizer, None, _describe_quantizer, _build_quantizer,
-                            own_children=("observer",), schema=QUANTIZER_FIELDS)
+FROZEN_HANDLER = Handler(
+    FrozenTensor, None, lambda f: dict(f.metadata()), _build_frozen, schema=FROZEN_FIELDS
+)
+QUANTIZER_HANDLER = Handler(
+    Quantizer,
+    None,
+    _describe_quantizer,
+    _build_quantizer,
+    own_children=("observer",),
+    schema=QUANTIZER_FIELDS,
+)
 IDENTITY_HANDLER = Handler(nn.Identity, None, lambda m: {}, lambda c, n, ctx: nn.Identity())
 
 
@@ -278,61 +364,103 @@ def _dtype(cls: Any, name: str, ctx: BuildContext) -> torch.dtype:
     return ctx.saved(f"{_prefix(name)}weight", f"{cls.__name__} {name!r}").dtype
 
 
-def _dense(cls: Any, replaces: Any, describe: Any, build: Build, expect: Any,
-           schema: dict[str, Field]) -> Handler:
-    return Handler(cls, replaces, describe, build, expect, placeholders=True, schema=schema,
-                   slots=DENSE_SLOTS)
+def _dense(
+    cls: Any, replaces: Any, describe: Any, build: Build, expect: Any, schema: dict[str, Field]
+) -> Handler:
+    return Handler(
+        cls, replaces, describe, build, expect, placeholders=True, schema=schema, slots=DENSE_SLOTS
+    )
 
 
-def quant_linear_handler(cls: Any = QuantLinear,
-                         replaces: type[nn.Module] = nn.Linear) -> Handler:
+def quant_linear_handler(cls: Any = QuantLinear, replaces: type[nn.Module] = nn.Linear) -> Handler:
     """The handler of a quantized Linear class built as ``cls(in, out, bias=, device=, dtype=)``."""
+
     def describe(layer: Any) -> dict[str, Any]:
-        return {"in_features": layer.in_features, "out_features": layer.out_features,
-                "bias": layer.bias is not None}
+        return {
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "bias": layer.bias is not None,
+        }
 
     def build(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
-        return cls(config["in_features"], config["out_features"], bias=config["bias"],
-                   device="meta", dtype=_dtype(cls, name, ctx)).to_empty(device=ctx.device)
+        return cls(
+            config["in_features"],
+            config["out_features"],
+            bias=config["bias"],
+            device="meta",
+            dtype=_dtype(cls, name, ctx),
+        ).to_empty(device=ctx.device)
+
     return _dense(cls, replaces, describe, build, _expect_linear, QLINEAR_FIELDS)
 
 
-def quant_conv_handler(cls: Any = QuantConv2d,
-                       replaces: type[nn.Module] = nn.Conv2d) -> Handler:
+def quant_conv_handler(cls: Any = QuantConv2d, replaces: type[nn.Module] = nn.Conv2d) -> Handler:
     """The handler of a quantized Conv2d class (``nn.Conv2d``'s constructor)."""
+
     def describe(layer: Any) -> dict[str, Any]:
         padding = layer.padding if isinstance(layer.padding, str) else list(layer.padding)
-        return {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
-                "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
-                "padding": padding, "dilation": list(layer.dilation), "groups": layer.groups,
-                "padding_mode": layer.padding_mode, "bias": layer.bias is not None}
+        return {
+            "in_channels": layer.in_channels,
+            "out_channels": layer.out_channels,
+            "kernel_size": list(layer.kernel_size),
+            "stride": list(layer.stride),
+            "padding": padding,
+            "dilation": list(layer.dilation),
+            "groups": layer.groups,
+            "padding_mode": layer.padding_mode,
+            "bias": layer.bias is not None,
+        }
 
     def build(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
-        return cls(config["in_channels"], config["out_channels"], tuple(config["kernel_size"]),
-                   stride=tuple(config["stride"]), padding=_padding(config),
-                   dilation=tuple(config["dilation"]), groups=config["groups"],
-                   bias=config["bias"], padding_mode=config["padding_mode"], device="meta",
-                   dtype=_dtype(cls, name, ctx)).to_empty(device=ctx.device)
+        return cls(
+            config["in_channels"],
+            config["out_channels"],
+            tuple(config["kernel_size"]),
+            stride=tuple(config["stride"]),
+            padding=_padding(config),
+            dilation=tuple(config["dilation"]),
+            groups=config["groups"],
+            bias=config["bias"],
+            padding_mode=config["padding_mode"],
+            device="meta",
+            dtype=_dtype(cls, name, ctx),
+        ).to_empty(device=ctx.device)
 
     def expect(config: dict[str, Any]) -> dict[str, Any]:
         return {**_expect_conv(config), "groups": config["groups"]}
+
     return _dense(cls, replaces, describe, build, expect, QCONV_FIELDS)
 
 
-def quant_embedding_handler(cls: Any = QuantEmbedding,
-                            replaces: type[nn.Module] = nn.Embedding) -> Handler:
+def quant_embedding_handler(
+    cls: Any = QuantEmbedding, replaces: type[nn.Module] = nn.Embedding
+) -> Handler:
     """The handler of a quantized Embedding class (``nn.Embedding``'s constructor)."""
+
     def describe(layer: Any) -> dict[str, Any]:
-        return {"num_embeddings": layer.num_embeddings, "embedding_dim": layer.embedding_dim,
-                "padding_idx": layer.padding_idx, "norm_type": layer.norm_type,
-                "scale_grad_by_freq": layer.scale_grad_by_freq, "sparse": layer.sparse}
+        return {
+            "num_embeddings": layer.num_embeddings,
+            "embedding_dim": layer.embedding_dim,
+            "padding_idx": layer.padding_idx,
+            "norm_type": layer.norm_type,
+            "scale_grad_by_freq": layer.scale_grad_by_freq,
+            "sparse": layer.sparse,
+        }
 
     def build(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
         dtype = _dtype(cls, name, ctx)
         num, idx = config["num_embeddings"], config["padding_idx"]
         if idx is not None and not -num <= idx < num:  # nn.Embedding would assert
             raise ValueError(f"padding_idx must be in [{-num}, {num - 1}], got {idx}")
-        return cls(num, config["embedding_dim"], idx, norm_type=config["norm_type"],
-                   scale_grad_by_freq=config["scale_grad_by_freq"], sparse=config["sparse"],
-                   device="meta", dtype=dtype).to_empty(device=ctx.device)
+        return cls(
+            num,
+            config["embedding_dim"],
+            idx,
+            norm_type=config["norm_type"],
+            scale_grad_by_freq=config["scale_grad_by_freq"],
+            sparse=config["sparse"],
+            device="meta",
+            dtype=dtype,
+        ).to_empty(device=ctx.device)
+
     return _dense(cls, replaces, describe, build, _expect_embedding, QEMBEDDING_FIELDS)

@@ -26,9 +26,20 @@ from tnquant.registry.builtin import BUILTIN
 from tnquant.registry.entry import LayerKind
 from tnquant.registry.serialize import Handler
 
-__all__ = ["register", "unregister", "lookup", "kind_of", "kinds", "factorized_class",
-           "refusal", "export_route", "handlers", "FactorizeTable", "HandlerTable",
-           "dense_classes"]
+__all__ = [
+    "register",
+    "unregister",
+    "lookup",
+    "kind_of",
+    "kinds",
+    "factorized_class",
+    "refusal",
+    "export_route",
+    "handlers",
+    "FactorizeTable",
+    "HandlerTable",
+    "dense_classes",
+]
 
 _TABLE: dict[type, LayerKind] = {kind.cls: kind for kind in BUILTIN}
 
@@ -60,8 +71,10 @@ def register(kind: LayerKind) -> LayerKind:
         raise TypeError(f"register() takes a LayerKind, got {type(kind).__name__}")
     for cls in _TABLE:
         if cls is kind.cls or cls.__name__ == kind.cls.__name__:
-            raise ValueError(f"a layer kind named {kind.cls.__name__} is already registered "
-                             f"({cls.__module__}.{cls.__qualname__}); unregister it first")
+            raise ValueError(
+                f"a layer kind named {kind.cls.__name__} is already registered "
+                f"({cls.__module__}.{cls.__qualname__}); unregister it first"
+            )
     _TABLE[kind.cls] = kind
     return kind
 
@@ -133,8 +146,7 @@ class FactorizeTable(Mapping[tuple[type, type], type]):
     """
 
     def __getitem__(self, key: tuple[type, type]) -> type:
-        cls = factorized_class(key[0], key[1]) if isinstance(key, tuple) and len(key) == 2 \
-            else None
+        cls = factorized_class(key[0], key[1]) if isinstance(key, tuple) and len(key) == 2 else None
         if cls is None:
             raise KeyError(key)
         return cls

@@ -72,8 +72,9 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool,
-                integer: bool) -> str:
+def _range_text(
+    lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, integer: bool
+) -> str:
     if lo is not None and hi is not None:
         if integer:
             return f"in {lo}..{hi}"
@@ -103,8 +104,15 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
     return value
 
 
-def check_float(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
-                lo_open: bool = False, hi_open: bool = False) -> float:
+def check_float(
+    name: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
     """A finite real number (an int or a float, not a ``bool``) in the range, as a ``float``.
 
     ``lo``/``hi`` are inclusive unless ``lo_open``/``hi_open``.
@@ -130,7 +138,8 @@ def check_float(name: str, value: Any, lo: float | None = None, hi: float | None
     above = hi is not None and (value >= hi if hi_open else value > hi)
     if below or above:
         raise ValueError(
-            f"{name} must be {_range_text(lo, hi, lo_open, hi_open, False)}, got {value}")
+            f"{name} must be {_range_text(lo, hi, lo_open, hi_open, False)}, got {value}"
+        )
     return value
 
 

@@ -57,11 +57,11 @@ class _Factorization:
         if self.rank is not None:
             object.__setattr__(self, "rank", check_rank(self.rank))
         if self.ratio is not None:
-            object.__setattr__(self, "ratio", check_float("ratio", self.ratio, 0, 1,
-                                                          lo_open=True))
+            object.__setattr__(self, "ratio", check_float("ratio", self.ratio, 0, 1, lo_open=True))
         if self.tol is not None:
-            object.__setattr__(self, "tol", check_float("tol", self.tol, 0, 1, lo_open=True,
-                                                        hi_open=True))
+            object.__setattr__(
+                self, "tol", check_float("tol", self.tol, 0, 1, lo_open=True, hi_open=True)
+            )
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,9 @@ class FixedPoint:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "width", check_int("width", self.width, 1, 64))
-        object.__setattr__(self, "integer", check_int("integer", self.integer,
-                                                      -MAX_INTEGER_BITS, MAX_INTEGER_BITS))
+        object.__setattr__(
+            self, "integer", check_int("integer", self.integer, -MAX_INTEGER_BITS, MAX_INTEGER_BITS)
+        )
         check_bool("signed", self.signed)
         check_choice("rounding", self.rounding, AP_ROUNDING)
         check_choice("overflow", self.overflow, AP_OVERFLOW)
@@ -94,8 +95,10 @@ class FixedPoint:
         outside ``-1023..1074``).
         """
         if not -1023 <= self.frac <= 1074:
-            raise ValueError(f"integer {self.integer} with width {self.width} gives {self} a step "
-                             f"2**{-self.frac}, beyond float64 (2**-1074 .. 2**1023)")
+            raise ValueError(
+                f"integer {self.integer} with width {self.width} gives {self} a step "
+                f"2**{-self.frac}, beyond float64 (2**-1074 .. 2**1023)"
+            )
         return math.ldexp(1.0, -self.frac)
 
     @property

@@ -72,8 +72,7 @@ def normalize_granularity(granularity: Any) -> Granularity:
     if len(granularity) == 2 and isinstance(granularity[0], str) and granularity[0] == "group":
         size = granularity[1]
         if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-            raise ValueError(f"granularity group size must be a positive int, got "
-                             f"{describe(size)}")
+            raise ValueError(f"granularity group size must be a positive int, got {describe(size)}")
         return ("group", int(size))
     raise ValueError(f"{expected}, got {describe(granularity)}")
 
@@ -86,8 +85,10 @@ def _check_float_format(dtype: Any) -> str:
             raise ValueError(f"dtype must be one of {list(FLOAT_DTYPES)}, got {dtype}")
         return names[dtype]
     if not isinstance(dtype, str):
-        raise TypeError(f"dtype must be None, a str or a torch.dtype, one of "
-                        f"{list(FLOAT_DTYPES)}, got {describe(dtype)}")
+        raise TypeError(
+            f"dtype must be None, a str or a torch.dtype, one of "
+            f"{list(FLOAT_DTYPES)}, got {describe(dtype)}"
+        )
     return check_choice("dtype", dtype, tuple(FLOAT_DTYPES))
 
 
@@ -95,8 +96,9 @@ def _per_channel(granularity: Any, owner: str) -> Granularity:
     """``'tensor'`` or ``'channel'`` (Binary and Ternary have no groups)."""
     granularity = normalize_granularity(granularity)
     if granularity not in ("tensor", "channel"):
-        raise ValueError(f"granularity must be 'tensor' or 'channel' for {owner}, got "
-                         f"{granularity!r}")
+        raise ValueError(
+            f"granularity must be 'tensor' or 'channel' for {owner}, got {granularity!r}"
+        )
     return granularity
 
 
@@ -177,8 +179,9 @@ class QuantSpec:
         for name in ("symmetric", "learnable", "narrow_range"):
             check_bool(name, getattr(self, name))
         if self.bits == 1 and self.symmetric and self.narrow_range:
-            raise ValueError("narrow_range leaves a 1-bit symmetric spec no non-zero code; "
-                             "use Binary()")
+            raise ValueError(
+                "narrow_range leaves a 1-bit symmetric spec no non-zero code; use Binary()"
+            )
         put(self, "granularity", normalize_granularity(self.granularity))
         put(self, "axis", check_int("axis", self.axis))
         check_choice("scale", self.scale, SCALE_KINDS)
@@ -258,8 +261,11 @@ class Ternary:
     axis: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "threshold", check_float("threshold", self.threshold, 0, 2,
-                                                          lo_open=True, hi_open=True))
+        object.__setattr__(
+            self,
+            "threshold",
+            check_float("threshold", self.threshold, 0, 2, lo_open=True, hi_open=True),
+        )
         check_choice("method", self.method, ("twn", "ttq"))
         object.__setattr__(self, "granularity", _per_channel(self.granularity, "Ternary"))
         object.__setattr__(self, "axis", check_int("axis", self.axis))

@@ -10,7 +10,7 @@ True
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 from tnquant.specs.checks import describe
 from tnquant.specs.factorization import CP, TT, LowRank, Tucker
@@ -36,7 +36,7 @@ def spec_to_dict(spec: Any) -> dict[str, Any]:
     if _SPEC_TYPES.get(type(spec).__name__) is not type(spec):
         raise TypeError(f"expected a tnquant spec, got {type(spec).__name__}")
     out: dict[str, Any] = {"type": type(spec).__name__}
-    for f in dataclasses.fields(spec):
+    for f in dataclasses.fields(cast(Any, spec)):
         value = getattr(spec, f.name)
         if isinstance(value, tuple):
             value = list(value)
@@ -64,13 +64,16 @@ def spec_from_dict(data: dict[str, Any]) -> Any:
     if not isinstance(data, dict):
         raise TypeError(f"a spec must be a dict with a 'type', got {describe(data)}")
     if "type" not in data:
-        raise ValueError(f"a spec dict needs a 'type', one of {sorted(_SPEC_TYPES)}; got keys "
-                         f"{sorted(map(str, data))}")
+        raise ValueError(
+            f"a spec dict needs a 'type', one of {sorted(_SPEC_TYPES)}; got keys "
+            f"{sorted(map(str, data))}"
+        )
     data = dict(data)
     name = data.pop("type")
     if not isinstance(name, str):
-        raise TypeError(f"spec type must be a str, one of {sorted(_SPEC_TYPES)}, got "
-                        f"{describe(name)}")
+        raise TypeError(
+            f"spec type must be a str, one of {sorted(_SPEC_TYPES)}, got {describe(name)}"
+        )
     if name not in _SPEC_TYPES:
         raise ValueError(f"unknown spec type {name!r}; valid types are {sorted(_SPEC_TYPES)}")
     cls = _SPEC_TYPES[name]
@@ -78,10 +81,17 @@ def spec_from_dict(data: dict[str, Any]) -> Any:
     names = {f.name for f in fields}
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ValueError(f"unknown field(s) {sorted(map(repr, unknown))} for {name}; expected "
-                         f"some of {sorted(names)}")
-    missing = [f.name for f in fields if f.name not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        raise ValueError(
+            f"unknown field(s) {sorted(map(repr, unknown))} for {name}; expected "
+            f"some of {sorted(names)}"
+        )
+    missing = [
+        f.name
+        for f in fields
+        if f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ValueError(f"{name} needs field(s) {missing}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
