@@ -194,10 +194,10 @@ def _expect_linear(config: dict[str, Any]) -> dict[str, Any]:
     return {"in_features": config["in_features"], "out_features": config["out_features"]}
 
 
-def _describe_conv(layer: Any) -> dict[str, Any]:
+def _conv_geometry(layer: Any) -> dict[str, Any]:
+    """The constructor sizes a Conv2d-like layer shares with ``nn.Conv2d`` (JSON-safe)."""
     padding = layer.padding if isinstance(layer.padding, str) else list(layer.padding)
     return {
-        **_factorized_common(layer),
         "in_channels": layer.in_channels,
         "out_channels": layer.out_channels,
         "kernel_size": list(layer.kernel_size),
@@ -206,6 +206,10 @@ def _describe_conv(layer: Any) -> dict[str, Any]:
         "dilation": list(layer.dilation),
         "padding_mode": layer.padding_mode,
     }
+
+
+def _describe_conv(layer: Any) -> dict[str, Any]:
+    return {**_factorized_common(layer), **_conv_geometry(layer)}
 
 
 def _expect_conv(config: dict[str, Any]) -> dict[str, Any]:
@@ -398,18 +402,7 @@ def quant_conv_handler(cls: Any = QuantConv2d, replaces: type[nn.Module] = nn.Co
     """The handler of a quantized Conv2d class (``nn.Conv2d``'s constructor)."""
 
     def describe(layer: Any) -> dict[str, Any]:
-        padding = layer.padding if isinstance(layer.padding, str) else list(layer.padding)
-        return {
-            "in_channels": layer.in_channels,
-            "out_channels": layer.out_channels,
-            "kernel_size": list(layer.kernel_size),
-            "stride": list(layer.stride),
-            "padding": padding,
-            "dilation": list(layer.dilation),
-            "groups": layer.groups,
-            "padding_mode": layer.padding_mode,
-            "bias": layer.bias is not None,
-        }
+        return {**_conv_geometry(layer), "groups": layer.groups, "bias": layer.bias is not None}
 
     def build(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
         return cls(
