@@ -4,7 +4,8 @@ Three kinds of input are checked here:
 
 - recipe values: the checkers ``(value, key path) -> value`` that
   :mod:`tnquant.cli.recipe` builds its schema from (a bad value raises a
-  ``ValueError`` that starts with ``recipe key '<path>'``);
+  ``ValueError`` that starts with ``recipe key '<path>'``), defined in
+  :mod:`tnquant.cli.recipe_values` and importable from here;
 - the files of a directory that ``tnquant compress`` wrote, read back by
   ``report`` and ``export`` as data only: ``report.json`` and
   ``source.json`` (size-capped JSON, every field that is read checked),
@@ -27,18 +28,44 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tnquant.specs import FixedPoint
+from tnquant.cli.recipe_values import _CLASS_RE
+from tnquant.cli.recipe_values import Check as Check
+from tnquant.cli.recipe_values import _bool as _bool
+from tnquant.cli.recipe_values import _choice as _choice
+from tnquant.cli.recipe_values import _class_path as _class_path
+from tnquant.cli.recipe_values import _fail as _fail
+from tnquant.cli.recipe_values import _fields as _fields
+from tnquant.cli.recipe_values import _fixed as _fixed
+from tnquant.cli.recipe_values import _float as _float
+from tnquant.cli.recipe_values import _globs as _globs
+from tnquant.cli.recipe_values import _input_type as _input_type
+from tnquant.cli.recipe_values import _int as _int
+from tnquant.cli.recipe_values import _optional as _optional
+from tnquant.cli.recipe_values import _table as _table
+from tnquant.cli.recipe_values import _unknown as _unknown
+from tnquant.cli.recipe_values import _warmup as _warmup
 
-__all__ = ["UsageError", "read_json", "check_report", "check_source", "check_name", "dir_file",
-           "read_rows", "read_export_inputs", "import_class", "check_hf_dir", "check_out_dir",
-           "MAX_JSON_BYTES", "SOURCE_KINDS"]
+__all__ = [
+    "UsageError",
+    "read_json",
+    "check_report",
+    "check_source",
+    "check_name",
+    "dir_file",
+    "read_rows",
+    "read_export_inputs",
+    "import_class",
+    "check_hf_dir",
+    "check_out_dir",
+    "MAX_JSON_BYTES",
+    "SOURCE_KINDS",
+]
 
 #: The largest ``report.json``/``source.json``/``config.json`` read (bytes).
 MAX_JSON_BYTES = 16 << 20
@@ -48,122 +75,6 @@ SOURCE_KINDS = ("minilm", "digits-cnn", "hf", "checkpoint")
 
 class UsageError(ValueError):
     """A bad argument, path, recipe or input file: the CLI exits 2 with one line on stderr."""
-
-
-# --------------------------------------------------------------------------- #
-# recipe values: (value, key path) -> normalized value, or ValueError
-# --------------------------------------------------------------------------- #
-
-Check = Callable[[Any, str], Any]
-_CLASS_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-
-
-def _fail(path: str, expected: str, value: Any) -> ValueError:
-    return ValueError(f"recipe key '{path}' must be {expected}, got {value!r}")
-
-
-def _int(lo: int = 1, hi: int | None = None) -> Check:
-    def check(v: Any, path: str) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-            raise _fail(path, f"an integer >= {lo}" if hi is None else
-                        f"an integer in {lo}..{hi}", v)
-        return v
-    return check
-
-
-def _float(lo: float = 0.0, hi: float = float("inf"), lo_open: bool = False) -> Check:
-    def check(v: Any, path: str) -> float:
-        ok = not isinstance(v, bool) and isinstance(v, (int, float))
-        if not ok or v > hi or v < lo or (lo_open and v == lo):
-            raise _fail(path, f"a number in {'(' if lo_open else '['}{lo}, {hi}]", v)
-        return float(v)
-    return check
-
-
-def _warmup(v: Any, path: str) -> int | float:
-    """An int: warm-up steps (>= 0); a float in [0, 1): a fraction of the steps."""
-    ok = not isinstance(v, bool) and (
-        (isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0.0 <= v < 1.0))
-    if not ok:
-        raise _fail(path, "an integer number of steps >= 0 or a float fraction of the steps "
-                    "in [0, 1)", v)
-    return v
-
-
-def _bool(v: Any, path: str) -> bool:
-    if not isinstance(v, bool):
-        raise _fail(path, "true or false", v)
-    return v
-
-
-def _choice(*choices: str) -> Check:
-    def check(v: Any, path: str) -> str:
-        if v not in choices:
-            raise _fail(path, f"one of {list(choices)}", v)
-        return str(v)
-    return check
-
-
-def _optional(check: Check, off: Any = False) -> Check:
-    """``check``, or ``None`` when the value is ``off`` (TOML has no null)."""
-    def inner(v: Any, path: str) -> Any:
-        if type(v) is type(off) and v == off:
-            return None
-        return check(v, path)
-    return inner
-
-
-def _globs(v: Any, path: str) -> tuple[str, ...]:
-    items = [v] if isinstance(v, str) else v
-    if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
-        raise _fail(path, "a glob string or a non-empty list of them", v)
-    return tuple(items)
-
-
-def _fixed(v: Any, path: str) -> FixedPoint:
-    if not isinstance(v, str):
-        raise _fail(path, "an 'ap_fixed<W,I,...>' string", v)
-    try:
-        return FixedPoint.from_string(v)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"recipe key '{path}': {e}") from None
-
-
-def _input_type(v: Any, path: str) -> str:
-    if v != "auto":
-        _fixed(v, path)
-    return str(v)
-
-
-def _class_path(v: Any, path: str) -> str:
-    if not isinstance(v, str) or not _CLASS_RE.match(v):
-        raise _fail(path, "a class path 'pkg.module:Class'", v)
-    return v
-
-
-def _table(v: Any, path: str) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise _fail(path, "a table", v)
-    return v
-
-
-def _unknown(path: str, expected: Any) -> ValueError:
-    return ValueError(f"recipe key '{path}' is not known; expected one of {sorted(expected)}")
-
-
-def _fields(table: dict[str, Any], path: str, schema: dict[str, tuple[Check, Any]],
-            skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Check the scalar keys of ``table`` against ``schema``; defaults for the rest."""
-    out = {}
-    for key, value in table.items():
-        if key in skip:
-            continue
-        if key not in schema:
-            raise _unknown(f"{path}.{key}", list(schema) + list(skip))
-        out[key] = schema[key][0](value, f"{path}.{key}")
-    for key, (_, default) in schema.items():
-        out.setdefault(key, default)
-    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -225,20 +136,48 @@ _INT = (_is_int, "an integer")
 _NUM = (_is_num, "a number")
 _OBJ = (lambda v: isinstance(v, dict), "a JSON object")
 _LIST = (lambda v: isinstance(v, list), "a list")
-_TOP = {"model": _STR, "recipe": _STR, "seed": _INT, "eval_data": _STR, "layers": _LIST,
-        "totals": _OBJ, "compare": _OBJ, "stages": _OBJ, "export_layers": _LIST}
-_LAYER = {"name": _STR, "format": _STR, "ranks": (_is_ranks, "null, an integer or a list of them"),
-          "bits": _STR, "params_before": _INT, "params_after": _INT, "bits_before": _INT,
-          "size_bits": _INT, "error": (lambda v: v is None or _is_num(v), "null or a number")}
-_TOTALS = {"params_before": _INT, "params_after": _INT, "bits_before": _INT, "size_bits": _INT,
-           "layers_compression": _NUM, "model_bits_before": _INT, "model_bits_after": _INT,
-           "model_compression": _NUM}
-_COMPARE = {"metric": (lambda v: v in ("cosine", "accuracy"), "'cosine' or 'accuracy'"),
-            "samples": _INT, "rows": _LIST}
+_TOP = {
+    "model": _STR,
+    "recipe": _STR,
+    "seed": _INT,
+    "eval_data": _STR,
+    "layers": _LIST,
+    "totals": _OBJ,
+    "compare": _OBJ,
+    "stages": _OBJ,
+    "export_layers": _LIST,
+}
+_LAYER = {
+    "name": _STR,
+    "format": _STR,
+    "ranks": (_is_ranks, "null, an integer or a list of them"),
+    "bits": _STR,
+    "params_before": _INT,
+    "params_after": _INT,
+    "bits_before": _INT,
+    "size_bits": _INT,
+    "error": (lambda v: v is None or _is_num(v), "null or a number"),
+}
+_TOTALS = {
+    "params_before": _INT,
+    "params_after": _INT,
+    "bits_before": _INT,
+    "size_bits": _INT,
+    "layers_compression": _NUM,
+    "model_bits_before": _INT,
+    "model_bits_after": _INT,
+    "model_compression": _NUM,
+}
+_COMPARE = {
+    "metric": (lambda v: v in ("cosine", "accuracy"), "'cosine' or 'accuracy'"),
+    "samples": _INT,
+    "rows": _LIST,
+}
 
 
-def _check_fields(obj: Any, schema: Mapping[str, tuple[Callable[[Any], bool], str]], where: str,
-                  file: str) -> None:
+def _check_fields(
+    obj: Any, schema: Mapping[str, tuple[Callable[[Any], bool], str]], where: str, file: str
+) -> None:
     if not isinstance(obj, dict):
         raise UsageError(f"{file}: field '{where}' must be a JSON object, got {_short(obj)}")
     for key, (ok, expected) in schema.items():
@@ -264,11 +203,17 @@ def check_name(name: Any, where: str) -> str:
     ...
     tnquant.cli.checks.UsageError: report.json field 'export_layers[0]' must be a module name ...
     """
-    ok = (isinstance(name, str) and 0 < len(name) <= 200 and all(name.split("."))
-          and not any(c in name for c in "/\\:\x00"))
+    ok = (
+        isinstance(name, str)
+        and 0 < len(name) <= 200
+        and all(name.split("."))
+        and not any(c in name for c in "/\\:\x00")
+    )
     if not ok:
-        raise UsageError(f"{where} must be a module name (dotted parts, no '..', '/', '\\', ':'),"
-                         f" got {_short(name)}")
+        raise UsageError(
+            f"{where} must be a module name (dotted parts, no '..', '/', '\\', ':'),"
+            f" got {_short(name)}"
+        )
     return name
 
 
@@ -285,8 +230,9 @@ def check_report(report: Any, file: str = "report.json") -> dict[str, Any]:
     if not isinstance(report, dict):
         raise UsageError(f"{file} must hold a JSON object, got {_short(report)}")
     if report.get("tnquant_report") != 1:
-        raise UsageError(f"{file}: field 'tnquant_report' must be 1, got "
-                         f"{_short(report.get('tnquant_report'))}")
+        raise UsageError(
+            f"{file}: field 'tnquant_report' must be 1, got {_short(report.get('tnquant_report'))}"
+        )
     _check_fields(report, _TOP, "", file)
     for i, row in enumerate(report["layers"]):
         _check_fields(row, _LAYER, f"layers[{i}]", file)
@@ -295,15 +241,19 @@ def check_report(report: Any, file: str = "report.json") -> dict[str, Any]:
     _check_fields(cmp, _COMPARE, "compare", file)
     row_schema = {"model": _STR, "size_bits": _INT, cmp["metric"]: _NUM, "eval_s": _NUM}
     if len(cmp["rows"]) != 2:
-        raise UsageError(f"{file}: field 'compare.rows' must hold 2 rows (original, compressed),"
-                         f" got {len(cmp['rows'])}")
+        raise UsageError(
+            f"{file}: field 'compare.rows' must hold 2 rows (original, compressed),"
+            f" got {len(cmp['rows'])}"
+        )
     for i, row in enumerate(cmp["rows"]):
         _check_fields(row, row_schema, f"compare.rows[{i}]", file)
     for key, value in report["stages"].items():
         if not _is_num(value):
             raise UsageError(f"{file}: field 'stages.{key}' must be a number, got {_short(value)}")
-    names = [check_name(n, f"{file} field 'export_layers[{i}]'")
-             for i, n in enumerate(report["export_layers"])]
+    names = [
+        check_name(n, f"{file} field 'export_layers[{i}]'")
+        for i, n in enumerate(report["export_layers"])
+    ]
     if len(set(names)) != len(names):
         raise UsageError(f"{file}: field 'export_layers' names a module twice: {names}")
     return report
@@ -321,12 +271,17 @@ def check_source(source: dict[str, Any], file: str = "source.json") -> dict[str,
     ...
     tnquant.cli.checks.UsageError: source.json: field 'kind' must be one of ...
     """
-    _check_fields(source, {"model": _STR, "kind": (lambda v: v in SOURCE_KINDS,
-                                                   f"one of {list(SOURCE_KINDS)}")}, "", file)
+    _check_fields(
+        source,
+        {"model": _STR, "kind": (lambda v: v in SOURCE_KINDS, f"one of {list(SOURCE_KINDS)}")},
+        "",
+        file,
+    )
     kind, model = source["kind"], source["model"]
     if kind in ("minilm", "digits-cnn") and model != kind:
-        raise UsageError(f"{file}: field 'model' must be {kind!r} for kind {kind!r}, "
-                         f"got {_short(model)}")
+        raise UsageError(
+            f"{file}: field 'model' must be {kind!r} for kind {kind!r}, got {_short(model)}"
+        )
     return source
 
 
@@ -368,8 +323,10 @@ def read_rows(path: Path, rows: int, width: int | None = None) -> np.ndarray:
     except (ValueError, OSError, EOFError) as e:
         raise UsageError(f"{path} is not a readable .npy array: {e}") from None
     if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype.kind != "f":
-        raise UsageError(f"{path} must hold a 2-D float array, got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+        raise UsageError(
+            f"{path} must hold a 2-D float array, got "
+            f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}"
+        )
     if len(x) == 0:
         raise UsageError(f"{path} holds no input rows (shape {x.shape})")
     if width is not None and x.shape[1] != width:
@@ -387,8 +344,9 @@ def _in_features(module: Any) -> int | None:
     return width if isinstance(width, int) else None
 
 
-def read_export_inputs(directory: Path, model: Any, names: list[str], rows: int
-                       ) -> dict[str, tuple[Any, np.ndarray]]:
+def read_export_inputs(
+    directory: Path, model: Any, names: list[str], rows: int
+) -> dict[str, tuple[Any, np.ndarray]]:
     """``{name: (module, inputs)}`` of the export layers: modules of ``model``, checked inputs.
 
     Examples
@@ -401,8 +359,10 @@ def read_export_inputs(directory: Path, model: Any, names: list[str], rows: int
     modules, out = dict(model.named_modules()), {}
     for name in names:
         if name not in modules:
-            raise UsageError(f"{directory / 'report.json'}: field 'export_layers' names {name!r},"
-                             " which is no module of the loaded model")
+            raise UsageError(
+                f"{directory / 'report.json'}: field 'export_layers' names {name!r},"
+                " which is no module of the loaded model"
+            )
         path = dir_file(directory, "export_inputs", f"{name}.npy")
         out[name] = (modules[name], read_rows(path, rows, _in_features(modules[name])))
     return out
@@ -452,13 +412,16 @@ def check_hf_dir(path: Path) -> None:
     tnquant.cli.checks.UsageError: .../config.json has 'auto_map': ...
     """
     if not (path / "config.json").is_file():
-        raise UsageError(f"{path} is a directory without config.json: not a Hugging Face "
-                         "model directory")
+        raise UsageError(
+            f"{path} is a directory without config.json: not a Hugging Face model directory"
+        )
     for name in ("config.json", "tokenizer_config.json"):
         if name == "config.json" or (path / name).is_file():
             if "auto_map" in read_json(path / name):
-                raise UsageError(f"{path / name} has 'auto_map': the model needs its own Python "
-                                 "code (trust_remote_code), which tnquant never runs")
+                raise UsageError(
+                    f"{path / name} has 'auto_map': the model needs its own Python "
+                    "code (trust_remote_code), which tnquant never runs"
+                )
 
 
 # --------------------------------------------------------------------------- #

@@ -10,7 +10,8 @@ checkpoint (``.pt``/``.pth``/``.bin``/``.safetensors``) of the recipe's
 ``.npy``/``.pt`` tensor (a ``.pt`` may hold an ``(inputs, targets)`` pair or
 a dict with ``'inputs'`` and ``'targets'``). :func:`check_compress` and
 :func:`prepare_compress` check all of it before any work;
-:func:`rebuild_base` imports nothing a compressed directory names.
+:func:`rebuild_base` imports nothing a compressed directory names. DATA is
+read by :mod:`tnquant.cli.data` (:func:`load_data`, importable from here).
 
 Examples
 --------
@@ -26,19 +27,33 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
 from tnquant.cli.checks import UsageError, check_hf_dir, check_name, check_out_dir, import_class
+from tnquant.cli.data import _chunks as _chunks
+from tnquant.cli.data import _data_kind, load_data
+from tnquant.cli.data import _tensor_file as _tensor_file
 from tnquant.cli.datasets import MeanPooledEncoder, load_minilm, minilm_path
 from tnquant.cli.recipe import Recipe
 from tnquant.core import matches, run
 from tnquant.io import TENSORS_FILE
 
-__all__ = ["UsageError", "digits_cnn", "build_model", "rebuild_base", "model_kind",
-           "import_class", "check_hf_dir", "check_compress", "prepare_compress", "load_data",
-           "export_names", "Inputs", "CHECKPOINTS"]
+__all__ = [
+    "UsageError",
+    "digits_cnn",
+    "build_model",
+    "rebuild_base",
+    "model_kind",
+    "import_class",
+    "check_hf_dir",
+    "check_compress",
+    "prepare_compress",
+    "load_data",
+    "export_names",
+    "Inputs",
+    "CHECKPOINTS",
+]
 
 CHECKPOINTS = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -54,9 +69,14 @@ def digits_cnn() -> nn.Module:
     >>> digits_cnn()(torch.zeros(2, 1, 8, 8)).shape
     torch.Size([2, 10])
     """
-    features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Flatten())
+    features = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
     classifier = nn.Sequential(nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10))
     return nn.Sequential(OrderedDict(features=features, classifier=classifier))
 
@@ -75,7 +95,7 @@ def _train_digits(model: nn.Module, epochs: int, seed: int, progress: bool) -> n
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 64):
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x[perm[i:i + 64]]), y[perm[i:i + 64]]).backward()
+            nn.functional.cross_entropy(model(x[perm[i : i + 64]]), y[perm[i : i + 64]]).backward()
             opt.step()
     return model.eval()
 
@@ -98,8 +118,10 @@ def _hf_model(path: Path, pretrained: bool, max_bytes: int | None = None) -> tup
                     probe = AutoModel.from_config(config, **code)
                 size = sum(t.numel() * t.element_size() for t in probe.state_dict().values())
                 if size > max_bytes:
-                    raise UsageError(f"{path / 'config.json'} describes a model of {size} bytes;"
-                                     f" the saved tensors allow at most {max_bytes}")
+                    raise UsageError(
+                        f"{path / 'config.json'} describes a model of {size} bytes;"
+                        f" the saved tensors allow at most {max_bytes}"
+                    )
             encoder = AutoModel.from_config(config, **code)
     except (OSError, KeyError, TypeError, ValueError) as e:
         if isinstance(e, UsageError):
@@ -120,17 +142,21 @@ def _construct(cls: Any, kwargs: dict[str, Any], what: str) -> nn.Module:
 
 def _checkpoint_class(path: Path, recipe: Recipe) -> Any:
     if recipe.model.cls is None:
-        raise UsageError(f"{path} is a state-dict checkpoint: the recipe needs [model] class = "
-                         "\"pkg.module:Class\"")
+        raise UsageError(
+            f"{path} is a state-dict checkpoint: the recipe needs [model] class = "
+            '"pkg.module:Class"'
+        )
     return import_class(recipe.model.cls, "recipe key 'model.class'")
 
 
 def _checkpoint_model(path: Path, recipe: Recipe, pretrained: bool) -> nn.Module:
-    model = _construct(_checkpoint_class(path, recipe), dict(recipe.model.kwargs),
-                       "recipe key 'model.class'")
+    model = _construct(
+        _checkpoint_class(path, recipe), dict(recipe.model.kwargs), "recipe key 'model.class'"
+    )
     if pretrained:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -155,12 +181,15 @@ def model_kind(spec: str, what: str = "MODEL") -> str:
         return "hf"
     if path.is_file() and path.suffix in CHECKPOINTS:
         return "checkpoint"
-    raise UsageError(f"{what} {spec!r} is not 'minilm', 'digits-cnn', a Hugging Face model "
-                     f"directory or a checkpoint file ({', '.join(CHECKPOINTS)})")
+    raise UsageError(
+        f"{what} {spec!r} is not 'minilm', 'digits-cnn', a Hugging Face model "
+        f"directory or a checkpoint file ({', '.join(CHECKPOINTS)})"
+    )
 
 
-def build_model(spec: str, recipe: Recipe, *, pretrained: bool = True, seed: int = 0,
-                progress: bool = False) -> tuple[nn.Module, Any, dict[str, Any]]:
+def build_model(
+    spec: str, recipe: Recipe, *, pretrained: bool = True, seed: int = 0, progress: bool = False
+) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Build the model MODEL names: ``(model, tokenizer or None, source)``.
 
     ``source`` is JSON-safe and says what the base model was (``source.json``);
@@ -204,8 +233,14 @@ def _kwargs_json(text: str | None) -> dict[str, Any]:
     return kwargs
 
 
-def rebuild_base(source: dict[str, Any], directory: Path, *, model: str | None = None,
-                 model_class: str | None = None, model_kwargs: str | None = None) -> nn.Module:
+def rebuild_base(
+    source: dict[str, Any],
+    directory: Path,
+    *,
+    model: str | None = None,
+    model_class: str | None = None,
+    model_kwargs: str | None = None,
+) -> nn.Module:
     """The untrained base model of a compressed ``directory``, for :func:`tnquant.load`.
 
     Nothing named inside ``directory`` is imported: the base is a built-in
@@ -231,99 +266,29 @@ def rebuild_base(source: dict[str, Any], directory: Path, *, model: str | None =
         return _construct(import_class(model_class, "--model-class"), kwargs, "--model-class")
     if model_kwargs is not None:
         raise UsageError("--model-kwargs needs --model-class")
-    spec, kind = (model, model_kind(model, "--model")) if model else (source["model"],
-                                                                     source["kind"])
+    spec, kind = (
+        (model, model_kind(model, "--model")) if model else (source["model"], source["kind"])
+    )
     if kind == "checkpoint":
         where = "--model" if model else str(directory / "source.json")
-        raise UsageError(f"{where}: the base model is the checkpoint {spec}; pass its class "
-                         "with --model-class pkg.module:Class (and --model-kwargs '{...}'): "
-                         "export never imports the [model] class of the directory's recipe")
+        raise UsageError(
+            f"{where}: the base model is the checkpoint {spec}; pass its class "
+            "with --model-class pkg.module:Class (and --model-kwargs '{...}'): "
+            "export never imports the [model] class of the directory's recipe"
+        )
     if kind == "digits-cnn":
         return digits_cnn().eval()
     if kind == "minilm":
         return _hf_model(minilm_path(), pretrained=False)[0]
     path = Path(spec)
     if not path.is_dir():
-        raise UsageError(f"the Hugging Face base directory {spec} (from source.json) is not "
-                         "there: pass --model PATH")
+        raise UsageError(
+            f"the Hugging Face base directory {spec} (from source.json) is not "
+            "there: pass --model PATH"
+        )
     tensors = directory / TENSORS_FILE
     saved = tensors.stat().st_size if tensors.is_file() else 0
     return _hf_model(path, pretrained=False, max_bytes=max(1 << 30, 1000 * saved))[0]
-
-
-# --------------------------------------------------------------------------- #
-# data
-# --------------------------------------------------------------------------- #
-
-
-def _chunks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [x[i:i + size] for i in range(0, len(x), size)]
-
-
-def _tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False)), None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "inputs" in obj:
-        obj = (obj["inputs"], obj.get("targets"))
-    if isinstance(obj, torch.Tensor):
-        return obj, None
-    if isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], torch.Tensor):
-        return obj[0], obj[1]
-    raise UsageError(f"{path} must hold a tensor, an (inputs, targets) pair or a dict with "
-                     f"'inputs' (and 'targets'), got {type(obj).__name__}")
-
-
-def load_data(arg: str, role: str, recipe: Recipe, tokenizer: Any = None,
-              seed: int = 0) -> tuple[list[Any], list[torch.Tensor] | None]:
-    """Batches (and label batches, or ``None``) from a DATA argument.
-
-    ``role`` is ``'calib'`` or ``'eval'``: the ``corpus`` and ``digits``
-    shortcuts give their training or held-out split.
-
-    Examples
-    --------
-    >>> from tnquant.cli.recipe import parse_recipe
-    >>> r = parse_recipe('[data]\\nbatch_size = 4\\n[quantize.weights]\\n"*" = {bits = 8}')
-    >>> batches, labels = load_data("digits", "eval", r)  # doctest: +SKIP
-    >>> batches[0].shape, labels[0].shape  # doctest: +SKIP
-    (torch.Size([4, 1, 8, 8]), torch.Size([4]))
-    """
-    size, text = recipe.data.batch_size, None
-    labels: torch.Tensor | None = None
-    if arg == "corpus":
-        from tnquant.cli.datasets import split_corpus
-
-        train, test = split_corpus(recipe.data.num_sentences, recipe.data.num_eval, seed=seed)
-        text = train if role == "calib" else test
-    elif arg == "digits":
-        from tnquant.cli.datasets import digits
-
-        x_tr, y_tr, x_te, y_te = digits(seed=0)
-        x, labels = (x_tr, y_tr) if role == "calib" else (x_te, y_te)
-    else:
-        path = Path(arg)
-        if not path.is_file():
-            raise UsageError(f"data file {arg!r} not found (or use 'corpus' or 'digits')")
-        if path.suffix in (".npy", ".pt", ".pth"):
-            x, labels = _tensor_file(path)
-        else:
-            try:
-                text = [s.strip() for s in path.read_text("utf-8").splitlines() if s.strip()]
-            except UnicodeDecodeError as e:
-                raise UsageError(f"data file {arg!r} is not UTF-8 text: {e}") from None
-    if text is not None:
-        if tokenizer is None:
-            raise UsageError(f"{arg!r} is text data; the model takes tensors (.npy/.pt)")
-        if not text:
-            raise UsageError(f"{arg!r} holds no sentences")
-        return [dict(tokenizer(text[i:i + size], return_tensors="pt", padding=True,
-                               truncation=True, max_length=recipe.data.max_length))
-                for i in range(0, len(text), size)], None
-    if tokenizer is not None:
-        raise UsageError(f"{arg!r} holds tensors; a text model needs a text file or 'corpus'")
-    x = x.float() if x.is_floating_point() else x
-    return _chunks(x, size), None if labels is None else _chunks(labels, size)
 
 
 # --------------------------------------------------------------------------- #
@@ -331,17 +296,6 @@ def load_data(arg: str, role: str, recipe: Recipe, tokenizer: Any = None,
 # --------------------------------------------------------------------------- #
 
 TEXT_MODELS = ("minilm", "hf")
-
-
-def _data_kind(arg: str, flag: str) -> tuple[str, bool | None]:
-    """``('text' or 'tensor', labelled)`` of a DATA argument; ``None``: known once read."""
-    if arg in ("corpus", "digits"):
-        return ("text", False) if arg == "corpus" else ("tensor", True)
-    path = Path(arg)
-    if not path.is_file():
-        raise UsageError(f"{flag} data file {arg!r} not found (or use 'corpus' or 'digits')")
-    tensor = path.suffix in (".npy", ".pt", ".pth")
-    return ("tensor", None if path.suffix != ".npy" else False) if tensor else ("text", False)
 
 
 def check_compress(args: Any, recipe: Recipe) -> str:
@@ -376,8 +330,11 @@ def check_compress(args: Any, recipe: Recipe) -> str:
             continue
         got, labelled = _data_kind(arg, flag)
         if got != wants:
-            takes = ("text (a text file or 'corpus')" if wants == "text" else
-                     "tensors ('digits', .npy or .pt)")
+            takes = (
+                "text (a text file or 'corpus')"
+                if wants == "text"
+                else "tensors ('digits', .npy or .pt)"
+            )
             raise UsageError(f"{flag} {arg!r} is {got} data; MODEL {args.model!r} takes {takes}")
         if flag == "--calib" and labelled is False:
             _need_labels(recipe, None, arg)
@@ -386,8 +343,10 @@ def check_compress(args: Any, recipe: Recipe) -> str:
 
 def _need_labels(recipe: Recipe, labels: Any, arg: str) -> None:
     if recipe.finetune is not None and recipe.finetune.task_loss is not None and labels is None:
-        raise UsageError(f"recipe key 'finetune.task_loss' needs labelled --calib data ('digits' "
-                         f"or a .pt (inputs, targets) pair), got {arg!r}")
+        raise UsageError(
+            f"recipe key 'finetune.task_loss' needs labelled --calib data ('digits' "
+            f"or a .pt (inputs, targets) pair), got {arg!r}"
+        )
 
 
 def _fits(model: nn.Module, batch: Any, flag: str) -> None:
@@ -446,12 +405,14 @@ def prepare_compress(args: Any, recipe: Recipe, kind: str, progress: bool) -> In
     """
     eval_arg = args.eval or args.calib
     if kind in TEXT_MODELS:
-        original, tokenizer, source = build_model(args.model, recipe, seed=args.seed,
-                                                  progress=progress)
+        original, tokenizer, source = build_model(
+            args.model, recipe, seed=args.seed, progress=progress
+        )
         calib, calib_labels = load_data(args.calib, "calib", recipe, tokenizer, args.seed)
         batches, labels = load_data(eval_arg, "eval", recipe, tokenizer, args.seed)
-        return Inputs(original, source, calib, calib_labels, batches, labels,
-                      export_names(original, recipe))
+        return Inputs(
+            original, source, calib, calib_labels, batches, labels, export_names(original, recipe)
+        )
     calib, calib_labels = load_data(args.calib, "calib", recipe, None, args.seed)
     batches, labels = load_data(eval_arg, "eval", recipe, None, args.seed)
     _need_labels(recipe, calib_labels, args.calib)

@@ -94,18 +94,25 @@ ValueError: recipe key 'quantize.cores.*.bitz' is not known; expected one of [..
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tnquant.pipeline as pipeline
-from tnquant.cli.checks import (
-    Check,
+from tnquant.cli.recipe_specs import _FACTORIZE_OPTIONS as _FACTORIZE_OPTIONS
+from tnquant.cli.recipe_specs import _INT_KEY as _INT_KEY
+from tnquant.cli.recipe_specs import _QUANTIZE_OPTIONS as _QUANTIZE_OPTIONS
+from tnquant.cli.recipe_specs import FORMATS as FORMATS
+from tnquant.cli.recipe_specs import QUANT_KINDS as QUANT_KINDS
+from tnquant.cli.recipe_specs import _build_spec as _build_spec
+from tnquant.cli.recipe_specs import _dotted_hint as _dotted_hint
+from tnquant.cli.recipe_specs import _factor_spec as _factor_spec
+from tnquant.cli.recipe_specs import _parse_factorize, _parse_quantize
+from tnquant.cli.recipe_specs import _quant_spec as _quant_spec
+from tnquant.cli.recipe_values import (
     _bool,
     _choice,
     _class_path,
-    _fail,
     _fields,
     _fixed,
     _float,
@@ -113,6 +120,7 @@ from tnquant.cli.checks import (
     _input_type,
     _int,
     _optional,
+    _schema,
     _table,
     _unknown,
     _warmup,
@@ -121,7 +129,7 @@ from tnquant.pipeline import CalibrateSection, FactorizeSection, FinetuneSection
 from tnquant.qat.losses import LOSSES, TASK_LOSSES
 from tnquant.qat.optim import OPTIMIZERS, SCHEDULES
 from tnquant.qat.params import TRAIN_CHOICES
-from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
+from tnquant.specs import FixedPoint
 
 try:  # Python >= 3.11
     import tomllib
@@ -131,13 +139,19 @@ except ImportError:  # pragma: no cover - Python 3.10: the same parser, as a pac
     except ImportError:
         tomllib = None  # type: ignore[assignment]
 
-__all__ = ["Recipe", "ModelSection", "DataSection", "FactorizeSection", "QuantizeSection",
-           "CalibrateSection", "FinetuneSection", "ExportSection", "load_recipe", "parse_recipe"]
+__all__ = [
+    "Recipe",
+    "ModelSection",
+    "DataSection",
+    "FactorizeSection",
+    "QuantizeSection",
+    "CalibrateSection",
+    "FinetuneSection",
+    "ExportSection",
+    "load_recipe",
+    "parse_recipe",
+]
 
-FORMATS: dict[str, type] = {"tt": TT, "tucker": Tucker, "cp": CP, "lowrank": LowRank}
-QUANT_KINDS: dict[str, type] = {"int": QuantSpec, "binary": Binary, "ternary": Ternary,
-                                "fixed": FixedPoint}
-_INT_KEY = re.compile(r"^-?\d+$")
 #: The largest recipe file :func:`load_recipe` reads (bytes).
 MAX_RECIPE_BYTES = 1 << 20
 
@@ -196,141 +210,55 @@ class Recipe(pipeline.Recipe):
     path: str | None = None
 
 
-def _schema(cls: type, checks: dict[str, Check], keys: dict[str, str] | None = None
-            ) -> dict[str, tuple[Check, Any]]:
-    """``{recipe key: (check, default)}``: the defaults are those of the dataclass ``cls``.
-
-    ``keys`` maps a recipe key to its field when they differ (``class`` -> ``cls``).
-    """
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    keys = keys or {}
-    return {key: (check, defaults[keys.get(key, key)]) for key, check in checks.items()}
-
-
-_MODEL = _schema(ModelSection, {"class": _class_path, "kwargs": _table, "train_epochs": _int(1)},
-                 {"class": "cls"})
+_MODEL = _schema(
+    ModelSection,
+    {"class": _class_path, "kwargs": _table, "train_epochs": _int(1)},
+    {"class": "cls"},
+)
 _DATA = _schema(DataSection, {f.name: _int(1) for f in dataclasses.fields(DataSection)})
 _CALIBRATE = _schema(CalibrateSection, {"num_batches": _int(1), "bias_correction": _bool})
 #: The ``[finetune]`` keys: ``FinetuneConfig`` fields (their defaults, its choice lists) and
 #: ``distill``; ``seed`` is ``--seed``.
-_FINETUNE = _schema(FinetuneSection, {
-    "epochs": _int(1), "max_steps": _int(1), "lr": _float(0, lo_open=True),
-    "scale_lr": _float(0, lo_open=True), "weight_decay": _float(), "distill": _bool,
-    "loss": _choice(*LOSSES), "temperature": _float(0, lo_open=True),
-    "task_loss": _optional(_choice(*TASK_LOSSES), off="none"), "alpha": _float(0, 1),
-    "train": _choice(*TRAIN_CHOICES), "schedule": _choice(*SCHEDULES), "warmup": _warmup,
-    "optimizer": _choice(*OPTIMIZERS), "clip_grad_norm": _optional(_float(0, lo_open=True)),
-    "shuffle": _bool})
-_EXPORT = _schema(ExportSection, {
-    "layers": _globs, "input": _input_type, "input_width": _int(2, 64), "accum": _fixed,
-    "result": _fixed, "bias": _fixed, "hls4ml": _bool, "tolerance": _float(0, lo_open=True),
-    "num_samples": _int(1)})
-_FACTORIZE_OPTIONS = _schema(FactorizeSection, {"data_aware": _bool, "num_batches": _int(1)})
-_QUANTIZE_OPTIONS = _schema(QuantizeSection, {"include": _globs, "exclude": _globs,
-                                              "convert": _bool})
+_FINETUNE = _schema(
+    FinetuneSection,
+    {
+        "epochs": _int(1),
+        "max_steps": _int(1),
+        "lr": _float(0, lo_open=True),
+        "scale_lr": _float(0, lo_open=True),
+        "weight_decay": _float(),
+        "distill": _bool,
+        "loss": _choice(*LOSSES),
+        "temperature": _float(0, lo_open=True),
+        "task_loss": _optional(_choice(*TASK_LOSSES), off="none"),
+        "alpha": _float(0, 1),
+        "train": _choice(*TRAIN_CHOICES),
+        "schedule": _choice(*SCHEDULES),
+        "warmup": _warmup,
+        "optimizer": _choice(*OPTIMIZERS),
+        "clip_grad_norm": _optional(_float(0, lo_open=True)),
+        "shuffle": _bool,
+    },
+)
+_EXPORT = _schema(
+    ExportSection,
+    {
+        "layers": _globs,
+        "input": _input_type,
+        "input_width": _int(2, 64),
+        "accum": _fixed,
+        "result": _fixed,
+        "bias": _fixed,
+        "hls4ml": _bool,
+        "tolerance": _float(0, lo_open=True),
+        "num_samples": _int(1),
+    },
+)
 
 
 # --------------------------------------------------------------------------- #
-# spec tables
+# parsing ([factorize] and [quantize]: tnquant.cli.recipe_specs)
 # --------------------------------------------------------------------------- #
-
-
-def _build_spec(cls: type, fields: dict[str, Any], path: str) -> Any:
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in fields:
-        if key not in names:
-            raise _unknown(f"{path}.{key}", names)
-    try:
-        return cls(**fields)
-    except (ValueError, TypeError) as e:
-        culprit = str(e).split(" ", 1)[0]
-        where = f"{path}.{culprit}" if culprit in fields else path
-        raise ValueError(f"recipe key '{where}': {e}") from None
-
-
-def _dotted_hint(value: dict[str, Any], path: str, tag: str) -> None:
-    if tag not in value and value and all(isinstance(v, dict) for v in value.values()):
-        raise ValueError(f"recipe key '{path}' is not a spec table (no '{tag}'); quote layer "
-                         f"globs that hold dots: \"a.b.*\" = {{...}}")
-
-
-def _factor_spec(value: Any, path: str) -> Any:
-    table = dict(_table(value, path))
-    _dotted_hint(table, path, "format")
-    fmt = table.pop("format", None)
-    if fmt is None:
-        raise ValueError(f"recipe key '{path}.format' is missing; expected one of "
-                         f"{sorted(FORMATS) + ['none']}")
-    if fmt == "none":
-        if table:
-            raise _unknown(f"{path}.{next(iter(table))}", ["format"])
-        return None
-    if fmt not in FORMATS:
-        raise _fail(f"{path}.format", f"one of {sorted(FORMATS) + ['none']}", fmt)
-    return _build_spec(FORMATS[fmt], table, path)
-
-
-def _quant_spec(value: Any, path: str) -> Any:
-    table = dict(_table(value, path))
-    _dotted_hint(table, path, "bits")
-    kind = table.pop("kind", "int")
-    if kind == "none":
-        if table:
-            raise _unknown(f"{path}.{next(iter(table))}", ["kind"])
-        return None
-    if kind not in QUANT_KINDS:
-        raise _fail(f"{path}.kind", f"one of {sorted(QUANT_KINDS) + ['none']}", kind)
-    if kind == "fixed" and "type" in table:
-        spec = _fixed(table.pop("type"), f"{path}.type")
-        if table:
-            raise _unknown(f"{path}.{next(iter(table))}", ["kind", "type"])
-        return spec
-    return _build_spec(QUANT_KINDS[kind], table, path)
-
-
-# --------------------------------------------------------------------------- #
-# sections
-# --------------------------------------------------------------------------- #
-
-
-def _parse_factorize(table: dict[str, Any]) -> FactorizeSection:
-    specs, options = [], {}
-    for key, value in table.items():
-        path = f"factorize.{key}"
-        if isinstance(value, dict):
-            specs.append((key, _factor_spec(value, path)))
-        elif key in _FACTORIZE_OPTIONS:
-            options[key] = _FACTORIZE_OPTIONS[key][0](value, path)
-        else:
-            raise ValueError(f"recipe key '{path}' is not known; expected one of "
-                             f"{sorted(_FACTORIZE_OPTIONS)} or a layer glob mapped to a table "
-                             "like {format = \"tt\", ratio = 0.25}")
-    if not specs:
-        raise ValueError("recipe table 'factorize' maps no layer glob to a spec")
-    return FactorizeSection(specs=tuple(specs), **options)
-
-
-def _parse_quantize(table: dict[str, Any]) -> QuantizeSection:
-    kinds = ("weights", "cores", "activations")
-    parts: dict[str, Any] = {}
-    for key, value in table.items():
-        path = f"quantize.{key}"
-        if key in kinds:
-            pairs = []
-            for glob, spec in _table(value, path).items():
-                index = key == "cores" and _INT_KEY.match(glob)
-                pairs.append((int(glob) if index else glob, _quant_spec(spec, f"{path}.{glob}")))
-            if not pairs:
-                raise ValueError(f"recipe table '{path}' maps no glob to a spec")
-            parts[key] = tuple(pairs)
-        elif key in _QUANTIZE_OPTIONS:
-            parts[key] = _QUANTIZE_OPTIONS[key][0](value, path)
-        else:
-            raise _unknown(path, list(kinds) + list(_QUANTIZE_OPTIONS))
-    if not any(k in parts for k in kinds):
-        raise ValueError("recipe table 'quantize' needs one of [quantize.weights], "
-                         "[quantize.cores], [quantize.activations]")
-    return QuantizeSection(**parts)
 
 
 def _parse_finetune(table: dict[str, Any]) -> FinetuneSection:
@@ -384,8 +312,10 @@ def parse_recipe(text: str, path: str | None = None) -> Recipe:
     ValueError: recipe key 'finetune.lr' must be a number in (0, inf], got -1
     """
     if tomllib is None:  # pragma: no cover
-        raise ImportError("reading recipes needs Python >= 3.11 (tomllib) or, on 3.10, "
-                          "the 'tomli' package (a dependency of tnquant there)")
+        raise ImportError(
+            "reading recipes needs Python >= 3.11 (tomllib) or, on 3.10, "
+            "the 'tomli' package (a dependency of tnquant there)"
+        )
     where = f" in {path}" if path else ""
     try:
         raw = tomllib.loads(text)
@@ -411,8 +341,9 @@ def parse_recipe(text: str, path: str | None = None) -> Recipe:
         data=DataSection(**_fields(_section(raw, "data") or {}, "data", _DATA)),
         factorize=None if factorize is None else _parse_factorize(factorize),
         quantize=None if quantize is None else _parse_quantize(quantize),
-        calibrate=CalibrateSection(**_fields(_section(raw, "calibrate") or {}, "calibrate",
-                                             _CALIBRATE)),
+        calibrate=CalibrateSection(
+            **_fields(_section(raw, "calibrate") or {}, "calibrate", _CALIBRATE)
+        ),
         finetune=None if finetune is None else _parse_finetune(finetune),
         export=None if export_fields is None else ExportSection(**export_fields),
         text=text,
@@ -443,8 +374,10 @@ def load_recipe(path: str | Path) -> Recipe:
     if not p.is_file():
         raise FileNotFoundError(f"recipe file {str(p)!r} not found")
     if p.stat().st_size > MAX_RECIPE_BYTES:
-        raise ValueError(f"recipe file {str(p)!r} is {p.stat().st_size} bytes; a recipe is at "
-                         f"most {MAX_RECIPE_BYTES}")
+        raise ValueError(
+            f"recipe file {str(p)!r} is {p.stat().st_size} bytes; a recipe is at "
+            f"most {MAX_RECIPE_BYTES}"
+        )
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
