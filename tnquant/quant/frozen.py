@@ -75,159 +75,36 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from tnquant.quant.fixed_point import from_mantissa
+from tnquant.quant.layout import (
+    _WIDE,
+    LAYOUTS,
+    Layout,
+    _block,
+    _scale_dtype,
+    layout_of,
+    spec_summary,
+    tensor_bits,
+)
 from tnquant.quant.observers import resize_for_load
 from tnquant.quant.packing import pack, pack_binary, unpack, unpack_binary
 from tnquant.quant.primitives import code_dtype, compute_dtype, dequantize
-from tnquant.quant.qparams import QParams, block_size, qparam_shape
-from tnquant.specs import FLOAT_DTYPES, Binary, FixedPoint, QuantSpec, Ternary, spec_from_dict
+from tnquant.quant.qparams import QParams, qparam_shape
+from tnquant.specs import FLOAT_DTYPES, FixedPoint, spec_from_dict
 
 __all__ = ["FrozenTensor", "Layout", "LAYOUTS", "layout_of", "spec_summary", "tensor_bits"]
 
-_CONTAINERS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64)
-_WIDE = {16: ("int16", torch.int16), 32: ("int32", torch.int32), 64: ("int64", torch.int64)}
-_FLOATS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-           "float64": torch.float64}
-
-
-def tensor_bits(t: Tensor) -> int:
-    """Bits a tensor takes as stored: ``numel * element bits`` (bool: 8).
-
-    Examples
-    --------
-    >>> tensor_bits(torch.zeros(3, dtype=torch.uint8)), tensor_bits(torch.zeros(2, 2))
-    (24, 128)
-    """
-    if t.dtype == torch.bool:
-        return t.numel() * 8
-    return t.numel() * t.element_size() * 8
-
-
-class Layout(NamedTuple):
-    """How the codes of one spec are stored (see the module docs)."""
-
-    storage: str
-    code_bits: int
-    signed: bool
-    qmin: int
-    qmax: int
-    has_scale: bool
-    has_zero_point: bool
-    has_scale_neg: bool
-
-
-def _container(qmin: int, qmax: int) -> tuple[int, bool]:
-    """Smallest field of ``_CONTAINERS`` bits holding ``[qmin, qmax]``, and its signedness."""
-    signed = qmin < 0
-    for bits in _CONTAINERS:
-        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-        if lo <= qmin and qmax <= hi:
-            return bits, signed
-    return 64, signed
-
-
-def _int_layout(qmin: int, qmax: int, scale: bool, zero_point: bool, scale_neg: bool) -> Layout:
-    bits, signed = _container(qmin, qmax)
-    storage = "packed" if bits <= 8 else _WIDE[bits][0]
-    return Layout(storage, bits, signed, qmin, qmax, scale, zero_point, scale_neg)
-
-
-def _layout_quantspec(spec: QuantSpec) -> Layout:
-    if spec.dtype is not None:
-        info = torch.finfo(FLOAT_DTYPES[spec.dtype])
-        return Layout("cast", info.bits, True, int(info.min), int(info.max), False, False, False)
-    return _int_layout(spec.qmin, spec.qmax, True, not spec.symmetric, False)
-
-
-def _layout_binary(spec: Binary) -> Layout:
-    return Layout("binary", 1, True, -1, 1, True, False, False)
-
-
-def _layout_ternary(spec: Ternary) -> Layout:
-    return _int_layout(-1, 1, True, False, spec.method == "ttq")
-
-
-def _layout_fixed(spec: FixedPoint) -> Layout:
-    return _int_layout(spec.qmin, spec.qmax, False, False, False)
-
-
-#: The one dispatch table from spec type to its storage layout.
-LAYOUTS: dict[type, Callable[[Any], Layout]] = {
-    QuantSpec: _layout_quantspec,
-    Binary: _layout_binary,
-    Ternary: _layout_ternary,
-    FixedPoint: _layout_fixed,
+_FLOATS = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
 }
-
-
-def layout_of(spec: Any) -> Layout:
-    """The storage layout of codes quantized under ``spec``.
-
-    Examples
-    --------
-    >>> from tnquant import QuantSpec, Ternary
-    >>> layout_of(QuantSpec(bits=3)).code_bits, layout_of(Ternary()).storage
-    (3, 'packed')
-    >>> layout_of(QuantSpec(bits=12, symmetric=False)).storage
-    'int16'
-    """
-    fn = LAYOUTS.get(type(spec))
-    if fn is None:
-        valid = [t.__name__ for t in LAYOUTS]
-        raise TypeError(f"spec must be one of {valid}, got {type(spec).__name__}")
-    return fn(spec)
-
-
-def spec_summary(spec: Any) -> str:
-    """A short name for a quantizer spec: ``'int4/channel'``, ``'ternary'``, ``'ap_fixed<8,3>'``.
-
-    Examples
-    --------
-    >>> from tnquant import QuantSpec, Ternary, FixedPoint
-    >>> spec_summary(QuantSpec(bits=8, symmetric=False, granularity=("group", 32), axis=1))
-    'uint8/group32(axis=1)'
-    >>> spec_summary(Ternary(method="ttq")), spec_summary(FixedPoint(8, 3))
-    ('ternary-ttq', 'ap_fixed<8,3>')
-    """
-    if spec is None:
-        return "float"
-    if isinstance(spec, FixedPoint):
-        return str(spec)
-    if isinstance(spec, QuantSpec) and spec.dtype is not None:
-        return str(spec.dtype)
-    if isinstance(spec, QuantSpec):
-        base = f"{'int' if spec.symmetric else 'uint'}{spec.bits}"
-    elif isinstance(spec, Binary):
-        base = "binary"
-    else:
-        base = "ternary" if spec.method == "twn" else "ternary-ttq"
-    gran = spec.granularity
-    if gran != "tensor":
-        text = "channel" if gran == "channel" else f"group{gran[1]}"
-        base += f"/{text}" + (f"(axis={spec.axis})" if spec.axis != 0 else "")
-    elif isinstance(spec, QuantSpec):
-        base += "/tensor"
-    if isinstance(spec, QuantSpec):
-        base += ",pow2" if spec.scale == "pow2" else ""
-        base += ",lsq" if spec.learnable else ""
-    return base
-
-
-def _block(spec: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if isinstance(spec, FixedPoint) or (isinstance(spec, QuantSpec) and spec.dtype is not None):
-        return shape
-    return block_size(shape, spec.granularity, spec.axis)
-
-
-def _scale_dtype(spec: Any, dtype: torch.dtype) -> torch.dtype:
-    """What the quantizers produce: QuantSpec scales in the compute dtype, else ``dtype``."""
-    return compute_dtype(dtype) if isinstance(spec, QuantSpec) else dtype
 
 
 class FrozenTensor(nn.Module):
@@ -263,8 +140,13 @@ class FrozenTensor(nn.Module):
     scale_neg: Tensor
     _anchor: Tensor
 
-    def __init__(self, spec: Any, shape: tuple[int, ...] | torch.Size,
-                 dtype: torch.dtype = torch.float32, device: Any = None) -> None:
+    def __init__(
+        self,
+        spec: Any,
+        shape: tuple[int, ...] | torch.Size,
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+    ) -> None:
         layout = layout_of(spec)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -295,8 +177,9 @@ class FrozenTensor(nn.Module):
         if layout.has_scale_neg:
             self.register_buffer("scale_neg", torch.ones(qshape, dtype=sdtype, device=device))
         # follows module.to(dtype)/.half(); not stored
-        self.register_buffer("_anchor", torch.empty(0, dtype=dtype, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "_anchor", torch.empty(0, dtype=dtype, device=device), persistent=False
+        )
 
     @classmethod
     def from_codes(cls, codes: Tensor, qparams: QParams, spec: Any) -> FrozenTensor:
@@ -316,12 +199,16 @@ class FrozenTensor(nn.Module):
         if not isinstance(qparams, QParams):
             raise TypeError(f"qparams must be a QParams, got {type(qparams).__name__}")
         if tuple(codes.shape) != tuple(qparams.shape):
-            raise ValueError(f"codes of shape {tuple(codes.shape)} do not match qparams for "
-                             f"shape {tuple(qparams.shape)}")
+            raise ValueError(
+                f"codes of shape {tuple(codes.shape)} do not match qparams for "
+                f"shape {tuple(qparams.shape)}"
+            )
         new = cls(spec, qparams.shape, qparams.dtype, device=codes.device)
         if tuple(qparams.block_size) != new.block_size:
-            raise ValueError(f"qparams block_size {tuple(qparams.block_size)} does not match the "
-                             f"spec's {new.block_size} for shape {new.shape}")
+            raise ValueError(
+                f"qparams block_size {tuple(qparams.block_size)} does not match the "
+                f"spec's {new.block_size} for shape {new.shape}"
+            )
         with torch.no_grad():
             new.packed = new._pack(codes.detach())
             if new.scale.numel():
@@ -416,8 +303,17 @@ class FrozenTensor(nn.Module):
             scale = torch.ones(ones, dtype=compute_dtype(self.dtype), device=self.packed.device)
             if isinstance(self.spec, FixedPoint):
                 scale = scale * self.spec.scale
-        return QParams(scale, zp, self.qmin, self.qmax, self.block_size, self.shape, self.dtype,
-                       scale_neg=scale_neg, cast_dtype=self.cast_dtype)
+        return QParams(
+            scale,
+            zp,
+            self.qmin,
+            self.qmax,
+            self.block_size,
+            self.shape,
+            self.dtype,
+            scale_neg=scale_neg,
+            cast_dtype=self.cast_dtype,
+        )
 
     def dequantize(self) -> Tensor:
         """The float tensor (bitwise the fake-quant value the codes came from)."""
@@ -439,8 +335,11 @@ class FrozenTensor(nn.Module):
         >>> FrozenTensor(QuantSpec(bits=4), (10, 3)).nbits()  # 15 bytes + one float32 scale
         152
         """
-        return sum(tensor_bits(b) for n, b in self._buffers.items()
-                   if b is not None and n not in self._non_persistent_buffers_set)
+        return sum(
+            tensor_bits(b)
+            for n, b in self._buffers.items()
+            if b is not None and n not in self._non_persistent_buffers_set
+        )
 
     def metadata(self) -> dict[str, Any]:
         """JSON-safe ``{'spec', 'shape', 'dtype'}``; :meth:`from_metadata` rebuilds the skeleton.
@@ -453,8 +352,11 @@ class FrozenTensor(nn.Module):
         """
         from tnquant.specs import spec_to_dict
 
-        return {"spec": spec_to_dict(self.spec), "shape": list(self.shape),
-                "dtype": str(self.dtype).removeprefix("torch.")}
+        return {
+            "spec": spec_to_dict(self.spec),
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], device: Any = None) -> FrozenTensor:
@@ -487,12 +389,15 @@ class FrozenTensor(nn.Module):
             raise ValueError(f"metadata 'spec' must be a quantizer spec dict, got {data!r:.60}")
         return cls(spec, tuple(shape), dtype, device=device)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
-                              **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         # scales come in the dtype they were saved in
         resize_for_load(self, state_dict, prefix, ("scale", "scale_neg"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"{spec_summary(self.spec)}, shape={self.shape}, storage={self.storage!r}, "
-                f"code_bits={self.code_bits}, dtype={self.dtype}")
+        return (
+            f"{spec_summary(self.spec)}, shape={self.shape}, storage={self.storage!r}, "
+            f"code_bits={self.code_bits}, dtype={self.dtype}"
+        )

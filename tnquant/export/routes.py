@@ -1,0 +1,330 @@
+"""The op builders of the fixed-point export, one per export route.
+
+A registry entry's ``export`` names a route; :data:`ROUTES` maps it to
+whether the layer takes an ``'input'`` type and to the builder of its
+:class:`~tnquant.export.ir.Op` s: chain layers (``'dense'``, ``'lowrank'``,
+``'tucker'``) as one dense op per factor, ``'tt'`` as one op contracted core
+by core, ``'relu'``, and ``'float'`` (refused). Each builder reads and
+updates the walk's state (the type reaching the layer) kept by
+:func:`tnquant.export.graph.build_graph`; the type rules are described in
+:mod:`tnquant.export.graph`.
+
+Examples
+--------
+>>> sorted(ROUTES)
+['dense', 'float', 'lowrank', 'relu', 'tt', 'tucker']
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tnquant.export.acts import act_type
+from tnquant.export.codes import MAX_WIDTH, auto_accum, fixed_codes
+from tnquant.export.ir import Op, TypeOverride
+from tnquant.layers.base import FactorizedLayer
+from tnquant.layers.tt import TTLinear
+from tnquant.layers.tucker import TuckerLinear
+from tnquant.quant.fixed_point import to_mantissa
+from tnquant.specs import FixedPoint
+
+__all__ = ["ROUTES", "Route", "act_spec"]
+
+
+def _lookup(override: TypeOverride, names: list[str], what: str) -> FixedPoint | None:
+    if override is None:
+        return None
+    if isinstance(override, FixedPoint):
+        return override
+    if not isinstance(override, Mapping):
+        raise TypeError(
+            f"{what} must be a FixedPoint or a mapping of op-name globs to "
+            f"FixedPoint, got {type(override).__name__}"
+        )
+    for name in names:
+        for key, spec in override.items():
+            if fnmatch.fnmatchcase(name, key):
+                if not isinstance(spec, FixedPoint):
+                    raise TypeError(
+                        f"{what}[{key!r}] must be a FixedPoint, got {type(spec).__name__}"
+                    )
+                return spec
+    return None
+
+
+def act_spec(module: nn.Module, site: str, name: str) -> FixedPoint | None:
+    """The type fixed by ``module``'s activation quantizer at ``site``, if it has one.
+
+    Examples
+    --------
+    >>> act_spec(nn.Linear(2, 2), "input", "0") is None
+    True
+    """
+    acts = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
+    if acts is None or site not in acts:
+        return None
+    return act_type(acts[site], f"{name}.{site}")
+
+
+#: the dense steps of a chain route, in contraction order: (core index, transposed)
+_CHAIN_ORDER = {
+    "lowrank": [(1, False), (0, False)],  # [U (out, r), V (r, in)]
+    "tucker": [(2, True), (1, False), (0, False)],  # [U_out, G (r_out, r_in), U_in (in, r_in)]
+}
+
+
+def _steps(name: str, module: nn.Module, route: str) -> list[tuple[Tensor, Any, str, bool]]:
+    """Dense steps ``(weight (out, in), quantizer, where, transposed)`` of a chain layer."""
+    if route == "dense":
+        return [
+            (
+                cast(Tensor, module.weight),
+                module._modules.get("weight_quantizer"),
+                f"{name}.weight",
+                False,
+            )
+        ]
+    layer = cast(FactorizedLayer, module)
+    qs = cast("nn.ModuleList | None", layer._modules.get("core_quantizers"))
+    quantizers = list(qs) if qs is not None else [None] * len(layer.cores)
+    cores = list(layer.cores)
+    return [(cores[k], quantizers[k], f"{name}.cores.{k}", t) for k, t in _CHAIN_ORDER[route]]
+
+
+def _bias(
+    param: Tensor, frac: int, given: FixedPoint | None, op: str
+) -> tuple[np.ndarray, FixedPoint]:
+    """Bias mantissas and type: ``given``, else the products' ``frac`` bits, RND_CONV/SAT."""
+    b = param.detach().to(torch.float64).cpu()
+    spec = given
+    if spec is None:
+        top = float(b.abs().max()) if b.numel() else 0.0
+        integer = max(1, math.floor(math.log2(top)) + 2) if top > 0 else 1
+        if integer + frac > MAX_WIDTH:
+            raise ValueError(
+                f"op {op!r}: its bias on the products' {frac} fractional bits "
+                f"needs {integer + frac} bits, wider than {MAX_WIDTH}; give it "
+                f"with bias={{'{op}': FixedPoint(24, {integer}, rounding='RND', "
+                f"overflow='SAT')}}"
+            )
+        spec = FixedPoint(integer + frac, integer, rounding="RND_CONV", overflow="SAT")
+    return to_mantissa(b, spec).numpy(), FixedPoint(spec.width, spec.integer, spec.signed)
+
+
+def _chain_ops(
+    name: str,
+    module: nn.Module,
+    state: dict[str, Any],
+    overrides: dict[str, TypeOverride],
+    route: str,
+) -> list[Op]:
+    steps = _steps(name, module, route)
+    n = len(steps)
+    bias_param = cast("Tensor | None", module._parameters.get("bias"))
+    ops = []
+    for k, (t, q, where, transposed) in enumerate(steps):
+        if isinstance(q, nn.Identity):
+            q = None
+        m, wtype, exps = fixed_codes(q, t, where)
+        if transposed:
+            m = m.T.copy()
+        op_name = name if n == 1 else f"{name}.{k}"
+        site = "output" if k == n - 1 else f"inter_{k}"
+        in_type = state["type"]
+        bias = bias_type = given_bias = None
+        if k == n - 1 and bias_param is not None:
+            given_bias = _lookup(overrides["bias"], [op_name, name], "bias")
+            bias, bias_type = _bias(bias_param, in_type.frac + wtype.frac, given_bias, op_name)
+        accum = given_accum = _lookup(overrides["accum"], [op_name, name], "accum")
+        if accum is None:
+            accum = auto_accum(op_name, in_type, wtype, m.shape[1], bias_type, state["prev"])
+        result = _lookup(overrides["result"], [op_name, name], "result")
+        if result is None:
+            result = act_spec(module, site, name)
+        state["explicit"] = result is not None
+        if result is None:
+            result = FixedPoint(accum.width, accum.integer, accum.signed)
+        ops.append(
+            Op(
+                name=op_name,
+                kind="dense",
+                layer=name,
+                in_features=m.shape[1],
+                out_features=m.shape[0],
+                input_type=in_type,
+                result_type=result,
+                weights=[m],
+                weight_types=[wtype],
+                bias=bias,
+                bias_type=bias_type,
+                accum_types=[accum],
+                step_types=[result],
+                scales=[exps],
+                accum_derived=[given_accum is None],
+                result_derived=[not state["explicit"]],
+                bias_derived=bias is not None and given_bias is None,
+            )
+        )
+        state["type"], state["prev"] = result, op_name
+    return ops
+
+
+def _tt_op(
+    name: str, module: TTLinear, state: dict[str, Any], overrides: dict[str, TypeOverride]
+) -> Op:
+    acts = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
+    d = len(module.cores)
+    if (
+        acts is not None
+        and any(k.startswith("inter_") for k in acts)
+        and d > 1
+        and tuple(module.chain_order) != tuple(range(d - 1, -1, -1))
+    ):
+        raise ValueError(
+            f"{name}: the export contracts TT cores right to left (core {d - 1} "
+            f"first) but the layer's chain_order is {module.chain_order}, so its "
+            f"inter_* quantizers name other intermediates; remove them"
+        )
+    qs = cast("nn.ModuleList | None", module._modules.get("core_quantizers"))
+    quantizers = list(qs) if qs is not None else [None] * d
+    mants, types, scales = [], [], []
+    for k, (c, q) in enumerate(zip(module.cores, quantizers, strict=True)):
+        m, t, e = fixed_codes(None if isinstance(q, nn.Identity) else q, c, f"{name}.cores.{k}")
+        mants.append(m)
+        types.append(t)
+        scales.append(e)
+    in_type = state["type"]
+    cur = in_type
+    bias_param = cast("Tensor | None", module._parameters.get("bias"))
+    bias = bias_type = given_bias = None
+    accums, results, derived, rderived = [], [], [], []
+    prev = state["prev"]
+    for s in range(d):
+        k = d - 1 - s
+        step = f"{name}.{s}"
+        n = mants[k].shape[2] * mants[k].shape[3]
+        last = s == d - 1
+        if last and bias_param is not None:
+            given_bias = _lookup(overrides["bias"], [step, name], "bias")
+            bias, bias_type = _bias(bias_param, cur.frac + types[k].frac, given_bias, step)
+        accum = _lookup(overrides["accum"], [step, name], "accum")
+        derived.append(accum is None)
+        if accum is None:
+            accum = auto_accum(step, cur, types[k], n, bias_type if last else None, prev)
+        result = _lookup(overrides["result"], [step, name], "result")
+        if result is None:
+            site = "output" if last else f"inter_{s}"
+            result = act_spec(module, site, name)
+        state["explicit"] = result is not None
+        rderived.append(result is None)
+        if result is None:
+            result = FixedPoint(accum.width, accum.integer, accum.signed)
+        accums.append(accum)
+        results.append(result)
+        cur, prev = result, step
+    state["type"], state["prev"] = cur, name
+    return Op(
+        name=name,
+        kind="tt",
+        layer=name,
+        in_features=module.in_features,
+        out_features=module.out_features,
+        input_type=in_type,
+        result_type=cur,
+        weights=mants,
+        weight_types=types,
+        bias=bias,
+        bias_type=bias_type,
+        accum_types=accums,
+        step_types=results,
+        scales=scales,
+        accum_derived=derived,
+        result_derived=rderived,
+        bias_derived=bias is not None and given_bias is None,
+    )
+
+
+Route = Callable[[str, nn.Module, dict[str, Any], dict[str, TypeOverride], list[Op]], list[Op]]
+
+
+def _relu_ops(
+    name: str,
+    module: nn.Module,
+    state: dict[str, Any],
+    overrides: dict[str, TypeOverride],
+    done: list[Op],
+) -> list[Op]:
+    t = state["type"]
+    prev = done[-1].out_features if done else 0
+    return [
+        Op(
+            name=name,
+            kind="relu",
+            layer=name,
+            in_features=prev,
+            out_features=prev,
+            input_type=t,
+            result_type=t,
+            step_types=[t],
+            result_derived=[True],
+        )
+    ]
+
+
+def _chain_route(route: str) -> Route:
+    def ops(
+        name: str,
+        module: nn.Module,
+        state: dict[str, Any],
+        overrides: dict[str, TypeOverride],
+        done: list[Op],
+    ) -> list[Op]:
+        if route == "tucker" and len(cast(TuckerLinear, module).cores) != 3:
+            raise ValueError(
+                f"{name}: only order-1 TuckerLinear exports; got a tensorized "
+                f"Tucker of order {cast(TuckerLinear, module).order}"
+            )
+        return _chain_ops(name, module, state, overrides, route)
+
+    return ops
+
+
+def _tt_ops(
+    name: str,
+    module: nn.Module,
+    state: dict[str, Any],
+    overrides: dict[str, TypeOverride],
+    done: list[Op],
+) -> list[Op]:
+    return [_tt_op(name, cast(TTLinear, module), state, overrides)]
+
+
+def _float_ops(
+    name: str,
+    module: nn.Module,
+    state: dict[str, Any],
+    overrides: dict[str, TypeOverride],
+    done: list[Op],
+) -> list[Op]:
+    raise ValueError(
+        f"{name} is a float nn.Linear; quantize its weight with "
+        f"FixedPoint or QuantSpec(scale='pow2') first"
+    )
+
+
+#: export route name (a registry entry's ``export``) -> (takes an 'input' type, its ops)
+ROUTES: dict[str, tuple[bool, Route]] = {
+    "dense": (True, _chain_route("dense")),
+    "lowrank": (True, _chain_route("lowrank")),
+    "tucker": (True, _chain_route("tucker")),
+    "tt": (True, _tt_ops),
+    "relu": (False, _relu_ops),
+    "float": (False, _float_ops),
+}
