@@ -607,3 +607,17 @@ def test_random_cores_corruptions_are_refused_or_read_faithfully(exports: Any, d
                 for op in em.ops:
                     for k, w in enumerate(op.weights):
                         assert np.array_equal(w, f[f"{op.name}.w{k}"])
+
+
+def test_a_single_exported_module_round_trips() -> None:
+    """Exporting one module (not a container) names its ops ''; save and load accept that."""
+    from tnquant import LowRank, factorize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    factorize(model, LowRank(rank=2), progress=False)
+    quantize(model, weights=QuantSpec(bits=4, scale="pow2"), progress=False)
+    with tempfile.TemporaryDirectory() as d:
+        em = fixed_point(model[0], d, FixedPoint(12, 4))
+        x = np.random.default_rng(0).normal(size=(5, 8))
+        assert np.array_equal(IntegerModel.load(d).predict(x), em.predict(x))

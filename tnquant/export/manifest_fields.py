@@ -59,6 +59,8 @@ _OP = {
     "contraction",
 }
 _NAME = re.compile(r"[ -.0-\[\]-~]{1,256}")  # printable ASCII without '/' and '\'
+#: op and layer names: the same, or empty (the ops of a single exported module)
+_OP_NAME = re.compile(r"[ -.0-\[\]-~]{0,256}")
 
 
 def _steps(op: Op) -> int:
@@ -144,7 +146,7 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
     """Op ``k``'s fields, typed and bounded (no arrays yet), and its weight shapes."""
     w = f"ops[{k}]"
     d = _dict(path, w, d, _OP)
-    name = _text(path, f"{w}.name", d["name"])
+    name = _text(path, f"{w}.name", d["name"], _OP_NAME)
     if name in names:
         raise IntegrityError(f"{path}: {w}.name {name!r} names two ops")
     names.add(name)
@@ -223,7 +225,7 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
     op = Op(
         name=name,
         kind=kind,
-        layer=_text(path, f"{w}.layer", d["layer"]),
+        layer=_text(path, f"{w}.layer", d["layer"], _OP_NAME),
         in_features=feats[0],
         out_features=feats[1],
         input_type=_type(path, f"{w}.input_type", d["input_type"]),
