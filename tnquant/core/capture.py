@@ -213,7 +213,7 @@ def capture_grams(
     for name, module in modules.items():
         first.setdefault(id(module), name)
         grams.setdefault(id(module), Gram())
-    unique = {first[k]: m for k, m in ((id(m), m) for m in modules.values())}
+    unique = {first[id(m)]: m for m in modules.values()}
     with hooks(unique, pre=lambda name, m, args: grams[id(m)].add(args[0])):
         run(model, data, num_batches, desc=desc, progress=progress, what=what, arg=arg)
     return {first[k]: g for k, g in grams.items()}
