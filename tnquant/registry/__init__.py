@@ -24,6 +24,8 @@ Examples
 ('TTLinear', 'QuantLinear', 'linear')
 >>> refusal(nn.Conv2d(4, 4, 3, groups=2))
 'groups=2 is not supported'
+>>> unsupported(nn.LSTM(4, 4)).split(":")[0]
+'LSTM is not supported'
 """
 
 from tnquant.registry.anatomy import activation_sites, quant_state, store_frozen, weight_pairs
@@ -44,6 +46,7 @@ from tnquant.registry.table import (
     register,
     unregister,
 )
+from tnquant.registry.unsupported import UNSUPPORTED, holds_weight, unsupported
 
 __all__ = [
     "LayerKind",
@@ -59,6 +62,9 @@ __all__ = [
     "kinds",
     "factorized_class",
     "refusal",
+    "unsupported",
+    "UNSUPPORTED",
+    "holds_weight",
     "export_route",
     "handlers",
     "dense_classes",
