@@ -14,11 +14,13 @@ from tnquant.io.nodes import HANDLERS
 from tnquant.layers import (
     CPConv2d,
     LowRankLinear,
+    QuantConv1d,
     QuantConv2d,
     QuantEmbedding,
     QuantLinear,
     TTEmbedding,
     TTLinear,
+    TuckerConv1d,
     TuckerConv2d,
     TuckerLinear,
 )
@@ -45,11 +47,13 @@ def test_the_builtin_kinds_and_tables():
         (nn.Linear, LowRank): LowRankLinear,
         (nn.Conv2d, Tucker): TuckerConv2d,
         (nn.Conv2d, CP): CPConv2d,
+        (nn.Conv1d, Tucker): TuckerConv1d,
         (nn.Embedding, TT): TTEmbedding,
     }
     assert {k.cls: k.quantized for k in DENSE} == {
         nn.Linear: QuantLinear,
         nn.Conv2d: QuantConv2d,
+        nn.Conv1d: QuantConv1d,
         nn.Embedding: QuantEmbedding,
     }
     assert sorted(HANDLERS) == sorted(
@@ -59,9 +63,11 @@ def test_the_builtin_kinds_and_tables():
             "TuckerLinear",
             "TuckerConv2d",
             "CPConv2d",
+            "TuckerConv1d",
             "TTEmbedding",
             "QuantLinear",
             "QuantConv2d",
+            "QuantConv1d",
             "QuantEmbedding",
             "FrozenTensor",
             "Quantizer",
@@ -123,6 +129,8 @@ CASES = [
     (lambda: nn.Linear(6, 4), lambda: torch.randn(3, 6)),
     (lambda: nn.Conv2d(3, 4, 3, stride=2, groups=1), lambda: torch.randn(2, 3, 7, 7)),
     (lambda: nn.Conv2d(4, 4, 3, groups=2), lambda: torch.randn(2, 4, 5, 5)),
+    (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 9)),
+    (lambda: nn.Conv1d(4, 4, 3, groups=4, padding="same"), lambda: torch.randn(2, 4, 9)),
     (lambda: nn.Embedding(9, 5, padding_idx=0), lambda: torch.tensor([[1, 0, 8]])),
 ]
 
@@ -143,8 +151,15 @@ def test_every_quantized_class_round_trips_through_save_and_load(tmp_path, make,
 
 
 def test_what_a_kind_refuses_is_written_once():
-    assert refusal(nn.Conv2d(4, 4, 3, groups=4)) == "groups=4 is not supported"
+    assert refusal(nn.Conv2d(4, 4, 3, groups=4)) == (
+        "groups=4 is not supported: a depthwise convolution is quantized, not factorized "
+        "(the cores hold one dense channel map)"
+    )
+    assert refusal(nn.Conv1d(4, 8, 3, groups=2)).startswith(
+        "groups=2 is not supported: a grouped convolution"
+    )
     assert refusal(nn.Conv2d(4, 4, 3)) is None and refusal(nn.Linear(2, 2)) is None
+    assert refusal(nn.Conv1d(4, 4, 3)) is None
 
 
 def test_register_refuses_clashes_and_entries_are_checked():

@@ -57,7 +57,7 @@ def test_every_weight_tnquant_cannot_handle_has_a_reason(module, start):
         nn.Linear(2, 2),
         nn.Conv2d(2, 2, 3),
         nn.Conv2d(4, 4, 3, groups=4),  # quantized per channel; only factorize refuses it
-        # CONV1D
+        nn.Conv1d(4, 4, 3, groups=2),
         nn.Embedding(5, 2),
         QuantLinear(2, 2),
         LowRankLinear([torch.randn(3, 1), torch.randn(1, 2)]),

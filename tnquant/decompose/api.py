@@ -2,14 +2,18 @@
 
 One dispatch table (:data:`DECOMPOSERS`), per weight kind from spec type to handler:
 
-============  ===========================  =========================  ==============
-spec          Linear ``(out, in)``          Conv2d ``(O, I, kh, kw)``   Embedding
-============  ===========================  =========================  ==============
-``TT``        TT-SVD (+ ALS with gram)      refused (TypeError)        TT-SVD (TT-Rec)
-``Tucker``    Tucker-2 / tensorized         Tucker-2 on channels       refused
-``LowRank``   truncated SVD                 SVD of ``(O, I*kh*kw)``     truncated SVD
-``CP``        refused (use LowRank)         CP-ALS (parafac)           refused
-============  ===========================  =========================  ==============
+==========  ========================  =====================  ==================  ============
+spec        Linear ``(out, in)``       Conv2d ``(O,I,kh,kw)``  Conv1d ``(O,I,k)``   Embedding
+==========  ========================  =====================  ==================  ============
+``TT``      TT-SVD (+ ALS with gram)  refused (TypeError)    refused             TT-SVD
+``Tucker``  Tucker-2 / tensorized     Tucker-2 on channels   Tucker-2 (channels) refused
+``LowRank`` truncated SVD             SVD of ``(O,I*kh*kw)``  SVD of ``(O,I*k)``   truncated SVD
+``CP``      refused (use LowRank)     CP-ALS (parafac)       refused             refused
+==========  ========================  =====================  ==================  ============
+
+A Hugging Face ``Conv1D`` (GPT-2) is a Linear whose weight is stored
+``(in, out)``: its layers pass the ``(out, in)`` transpose to
+:func:`decompose_linear`, so it takes the ``'linear'`` row, data-aware too.
 
 Everything is computed in float64 (:func:`~tnquant.decompose.svd.work_dtype`)
 on the weight's device; the cores come back in the weight's dtype and
@@ -226,7 +230,7 @@ def _lowrank_conv(k: Tensor, spec: LowRank, gram: Tensor | None) -> Part:
 def _tucker_conv(k: Tensor, spec: Tucker, gram: Tensor | None) -> Part:
     if spec.order != 1 or spec.in_shape is not None or spec.out_shape is not None:
         raise ValueError(
-            "Tucker on a Conv2d kernel is Tucker-2 on the channel modes and takes no "
+            "Tucker on a conv kernel is Tucker-2 on the channel modes and takes no "
             f"order/in_shape/out_shape; got order={spec.order}, in_shape={spec.in_shape}, "
             f"out_shape={spec.out_shape}"
         )
@@ -242,9 +246,16 @@ def _cp_conv(k: Tensor, spec: CP, gram: Tensor | None) -> Part:
 DECOMPOSERS: dict[str, dict[type, Handler]] = {
     "linear": {TT: _tt_linear, Tucker: _tucker_linear, LowRank: _lowrank_linear},
     "conv2d": {Tucker: _tucker_conv, CP: _cp_conv, LowRank: _lowrank_conv},
+    "conv1d": {Tucker: _tucker_conv, LowRank: _lowrank_conv},
     "embedding": {TT: _tt_linear, LowRank: _lowrank_linear},
 }
-_LAYER_NAMES = {"linear": " Linear", "conv2d": " Conv2d", "embedding": "n Embedding"}
+_LAYER_NAMES = {
+    "linear": " Linear",
+    "conv2d": " Conv2d",
+    "conv1d": " Conv1d",
+    "embedding": "n Embedding",
+}
+_CONV_LAYOUTS = {"conv2d": (4, "(O, I, kh, kw)"), "conv1d": (3, "(O, I, k)")}
 
 
 def spec_types(weight_kind: str) -> tuple[type, ...]:
@@ -391,18 +402,19 @@ def decompose_linear(
 def decompose_conv(
     kernel: Tensor, spec: Tucker | CP | LowRank, *, name: str = "weight"
 ) -> Decomposition:
-    """Decompose a Conv2d kernel ``(O, I, kh, kw)``: Tucker-2, CP, or low rank.
+    """Decompose a Conv2d kernel ``(O, I, kh, kw)`` or a Conv1d one ``(O, I, k)``.
 
     Parameters
     ----------
     kernel
-        ``(O, I, kh, kw)`` floating-point tensor.
+        ``(O, I, kh, kw)`` (weight kind ``'conv2d'``) or ``(O, I, k)``
+        (``'conv1d'``) floating-point tensor.
     spec
         :class:`~tnquant.specs.Tucker` (Tucker-2 on the channel modes;
-        ``rank`` an int or ``(r_out, r_in)``, ``ratio`` proportional to
-        ``(O, I)``), :class:`~tnquant.specs.CP`, or
-        :class:`~tnquant.specs.LowRank` (of the ``(O, I*kh*kw)`` matrix).
-        ``TT`` raises ``TypeError``.
+        ``rank`` an int or ``(r_out, r_in)``, capped at ``(O, I)``,
+        ``ratio`` proportional to ``(O, I)``), :class:`~tnquant.specs.CP`
+        (Conv2d only), or :class:`~tnquant.specs.LowRank` (of the
+        ``(O, I*kh*kw)`` matrix). ``TT`` raises ``TypeError``.
     name
         The tensor's name, for error messages.
 
@@ -418,9 +430,13 @@ def decompose_conv(
     >>> dec = decompose_conv(k, Tucker(rank=30))
     >>> dec.ranks, dec.rel_error < 1e-12, dec.capped is not None
     ((5, 4), True, True)
+    >>> [tuple(c.shape) for c in decompose_conv(k[..., 0], Tucker(rank=2)).cores]
+    [(5, 2), (2, 2, 3), (4, 2)]
     """
-    handler = _check_spec(spec, "conv2d")
-    k = _check_tensor(kernel, 4, name, "(O, I, kh, kw)")
+    kind = "conv1d" if isinstance(kernel, Tensor) and kernel.ndim == 3 else "conv2d"
+    handler = _check_spec(spec, kind)
+    ndim, layout = _CONV_LAYOUTS[kind]
+    k = _check_tensor(kernel, ndim, name, layout)
     with torch.no_grad():
         return _finish(handler(k, spec, None), kernel, None)
 

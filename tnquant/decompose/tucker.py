@@ -234,9 +234,11 @@ def _trim(core: Tensor, factors: list[Tensor], modes: Sequence[int]) -> tuple[Te
 def tucker_conv(kernel: Tensor, spec: Tucker) -> Part:
     """Tucker-2 of a conv kernel on its channel modes: ``[U_out, G, U_in]``.
 
-    ``U_out (O, r_out)``, ``G (r_out, r_in, kh, kw)``, ``U_in (I, r_in)``;
-    ``kernel ~ G x_0 U_out x_1 U_in``. ``rank`` is an int (both modes) or
-    ``(r_out, r_in)``; ``ratio`` picks ranks proportional to ``(O, I)``.
+    ``U_out (O, r_out)``, ``G (r_out, r_in, *k)``, ``U_in (I, r_in)``;
+    ``kernel ~ G x_0 U_out x_1 U_in``, for a Conv2d kernel ``(O, I, kh, kw)``
+    or a Conv1d one ``(O, I, k)``. ``rank`` is an int (both modes) or
+    ``(r_out, r_in)``, capped at ``(O, I)``; ``ratio`` picks ranks
+    proportional to ``(O, I)``.
 
     Examples
     --------
@@ -244,9 +246,12 @@ def tucker_conv(kernel: Tensor, spec: Tucker) -> Part:
     >>> part = tucker_conv(k, Tucker(rank=(4, 2)))
     >>> [tuple(c.shape) for c in part.cores]
     [(8, 4), (4, 2, 3, 3), (4, 2)]
+    >>> [tuple(c.shape) for c in tucker_conv(k[..., 0], Tucker(rank=(4, 2))).cores]
+    [(8, 4), (4, 2, 3), (4, 2)]
     """
-    o, i, kh, kw = kernel.shape
-    ranks, note = _tucker_ranks(spec, (o, i), (kh, kw), kernel.numel(), proportional=True)
+    o, i = kernel.shape[:2]
+    spatial = tuple(kernel.shape[2:])
+    ranks, note = _tucker_ranks(spec, (o, i), spatial, kernel.numel(), proportional=True)
     delta = None if spec.tol is None else spec.tol * float(kernel.norm()) / math.sqrt(2)
     core, factors = _trim(*hosvd(kernel, ranks, (0, 1), delta, spec.svd), (0, 1))
     core, factors = hooi(kernel, core, factors, (0, 1), spec.svd)

@@ -1,4 +1,4 @@
-"""Factorized layers: TT, Tucker, CP and low-rank Linear/Conv2d/Embedding.
+"""Factorized layers: TT, Tucker, CP and low-rank Linear/Conv2d/Conv1d/Embedding.
 
 Every layer is an ``nn.Module`` built from its cores (or from a dense layer
 with ``from_dense(module, spec)``), with ``to_dense()``, ``.cores`` (an
@@ -14,6 +14,7 @@ layer              spec         cores
 ``TTLinear``       ``TT``       ``(r_{k-1}, out_k, in_k, r_k)`` each
 ``TuckerConv2d``   ``Tucker``   ``[U_out (O, r), G (r, r', kh, kw), U_in]``
 ``CPConv2d``       ``CP``       ``[A_out, A_in, A_h, A_w]``, each ``(., R)``
+``TuckerConv1d``   ``Tucker``   ``[U_out, G (r_out, r_in, k), U_in]``
 ``TTEmbedding``    ``TT``       ``(r_{k-1}, num_k, dim_k, r_k)`` each
 =================  ===========  ==========================================
 
@@ -27,6 +28,7 @@ Examples
 
 from tnquant.layers.base import FactorizedLayer
 from tnquant.layers.conv import FactorizedConv2dBase
+from tnquant.layers.conv1d import QuantConv1d, TuckerConv1d
 from tnquant.layers.cp import CPConv2d
 from tnquant.layers.embedding import TTEmbedding
 from tnquant.layers.linear import FactorizedLinearBase
@@ -44,8 +46,10 @@ __all__ = [
     "TuckerLinear",
     "TuckerConv2d",
     "CPConv2d",
+    "TuckerConv1d",
     "TTEmbedding",
     "QuantLinear",
     "QuantConv2d",
+    "QuantConv1d",
     "QuantEmbedding",
 ]

@@ -3,7 +3,7 @@
 Examples
 --------
 >>> [k.cls.__name__ for k in BUILTIN if k.role == "dense"]
-['Linear', 'Conv2d', 'Embedding']
+['Linear', 'Conv2d', 'Conv1d', 'Embedding']
 """
 
 from __future__ import annotations
@@ -13,17 +13,20 @@ from torch import nn
 from tnquant.layers import (
     CPConv2d,
     LowRankLinear,
+    QuantConv1d,
     QuantConv2d,
     QuantEmbedding,
     QuantLinear,
     TTEmbedding,
     TTLinear,
+    TuckerConv1d,
     TuckerConv2d,
     TuckerLinear,
 )
 from tnquant.quant.frozen import FrozenTensor
 from tnquant.quant.quantizer import Quantizer
 from tnquant.registry import serialize as s
+from tnquant.registry.conv1d import conv1d_handler, quant_conv1d_handler
 from tnquant.registry.entry import LayerKind
 from tnquant.specs import CP, TT, LowRank, Tucker
 
@@ -35,13 +38,27 @@ _EMBEDDING_SITES = ("output",)  # an embedding's inputs are indices
 def conv_groups(module: nn.Module) -> str | None:
     """Why a convolution cannot be factorized: the cores hold one dense channel map.
 
+    A grouped or depthwise convolution is still quantized (per channel, like
+    any other); only ``factorize`` refuses it, with this reason.
+
     Examples
     --------
-    >>> conv_groups(nn.Conv2d(4, 4, 3, groups=2)), conv_groups(nn.Conv2d(4, 4, 3))
-    ('groups=2 is not supported', None)
+    >>> conv_groups(nn.Conv2d(4, 4, 3, groups=2))  # doctest: +ELLIPSIS
+    'groups=2 is not supported: a grouped convolution is quantized, not factorized ...'
+    >>> conv_groups(nn.Conv1d(4, 4, 3, groups=4)).split(":")[1]
+    ' a depthwise convolution is quantized, not factorized (the cores hold one dense channel map)'
+    >>> conv_groups(nn.Conv2d(4, 4, 3)) is None
+    True
     """
     groups = getattr(module, "groups", 1)
-    return None if groups == 1 else f"groups={groups} is not supported"
+    if groups == 1:
+        return None
+    depthwise = groups == getattr(module, "in_channels", None)
+    what = "depthwise" if depthwise else "grouped"
+    return (
+        f"groups={groups} is not supported: a {what} convolution is quantized, not "
+        f"factorized (the cores hold one dense channel map)"
+    )
 
 
 BUILTIN: tuple[LayerKind, ...] = (
@@ -63,6 +80,15 @@ BUILTIN: tuple[LayerKind, ...] = (
         factorize={Tucker: TuckerConv2d, CP: CPConv2d},
         refuse=conv_groups,
         quantized=QuantConv2d,
+    ),
+    LayerKind(
+        nn.Conv1d,
+        "dense",
+        nn.Conv1d,
+        weight_kind="conv1d",
+        factorize={Tucker: TuckerConv1d},
+        refuse=conv_groups,
+        quantized=QuantConv1d,
     ),
     LayerKind(
         nn.Embedding,
@@ -91,6 +117,7 @@ BUILTIN: tuple[LayerKind, ...] = (
     ),
     LayerKind(TuckerConv2d, "factorized", nn.Conv2d, handler=s.conv_handler(TuckerConv2d)),
     LayerKind(CPConv2d, "factorized", nn.Conv2d, handler=s.conv_handler(CPConv2d)),
+    LayerKind(TuckerConv1d, "factorized", nn.Conv1d, handler=conv1d_handler()),
     LayerKind(
         TTEmbedding,
         "factorized",
@@ -103,6 +130,7 @@ BUILTIN: tuple[LayerKind, ...] = (
         QuantLinear, "quantized", nn.Linear, handler=s.quant_linear_handler(), export="dense"
     ),
     LayerKind(QuantConv2d, "quantized", nn.Conv2d, handler=s.quant_conv_handler()),
+    LayerKind(QuantConv1d, "quantized", nn.Conv1d, handler=quant_conv1d_handler()),
     LayerKind(
         QuantEmbedding,
         "quantized",
