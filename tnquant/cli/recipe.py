@@ -126,6 +126,7 @@ from tnquant.cli.recipe_values import (
     _warmup,
 )
 from tnquant.pipeline import CalibrateSection, FactorizeSection, FinetuneSection, QuantizeSection
+from tnquant.qat.amp import AMP_CHOICES
 from tnquant.qat.losses import LOSSES, TASK_LOSSES
 from tnquant.qat.optim import OPTIMIZERS, SCHEDULES
 from tnquant.qat.params import TRAIN_CHOICES
@@ -238,6 +239,7 @@ _FINETUNE = _schema(
         "optimizer": _choice(*OPTIMIZERS),
         "clip_grad_norm": _optional(_float(0, lo_open=True)),
         "shuffle": _bool,
+        "amp": _optional(_choice(*AMP_CHOICES), off="none"),
     },
 )
 _EXPORT = _schema(

@@ -9,7 +9,8 @@ dict of tensors, numbers, strings, lists and dicts only, so it loads with
 
 - ``'format'``: :data:`FORMAT`; ``'step'``, ``'epoch'``, ``'epoch_steps'``
   (steps already done in that epoch);
-- ``'model'``, ``'optimizer'``, ``'scheduler'``: state dicts;
+- ``'model'``, ``'optimizer'``, ``'scheduler'``: state dicts; ``'scaler'``:
+  the ``GradScaler`` state with ``amp='fp16'``, else ``None``;
 - ``'ranks'``: per rank, ``{'rng': rng_state(), 'epoch_rng': ...,
   'loader_rng': ...}``: the random state now and when the epoch began (a
   ``DataLoader`` draws its order then), and the ``DataLoader``

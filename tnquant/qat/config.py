@@ -7,7 +7,8 @@ of ``config``. The recipe's ``[finetune]`` table of ``tnquant compress`` is
 derived from these fields (names, defaults) and from the choice constants
 below (:data:`~tnquant.qat.losses.LOSSES`,
 :data:`~tnquant.qat.losses.TASK_LOSSES`, :data:`~tnquant.qat.optim.OPTIMIZERS`,
-:data:`~tnquant.qat.optim.SCHEDULES`, :data:`~tnquant.qat.params.TRAIN_CHOICES`).
+:data:`~tnquant.qat.optim.SCHEDULES`, :data:`~tnquant.qat.params.TRAIN_CHOICES`,
+:data:`~tnquant.qat.amp.AMP_CHOICES`).
 
 Examples
 --------
@@ -27,6 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
+from tnquant.qat.amp import check_amp
 from tnquant.qat.losses import LossFn
 from tnquant.qat.objective import check_objective
 from tnquant.qat.optim import OPTIMIZERS, SCHEDULES, warmup_steps
@@ -130,6 +132,16 @@ class FinetuneConfig:
         model's device; ``True``: on (eager if it cannot build, with a
         warning); ``False``: off. The process-wide setting is restored on
         return.
+    amp
+        Mixed precision: ``'bf16'`` or ``'fp16'`` runs the forward passes
+        (student, teacher, loss) under ``torch.autocast`` with that dtype,
+        ``'fp16'`` with a ``torch.amp.GradScaler`` (CPU too); the optimizer
+        steps float32 master weights (a float16 / bfloat16 model is cast to
+        float32 for the run and back on return; ``eval_fn`` runs under the
+        same autocast); steps the scaler skipped are listed in
+        ``history.skipped``. ``None`` (default): the model's own dtype;
+        trainable float16 parameters are then refused before any step,
+        bfloat16 ones train with a warning. See :mod:`tnquant.qat.amp`.
     progress
         Show a progress bar with the loss (rank 0).
     loss, temperature
@@ -214,6 +226,7 @@ class FinetuneConfig:
     ddp: bool | str = "auto"
     ddp_kwargs: dict[str, Any] | None = None
     fused: bool | str = "auto"
+    amp: str | None = None
     progress: bool = True
     loss: str | LossFn = "mse"
     temperature: float = 1.0
@@ -254,6 +267,7 @@ class FinetuneConfig:
             )
         if not (isinstance(self.fused, bool) or _choice(self.fused, ("auto",))):
             raise ValueError(f"fused must be True, False or 'auto', got {self.fused!r}")
+        check_amp(self.amp)
         if not isinstance(self.progress, bool):
             raise TypeError(f"progress must be a bool, got {type(self.progress).__name__}")
         check_objective(

@@ -1,8 +1,10 @@
 """``finetune``: quantization-aware training and distillation of a compressed model.
 
 The verb checks the model and the options (one :class:`FinetuneConfig`, or
-its fields as keywords), switches dropout and the fused kernel as asked,
-runs the loop of :mod:`tnquant.qat.trainer` and restores every flag it
+its fields as keywords) and the dtypes of the parameters it would train
+(float16 needs ``amp``: :mod:`tnquant.qat.amp`), switches dropout, the
+fused kernel and, with ``amp``, float32 master weights as asked, runs the
+loop of :mod:`tnquant.qat.trainer` and restores every flag and dtype it
 changed. The options, their defaults and why: :class:`FinetuneConfig`.
 
 Examples
@@ -30,10 +32,12 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from tnquant.qat.amp import check_param_dtypes, master_weights, restore_dtypes
 from tnquant.qat.config import FinetuneConfig, merge_config
 from tnquant.qat.distributed import DistContext
 from tnquant.qat.history import FinetuneReport
 from tnquant.qat.objective import Objective
+from tnquant.qat.params import TRAIN_CHOICES, parameter_sets
 from tnquant.qat.trainer import Trainer, model_device
 from tnquant.quant import fused as _fused
 from tnquant.quant.frozen import FrozenTensor
@@ -120,6 +124,12 @@ def _check_models(model: Any, teacher: Any) -> None:
         )
 
 
+def _trainable(model: nn.Module, train: str) -> list[tuple[str, nn.Parameter]]:
+    """The parameters ``train`` would take (empty learnable scales included)."""
+    sets = parameter_sets(model)
+    return [(n, p) for key in TRAIN_CHOICES[train] for n, p in sets[key] if p.requires_grad]
+
+
 def finetune(
     model: nn.Module,
     data: Any,
@@ -163,6 +173,9 @@ def finetune(
 
     Raises
     ------
+    ValueError
+        Before any step, when a parameter to train is float16 and ``amp`` is
+        not set (see :mod:`tnquant.qat.amp`).
     FloatingPointError
         On a NaN/Inf loss or gradient norm, naming the step, before the
         optimizer step (the parameters are those of the previous step).
@@ -183,6 +196,7 @@ def finetune(
     """
     _check_models(model, teacher)
     cfg = merge_config(config, options)
+    check_param_dtypes(_trainable(model, cfg.train), cfg.amp)
     dropout = teacher is None if cfg.dropout is None else cfg.dropout
     objective = Objective(
         teacher, cfg.loss, cfg.temperature, cfg.outputs, cfg.hidden, cfg.task_loss, cfg.alpha
@@ -196,12 +210,14 @@ def finetune(
     teacher_training = teacher.training if teacher is not None else False
     ctx = DistContext.setup(cfg.ddp, model_device(model))
     dropouts = [] if dropout else dropout_off(model)
+    dtypes = master_weights(model) if cfg.amp is not None else []
     try:
         if teacher is not None:
             teacher.eval()
         with _fused.fused(use_fused(model, cfg.fused)):
             return Trainer(model, data, objective, cfg, ctx, dropout).run()
     finally:
+        restore_dtypes(dtypes)
         for p, flag in flags:
             p.requires_grad_(flag)
         for module, p_drop in dropouts:

@@ -33,6 +33,9 @@ class History:
         The two terms when both a teacher and a task loss are given.
     evals : list of dict
         ``{'step': s, **eval_fn(model)}`` on every evaluation.
+    skipped : list of int
+        With ``amp='fp16'``: the steps whose optimizer step the loss scaler
+        skipped (overflowed gradients; the scale was halved).
     time_s : float
         Wall-clock seconds spent training, over all resumed segments.
     resumed_from : int or None
@@ -51,6 +54,7 @@ class History:
     distill: list[float] = field(default_factory=list)
     task: list[float] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
     time_s: float = 0.0
     resumed_from: int | None = None
 
@@ -106,7 +110,7 @@ class History:
         ValueError: history entry 'loss' must be a list of numbers, got [0.5, 'x']
         """
         known = {k: state[k] for k in cls.__dataclass_fields__ if k in state}
-        for key in ("step", "epoch", "loss", "lr", "distill", "task"):
+        for key in ("step", "epoch", "loss", "lr", "distill", "task", "skipped"):
             value = known.get(key, [])
             if not isinstance(value, list) or not all(_number(v) for v in value):
                 shown = value[:4] if isinstance(value, list) else type(value).__name__

@@ -73,6 +73,7 @@ OPTIONS = (
     "train",
     "shuffle",
     "seed",
+    "amp",
     "teacher",
     "loss",
     "temperature",
@@ -132,7 +133,7 @@ def run_options(cfg: Any, objective: Any, dropout: bool) -> dict[str, Any]:
     >>> run_options(FinetuneConfig(), Objective(), dropout=True)["optimizer"]
     'adamw'
     """
-    values = {name: getattr(cfg, name) for name in OPTIONS[:12]}
+    values = {name: getattr(cfg, name) for name in OPTIONS[:13]}
     values.update(
         teacher=objective.teacher,
         loss=objective.loss,
@@ -231,6 +232,8 @@ def check_state(state: dict[str, Any]) -> None:
     ):
         raise ValueError("'optimizer' must be an optimizer state dict ('state' and 'param_groups')")
     History.from_dict(state["history"])  # raises on entries of the wrong type
+    if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
+        raise ValueError(f"'scaler' must be a dict or None, got {type(state['scaler']).__name__}")
     if not isinstance(state.get("options", {}), dict):
         raise ValueError(f"'options' must be a dict, got {type(state['options']).__name__}")
 

@@ -1,12 +1,13 @@
 """The training loop of ``finetune``: one :class:`Trainer` per call.
 
-For every batch: the objective (:mod:`tnquant.qat.objective`), backward
-through the straight-through estimators of the quantizers, a check that
-loss and gradient norm are finite, gradient clipping, one optimizer step and
-one scheduler step. Around it: a progress bar, an ``eval_fn`` callback,
-atomic checkpoints that a run resumes from to the same bits
-(:mod:`tnquant.qat.resume`), and DistributedDataParallel under ``torchrun``
-(:mod:`tnquant.qat.distributed`). :func:`tnquant.qat.finetune.finetune`
+For every batch: the objective (:mod:`tnquant.qat.objective`, under
+autocast with ``amp``: :mod:`tnquant.qat.amp`), backward through the
+straight-through estimators of the quantizers (through the loss scaler with
+``amp='fp16'``), a check that loss and gradient norm are finite, gradient
+clipping, one optimizer step and one scheduler step. Around it: a progress
+bar, an ``eval_fn`` callback, atomic checkpoints that a run resumes from to
+the same bits (:mod:`tnquant.qat.resume`), and DistributedDataParallel under
+``torchrun`` (:mod:`tnquant.qat.distributed`). :func:`tnquant.qat.finetune.finetune`
 sets the model up, runs a :class:`Trainer` and restores the model.
 
 Examples
@@ -30,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from tqdm.auto import tqdm
 
 from tnquant.batches import call_model, move_batch
 from tnquant.qat import resume
+from tnquant.qat.amp import Precision
 from tnquant.qat.checkpoint import (
     FORMAT,
     prune_checkpoints,
@@ -83,6 +86,7 @@ class Trainer:
     ) -> None:
         self.model, self.objective, self.cfg, self.ctx = model, objective, cfg, ctx
         self.device = model_device(model)
+        self.precision = Precision(cfg.amp, self.device)
         self.plan = EpochPlan(data, ctx.world, ctx.rank, cfg.shuffle, cfg.seed)
         self.total = cfg.total_steps(self.plan.steps_per_epoch)
         self.options = resume.run_options(cfg, objective, dropout)
@@ -128,7 +132,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.precision.autocast():
                 batch = self.objective.inputs(self.plan.first_batch())
                 call_model(self.model, move_batch(batch, self.device))
         finally:
@@ -143,6 +147,7 @@ class Trainer:
     def _resume(self, state: dict[str, Any], path: os.PathLike[str]) -> None:
         """Continue from a checkpoint :func:`~tnquant.qat.resume.read_resume` checked."""
         resume.restore(state, Path(path), self.model, self.optimizer, self.scheduler)
+        self.precision.load_state_dict(state.get("scaler"), f"resume_from: {path}")
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.epoch_steps = int(state["epoch_steps"])
         self.history = History.from_dict(state["history"])
@@ -218,23 +223,29 @@ class Trainer:
     def _train_step(self, batch: Any) -> None:
         batch = move_batch(batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        total, terms = self.objective(self.wrapped, batch)
+        with self.precision.autocast():
+            total, terms = self.objective(self.wrapped, batch)
         value = float(total.detach())
         finite = math.isfinite(value)
         if not finite and not self.ctx.enabled:
             raise self._nonfinite("loss", value)
         # under DDP every rank runs backward (the gradient all-reduce must
         # complete) and a NaN spreads to all ranks, which then stop together
-        total.backward()
+        self.precision.backward(total, self.optimizer)
         max_norm = self.cfg.clip_grad_norm
         norm = float(nn.utils.clip_grad_norm_(self.params, max_norm or math.inf))
         if not finite:
             raise self._nonfinite("loss", value)
-        if not math.isfinite(norm):
+        if not math.isfinite(norm) and self.precision.scaler is None:
             raise self._nonfinite("gradient norm", norm)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
-        self.scheduler.step()
+        if not self.precision.step(self.optimizer):  # fp16: overflowed, the scale halves
+            self.history.skipped.append(self.step + 1)
+            with warnings.catch_warnings():  # a skipped first step is not a misuse
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", Warning)
+                self.scheduler.step()
+        else:
+            self.scheduler.step()
         self.history.log_step(
             self.step + 1, self.epoch, value, lr, terms.get("distill"), terms.get("task")
         )
@@ -259,7 +270,7 @@ class Trainer:
         saved = rng_state()
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.precision.autocast():
                 metrics = self.cfg.eval_fn(self.model)
         finally:
             self.model.train()
@@ -296,6 +307,7 @@ class Trainer:
             "history": self.history.to_dict(),
             "options": self.options,
             "optimizer_class": resume.class_name(self.optimizer),
+            "scaler": self.precision.state_dict(),
         }
         save_checkpoint(state, self.cfg.checkpoint_dir, self.step)
         prune_checkpoints(self.cfg.checkpoint_dir, self.cfg.keep_checkpoints)
