@@ -272,7 +272,13 @@ def _tensor_of(
         break
     owner_name, _, attr = key.rpartition(".")
     owner = find_module(root, owner_name) if root is not None else None
-    return None if owner is None else getattr(owner, attr, None)
+    if owner is None:
+        return None
+    # the registered tensor: a converted layer's weight attribute reads dequantized
+    for table in (owner._parameters, owner._buffers):
+        if attr in table:
+            return table[attr]
+    return getattr(owner, attr, None)
 
 
 def check_tied_kinds(

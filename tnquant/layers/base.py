@@ -14,7 +14,17 @@
   ``'output'`` and the names of :meth:`~FactorizedLayer.intermediate_names`);
 - ``implementation``: ``'auto'`` (cheapest by FLOP count for the input at
   hand), ``'factorized'`` (contract the input with the cores) or
-  ``'reconstructed'`` (rebuild the dense weight, then one dense op).
+  ``'reconstructed'`` (rebuild the dense weight, then one dense op);
+- the drop-in view: a read-only ``weight`` (see :attr:`FactorizedLayer.weight`),
+  and each subclass keeps the replaced layer's sizes (``in_features``, ...).
+
+Fused kernels: torch's fused ``nn.TransformerEncoderLayer`` path (eval, no
+grad) reads ``linear1.weight`` / ``.bias`` and calls one kernel, bypassing
+``forward``. A layer whose forward does more than its ``weight`` and ``bias``
+say (attached activation quantizers) carries the no-op forward pre-hook
+:func:`~tnquant.layers.dropin.declines_fused_kernels`, which that path checks for and then takes
+the module-by-module road; the encoder may then hand it a nested tensor,
+which :func:`~tnquant.layers.dropin.per_sequence` runs sequence by sequence.
 
 Examples
 --------
@@ -33,9 +43,11 @@ import math
 from collections.abc import Sequence
 from typing import Any, cast
 
+import torch
 from torch import Tensor, nn
 
 from tnquant.layers.contract import IMPLEMENTATIONS
+from tnquant.layers.dropin import quantizer_key, sync_fused_guard, tensor_key
 from tnquant.quant.frozen import FrozenTensor
 
 #: cached plans (one per input shape) kept before the cache starts over
@@ -118,6 +130,8 @@ class FactorizedLayer(nn.Module):
     format: str = ""
     #: implementations this layer accepts for ``implementation``
     implementations: tuple[str, ...] = IMPLEMENTATIONS
+    #: keep input-independent results (``weight`` in eval mode among them)
+    inference_cache: bool = True
 
     cores: nn.ParameterList
     bias: nn.Parameter | None
@@ -295,6 +309,83 @@ class FactorizedLayer(nn.Module):
     def to_dense(self) -> nn.Module:
         """A plain torch layer with the reconstructed weight (see subclasses)."""
         raise NotImplementedError
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight, read-only: :meth:`dense_weight`, in the replaced layer's layout.
+
+        Dtype and device follow the cores (quantized cores when
+        ``core_quantizers`` are attached; the dequantized ones after
+        ``convert``). In training mode it is the differentiable
+        reconstruction, rebuilt at every read. In eval mode it is rebuilt
+        without autograd and kept while the cores, the core quantizers
+        (their tensors' version counters and data pointers, their mode, spec
+        and qparam shape), dtype, device and the training flag stay the same
+        (``inference_cache = False`` keeps nothing; a write into
+        ``core.data`` needs :meth:`clear_weight_cache`). Use
+        :meth:`dense_weight` for a differentiable weight in eval mode.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tnquant.layers import LowRankLinear
+        >>> u, v = torch.randn(3, 1), torch.randn(1, 2)
+        >>> layer = LowRankLinear([u, v]).eval()
+        >>> torch.allclose(layer.weight, u @ v), layer.weight is layer.weight
+        (True, True)
+        """
+        try:
+            if self.training or torch.jit.is_tracing() or torch.compiler.is_compiling():
+                return self.dense_weight()
+            key = self._weight_key()
+            entry = self.__dict__.get("_weight_cache")
+            if entry is not None and entry[1] == key:
+                return cast(Tensor, entry[2])
+            with torch.inference_mode(False), torch.no_grad():
+                weight = self.dense_weight()
+        except AttributeError as err:  # else nn.Module.__getattr__ would hide it
+            raise RuntimeError(f"{type(self).__name__}.weight failed: {err}") from err
+        if self.inference_cache:
+            quantizers = cast("nn.ModuleList | None", self._modules.get("core_quantizers"))
+            refs = [*self.cores, *(quantizers if quantizers is not None else ())]
+            # the entry holds what it keys by id, so no other object takes those ids
+            self.__dict__["_weight_cache"] = (refs, key, weight)
+        return weight
+
+    def _weight_key(self) -> tuple[Any, ...]:
+        cores = self._modules["cores"]._parameters.values()  # type: ignore[union-attr]
+        quantizers = cast("nn.ModuleList | None", self._modules.get("core_quantizers"))
+        return (
+            self.training,
+            tuple(tensor_key(c) for c in cores),
+            None if quantizers is None else tuple(quantizer_key(q) for q in quantizers),
+        )
+
+    def clear_weight_cache(self) -> None:
+        """Drop the kept eval-mode :attr:`weight` (after a write into ``core.data``).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tnquant.layers import LowRankLinear
+        >>> layer = LowRankLinear([torch.ones(2, 1), torch.ones(1, 2)]).eval()
+        >>> _ = layer.weight
+        >>> _ = layer.cores[0].data.mul_(2)  # bypasses the version counter
+        >>> layer.clear_weight_cache(); float(layer.weight.sum())
+        8.0
+        """
+        self.__dict__.pop("_weight_cache", None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__}.weight is read-only: it is rebuilt from the "
+                f"{self.format} cores; change layer.cores (or the core quantizers), or "
+                "replace the layer by layer.to_dense() to hold a dense weight"
+            )
+        super().__setattr__(name, value)
+        if name == "act_quantizers":
+            sync_fused_guard(self, value is not None)
 
     def _info_repr(self) -> str:
         return f"ranks={self.ranks}, compression={self.compression_ratio:.2f}x"

@@ -65,6 +65,8 @@ class CPConv2d(FactorizedConv2dBase):
 
     format = "cp"
     spec_type = CP
+    #: as ``nn.Conv2d.groups`` (a factorized convolution is dense across channels)
+    groups: int = 1
     _kernel_eq = "or,ir,hr,wr->oihw"
 
     def __init__(

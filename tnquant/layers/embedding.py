@@ -79,6 +79,11 @@ class TTEmbedding(FactorizedLayer):
     format = "tt"
     implementations = ("auto", "factorized")
     spec_type = TT
+    # as nn.Embedding's (from_dense refuses the others)
+    max_norm: float | None = None
+    norm_type: float = 2.0
+    scale_grad_by_freq: bool = False
+    sparse: bool = False
 
     def __init__(
         self,

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from tnquant.layers.base import FactorizedLayer, decomposition_fields
 from tnquant.layers.contract import CALL_COST, ELEMENT_COST, Path, Program, chain_path, plan_einsum
+from tnquant.layers.dropin import per_sequence
 
 __all__ = ["FactorizedLinearBase"]
 
@@ -355,18 +356,19 @@ class FactorizedLinearBase(FactorizedLayer):
     # ------------------------------------------------------------------ #
     # forward
     # ------------------------------------------------------------------ #
-    def _check_input(self, x: Any) -> None:
+    def _odd_input(self, x: Any) -> Tensor:
+        if isinstance(x, Tensor) and x.is_nested:  # from nn.TransformerEncoder
+            return per_sequence(self.forward, x)
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
-        if x.ndim == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{type(self).__name__} expects input of shape (..., {self.in_features}), "
-                f"got {tuple(x.shape)}"
-            )
+        raise ValueError(
+            f"{type(self).__name__} expects input of shape (..., {self.in_features}), "
+            f"got {tuple(x.shape)}"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != self.in_features:
-            self._check_input(x)
+        if not isinstance(x, Tensor) or x.is_nested or x.shape[-1:] != (self.in_features,):
+            return self._odd_input(x)
         quantizers = self._modules.get("act_quantizers")
         hooks = None
         if quantizers is not None:

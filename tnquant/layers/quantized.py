@@ -16,6 +16,18 @@ The forward pass is the plain functional op with
 ``weight_quantizer(weight)`` in place of ``weight``, the input and output
 passed through their quantizers when present.
 
+Drop-in reading: before ``convert``, ``weight`` is the shared float
+parameter (as in the dense layer); once converted, ``weight`` reads as the
+dequantized tensor (``weight_quantizer()``, rebuilt at every read, never
+kept: a converted model stays small) and refuses assignment, except of the
+empty placeholder ``convert`` and :func:`tnquant.load` put there. The
+placeholder stays in ``_parameters['weight']``, so the state dict (the
+saved file format) is unchanged. While a layer's forward does more than its
+``weight`` says (a weight quantizer before convert, activation quantizers),
+it carries the no-op pre-hook :func:`~tnquant.layers.dropin.declines_fused_kernels`,
+so ``nn.TransformerEncoderLayer``'s fused path (which reads ``linear1.weight``)
+runs ``forward`` instead.
+
 Examples
 --------
 >>> import torch
@@ -40,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tnquant.layers.base import FactorizedLayer
+from tnquant.layers.dropin import QUANT_WEIGHT_DOC, per_sequence, quant_setattr, read_quant_weight
 from tnquant.layers.embedding import TTEmbedding
 from tnquant.quant.frozen import FrozenTensor
 from tnquant.quant.quantizer import Quantizer
@@ -106,6 +119,8 @@ class QuantLinear(nn.Linear):
 
     weight_quantizer: nn.Module | None
     act_quantizers: nn.ModuleDict | None
+    weight = property(read_quant_weight, doc=QUANT_WEIGHT_DOC)  # type: ignore[assignment]
+    __setattr__ = quant_setattr
 
     def __init__(
         self,
@@ -152,6 +167,8 @@ class QuantLinear(nn.Linear):
         return _effective_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_nested and self._modules.get("act_quantizers") is not None:
+            return per_sequence(self.forward, x)  # from nn.TransformerEncoder
         x = _act(self, "input", x)
         return _act(self, "output", F.linear(x, _effective_weight(self), self.bias))
 
@@ -165,13 +182,12 @@ class QuantLinear(nn.Linear):
         >>> QuantLinear.from_float(dense).to_float().weight is dense.weight
         True
         """
-        w = self.weight
         new = nn.Linear(
             self.in_features,
             self.out_features,
             bias=self.bias is not None,
             device="meta",
-            dtype=w.dtype,
+            dtype=self._parameters["weight"].dtype,  # type: ignore[union-attr]
         )
         new.weight = _float_weight(self)
         new.bias = self.bias
@@ -195,6 +211,8 @@ class QuantConv2d(nn.Conv2d):
 
     weight_quantizer: nn.Module | None
     act_quantizers: nn.ModuleDict | None
+    weight = property(read_quant_weight, doc=QUANT_WEIGHT_DOC)  # type: ignore[assignment]
+    __setattr__ = quant_setattr
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -263,7 +281,7 @@ class QuantConv2d(nn.Conv2d):
             bias=self.bias is not None,
             padding_mode=self.padding_mode,
             device="meta",
-            dtype=self.weight.dtype,
+            dtype=self._parameters["weight"].dtype,  # type: ignore[union-attr]
         )
         new.weight = _float_weight(self)
         new.bias = self.bias
@@ -289,6 +307,8 @@ class QuantEmbedding(nn.Embedding):
 
     weight_quantizer: nn.Module | None
     act_quantizers: nn.ModuleDict | None
+    weight = property(read_quant_weight, doc=QUANT_WEIGHT_DOC)  # type: ignore[assignment]
+    __setattr__ = quant_setattr
 
     def __init__(
         self,
@@ -374,7 +394,7 @@ class QuantEmbedding(nn.Embedding):
             scale_grad_by_freq=self.scale_grad_by_freq,
             sparse=self.sparse,
             device="meta",
-            dtype=self.weight.dtype,
+            dtype=self._parameters["weight"].dtype,  # type: ignore[union-attr]
         )
         new.weight = _float_weight(self)
         return new.train(self.training)
@@ -399,7 +419,8 @@ _DENSE = (nn.Linear, nn.Conv2d, nn.Embedding, QuantLinear, QuantConv2d, QuantEmb
 
 def dense_weight_pairs(module: nn.Module) -> list[tuple[str, Tensor, nn.Module | None]]:
     """``[('weight', weight, weight_quantizer or None)]`` of a dense or quantized dense layer."""
-    return [("weight", cast(Tensor, module.weight), module._modules.get("weight_quantizer"))]
+    weight = cast(Tensor, module._parameters["weight"])  # the placeholder once converted
+    return [("weight", weight, module._modules.get("weight_quantizer"))]
 
 
 def core_weight_pairs(module: nn.Module) -> list[tuple[str, Tensor, nn.Module | None]]:

@@ -258,6 +258,8 @@ class TuckerConv2d(FactorizedConv2dBase):
 
     format = "tucker"
     spec_type = Tucker
+    #: as ``nn.Conv2d.groups`` (a factorized convolution is dense across channels)
+    groups: int = 1
     _kernel_eq = "op,pqhw,iq->oihw"
 
     def __init__(

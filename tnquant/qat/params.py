@@ -50,8 +50,9 @@ Named = list[tuple[str, nn.Parameter]]
 
 
 def _is_quantized_dense(module: nn.Module) -> bool:
+    # _parameters: a converted layer's weight reads as the dequantized tensor
     return isinstance(getattr(module, "weight_quantizer", None), nn.Module) and isinstance(
-        getattr(module, "weight", None), nn.Parameter
+        module._parameters.get("weight"), nn.Parameter
     )
 
 
@@ -73,7 +74,7 @@ def parameter_sets(model: nn.Module) -> dict[str, Named]:
         if isinstance(module, FactorizedLayer):
             cores.update(id(p) for p in module.cores)
         elif _is_quantized_dense(module):
-            cores.add(id(module.weight))
+            cores.add(id(module._parameters["weight"]))
         if isinstance(module, Quantizer):
             scales.update(id(p) for p in module.parameters())
     sets: dict[str, Named] = {"cores": [], "scales": [], "other": []}
