@@ -15,6 +15,7 @@ from tnquant import Binary, QuantSpec, Ternary
 from tnquant.qat import FinetuneConfig, finetune
 from tnquant.qat.checkpoint import load_checkpoint
 from tnquant.quant.quantizer import Quantizer
+from tnquant.quantization import quantize
 
 #: relative gap allowed between the bf16 / fp16 and the float32 loss over the first steps
 #: (bf16 keeps 8 significant bits in the matmuls: ~0.4 % per product, a few % after training)
@@ -296,3 +297,32 @@ def test_amp_on_cuda(amp):
     )
     assert all(math.isfinite(v) for v in report.history.loss)
     assert all(p.dtype == torch.float16 and torch.isfinite(p).all() for p in half.parameters())
+
+
+def test_a_float16_llama_is_refused_without_amp_and_trains_with_fp16():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(config).half()
+    quantize(model, weights={"model.layers.*": QuantSpec(bits=4, learnable=True)}, progress=False)
+    ids = torch.randint(0, 256, (4, 16))
+    data = [{"input_ids": ids[i : i + 2], "labels": ids[i : i + 2]} for i in (0, 2)]
+    calls = _counting(model)
+    with pytest.raises(ValueError, match=r"trainable parameters are float16"):
+        finetune(model, data, progress=False)
+    assert calls == [0]
+    if not HAS_CPU_SCALER:
+        pytest.skip(NO_CPU_SCALER)
+    report = finetune(model, data, amp="fp16", epochs=3, lr=1e-3, progress=False)
+    loss = report.history.loss
+    assert all(math.isfinite(v) for v in loss) and loss[-2] + loss[-1] < loss[0] + loss[1]
+    embedding = model.model.embed_tokens.weight
+    assert embedding.dtype == torch.float16 and torch.isfinite(embedding).all()
