@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tnquant.cli.causal import LM_INPUTS
 from tnquant.cli.checks import UsageError
 from tnquant.cli.recipe import Recipe
 
@@ -50,13 +51,48 @@ def _tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     )
 
 
+def _text_batches(
+    text: list[str], tokenizer: Any, size: int, max_length: int, causal: bool
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenized batches of ``size`` sentences, padded to the longest of each batch.
+
+    For a causal LM the sentences are ordered by token count first (so a
+    batch holds little padding, which the distillation loss would otherwise
+    see) and a batch keeps ``input_ids`` and ``attention_mask`` only.
+    """
+    if causal:
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        text = [text[i] for i in sorted(range(len(text)), key=lambda i: (len(ids[i]), i))]
+    batches = []
+    for i in range(0, len(text), size):
+        batch = dict(
+            tokenizer(
+                text[i : i + size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            )
+        )
+        batches.append({k: batch[k] for k in LM_INPUTS} if causal else batch)
+    return batches
+
+
 def load_data(
-    arg: str, role: str, recipe: Recipe, tokenizer: Any = None, seed: int = 0
+    arg: str,
+    role: str,
+    recipe: Recipe,
+    tokenizer: Any = None,
+    seed: int = 0,
+    *,
+    causal: bool = False,
 ) -> tuple[list[Any], list[torch.Tensor] | None]:
     """Batches (and label batches, or ``None``) from a DATA argument.
 
     ``role`` is ``'calib'`` or ``'eval'``: the ``corpus`` and ``digits``
-    shortcuts give their training or held-out split.
+    shortcuts give their training or held-out split. ``causal``: text for a
+    causal LM (:func:`_text_batches`; the tokenizer pads on the right, see
+    :func:`tnquant.cli.causal.lm_tokenizer`).
 
     Examples
     --------
@@ -94,18 +130,7 @@ def load_data(
             raise UsageError(f"{arg!r} is text data; the model takes tensors (.npy/.pt)")
         if not text:
             raise UsageError(f"{arg!r} holds no sentences")
-        return [
-            dict(
-                tokenizer(
-                    text[i : i + size],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=recipe.data.max_length,
-                )
-            )
-            for i in range(0, len(text), size)
-        ], None
+        return _text_batches(text, tokenizer, size, recipe.data.max_length, causal), None
     if tokenizer is not None:
         raise UsageError(f"{arg!r} holds tensors; a text model needs a text file or 'corpus'")
     x = x.float() if x.is_floating_point() else x

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tnquant.cli import checks
+from tnquant.cli.causal import format_lm
 from tnquant.core import capture_inputs, capture_outputs, evaluating, outputs
 from tnquant.quantization import model_size_bits
 
@@ -56,7 +57,10 @@ def compare(
     labels: list[torch.Tensor] | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """The before/after table: size, accuracy on ``labels`` (else cosine to the original)."""
+    """The before/after table: size, accuracy on ``labels`` (else cosine to the original).
+
+    A causal LM's table is :func:`tnquant.cli.causal.compare_lm` (perplexity, top-1 agreement).
+    """
     outs, times = [], []
     for model, desc in ((original, "eval original"), (student, "eval compressed")):
         t0 = time.perf_counter()
@@ -233,12 +237,18 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     cmp = report["compare"]
     rows = [{**r, "size_MiB": r["size_bits"] / 8 / 2**20} for r in cmp["rows"]]
-    what = "to the original outputs" if cmp["metric"] == "cosine" else "on the labels"
-    lines.append(
-        f"before/after on {cmp['samples']} samples of {report['eval_data']!r} "
-        f"({cmp['metric']} {what})"
-    )
-    lines.append(table(rows, ["model", "size_MiB", cmp["metric"], "eval_s"]))
+    if cmp["metric"] == "perplexity":  # a causal LM (tnquant.cli.causal.compare_lm)
+        head, tail = format_lm(cmp, report["eval_data"])
+        lines.append(head)
+        lines.append(table(rows, ["model", "size_MiB", "perplexity", "top1_agreement", "eval_s"]))
+        lines.append(tail)
+    else:
+        what = "to the original outputs" if cmp["metric"] == "cosine" else "on the labels"
+        lines.append(
+            f"before/after on {cmp['samples']} samples of {report['eval_data']!r} "
+            f"({cmp['metric']} {what})"
+        )
+        lines.append(table(rows, ["model", "size_MiB", cmp["metric"], "eval_s"]))
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in report["stages"].items())
     lines.append(f"time: {stages}")
     return "\n".join(lines)
