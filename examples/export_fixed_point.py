@@ -1,15 +1,18 @@
 """Export a factorized, quantized model to fixed point and check hls4ml against the emulator.
 
-Run: ``python examples/export_fixed_point.py [out_dir]``. Needs hls4ml and g++
-for the C simulation step (skipped otherwise).
+Run: ``python examples/export_fixed_point.py [out_dir] [--quick]``. ``out_dir``
+(default: a new temporary directory) receives the exports; ``--quick`` checks 32
+samples instead of 256 and skips the hls4ml C simulation. The C simulation needs
+hls4ml and g++ (skipped otherwise).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
-import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,8 @@ from tnquant import FixedPoint, LowRank, QuantSpec, factorize, quantize
 from tnquant.export import fixed_point, to_hls4ml
 
 
-def main(out_dir: Path) -> None:
+def export(out_dir: Path, quick: bool = False) -> None:
+    """Export the toy model to ``out_dir``; ``quick``: 32 samples, no C simulation."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
     factorize(model, {"0": LowRank(rank=4)}, progress=False)
@@ -38,7 +42,7 @@ def main(out_dir: Path) -> None:
             f"  {op.name:5s} {op.kind:5s} accum={[str(t) for t in op.accum_types]} "
             f"result={op.result_type}"
         )
-    x = np.random.default_rng(0).normal(size=(256, 16))
+    x = np.random.default_rng(0).normal(size=(32 if quick else 256, 16))
     y = em.predict(x)
     with torch.no_grad():
         ref = model(torch.from_numpy(x).float()).double().numpy()
@@ -56,6 +60,9 @@ def main(out_dir: Path) -> None:
             f"max_rel={row['max_rel']:.3g} accum_overflow={row['accum_overflow']:.3%} "
             f"({row['overflow_modes']})"
         )
+    if quick:
+        print("--quick: skipping the hls4ml C simulation")
+        return
     if shutil.which("g++") is None:
         print("g++ not found: skipping the hls4ml C simulation")
         return
@@ -65,5 +72,22 @@ def main(out_dir: Path) -> None:
     print(f"hls4ml C simulation bit-exact with the emulator: {same}")
 
 
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "out_dir",
+        nargs="?",
+        type=Path,
+        help="directory for the exports (default: a new temporary directory)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="32 samples, no hls4ml C simulation (tests)"
+    )
+    args = ap.parse_args(argv)
+    out_dir = args.out_dir if args.out_dir is not None else Path(tempfile.mkdtemp())
+    print(f"exports in {out_dir}")
+    export(out_dir, args.quick)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()))
+    main()

@@ -52,10 +52,10 @@ def embed(model: nn.Module, batches: list[dict]) -> torch.Tensor:
     return torch.cat([model(**b) for b in batches])
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="int3 only, 64/128 sentences")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     n_calib, n_test, bits_list = (64, 128, (3,)) if args.quick else (256, 512, (4, 3, 2))
     model, tokenizer = load_minilm()

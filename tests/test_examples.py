@@ -51,7 +51,7 @@ SHORT: dict[str, tuple[list[str], list[str]]] = {
         ],
     ),
     "export_fixed_point.py": (
-        ["{out}"],
+        ["--quick", "{out}"],
         ["max |emulator - float model|", "bit budget and resource estimate", "drift"],
     ),
 }
@@ -87,22 +87,34 @@ def _arguments(path: Path) -> tuple[list[str], list[str]]:
     return (["--quick"] if "--quick" in path.read_text() else []), []
 
 
-@pytest.mark.parametrize("path", _cases())
-def test_example_runs(path: Path, tmp_path: Path) -> None:
-    args, expected = _arguments(path)
-    args = [a.replace("{out}", str(tmp_path / "out")) for a in args]
+def _env(tmp_path: Path) -> dict[str, str]:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "MPLBACKEND": "Agg",
+        "TMPDIR": str(tmp_path / "tmp"),  # a script's tempfile.mkdtemp() lands in the test's
     }
+    (tmp_path / "tmp").mkdir(exist_ok=True)
     env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _no_flag_paths(args: list[str], cwd: Path) -> None:
+    """A flag taken for a path (``sys.argv[1]`` as the output folder) leaves that path behind."""
+    made = sorted(a for a in args if a.startswith("-") and (cwd / a).exists())
+    assert not made, f"the script created {made} in its working directory: a flag read as a path"
+
+
+@pytest.mark.parametrize("path", _cases())
+def test_example_runs(path: Path, tmp_path: Path) -> None:
+    args, expected = _arguments(path)
+    args = [a.replace("{out}", str(tmp_path / "out")) for a in args]
     proc = subprocess.run(
         [sys.executable, str(path), *args],
         cwd=tmp_path,
-        env=env,
+        env=_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=900,
@@ -113,8 +125,28 @@ def test_example_runs(path: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, where
     assert proc.stdout.strip(), where
+    _no_flag_paths(args, tmp_path)
     for text in expected:
         assert text in proc.stdout, f"{text!r} not printed by {where}"
+
+
+def test_export_fixed_point_quick_is_a_flag_not_the_output_folder(tmp_path: Path) -> None:
+    script = ROOT / "examples" / "export_fixed_point.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _no_flag_paths(["--quick"], tmp_path)
+    assert "--quick: skipping the hls4ml C simulation" in proc.stdout
+    # no folder given: the exports go to a new temporary directory (here under TMPDIR)
+    exports = [p.parent for p in (tmp_path / "tmp").glob("*/export")]
+    assert len(exports) == 1 and f"exports in {exports[0]}" in proc.stdout
+    assert (exports[0] / "export_narrow" / "report.json").is_file()
 
 
 def test_known_examples_exist() -> None:
