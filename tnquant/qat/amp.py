@@ -170,21 +170,20 @@ def restore_dtypes(restore: list[tuple[Tensor, torch.dtype]]) -> None:
 
 def _make_scaler(device: torch.device) -> Any:
     scaler_cls = getattr(torch.amp, "GradScaler", None)
-    if scaler_cls is None and device.type == "cuda":  # torch < 2.3
-        scaler_cls = torch.cuda.amp.GradScaler
-        return scaler_cls()
-    if scaler_cls is None:
-        raise ValueError(
-            f"amp='fp16' on {device.type} needs torch.amp.GradScaler (torch >= 2.3), this is "
-            f"torch {torch.__version__}; use amp='bf16'"
-        )
-    try:
-        return scaler_cls(device.type)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(
-            f"amp='fp16' needs a GradScaler on {device.type}, which torch "
-            f"{torch.__version__} refuses ({e}); use amp='bf16'"
-        ) from None
+    if scaler_cls is not None:
+        try:
+            return scaler_cls(device.type)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(
+                f"amp='fp16' needs a GradScaler on {device.type}, which torch "
+                f"{torch.__version__} refuses ({e}); use amp='bf16'"
+            ) from None
+    if device.type == "cuda":  # torch < 2.3
+        return torch.cuda.amp.GradScaler()
+    raise ValueError(
+        f"amp='fp16' on {device.type} needs torch.amp.GradScaler (torch >= 2.3), this is "
+        f"torch {torch.__version__}; use amp='bf16'"
+    )
 
 
 def _check_device(amp: str, device: torch.device) -> None:
