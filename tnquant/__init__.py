@@ -3,6 +3,7 @@
 from tnquant import export
 from tnquant._version import __version__ as __version__
 from tnquant.factorization import factorize
+from tnquant.hf import load_pretrained, save_pretrained
 from tnquant.io import load, save
 from tnquant.planning import Plan, apply, pareto, search
 from tnquant.ptq import calibrate
@@ -27,6 +28,8 @@ __all__ = [
     "convert",
     "save",
     "load",
+    "save_pretrained",
+    "load_pretrained",
     "model_size_bits",
     "size_report",
     "Report",

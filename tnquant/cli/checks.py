@@ -50,6 +50,7 @@ from tnquant.cli.recipe_values import _optional as _optional
 from tnquant.cli.recipe_values import _table as _table
 from tnquant.cli.recipe_values import _unknown as _unknown
 from tnquant.cli.recipe_values import _warmup as _warmup
+from tnquant.io import hf_base
 
 __all__ = [
     "UsageError",
@@ -169,7 +170,10 @@ _TOTALS = {
     "model_compression": _NUM,
 }
 _COMPARE = {
-    "metric": (lambda v: v in ("cosine", "accuracy"), "'cosine' or 'accuracy'"),
+    "metric": (
+        lambda v: v in ("cosine", "accuracy", "perplexity"),
+        "'cosine', 'accuracy' or 'perplexity'",
+    ),
     "samples": _INT,
     "rows": _LIST,
 }
@@ -399,7 +403,8 @@ def check_hf_dir(path: Path) -> None:
     """Refuse a Hugging Face directory whose ``config.json`` is missing or asks for its own code.
 
     tnquant never sets ``trust_remote_code``: a config (or tokenizer config)
-    with ``auto_map`` names Python files of the directory, which are never run.
+    with ``auto_map`` (or ``trust_remote_code``) names Python files of the
+    directory, which are never run (:func:`tnquant.io.hf_base.check_hf_dir`).
 
     Examples
     --------
@@ -411,17 +416,10 @@ def check_hf_dir(path: Path) -> None:
     ...
     tnquant.cli.checks.UsageError: .../config.json has 'auto_map': ...
     """
-    if not (path / "config.json").is_file():
-        raise UsageError(
-            f"{path} is a directory without config.json: not a Hugging Face model directory"
-        )
-    for name in ("config.json", "tokenizer_config.json"):
-        if name == "config.json" or (path / name).is_file():
-            if "auto_map" in read_json(path / name):
-                raise UsageError(
-                    f"{path / name} has 'auto_map': the model needs its own Python "
-                    "code (trust_remote_code), which tnquant never runs"
-                )
+    try:
+        hf_base.check_hf_dir(path)  # the one check, shared with tnquant.load
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- #

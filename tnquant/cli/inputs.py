@@ -2,8 +2,10 @@
 
 MODEL: ``minilm`` (the packaged MiniLM-L6, :func:`tnquant.cli.datasets.load_minilm`),
 ``digits-cnn`` (:func:`digits_cnn` trained on scikit-learn's digits in a few
-seconds), a Hugging Face model directory (offline, never ``trust_remote_code``,
-wrapped in :class:`~tnquant.cli.datasets.MeanPooledEncoder`) or a state-dict
+seconds), a Hugging Face model directory (offline, never ``trust_remote_code``:
+a causal LM with its LM head, or a text encoder wrapped in
+:class:`~tnquant.cli.datasets.MeanPooledEncoder`; :func:`hf_kind` decides
+from ``config.json`` and refuses any other kind at once) or a state-dict
 checkpoint (``.pt``/``.pth``/``.bin``/``.safetensors``) of the recipe's
 ``[model] class``. DATA: ``corpus`` (:func:`tnquant.cli.datasets.split_corpus`),
 ``digits`` (images and labels), a text file (one sentence a line) or a
@@ -30,14 +32,24 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from tnquant.cli.checks import UsageError, check_hf_dir, check_name, check_out_dir, import_class
+from tnquant.cli.causal import lm_tokenizer
+from tnquant.cli.checks import (
+    UsageError,
+    check_hf_dir,
+    check_name,
+    check_out_dir,
+    import_class,
+    read_json,
+)
 from tnquant.cli.data import _chunks as _chunks
 from tnquant.cli.data import _data_kind, load_data
 from tnquant.cli.data import _tensor_file as _tensor_file
 from tnquant.cli.datasets import MeanPooledEncoder, load_minilm, minilm_path
+from tnquant.cli.hf_task import causal_lm_class, hf_task
 from tnquant.cli.recipe import Recipe
 from tnquant.core import matches, run
 from tnquant.io import TENSORS_FILE
+from tnquant.io.hf_base import build_hf_base, hf_size_bound
 
 __all__ = [
     "UsageError",
@@ -45,6 +57,7 @@ __all__ = [
     "build_model",
     "rebuild_base",
     "model_kind",
+    "hf_kind",
     "import_class",
     "check_hf_dir",
     "check_compress",
@@ -100,33 +113,52 @@ def _train_digits(model: nn.Module, epochs: int, seed: int, progress: bool) -> n
     return model.eval()
 
 
-def _hf_model(path: Path, pretrained: bool, max_bytes: int | None = None) -> tuple[nn.Module, Any]:
+def hf_kind(path: Path) -> str:
+    """``'causal-lm'`` or ``'encoder'``: what the folder's ``config.json`` describes.
+
+    The folder is checked first (:func:`~tnquant.cli.checks.check_hf_dir`);
+    any other kind of model is refused (:func:`tnquant.cli.hf_task.hf_task`).
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    >>> hf_kind(d)
+    Traceback (most recent call last):
+    ...
+    tnquant.cli.checks.UsageError: .../config.json: model_type 'vit' is a vision model; ...
+    """
     check_hf_dir(path)
+    return hf_task(read_json(path / "config.json"), str(path / "config.json"))
+
+
+def _hf_model(path: Path, pretrained: bool, max_bytes: int | None = None) -> tuple[nn.Module, Any]:
+    task = hf_kind(path)  # an encoder (mean pooled) or a causal LM (its LM head kept)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     code: dict[str, Any] = {"trust_remote_code": False}
+    causal = task == "causal-lm"
     try:
         if pretrained:
-            encoder = AutoModel.from_pretrained(str(path), **code)
+            auto = AutoModelForCausalLM if causal else AutoModel
+            encoder = auto.from_pretrained(str(path), **code)
             tokenizer = AutoTokenizer.from_pretrained(str(path), **code)
-        else:
-            config, tokenizer = AutoConfig.from_pretrained(str(path), **code), None
-            if max_bytes is not None:
-                with torch.device("meta"):  # sizes only, no storage
-                    probe = AutoModel.from_config(config, **code)
-                size = sum(t.numel() * t.element_size() for t in probe.state_dict().values())
-                if size > max_bytes:
-                    raise UsageError(
-                        f"{path / 'config.json'} describes a model of {size} bytes;"
-                        f" the saved tensors allow at most {max_bytes}"
-                    )
-            encoder = AutoModel.from_config(config, **code)
+        else:  # checked, sized on the meta device, then built (tnquant.io.hf_base)
+            arch = causal_lm_class(read_json(path / "config.json")) if causal else "AutoModel"
+            try:
+                encoder = build_hf_base(path, max_bytes=max_bytes, architecture=arch)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            tokenizer = None
     except (OSError, KeyError, TypeError, ValueError) as e:
         if isinstance(e, UsageError):
             raise
         raise UsageError(f"{path}: transformers cannot build this model: {e}") from None
+    if causal:
+        return encoder.eval(), tokenizer
     return MeanPooledEncoder(encoder.eval()).eval(), tokenizer
 
 
@@ -217,8 +249,9 @@ def build_model(
         return model, None, {"model": "digits-cnn", "kind": "digits-cnn", "text": False}
     path = Path(spec).resolve()
     if kind == "hf":
+        task = hf_kind(path)
         model, tokenizer = _hf_model(path, pretrained)
-        return model, tokenizer, {"model": str(path), "kind": "hf", "text": True}
+        return model, tokenizer, {"model": str(path), "kind": "hf", "text": True, "task": task}
     model = _checkpoint_model(path, recipe, pretrained)
     return model, None, {"model": str(path), "kind": "checkpoint", "text": False}
 
@@ -288,7 +321,7 @@ def rebuild_base(
         )
     tensors = directory / TENSORS_FILE
     saved = tensors.stat().st_size if tensors.is_file() else 0
-    return _hf_model(path, pretrained=False, max_bytes=max(1 << 30, 1000 * saved))[0]
+    return _hf_model(path, pretrained=False, max_bytes=hf_size_bound(saved))[0]
 
 
 # --------------------------------------------------------------------------- #
@@ -321,7 +354,7 @@ def check_compress(args: Any, recipe: Recipe) -> str:
         raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     kind = model_kind(args.model)
     if kind == "hf":
-        check_hf_dir(Path(args.model))
+        hf_kind(Path(args.model))  # a kind of model compress does not handle stops here
     if kind == "checkpoint":
         _checkpoint_class(Path(args.model), recipe)  # imported now: a bad name fails first
     wants = "text" if kind in TEXT_MODELS else "tensor"
@@ -389,6 +422,8 @@ class Inputs(NamedTuple):
     batches: list[Any]
     labels: list[torch.Tensor] | None
     names: list[str]
+    task: str = "encoder"
+    notes: tuple[str, ...] = ()
 
 
 def prepare_compress(args: Any, recipe: Recipe, kind: str, progress: bool) -> Inputs:
@@ -408,11 +443,16 @@ def prepare_compress(args: Any, recipe: Recipe, kind: str, progress: bool) -> In
         original, tokenizer, source = build_model(
             args.model, recipe, seed=args.seed, progress=progress
         )
-        calib, calib_labels = load_data(args.calib, "calib", recipe, tokenizer, args.seed)
-        batches, labels = load_data(eval_arg, "eval", recipe, tokenizer, args.seed)
-        return Inputs(
-            original, source, calib, calib_labels, batches, labels, export_names(original, recipe)
+        task = source.get("task", "encoder")
+        causal = task == "causal-lm"
+        note = lm_tokenizer(tokenizer) if causal else None
+        calib, calib_labels = load_data(
+            args.calib, "calib", recipe, tokenizer, args.seed, causal=causal
         )
+        batches, labels = load_data(eval_arg, "eval", recipe, tokenizer, args.seed, causal=causal)
+        names = export_names(original, recipe)
+        notes = () if note is None else (note,)
+        return Inputs(original, source, calib, calib_labels, batches, labels, names, task, notes)
     calib, calib_labels = load_data(args.calib, "calib", recipe, None, args.seed)
     batches, labels = load_data(eval_arg, "eval", recipe, None, args.seed)
     _need_labels(recipe, calib_labels, args.calib)

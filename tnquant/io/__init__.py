@@ -42,7 +42,14 @@ original architecture):
 A refusal raises :class:`IntegrityError` (a ``ValueError``) naming the file
 and the entry or field, or ``ValueError`` for a base model of another
 architecture; ``base`` is left untouched. ``load(path)`` without a model
-works when the saved model is one tnquant module. The checksums are plain
+works when the saved model is one tnquant module, or when ``path`` also
+holds a Hugging Face ``config.json`` (:func:`tnquant.hf.save_pretrained`
+writes one): after steps 1 and 2, the base is rebuilt from it by
+:func:`tnquant.io.hf_base.build_hf_base`, which runs no code of the folder
+(``auto_map`` and ``trust_remote_code`` keys are refused), takes the class
+``architectures[0]`` names only when transformers' own auto mappings list
+it, and sizes the model on the meta device before allocating it (at most
+1000 times the saved tensors, or 1 GiB). The checksums are plain
 ``sha256``: they detect corruption, not forgery; a forged but
 self-consistent directory loads as the model it describes. The docs page
 "Saving and loading" says what is and is not promised, also for

@@ -51,6 +51,7 @@ from tnquant.io.fields import (
     check_tied_values,
 )
 from tnquant.io.files import FORMAT, JSON_FILE, TENSORS_FILE, VERSION, canonical, sha256_file
+from tnquant.io.hf_base import build_hf_base, hf_size_bound
 from tnquant.io.nodes import HANDLERS, BuildContext, build_node
 
 __all__ = ["load"]
@@ -267,7 +268,13 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         ``factorize``/``quantize``), e.g. ``Net()`` or the Hugging Face
         model; its named modules are replaced in place and its state
         loaded. May be omitted when the saved model is one tnquant module
-        (a ``TTLinear``, say).
+        (a ``TTLinear``, say), or when ``path`` also holds the Hugging Face
+        ``config.json`` (written by :func:`tnquant.hf.save_pretrained`): the
+        base is then rebuilt from it by
+        :func:`tnquant.io.hf_base.build_hf_base` (no code of the folder is
+        run; the class must be one of transformers' own; the model is sized
+        on the meta device first, at most
+        :func:`~tnquant.io.hf_base.hf_size_bound` of the saved tensors).
 
     Returns
     -------
@@ -315,13 +322,16 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     json_path = directory / JSON_FILE
     meta = _read_meta(directory)
     entries = meta["modules"]
-    if model is None and not (len(entries) == 1 and entries[0]["names"] == [""]):
-        raise ValueError(
-            f"{directory} holds a full model, not a single tnquant module; pass a "
-            "freshly constructed model of the original architecture: "
-            "load(path, model=YourModel())"
-        )
     tensor_path, header = _read_header(directory, meta)
+    if model is None and not (len(entries) == 1 and entries[0]["names"] == [""]):
+        if not (directory / "config.json").is_file():
+            raise ValueError(
+                f"{directory} holds a full model, not a single tnquant module, and no "
+                "config.json; pass a freshly constructed model of the original "
+                "architecture: load(path, model=YourModel())"
+            )
+        # a Hugging Face folder: its base comes from config.json, checked and sized first
+        model = build_hf_base(directory, max_bytes=hf_size_bound(meta["tensors"]["bytes"]))
     planned = _plan(model, entries, header, json_path)
     check_base_state(model, [name for names, _, _ in planned for name in names], header)
     check_tied_kinds(model, [(n, m) for n, m, _ in planned], meta["tied"], str(json_path))
