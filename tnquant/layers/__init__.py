@@ -18,6 +18,10 @@ layer              spec         cores
 ``TTEmbedding``    ``TT``       ``(r_{k-1}, num_k, dim_k, r_k)`` each
 =================  ===========  ==========================================
 
+``LowRankHFConv1D``, ``TTHFConv1D``, ``TuckerHFConv1D`` and ``QuantHFConv1D``
+stand for Hugging Face's ``Conv1D`` (GPT-2; :mod:`tnquant.layers.hf_conv1d`):
+the Linear layers' cores, read in ``Conv1D``'s ``(in, out)`` layout.
+
 Examples
 --------
 >>> import torch
@@ -31,6 +35,7 @@ from tnquant.layers.conv import FactorizedConv2dBase
 from tnquant.layers.conv1d import QuantConv1d, TuckerConv1d
 from tnquant.layers.cp import CPConv2d
 from tnquant.layers.embedding import TTEmbedding
+from tnquant.layers.hf_conv1d import LowRankHFConv1D, QuantHFConv1D, TTHFConv1D, TuckerHFConv1D
 from tnquant.layers.linear import FactorizedLinearBase
 from tnquant.layers.lowrank import LowRankLinear
 from tnquant.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear
@@ -48,6 +53,10 @@ __all__ = [
     "CPConv2d",
     "TuckerConv1d",
     "TTEmbedding",
+    "LowRankHFConv1D",
+    "TTHFConv1D",
+    "TuckerHFConv1D",
+    "QuantHFConv1D",
     "QuantLinear",
     "QuantConv2d",
     "QuantConv1d",

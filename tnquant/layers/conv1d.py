@@ -36,6 +36,7 @@ from tnquant.layers.base import (
 )
 from tnquant.layers.contract import Program, plan_einsum
 from tnquant.layers.conv import PADDING_MODES
+from tnquant.layers.dropin import QUANT_WEIGHT_DOC, quant_setattr, read_quant_weight
 from tnquant.layers.quantized import _act, _check_source, _effective_weight, _float_weight
 from tnquant.quant.frozen import FrozenTensor
 from tnquant.specs import Tucker
@@ -63,6 +64,8 @@ class QuantConv1d(nn.Conv1d):
 
     weight_quantizer: nn.Module | None
     act_quantizers: nn.ModuleDict | None
+    weight = property(read_quant_weight, doc=QUANT_WEIGHT_DOC)  # type: ignore[assignment]
+    __setattr__ = quant_setattr
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -131,7 +134,7 @@ class QuantConv1d(nn.Conv1d):
             bias=self.bias is not None,
             padding_mode=self.padding_mode,
             device="meta",
-            dtype=self.weight.dtype,
+            dtype=self._parameters["weight"].dtype,  # type: ignore[union-attr]
         )
         new.weight = _float_weight(self)
         new.bias = self.bias

@@ -29,8 +29,8 @@ Examples
 """
 
 from tnquant.registry.anatomy import activation_sites, quant_state, store_frozen, weight_pairs
-from tnquant.registry.builtin import BUILTIN
-from tnquant.registry.entry import ROLES, WEIGHT_KINDS, LayerKind
+from tnquant.registry.builtin import BUILTIN, LAZY
+from tnquant.registry.entry import ROLES, WEIGHT_KINDS, LayerKind, LazyKinds
 from tnquant.registry.serialize import BuildContext, Handler
 from tnquant.registry.table import (
     FactorizeTable,
@@ -50,6 +50,8 @@ from tnquant.registry.unsupported import UNSUPPORTED, holds_weight, unsupported
 
 __all__ = [
     "LayerKind",
+    "LazyKinds",
+    "LAZY",
     "ROLES",
     "WEIGHT_KINDS",
     "BUILTIN",

@@ -34,7 +34,9 @@ def weight_pairs(module: nn.Module) -> list[tuple[str, Tensor, nn.Module | None]
 
     ``[('weight', weight, weight_quantizer)]`` for a dense or quantized kind,
     ``('cores.<k>', cores[k], core_quantizers[k])`` per core for a factorized
-    one, ``[]`` for anything else. After ``convert`` the tensor is the empty
+    one, ``[]`` for anything else. A ``transposed`` kind (weight stored
+    ``(in, out)``) gives the ``(out, in)`` view ``weight.mT``. After
+    ``convert`` the tensor is the empty
     placeholder and the quantizer a ``FrozenTensor``.
     """
     kind = lookup(module)
@@ -42,7 +44,10 @@ def weight_pairs(module: nn.Module) -> list[tuple[str, Tensor, nn.Module | None]
         return []
     if kind.role == "factorized":
         return core_weight_pairs(module)
-    return dense_weight_pairs(module)
+    pairs = dense_weight_pairs(module)
+    if kind.transposed:  # stored (in, out): the quantizer sees the (out, in) view
+        return [(n, t.mT if t.ndim == 2 else t, q) for n, t, q in pairs]
+    return pairs
 
 
 def activation_sites(module: nn.Module) -> tuple[str, ...]:

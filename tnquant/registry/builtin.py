@@ -27,10 +27,11 @@ from tnquant.quant.frozen import FrozenTensor
 from tnquant.quant.quantizer import Quantizer
 from tnquant.registry import serialize as s
 from tnquant.registry.conv1d import conv1d_handler, quant_conv1d_handler
-from tnquant.registry.entry import LayerKind
+from tnquant.registry.entry import LayerKind, LazyKinds
+from tnquant.registry.hf import HF_CONV1D_KINDS
 from tnquant.specs import CP, TT, LowRank, Tucker
 
-__all__ = ["BUILTIN", "conv_groups"]
+__all__ = ["BUILTIN", "LAZY", "conv_groups"]
 
 _EMBEDDING_SITES = ("output",)  # an embedding's inputs are indices
 
@@ -145,3 +146,6 @@ BUILTIN: tuple[LayerKind, ...] = (
     LayerKind(nn.Dropout, "other", export="skip"),
     LayerKind(nn.ReLU, "other", export="relu"),
 )
+
+#: families registered once their dense class is loaded (see :class:`LazyKinds`)
+LAZY: tuple[LazyKinds, ...] = (HF_CONV1D_KINDS,)

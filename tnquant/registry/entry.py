@@ -10,6 +10,7 @@ Examples
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 from tnquant.decompose.api import DECOMPOSERS
 from tnquant.registry.serialize import Handler
 
-__all__ = ["LayerKind", "ROLES", "WEIGHT_KINDS"]
+__all__ = ["LayerKind", "LazyKinds", "ROLES", "WEIGHT_KINDS"]
 
 #: what a kind is: a dense layer, a factorized one, a quantized dense one, a quantizer
 #: part (``Quantizer``, ``FrozenTensor``, ``Identity`` in a quantizer slot), or another module
@@ -67,6 +68,10 @@ class LayerKind:
     export
         The fixed-point export route, a name :mod:`tnquant.export.graph` maps
         to its functions (``None``: no export).
+    transposed
+        Dense and quantized kinds: the weight is stored ``(in, out)``
+        (Hugging Face's ``Conv1D``); its quantizer sees the ``(out, in)``
+        transpose, so specs mean what they mean on an ``nn.Linear``.
     """
 
     cls: type[nn.Module]
@@ -79,6 +84,7 @@ class LayerKind:
     sites: tuple[str, ...] = ("input", "output")
     handler: Handler | None = None
     export: str | None = None
+    transposed: bool = False
 
     def __post_init__(self) -> None:
         name = getattr(self.cls, "__name__", repr(self.cls))
@@ -96,6 +102,8 @@ class LayerKind:
             raise ValueError(
                 f"{name}: only a dense kind takes factorize=, quantized=, weight_kind= and refuse="
             )
+        if self.transposed and self.role not in ("dense", "quantized"):
+            raise ValueError(f"{name}: only a dense or quantized kind takes transposed=True")
         if self.factorize:
             self._check_factorize(name)
         self._check_handler(name)
@@ -148,3 +156,41 @@ class LayerKind:
     def spec_types(self) -> tuple[Any, ...]:
         """The factorization spec types this dense kind takes, in table order."""
         return tuple(self.factorize)
+
+
+@dataclass(frozen=True)
+class LazyKinds:
+    """Entries for a dense class tnquant must not import (transformers' ``Conv1D``, say).
+
+    The registry keeps the family pending and registers ``build(dense_cls)``
+    the first time it is asked while the dense class's module is loaded
+    (``sys.modules``: the user built a model holding one); nothing is
+    imported, neither by ``import tnquant`` nor because a file names a class.
+
+    Parameters
+    ----------
+    qualname
+        ``'<module>.<class>'`` of the dense class.
+    members
+        tnquant's own classes standing for it (registered by ``build``).
+    build
+        ``build(dense_cls) -> tuple[LayerKind, ...]``.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> lazy = LazyKinds("torch.nn.modules.linear.Identity", (), lambda c: ())
+    >>> lazy.find() is nn.Identity
+    True
+    """
+
+    qualname: str
+    members: tuple[type, ...]
+    build: Callable[[type], tuple[LayerKind, ...]]
+
+    def find(self) -> type | None:
+        """The dense class if its module is already imported (``sys.modules``), else ``None``."""
+        module_name, _, name = self.qualname.rpartition(".")
+        module = sys.modules.get(module_name)
+        found = getattr(module, name, None) if module is not None else None
+        return found if isinstance(found, type) else None

@@ -3,7 +3,12 @@
 Entries are looked up by exact type (a subclass is another kind: it may use
 its weight outside ``forward``, as ``nn.MultiheadAttention``'s
 ``out_proj`` does). The table starts with :data:`~tnquant.registry.builtin.BUILTIN`;
-:func:`register` adds an entry explicitly.
+:func:`register` adds an entry explicitly. The families of
+:data:`~tnquant.registry.builtin.LAZY` (Hugging Face's ``Conv1D``) stay
+pending until a question meets them while their dense class's module is
+loaded (:class:`~tnquant.registry.entry.LazyKinds`): ``lookup`` of a
+``Conv1D`` instance, or ``load`` asking for a ``LowRankHFConv1D`` handler
+with the base model (hence transformers) in memory. Nothing is imported.
 
 Examples
 --------
@@ -22,8 +27,8 @@ from typing import Any
 
 from torch import nn
 
-from tnquant.registry.builtin import BUILTIN
-from tnquant.registry.entry import LayerKind
+from tnquant.registry.builtin import BUILTIN, LAZY
+from tnquant.registry.entry import LayerKind, LazyKinds
 from tnquant.registry.serialize import Handler
 
 __all__ = [
@@ -42,6 +47,22 @@ __all__ = [
 ]
 
 _TABLE: dict[type, LayerKind] = {kind.cls: kind for kind in BUILTIN}
+#: lazy families not registered yet (each leaves once its dense class is seen loaded)
+_PENDING: list[LazyKinds] = list(LAZY)
+
+
+def _resolve() -> bool:
+    """Register every pending family whose dense class is loaded; whether any was."""
+    done = False
+    for family in list(_PENDING):
+        dense = family.find()
+        if dense is None:
+            continue
+        _PENDING.remove(family)
+        for kind in family.build(dense):
+            register(kind)
+        done = True
+    return done
 
 
 def register(kind: LayerKind) -> LayerKind:
@@ -88,22 +109,27 @@ def unregister(cls: type) -> LayerKind:
 
 def kind_of(cls: type) -> LayerKind | None:
     """The entry of exactly ``cls``, or ``None``."""
-    return _TABLE.get(cls)
+    kind = _TABLE.get(cls)
+    if kind is None and _PENDING and _resolve():
+        kind = _TABLE.get(cls)
+    return kind
 
 
 def lookup(module: Any) -> LayerKind | None:
     """The entry of ``type(module)`` (exact type), or ``None``."""
-    return _TABLE.get(type(module))
+    return kind_of(type(module))
 
 
 def kinds() -> tuple[LayerKind, ...]:
-    """Every entry, in registration order."""
+    """Every entry, in registration order (lazy families once their dense class is loaded)."""
+    if _PENDING:
+        _resolve()
     return tuple(_TABLE.values())
 
 
 def dense_classes() -> tuple[type, ...]:
     """The dense classes that have a quantized class (for ``isinstance`` on subclasses)."""
-    return tuple(k.cls for k in _TABLE.values() if k.role == "dense" and k.quantized)
+    return tuple(k.cls for k in kinds() if k.role == "dense" and k.quantized)
 
 
 def factorized_class(module: Any, spec: Any) -> type | None:
@@ -131,7 +157,7 @@ def export_route(module: nn.Module) -> str | None:
 
 def handlers() -> dict[str, Handler]:
     """Class name -> save/load handler, for every entry that has one."""
-    return {k.cls.__name__: k.handler for k in _TABLE.values() if k.handler is not None}
+    return {k.cls.__name__: k.handler for k in kinds() if k.handler is not None}
 
 
 class FactorizeTable(Mapping[tuple[type, type], type]):
@@ -152,10 +178,10 @@ class FactorizeTable(Mapping[tuple[type, type], type]):
         return cls
 
     def __iter__(self) -> Iterator[tuple[type, type]]:
-        return iter([(k.cls, s) for k in _TABLE.values() for s in k.factorize])
+        return iter([(k.cls, s) for k in kinds() for s in k.factorize])
 
     def __len__(self) -> int:
-        return sum(len(k.factorize) for k in _TABLE.values())
+        return sum(len(k.factorize) for k in kinds())
 
 
 class HandlerTable(Mapping[str, Handler]):
