@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from tnquant.cli import checks
+from tnquant.cli.causal import compare_lm, lm_recipe
 from tnquant.cli.checks import UsageError, dir_file, read_json
 from tnquant.cli.inputs import Inputs, check_compress, prepare_compress, rebuild_base
 from tnquant.cli.recipe import Recipe, load_recipe
@@ -87,7 +88,10 @@ def _measure(
     names = [r["name"] for r in fact or []] + [r["name"] for r in quant or []]
     errors = layer_errors(original, student, names, inputs.calib[0])
     t0 = time.perf_counter()
-    cmp = compare(original, student, inputs.batches, inputs.labels, progress)
+    if inputs.task == "causal-lm":  # perplexity and top-1 agreement on held-out text
+        cmp = compare_lm(original, student, inputs.batches, progress)
+    else:
+        cmp = compare(original, student, inputs.batches, inputs.labels, progress)
     stages["eval"] = time.perf_counter() - t0
     rows = layer_rows(original, student, fact, quant, errors)
     return {
@@ -131,9 +135,12 @@ def _compress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     inputs = prepare_compress(args, recipe, kind, progress)
     stages = {"load": time.perf_counter() - t0}
+    road, note = lm_recipe(recipe) if inputs.task == "causal-lm" else (recipe, None)
+    for line in (*inputs.notes, *([note] if note else [])):
+        _say(f"note: {line}")
     result = run_pipeline(
         inputs.original,
-        recipe,
+        road,
         inputs.calib,
         labels=inputs.calib_labels,
         seed=args.seed,
@@ -257,6 +264,7 @@ EPILOG = """examples:
   tnquant compress digits-cnn --recipe recipes/digits.toml --calib digits --out out/digits
   tnquant compress ./my-hf-model --recipe r.toml --calib sentences.txt --eval held_out.txt \\
       --out out/mine
+  tnquant compress ./my-llama --recipe llama.toml --calib corpus --out out/llama  # causal LM
   tnquant compress model.pt --recipe r.toml --calib inputs.npy --out out/mine  # [model] class
   tnquant report out/minilm --json
   tnquant export out/minilm --fixed-point out/minilm-fixed
@@ -280,7 +288,8 @@ def _compress_parser(sub: Any, fmt: Any) -> None:
     c.add_argument(
         "model",
         metavar="MODEL",
-        help="'minilm', 'digits-cnn', a Hugging Face model dir or a checkpoint",
+        help="'minilm', 'digits-cnn', a Hugging Face model dir (a causal LM such as GPT-2 or "
+        "Llama, or a text encoder such as BERT) or a checkpoint",
     )
     c.add_argument("--recipe", required=True, help="recipe TOML file")
     c.add_argument(
