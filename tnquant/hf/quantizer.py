@@ -132,11 +132,32 @@ class TnquantHfQuantizer(HfQuantizer):
                 f"transformers_weights), got {files!r}"
             )
         self._folder = Path(files[0]).parent
-        self._names = load_skeleton(self._folder, model)
+        self._skeleton = load_skeleton(self._folder, model)
+        self._names = self._skeleton.names
+        # transformers must not tie what tnquant replaced: a converted layer's weight is
+        # no Parameter; the saved ties (model.json's tied) are restored after loading
+        tied = getattr(model, "all_tied_weights_keys", None)
+        if isinstance(tied, dict):
+            for target, source in list(tied.items()):
+                if self.param_needs_quantization(model, target) or self.param_needs_quantization(
+                    model, source
+                ):
+                    del tied[target]
         return model
 
+    def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
+        """``True`` for the tensors of the swapped-in tnquant modules: they load as stored.
+
+        transformers compares a checkpoint tensor's shape with
+        ``getattr(module, name)``; a converted layer's ``weight`` reads as the
+        dequantized (drop-in) weight, while its state holds the empty
+        placeholder that the file stores. Every such shape was checked
+        against the file before loading (:func:`~tnquant.io.skeleton.load_skeleton`).
+        """
+        return any(param_name.startswith(f"{name}.") for name in self._names)
+
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        check_loaded(model, self._names, str(self._folder))
+        check_loaded(model, self._skeleton, str(self._folder))
         return model
 
     def is_serializable(self) -> bool:

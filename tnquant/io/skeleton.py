@@ -6,7 +6,8 @@ checked exactly as :func:`tnquant.load` checks it (``model.json``, the
 safetensors header, the architecture against the base, the tensor file's
 ``sha256``), then every saved tnquant module is rebuilt on the meta device,
 its tensors sized as the file stores them, and swapped into the (meta)
-base model. :func:`check_loaded` then checks the states the loader wrote.
+base model. :func:`check_loaded` then checks what the loader wrote and
+ties the tensors that were one when saved (``model.json``'s ``tied``).
 
 Examples
 --------
@@ -20,8 +21,8 @@ Examples
 ...     save(model, d)
 ...     with torch.device("meta"):
 ...         base = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
-...     names = load_skeleton(d, base)
->>> names, type(base[0]).__name__, base[0].cores[0].device.type
+...     skeleton = load_skeleton(d, base)
+>>> skeleton.names, type(base[0]).__name__, base[0].cores[0].device.type
 (['0'], 'LowRankLinear', 'meta')
 """
 
@@ -30,17 +31,25 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from tnquant.core.modules import replace_module
 from tnquant.io.checks import TensorInfo, check_base_state, check_states
-from tnquant.io.fields import IntegrityError, check_tied_kinds
+from tnquant.io.fields import IntegrityError, check_tied_kinds, check_tied_values
 from tnquant.io.files import JSON_FILE, sha256_file
-from tnquant.io.loading import _plan, _read_header, _read_meta
+from tnquant.io.loading import _plan, _read_header, _read_meta, _retie
 
-__all__ = ["load_skeleton", "check_loaded"]
+__all__ = ["Skeleton", "load_skeleton", "check_loaded"]
+
+
+class Skeleton(NamedTuple):
+    """What :func:`load_skeleton` attached: module names, and the saved tie groups."""
+
+    names: list[str]
+    tied: list[list[str]]
 
 
 def _resize(module: nn.Module, prefix: str, header: Mapping[str, TensorInfo]) -> None:
@@ -58,7 +67,7 @@ def _resize(module: nn.Module, prefix: str, header: Mapping[str, TensorInfo]) ->
             owner.register_buffer(attr, new)
 
 
-def load_skeleton(path: str | os.PathLike[str], model: nn.Module) -> list[str]:
+def load_skeleton(path: str | os.PathLike[str], model: nn.Module) -> Skeleton:
     """Check the folder ``path`` against ``model`` and swap in its rebuilt, unfilled modules.
 
     Parameters
@@ -71,9 +80,10 @@ def load_skeleton(path: str | os.PathLike[str], model: nn.Module) -> list[str]:
 
     Returns
     -------
-    list of str
-        The names of the swapped-in modules (their tensors are on the meta
-        device, sized and typed as the tensor file stores them).
+    Skeleton
+        ``names``: the names of the swapped-in modules (their tensors are
+        on the meta device, sized and typed as the tensor file stores
+        them); ``tied``: the state-dict keys that were one tensor when saved.
 
     Raises
     ------
@@ -111,17 +121,23 @@ def load_skeleton(path: str | os.PathLike[str], model: nn.Module) -> list[str]:
         _resize(module, f"{module_names[0]}." if module_names[0] else "", header)
         for name in module_names:
             replace_module(model, name, module)
-    return names
+    return Skeleton(names, [list(group) for group in meta["tied"]])
 
 
-def check_loaded(model: nn.Module, names: list[str], where: str) -> None:
-    """After the loader filled them: no tensor left on meta, quantizer states well formed.
+def check_loaded(model: nn.Module, skeleton: Skeleton, where: str) -> None:
+    """After the loader filled them: nothing left on meta, states well formed, ties restored.
 
     Examples
     --------
-    >>> check_loaded(nn.Sequential(nn.Linear(2, 2)), ["0"], "here")
+    >>> check_loaded(nn.Sequential(nn.Linear(2, 2)), Skeleton(["0"], []), "here")
     """
-    for name in names:
+    state = model.state_dict()
+    for key in {k for group in skeleton.tied for k in group}:
+        if key not in state:
+            raise IntegrityError(f"{where}: the tied tensor {key!r} is not in the model")
+    check_tied_values(skeleton.tied, state, where)
+    _retie(model, skeleton.tied)
+    for name in skeleton.names:
         module = model.get_submodule(name)
         for key, value in module.state_dict().items():
             if value.is_meta:
