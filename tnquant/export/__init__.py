@@ -88,12 +88,15 @@ from tnquant.export.emulator import IntegerModel
 from tnquant.export.graph import Op, TypeOverride, build_graph
 from tnquant.export.hls import hls4ml_config, hls4ml_supported, to_hls4ml
 from tnquant.export.manifest import CORES, HLS4ML_CONFIG, MANIFEST
+from tnquant.export.onnx import OnnxExport, onnx
 from tnquant.export.report import REPORT_JSON, REPORT_MD, ExportReport, build_report
 from tnquant.specs import FixedPoint
 
 __all__ = [
     "fixed_point",
     "to_hls4ml",
+    "onnx",
+    "OnnxExport",
     "IntegerModel",
     "Op",
     "build_graph",
