@@ -168,8 +168,11 @@ def test_weight_is_read_only(build):
 
 def test_inference_cache_off_keeps_nothing():
     layer, _ = _lowrank()
-    layer.eval().inference_cache = False
-    assert layer.weight is not layer.weight
+    layer.eval()
+    kept = layer.weight
+    layer.inference_cache = False
+    assert layer.weight is not kept and layer.weight is not layer.weight
+    assert "_weight_cache" not in layer.__dict__
     layer.inference_cache = True
     assert layer.weight is layer.weight
     with torch.no_grad():

@@ -337,6 +337,10 @@ class FactorizedLayer(nn.Module):
         try:
             if self.training or torch.jit.is_tracing() or torch.compiler.is_compiling():
                 return self.dense_weight()
+            if not self.inference_cache:
+                self.__dict__.pop("_weight_cache", None)
+                with torch.inference_mode(False), torch.no_grad():
+                    return self.dense_weight()
             key = self._weight_key()
             entry = self.__dict__.get("_weight_cache")
             if entry is not None and entry[1] == key:
@@ -345,11 +349,10 @@ class FactorizedLayer(nn.Module):
                 weight = self.dense_weight()
         except AttributeError as err:  # else nn.Module.__getattr__ would hide it
             raise RuntimeError(f"{type(self).__name__}.weight failed: {err}") from err
-        if self.inference_cache:
-            quantizers = cast("nn.ModuleList | None", self._modules.get("core_quantizers"))
-            refs = [*self.cores, *(quantizers if quantizers is not None else ())]
-            # the entry holds what it keys by id, so no other object takes those ids
-            self.__dict__["_weight_cache"] = (refs, key, weight)
+        quantizers = cast("nn.ModuleList | None", self._modules.get("core_quantizers"))
+        refs = [*self.cores, *(quantizers if quantizers is not None else ())]
+        # the entry holds what it keys by id, so no other object takes those ids
+        self.__dict__["_weight_cache"] = (refs, key, weight)
         return weight
 
     def _weight_key(self) -> tuple[Any, ...]:
