@@ -106,9 +106,9 @@ def test_perplexity_and_top1_match_a_hand_computation(side):
     nll1, _ = _hand_nll(student, sentences)
     assert n == 3 + 1 + 5 and cmp["tokens"] == n and cmp["samples"] == 4
     ppl0, ppl1 = math.exp(nll0 / n), math.exp(nll1 / n)
-    assert cmp["rows"][0]["perplexity"] == pytest.approx(ppl0, rel=1e-12)
-    assert cmp["rows"][1]["perplexity"] == pytest.approx(ppl1, rel=1e-12)
-    assert cmp["perplexity_ratio"] == pytest.approx(ppl1 / ppl0, rel=1e-12)
+    assert cmp["rows"][0]["perplexity"] == pytest.approx(ppl0, rel=1e-6)
+    assert cmp["rows"][1]["perplexity"] == pytest.approx(ppl1, rel=1e-6)
+    assert cmp["perplexity_ratio"] == pytest.approx(ppl1 / ppl0, rel=1e-6)
     # top-1: the argmax rows of the two tables, at every predicting token
     a0, a1 = original.table.weight.argmax(1), student.table.weight.argmax(1)
     agree = sum(int(a0[ids[t]] == a1[ids[t]]) for ids in sentences for t in range(len(ids) - 1))

@@ -219,7 +219,7 @@ def compare_lm(
                 logits = model_output(call_model(model, move_batch(batch, _device(model))))
                 seconds[i] += time.perf_counter() - t0
                 x, y = next_token_targets(logits, batch["input_ids"], batch["attention_mask"])
-                nll[i] += F.cross_entropy(x.double(), y, reduction="sum").item()
+                nll[i] += F.cross_entropy(x.float(), y, reduction="sum").item()
                 top.append(x.argmax(-1).cpu())
             agree += int((top[0] == top[1]).sum())
             tokens, samples = tokens + len(top[0]), samples + len(batch["input_ids"])
