@@ -208,3 +208,23 @@ def test_load_checks_a_conv1d_stood_where_its_layer_stands(tmp_path):
     fresh = load(tmp_path, nn.Sequential(Conv1D(6, 4)))
     x = torch.randn(3, 4)
     assert type(fresh[0]) is LowRankHFConv1D and torch.equal(fresh(x), model(x))
+
+
+def test_gptq_rounds_a_conv1d_as_the_linear_it_is():
+    from tnquant.ptq import calibrate, gptq
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(Conv1D(16, 16))
+    linear = nn.Sequential(nn.Linear(16, 16))
+    with torch.no_grad():
+        linear[0].weight.copy_(conv[0].weight.T)
+        linear[0].bias.copy_(conv[0].bias)
+    data = [torch.randn(64, 16) * torch.linspace(0.1, 2, 16)]
+    for model in (conv, linear):
+        quantize(model, weights=QuantSpec(bits=3, granularity="channel"), progress=False)
+        calibrate(model, data, progress=False)
+        gptq(model, data, progress=False)
+    assert not torch.equal(conv[0].weight.T, linear[0].weight.new_zeros(16, 16))
+    torch.testing.assert_close(conv[0].weight.T, linear[0].weight, rtol=1e-6, atol=1e-6)
+    x = data[0][:5]
+    torch.testing.assert_close(conv(x), linear(x), rtol=1e-5, atol=1e-5)

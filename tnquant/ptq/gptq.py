@@ -434,7 +434,7 @@ def _round_layer(
             layer=type(module).__name__,
             rows=gram.rows,
             **_round_weight(
-                cast(Tensor, module.weight),
+                weight_pairs(module)[0][1],  # (out, in): a Conv1D's weight.mT, written through
                 cast(Quantizer, module.weight_quantizer),
                 h,
                 damp,
