@@ -295,12 +295,19 @@ def _weights(model: nn.Module, spec: QuantSpec) -> Any:
     size = spec.granularity[1]
     fallback = QuantSpec(bits=spec.bits, granularity="channel", observer="mse")
     table = {}
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        w = m._parameters.get("weight")
+        if w is not None:
+            owners[id(w)] = owners.get(id(w), 0) + 1
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() >= 2 and name:
             # the input axis: 1 for Linear/conv (out, in, ...), 0 for GPT-2's Conv1D (in, out)
             axis = 0 if type(m).__name__ == "Conv1D" else 1
-            fits = w.shape[axis] % size == 0 and not isinstance(m, nn.Embedding)
+            # a tied weight (GPT-2's lm_head and wte) takes one spec: the per-channel one
+            tied = owners.get(id(w), 0) > 1
+            fits = w.shape[axis] % size == 0 and not isinstance(m, nn.Embedding) and not tied
             table[name] = (
                 QuantSpec(bits=spec.bits, granularity=("group", size), axis=axis)
                 if fits
