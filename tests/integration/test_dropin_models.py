@@ -23,6 +23,7 @@ from tnquant.conversion import convert
 from tnquant.factorization import factorize
 from tnquant.layers import FactorizedLayer, QuantEmbedding, QuantLinear
 from tnquant.layers.dropin import sync_fused_guard
+from tnquant.layers.hf_conv1d import QuantHFConv1D
 from tnquant.ptq import calibrate
 from tnquant.quantization import quantize
 
@@ -192,8 +193,14 @@ def _gpt2():
         eos_token_id=0,
         tie_word_embeddings=False,  # factorize refuses half of a tied pair
     )
-    # GPT-2's blocks are transformers Conv1D layers; the head and the embeddings are dense
-    specs = {"lm_head": LowRank(rank=4), "transformer.wte": TT(rank=4, order=2)}
+    # the blocks are transformers Conv1D layers ((in, out) weights); head and embeddings dense
+    specs = {
+        "*.attn.c_attn": LowRank(rank=4),
+        "*.mlp.c_fc": TT(rank=2, order=2),
+        "*.mlp.c_proj": LowRank(rank=4),
+        "lm_head": LowRank(rank=4),
+        "transformer.wte": TT(rank=4, order=2),
+    }
     return GPT2LMHeadModel(cfg), specs
 
 
@@ -217,9 +224,12 @@ def _dense_twin(model: nn.Module) -> nn.Module:
     for name, m in list(twin.named_modules()):
         if isinstance(m, FactorizedLayer):
             replace_module(twin, name, m.to_dense())
-        elif isinstance(m, (QuantLinear, QuantEmbedding)):
+        elif isinstance(m, (QuantLinear, QuantEmbedding, QuantHFConv1D)):
             plain = m.to_float()
-            plain.weight = nn.Parameter(m.effective_weight().detach().clone())
+            weight = m.effective_weight().detach().clone()  # (out, in) for F.linear
+            if isinstance(m, QuantHFConv1D):
+                weight = weight.mT  # a Conv1D holds (in, out)
+            plain.weight = nn.Parameter(weight)
             replace_module(twin, name, plain)
     return twin
 
