@@ -320,7 +320,10 @@ GPT2_RECIPE = f"""
 [data]
 batch_size = 8
 max_length = {MAX_LENGTH}
+[factorize]
+"transformer.h.*.mlp.c_fc" = {{format = "lowrank", rank = 4}}
 [quantize.weights]
+"transformer.h.*" = {{bits = 4, granularity = "channel"}}
 "transformer.wpe" = {{bits = 4, granularity = "channel", axis = 0}}
 [finetune]
 max_steps = 2
@@ -409,7 +412,10 @@ def test_gpt2_compress_pads_with_eos_and_keeps_the_lm_head(
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "no pad token: batches are padded with its eos token '<|endoftext|>'" in captured.out
-    _check_against_saved(gpt2_dir, out, sentences[32:], "GPT2LMHeadModel")
+    report = _check_against_saved(gpt2_dir, out, sentences[32:], "GPT2LMHeadModel")
+    rows = {r["name"]: r for r in report["layers"]}
+    assert rows["transformer.h.0.mlp.c_fc"]["format"] == "LowRank"  # a Conv1D, factorized
+    assert rows["transformer.h.1.attn.c_attn"]["bits"] == "4"
     assert main(["report", str(out)]) == 0
     assert "perplexity ratio" in capsys.readouterr().out
 
