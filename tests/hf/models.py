@@ -62,11 +62,13 @@ BUILDERS = {"gpt2": gpt2, "llama": llama, "bert": bert}
 
 
 def compressed(name: str, vocab: int = VOCAB) -> torch.nn.Module:
-    """``name``, seeded and compressed: Llama's MLP LowRank, every weight 4-bit, converted."""
+    """``name``, seeded, compressed: Llama's MLP and GPT-2's c_fc LowRank, all 4-bit, converted."""
     torch.manual_seed(0)
     model = bert(vocab) if name == "bert" else BUILDERS[name]()
     if name == "llama":
         factorize(model, {"model.layers.*.mlp.*": LowRank(rank=4)}, progress=False)
+    if name == "gpt2":  # a transformers Conv1D, factorized
+        factorize(model, {"transformer.h.*.mlp.c_fc": LowRank(rank=4)}, progress=False)
     quantize(model, weights=QuantSpec(bits=4), progress=False)
     convert(model, progress=False)
     return model

@@ -134,6 +134,8 @@ def test_fresh_process_gives_the_same_compressed_model(round_trip, name: str, ho
     assert "FrozenTensor" in got["tnquant"].values()
     if name == "llama":
         assert "LowRankLinear" in got["tnquant"].values()
+    if name == "gpt2":
+        assert got["tnquant"]["transformer.h.0.mlp.c_fc"] == "LowRankHFConv1D"
     assert got["dtypes"] == expected[name]["dtypes"]  # packed integer codes stay integer
     assert any(d in ("torch.uint8", "torch.int8") for d in got["dtypes"].values())
     assert not got["meta"]

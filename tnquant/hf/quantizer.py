@@ -113,6 +113,7 @@ class TnquantHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self._names: list[str] = []
+        self._hook: Any = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         """Refuse a ``device_map`` that spreads the model over devices or offloads it."""
@@ -143,6 +144,15 @@ class TnquantHfQuantizer(HfQuantizer):
                     model, source
                 ):
                     del tied[target]
+        # keys tnquant stores once (aliases of tied tensors) are not in the file: hidden
+        # from transformers' key matching while it loads, tied again afterwards
+        aliases = set(self._skeleton.aliases)
+
+        def hide_aliases(module: Any, state: dict, prefix: str, local_metadata: Any) -> None:
+            for key in aliases:
+                state.pop(prefix + key, None)
+
+        self._hook = model.register_state_dict_post_hook(hide_aliases) if aliases else None
         return model
 
     def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
@@ -157,6 +167,8 @@ class TnquantHfQuantizer(HfQuantizer):
         return any(param_name.startswith(f"{name}.") for name in self._names)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        if self._hook is not None:
+            self._hook.remove()
         check_loaded(model, self._skeleton, str(self._folder))
         return model
 

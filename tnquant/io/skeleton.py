@@ -46,10 +46,17 @@ __all__ = ["Skeleton", "load_skeleton", "check_loaded"]
 
 
 class Skeleton(NamedTuple):
-    """What :func:`load_skeleton` attached: module names, and the saved tie groups."""
+    """What :func:`load_skeleton` attached.
+
+    ``names``: the swapped-in modules; ``tied``: the state-dict keys that
+    were one tensor when saved; ``aliases``: the tied keys the tensor file
+    does not hold (stored once, under their group's first key), each
+    mapped to that key.
+    """
 
     names: list[str]
     tied: list[list[str]]
+    aliases: dict[str, str]
 
 
 def _resize(module: nn.Module, prefix: str, header: Mapping[str, TensorInfo]) -> None:
@@ -121,7 +128,8 @@ def load_skeleton(path: str | os.PathLike[str], model: nn.Module) -> Skeleton:
         _resize(module, f"{module_names[0]}." if module_names[0] else "", header)
         for name in module_names:
             replace_module(model, name, module)
-    return Skeleton(names, [list(group) for group in meta["tied"]])
+    aliases = dict(getattr(header, "aliases", {}))  # keys stored once (tnquant.io.ties)
+    return Skeleton(names, [list(group) for group in meta["tied"]], aliases)
 
 
 def check_loaded(model: nn.Module, skeleton: Skeleton, where: str) -> None:
@@ -129,13 +137,15 @@ def check_loaded(model: nn.Module, skeleton: Skeleton, where: str) -> None:
 
     Examples
     --------
-    >>> check_loaded(nn.Sequential(nn.Linear(2, 2)), Skeleton(["0"], []), "here")
+    >>> check_loaded(nn.Sequential(nn.Linear(2, 2)), Skeleton(["0"], [], {}), "here")
     """
     state = model.state_dict()
     for key in {k for group in skeleton.tied for k in group}:
         if key not in state:
             raise IntegrityError(f"{where}: the tied tensor {key!r} is not in the model")
-    check_tied_values(skeleton.tied, state, where)
+    # groups read whole from the file must hold equal values; aliases were never read
+    whole = [g for g in skeleton.tied if not any(k in skeleton.aliases for k in g)]
+    check_tied_values(whole, state, where)
     _retie(model, skeleton.tied)
     for name in skeleton.names:
         module = model.get_submodule(name)
