@@ -88,6 +88,7 @@ def factorized() -> nn.Module:
 
 def converted() -> nn.Module:
     model = Small()
+    model.head.weight = nn.Parameter(model.head.weight.detach().clone())  # factorize refuses ties
     factorize(
         model,
         {"conv": CP(rank=2), "fc1": Tucker(rank=(2, 2)), "emb": TT(rank=2, order=2)},

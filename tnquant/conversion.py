@@ -34,6 +34,7 @@ from tnquant.quant.frozen import FrozenTensor, spec_summary, tensor_bits
 from tnquant.quant.quantizer import Quantizer
 from tnquant.registry import lookup, store_frozen, weight_pairs
 from tnquant.report import Report
+from tnquant.sizes import same_frozen
 
 __all__ = ["convert", "ConvertReport"]
 
@@ -83,9 +84,23 @@ def _check_convertible(units: list[tuple[str, nn.Module]], dynamic_activations: 
         )
 
 
+#: id(float tensor) -> [(where, frozen, placeholder, tensor)] stored for it in this convert
+_Done = dict[int, list[tuple[str, FrozenTensor, nn.Parameter, Tensor]]]
+
+
+def _tid(t: Tensor) -> int:
+    """A tensor's identity (a view, as a transposed kind's ``weight.mT``, is its base's)."""
+    return id(t._base if t._base is not None else t)
+
+
 def _freeze_weight(
-    module: nn.Module, k: int, tname: str, t: Tensor, q: Quantizer, where: str
-) -> FrozenTensor:
+    module: nn.Module, k: int, t: Tensor, q: Quantizer, where: str, done: _Done
+) -> tuple[FrozenTensor, str | None]:
+    """Freeze slot ``k`` of ``module``; a tied ``t`` that freezes the same shares one copy.
+
+    Returns the frozen tensor and, when it is shared, the name of the layer
+    tensor that stored it first.
+    """
     with torch.no_grad():
         ref = q(t)  # also initialises a learnable quantizer, as the fake forward would
         frozen = FrozenTensor.from_quantizer(q, t, name=where)
@@ -95,9 +110,14 @@ def _freeze_weight(
                 f"the stored codes of {where} do not reproduce the fake-quant "
                 f"values of {q.spec}; please report this"
             )
+    for first, stored, placeholder, _ in done.get(_tid(t), []):
+        if same_frozen(frozen, stored):
+            store_frozen(module, k, stored, placeholder)
+            return stored, first
     placeholder = nn.Parameter(t.detach().new_empty(0), requires_grad=False)
     store_frozen(module, k, frozen, placeholder)
-    return frozen
+    done.setdefault(_tid(t), []).append((where, frozen, placeholder, t))  # t kept: its id holds
+    return frozen, None
 
 
 def convert(
@@ -117,7 +137,10 @@ def convert(
     fake-quant model's bitwise (checked per tensor; stochastic rounding draws
     its codes once, here). Activation quantizers stay fake-quant modules with
     their calibrated qparams; quantizers in mode ``'off'`` and their tensors
-    stay as they are.
+    stay as they are. A tied weight (one parameter in several layers, as an
+    LM head tied to its embedding) whose quantizers freeze it the same (one
+    shared quantizer: ``quantize`` gives tied members one) becomes one
+    ``FrozenTensor`` shared by those layers, counted in the first row.
 
     Parameters
     ----------
@@ -176,6 +199,7 @@ def convert(
     _check_convertible(units, dynamic_activations)
     report = ConvertReport("convert", columns=_COLUMNS)
     report.model = model
+    done: _Done = {}
     for name, module in tqdm(units, desc="convert", disable=not progress):
         pending = [
             (k, tname, t, q)
@@ -184,18 +208,22 @@ def convert(
         ]
         if not pending:
             continue
-        before = sum(tensor_bits(t) for _, _, t, _ in pending)
-        frozen = [
-            (tname, _freeze_weight(module, k, tname, t, q, repr(join(name, tname))))
-            for k, tname, t, q in pending
-        ]
+        before = sum(tensor_bits(t) for _, _, t, _ in pending if _tid(t) not in done)
+        frozen, shared, after = [], [], 0
+        for k, tname, t, q in pending:
+            f, first = _freeze_weight(module, k, t, q, repr(join(name, tname)), done)
+            frozen.append((tname, f))
+            if first is None:
+                after += f.nbits()
+            else:
+                shared.append(f"{tname} tied to {first}: one stored copy, counted there")
         report.add(
             name=name,
             kind=type(module).__name__,
             tensors=", ".join(f"{tname}={spec_summary(f.spec)}" for tname, f in frozen),
             bits_before=before,
-            bits_after=sum(f.nbits() for _, f in frozen),
-            note=None,
+            bits_after=after,
+            note="; ".join(shared) or None,
         )
     if int8_kernels:
         from tnquant.int8_kernels import to_int8_kernels

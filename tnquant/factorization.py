@@ -11,7 +11,7 @@ shadowed pattern is refused and one that matched nothing is listed in
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ from tnquant.checks import check_model
 from tnquant.core.capture import capture_grams
 from tnquant.core.globs import GlobTable, selected
 from tnquant.core.modules import replace_module
-from tnquant.registry import FactorizeTable, lookup, refusal
+from tnquant.core.ties import tied_names, untie_hint
+from tnquant.registry import FactorizeTable, lookup, refusal, unsupported
 from tnquant.report import Report
 from tnquant.specs import CP, TT, LowRank, Tucker
 
@@ -95,8 +96,31 @@ def _skip_reason(module: nn.Module, spec: Any) -> str | None:
     return refusal(module)
 
 
-def _reachable(module: nn.Module) -> bool:
-    return any(_dense_kind(c) for c in module.modules())
+def _not_dense_reason(module: nn.Module) -> str | None:
+    """Why a module that is no dense kind is skipped (``None``: nothing to say, e.g. a ReLU)."""
+    kind = lookup(module)
+    if kind is not None and kind.role in ("quantized", "factorized"):
+        dense = getattr(kind.dense, "__name__", "dense")
+        if kind.role == "factorized":
+            return f"already factorized ({type(module).__name__}, from a {dense})"
+        return (
+            f"already quantized ({type(module).__name__} stands for a {dense}): "
+            f"factorize first, then quantize (factorize the float model, then call quantize)"
+        )
+    return unsupported(module)
+
+
+def _tie_reason(name: str, others: list[str]) -> str:
+    listed = ", ".join(repr(n) for n in others)
+    return (
+        f"its weight is tied to {listed} (one Parameter): factorizing {name!r} alone would "
+        f"untie them and keep the dense copy; exclude it (exclude=[{name!r}]), or untie "
+        f"first: {untie_hint(name)}"
+    )
+
+
+def _under(name: str, tops: list[str]) -> bool:
+    return any(t == "" or name.startswith(t + ".") for t in tops)
 
 
 def find_targets(
@@ -107,39 +131,87 @@ def find_targets(
     *,
     table: GlobTable | None = None,
 ) -> tuple[dict[int, tuple[nn.Module, Any, list[str]]], list[tuple[str, str, str]]]:
-    """Which modules ``factorize`` would replace, and which it would skip.
+    """Which modules ``factorize`` would replace, and which it would skip (and why).
 
     Returns ``({id(module): (module, spec, [names...])}, [(name, kind, reason)])``.
     A module reachable under several names (shared) appears once with all of
-    its names; the spec is the one its first name matches. ``table`` (built
-    from ``spec_or_mapping`` when not given) records the matches, for
-    :meth:`~tnquant.core.globs.GlobTable.check`.
+    its names; the spec is the one its first name matches. Skipped: a layer
+    the spec cannot apply to (its format, a refusal, a tied weight), an
+    already quantized or factorized layer, a module holding a weight that
+    tnquant has no entry for (:func:`tnquant.registry.unsupported`), and a
+    pattern that reached no layer it could factorize (kind ``'pattern'``;
+    one that matched nothing is added by :meth:`GlobTable.check`). ``table``
+    (built from ``spec_or_mapping`` when not given) records the matches.
     """
     table = _table(spec_or_mapping) if table is None else table
-    mapping = isinstance(spec_or_mapping, Mapping)
     targets: dict[int, tuple[nn.Module, Any, list[str]]] = {}
     skipped: list[tuple[str, str, str]] = []
+    ties = tied_names(model)
+    won: dict[int, list[str]] = {}  # entry -> names it won
+    used: set[int] = set()  # entries that led to a target or a layer's row
+    reasons: dict[int, str] = {}
+    done: list[str] = []  # layers handled or reported: their children are parts
+    seen: set[int] = set()
     for name, module in model.named_modules(remove_duplicate=False):
-        if not name:
-            continue
         if id(module) in targets:
             targets[id(module)][2].append(name)
             continue
-        if not selected(name, include, exclude):
+        if id(module) in seen or _under(name, done) or not selected(name, include, exclude):
             continue
-        spec = table.lookup(name)[1]
+        entry = table.winner(name)
+        spec = None if entry is None else table.entries[entry][1]  # type: ignore[index]
         if spec is None:
             continue
-        if not _dense_kind(module):
-            if mapping and not _reachable(module):
-                skipped.append((name, type(module).__name__, "not a Linear, Conv2d or Embedding"))
+        won.setdefault(cast(int, entry), []).append(name)
+        if not name:
+            if _dense_kind(module):
+                why = "the model itself cannot be replaced; wrap it, e.g. in nn.Sequential"
+                skipped.append((name, type(module).__name__, why))
+                used.add(cast(int, entry))
             continue
-        reason = _skip_reason(module, spec)
+        reason = _skip_reason(module, spec) if _dense_kind(module) else _not_dense_reason(module)
+        if reason is None and name in ties:
+            reason = _tie_reason(name, ties[name])
         if reason is not None:
             skipped.append((name, type(module).__name__, reason))
+            reasons.setdefault(cast(int, entry), repr(name))
+            done.append(name)
+            seen.add(id(module))
+        elif _dense_kind(module):
+            targets[id(module)] = (module, spec, [name])
+            done.append(name)
+        else:
             continue
-        targets[id(module)] = (module, spec, [name])
+        used.add(cast(int, entry))
+    for entry, names in won.items():
+        if entry not in used or entry in reasons and not _won_targets(names, targets):
+            skipped.append(_pattern_row(table, entry, names, reasons.get(entry)))
     return targets, skipped
+
+
+def _won_targets(names: list[str], targets: dict[int, tuple[nn.Module, Any, list[str]]]) -> bool:
+    wanted = set(names)
+    return any(wanted.intersection(t[2]) for t in targets.values())
+
+
+def _pattern_row(
+    table: GlobTable, entry: int, names: list[str], reason: str | None
+) -> tuple[str, str, str]:
+    """The row of a pattern that matched names but no layer it could factorize."""
+    key, spec = table.entries[entry]  # type: ignore[index]
+    where = f"{table.what}[{key!r}]"
+    if reason is not None:
+        why = (
+            f"{type(spec).__name__} applies to none of the layers it matched (every one is "
+            f"skipped, e.g. {reason}: see its row)"
+        )
+    return (where, "pattern", why)
+    shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    if isinstance(key, str) and not key.endswith("*") and names[0] == key:
+        hint = f"; a pattern names layers: {key + '.*'!r} names the layers inside"
+    else:
+        hint = "; factorize replaces Linear, Conv1d, Conv2d and Embedding layers"
+    return (where, "pattern", f"matched only modules with nothing to factorize ({shown}){hint}")
 
 
 def collect_grams(

@@ -67,15 +67,16 @@ from tqdm.auto import tqdm
 from tnquant.conversion import ConvertReport, convert
 from tnquant.core.globs import GlobTable, selected
 from tnquant.core.modules import join, replace_module
+from tnquant.core.ties import untie_hint
 from tnquant.quant.frozen import FrozenTensor, spec_summary
 from tnquant.quant.qparams import block_size
 from tnquant.quant.quantizer import Quantizer
 from tnquant.registry import (
     LayerKind,
     activation_sites,
-    dense_classes,
     lookup,
     quant_state,
+    unsupported,
     weight_pairs,
 )
 from tnquant.report import Report
@@ -162,24 +163,28 @@ def _shape(t: Tensor, q: nn.Module | None) -> tuple[int, ...]:
 
 
 def _targets(
-    model: nn.Module, include: Iterable[str] | None, exclude: Iterable[str] | None, report: Report
+    model: nn.Module,
+    include: Iterable[str] | None,
+    exclude: Iterable[str] | None,
+    report: Report,
+    weights: GlobTable,
 ) -> list[tuple[nn.Module, list[str]]]:
     found: dict[int, tuple[nn.Module, list[str]]] = {}
+    refused: set[int] = set()
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) in found:
             found[id(module)][1].append(name)
             continue
-        if not selected(name, include, exclude):
+        if id(module) in refused or not selected(name, include, exclude):
             continue
         kind = _kind(module)
         if kind is None:
-            if isinstance(module, dense_classes()):
-                report.skip(
-                    name,
-                    type(module).__name__,
-                    "a subclass of a dense layer (its "
-                    "weight may be used outside forward, as in nn.MultiheadAttention)",
-                )
+            entry = weights.winner(name, record=False)
+            reason = unsupported(module) if lookup(module) is None else None
+            if reason is not None and entry is not None and weights.entries is not None:
+                if weights.entries[entry][1] is not None:
+                    report.skip(name, type(module).__name__, reason)
+                    refused.add(id(module))
             continue
         if kind.role == "dense" and not name:
             report.skip(
@@ -232,20 +237,86 @@ def _new_quantizer(spec: Any, ref: Tensor) -> nn.Module:
     return Quantizer(spec).to(device=ref.device)
 
 
-def _apply(module: nn.Module, wchanges: dict[str, Any], achanges: dict[str, Any]) -> None:
+def _tid(t: Tensor) -> int:
+    """A tensor's identity (a view, as a transposed kind's ``weight.mT``, is its base's)."""
+    return id(t._base if t._base is not None else t)
+
+
+def _weight_ties(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
+    """Tensor id -> ``[(layer, tensor name, layer module)]`` of a weight held by 2+ layers."""
+    holders: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for tname, t, _ in weight_pairs(module):
+            if t.numel():
+                holders.setdefault(_tid(t), []).append((name, tname, module))
+    return {k: v for k, v in holders.items() if len({id(m) for _, _, m in v}) > 1}
+
+
+def _plan_ties(model: nn.Module, plans: list[Any]) -> tuple[set[int], dict[int, str]]:
+    """Check the specs tied weights get; the tensors to share one quantizer, notes per layer.
+
+    Tied members (one parameter, e.g. an LM head and its embedding) whose
+    specs are equal get one shared quantizer; two different specs are refused.
+    """
+    planned = {id(module): w for module, _, w, _ in plans}
+    shared: set[int] = set()
+    notes: dict[int, str] = {}
+    for tid, members in _weight_ties(model).items():
+        specs: dict[str, Any] = {}
+        for name, tname, module in members:
+            w = planned.get(id(module), {})
+            q = dict((n, q) for n, _, q in weight_pairs(module))[tname]
+            specs[join(name, tname)] = w[tname] if tname in w else getattr(q, "spec", None)
+        chosen = {repr(v): (k, v) for k, v in specs.items() if v is not None}
+        if len(chosen) > 1:
+            (a, sa), (b, sb) = list(chosen.values())[:2]
+            raise ValueError(
+                f"{a!r} and {b!r} are one tied parameter but would get different specs "
+                f"({spec_summary(sa)} and {spec_summary(sb)}); give them one spec, or untie "
+                f"them first: {untie_hint(a.rpartition('.')[0])}"
+            )
+        if not chosen:
+            continue
+        shared.add(tid)
+        floats = [k for k, v in specs.items() if v is None]
+        for name, tname, module in members:
+            if id(module) in planned and tname in planned[id(module)]:
+                others = [k for k in specs if k != join(name, tname)]
+                note = f"{tname} tied to {', '.join(others)}: one quantizer"
+                if floats:
+                    note = f"{tname} tied to {', '.join(floats)}, left float: stored twice"
+                notes[id(module)] = note
+    return shared, notes
+
+
+def _apply(
+    module: nn.Module,
+    wchanges: dict[str, Any],
+    achanges: dict[str, Any],
+    shared: dict[int, nn.Module | None],
+) -> None:
     pairs = weight_pairs(module)
     ref = pairs[0][1]
+
+    def weight_quantizer(spec: Any, t: Tensor) -> nn.Module:
+        if _tid(t) not in shared:
+            return _new_quantizer(spec, t)
+        q = shared[_tid(t)]
+        if q is None:
+            q = shared[_tid(t)] = _new_quantizer(spec, t)
+        return q
+
     if cast(LayerKind, lookup(module)).role == "factorized":
         qs = [q if q is not None else nn.Identity() for _, _, q in pairs]
         for k, (tname, t, _) in enumerate(pairs):
             if tname in wchanges:
                 spec = wchanges[tname]
-                qs[k] = nn.Identity() if spec is None else _new_quantizer(spec, t)
+                qs[k] = nn.Identity() if spec is None else weight_quantizer(spec, t)
         keep = any(not isinstance(q, nn.Identity) for q in qs)
         module.core_quantizers = cast(Any, nn.ModuleList(qs) if keep else None)
     elif "weight" in wchanges:
         spec = wchanges["weight"]
-        module.weight_quantizer = cast(Any, None if spec is None else _new_quantizer(spec, ref))
+        module.weight_quantizer = cast(Any, None if spec is None else weight_quantizer(spec, ref))
     if achanges:
         current = cast("nn.ModuleDict | None", module._modules.get("act_quantizers"))
         acts: dict[str, nn.Module] = dict(current.items()) if current is not None else {}
@@ -373,15 +444,19 @@ def quantize(
         raise ValueError("quantize() needs at least one of weights=, activations=, cores=")
     report = Report("quantize", columns=_Q_COLUMNS)
     plans = []
-    for module, names in _targets(model, include, exclude, report):
+    for module, names in _targets(model, include, exclude, report, pats[0]):
         wchanges, achanges = _plan_layer(module, names[0], pats)
         if wchanges or achanges:
             plans.append((module, names, wchanges, achanges))
     for p in pats:
         p.check(report)
+    tied, tie_notes = _plan_ties(model, plans)
+    shared: dict[int, nn.Module | None] = dict.fromkeys(tied)
+    counted = (SizeCounter(), SizeCounter())  # one for all rows: a tied weight counts once
     for module, names, wchanges, achanges in tqdm(plans, desc="quantize", disable=not progress):
         kind = type(module).__name__
-        before = sum(SizeCounter().subtree(module))
+        tie_note = tie_notes.get(id(module))
+        before = sum(counted[0].subtree(module))
         notes = []
         if quant_state(module) != "float":
             notes.append("re-quantized")
@@ -392,9 +467,11 @@ def quantize(
             module = cast(Any, entry.quantized).from_float(module)
             for name in names:
                 replace_module(model, name, module)
-        _apply(module, wchanges, achanges)
+        _apply(module, wchanges, achanges, shared)
         if len(names) > 1:
             notes.append(f"shared with {', '.join(names[1:])}")
+        if tie_note is not None:
+            notes.append(tie_note)
         weight_text, act_text = _summaries(module)
         report.add(
             name=names[0],
@@ -403,7 +480,7 @@ def quantize(
             activations=act_text,
             params=_params(module),
             bits_before=before,
-            bits_after=sum(SizeCounter().subtree(module)),
+            bits_after=sum(counted[1].subtree(module)),
             note="; ".join(notes) or None,
         )
     return report

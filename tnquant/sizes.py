@@ -2,7 +2,7 @@
 
 Counting rules
 --------------
-Every tensor once (shared ones once), ``numel * element bits`` as stored:
+Every tensor once (shared ones once, tied ones once), ``numel * element bits`` as stored:
 
 - a weight under an active weight quantizer (mode not ``'off'``): what
   :func:`tnquant.convert` stores for it (once converted: its
@@ -12,7 +12,11 @@ Every tensor once (shared ones once), ``numel * element bits`` as stored:
   ``zero_point`` (8 bits up to 8-bit codes, else 32), ``scale_neg``; the
   empty placeholder left for the float weight counts nothing. So a
   fake-quant model counts what it will store, and ``convert`` does not
-  change the number;
+  change the number. A tied weight (one parameter held by several layers,
+  as an LM head tied to its embedding) counts once when its quantizers
+  freeze it the same (``quantize`` gives tied members one quantizer, and
+  ``convert`` one shared frozen tensor), and once more per layer that keeps
+  it float;
 - activation quantizers: their stored ``scale``/``zero_point`` (none while
   uncalibrated);
 - every other parameter and persistent buffer at its dtype width: biases,
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import Tensor, nn
 
 from tnquant.core.modules import join
@@ -45,7 +50,7 @@ from tnquant.quant.quantizer import Quantizer
 from tnquant.registry import lookup, quant_state, weight_pairs
 from tnquant.report import Report
 
-__all__ = ["model_size_bits", "size_report", "SizeCounter"]
+__all__ = ["model_size_bits", "size_report", "SizeCounter", "same_frozen"]
 
 _QPARAM_NAMES = ("scale", "zero_point", "scale_neg")
 _COLUMNS = ("name", "kind", "state", "codes_bits", "qparams_bits", "other_bits", "size_bits")
@@ -60,6 +65,12 @@ def _persistent(module: nn.Module) -> Iterable[Tensor]:
             yield b
 
 
+def _ident(t: Tensor) -> int:
+    """The identity of a stored tensor: a view (a transposed kind's ``weight.mT``) is its base's."""
+    base = t._base
+    return id(base if base is not None else t)
+
+
 def _frozen_of(q: Quantizer, t: Tensor, name: str) -> FrozenTensor:
     """What ``convert`` stores for ``t``; for a meta tensor, the skeleton of that layout.
 
@@ -70,6 +81,29 @@ def _frozen_of(q: Quantizer, t: Tensor, name: str) -> FrozenTensor:
     if t.is_meta:
         return FrozenTensor(q.spec, tuple(t.shape), t.dtype, device="meta")
     return FrozenTensor.from_quantizer(q, t, name=name)
+
+
+def same_frozen(a: FrozenTensor, b: FrozenTensor) -> bool:
+    """Whether two frozen tensors store the same thing (spec, shape and every buffer equal).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tnquant.quant import Quantizer
+    >>> from tnquant.specs import QuantSpec
+    >>> w = torch.randn(4, 4)
+    >>> f = lambda bits: FrozenTensor.from_quantizer(Quantizer(QuantSpec(bits)), w)
+    >>> same_frozen(f(4), f(4)), same_frozen(f(4), f(8))
+    (True, False)
+    """
+    if a is b:
+        return True
+    if a.spec != b.spec or a.shape != b.shape:
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa
+    )
 
 
 class SizeCounter:
@@ -85,11 +119,37 @@ class SizeCounter:
     def __init__(self) -> None:
         self.modules: set[int] = set()
         self.tensors: set[int] = set()
+        # id(float tensor) -> what convert will store for it, for tied tensors
+        self._pending: dict[int, list[FrozenTensor]] = {}
+        self._pairs: set[tuple[int, int]] = set()
+        self._alive: list[FrozenTensor] = []
+        self._quantized: set[int] = set()  # float tensors some layer stores as codes
 
-    @staticmethod
-    def _frozen(f: FrozenTensor, out: list[int]) -> None:
+    def _frozen(self, f: FrozenTensor, out: list[int]) -> None:
+        if id(f.packed) in self.tensors:
+            return  # a tied frozen tensor (its buffers shared after load): stored once
+        self.tensors.add(id(f.packed))
+        self._alive.append(f)  # its id stays its own while this counter lives
         out[0] += tensor_bits(f.packed)
         out[1] += f.nbits() - tensor_bits(f.packed)
+
+    def _pending_weight(self, q: Quantizer, t: Tensor, name: str, out: list[int]) -> None:
+        """Count what convert will store for ``t``, once per distinct frozen tensor of ``t``.
+
+        A tied ``t`` (held by several layers) whose quantizers freeze it the
+        same (one shared quantizer, as ``quantize`` gives tied members) is
+        stored once by ``convert``, and counted once here.
+        """
+        if (_ident(t), id(q)) in self._pairs:
+            return
+        self._pairs.add((_ident(t), id(q)))
+        f = _frozen_of(q, t, name)
+        if not t.is_meta:
+            seen = self._pending.setdefault(_ident(t), [])
+            if any(same_frozen(f, g) for g in seen):
+                return
+            seen.append(f)
+        self._frozen(f, out)
 
     def direct(self, module: nn.Module, out: list[int]) -> None:
         """Add the bits of ``module``'s own tensors (not its children's) to ``out``."""
@@ -109,13 +169,18 @@ class SizeCounter:
                     out[1] += tensor_bits(t)
             self.modules.update(id(m) for m in module.modules())  # observers: metadata
             return
+        float_weights: set[int] = set()
         for tname, t, q in weight_pairs(module):
             if isinstance(q, Quantizer):
                 self.modules.update(id(m) for m in q.modules())
-                if q.mode != "off":
-                    self.tensors.add(id(t))
-                    self._frozen(_frozen_of(q, t, tname), out)
+            if isinstance(q, Quantizer) and q.mode != "off":
+                self._quantized.add(_ident(t))
+                self._pending_weight(q, t, tname, out)
+            else:
+                float_weights.add(_ident(t))  # stored as it is, even if tied to a quantized layer
         for t in _persistent(module):
+            if id(t) in self._quantized and id(t) not in float_weights:
+                continue  # stored as codes (a factorized layer's cores sit in a child list)
             if id(t) not in self.tensors:
                 self.tensors.add(id(t))
                 out[2] += tensor_bits(t)

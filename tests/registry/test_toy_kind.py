@@ -195,7 +195,9 @@ def test_without_its_entries_the_kind_is_left_alone(tmp_path):
     report = quantize(model, weights=QuantSpec(bits=8), progress=False)
     assert report.rows == [] and [type(m) for m in model] == [Scaled, nn.ReLU, Scaled]
     assert [(s["name"], s["reason"]) for s in report.skipped] == [
-        ("weights['*']", "matched nothing")
+        ("0", "no registry entry for Scaled"),
+        ("2", "no registry entry for Scaled"),
+        ("weights['*']", "matched nothing"),
     ]
 
 

@@ -108,6 +108,22 @@ class GlobTable:
 
         Every call records which entries matched, for :meth:`check`.
         """
+        first = self.winner(name, index, count)
+        if first is None or self.entries is None:
+            return False, None
+        return True, self.entries[first][1]
+
+    def key(self, i: int) -> Any:
+        """The key (pattern or core index) of entry ``i``."""
+        return (self.entries or [])[i][0]
+
+    def winner(
+        self, name: str, index: int | None = None, count: int = 0, *, record: bool = True
+    ) -> int | None:
+        """The index of the first entry matching ``name`` (``None``: none).
+
+        Recorded for :meth:`check` as in :meth:`lookup`, unless ``record`` is false.
+        """
         first = None
         for i, (key, _) in enumerate(self.entries or ()):
             if isinstance(key, int):
@@ -116,14 +132,14 @@ class GlobTable:
                 hit = matches(name, key)
             if not hit:
                 continue
+            if not record:
+                return i
             if first is None:
                 first = i
                 self._won.add(i)
             else:
                 self._beaten.setdefault(i, (first, name))
-        if first is None or self.entries is None:
-            return False, None
-        return True, self.entries[first][1]
+        return first
 
     def unmatched(self) -> list[Any]:
         """Keys that matched no name in the lookups so far."""

@@ -43,16 +43,11 @@ from tnquant.io.checks import (
     read_header,
     read_regular,
 )
-from tnquant.io.fields import (
-    IntegrityError,
-    check_node,
-    check_tied,
-    check_tied_kinds,
-    check_tied_values,
-)
+from tnquant.io.fields import IntegrityError, check_node, check_tied_kinds, check_tied_values
 from tnquant.io.files import FORMAT, JSON_FILE, TENSORS_FILE, VERSION, canonical, sha256_file
 from tnquant.io.hf_base import build_hf_base, hf_size_bound
 from tnquant.io.nodes import HANDLERS, BuildContext, build_node
+from tnquant.io.ties import check_alias_places, expand_tied, with_aliases
 
 __all__ = ["load"]
 
@@ -143,8 +138,8 @@ def _read_header(directory: Path, meta: dict[str, Any]) -> tuple[Path, dict[str,
         )
     header = read_header(tensor_path, size)
     check_listing(header, info["entries"], tensor_path, JSON_FILE)
-    check_tied(meta["tied"], header, str(directory / JSON_FILE))
-    return tensor_path, header
+    # tied keys stored once: the aliases get their first key's entry (tnquant.io.ties)
+    return tensor_path, expand_tied(meta["tied"], header, str(directory / JSON_FILE))
 
 
 def _check_base(
@@ -222,7 +217,7 @@ def _read_data(tensor_path: Path, header: dict[str, TensorInfo], digest: str) ->
             f"{digest} recorded in {JSON_FILE}"
         )
     try:
-        tensors = load_file(str(tensor_path), device="cpu")
+        tensors = with_aliases(load_file(str(tensor_path), device="cpu"), header)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise IntegrityError(f"{tensor_path} could not be read: {err}") from None
     if set(tensors) != set(header) or any(
@@ -333,6 +328,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         # a Hugging Face folder: its base comes from config.json, checked and sized first
         model = build_hf_base(directory, max_bytes=hf_size_bound(meta["tensors"]["bytes"]))
     planned = _plan(model, entries, header, json_path)
+    check_alias_places(model, [(n, m) for n, m, _ in planned], header, str(json_path))
     check_base_state(model, [name for names, _, _ in planned for name in names], header)
     check_tied_kinds(model, [(n, m) for n, m, _ in planned], meta["tied"], str(json_path))
     tensors = _read_data(tensor_path, header, meta["tensors"]["sha256"])

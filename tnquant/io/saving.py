@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +34,24 @@ from tnquant.io.files import (
     sha256_file,
 )
 from tnquant.io.nodes import describe_entries
+from tnquant.io.ties import alias_keys
 
 __all__ = ["save"]
 
 
-def _tensors_for_file(model: nn.Module) -> dict[str, Tensor]:
-    """The state dict on CPU, contiguous, with no two entries sharing storage."""
+def _tensors_for_file(
+    model: nn.Module, aliases: AbstractSet[str] = frozenset()
+) -> dict[str, Tensor]:
+    """The state dict on CPU, contiguous, with no two entries sharing storage.
+
+    ``aliases`` (the later keys of the tied groups) are left out: a tied
+    tensor is stored once, under its group's first key.
+    """
     seen: set[tuple[int, int]] = set()
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
+        if key in aliases:
+            continue
         if not isinstance(value, Tensor):
             raise TypeError(
                 f"state_dict entry {key!r} is a {type(value).__name__}; only tensors can be saved"
@@ -56,15 +66,16 @@ def _tensors_for_file(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _tied_groups(model: nn.Module, tensors: dict[str, Tensor]) -> list[list[str]]:
+def _tied_groups(model: nn.Module) -> list[list[str]]:
     """State-dict keys that name one and the same parameter or buffer object."""
+    keys = set(model.state_dict(keep_vars=True))
     groups: dict[int, list[str]] = {}
     named = [
         *model.named_parameters(remove_duplicate=False),
         *model.named_buffers(remove_duplicate=False),
     ]
     for key, value in named:
-        if key in tensors:
+        if key in keys:
             groups.setdefault(id(value), []).append(key)
     return [g for g in groups.values() if len(g) > 1]
 
@@ -80,7 +91,10 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     path
         A directory, created when missing; ``tensors.safetensors`` and
         ``model.json`` in it are replaced (the JSON last, so an interrupted
-        save never passes the checks).
+        save never passes the checks). A tied tensor (one parameter or
+        buffer under several keys: an LM head tied to its embedding, the
+        frozen tensor they share once converted) is stored once, under the
+        first key of its ``tied`` group, and tied again by ``load``.
 
     Raises
     ------
@@ -103,7 +117,8 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     entries = describe_entries(model)
-    tensors = _tensors_for_file(model)
+    tied = _tied_groups(model)
+    tensors = _tensors_for_file(model, alias_keys(tied))
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     tensor_path = directory / TENSORS_FILE
@@ -125,7 +140,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
             },
         },
         "modules": entries,
-        "tied": _tied_groups(model, tensors),
+        "tied": tied,
     }
     meta["checksum"] = hashlib.sha256(canonical(meta)).hexdigest()
     tmp_json = directory / (JSON_FILE + ".tmp")
