@@ -64,6 +64,7 @@ __all__ = [
     "import_class",
     "check_hf_dir",
     "check_out_dir",
+    "check_stage_report",
     "MAX_JSON_BYTES",
     "SOURCE_KINDS",
 ]
@@ -453,3 +454,39 @@ def check_out_dir(arg: str, flag: str, force: bool) -> Path:
     if path.is_dir() and not force and any(path.iterdir()):
         raise UsageError(f"output directory {path} is not empty (use --force to overwrite)")
     return path
+
+
+# --------------------------------------------------------------------------- #
+# recipe requests that reached no layer
+# --------------------------------------------------------------------------- #
+
+
+def check_stage_report(stage: str, model: Any, report: Any, seconds: float) -> None:
+    """Refuse a stage whose report lists a recipe pattern that reached no layer (exit 2).
+
+    Called by ``tnquant compress`` after every stage of the pipeline (its
+    ``after=`` hook): a ``skipped`` row of kind ``'pattern'`` means a recipe
+    glob matched no layer (a typo) or its format applies to none of the
+    layers it matched (``format = "cp"`` on Linear layers).
+
+    Examples
+    --------
+    >>> from tnquant.report import Report
+    >>> report = Report("factorize")
+    >>> report.skip("factorize['fc_typo']", "pattern", "matched nothing")
+    >>> check_stage_report("factorize", None, report, 0.0)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    tnquant.cli.checks.UsageError: recipe [factorize]: factorize['fc_typo'] matched nothing ...
+    """
+    rows = [s for s in getattr(report, "skipped", ()) if s.get("kind") == "pattern"]
+    if not rows:
+        return
+    row = rows[0]
+    more = f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
+    hint = (
+        " (check the pattern against the model's module names)"
+        if row["reason"] == "matched nothing"
+        else ""
+    )
+    raise UsageError(f"recipe [{stage}]: {row['name']} {row['reason']}{hint}{more}")

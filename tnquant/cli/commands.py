@@ -30,7 +30,7 @@ import torch
 
 from tnquant.cli import checks
 from tnquant.cli.causal import compare_lm, lm_recipe
-from tnquant.cli.checks import UsageError, dir_file, read_json
+from tnquant.cli.checks import UsageError, check_stage_report, dir_file, read_json
 from tnquant.cli.inputs import Inputs, check_compress, prepare_compress, rebuild_base
 from tnquant.cli.recipe import Recipe, load_recipe
 from tnquant.cli.report import (
@@ -145,6 +145,7 @@ def _compress(args: argparse.Namespace) -> int:
         labels=inputs.calib_labels,
         seed=args.seed,
         progress=progress,
+        after=check_stage_report,  # a recipe pattern that reached no layer: exit 2
     )
     stages.update(result.seconds)
     report = _measure(args, inputs, result, stages, progress)
