@@ -81,15 +81,12 @@ class Standin(nn.Module):
     """
 
     bias: Tensor | None
-    #: whether the chain reshapes the dequantized weights (see ``weight_standin``)
-    reshapes = False
 
     def __init__(self, module: nn.Module, name: str, int4: bool) -> None:
         super().__init__()
         prefix = f"{name}." if name else ""
         self.weights = nn.ModuleList(
-            weight_standin(prefix + tname, t, q, int4=int4, reshaped=self.reshapes)
-            for tname, t, q in weight_pairs(module)
+            weight_standin(prefix + tname, t, q, int4=int4) for tname, t, q in weight_pairs(module)
         )
         bias = getattr(module, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -147,8 +144,6 @@ class _Conv(Standin):
 
 
 class _FactorizedLinear(Standin):
-    reshapes = True
-
     def __init__(self, module: nn.Module, name: str, int4: bool) -> None:
         super().__init__(module, name, int4)
         layer = cast(Any, module)
@@ -205,8 +200,6 @@ class _Tucker(_FactorizedLinear):
 
 
 class _TT(_FactorizedLinear):
-    reshapes = True
-
     def __init__(self, module: nn.Module, name: str, int4: bool) -> None:
         super().__init__(module, name, int4)
         self.chain_order = tuple(cast(TTLinear, module).chain_order)
@@ -235,8 +228,6 @@ class _TT(_FactorizedLinear):
 
 
 class _FactorizedConv(Standin):
-    reshapes = True
-
     def __init__(self, module: nn.Module, name: str, int4: bool) -> None:
         super().__init__(module, name, int4)
         layer = cast(Any, module)

@@ -26,8 +26,11 @@ no quantizer, or mode ``'off'``    the float tensor
 
 Activations: a calibrated, per-tensor integer ``QuantSpec`` with round to
 nearest even (``QuantizeLinear``'s rounding) or a ``FixedPoint`` with
-``RND_CONV``/``SAT``: QDQ with an int8/uint8/int16/uint16 zero point and a
-float ``Clip`` first where ``[qmin, qmax]`` is narrower than the type; a float
+``RND_CONV``/``SAT``: QDQ with a uint8/int16/uint16 zero point (signed codes
+of at most 8 bits are shifted to uint8, zero point + 128: the same values, and
+the type onnxruntime's QDQ passes handle; its int8 -> uint8 rewrite mistypes
+the ``QuantizeLinear`` it moves past a ``Reshape``) and a float ``Clip`` first
+where ``[qmin, qmax]`` is narrower than the type; a float
 format: a saturating ``Clip`` + ``Cast`` there and back. Refused: dynamic
 (uncalibrated) ranges, other rounding modes, per-channel/group ranges,
 ``Binary``/``Ternary`` activations, quantizers still observing.
@@ -184,9 +187,7 @@ def _check_float32(name: str, dtype: torch.dtype) -> None:
         )
 
 
-def weight_standin(
-    name: str, tensor: Tensor, quantizer: Any, *, int4: bool = True, reshaped: bool = False
-) -> OnnxWeight:
+def weight_standin(name: str, tensor: Tensor, quantizer: Any, *, int4: bool = True) -> OnnxWeight:
     """The :class:`OnnxWeight` of ``tensor`` under ``quantizer`` (see the module docs).
 
     Parameters
@@ -199,13 +200,6 @@ def weight_standin(
         A ``Quantizer``, a ``FrozenTensor``, ``nn.Identity`` or ``None``.
     int4
         Allow int4/uint4 codes (opset 21); else int8/uint8 hold them.
-    reshaped
-        The graph reshapes the dequantized tensor (cores): a symmetric one
-        then gets an explicit zero zero point (onnxruntime's QDQ propagation
-        past a ``Reshape`` mistypes an absent one). Elsewhere symmetric
-        weights have none, which also keeps onnxruntime from fusing them into
-        its integer kernels (``QGemm``/``QLinearConv``), which are not exact
-        (see :mod:`tnquant.export.onnx`).
 
     Examples
     --------
@@ -263,8 +257,9 @@ def weight_standin(
     if qp.zero_point is not None:
         zp = _scale_layout(name, frozen.shape, qp.block_size, qp.zero_point.detach())[1]
         new.register_buffer("zero_point", zp.to(torch.int64).to(carrier).contiguous())
-    elif reshaped:  # onnxruntime's QDQ propagation past a Reshape mistypes an absent one
-        new.register_buffer("zero_point", torch.zeros(scale.shape, dtype=carrier))
+    # a symmetric tensor gets no zero point: with one, onnxruntime fuses the QDQ group
+    # around a Gemm into its QGemm integer kernel, which is not exact (on AVX2 it
+    # saturates u8 x s8 products: 18 output steps on a small MLP)
     return new
 
 
@@ -290,8 +285,8 @@ class OnnxAct(nn.Module):
     >>> from tnquant.quant import Quantizer
     >>> q = Quantizer(QuantSpec(bits=6)).freeze(torch.tensor([-1.0, 1.0]))
     >>> a = act_standin("fc.input", q)
-    >>> a.onnx_type, a.clip
-    ('int8', True)
+    >>> a.onnx_type, a.clip, a.zero_point.item()  # int6 codes, shifted to uint8
+    ('uint8', True, 128)
     """
 
     scale: Tensor
@@ -376,6 +371,11 @@ tnquant.calibrate(model, data) before exporting
         zp = torch.zeros((), dtype=torch.int64)
         if qp.zero_point is not None:
             zp = qp.zero_point.detach().reshape(()).round().to(torch.int64)
+    if qmin < 0 and qmax <= 127 and qmin >= -128:
+        # int8 codes shifted to uint8 (zero point + 128): the same values, and the
+        # type onnxruntime's QDQ passes handle (its s8 -> u8 rewrite mistypes the
+        # QuantizeLinear it inserts past a Reshape)
+        qmin, qmax, zp = qmin + 128, qmax + 128, zp + 128
     found = container(qmin, qmax, int4=False)
     if found is None or found[0] == "int32":
         raise _refuse_act(name, f"codes in [{qmin}, {qmax}] need more than 16 bits")
