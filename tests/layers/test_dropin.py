@@ -162,6 +162,8 @@ def test_weight_is_read_only(build):
         layer.weight = torch.zeros(shape, dtype=torch.float64)
     with pytest.raises(AttributeError, match="weight is read-only"):
         layer.weight = nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+    with pytest.raises(KeyError, match="'weight' already exists"):  # nn.Module's own check
+        layer.register_parameter("weight", nn.Parameter(torch.zeros(shape, dtype=torch.float64)))
     assert "weight" not in dict(layer.named_parameters())
     assert "weight" not in layer.state_dict()
 
@@ -244,6 +246,8 @@ def test_converted_weight_is_the_dequantized_one(index):
         layer.weight = nn.Parameter(torch.zeros(param.shape))
     with pytest.raises(AttributeError, match="read-only after convert"):
         layer.weight = torch.zeros(param.shape)
+    with pytest.raises(AttributeError, match="read-only after convert"):
+        layer.register_parameter("weight", nn.Parameter(torch.zeros(param.shape)))
     layer.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # what load does
     layer.to(torch.float64)
     assert layer.weight.dtype == torch.float64

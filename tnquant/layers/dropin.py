@@ -41,6 +41,7 @@ __all__ = [
     "quantizer_key",
     "read_quant_weight",
     "quant_setattr",
+    "quant_register_parameter",
     "QUANT_WEIGHT_DOC",
 ]
 
@@ -171,6 +172,32 @@ def read_quant_weight(module: nn.Module) -> Tensor:
     return cast(Tensor, weight)
 
 
+def _check_new_weight(module: nn.Module, name: str, value: Any) -> None:
+    """Refuse a new ``weight`` for a converted layer (but the empty placeholder)."""
+    if (
+        name == "weight"
+        and isinstance(module.__dict__["_modules"].get("weight_quantizer"), FrozenTensor)
+        and not (isinstance(value, nn.Parameter) and value.numel() == 0)
+    ):
+        raise AttributeError(
+            f"{type(module).__name__}.weight is read-only after convert: it is the "
+            "dequantized weight_quantizer (a FrozenTensor); use layer.to_float() for a "
+            "float layer, or quantize a float model again"
+        )
+
+
+def quant_register_parameter(module: nn.Module, name: str, param: Any) -> None:
+    """``nn.Module.register_parameter`` of a ``Quant*`` layer: no new ``weight`` once converted.
+
+    Examples
+    --------
+    >>> from tnquant.layers import QuantLinear
+    >>> QuantLinear(3, 2).register_parameter("extra", None)
+    """
+    _check_new_weight(module, name, param)
+    nn.Module.register_parameter(module, name, param)
+
+
 def quant_setattr(module: nn.Module, name: str, value: Any) -> None:
     """``nn.Module.__setattr__`` of a ``Quant*`` layer: no new ``weight`` once converted.
 
@@ -188,16 +215,7 @@ def quant_setattr(module: nn.Module, name: str, value: Any) -> None:
     >>> len(layer._forward_pre_hooks)
     1
     """
-    if (
-        name == "weight"
-        and isinstance(module.__dict__["_modules"].get("weight_quantizer"), FrozenTensor)
-        and not (isinstance(value, nn.Parameter) and value.numel() == 0)
-    ):
-        raise AttributeError(
-            f"{type(module).__name__}.weight is read-only after convert: it is the "
-            "dequantized weight_quantizer (a FrozenTensor); use layer.to_float() for a "
-            "float layer, or quantize a float model again"
-        )
+    _check_new_weight(module, name, value)
     nn.Module.__setattr__(module, name, value)
     if name in ("weight_quantizer", "act_quantizers"):
         modules = module.__dict__["_modules"]

@@ -6,27 +6,19 @@ keep the very same ``weight`` and ``bias`` parameters (shared, not copied)
 and add
 
 - ``weight_quantizer``: a :class:`~tnquant.quant.Quantizer` (or ``None``;
-  after :func:`tnquant.convert`, a :class:`~tnquant.quant.frozen.FrozenTensor`
-  and ``weight`` an empty placeholder);
+  after :func:`tnquant.convert`, a :class:`~tnquant.quant.frozen.FrozenTensor`,
+  the float weight dropped for an empty placeholder in ``_parameters``);
 - ``act_quantizers``: an ``nn.ModuleDict`` with keys ``'input'`` and/or
   ``'output'`` (or ``None``). ``QuantEmbedding`` takes ``'output'`` only: its
   inputs are indices.
 
 The forward pass is the plain functional op with
 ``weight_quantizer(weight)`` in place of ``weight``, the input and output
-passed through their quantizers when present.
-
-Drop-in reading: before ``convert``, ``weight`` is the shared float
-parameter (as in the dense layer); once converted, ``weight`` reads as the
-dequantized tensor (``weight_quantizer()``, rebuilt at every read, never
-kept: a converted model stays small) and refuses assignment, except of the
-empty placeholder ``convert`` and :func:`tnquant.load` put there. The
-placeholder stays in ``_parameters['weight']``, so the state dict (the
-saved file format) is unchanged. While a layer's forward does more than its
-``weight`` says (a weight quantizer before convert, activation quantizers),
-it carries the no-op pre-hook :func:`~tnquant.layers.dropin.declines_fused_kernels`,
-so ``nn.TransformerEncoderLayer``'s fused path (which reads ``linear1.weight``)
-runs ``forward`` instead.
+passed through their quantizers when present. Drop-in reading
+(:mod:`tnquant.layers.dropin`): ``weight`` is the float parameter before
+``convert``, the dequantized tensor after (read-only; the state dict keeps
+the placeholder); a forward doing more than ``weight`` says carries the
+pre-hook that turns torch's fused encoder path away.
 
 Examples
 --------
@@ -52,7 +44,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tnquant.layers.base import FactorizedLayer
-from tnquant.layers.dropin import QUANT_WEIGHT_DOC, per_sequence, quant_setattr, read_quant_weight
+from tnquant.layers.dropin import (
+    QUANT_WEIGHT_DOC,
+    per_sequence,
+    quant_register_parameter,
+    quant_setattr,
+    read_quant_weight,
+)
 from tnquant.layers.embedding import TTEmbedding
 from tnquant.quant.frozen import FrozenTensor
 from tnquant.quant.quantizer import Quantizer
@@ -121,6 +119,7 @@ class QuantLinear(nn.Linear):
     act_quantizers: nn.ModuleDict | None
     weight = property(read_quant_weight, doc=QUANT_WEIGHT_DOC)  # type: ignore[assignment]
     __setattr__ = quant_setattr
+    register_parameter = quant_register_parameter  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -213,6 +212,7 @@ class QuantConv2d(nn.Conv2d):
     act_quantizers: nn.ModuleDict | None
     weight = property(read_quant_weight, doc=QUANT_WEIGHT_DOC)  # type: ignore[assignment]
     __setattr__ = quant_setattr
+    register_parameter = quant_register_parameter  # type: ignore[assignment]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -309,6 +309,7 @@ class QuantEmbedding(nn.Embedding):
     act_quantizers: nn.ModuleDict | None
     weight = property(read_quant_weight, doc=QUANT_WEIGHT_DOC)  # type: ignore[assignment]
     __setattr__ = quant_setattr
+    register_parameter = quant_register_parameter  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -468,10 +469,8 @@ def activation_sites(module: nn.Module) -> tuple[str, ...]:
     >>> activation_sites(nn.Linear(2, 2)), activation_sites(nn.Embedding(3, 2))
     (('input', 'output'), ('output',))
     """
-    if isinstance(module, (nn.Embedding, TTEmbedding)):
-        head: tuple[str, ...] = ("output",)
-    else:
-        head = ("input", "output")
+    embedding = isinstance(module, (nn.Embedding, TTEmbedding))
+    head: tuple[str, ...] = ("output",) if embedding else ("input", "output")
     if isinstance(module, FactorizedLayer):
         return head + tuple(module.intermediate_names())
     return head
