@@ -272,9 +272,7 @@ def build_hf_base(
         raise TypeError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}")
     path = Path(path)
     raw = check_hf_dir(path)
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(var, "1")
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # a local folder: nothing is fetched
 
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
