@@ -155,8 +155,15 @@ def test_factorized_int4_cores_with_intermediates(tmp_path):
     x = torch.randn(8, 120)
     with torch.no_grad():
         ref = model(x).numpy()
-    out = export_onnx(model, tmp_path / "fact.onnx", x)
+    batch = torch.export.Dim("batch")
+    out = export_onnx(model, tmp_path / "fact.onnx", x, dynamic_shapes=({0: batch},))
     _close(_run(out.path, [x.numpy()]), ref, step=1e-2 * float(np.abs(ref).max()))
+    with torch.no_grad():  # another batch size through the same file
+        _close(
+            _run(out.path, [x[:3].numpy()]),
+            model(x[:3]).numpy(),
+            step=1e-2 * float(np.abs(ref).max()),
+        )
     types, proto = _types(out.path)
     codes = {n: t for n, t in types.items() if n.endswith("codes")}
     assert len(codes) == 2 + 3 + 2 + 3 + 5 and set(codes.values()) == {"INT4"}
@@ -214,7 +221,14 @@ def test_converted_model_all_weight_kinds(tmp_path):
         "6": Ternary(),
     }
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in specs])
-    quantize(model, weights=specs, activations={"0.input": QuantSpec(bits=6)}, progress=False)
+    acts = {
+        "0.input": QuantSpec(bits=6),
+        "1.input": FixedPoint(8, 3, rounding="RND_CONV", overflow="SAT"),
+        "2.input": QuantSpec(dtype="float8_e4m3fn"),
+        "3.input": QuantSpec(bits=16, symmetric=False),
+        "4.input": QuantSpec(bits=12),
+    }
+    quantize(model, weights=specs, activations=acts, progress=False)
     _calibrated(model, (16, 64))
     x = torch.randn(4, 64)
     with torch.no_grad():
@@ -231,6 +245,10 @@ def test_converted_model_all_weight_kinds(tmp_path):
     assert types["5.weights.0.codes"] == "INT16"
     rows = {w["name"]: w for w in out.weights}
     assert rows["0.weight"]["layout"] == "channel"
+    assert (
+        types["3.acts.input.zero_point"] == "UINT16" and types["4.acts.input.zero_point"] == "INT16"
+    )
+    assert types["0.acts.input.zero_point"] == "UINT8"  # int6 codes shifted by 128
 
 
 def test_int4_off_widens_to_int8():
