@@ -36,7 +36,7 @@ from tnquant.registry import lookup, store_frozen, weight_pairs
 from tnquant.report import Report
 from tnquant.sizes import same_frozen
 
-__all__ = ["convert", "ConvertReport"]
+__all__ = ["convert", "ConvertReport", "tensor_id", "weight_ties"]
 
 _COLUMNS = ("name", "kind", "tensors", "bits_before", "bits_after", "note")
 
@@ -88,9 +88,27 @@ def _check_convertible(units: list[tuple[str, nn.Module]], dynamic_activations: 
 _Done = dict[int, list[tuple[str, FrozenTensor, nn.Parameter, Tensor]]]
 
 
-def _tid(t: Tensor) -> int:
+def tensor_id(t: Tensor) -> int:
     """A tensor's identity (a view, as a transposed kind's ``weight.mT``, is its base's)."""
     return id(t._base if t._base is not None else t)
+
+
+def weight_ties(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
+    """Tensor id -> ``[(layer, tensor name, layer module)]`` of a weight held by 2+ layers.
+
+    Examples
+    --------
+    >>> emb, head = nn.Embedding(6, 2), nn.Linear(2, 6)
+    >>> head.weight = emb.weight
+    >>> [(n, t) for n, t, _ in next(iter(weight_ties(nn.ModuleList([emb, head])).values()))]
+    [('0', 'weight'), ('1', 'weight')]
+    """
+    holders: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for tname, t, _ in weight_pairs(module):
+            if t.numel():
+                holders.setdefault(tensor_id(t), []).append((name, tname, module))
+    return {k: v for k, v in holders.items() if len({id(m) for _, _, m in v}) > 1}
 
 
 def _freeze_weight(
@@ -110,13 +128,15 @@ def _freeze_weight(
                 f"the stored codes of {where} do not reproduce the fake-quant "
                 f"values of {q.spec}; please report this"
             )
-    for first, stored, placeholder, _ in done.get(_tid(t), []):
+    for first, stored, placeholder, _ in done.get(tensor_id(t), []):
         if same_frozen(frozen, stored):
             store_frozen(module, k, stored, placeholder)
             return stored, first
     placeholder = nn.Parameter(t.detach().new_empty(0), requires_grad=False)
     store_frozen(module, k, frozen, placeholder)
-    done.setdefault(_tid(t), []).append((where, frozen, placeholder, t))  # t kept: its id holds
+    done.setdefault(tensor_id(t), []).append(
+        (where, frozen, placeholder, t)
+    )  # t kept: its id holds
     return frozen, None
 
 
@@ -208,7 +228,7 @@ def convert(
         ]
         if not pending:
             continue
-        before = sum(tensor_bits(t) for _, _, t, _ in pending if _tid(t) not in done)
+        before = sum(tensor_bits(t) for _, _, t, _ in pending if tensor_id(t) not in done)
         frozen, shared, after = [], [], 0
         for k, tname, t, q in pending:
             f, first = _freeze_weight(module, k, t, q, repr(join(name, tname)), done)

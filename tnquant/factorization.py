@@ -23,7 +23,7 @@ from tnquant.core.capture import capture_grams
 from tnquant.core.globs import GlobTable, selected
 from tnquant.core.modules import replace_module
 from tnquant.core.ties import tied_names, untie_hint
-from tnquant.registry import FactorizeTable, lookup, refusal, unsupported
+from tnquant.registry import FactorizeTable, kinds, lookup, refusal, unsupported
 from tnquant.report import Report
 from tnquant.specs import CP, TT, LowRank, Tucker
 
@@ -205,12 +205,13 @@ def _pattern_row(
             f"{type(spec).__name__} applies to none of the layers it matched (every one is "
             f"skipped, e.g. {reason}: see its row)"
         )
-    return (where, "pattern", why)
+        return (where, "pattern", why)
     shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
     if isinstance(key, str) and not key.endswith("*") and names[0] == key:
         hint = f"; a pattern names layers: {key + '.*'!r} names the layers inside"
     else:
-        hint = "; factorize replaces Linear, Conv1d, Conv2d and Embedding layers"
+        dense = sorted(k.cls.__name__ for k in kinds() if k.role == "dense" and k.factorize)
+        hint = f"; factorize replaces {', '.join(dense)} layers"
     return (where, "pattern", f"matched only modules with nothing to factorize ({shown}){hint}")
 
 
@@ -290,7 +291,26 @@ def factorize(
     Report
         Per layer: kind, format, ranks, params before/after, ratio, relative
         weight error (and output error on the data when data-aware), notes
-        (e.g. capped ranks); skipped modules with the reason; totals.
+        (e.g. capped ranks); totals. ``report.skipped`` says why each layer a
+        pattern reached was left alone: a format the layer does not take
+        (``'CP is not supported on Linear (supported: LowRank, TT, Tucker)'``),
+        a refusal (grouped convs), a tied weight (below), a layer already
+        quantized (factorize first, then quantize) or factorized, a module
+        tnquant has no entry for (:func:`tnquant.registry.unsupported`:
+        ``Conv3d``, ``LSTM``, ``MultiheadAttention``, ...); and, as rows of
+        kind ``'pattern'``, a pattern that matched nothing or reached no
+        layer it could factorize (``tnquant compress`` exits 2 on those).
+
+    Notes
+    -----
+    Tied weights: a layer whose weight is the same ``nn.Parameter`` as
+    another layer's (an LM head tied to its input embedding) is not
+    factorized: replacing it alone would untie the two and keep the dense
+    copy for the other, so the model would grow. Its row names the tied
+    layers and what to do: exclude it, or untie it first
+    (``model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())``).
+    A module reachable under several names (one object) is no tie: it is
+    factorized once and stays shared.
 
     Raises
     ------

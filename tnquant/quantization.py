@@ -64,7 +64,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tnquant.conversion import ConvertReport, convert
+from tnquant.conversion import ConvertReport, convert, tensor_id, weight_ties
 from tnquant.core.globs import GlobTable, selected
 from tnquant.core.modules import join, replace_module
 from tnquant.core.ties import untie_hint
@@ -237,21 +237,6 @@ def _new_quantizer(spec: Any, ref: Tensor) -> nn.Module:
     return Quantizer(spec).to(device=ref.device)
 
 
-def _tid(t: Tensor) -> int:
-    """A tensor's identity (a view, as a transposed kind's ``weight.mT``, is its base's)."""
-    return id(t._base if t._base is not None else t)
-
-
-def _weight_ties(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
-    """Tensor id -> ``[(layer, tensor name, layer module)]`` of a weight held by 2+ layers."""
-    holders: dict[int, list[tuple[str, str, nn.Module]]] = {}
-    for name, module in model.named_modules():
-        for tname, t, _ in weight_pairs(module):
-            if t.numel():
-                holders.setdefault(_tid(t), []).append((name, tname, module))
-    return {k: v for k, v in holders.items() if len({id(m) for _, _, m in v}) > 1}
-
-
 def _plan_ties(model: nn.Module, plans: list[Any]) -> tuple[set[int], dict[int, str]]:
     """Check the specs tied weights get; the tensors to share one quantizer, notes per layer.
 
@@ -261,7 +246,7 @@ def _plan_ties(model: nn.Module, plans: list[Any]) -> tuple[set[int], dict[int, 
     planned = {id(module): w for module, _, w, _ in plans}
     shared: set[int] = set()
     notes: dict[int, str] = {}
-    for tid, members in _weight_ties(model).items():
+    for tid, members in weight_ties(model).items():
         specs: dict[str, Any] = {}
         for name, tname, module in members:
             w = planned.get(id(module), {})
@@ -299,11 +284,11 @@ def _apply(
     ref = pairs[0][1]
 
     def weight_quantizer(spec: Any, t: Tensor) -> nn.Module:
-        if _tid(t) not in shared:
+        if tensor_id(t) not in shared:
             return _new_quantizer(spec, t)
-        q = shared[_tid(t)]
+        q = shared[tensor_id(t)]
         if q is None:
-            q = shared[_tid(t)] = _new_quantizer(spec, t)
+            q = shared[tensor_id(t)] = _new_quantizer(spec, t)
         return q
 
     if cast(LayerKind, lookup(module)).role == "factorized":
@@ -407,7 +392,24 @@ def quantize(
         ``activations`` (spec summaries, e.g. ``'cores.0=int4/channel(axis=3),
         cores.1=ternary'``), ``params``, ``bits_before``/``bits_after``
         (:func:`model_size_bits` of the layer), ``note``; ``skipped`` lists
-        patterns that matched nothing and dense subclasses left alone.
+        patterns that matched nothing and layers left float with the reason
+        (:func:`tnquant.registry.unsupported`: ``LSTM``, ``Conv3d``, dense
+        subclasses, ...).
+
+    Notes
+    -----
+    Tied weights (one ``nn.Parameter`` in several layers, as an LM head tied
+    to its embedding): members whose specs are equal share one quantizer,
+    so :func:`convert` stores one ``FrozenTensor`` for them, :func:`tnquant.save`
+    one copy, and :func:`model_size_bits` counts it once (the first row
+    carries the bits; the others say so in ``note``). The axes of a spec are
+    axes of the stored tensor, which is ``(vocab, hidden)`` for both a
+    ``Linear`` head and an ``Embedding``: per channel (``axis=0``) is per
+    output row of the head and per embedding row; ``('group', n)`` with
+    ``axis=1`` groups the head's input (reduction) axis and the embedding's
+    hidden axis alike. Two different specs for one tied parameter are
+    refused (``ValueError`` naming both); a member left float keeps its
+    float copy (its note says so: both are stored).
 
     Raises
     ------
@@ -416,7 +418,8 @@ def quantize(
     ValueError
         For no argument given, a spec that cannot quantize a tensor (axis
         out of range, group size not dividing it, per-channel activations),
-        a shadowed pattern, or re-quantizing a converted tensor.
+        a shadowed pattern, re-quantizing a converted tensor, or two
+        different specs for one tied parameter (nothing is changed then).
 
     Examples
     --------
