@@ -177,6 +177,9 @@ def test_inference_cache_off_keeps_nothing():
     assert "_weight_cache" not in layer.__dict__
     layer.inference_cache = True
     assert layer.weight is layer.weight
+    twin = copy.deepcopy(layer)  # the dense copy is not carried along (nor pickled)
+    assert "_weight_cache" in layer.__dict__ and "_weight_cache" not in twin.__dict__
+    assert torch.equal(twin.weight, layer.weight)
     with torch.no_grad():
         layer.cores[1].data.mul_(3.0)  # bypasses the version counter
     layer.clear_weight_cache()

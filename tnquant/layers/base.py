@@ -379,6 +379,12 @@ class FactorizedLayer(nn.Module):
         """
         self.__dict__.pop("_weight_cache", None)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the kept eval-mode weight is dense and derived: neither pickled nor deep-copied
+        state = self.__dict__.copy()
+        state.pop("_weight_cache", None)
+        return state
+
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "weight":
             raise AttributeError(
