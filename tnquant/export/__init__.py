@@ -6,6 +6,10 @@ type (see :mod:`tnquant.export.graph` for how widths are derived and
 overridden), writes the files below, and returns the bit-exact
 :class:`IntegerModel`.
 
+:func:`onnx` writes a quantized model as an ONNX QDQ graph instead (integer
+codes + ``DequantizeLinear``, factorized layers kept as their chains; see
+:mod:`tnquant.export.onnx`).
+
 Routes per layer type
 ---------------------
 ==========================  ====================================================
