@@ -120,3 +120,15 @@ def test_compress_exits_2_for_a_request_that_reaches_no_layer(cli_dir, capsys, t
     err = capsys.readouterr().err
     assert err.startswith("tnquant: error: recipe [factorize]:") and err.count("\n") == 1
     assert message in err
+
+
+def test_rotate_reports_an_include_pattern_that_reached_no_linear():
+    from tnquant.ptq.rotate import rotate
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Conv2d(2, 2, 1))
+    report = rotate(model, include=["0", "2", "typo"], progress=False)
+    assert [r["name"] for r in report] == ["0"]
+    assert _rows(report) == {
+        "include['2']": "matched no Linear layer",
+        "include['typo']": "matched no Linear layer",
+    }

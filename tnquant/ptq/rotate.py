@@ -52,7 +52,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from tnquant.core.globs import selected
+from tnquant.core.globs import matches, selected
 from tnquant.core.modules import replace_module
 from tnquant.layers.lowrank import LowRankLinear
 from tnquant.report import Report
@@ -277,7 +277,9 @@ def rotate(
     Report
         One row per rotated layer (``name``, ``kind='rotate'``, ``layer``,
         ``features``, ``block``, ``seed``); matched layers that cannot be
-        rotated (quantized already, not a Linear) as skipped with the reason.
+        rotated (quantized already, not a Linear) as skipped with the reason,
+        and an ``include`` pattern that reached no Linear layer (kind
+        ``'pattern'``).
     """
     from tqdm.auto import tqdm
 
@@ -304,6 +306,10 @@ def rotate(
             continue
         parents.add(name)
         targets.append((name, module))
+    reached = [*(n for n, _ in targets), *(s["name"] for s in report.skipped)]
+    for pattern in include or ():  # a pattern that reached no Linear is reported
+        if not any(matches(n, pattern) for n in reached):
+            report.skip(f"include[{pattern!r}]", "pattern", "matched no Linear layer")
     for k, (name, module) in enumerate(tqdm(targets, desc="rotate", disable=not progress)):
         rotated = RotatedLinear.from_linear(module, block, seed + k)
         replace_module(model, name, rotated)
