@@ -5,6 +5,8 @@ Format (version 1): ``save(model, path)`` writes the directory ``path/``:
 - ``tensors.safetensors``: every entry of ``model.state_dict()`` (parameters
   and persistent buffers: cores, biases, scales, zero points, observer
   ranges, quantizer modes, packed integer codes), under its state-dict key;
+  the keys of a ``tied`` group (one tensor) once, under the group's first
+  key (:mod:`tnquant.io.ties`);
 - ``model.json``: ``format`` (``"tnquant"``), ``version``, the tensor file's
   name, byte size and ``sha256``, the ``dtype``/``shape`` of every tensor,
   and ``modules``: one entry per tnquant module standing in the model
