@@ -177,6 +177,12 @@ def test_inference_cache_off_keeps_nothing():
     assert "_weight_cache" not in layer.__dict__
     layer.inference_cache = True
     assert layer.weight is layer.weight
+    layer.clear_weight_cache()
+    with torch.inference_mode():
+        kept = layer.weight  # kept from inside inference mode ...
+    scale = torch.ones((), dtype=kept.dtype, requires_grad=True)
+    (scale * layer.weight).sum().backward()  # ... yet usable by autograd outside it
+    assert layer.weight is kept and scale.grad is not None
     twin = copy.deepcopy(layer)  # the dense copy is not carried along (nor pickled)
     assert "_weight_cache" in layer.__dict__ and "_weight_cache" not in twin.__dict__
     assert torch.equal(twin.weight, layer.weight)
