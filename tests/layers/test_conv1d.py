@@ -50,6 +50,9 @@ def test_forward_matches_conv1d_of_the_rebuilt_kernel(impl, geometry):
     np.testing.assert_allclose(np64(layer.dense_weight()), tucker_kernel_np(cores), rtol=1e-12)
     dense = layer.to_dense()
     assert type(dense) is nn.Conv1d and rel_err(np64(dense(x)), np64(ref)) < F64_RTOL
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups"):
+        assert getattr(layer, attr) == getattr(dense, attr), attr  # drop-in attributes
+    assert layer.weight.shape == dense.weight.shape
 
 
 def test_from_dense_full_rank_is_exact_and_ranks_are_capped():

@@ -189,6 +189,8 @@ class TuckerConv1d(FactorizedLayer):
     format = "tucker"
     spec_type = Tucker
     _kernel_eq = "op,pqt,iq->oit"
+    #: as ``nn.Conv1d.groups`` (a factorized convolution is dense across channels)
+    groups: int = 1
 
     def __init__(
         self,
