@@ -50,6 +50,7 @@ ORDER = [
     "qat_step",
     "search",
     "export",
+    "families",
 ]
 
 _FENCE = re.compile(r"^\s*(```|~~~)")

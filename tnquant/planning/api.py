@@ -84,6 +84,9 @@ def plan_from(
             "error": sens.errors[k][c],
             "dense_bits": sens.sizes[k][_float_index(sens, k)],
         }
+        for follower in sens.tied.get(name, []):  # one tied tensor: one choice
+            choices[follower] = choices[name]
+            layers[follower] = {"label": choices[name].label(), "tied_to": name}
     return Plan(
         choices,
         layers,

@@ -31,6 +31,7 @@ from tnquant.core.capture import hooks, outputs, run
 from tnquant.core.modules import replace_module
 from tnquant.planning.hessian import candidate_weight, hutchinson_traces
 from tnquant.planning.inputs import search_batches
+from tnquant.registry import lookup
 
 __all__ = ["Evaluator", "Targets", "layer_inputs", "model_outputs", "rel_mse", "put"]
 
@@ -45,12 +46,20 @@ def put(model: nn.Module, names: list[str], new: nn.Module) -> None:
 
 
 def _rows(x: Tensor, module: nn.Module) -> Tensor:
-    """A layer input as rows (Linear), indices (Embedding) or images (Conv2d)."""
-    if isinstance(module, nn.Linear):
+    """A layer input as rows (a matrix kind), indices (Embedding) or a batch (a conv).
+
+    The registry's weight kind decides: ``'linear'`` (Linear, GPT-2's Conv1D)
+    keeps the last axis, ``'embedding'`` flattens the indices, a convolution
+    keeps ``(N, C, *spatial)`` (one unbatched input gains its batch axis).
+    """
+    kind = lookup(module)
+    weight_kind = None if kind is None else kind.weight_kind
+    if weight_kind == "linear":
         return x.reshape(-1, x.shape[-1])
-    if isinstance(module, nn.Embedding):
+    if weight_kind == "embedding":
         return x.reshape(-1)
-    return x if x.dim() == 4 else x.unsqueeze(0)
+    batched = cast(Tensor, module.weight).dim()  # (out, in, *k): input (N, C, *spatial)
+    return x if x.dim() == batched else x.unsqueeze(0)
 
 
 def layer_inputs(

@@ -32,9 +32,11 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tnquant.batches import call_model, iterate_batches
 from tnquant.core.output import model_output
+from tnquant.registry import lookup
 
 __all__ = ["hutchinson_traces", "candidate_weight"]
 
@@ -83,6 +85,8 @@ def hutchinson_traces(
         raise ValueError(f"probes must be a positive int, got {probes!r}")
     weights: list[Tensor] = [cast(Tensor, m.weight) for m in modules]
     saved = [w.requires_grad for w in weights]
+    # a transposed kind (GPT-2's Conv1D) stores (in, out): probes drawn (out, in) as for a Linear
+    transposed = [bool(getattr(lookup(m), "transposed", False)) for m in modules]
     gen = torch.Generator().manual_seed(seed)
     traces = [0.0] * len(weights)
     den = 0.0
@@ -90,13 +94,15 @@ def hutchinson_traces(
         for w in weights:
             w.requires_grad_(True)
         for batch in iterate_batches(data, num_batches, what="search"):
-            out = model_output(call_model(model, batch))
+            # the math attention kernel has a double backward; the fused CPU/flash ones don't
+            with sdpa_kernel(SDPBackend.MATH):
+                out = model_output(call_model(model, batch))
             ref = out.detach()
             den += float(ref.double().pow(2).sum())
             loss = 0.5 * (out - ref).pow(2).sum()
             grads = torch.autograd.grad(loss, weights, create_graph=True)
             for p in range(probes):
-                vs = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w) for w in weights]
+                vs = [_probe(w, t, gen) for w, t in zip(weights, transposed, strict=True)]
                 dot = torch.stack([(g * v).sum() for g, v in zip(grads, vs, strict=True)]).sum()
                 hvs = torch.autograd.grad(dot, weights, retain_graph=p < probes - 1)
                 for k, (hv, v) in enumerate(zip(hvs, vs, strict=True)):
@@ -105,6 +111,13 @@ def hutchinson_traces(
         for w, flag in zip(weights, saved, strict=True):
             w.requires_grad_(flag)
     return traces, den
+
+
+def _probe(w: Tensor, transposed: bool, gen: torch.Generator) -> Tensor:
+    """A Rademacher probe shaped like ``w`` (drawn in the ``(out, in)`` layout)."""
+    shape = w.mT.shape if transposed else w.shape
+    v = (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(w)
+    return v.mT if transposed else v
 
 
 def candidate_weight(layer: nn.Module) -> Tensor:
@@ -119,7 +132,11 @@ def candidate_weight(layer: nn.Module) -> Tensor:
     for name in ("dense_weight", "effective_weight"):
         fn = getattr(layer, name, None)
         if callable(fn):
-            return fn()
+            kind = lookup(layer)
+            # a transposed quantized kind (GPT-2's Conv1D) computes with (out, in) but
+            # stores (in, out), as its dense layer's ``weight`` does
+            transposed = name == "effective_weight" and kind is not None and kind.transposed
+            return fn().mT if transposed else fn()
     weight = getattr(layer, "weight", None)
     if not isinstance(weight, Tensor):
         raise TypeError(f"cannot find the weight of a {type(layer).__name__}")

@@ -293,9 +293,12 @@ class Plan(Mapping):
         report = Report("plan", columns=("name", "choice", "ranks", "size_bits", "error"))
         for name, choice in self.choices.items():
             info = self.layers.get(name, {})
+            label = choice.label()
+            if info.get("tied_to"):
+                label = f"{label} (tied to {info['tied_to']!r})"
             report.add(
                 name=name,
-                choice=choice.label(),
+                choice=label,
                 ranks=info.get("ranks"),
                 size_bits=info.get("size_bits"),
                 error=info.get("error"),

@@ -63,14 +63,14 @@ from tnquant.planning.candidates import Candidates, candidate_table, candidates_
 from tnquant.planning.evaluate import Evaluator, Targets
 from tnquant.planning.inputs import check_inputs, data_passes
 from tnquant.planning.plan import Choice
+from tnquant.planning.ties import split_ties
 from tnquant.quant.quantizer import Quantizer
 from tnquant.quantization import quantize
-from tnquant.registry import factorized_class, weight_pairs
+from tnquant.registry import factorized_class, lookup, weight_pairs
 from tnquant.sizes import SizeCounter, model_size_bits
 
 __all__ = ["Candidates", "Sensitivity", "sensitivity", "search_targets", "output_tensor"]
 
-_DENSE = (nn.Linear, nn.Conv2d, nn.Embedding)
 Metric = Union[None, str, Callable[[nn.Module], float]]
 
 
@@ -82,13 +82,20 @@ def _factorized(module: nn.Module, spec: Any) -> Any:
     return cls
 
 
+def _takes_gram(module: nn.Module) -> bool:
+    """Whether ``module``'s weight kind is fitted to an input Gram matrix (a matrix layer)."""
+    kind = lookup(module)
+    return kind is not None and kind.weight_kind == "linear"
+
+
 def search_targets(
     model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
 ) -> list[tuple[list[str], nn.Module]]:
-    """The dense ``Linear``/``Conv2d``/``Embedding`` layers a search may change.
+    """The dense layers a search may change: every dense kind of the layer registry.
 
-    Exact types only (not subclasses, not the model itself); a shared module
-    appears once with all its names.
+    ``Linear``, ``Conv1d``, ``Conv2d``, ``Embedding`` and (once transformers is
+    imported) GPT-2's ``Conv1D``. Exact types only (not subclasses, not the
+    model itself); a shared module appears once with all its names.
 
     Examples
     --------
@@ -101,7 +108,8 @@ def search_targets(
         if id(module) in found:
             found[id(module)][0].append(name)
             continue
-        if not name or type(module) not in _DENSE:
+        kind = lookup(module)
+        if not name or kind is None or kind.role != "dense" or kind.quantized is None:
             continue
         if not selected(name, include, exclude):
             continue
@@ -149,6 +157,9 @@ class Sensitivity:
         its patterns).
     reference
         The callable metric's value on the unchanged model (else ``None``).
+    tied
+        ``{searched layer: [layers holding its weight]}``: those take its
+        choice in the plan (:mod:`tnquant.planning.ties`).
     data_aware
         Whether the factorized Linear candidates were fitted to data
         (``fit_data``; carry a plan of them out with ``apply(model, plan,
@@ -167,6 +178,7 @@ class Sensitivity:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     reference: float | None = None
     data_aware: bool = False
+    tied: dict[str, list[str]] = field(default_factory=dict)
 
     def min_size_bits(self) -> int:
         """The smallest model any combination of candidates gives."""
@@ -212,6 +224,8 @@ def _fixed_bits(model: nn.Module, targets: Targets) -> int:
     counter = SizeCounter()
     for _, module in targets:
         counter.modules.update(id(m) for m in module.modules())
+        # a weight tied to a searched layer is counted with it, not here
+        counter.tensors.update(id(t) for t in module.state_dict(keep_vars=True).values())
     return sum(counter.subtree(model))
 
 
@@ -283,11 +297,11 @@ def sensitivity(
         raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
     metric_name = _metric_name(metric)
     check_inputs(model, data, data_reads=data_passes(metric_name), fit_data=fit_data, fit_reads=1)
-    targets, options, pattern_rows = _select(model, candidates, include, exclude)
+    targets, options, tied, pattern_rows = _select(model, candidates, include, exclude)
     with evaluating(model, grad=torch.is_grad_enabled()):
         grams: dict[int, Tensor] = {}
         if fit_data is not None:
-            linears = [m for _, m in targets if isinstance(m, nn.Linear)]
+            linears = [m for _, m in targets if _takes_gram(m)]
             grams = collect_grams(
                 model, linears, fit_data, None, progress, what="search", arg="fit_data"
             )
@@ -304,6 +318,7 @@ def sensitivity(
             progress,
         )
     sens.skipped.extend(pattern_rows)
+    sens.tied = tied
     sens.data_aware = fit_data is not None
     return sens
 
@@ -320,8 +335,12 @@ class _Rows:
 
 def _select(
     model: nn.Module, candidates: Any, include: Iterable[str] | None, exclude: Iterable[str] | None
-) -> tuple[Targets, list[list[Choice]], list[tuple[str, str, str]]]:
-    """The layers to search, their candidates, and a row per candidate pattern unmatched.
+) -> tuple[Targets, list[list[Choice]], dict[str, list[str]], list[tuple[str, str, str]]]:
+    """The layers to search, their candidates, the tied followers, and the skipped rows.
+
+    Tied layers are split by :func:`~tnquant.planning.ties.split_ties` (rows
+    for the followers and the dropped factorized candidates); then a row per
+    candidate pattern unmatched.
 
     A mapping of candidates is one :class:`~tnquant.core.globs.GlobTable`:
     the first matching glob wins, a glob that can never win is refused, and
@@ -335,15 +354,17 @@ def _select(
         if opts:
             targets.append((names, module))
             options.append(opts)
+    targets, options, tied, tie_rows = split_ties(model, targets, options)
     unmatched = _Rows()
+    unmatched.rows.extend(tie_rows)
     if table is not None:
         table.check(unmatched)
     if not targets:
         raise ValueError(
-            "no layer to search: the model has no dense Linear, Conv2d or "
-            "Embedding that include/exclude/candidates select"
+            "no layer to search: the model has no dense Linear, Conv1d, Conv2d, "
+            "Embedding or Conv1D that include/exclude/candidates select"
         )
-    return targets, options, unmatched.rows
+    return targets, options, tied, unmatched.rows
 
 
 def _layer_entries(
