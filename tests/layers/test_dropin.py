@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from tests.layers.refs import (
     cp_kernel_np,
@@ -26,8 +27,10 @@ from tnquant.conversion import convert
 from tnquant.layers import (
     CPConv2d,
     LowRankLinear,
+    QuantConv1d,
     QuantConv2d,
     QuantEmbedding,
+    QuantHFConv1D,
     QuantLinear,
     TTEmbedding,
     TTLinear,
@@ -226,10 +229,14 @@ def _quantized_layers():
         (QuantLinear.from_float(nn.Linear(6, 4)), nn.Linear),
         (QuantConv2d.from_float(nn.Conv2d(3, 4, 3, padding=1)), nn.Conv2d),
         (QuantEmbedding.from_float(nn.Embedding(9, 4)), nn.Embedding),
+        (QuantConv1d.from_float(nn.Conv1d(3, 4, 3, padding=1)), nn.Conv1d),
+        (QuantHFConv1D.from_float(Conv1D(4, 6)), Conv1D),
     ]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2], ids=["linear", "conv2d", "embedding"])
+@pytest.mark.parametrize(
+    "index", [0, 1, 2, 3, 4], ids=["linear", "conv2d", "embedding", "conv1d", "hf_conv1d"]
+)
 def test_converted_weight_is_the_dequantized_one(index):
     layer, _ = _quantized_layers()[index]
     param = layer.weight

@@ -40,6 +40,39 @@ __all__ = ["FactorizedConv2dBase", "PADDING_MODES"]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
+def rebuild_conv(layer: Any, cls: type[nn.Conv1d] | type[nn.Conv2d]) -> nn.Conv1d | nn.Conv2d:
+    """A ``cls`` (``nn.Conv1d``/``nn.Conv2d``) with ``layer``'s rebuilt kernel, bias and
+    hyperparameters, on the cores' device and dtype (the factorized convs' ``to_dense``)."""
+    ref = layer.cores[0]
+    dense = cls(
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        bias=layer.bias is not None,
+        padding_mode=layer.padding_mode,
+        device=ref.device,
+        dtype=ref.dtype,
+    )
+    with torch.no_grad():
+        dense.weight.copy_(layer.dense_weight())
+        if layer.bias is not None and dense.bias is not None:
+            dense.bias.copy_(layer.bias)
+    return dense
+
+
+def conv_extra_repr(layer: Any) -> str:
+    """The factorized convs' ``extra_repr``: the conv hyperparameters, then ranks and cores."""
+    return (
+        f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}, "
+        f"stride={layer.stride}, padding={layer.padding}, dilation={layer.dilation}, "
+        f"padding_mode={layer.padding_mode!r}, bias={layer.bias is not None}, "
+        f"{layer._info_repr()}"
+    )
+
+
 def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
@@ -372,29 +405,7 @@ class FactorizedConv2dBase(FactorizedLayer):
         >>> TuckerConv2d(cores, padding="same").to_dense()
         Conv2d(5, 4, kernel_size=(3, 3), stride=(1, 1), padding=same, bias=False)
         """
-        ref = self.cores[0]
-        dense = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            bias=self.bias is not None,
-            padding_mode=cast(Any, self.padding_mode),
-            device=ref.device,
-            dtype=ref.dtype,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight())
-            if self.bias is not None and dense.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return cast(nn.Conv2d, rebuild_conv(self, nn.Conv2d))
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"padding_mode={self.padding_mode!r}, bias={self.bias is not None}, "
-            f"{self._info_repr()}"
-        )
+        return conv_extra_repr(self)

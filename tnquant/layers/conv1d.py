@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, cast
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,16 +34,14 @@ from tnquant.layers.base import (
     decomposition_fields,
 )
 from tnquant.layers.contract import Program, plan_einsum
-from tnquant.layers.conv import PADDING_MODES
-from tnquant.layers.dropin import QUANT_WEIGHT_DOC, quant_setattr, read_quant_weight
-from tnquant.layers.quantized import _act, _check_source, _effective_weight, _float_weight
-from tnquant.quant.frozen import FrozenTensor
+from tnquant.layers.conv import PADDING_MODES, conv_extra_repr, rebuild_conv
+from tnquant.layers.quantized import QuantConvBody, _check_source, _float_weight, conv_like
 from tnquant.specs import Tucker
 
 __all__ = ["QuantConv1d", "TuckerConv1d"]
 
 
-class QuantConv1d(nn.Conv1d):
+class QuantConv1d(QuantConvBody, nn.Conv1d):
     """``nn.Conv1d`` with a weight quantizer and input/output quantizers.
 
     Parameters
@@ -62,17 +59,6 @@ class QuantConv1d(nn.Conv1d):
     (True, torch.Size([2, 4, 7]))
     """
 
-    weight_quantizer: nn.Module | None
-    act_quantizers: nn.ModuleDict | None
-    weight = property(read_quant_weight, doc=QUANT_WEIGHT_DOC)  # type: ignore[assignment]
-    __setattr__ = quant_setattr
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # plain None until quantize() assigns modules (nn.Module then registers them)
-        self.weight_quantizer = None
-        self.act_quantizers = None
-
     @classmethod
     def from_float(cls, module: nn.Conv1d) -> QuantConv1d:
         """Wrap ``module``, sharing its ``weight`` and ``bias`` parameters (no quantizers yet).
@@ -84,35 +70,7 @@ class QuantConv1d(nn.Conv1d):
         2
         """
         _check_source(cls, module, nn.Conv1d)
-        new = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device="meta",
-            dtype=module.weight.dtype,
-        )
-        new.weight = module.weight
-        new.bias = module.bias
-        return new.train(module.training)
-
-    @property
-    def converted(self) -> bool:
-        """Whether the weight lives in a ``FrozenTensor`` (integer storage)."""
-        return isinstance(self._modules.get("weight_quantizer"), FrozenTensor)
-
-    def effective_weight(self) -> Tensor:
-        """The kernel the forward pass uses (quantized when a quantizer is attached)."""
-        return _effective_weight(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = _act(self, "input", x)
-        return _act(self, "output", self._conv_forward(x, _effective_weight(self), self.bias))
+        return cast(QuantConv1d, conv_like(cls, module, module.weight))
 
     def to_float(self) -> nn.Conv1d:
         """A plain ``nn.Conv1d``: the same parameters, or the dequantized kernel once converted.
@@ -123,22 +81,7 @@ class QuantConv1d(nn.Conv1d):
         >>> QuantConv1d.from_float(nn.Conv1d(2, 4, 3)).to_float()
         Conv1d(2, 4, kernel_size=(3,), stride=(1,))
         """
-        new = nn.Conv1d(
-            self.in_channels,
-            self.out_channels,
-            cast(Any, self.kernel_size),
-            stride=cast(Any, self.stride),
-            padding=cast(Any, self.padding),
-            dilation=cast(Any, self.dilation),
-            groups=self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device="meta",
-            dtype=self._parameters["weight"].dtype,  # type: ignore[union-attr]
-        )
-        new.weight = _float_weight(self)
-        new.bias = self.bias
-        return new.train(self.training)
+        return cast(nn.Conv1d, conv_like(nn.Conv1d, self, _float_weight(self)))
 
 
 def _single(value: Any, name: str, minimum: int) -> tuple[int]:
@@ -407,29 +350,7 @@ class TuckerConv1d(FactorizedLayer):
         >>> TuckerConv1d(cores, padding="same").to_dense()
         Conv1d(5, 4, kernel_size=(3,), stride=(1,), padding=same, bias=False)
         """
-        ref = self.cores[0]
-        dense = nn.Conv1d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=cast(Any, self.padding),
-            dilation=self.dilation,
-            bias=self.bias is not None,
-            padding_mode=cast(Any, self.padding_mode),
-            device=ref.device,
-            dtype=ref.dtype,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight())
-            if self.bias is not None and dense.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return cast(nn.Conv1d, rebuild_conv(self, nn.Conv1d))
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"padding_mode={self.padding_mode!r}, bias={self.bias is not None}, "
-            f"{self._info_repr()}"
-        )
+        return conv_extra_repr(self)

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tnquant.layers.dropin import _check_new_weight, quant_register_parameter
 from tnquant.layers.linear import FactorizedLinearBase
 from tnquant.layers.lowrank import LowRankLinear
 from tnquant.layers.quantized import _act
@@ -286,13 +287,12 @@ class QuantHFConv1D(nn.Module):
         self.weight_quantizer = None
         self.act_quantizers = None
 
+    register_parameter = quant_register_parameter  # type: ignore[assignment]
+
     def __setattr__(self, name: str, value: Any) -> None:
+        _check_new_weight(self, name, value)  # read-only once converted
         if name == "weight" and isinstance(value, nn.Parameter):
-            if self.converted and value.numel() != 0:
-                raise AttributeError(
-                    "QuantHFConv1D.weight is read-only after convert (the dequantized "
-                    "FrozenTensor); use to_float() for a float Conv1D"
-                )
+            # nn.Module would refuse: the class's `weight` property already exists
             self.register_parameter("weight", value)
             return
         super().__setattr__(name, value)

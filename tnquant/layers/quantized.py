@@ -85,6 +85,28 @@ def _is_converted(module: nn.Module) -> bool:
     return isinstance(module._modules.get("weight_quantizer"), FrozenTensor)
 
 
+def conv_like(cls: type[nn.Module], src: Any, weight: Tensor) -> nn.Module:
+    """A ``cls`` convolution with ``src``'s hyperparameters holding ``weight`` and
+    ``src.bias`` (shared, not copied), in ``src``'s train/eval mode: the
+    ``from_float`` / ``to_float`` of the quantized convs."""
+    new = cls(
+        src.in_channels,
+        src.out_channels,
+        src.kernel_size,
+        stride=src.stride,
+        padding=src.padding,
+        dilation=src.dilation,
+        groups=src.groups,
+        bias=src.bias is not None,
+        padding_mode=src.padding_mode,
+        device="meta",
+        dtype=weight.dtype,
+    )
+    new.weight = weight
+    new.bias = src.bias
+    return new.train(src.training)
+
+
 def _check_source(cls: type, module: Any, base: type) -> None:
     if type(module) is not base:
         raise TypeError(
@@ -193,7 +215,43 @@ class QuantLinear(nn.Linear):
         return new.train(self.training)
 
 
-class QuantConv2d(nn.Conv2d):
+class QuantConvBody(nn.Module):
+    """What ``QuantConv1d`` and ``QuantConv2d`` share (put before the ``nn.Conv*`` base):
+    the quantizer slots, the read-only-once-converted ``weight`` and the forward,
+    ``input`` quantizer -> convolution with the effective kernel -> ``output``
+    quantizer."""
+
+    weight_quantizer: nn.Module | None
+    act_quantizers: nn.ModuleDict | None
+    weight = property(read_quant_weight, doc=QUANT_WEIGHT_DOC)  # type: ignore[assignment]
+    __setattr__ = quant_setattr
+    register_parameter = quant_register_parameter  # type: ignore[assignment]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # plain None until quantize() assigns modules (nn.Module then registers them)
+        self.weight_quantizer = None
+        self.act_quantizers = None
+
+    @property
+    def converted(self) -> bool:
+        """Whether the weight lives in a ``FrozenTensor`` (integer storage)."""
+        return _is_converted(self)
+
+    def effective_weight(self) -> Tensor:
+        """The kernel the forward pass uses (quantized when a quantizer is attached)."""
+        return _effective_weight(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _act(self, "input", x)
+        return _act(
+            self,
+            "output",
+            cast(Any, self)._conv_forward(x, _effective_weight(self), cast(Any, self).bias),
+        )
+
+
+class QuantConv2d(QuantConvBody, nn.Conv2d):
     """``nn.Conv2d`` with a weight quantizer and input/output quantizers.
 
     Parameters
@@ -208,18 +266,6 @@ class QuantConv2d(nn.Conv2d):
     torch.Size([1, 4, 5, 5])
     """
 
-    weight_quantizer: nn.Module | None
-    act_quantizers: nn.ModuleDict | None
-    weight = property(read_quant_weight, doc=QUANT_WEIGHT_DOC)  # type: ignore[assignment]
-    __setattr__ = quant_setattr
-    register_parameter = quant_register_parameter  # type: ignore[assignment]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # plain None until quantize() assigns modules (nn.Module then registers them)
-        self.weight_quantizer = None
-        self.act_quantizers = None
-
     @classmethod
     def from_float(cls, module: nn.Conv2d) -> QuantConv2d:
         """Wrap ``module``, sharing its ``weight`` and ``bias`` parameters (no quantizers yet).
@@ -231,35 +277,7 @@ class QuantConv2d(nn.Conv2d):
         2
         """
         _check_source(cls, module, nn.Conv2d)
-        new = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device="meta",
-            dtype=module.weight.dtype,
-        )
-        new.weight = module.weight
-        new.bias = module.bias
-        return new.train(module.training)
-
-    @property
-    def converted(self) -> bool:
-        """Whether the weight lives in a ``FrozenTensor`` (integer storage)."""
-        return _is_converted(self)
-
-    def effective_weight(self) -> Tensor:
-        """The kernel the forward pass uses (quantized when a quantizer is attached)."""
-        return _effective_weight(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = _act(self, "input", x)
-        return _act(self, "output", self._conv_forward(x, _effective_weight(self), self.bias))
+        return cast(QuantConv2d, conv_like(cls, module, module.weight))
 
     def to_float(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d``: the same parameters, or the dequantized kernel once converted.
@@ -270,22 +288,7 @@ class QuantConv2d(nn.Conv2d):
         >>> QuantConv2d.from_float(nn.Conv2d(2, 4, 3)).to_float()
         Conv2d(2, 4, kernel_size=(3, 3), stride=(1, 1))
         """
-        new = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            cast(Any, self.kernel_size),
-            stride=cast(Any, self.stride),
-            padding=cast(Any, self.padding),
-            dilation=cast(Any, self.dilation),
-            groups=self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device="meta",
-            dtype=self._parameters["weight"].dtype,  # type: ignore[union-attr]
-        )
-        new.weight = _float_weight(self)
-        new.bias = self.bias
-        return new.train(self.training)
+        return cast(nn.Conv2d, conv_like(nn.Conv2d, self, _float_weight(self)))
 
 
 class QuantEmbedding(nn.Embedding):

@@ -25,12 +25,13 @@ from tnquant.registry.fields import BOOL, MAX_DIM, NAME, SIZE, Field, is_int, sh
 from tnquant.registry.serialize import (
     BuildContext,
     Handler,
+    _conv_build,
+    _conv_geometry,
     _dense,
     _dtype,
     _factorized,
     _factorized_common,
-    _factorized_kwargs,
-    _finish,
+    _padding,
 )
 
 __all__ = ["conv1d_handler", "quant_conv1d_handler", "CONV1D_FIELDS", "QCONV1D_FIELDS"]
@@ -60,25 +61,6 @@ CONV1D_FIELDS = {
 QCONV1D_FIELDS = {**CONV1D_FIELDS, "groups": SIZE, "bias": BOOL}
 
 
-def _padding(config: dict[str, Any]) -> Any:
-    padding = config["padding"]
-    return padding if isinstance(padding, str) else tuple(padding)
-
-
-def _geometry(layer: Any) -> dict[str, Any]:
-    """The constructor sizes a Conv1d-like layer shares with ``nn.Conv1d`` (JSON-safe)."""
-    padding = layer.padding if isinstance(layer.padding, str) else list(layer.padding)
-    return {
-        "in_channels": layer.in_channels,
-        "out_channels": layer.out_channels,
-        "kernel_size": list(layer.kernel_size),
-        "stride": list(layer.stride),
-        "padding": padding,
-        "dilation": list(layer.dilation),
-        "padding_mode": layer.padding_mode,
-    }
-
-
 def _expect(config: dict[str, Any]) -> dict[str, Any]:
     return {
         "in_channels": config["in_channels"],
@@ -96,30 +78,16 @@ def conv1d_handler(cls: Any = TuckerConv1d, replaces: type[nn.Module] = nn.Conv1
     """The handler of a factorized Conv1d class built as ``cls(cores, stride=, ...)``."""
 
     def describe(layer: Any) -> dict[str, Any]:
-        return {**_factorized_common(layer), **_geometry(layer)}
+        return {**_factorized_common(layer), **_conv_geometry(layer)}
 
-    def build(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
-        cores, kwargs = _factorized_kwargs(config, name, ctx, cls)
-        return _finish(
-            cls(
-                cores,
-                stride=tuple(config["stride"]),
-                padding=_padding(config),
-                dilation=tuple(config["dilation"]),
-                padding_mode=config["padding_mode"],
-                **kwargs,
-            ),
-            config,
-        )
-
-    return _factorized(cls, replaces, describe, build, _expect, CONV1D_FIELDS)
+    return _factorized(cls, replaces, describe, _conv_build(cls), _expect, CONV1D_FIELDS)
 
 
 def quant_conv1d_handler(cls: Any = QuantConv1d, replaces: type[nn.Module] = nn.Conv1d) -> Handler:
     """The handler of a quantized Conv1d class (``nn.Conv1d``'s constructor)."""
 
     def describe(layer: Any) -> dict[str, Any]:
-        return {**_geometry(layer), "groups": layer.groups, "bias": layer.bias is not None}
+        return {**_conv_geometry(layer), "groups": layer.groups, "bias": layer.bias is not None}
 
     def build(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
         in_channels, out_channels, groups = (

@@ -276,8 +276,8 @@ def linear_handler(cls: Any, replaces: type[nn.Module] = nn.Linear) -> Handler:
     return _factorized(cls, replaces, _describe_linear, build, _expect_linear, LINEAR_FIELDS)
 
 
-def conv_handler(cls: Any, replaces: type[nn.Module] = nn.Conv2d) -> Handler:
-    """The handler of a factorized Conv2d class built as ``cls(cores, stride=, ...)``."""
+def _conv_build(cls: Any) -> Callable[[dict[str, Any], str, BuildContext], nn.Module]:
+    """``build`` of a factorized conv class made as ``cls(cores, stride=, padding=, ...)``."""
 
     def build(config: dict[str, Any], name: str, ctx: BuildContext) -> nn.Module:
         cores, kwargs = _factorized_kwargs(config, name, ctx, cls)
@@ -293,7 +293,12 @@ def conv_handler(cls: Any, replaces: type[nn.Module] = nn.Conv2d) -> Handler:
             config,
         )
 
-    return _factorized(cls, replaces, _describe_conv, build, _expect_conv, CONV_FIELDS)
+    return build
+
+
+def conv_handler(cls: Any, replaces: type[nn.Module] = nn.Conv2d) -> Handler:
+    """The handler of a factorized Conv2d class built as ``cls(cores, stride=, ...)``."""
+    return _factorized(cls, replaces, _describe_conv, _conv_build(cls), _expect_conv, CONV_FIELDS)
 
 
 def embedding_handler(cls: Any = TTEmbedding, replaces: type[nn.Module] = nn.Embedding) -> Handler:
