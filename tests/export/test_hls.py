@@ -133,3 +133,77 @@ def test_activation_quantizers_hls4ml_bit_exact(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, em.predict(x))
     with torch.no_grad():
         np.testing.assert_array_equal(got, model(torch.from_numpy(x)).numpy())
+
+
+WRAP_ACCUM: dict[str, Any] = {  # narrow accumulators that wrap: any summation order agrees
+    "accum": {
+        "0.0": FixedPoint(9, 3, rounding="RND_CONV", overflow="WRAP"),
+        "2": FixedPoint(8, 3, rounding="RND", overflow="WRAP"),
+    }
+}
+KNOBS = {
+    "stream-resource-vitis": (
+        {},
+        {"io_type": "io_stream", "strategy": "Resource", "reuse_factor": 2, "backend": "Vitis"},
+    ),
+    "per-layer-wrap": (
+        WRAP_ACCUM,
+        {"strategy": {"2": "Resource", "*": "Latency"}, "reuse_factor": {"0.*": 3, "2": 4}},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(KNOBS))
+def test_hls4ml_knobs_stay_bit_exact(case: str, tmp_path: Path) -> None:
+    """io_stream, Resource, reuse factors (also per layer) and Vitis: C simulation == emulator."""
+    types, knobs = KNOBS[case]
+    model = _model()
+    em = fixed_point(model, tmp_path / "files", IN_T, **types)
+    hls_model = to_hls4ml(model, tmp_path / "hls", IN_T, **types, **knobs)
+    hls_model.compile()
+    x = _inputs()
+    got = np.asarray(hls_model.predict(np.ascontiguousarray(x))).reshape(len(x), -1)
+    np.testing.assert_array_equal(got, em.predict(x))
+    config = hls_model.config.config
+    assert config["IOType"] == knobs.get("io_type", "io_parallel")
+    assert config["Backend"] == knobs.get("backend", "Vivado")
+    layers = list(config["HLSConfig"]["LayerName"].items())[1:]
+    dense = [(name, op) for (name, _), op in zip(layers, em.ops, strict=True) if op.kind == "dense"]
+    rf, strategy = knobs["reuse_factor"], knobs["strategy"]
+    for name, op in dense:
+        layer = config["HLSConfig"]["LayerName"][name]
+        want_rf = rf if isinstance(rf, int) else (3 if op.layer == "0" else 4)
+        want_strategy = strategy if isinstance(strategy, str) else strategy.get(op.layer, "Latency")
+        assert (layer["ReuseFactor"], layer["Strategy"]) == (want_rf, want_strategy), name
+
+
+def test_a_saturating_accumulator_summed_in_another_order_is_refused(tmp_path: Path) -> None:
+    model = _model()
+    with pytest.raises(ValueError, match=r"op '2': accum type .*saturates.*overflow='WRAP'"):
+        to_hls4ml(model, tmp_path / "hls", IN_T, **NARROW, reuse_factor={"2": 2})
+    with pytest.raises(ValueError, match=r"op '0.0'.*Strategy 'Resource'"):
+        to_hls4ml(model, tmp_path / "hls", IN_T, **NARROW, strategy="Resource")
+
+
+@pytest.mark.parametrize(
+    ("knob", "value", "message"),
+    [
+        (
+            "io_type",
+            "stream",
+            r"io_type must be one of \['io_parallel', 'io_stream'\], got 'stream'",
+        ),
+        ("reuse_factor", 0, r"reuse_factor must be an int in 1..4096, got 0"),
+        ("reuse_factor", {"0": 2.5}, r"reuse_factor\['0'\] must be an int in 1..4096, got 2.5"),
+        (
+            "strategy",
+            {"*": "resource"},
+            r"strategy\['\*'\] must be one of \['Latency', 'Resource'\]",
+        ),
+        ("backend", "Quartus", r"backend must be one of \['Vivado', 'Vitis'\]"),
+        ("part", "", r"part must be a non-empty str or None"),
+    ],
+)
+def test_hls4ml_knobs_are_checked_up_front(knob: str, value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        to_hls4ml(nn.Sequential(nn.ReLU()), "/nonexistent/never-written", **{knob: value})

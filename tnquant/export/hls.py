@@ -9,9 +9,22 @@ after the torch.fx nodes of that chain (``'_0'``, ``'_1'``, ...), found with
 ``hls4ml.utils.config_from_pytorch_model(..., granularity='name')``; every
 layer then gets the exported ``weight``/``bias``/``accum``/``result``
 precisions. ``ChannelsLastConversion`` stays ``'full'`` (hls4ml 1.3.0 gives
-wrong results on plain Linear chains with ``'off'``), ``Strategy`` is
-``'Latency'`` (``nnet_dense_latency.h``, which the emulator follows) and
-``ReuseFactor`` 1.
+wrong results on plain Linear chains with ``'off'``).
+
+The knobs hls4ml users set (:class:`HlsOptions`, the keywords of
+:func:`to_hls4ml`): ``io_type`` (``'io_parallel'`` or ``'io_stream'``),
+``backend`` and ``part`` for the whole model; ``reuse_factor`` and
+``strategy`` (``'Latency'``, ``'Resource'``) for the whole model or per
+layer (a mapping of op-name or layer-name globs, first match wins, ``'*'``
+for the rest). Defaults: ``io_parallel``, ``Vivado``, ``Latency``,
+``ReuseFactor`` 1. Every combination stays bit-exact with the emulator
+because every product is cast to the accumulator type before it is added
+(rounding per product, independent of the order) and an accumulator either
+cannot overflow (derived, lossless) or wraps (modular addition, any order
+gives the same sum). The one order-dependent case, a user-narrowed
+*saturating* accumulator under ``'Resource'`` or a reuse factor above 1
+(which sum the products in another order than ``nnet_dense_latency.h``),
+is refused with the op's name.
 
 Examples
 --------
@@ -31,8 +44,11 @@ Sequential(
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -41,10 +57,121 @@ from torch import nn
 from tnquant.export.graph import Op, TypeOverride, build_graph
 from tnquant.specs import FixedPoint
 
-__all__ = ["torch_chain", "hls4ml_config", "to_hls4ml", "hls4ml_supported"]
+__all__ = ["HlsOptions", "torch_chain", "hls4ml_config", "to_hls4ml", "hls4ml_supported"]
 
 #: a zero bias (a Linear without one) still gets a type in hls4ml
 _ZERO_BIAS = "ap_fixed<2,1>"
+
+
+IO_TYPES = ("io_parallel", "io_stream")
+STRATEGIES = ("Latency", "Resource")
+#: hls4ml backends whose C simulation builds with g++ from the same templates
+BACKENDS = ("Vivado", "Vitis")
+
+PerLayer = Union[Any, Mapping[str, Any]]
+
+
+def _per_layer(value: PerLayer, what: str, check: Any) -> tuple[tuple[str, Any], ...]:
+    """``value`` as ``((glob, value), ...)``; a single value is ``(('*', value),)``."""
+    items = list(value.items()) if isinstance(value, Mapping) else [("*", value)]
+    for key, v in items:
+        if not isinstance(key, str):
+            raise TypeError(f"{what} keys must be op or layer name globs (str), got {key!r}")
+        problem = check(v)
+        if problem:
+            where = what if not isinstance(value, Mapping) else f"{what}[{key!r}]"
+            raise ValueError(f"{where} must be {problem}, got {v!r}")
+    return tuple(items)
+
+
+def _reuse_problem(v: Any) -> str | None:
+    ok = isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096
+    return None if ok else "an int in 1..4096"
+
+
+def _strategy_problem(v: Any) -> str | None:
+    return None if v in STRATEGIES else f"one of {list(STRATEGIES)}"
+
+
+@dataclass(frozen=True)
+class HlsOptions:
+    """The hls4ml knobs of an export, checked up front.
+
+    Parameters
+    ----------
+    io_type
+        ``'io_parallel'`` (default) or ``'io_stream'``.
+    reuse_factor
+        hls4ml's ``ReuseFactor``: an int (1, default: fully parallel) or a
+        mapping of op-name / layer-name globs to ints (first match wins;
+        unmatched layers get 1).
+    strategy
+        ``'Latency'`` (default) or ``'Resource'``, or a mapping of globs.
+    backend
+        ``'Vivado'`` (default) or ``'Vitis'``.
+    part
+        The FPGA part; ``None`` keeps hls4ml's default.
+
+    Examples
+    --------
+    >>> opts = HlsOptions(reuse_factor={"2*": 4}, strategy="Resource")
+    >>> opts.layer("2.0", "2"), opts.layer("0.0", "0")
+    ((4, 'Resource'), (1, 'Resource'))
+    >>> HlsOptions(io_type="stream")
+    Traceback (most recent call last):
+    ...
+    ValueError: io_type must be one of ['io_parallel', 'io_stream'], got 'stream'
+    """
+
+    io_type: str = "io_parallel"
+    reuse_factor: PerLayer = 1
+    strategy: PerLayer = "Latency"
+    backend: str = "Vivado"
+    part: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.io_type not in IO_TYPES:
+            raise ValueError(f"io_type must be one of {list(IO_TYPES)}, got {self.io_type!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"backend must be one of {list(BACKENDS)} (the backends whose C "
+                f"simulation tnquant checks bit for bit), got {self.backend!r}"
+            )
+        if self.part is not None and (not isinstance(self.part, str) or not self.part):
+            raise ValueError(f"part must be a non-empty str or None, got {self.part!r}")
+        _per_layer(self.reuse_factor, "reuse_factor", _reuse_problem)
+        _per_layer(self.strategy, "strategy", _strategy_problem)
+
+    def layer(self, op_name: str, layer_name: str) -> tuple[int, str]:
+        """``(ReuseFactor, Strategy)`` of one op (matched by op or layer name)."""
+        out: list[Any] = []
+        for value, default, what, check in (
+            (self.reuse_factor, 1, "reuse_factor", _reuse_problem),
+            (self.strategy, "Latency", "strategy", _strategy_problem),
+        ):
+            chosen = default
+            for key, v in _per_layer(value, what, check):
+                if fnmatch.fnmatchcase(op_name, key) or fnmatch.fnmatchcase(layer_name, key):
+                    chosen = v
+                    break
+            out.append(chosen)
+        return int(out[0]), str(out[1])
+
+
+def _check_order(op: Op, reuse: int, strategy: str) -> None:
+    """Refuse a saturating user accumulator where hls4ml sums in another order."""
+    if reuse == 1 and strategy == "Latency":
+        return
+    for k, (acc, derived) in enumerate(zip(op.accum_types, op.accum_derived, strict=False)):
+        if not derived and acc.overflow != "WRAP":
+            raise ValueError(
+                f"op {op.name!r}: accum type {acc} (given with accum=) saturates, and "
+                f"ReuseFactor {reuse} / Strategy {strategy!r} sum the products in another "
+                f"order than the emulator (nnet_dense_latency.h), so a saturated sum "
+                f"would differ; leave accum= unset for this op (the derived accumulator "
+                f"is lossless), give it overflow='WRAP', or use reuse_factor=1 and "
+                f"strategy='Latency' for it (step {k})"
+            )
 
 
 def hls4ml_supported(ops: list[Op]) -> bool:
@@ -102,13 +229,17 @@ def torch_chain(ops: list[Op]) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
-def hls4ml_config(ops: list[Op], chain: nn.Module | None = None) -> dict[str, Any]:
+def hls4ml_config(
+    ops: list[Op], chain: nn.Module | None = None, options: HlsOptions | None = None
+) -> dict[str, Any]:
     """hls4ml's own configuration dict for the chain, every precision filled in.
 
     ``{'Model': {'Precision': ..., 'ReuseFactor': 1, 'Strategy': 'Latency',
     'ChannelsLastConversion': 'full', ...}, 'LayerName': {name: {'Precision':
-    {...}}}}`` as ``hls4ml.utils.config_from_pytorch_model`` writes it
-    (``granularity='name'``).
+    {...}, 'ReuseFactor': ..., 'Strategy': ...}}}`` as
+    ``hls4ml.utils.config_from_pytorch_model`` writes it
+    (``granularity='name'``), with ``options``' per-layer knobs
+    (:class:`HlsOptions`; default: ``ReuseFactor`` 1, ``'Latency'``).
 
     Examples
     --------
@@ -120,12 +251,13 @@ def hls4ml_config(ops: list[Op], chain: nn.Module | None = None) -> dict[str, An
     """
     import hls4ml
 
+    options = HlsOptions() if options is None else options
     chain = torch_chain(ops) if chain is None else chain
     cfg = hls4ml.utils.config_from_pytorch_model(
         chain,
         input_shape=(ops[0].in_features,),
         granularity="name",
-        backend="Vivado",
+        backend=options.backend,
         default_precision=str(ops[0].input_type),
         channels_last_conversion="full",
     )
@@ -136,6 +268,7 @@ def hls4ml_config(ops: list[Op], chain: nn.Module | None = None) -> dict[str, An
             f"input; cannot match them"
         )
     cfg["Model"].update({"ReuseFactor": 1, "Strategy": "Latency", "ChannelsLastConversion": "full"})
+    # hls4ml's own checks of the model-level keys; every layer gets its own below
     cfg["LayerName"][names[0]]["Precision"] = {"result": str(ops[0].input_type)}
     for name, op in zip(names[1:], ops, strict=True):
         layer = cfg["LayerName"][name]
@@ -148,8 +281,9 @@ def hls4ml_config(ops: list[Op], chain: nn.Module | None = None) -> dict[str, An
             "accum": str(op.accum_types[0]),
             "result": str(op.result_type),
         }
-        layer["ReuseFactor"] = 1
-        layer["Strategy"] = "Latency"
+        reuse, strategy = options.layer(op.name, op.layer)
+        _check_order(op, reuse, strategy)
+        layer["ReuseFactor"], layer["Strategy"] = reuse, strategy
     cfg.pop("PytorchModel", None)
     return cfg
 
@@ -163,6 +297,10 @@ def to_hls4ml(
     result: TypeOverride = None,
     bias: TypeOverride = None,
     project_name: str = "tnquant_model",
+    io_type: str = "io_parallel",
+    reuse_factor: PerLayer = 1,
+    strategy: PerLayer = "Latency",
+    backend: str = "Vivado",
     part: str | None = None,
 ) -> Any:
     """The model as an hls4ml ``ModelGraph`` (not compiled) with the exported types.
@@ -173,14 +311,23 @@ def to_hls4ml(
         As :func:`tnquant.export.fixed_point`.
     out_dir
         hls4ml's project directory.
-    project_name, part
-        Passed to hls4ml (``part=None`` keeps hls4ml's default FPGA part).
+    project_name
+        hls4ml's project name.
+    io_type, reuse_factor, strategy, backend, part
+        hls4ml's knobs (:class:`HlsOptions`, checked before anything is
+        built): ``io_type`` ``'io_parallel'`` / ``'io_stream'``;
+        ``reuse_factor`` and ``strategy`` (``'Latency'`` / ``'Resource'``)
+        for the whole model or per layer as ``{glob: value}`` over op names
+        (``'0.1'``: step 1 of layer ``'0'``) or layer names; ``backend``
+        ``'Vivado'`` / ``'Vitis'``; ``part=None`` keeps hls4ml's default.
 
     Returns
     -------
     hls4ml.model.ModelGraph
         ``.compile()`` then ``.predict(x)`` gives, bit for bit, what
-        :meth:`IntegerModel.predict` gives.
+        :meth:`IntegerModel.predict` gives, for every combination of the
+        knobs (a saturating user accumulator under ``'Resource'`` or a reuse
+        factor above 1 is refused: see the module docs).
 
     Examples
     --------
@@ -189,11 +336,17 @@ def to_hls4ml(
     >>> from tnquant import FixedPoint, quantize
     >>> model = nn.Sequential(nn.Linear(4, 3))
     >>> _ = quantize(model, weights=FixedPoint(6, 2), progress=False)
-    >>> hls_model = to_hls4ml(model, "/tmp/tnq_hls", FixedPoint(8, 3))   # doctest: +SKIP
-    >>> hls_model.compile()                                              # doctest: +SKIP
+    >>> hls_model = to_hls4ml(model, "/tmp/tnq_hls", FixedPoint(8, 3),
+    ...                       io_type="io_stream", reuse_factor=2)   # doctest: +SKIP
+    >>> hls_model.compile()                                          # doctest: +SKIP
+    >>> to_hls4ml(model, "/tmp/tnq_hls", FixedPoint(8, 3), strategy="latency")
+    Traceback (most recent call last):
+    ...
+    ValueError: strategy must be one of ['Latency', 'Resource'], got 'latency'
     """
+    options = HlsOptions(io_type, reuse_factor, strategy, backend, part)
     ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
-    return graph_to_hls4ml(ops, out_dir, project_name=project_name, part=part)
+    return graph_to_hls4ml(ops, out_dir, project_name=project_name, options=options)
 
 
 def graph_to_hls4ml(
@@ -201,7 +354,7 @@ def graph_to_hls4ml(
     out_dir: str | Path,
     *,
     project_name: str = "tnquant_model",
-    part: str | None = None,
+    options: HlsOptions | None = None,
 ) -> Any:
     """:func:`to_hls4ml` from an already built IR.
 
@@ -216,16 +369,17 @@ def graph_to_hls4ml(
         raise ValueError("no ops to convert")
     import hls4ml
 
+    options = HlsOptions() if options is None else options
     chain = torch_chain(ops)
-    cfg = hls4ml_config(ops, chain)
-    kwargs: dict[str, Any] = {"part": part} if part is not None else {}
+    cfg = hls4ml_config(ops, chain, options)
+    kwargs: dict[str, Any] = {"part": options.part} if options.part is not None else {}
     return hls4ml.converters.convert_from_pytorch_model(
         chain,
         input_shape=(ops[0].in_features,),
         hls_config=cfg,
         output_dir=str(out_dir),
         project_name=project_name,
-        backend="Vivado",
-        io_type="io_parallel",
+        backend=options.backend,
+        io_type=options.io_type,
         **kwargs,
     )
