@@ -57,6 +57,7 @@ True
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
@@ -65,6 +66,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tnquant.conversion import ConvertReport, convert, tensor_id, weight_ties
+from tnquant.core.feeds import batchnorms_after
 from tnquant.core.globs import GlobTable, selected
 from tnquant.core.modules import join, replace_module
 from tnquant.core.ties import untie_hint
@@ -456,6 +458,7 @@ def quantize(
     tied, tie_notes = _plan_ties(model, plans)
     shared: dict[int, nn.Module | None] = dict.fromkeys(tied)
     counted = (SizeCounter(), SizeCounter())  # one for all rows: a tied weight counts once
+    quantized: set[str] = set()
     for module, names, wchanges, achanges in tqdm(plans, desc="quantize", disable=not progress):
         kind = type(module).__name__
         tie_note = tie_notes.get(id(module))
@@ -471,6 +474,7 @@ def quantize(
             for name in names:
                 replace_module(model, name, module)
         _apply(module, wchanges, achanges, shared)
+        quantized.update(names if quant_state(module) != "float" else ())
         if len(names) > 1:
             notes.append(f"shared with {', '.join(names[1:])}")
         if tie_note is not None:
@@ -485,5 +489,12 @@ def quantize(
             bits_before=before,
             bits_after=sum(counted[1].subtree(module)),
             note="; ".join(notes) or None,
+        )
+    for bn, bn_kind, layer in batchnorms_after(model, quantized):
+        warnings.warn(
+            f"{bn} ({bn_kind}) follows {layer}, which is being quantized: fold it first with "
+            "tnquant.ptq.fold_batchnorm(model) so the quantizer sees the folded weights",
+            UserWarning,
+            stacklevel=2,
         )
     return report
