@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,hf,plot,hls,bench,dev,docs,onnx]"
+	$(BIN)/pip install -q -e ".[test,hf,plot,hls,bench,dev,docs,onnx,qonnx]"
 	touch $(STAMP)
 
 venv: $(STAMP)
