@@ -114,12 +114,18 @@ FIELDS = {
         "percentile": KINDS["real"],
         "ema_decay": KINDS["real"],
     },
-    Binary: {"granularity": KINDS["granularity"], "axis": KINDS["int"], "learnable": KINDS["bool"]},
+    Binary: {
+        "granularity": KINDS["granularity"],
+        "axis": KINDS["int"],
+        "learnable": KINDS["bool"],
+        "scale": choice(SCALE_KINDS),
+    },
     Ternary: {
         "threshold": KINDS["real"],
         "method": choice(("twn", "ttq")),
         "granularity": KINDS["granularity"],
         "axis": KINDS["int"],
+        "scale": choice(SCALE_KINDS),
     },
     FixedPoint: {
         "width": KINDS["int"],

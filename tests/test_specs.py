@@ -25,7 +25,9 @@ ALL_SPECS = [
     QuantSpec(bits=3, symmetric=False, granularity=("group", 16), axis=1),
     QuantSpec(dtype="bfloat16"),
     Binary(granularity="channel"),
+    Binary(granularity="channel", learnable=True, scale="pow2"),
     Ternary(method="ttq"),
+    Ternary(scale="pow2", granularity="channel"),
     FixedPoint(16, 6, rounding="RND_CONV", overflow="SAT_SYM"),
 ]
 

@@ -35,6 +35,8 @@ SPECS = [
     Binary(granularity="channel", learnable=True),
     Ternary(),
     Ternary(method="ttq", granularity="channel"),
+    Binary(scale="pow2", granularity="channel"),
+    Ternary(method="ttq", granularity="channel", scale="pow2"),
     FixedPoint(8, 3, rounding="RND", overflow="SAT"),
     FixedPoint(6, 2, signed=False),
     FixedPoint(20, 6),

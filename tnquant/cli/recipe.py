@@ -44,7 +44,9 @@ glob that holds dots: ``"encoder.layer.*.intermediate.dense" = {...}``.
 ``[quantize.weights]``, ``[quantize.cores]``, ``[quantize.activations]``
     ``"<glob>" = {bits = 4, granularity = "channel", axis = 0, learnable =
     true}``: ``kind`` is ``int`` (the default, :class:`~tnquant.specs.QuantSpec`
-    fields), ``binary``, ``ternary``, ``fixed`` (``FixedPoint`` fields, or
+    fields), ``binary``, ``ternary`` (:class:`~tnquant.specs.Binary` /
+    :class:`~tnquant.specs.Ternary` fields; ``scale = "pow2"`` for
+    power-of-two scales), ``fixed`` (``FixedPoint`` fields, or
     ``type = "ap_fixed<8,2,RND,SAT>"``) or ``none`` (leave float);
     ``granularity = ["group", 64]`` for groups. A ``cores`` key that is an
     integer (``"0"``, ``"-1"``) is a core index. Options of ``[quantize]``:
@@ -307,7 +309,7 @@ def parse_recipe(text: str, path: str | None = None) -> Recipe:
     --------
     >>> r = parse_recipe('[quantize.weights]\\n"*" = {kind = "ternary"}\\n[finetune]\\nepochs = 2')
     >>> r.quantize.kwargs()["weights"], r.finetune.epochs
-    ({'*': Ternary(threshold=0.7, method='twn', granularity='tensor', axis=0)}, 2)
+    ({'*': Ternary(threshold=0.7, method='twn', granularity='tensor', axis=0, scale='float')}, 2)
     >>> parse_recipe('[finetune]\\nlr = -1\\n[quantize.weights]\\n"*" = {bits = 8}')
     Traceback (most recent call last):
     ...

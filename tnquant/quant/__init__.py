@@ -19,6 +19,7 @@ from tnquant.quant.observers import (
     make_observer,
 )
 from tnquant.quant.packing import pack, unpack
+from tnquant.quant.pow2 import Pow2Codes, pow2_codes
 from tnquant.quant.primitives import (
     HANDLERS,
     choose_qparams,
@@ -54,4 +55,6 @@ __all__ = [
     "MSEObserver",
     "make_observer",
     "Quantizer",
+    "pow2_codes",
+    "Pow2Codes",
 ]

@@ -3,7 +3,8 @@
 Codes are int8 in ``{-1, +1}`` with ``sign(0) = +1``; the scale ``alpha`` is
 ``mean|x|`` per tensor or per channel, the L2-optimal scale for fixed signs
 (Rastegari et al. 2016, XNOR-Net, eq. 4). A block of zeros gets
-``alpha = 0`` (its codes dequantize exactly to zeros).
+``alpha = 0`` (its codes dequantize exactly to zeros). ``Binary(scale='pow2')``
+rounds ``alpha`` to ``2^round(log2 alpha)`` (:func:`pow2_alpha`; 0 stays 0).
 
 Gradients of :func:`binary_fake_quantize`
     * to ``x``: the clipped straight-through estimator of BinaryConnect
@@ -32,6 +33,7 @@ tensor([[1.]])
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -45,9 +47,20 @@ from tnquant.quant.qparams import (
     qparam_shape,
     to_blocks,
 )
+from tnquant.quant.rounding import pow2_scale
 from tnquant.specs import Binary
 
-__all__ = ["binary_codes", "binary_scale", "binary_quantize", "binary_fake_quantize", "wide_mean"]
+__all__ = [
+    "binary_codes",
+    "binary_scale",
+    "binary_quantize",
+    "binary_fake_quantize",
+    "pow2_alpha",
+    "wide_mean",
+]
+
+#: How ``scale='pow2'`` rounds a Binary/Ternary scale (see :func:`pow2_alpha`).
+POW2_ROUNDING = "round"
 
 
 def _check_float(x: Any, name: str, finite: bool = True) -> Tensor:
@@ -83,6 +96,31 @@ def _finite_flags(x: Tensor, name: str, *results: Tensor) -> list[bool]:
     return flags[1:]
 
 
+def pow2_alpha(alpha: Tensor) -> Tensor:
+    """``alpha`` rounded to ``2^k``, ``k = round(log2 alpha)``, exactly, in ``alpha.dtype``.
+
+    The rule of ``QuantSpec(scale='pow2', pow2_rounding='round')``
+    (:func:`~tnquant.quant.rounding.pow2_scale`): nearest in the log domain,
+    ``2^k`` for ``alpha`` in ``[2^(k-1/2), 2^(k+1/2))``. Not ``'ceil'``, the
+    integer default, which exists so that a range is never clipped: binary and
+    ternary codes have no range to clip. An ``alpha`` of 0 (an all-zero
+    block) stays 0, so its weights stay exactly zero; a result past the
+    dtype's range is capped at its largest power of two. Computed in at least
+    float32 (a power of two in the dtype's range is exact in it).
+
+    Examples
+    --------
+    >>> pow2_alpha(torch.tensor([0.3, 0.36, 0.25, 0.0, 3.0])).tolist()
+    [0.25, 0.5, 0.25, 0.0, 4.0]
+    >>> pow2_alpha(torch.tensor([0.7], dtype=torch.float16))
+    tensor([0.5000], dtype=torch.float16)
+    """
+    wide = alpha.to(torch.promote_types(alpha.dtype, torch.float32))
+    top = math.ldexp(1.0, math.frexp(torch.finfo(alpha.dtype).max)[1] - 1)
+    p = pow2_scale(wide, POW2_ROUNDING).clamp(max=top)
+    return torch.where(wide > 0, p, wide).to(alpha.dtype)
+
+
 def binary_codes(x: Tensor) -> Tensor:
     """``sign(x)`` as int8 codes in ``{-1, +1}``, with ``sign(0) = +1``.
 
@@ -103,12 +141,16 @@ def binary_scale(x: Tensor, spec: Binary) -> Tensor:
     of ``spec.axis`` (``'channel'``), as :func:`tnquant.quant.qparams.block_size`
     defines it. Accumulated in at least float32 (in float64 where that
     overflows: the mean of huge weights is finite even when their float32
-    sum is not), returned in ``x.dtype``.
+    sum is not), returned in ``x.dtype``. With ``spec.scale == 'pow2'`` that
+    ``alpha`` is then rounded by :func:`pow2_alpha`.
 
     Examples
     --------
-    >>> w = torch.tensor([[1.0, -3.0], [0.5, 0.5]])
+    >>> w = torch.tensor([[1.0, -3.0], [0.5, 0.3]])
     >>> binary_scale(w, Binary(granularity="channel"))
+    tensor([[2.0000],
+            [0.4000]])
+    >>> binary_scale(w, Binary(granularity="channel", scale="pow2"))
     tensor([[2.0000],
             [0.5000]])
     """
@@ -123,7 +165,8 @@ def binary_scale(x: Tensor, spec: Binary) -> Tensor:
     alpha = blocks.mean(dim=dims) if dims else blocks
     if not _finite_flags(x, "x", alpha)[0]:
         alpha = wide_mean(to_blocks(x.abs(), block), dims)
-    return alpha.reshape(qparam_shape(shape, block)).to(x.dtype)
+    alpha = alpha.reshape(qparam_shape(shape, block)).to(x.dtype)
+    return pow2_alpha(alpha) if spec.scale == "pow2" else alpha
 
 
 def wide_mean(blocks: Tensor, dims: tuple[int, ...]) -> Tensor:

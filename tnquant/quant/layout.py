@@ -131,6 +131,9 @@ def spec_summary(spec: Any) -> str:
     'uint8/group32(axis=1)'
     >>> spec_summary(Ternary(method="ttq")), spec_summary(FixedPoint(8, 3))
     ('ternary-ttq', 'ap_fixed<8,3>')
+    >>> from tnquant import Binary
+    >>> spec_summary(Binary(granularity="channel", scale="pow2"))
+    'binary/channel,pow2'
     """
     if spec is None:
         return "float"
@@ -150,8 +153,8 @@ def spec_summary(spec: Any) -> str:
         base += f"/{text}" + (f"(axis={spec.axis})" if spec.axis != 0 else "")
     elif isinstance(spec, QuantSpec):
         base += "/tensor"
+    base += ",pow2" if spec.scale == "pow2" else ""
     if isinstance(spec, QuantSpec):
-        base += ",pow2" if spec.scale == "pow2" else ""
         base += ",lsq" if spec.learnable else ""
     return base
 

@@ -31,7 +31,9 @@ They are initialised on the first quantizing call from the calibrated
 observer if it saw data, else from that input with ``spec.observer``
 (min-max by default; TWN/XNOR for ternary/binary). The effective scale is
 ``|p|`` (at least the smallest normal number), snapped to a power of two
-with a straight-through gradient for ``scale='pow2'``.
+with a straight-through gradient for ``scale='pow2'`` (``QuantSpec``: by its
+``pow2_rounding``; ``Binary``/``Ternary``: ``k = round(log2 |p|)``, as their
+data-derived scales are).
 
 Exactness: for a given input, ``forward(x)`` equals
 ``dequantize(*quantize_codes(x))`` bitwise (except stochastic rounding,
@@ -62,6 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tnquant.quant.binary import POW2_ROUNDING
 from tnquant.quant.observers import Observer, estimate_qparams, make_observer, resize_for_load
 from tnquant.quant.primitives import (
     HANDLERS,
@@ -291,8 +294,11 @@ class Quantizer(nn.Module):
         if not self.learnable:
             return value
         value = value.abs().clamp_min(torch.finfo(value.dtype).tiny)
-        if isinstance(self.spec, QuantSpec) and self.spec.scale == "pow2":
-            value = pow2_ste(value, self.spec.pow2_rounding)
+        if self.spec.scale == "pow2":
+            rounding = (
+                self.spec.pow2_rounding if isinstance(self.spec, QuantSpec) else POW2_ROUNDING
+            )
+            value = pow2_ste(value, rounding)
         return value
 
     def _stored_qparams(self, x: Tensor | None, differentiable: bool) -> QParams:

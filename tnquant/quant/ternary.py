@@ -13,6 +13,10 @@ a positive scale ``alpha_p`` and a negative-side scale ``alpha_n`` (a
 positive number: negative codes dequantize to ``-alpha_n``), both learned and
 initialised from TWN's ``alpha``.
 
+``Ternary(scale='pow2')`` rounds ``alpha`` (TTQ: each learned scale) to
+``2^round(log2 alpha)`` (:func:`~tnquant.quant.binary.pow2_alpha`; 0 stays 0);
+``delta`` is TWN's either way.
+
 Gradients of :func:`ternary_fake_quantize` (TTQ, eqs. 7-8)
     * to ``x``: ``alpha_p * grad`` where ``x > delta``, ``grad`` where
       ``|x| <= delta``, ``alpha_n * grad`` where ``x < -delta``;
@@ -37,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tnquant.quant.binary import _check_float, _finite_flags
+from tnquant.quant.binary import _check_float, _finite_flags, pow2_alpha
 from tnquant.quant.qparams import QParams, block_reduce_dims, block_size, qparam_shape, to_blocks
 from tnquant.specs import Ternary
 
@@ -59,7 +63,8 @@ def twn_params(x: Tensor, spec: Ternary) -> tuple[Tensor, Tensor]:
     against ``x``; accumulated in at least float32 (in float64, overflow-free,
     where that overflows: huge weights keep their codes) and returned in
     ``x.dtype``, ``delta`` capped at the dtype's largest value (no element
-    exceeds it either way).
+    exceeds it either way). With ``spec.scale == 'pow2'`` ``alpha`` is then
+    rounded by :func:`~tnquant.quant.binary.pow2_alpha` (``delta`` is not).
 
     Examples
     --------
@@ -67,6 +72,8 @@ def twn_params(x: Tensor, spec: Ternary) -> tuple[Tensor, Tensor]:
     >>> delta, alpha = twn_params(w, Ternary(granularity="channel"))
     >>> delta.flatten(), alpha.flatten()
     (tensor([0.5425, 0.3500]), tensor([1.5000, 0.5000]))
+    >>> twn_params(w, Ternary(granularity="channel", scale="pow2"))[1].flatten()
+    tensor([2.0000, 0.5000])
     """
     _check_spec(spec)
     _check_float(x, "x", finite=False)
@@ -79,14 +86,14 @@ def twn_params(x: Tensor, spec: Ternary) -> tuple[Tensor, Tensor]:
     if not dims:  # a 0-d tensor is its own block, and alpha = |x| either way
         _finite_flags(x, "x")
         a = x.to(acc).abs()
-        return (spec.threshold * a).clamp(max=top).to(x.dtype), a.to(x.dtype)
-    delta, alpha = _twn(to_blocks(x.to(acc).abs(), block), dims, spec.threshold, wide=False)
-    if not all(_finite_flags(x, "x", delta, alpha)):
-        delta, alpha = _twn(to_blocks(x.abs(), block), dims, spec.threshold, wide=True)
-    return (
-        delta.reshape(out_shape).clamp(max=top).to(x.dtype),
-        alpha.reshape(out_shape).to(x.dtype),
-    )
+        delta, alpha = (spec.threshold * a).clamp(max=top).to(x.dtype), a.to(x.dtype)
+    else:
+        delta, alpha = _twn(to_blocks(x.to(acc).abs(), block), dims, spec.threshold, wide=False)
+        if not all(_finite_flags(x, "x", delta, alpha)):
+            delta, alpha = _twn(to_blocks(x.abs(), block), dims, spec.threshold, wide=True)
+        delta = delta.reshape(out_shape).clamp(max=top).to(x.dtype)
+        alpha = alpha.reshape(out_shape).to(x.dtype)
+    return delta, (pow2_alpha(alpha) if spec.scale == "pow2" else alpha)
 
 
 def _twn(a: Tensor, dims: tuple[int, ...], threshold: float, wide: bool) -> tuple[Tensor, Tensor]:

@@ -220,20 +220,42 @@ class Binary:
     ``alpha = mean|W|`` per tensor or per channel (along ``axis``), derived
     from the data, or learned when ``learnable``. ``sign(0)`` is ``+1``.
 
+    Parameters
+    ----------
+    granularity
+        ``'tensor'`` or ``'channel'`` (one ``alpha`` per index of ``axis``).
+    axis
+        The channel axis; negative values count from the end.
+    learnable
+        ``alpha`` is a trained parameter (initialised from ``mean|W|``).
+    scale
+        ``'float'`` (``alpha`` as it comes) or ``'pow2'``: ``alpha`` rounded
+        to ``2^k``, ``k = round(log2 alpha)`` (``QuantSpec``'s
+        ``pow2_rounding='round'``), so the weights are ``codes * 2^k``, a
+        shift in fixed point. A learned ``alpha`` is rounded in the forward
+        pass with a straight-through gradient; an all-zero block keeps
+        ``alpha = 0``.
+
     Examples
     --------
     >>> Binary(granularity="channel").bits
     1
+    >>> Binary(scale="pow3")
+    Traceback (most recent call last):
+    ...
+    ValueError: scale must be one of ['float', 'pow2'], got 'pow3'
     """
 
     granularity: Granularity = "tensor"
     axis: int = 0
     learnable: bool = False
+    scale: str = "float"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "granularity", _per_channel(self.granularity, "Binary"))
         object.__setattr__(self, "axis", check_int("axis", self.axis))
         check_bool("learnable", self.learnable)
+        check_choice("scale", self.scale, SCALE_KINDS)
 
     @property
     def bits(self) -> int:
@@ -249,16 +271,37 @@ class Ternary:
     ``method='ttq'`` (Zhu et al. 2017): the same threshold, separate learned
     positive and negative scales, initialised from the TWN values.
 
+    Parameters
+    ----------
+    threshold
+        ``delta = threshold * mean|W|``, in ``(0, 2)``.
+    method
+        ``'twn'`` (one scale from the data) or ``'ttq'`` (two learned scales).
+    granularity
+        ``'tensor'`` or ``'channel'`` (one threshold and scale per index of
+        ``axis``).
+    axis
+        The channel axis; negative values count from the end.
+    scale
+        ``'float'`` or ``'pow2'``: the scale(s) rounded to ``2^k``,
+        ``k = round(log2 alpha)`` (``QuantSpec``'s ``pow2_rounding='round'``),
+        so the levels are ``{-2^k_n, 0, 2^k_p}``; the threshold ``delta``
+        stays TWN's. TTQ's learned scales are rounded, each on its own, in
+        the forward pass with a straight-through gradient.
+
     Examples
     --------
     >>> Ternary().threshold
     0.7
+    >>> Ternary(method="ttq", scale="pow2").learnable
+    True
     """
 
     threshold: float = 0.7
     method: str = "twn"
     granularity: Granularity = "tensor"
     axis: int = 0
+    scale: str = "float"
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -269,6 +312,7 @@ class Ternary:
         check_choice("method", self.method, ("twn", "ttq"))
         object.__setattr__(self, "granularity", _per_channel(self.granularity, "Ternary"))
         object.__setattr__(self, "axis", check_int("axis", self.axis))
+        check_choice("scale", self.scale, SCALE_KINDS)
 
     @property
     def bits(self) -> int:
