@@ -18,8 +18,9 @@ precision row ``WbAb``:
   the training images; accumulators are left lossless (the export derives
   widths that cannot overflow);
 - biases are snapped to the grid the export stores them on (the products'
-  binary point, round-to-nearest-even): the only rounding the fixed-point
-  export adds to the fake-quant model;
+  binary point, round-to-nearest-even) with ``tnquant.export.snap_biases``:
+  the only rounding the fixed-point export adds to the fake-quant model
+  (``fixed_point`` does the same by default, ``snap_biases=True``);
 - ``tnquant.export.fixed_point(model, dir, sample=...)`` gives the
   ``IntegerModel``; the fake-quant torch model runs in float64.
 
@@ -62,7 +63,7 @@ from common import machine, markdown_table, train_classifier  # noqa: E402
 
 from tnquant import TT, LowRank, QuantSpec, Tucker, calibrate, factorize, finetune, quantize  # noqa: E402
 from tnquant.cli.datasets import digits  # noqa: E402
-from tnquant.export import IntegerModel, build_graph, fixed_point, to_hls4ml  # noqa: E402
+from tnquant.export import IntegerModel, fixed_point, snap_biases, to_hls4ml  # noqa: E402
 from tnquant.export.cheaders import c_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export.md"
@@ -89,17 +90,6 @@ def make_mlp() -> nn.Module:
 def accuracy_of(logits: np.ndarray | torch.Tensor, y: torch.Tensor) -> float:
     pred = np.asarray(logits).argmax(1)
     return float((pred == y.numpy()).mean())
-
-
-def snap_biases(model: nn.Module) -> None:
-    """Set every bias to the value the export stores (its mantissa times 2^-frac)."""
-    for op in build_graph(model):
-        if op.bias is None or op.bias_type is None:
-            continue
-        bias = model.get_submodule(op.layer).bias
-        with torch.no_grad():
-            snapped = np.ldexp(op.bias.astype(np.float64), -op.bias_type.frac)
-            bias.copy_(torch.from_numpy(snapped).reshape(bias.shape))
 
 
 def ap_types_dir() -> Path | None:

@@ -115,8 +115,8 @@ def test_accumulator_past_64_bits_names_the_op_and_how_to_narrow(tmp_path: Path)
     out = tmp_path / "out"
     with pytest.raises(
         ValueError,
-        match=r"op '2' needs a 81-bit lossless accumulator .* "
-        r"narrow it with result=\{'1': FixedPoint\(",
+        match=r"op '2': its accumulator needs 81 bits \(lossless: .*\), wider than 62 .* "
+        r"narrow the input with result=\{'1': FixedPoint\(",
     ) as err:
         fixed_point(_deep_chain(), out, FixedPoint(24, 8), hls4ml=False)
     assert "accum={'2'" in str(err.value) and not out.exists()
@@ -152,8 +152,8 @@ def test_tt_step_products_and_bias_types_past_62_bits_are_refused() -> None:
     # step 1 multiplies step 0's 40-bit result by 30-bit cores: 70 bits
     with pytest.raises(
         ValueError,
-        match=r"op '0': products of ap_fixed<40,20> and "
-        r"ap_fixed<30,2> exceed 62 bits",
+        match=r"op '0\.1': its products need 70 bits \(its input ap_fixed<40,20> times its "
+        r"weights ap_fixed<30,2>\).*narrow the input with result=\{'0\.0': FixedPoint\(",
     ):
         build_graph(
             model,
@@ -161,7 +161,11 @@ def test_tt_step_products_and_bias_types_past_62_bits_are_refused() -> None:
             result={"0.0": FixedPoint(40, 20)},
             accum={"0.1": FixedPoint(60, 30)},
         )
-    with pytest.raises(ValueError, match=r"op '0' needs type ap_fixed<63,10> wider than 62"):
+    with pytest.raises(
+        ValueError,
+        match=r"op '0\.1': its bias needs 63 bits \(ap_fixed<63,10>\), wider than 62 .*"
+        r"bias=\{'0\.1': FixedPoint\(",
+    ):
         build_graph(
             model,
             FixedPoint(8, 3),

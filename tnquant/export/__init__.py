@@ -47,6 +47,12 @@ Refused, with a ``ValueError`` naming the layer:
 - Anything else, and float or non-power-of-two scales (the message says
   which tensor and how to quantize it).
 
+Biases: the export stores each on its type's grid (the products' binary
+point, rounded to nearest even, or ``bias=``), and :func:`fixed_point` first
+sets the model's biases to those stored values (:func:`snap_biases`, in
+place; ``snap_biases=False`` leaves the model alone), so that the torch
+fake-quant model, run in float64, equals the emulator bit for bit.
+
 Files in ``out_dir``: ``cores.npz`` (int64 mantissas of every weight, core
 and bias, keyed ``'<op>.w<k>'`` / ``'<op>.bias'``), ``manifest.json``
 (ops, contraction order, shapes, types, scale exponents, versions,
@@ -56,8 +62,9 @@ SHA-256 checksums), ``tnquant_weights.h`` / ``tnquant_weights_int.h`` /
 configuration format) when every layer takes the hls4ml route, and
 ``report.json`` / ``report.md`` (:class:`ExportReport`: per-step weight,
 bias, accumulator and result widths, multiplies per inference and memory
-bits, factorized vs the dense layer each replaces; with ``sample=`` the
-drift of narrowed types, see :func:`drift`). A run removes the files of this
+bits, factorized vs the dense layer each replaces; notes, such as the
+channels whose scale is at the quantizer's ``2^-24`` floor; with
+``sample=`` the drift of narrowed types, see :func:`drift`). A run removes the files of this
 list that it does not write again (``OWNED``), so a directory never mixes two
 exports, and writes ``manifest.json`` last. :meth:`IntegerModel.load` reads
 the directory back trusting none of it (:mod:`tnquant.export.manifest`).
@@ -84,12 +91,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from tnquant.export.cheaders import write_headers
 from tnquant.export.drift import drift
 from tnquant.export.emulator import IntegerModel
-from tnquant.export.graph import Op, TypeOverride, build_graph
+from tnquant.export.graph import Op, TypeOverride, bias_params, build_graph, set_biases, snap_biases
 from tnquant.export.hls import hls4ml_config, hls4ml_supported, to_hls4ml
 from tnquant.export.manifest import CORES, HLS4ML_CONFIG, MANIFEST
 from tnquant.export.onnx import OnnxExport, onnx
@@ -104,6 +112,7 @@ __all__ = [
     "IntegerModel",
     "Op",
     "build_graph",
+    "snap_biases",
     "HLS4ML_CONFIG",
     "ExportReport",
     "build_report",
@@ -150,6 +159,7 @@ def fixed_point(
     bias: TypeOverride = None,
     hls4ml: bool = True,
     sample: Any = None,
+    snap_biases: bool = True,
 ) -> IntegerModel:
     """Export a quantized model to fixed point; return its integer emulator.
 
@@ -170,7 +180,7 @@ def fixed_point(
         globs on op names (``'<layer>'``, ``'<layer>.<k>'`` for step ``k`` of
         a factorized layer) to ``FixedPoint``. Left out, accumulators are
         lossless (they cannot overflow), results equal them, and biases get
-        the products' fractional bits (rounded to nearest even).
+        the products' fractional bits (rounded to nearest even, saturated).
     hls4ml
         Write ``hls4ml_config.json`` (needs hls4ml installed; skipped for
         models with TT layers).
@@ -180,6 +190,15 @@ def fixed_point(
         them (:func:`drift`: max abs/relative error, fraction of saturated or
         wrapped accumulations), which is how far narrowed ``accum=``/
         ``result=`` types move the output.
+    snap_biases
+        Set the model's biases to the values the export stores (see
+        :func:`snap_biases`), **in place**, before the emulator is built and
+        the drift measured: the torch fake-quant model then equals the
+        emulator exactly (in float64, on inputs quantized to the input type,
+        by the model's own ``'input'`` quantizer or by
+        :meth:`IntegerModel.quantize_input`). Running the export again
+        changes nothing more. ``False`` leaves the model untouched; its
+        biases then differ from the stored ones by up to half a step.
 
     Returns
     -------
@@ -192,8 +211,10 @@ def fixed_point(
     ValueError
         For a tensor whose scale is not a power of two (named in the
         message), an unsupported layer, or a type wider than 62 bits (the
-        message names the op and the ``result=``/``accum=`` that narrows
-        it). ``out_dir`` is left as it was then.
+        message names the op, the tensor -- input, weights, bias,
+        accumulator or result -- and the ``result=``/``accum=``/``bias=``
+        that narrows it). ``out_dir`` and the model are left as they were
+        then.
 
     Examples
     --------
@@ -209,9 +230,18 @@ def fixed_point(
 QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec
     """
     ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
-    em = IntegerModel(ops)
-    cfg = hls4ml_config(ops) if hls4ml and hls4ml_supported(ops) else None
-    report = em.report(None if sample is None else drift(model, em, sample))
+    saved = [(p, p.detach().clone()) for _, p in bias_params(model, ops)] if snap_biases else []
+    try:
+        if saved and any(set_biases(model, ops).values()):
+            ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
+        em = IntegerModel(ops)
+        cfg = hls4ml_config(ops) if hls4ml and hls4ml_supported(ops) else None
+        report = em.report(None if sample is None else drift(model, em, sample))
+    except BaseException:
+        with torch.no_grad():
+            for p, v in saved:
+                p.copy_(v)
+        raise
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear(out)

@@ -34,6 +34,12 @@ result type; ``'input'`` sets the model input type (first layer, no
 ``input_spec``) or the result type of the op before the layer (a ReLU then
 casts after ``max(x, 0)``), where the torch model casts.
 
+Biases are stored on their type's grid (the products' binary point, rounded
+to nearest even, unless ``bias=`` gives another type); :func:`snap_biases`
+sets the model's biases to those stored values, so that the torch
+fake-quant model computes what the emulator does (``fixed_point`` does it by
+default).
+
 The IR (:class:`Op`, :func:`check_widths`) lives in
 :mod:`tnquant.export.ir` and the per-route op builders (:data:`ROUTES`) in
 :mod:`tnquant.export.routes`; this module walks the model and re-exports
@@ -53,9 +59,11 @@ Examples
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from torch import nn
+import numpy as np
+import torch
+from torch import Tensor, nn
 
 from tnquant.export.codes import MAX_WIDTH, fixed_codes, lossless_accum
 from tnquant.export.ir import Op, TypeOverride, check_widths
@@ -69,6 +77,9 @@ __all__ = [
     "ROUTES",
     "Route",
     "build_graph",
+    "snap_biases",
+    "set_biases",
+    "bias_params",
     "check_widths",
     "lossless_accum",
     "fixed_codes",
@@ -205,3 +216,108 @@ def build_graph(
             op.in_features = op.out_features = size
     check_widths(ops)
     return ops
+
+
+def bias_params(model: nn.Module, ops: list[Op]) -> list[tuple[Op, Tensor]]:
+    """``(op, the bias parameter of its layer)`` for every op of ``ops`` with a bias.
+
+    Examples
+    --------
+    >>> from tnquant import FixedPoint, quantize
+    >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1, bias=False))
+    >>> _ = quantize(model, weights=FixedPoint(6, 2), progress=False)
+    >>> ops = build_graph(model, FixedPoint(8, 3))
+    >>> [(op.name, tuple(p.shape)) for op, p in bias_params(model, ops)]
+    [('0', (3,))]
+    """
+    out = []
+    for op in ops:
+        if op.bias is None or op.bias_type is None:
+            continue
+        param = cast("Tensor | None", model.get_submodule(op.layer)._parameters.get("bias"))
+        if param is not None:
+            out.append((op, param))
+    return out
+
+
+def set_biases(model: nn.Module, ops: list[Op]) -> dict[str, float]:
+    """Copy the stored biases of ``ops`` (built from ``model``) into ``model``; the changes.
+
+    :func:`snap_biases` with the graph already built (``fixed_point`` uses it).
+
+    Examples
+    --------
+    >>> from tnquant import FixedPoint, quantize
+    >>> model = nn.Sequential(nn.Linear(2, 1))
+    >>> with torch.no_grad():
+    ...     _ = model[0].bias.fill_(0.5)
+    >>> _ = quantize(model, weights=FixedPoint(6, 2), progress=False)
+    >>> set_biases(model, build_graph(model, FixedPoint(8, 3)))    # 0.5 is on the grid
+    {'0': 0.0}
+    """
+    moved: dict[str, float] = {}
+    for op, param in bias_params(model, ops):
+        mant, btype = cast(np.ndarray, op.bias), cast(FixedPoint, op.bias_type)  # both set
+        value = torch.from_numpy(np.ldexp(mant.astype(np.float64), -btype.frac))
+        with torch.no_grad():
+            before = param.detach().to(torch.float64).clone()
+            param.copy_(value.reshape(param.shape).to(param.device))
+            after = param.detach().to(torch.float64)
+            moved[op.layer] = float((after - before).abs().max()) if param.numel() else 0.0
+    return moved
+
+
+def snap_biases(
+    model: nn.Module,
+    input_spec: FixedPoint | None = None,
+    *,
+    accum: TypeOverride = None,
+    result: TypeOverride = None,
+    bias: TypeOverride = None,
+) -> dict[str, float]:
+    """Set every bias of the exported layers to the value the export stores, in place.
+
+    The export keeps a bias as a mantissa of its type (``bias=``, else the
+    products' fractional bits, rounded to nearest even and saturated):
+    ``value = mantissa * 2^-frac``. A bias off that grid is the one number
+    the emulator rounds and the torch fake-quant model does not; once
+    snapped, the model (run in float64, on inputs it quantizes to the input
+    type itself or that are already on it) equals
+    :meth:`IntegerModel.predict` bit for bit. Snapping again changes nothing.
+
+    Parameters
+    ----------
+    model
+        The quantized model, as for :func:`build_graph`; its bias parameters
+        are overwritten (``torch.no_grad``; device and dtype kept: a float32
+        bias whose mantissa has more than 24 significant bits becomes the
+        nearest float32, so exactness needs float64).
+    input_spec, accum, result, bias
+        As for :func:`build_graph` and :func:`tnquant.export.fixed_point`:
+        the types decide the grid, so give the same ones as to the export.
+
+    Returns
+    -------
+    dict of str to float
+        Per layer with a bias, the largest change made (``0.0``: already on
+        the grid).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from tnquant import FixedPoint, quantize
+    >>> model = nn.Sequential(nn.Linear(2, 1))
+    >>> with torch.no_grad():
+    ...     _ = model[0].bias.fill_(0.3)
+    >>> _ = quantize(model, weights=FixedPoint(4, 1), progress=False)
+    >>> moved = snap_biases(model, FixedPoint(6, 3))    # 3 + 3 fractional bits: 0.3 -> 19/64
+    >>> {k: round(v, 6) for k, v in moved.items()}
+    {'0': 0.003125}
+    >>> model[0].bias.item() * 64
+    19.0
+    >>> snap_biases(model, FixedPoint(6, 3))
+    {'0': 0.0}
+    """
+    ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
+    return set_biases(model, ops)

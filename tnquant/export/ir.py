@@ -22,7 +22,7 @@ from typing import Union
 
 import numpy as np
 
-from tnquant.export.codes import MAX_WIDTH
+from tnquant.export.codes import MAX_WIDTH, narrower, too_wide
 from tnquant.specs import FixedPoint
 
 __all__ = ["Op", "TypeOverride", "check_widths"]
@@ -42,6 +42,8 @@ class Op:
     ``bias_derived`` say which types :func:`build_graph` derived itself
     rather than took from ``accum=``/``result=``/``bias=`` or an activation
     quantizer (empty: none); the loader re-derives those and compares.
+    ``notes`` are lines for the export report (e.g. per-channel scales at the
+    quantizer's floor); they are not written to the manifest.
     """
 
     name: str
@@ -61,10 +63,60 @@ class Op:
     accum_derived: list[bool] = field(default_factory=list)
     result_derived: list[bool] = field(default_factory=list)
     bias_derived: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _steps(op: Op) -> list[str]:
+    """The names ``accum=``/``result=`` globs match for each step of ``op``."""
+    if op.kind != "tt":
+        return [op.name]
+    return [f"{op.name}.{s}" for s in range(max(1, len(op.step_types)))]
+
+
+def _reads(ops: list[Op], k: int, s: int) -> str:
+    """The override that narrows what step ``s`` of ``ops[k]`` reads."""
+    op = ops[k]
+    if op.kind == "tt" and s > 0:
+        return f"result={{'{op.name}.{s - 1}': {narrower(op.step_types[s - 1].integer)}}}"
+    if k == 0:
+        return "a narrower input_spec (or the first layer's 'input' quantizer)"
+    prev = next((p for p in reversed(ops[:k]) if p.kind != "relu"), ops[k - 1])
+    return f"result={{'{_steps(prev)[-1]}': {narrower(op.input_type.integer)}}}"
+
+
+def _typed(op: Op, k: int, ops: list[Op]) -> list[tuple[str, str, FixedPoint, str]]:
+    """``(step, tensor, type, fix)`` for every type of ``op`` (the input only for the first op)."""
+    steps = _steps(op)
+    out = []
+    if k == 0:
+        out.append((op.name, "input", op.input_type, f"narrow it with {_reads(ops, 0, 0)}"))
+    for j, w in enumerate(op.weight_types):
+        what = "weights" if len(op.weight_types) == 1 else f"core {j} weights"
+        fix = "quantize them with a FixedPoint or QuantSpec of fewer bits"
+        out.append((op.name, what, w, fix))
+    if op.bias_type is not None:
+        fix = f"narrow it with bias={{'{steps[-1]}': {narrower(op.bias_type.integer)}}}"
+        out.append((steps[-1], "bias", op.bias_type, fix))
+    for s, a in enumerate(op.accum_types):
+        fix = f"narrow it with accum={{'{steps[s]}': {narrower(a.integer, 'WRAP')}}}"
+        out.append((steps[s], "accumulator", a, fix))
+    for s, r in enumerate(op.step_types):
+        fix = (
+            f"narrow it with result={{'{steps[s]}': {narrower(r.integer)}}} (or the "
+            f"activation quantizer that sets it)"
+        )
+        out.append((steps[s], "result", r, fix))
+    return out
 
 
 def check_widths(ops: list[Op]) -> None:
-    """Refuse (``ValueError``) a type, or a product of a step's input and weights, past 62 bits.
+    """Refuse a type, or a product of a step's input and weights, past 62 bits.
+
+    Raises
+    ------
+    ValueError
+        Naming the op (the TT step), the tensor (input, weights, bias,
+        accumulator or result) and the override that narrows it.
 
     Examples
     --------
@@ -72,26 +124,33 @@ def check_widths(ops: list[Op]) -> None:
     >>> check_widths([Op("0", "dense", "0", 1, 1, t, t, weight_types=[t])])
     Traceback (most recent call last):
     ...
-    ValueError: op '0': products of ap_fixed<40,8> and ap_fixed<40,8> exceed 62 bits; narrow \
-the previous result with result=
+    ValueError: op '0': its products need 80 bits (its input ap_fixed<40,8> times its weights \
+ap_fixed<40,8>), wider than 62 bits (the int64 emulator's limit); narrow the input with a \
+narrower input_spec (or the first layer's 'input' quantizer), or quantize the weights with \
+fewer bits
+    >>> u = FixedPoint(63, 10)
+    >>> check_widths([Op("0", "relu", "0", 1, 1, FixedPoint(8, 3), u, step_types=[u])])
+    Traceback (most recent call last):
+    ...
+    ValueError: op '0': its result needs 63 bits (ap_fixed<63,10>), wider than 62 bits (the \
+int64 emulator's limit); narrow it with result={'0': FixedPoint(24, 10, rounding='RND', \
+overflow='SAT')} (or the activation quantizer that sets it)
     """
-    for op in ops:
-        bias = [] if op.bias_type is None else [op.bias_type]
-        for t in [op.input_type, *op.weight_types, *bias, *op.accum_types, *op.step_types]:
+    for k, op in enumerate(ops):
+        for step, tensor, t, fix in _typed(op, k, ops):
             if t.width > MAX_WIDTH:
-                raise ValueError(
-                    f"op {op.name!r} needs type {t} wider than {MAX_WIDTH} bits "
-                    f"(the int64 emulator's limit); narrow it with result= or "
-                    f"accum= (e.g. result={{'{op.name}': FixedPoint(24, 8, "
-                    f"rounding='RND', overflow='SAT')}})"
-                )
+                raise too_wide(step, tensor, t.width, str(t), fix)
         d = len(op.weight_types)  # a TT step s takes step s-1's result and core d-1-s
         ins = [op.input_type] if op.kind != "tt" else [op.input_type, *op.step_types[: d - 1]]
-        for x, w in zip(
-            ins, op.weight_types[::-1] if op.kind == "tt" else op.weight_types, strict=False
+        for s, (x, w) in enumerate(
+            zip(ins, op.weight_types[::-1] if op.kind == "tt" else op.weight_types, strict=False)
         ):
             if x.width + w.width > MAX_WIDTH:
-                raise ValueError(
-                    f"op {op.name!r}: products of {x} and {w} exceed "
-                    f"{MAX_WIDTH} bits; narrow the previous result with result="
+                raise too_wide(
+                    _steps(op)[s],
+                    "products",
+                    x.width + w.width,
+                    f"its input {x} times its weights {w}",
+                    f"narrow the input with {_reads(ops, k, s)}, or quantize the weights "
+                    f"with fewer bits",
                 )

@@ -20,6 +20,12 @@ counts, per contraction step (one row per ``dense`` op, one per core of a
 ``memory_bits``
     ``weight_bits + bias_bits``: what the FPGA stores (ROM/registers).
 
+``notes`` (:attr:`ExportReport.notes`) list what the export did to a tensor
+that the numbers above do not show: per-channel power-of-two scales at the
+quantizer's ``2^-24`` floor (:mod:`tnquant.export.codes`), one line per
+tensor. They come from the model (``Op.notes``), so a report rebuilt from a
+loaded directory has none; ``report.json`` / ``report.md`` keep them.
+
 Per layer it sets these against the **dense layer it replaces**: ``out *
 in`` multiplies and ``out * in * W`` weight bits (``W`` the widest weight
 type of the layer, i.e. the dense weight quantized like its cores) plus the
@@ -129,6 +135,11 @@ class ExportReport:
     drift
         Per-layer drift of the emulator from the torch model
         (:func:`tnquant.export.drift.drift`), or ``None``.
+    types
+        ``'input'`` and ``'output'``: the network's ``ap_fixed`` types.
+    notes
+        One line per tensor the export changed in a way the rows do not show
+        (see the module docs).
 
     Examples
     --------
@@ -142,14 +153,15 @@ class ExportReport:
     totals: dict[str, Any]
     drift: list[dict[str, Any]] | None = None
     types: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict: ``types``, ``rows``, ``layers``, ``totals``, ``drift``.
+        """JSON-safe dict: ``types``, ``rows``, ``layers``, ``totals``, ``drift``, ``notes``.
 
         Examples
         --------
         >>> sorted(ExportReport([], [], {}).to_dict())
-        ['drift', 'layers', 'rows', 'totals', 'types']
+        ['drift', 'layers', 'notes', 'rows', 'totals', 'types']
         """
         return {
             "types": dict(self.types),
@@ -157,6 +169,7 @@ class ExportReport:
             "layers": [dict(r) for r in self.layers],
             "totals": dict(self.totals),
             "drift": None if self.drift is None else [dict(r) for r in self.drift],
+            "notes": list(self.notes),
         }
 
     def table(self) -> str:
@@ -208,6 +221,8 @@ class ExportReport:
                 "overflow_modes",
             ]
             out += ["## Drift from the torch model", "", _md(cols, self.drift), ""]
+        if self.notes:
+            out += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
         out += ["## Totals", "", "| total | value |", "|---|---|"]
         out += [f"| {k} | {_fmt(v)} |" for k, v in self.totals.items()]
         return "\n".join(out)
@@ -309,4 +324,5 @@ def build_report(ops: list[Op], drift: list[dict[str, Any]] | None = None) -> Ex
         totals=totals,
         drift=drift,
         types={"input": str(ops[0].input_type), "output": str(ops[-1].result_type)},
+        notes=[n for op in ops for n in op.notes],
     )

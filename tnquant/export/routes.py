@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from tnquant.export.acts import act_type
-from tnquant.export.codes import MAX_WIDTH, auto_accum, fixed_codes
+from tnquant.export.codes import MAX_WIDTH, auto_accum, fixed_codes, narrower, too_wide
 from tnquant.export.ir import Op, TypeOverride
 from tnquant.layers.base import FactorizedLayer
 from tnquant.layers.tt import TTLinear
@@ -99,7 +99,7 @@ def _steps(name: str, module: nn.Module, route: str) -> list[tuple[Tensor, Any, 
 
 
 def _bias(
-    param: Tensor, frac: int, given: FixedPoint | None, op: str
+    param: Tensor, frac: int, given: FixedPoint | None, op: str, prev: str | None
 ) -> tuple[np.ndarray, FixedPoint]:
     """Bias mantissas and type: ``given``, else the products' ``frac`` bits, RND_CONV/SAT."""
     b = param.detach().to(torch.float64).cpu()
@@ -108,11 +108,19 @@ def _bias(
         top = float(b.abs().max()) if b.numel() else 0.0
         integer = max(1, math.floor(math.log2(top)) + 2) if top > 0 else 1
         if integer + frac > MAX_WIDTH:
-            raise ValueError(
-                f"op {op!r}: its bias on the products' {frac} fractional bits "
-                f"needs {integer + frac} bits, wider than {MAX_WIDTH}; give it "
-                f"with bias={{'{op}': FixedPoint(24, {integer}, rounding='RND', "
-                f"overflow='SAT')}}"
+            reads = (
+                f"result={{'{prev}': FixedPoint(...)}} on the op before"
+                if prev is not None
+                else "a narrower input_spec"
+            )
+            raise too_wide(
+                op,
+                "bias",
+                integer + frac,
+                f"{integer} integer bits on the products' {frac} fractional bits",
+                f"give it with bias={{'{op}': {narrower(integer)}}}; the products then "
+                f"still need their {frac} fractional bits: narrow what the op reads with "
+                f"{reads}",
             )
         spec = FixedPoint(integer + frac, integer, rounding="RND_CONV", overflow="SAT")
     return to_mantissa(b, spec).numpy(), FixedPoint(spec.width, spec.integer, spec.signed)
@@ -132,16 +140,19 @@ def _chain_ops(
     for k, (t, q, where, transposed) in enumerate(steps):
         if isinstance(q, nn.Identity):
             q = None
-        m, wtype, exps = fixed_codes(q, t, where)
+        op_name = name if n == 1 else f"{name}.{k}"
+        notes: list[str] = []
+        m, wtype, exps = fixed_codes(q, t, where, op=op_name, notes=notes)
         if transposed:
             m = m.T.copy()
-        op_name = name if n == 1 else f"{name}.{k}"
         site = "output" if k == n - 1 else f"inter_{k}"
         in_type = state["type"]
         bias = bias_type = given_bias = None
         if k == n - 1 and bias_param is not None:
             given_bias = _lookup(overrides["bias"], [op_name, name], "bias")
-            bias, bias_type = _bias(bias_param, in_type.frac + wtype.frac, given_bias, op_name)
+            bias, bias_type = _bias(
+                bias_param, in_type.frac + wtype.frac, given_bias, op_name, state["prev"]
+            )
         accum = given_accum = _lookup(overrides["accum"], [op_name, name], "accum")
         if accum is None:
             accum = auto_accum(op_name, in_type, wtype, m.shape[1], bias_type, state["prev"])
@@ -170,6 +181,7 @@ def _chain_ops(
                 accum_derived=[given_accum is None],
                 result_derived=[not state["explicit"]],
                 bias_derived=bias is not None and given_bias is None,
+                notes=notes,
             )
         )
         state["type"], state["prev"] = result, op_name
@@ -195,8 +207,10 @@ def _tt_op(
     qs = cast("nn.ModuleList | None", module._modules.get("core_quantizers"))
     quantizers = list(qs) if qs is not None else [None] * d
     mants, types, scales = [], [], []
+    notes: list[str] = []
     for k, (c, q) in enumerate(zip(module.cores, quantizers, strict=True)):
-        m, t, e = fixed_codes(None if isinstance(q, nn.Identity) else q, c, f"{name}.cores.{k}")
+        q = None if isinstance(q, nn.Identity) else q
+        m, t, e = fixed_codes(q, c, f"{name}.cores.{k}", op=f"{name}.{d - 1 - k}", notes=notes)
         mants.append(m)
         types.append(t)
         scales.append(e)
@@ -213,7 +227,7 @@ def _tt_op(
         last = s == d - 1
         if last and bias_param is not None:
             given_bias = _lookup(overrides["bias"], [step, name], "bias")
-            bias, bias_type = _bias(bias_param, cur.frac + types[k].frac, given_bias, step)
+            bias, bias_type = _bias(bias_param, cur.frac + types[k].frac, given_bias, step, prev)
         accum = _lookup(overrides["accum"], [step, name], "accum")
         derived.append(accum is None)
         if accum is None:
@@ -248,6 +262,7 @@ def _tt_op(
         accum_derived=derived,
         result_derived=rderived,
         bias_derived=bias is not None and given_bias is None,
+        notes=notes,
     )
 
 

@@ -24,6 +24,10 @@ Conventions (uniform :class:`~tnquant.QuantSpec`)
   ``scale = 1``, so zeros dequantize exactly; a scale below the smallest
   normal number is raised to it. A constant ``c != 0`` dequantizes to
   ``round(c / scale) * scale``, which is ``c`` up to one float rounding.
+- **Span.** With several blocks, a block whose scale would be below
+  ``2^-24`` of the largest block's (:data:`~tnquant.quant.ranges.SCALE_SPAN`)
+  gets that bound: its values are numerically zero next to the tensor's
+  largest, and would otherwise make its fixed-point type dozens of bits wide.
 - **pow2.** ``scale = 2^k`` with ``k = ceil(log2 s)`` (``'ceil'``: never
   clips) or ``k = round(log2 s)`` (``'round'``), computed exactly with
   :func:`torch.frexp`; the affine zero point is then recomputed.

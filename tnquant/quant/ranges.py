@@ -3,7 +3,10 @@
 The conventions are those of :mod:`tnquant.quant.primitives` (see its module
 docs): ranges always contain 0, symmetric ``scale = amax / qmax``, affine
 ``scale = (hi - lo) / (qmax - qmin)`` with an integer zero point, degenerate
-blocks get ``scale = 1``, pow2 scales by ``frexp``.
+blocks get ``scale = 1``, pow2 scales by ``frexp``. Per-block scales span at
+most :data:`SCALE_SPAN` octaves: a block whose range is below ``2^-24`` of the
+tensor's largest block range is numerically zero, and takes the scale of that
+bound instead of one as fine as its values (see :func:`qparams_from_range`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ __all__ = [
     "cast_qparams",
     "count_nonfinite",
     "NonFiniteRange",
+    "SCALE_SPAN",
 ]
+
+#: octaves a per-block scale may lie below the tensor's coarsest (float32's significand)
+SCALE_SPAN = 24
 
 # --------------------------------------------------------------------------- #
 # Dtypes and checks
@@ -201,6 +208,15 @@ def qparams_from_range(
 ) -> QParams:
     """QParams of ``spec`` for per-block ranges ``[min_val, max_val]``.
 
+    With several blocks (per channel or group), a block whose raw scale is
+    below ``2^-SCALE_SPAN`` (``2^-24``, float32's significand) of the largest
+    block's gets that bound instead: its values are numerically zero next to
+    the tensor's largest (rows of ``1e-16`` that a decomposition leaves in a
+    rank-deficient core), and its own scale (``2^-57``) would make the
+    tensor's fixed-point type dozens of bits wide. Float and power-of-two
+    scales are bounded alike, so ``pow2`` stays within a factor 2 of the
+    float scale; all-zero blocks keep ``scale = 1``.
+
     Parameters
     ----------
     min_val, max_val
@@ -221,6 +237,11 @@ def qparams_from_range(
     ...                         QuantSpec(bits=8, symmetric=False), ())
     >>> round(qp.scale.item() * 255, 6), qp.zero_point.item()
     (4.0, 64)
+    >>> spec = QuantSpec(bits=8, granularity="channel", scale="pow2")
+    >>> qp = qparams_from_range(-torch.tensor([[1.0], [1e-16]]), torch.tensor([[1.0], [1e-16]]),
+    ...                         spec, (2, 4))
+    >>> [int(e) - 1 for e in torch.frexp(qp.scale.flatten())[1]]    # not -60
+    [-6, -30]
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -249,6 +270,9 @@ def qparams_from_range(
         # hi - lo may overflow cd where the scale itself fits: form it in float64 there only
         wide = ((hi.double() - lo.double()) / steps).to(cd)
         raw = torch.where(torch.isfinite(raw), raw, wide)
+    if raw.numel() > 1:  # numerically-zero blocks: at most SCALE_SPAN octaves below the top
+        floor = raw.amax() * 2.0**-SCALE_SPAN
+        raw = torch.where(raw == 0, raw, torch.maximum(raw, floor))
     scale = _finalize_scale(raw, spec)
     if spec.symmetric and spec.scale == "float":
         # amax within an ulp of the dtype's largest: qmax * scale may round past it
