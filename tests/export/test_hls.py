@@ -207,3 +207,18 @@ def test_a_saturating_accumulator_summed_in_another_order_is_refused(tmp_path: P
 def test_hls4ml_knobs_are_checked_up_front(knob: str, value: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         to_hls4ml(nn.Sequential(nn.ReLU()), "/nonexistent/never-written", **{knob: value})
+
+
+def test_fixed_point_writes_the_knobs_into_hls4ml_config(tmp_path: Path) -> None:
+    from tnquant.export import HlsOptions
+
+    em = fixed_point(
+        _model(), tmp_path, IN_T, hls4ml=HlsOptions(strategy="Resource", reuse_factor={"2": 4})
+    )
+    cfg = json.loads((tmp_path / "hls4ml_config.json").read_text())
+    names = list(cfg["LayerName"])[1:]
+    for name, op in zip(names, em.ops, strict=True):
+        if op.kind == "dense":
+            layer = cfg["LayerName"][name]
+            want = 4 if op.layer == "2" else 1
+            assert (layer["ReuseFactor"], layer["Strategy"]) == (want, "Resource"), name

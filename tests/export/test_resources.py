@@ -98,3 +98,41 @@ def test_tt_counts_match_the_brute_force_walk_and_the_report() -> None:
     # the products of every step are the report's multiplies (zero and shift included)
     report = build_report(ops)
     assert totals(op_resources(ops[0]))["products"] == report.totals["multiplies"]
+
+
+def test_binary_and_ternary_report_1_and_2_bits_and_no_multiplier() -> None:
+    from tnquant import Binary, Ternary, calibrate
+
+    for spec, bits in [
+        (Binary(scale="pow2"), 1),
+        (Binary(granularity="channel", scale="pow2"), 1),
+        (Ternary(scale="pow2"), 2),
+        (Ternary(method="ttq", scale="pow2"), 2),
+    ]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
+        quantize(model, weights=spec, progress=False)
+        calibrate(model, [torch.randn(64, 16)], progress=False)
+        report = build_report(build_graph(model, FixedPoint(10, 4)))
+        dense = [r for r in report.rows if r["kind"] == "dense"]
+        assert [r["code_bits"] for r in dense] == [bits, bits], spec
+        assert report.totals["multipliers"] == 0, spec
+        assert report.totals["zero_products"] + report.totals["shift_products"] == 16 * 32 + 32 * 5
+        # every non-zero code is one effective bit: EBOPs = its products at their input width
+        assert report.totals["ebops"] == sum(r["shift_products"] * r["input_width"] for r in dense)
+
+
+def test_factorized_bops_against_the_dense_layer_by_hand() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(LowRankLinear([torch.randn(64, 4), torch.randn(4, 32)]))
+    quantize(model, cores=FixedPoint(8, 2), progress=False)
+    report = build_report(build_graph(model, FixedPoint(10, 4)))
+    (layer,) = report.layers
+    v_step, u_step = report.rows  # V (4 x 32) reads the 10-bit input; U (64 x 4) its result
+    assert v_step["bops"] == 4 * 32 * 10 * 8
+    assert u_step["bops"] == 64 * 4 * v_step["result_width"] * 8
+    assert layer["dense_bops"] == 64 * 32 * 10 * 8
+    assert layer["bops"] == v_step["bops"] + u_step["bops"]
+    assert layer["ebops"] == sum(
+        totals(op_resources(op))["ebops"] for op in build_graph(model, FixedPoint(10, 4))
+    )

@@ -10,6 +10,17 @@ overridden), writes the files below, and returns the bit-exact
 codes + ``DequantizeLinear``, factorized layers kept as their chains; see
 :mod:`tnquant.export.onnx`).
 
+The same fixed-point network also goes out as: an hls4ml project
+(:func:`to_hls4ml`, with hls4ml's knobs, :class:`HlsOptions`); a QONNX file
+(:func:`qonnx`: ``Quant`` nodes around ``MatMul`` chains, TT layers
+included, read by QONNX's executor and hls4ml's QONNX front end); and a
+complete HLS C++ project with a C testbench (:func:`write_project` /
+:func:`run_project`, :mod:`tnquant.export.cproject`), every layer kind
+included, TT too. Each is bit-exact with :class:`IntegerModel`. The report
+(:class:`ExportReport`) counts multiplies by operand widths, zero and
+power-of-two weights apart, memory bits, BOPs and HGQ-style EBOPs
+(:mod:`tnquant.export.resources`).
+
 Routes per layer type
 ---------------------
 ==========================  ====================================================
@@ -95,18 +106,24 @@ import torch
 from torch import nn
 
 from tnquant.export.cheaders import write_headers
+from tnquant.export.cproject import run_project, write_project
 from tnquant.export.drift import drift
 from tnquant.export.emulator import IntegerModel
 from tnquant.export.graph import Op, TypeOverride, bias_params, build_graph, set_biases, snap_biases
-from tnquant.export.hls import hls4ml_config, hls4ml_supported, to_hls4ml
+from tnquant.export.hls import HlsOptions, hls4ml_config, hls4ml_supported, to_hls4ml
 from tnquant.export.manifest import CORES, HLS4ML_CONFIG, MANIFEST
 from tnquant.export.onnx import OnnxExport, onnx
+from tnquant.export.qonnx import qonnx
 from tnquant.export.report import REPORT_JSON, REPORT_MD, ExportReport, build_report
 from tnquant.specs import FixedPoint
 
 __all__ = [
     "fixed_point",
     "to_hls4ml",
+    "HlsOptions",
+    "qonnx",
+    "write_project",
+    "run_project",
     "onnx",
     "OnnxExport",
     "IntegerModel",
@@ -157,7 +174,7 @@ def fixed_point(
     accum: TypeOverride = None,
     result: TypeOverride = None,
     bias: TypeOverride = None,
-    hls4ml: bool = True,
+    hls4ml: bool | HlsOptions = True,
     sample: Any = None,
     snap_biases: bool = True,
 ) -> IntegerModel:
@@ -183,7 +200,9 @@ def fixed_point(
         the products' fractional bits (rounded to nearest even, saturated).
     hls4ml
         Write ``hls4ml_config.json`` (needs hls4ml installed; skipped for
-        models with TT layers).
+        models with TT layers); an :class:`HlsOptions` sets hls4ml's knobs
+        in it (``ReuseFactor``, ``Strategy`` per layer), as :func:`to_hls4ml`
+        takes them.
     sample
         Float inputs ``(batch, in_features)``; when given, the report
         includes the per-layer drift of the emulator from the torch model on
@@ -235,7 +254,8 @@ QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec
         if saved and any(set_biases(model, ops).values()):
             ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
         em = IntegerModel(ops)
-        cfg = hls4ml_config(ops) if hls4ml and hls4ml_supported(ops) else None
+        options = hls4ml if isinstance(hls4ml, HlsOptions) else None
+        cfg = hls4ml_config(ops, None, options) if hls4ml and hls4ml_supported(ops) else None
         report = em.report(None if sample is None else drift(model, em, sample))
     except BaseException:
         with torch.no_grad():

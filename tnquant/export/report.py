@@ -19,6 +19,20 @@ counts, per contraction step (one row per ``dense`` op, one per core of a
     padding included.
 ``memory_bits``
     ``weight_bits + bias_bits``: what the FPGA stores (ROM/registers).
+``zero_products``, ``shift_products``, ``multipliers``, ``by_width``
+    The products by the weight's actual code (:mod:`tnquant.export.resources`):
+    zero weights (no hardware), ``±2^k`` weights (a shift, no multiplier)
+    and the real multiplies, these counted by operand widths as
+    ``{"<input width>x<weight bits>": count}``.
+``code_bits``
+    The width the codes need: 1 when every row of the weight is ``{-c, +c}``
+    (binary: one sign bit, XNOR-style), 2 when every row is within
+    ``{-c, 0, +c}`` (ternary), else ``weight_width``.
+``bops``, ``ebops``
+    Bit operations: ``multiplies * input_width * weight_width`` (declared
+    widths), and HGQ's effective bit operations (each non-zero product's
+    input width times the weight code's effective bits; see
+    :mod:`tnquant.export.resources`, which cites the definition).
 
 ``notes`` (:attr:`ExportReport.notes`) list what the export did to a tensor
 that the numbers above do not show: per-channel power-of-two scales at the
@@ -29,8 +43,10 @@ loaded directory has none; ``report.json`` / ``report.md`` keep them.
 Per layer it sets these against the **dense layer it replaces**: ``out *
 in`` multiplies and ``out * in * W`` weight bits (``W`` the widest weight
 type of the layer, i.e. the dense weight quantized like its cores) plus the
-same bias. Activations, adders and control logic are not counted: this is
-an estimate for comparing factorizations, not a synthesis report.
+same bias, and ``dense_bops`` (its ``out * in`` products at the layer's
+input width and that weight width) against the layer's ``bops``.
+Activations, adders and control logic are not counted: this is an estimate
+for comparing factorizations, not a synthesis report.
 
 Examples
 --------
@@ -54,7 +70,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tnquant.export.graph import Op
+from tnquant.export.resources import op_resources
 
 __all__ = ["ExportReport", "build_report", "REPORT_JSON", "REPORT_MD"]
 
@@ -76,6 +95,7 @@ def _row(
         "layer": op.layer,
         "kind": op.kind,
         "shape": shape,
+        "input_width": op.input_type.width,
         "weights": n_w,
         "weight_type": str(w_type) if w_type is not None else None,
         "weight_width": w_width,
@@ -93,12 +113,34 @@ def _row(
     }
 
 
+def _code_bits(w: np.ndarray, width: int) -> int:
+    """1 for rows of ``{-c, +c}``, 2 for rows within ``{-c, 0, +c}``, else ``width``."""
+    rows = np.abs(w.reshape(w.shape[0], -1))
+    top = rows.max(axis=1, keepdims=True)
+    if not ((rows == 0) | (rows == top)).all():
+        return width
+    return 1 if (rows != 0).all() else min(2, width)
+
+
+def _with_resources(row: dict[str, Any], res: dict[str, Any], w: np.ndarray) -> dict[str, Any]:
+    row["zero_products"] = res["zero"]
+    row["shift_products"] = res["shift"]
+    row["multipliers"] = res["multiplies"]
+    row["by_width"] = {f"{a}x{b}": n for (a, b), n in res["by_width"].items()}
+    row["code_bits"] = _code_bits(w, row["weight_width"])
+    row["bops"] = row["multiplies"] * row["input_width"] * row["weight_width"]
+    row["ebops"] = res["ebops"]
+    return row
+
+
 def _op_rows(op: Op) -> list[dict[str, Any]]:
-    if op.kind == "relu":
+    if op.kind not in ("dense", "tt"):  # elementwise ops (ReLU, ...): no weights
         return [_row(op.name, op, [], None, 0, 0, False)]
+    res = op_resources(op)
     if op.kind == "dense":
         w = op.weights[0]
-        return [_row(op.name, op, list(w.shape), op.weight_types[0], 0, int(w.size), True)]
+        row = _row(op.name, op, list(w.shape), op.weight_types[0], 0, int(w.size), True)
+        return [_with_resources(row, res[0], w)]
     d = len(op.weights)
     in_modes = [int(c.shape[2]) for c in op.weights]
     out_modes = [int(c.shape[1]) for c in op.weights]
@@ -107,9 +149,9 @@ def _op_rows(op: Op) -> list[dict[str, Any]]:
         k = d - 1 - s
         r0, o, i, r1 = (int(n) for n in op.weights[k].shape)
         mults = math.prod(in_modes[:k]) * (r0 * o) * (i * r1) * math.prod(out_modes[k + 1 :])
-        rows.append(
-            _row(f"{op.name}.{s}", op, [r0, o, i, r1], op.weight_types[k], s, mults, s == d - 1)
-        )
+        row = _row(f"{op.name}.{s}", op, [r0, o, i, r1], op.weight_types[k], s, mults, s == d - 1)
+        row["input_width"] = (op.input_type if s == 0 else op.step_types[s - 1]).width
+        rows.append(_with_resources(row, res[s], op.weights[k].reshape(r0 * o, i * r1)))
     return rows
 
 
@@ -194,7 +236,12 @@ class ExportReport:
             "bias_bits",
             "accum_width",
             "result_width",
+            "code_bits",
             "multiplies",
+            "zero_products",
+            "shift_products",
+            "multipliers",
+            "ebops",
             "memory_bits",
         ]
         out += ["## Steps", "", _md(cols, self.rows), ""]
@@ -208,6 +255,10 @@ class ExportReport:
             "memory_bits",
             "dense_memory_bits",
             "memory_ratio",
+            "bops",
+            "dense_bops",
+            "bops_ratio",
+            "ebops",
         ]
         out += ["## Layers vs dense", "", _md(cols, self.layers), ""]
         if self.drift is not None:
@@ -284,7 +335,7 @@ def build_report(ops: list[Op], drift: list[dict[str, Any]] | None = None) -> Ex
         raise ValueError("build_report needs at least one op, got none")
     rows = [r for op in ops for r in _op_rows(op)]
     layers: list[dict[str, Any]] = []
-    for name in dict.fromkeys(op.layer for op in ops if op.kind != "relu"):
+    for name in dict.fromkeys(op.layer for op in ops if op.kind in ("dense", "tt")):
         mine = [op for op in ops if op.layer == name]
         lrows = [r for r in rows if r["layer"] == name]
         n_in, n_out = mine[0].in_features, mine[-1].out_features
@@ -293,6 +344,8 @@ def build_report(ops: list[Op], drift: list[dict[str, Any]] | None = None) -> Ex
         mults = sum(r["multiplies"] for r in lrows)
         mem = sum(r["memory_bits"] for r in lrows)
         d_mults, d_mem = n_in * n_out, n_in * n_out * width + bias_bits
+        bops, ebops = sum(r["bops"] for r in lrows), sum(r["ebops"] for r in lrows)
+        d_bops = d_mults * mine[0].input_type.width * width
         layers.append(
             {
                 "layer": name,
@@ -307,15 +360,24 @@ def build_report(ops: list[Op], drift: list[dict[str, Any]] | None = None) -> Ex
                 "dense_memory_bits": d_mem,
                 "multiply_ratio": _ratio(d_mults, mults),
                 "memory_ratio": _ratio(d_mem, mem),
+                "multipliers": sum(r["multipliers"] for r in lrows),
+                "bops": bops,
+                "ebops": ebops,
+                "dense_bops": d_bops,
+                "bops_ratio": _ratio(d_bops, bops),
             }
         )
     totals: dict[str, Any] = {
         k: sum(r[k] for r in rows)
         for k in ("weights", "weight_bits", "bias_bits", "memory_bits", "multiplies")
     }
+    weighted = [r for r in rows if "ebops" in r]
+    for k in ("zero_products", "shift_products", "multipliers", "bops", "ebops"):
+        totals[k] = sum(r[k] for r in weighted)
     totals["max_accum_width"] = max(r["accum_width"] for r in rows)
-    for k in ("dense_multiplies", "dense_memory_bits"):
+    for k in ("dense_multiplies", "dense_memory_bits", "dense_bops"):
         totals[k] = sum(r[k] for r in layers)
+    totals["bops_ratio"] = _ratio(totals["dense_bops"], totals["bops"])
     totals["multiply_ratio"] = _ratio(totals["dense_multiplies"], totals["multiplies"])
     totals["memory_ratio"] = _ratio(totals["dense_memory_bits"], totals["memory_bits"])
     return ExportReport(
