@@ -222,3 +222,38 @@ def test_fixed_point_writes_the_knobs_into_hls4ml_config(tmp_path: Path) -> None
             layer = cfg["LayerName"][name]
             want = 4 if op.layer == "2" else 1
             assert (layer["ReuseFactor"], layer["Strategy"]) == (want, "Resource"), name
+
+
+def test_binary_and_ternary_layers_hls4ml_bit_exact(tmp_path: Path) -> None:
+    """Binary / ternary pow2 weights: 1- and 2-bit codes, no multiplier, C simulation exact."""
+    from tnquant import Binary, Ternary
+    from tnquant.export.resources import op_resources, totals
+
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+    ).double()
+    quantize(
+        model,
+        weights={
+            "0": Binary(granularity="channel", scale="pow2"),
+            "2": Ternary(scale="pow2"),
+            "4": Ternary(method="ttq", scale="pow2"),
+        },
+        progress=False,
+    )
+    calibrate(model, [torch.randn(128, 8, dtype=torch.float64)], progress=False)
+    em = fixed_point(model, tmp_path / "files", IN_T)
+    report = em.report()
+    dense = [r for r in report.rows if r["kind"] == "dense"]
+    assert [r["code_bits"] for r in dense] == [1, 2, 2]
+    assert all(totals(op_resources(op)).get("multiplies", 0) == 0 for op in em.ops)
+    hls_model = to_hls4ml(model, tmp_path / "hls", IN_T)
+    hls_model.compile()
+    x = _inputs()
+    got = np.asarray(hls_model.predict(np.ascontiguousarray(x))).reshape(len(x), -1)
+    np.testing.assert_array_equal(got, em.predict(x))
+    # biases snapped by fixed_point: the torch model on the quantized input agrees too
+    xq = np.ldexp(em.quantize_input(x).astype(np.float64), -IN_T.frac)
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(torch.from_numpy(xq)).numpy(), got)
