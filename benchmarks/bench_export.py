@@ -30,15 +30,18 @@ emulator (``IntegerModel.predict``) and hls4ml's C simulation
 rows marked, since each ``compile()`` costs 8-25 s); the number of test
 images whose 10 logits are equal bit for bit between emulator and
 fake-quant, and between emulator and hls4ml (or, for the TT rows, which
-hls4ml cannot take, between the emulator and the exported ``tt_linear.h``
-kernel of the TT layer compiled with g++ against hls4ml's ``ap_types``,
-fed the same input mantissas); multiplies per inference and memory bits
-(weights + biases) of the whole network vs the dense layers they replace,
-the widest accumulator, from ``IntegerModel.report()``; the compile time
-(hls4ml ``compile()``, or g++ for the TT kernel).
+hls4ml cannot take, between the emulator and the whole network's generated
+C++ project, :func:`tnquant.export.write_project` built by g++ and run on
+the same inputs); multiplies per inference (every product, and the real
+multipliers: weights neither 0 nor a power of two), HGQ-style EBOPs, BOPs
+and memory bits (weights + biases) of the whole network vs the dense layers
+they replace, the widest accumulator, from ``IntegerModel.report()``; the
+compile time (hls4ml ``compile()``, or the C++ project's g++ build and run).
+Precisions: ``WbAb`` (b-bit pow2 per-channel weights, b-bit inputs),
+``W2tA8`` (ternary weights, pow2 alphas) and ``W1A8`` (binary), PTQ only.
 
 Run: ``.venv/bin/python benchmarks/bench_export.py [--quick]`` (``--quick``:
-two precisions, two hls4ml compiles, one TT kernel compile).
+three precisions, three hls4ml compiles, one C++ project build).
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ from __future__ import annotations
 import argparse
 import copy
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,10 +63,20 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, train_classifier  # noqa: E402
 
-from tnquant import TT, LowRank, QuantSpec, Tucker, calibrate, factorize, finetune, quantize  # noqa: E402
+from tnquant import (  # noqa: E402
+    TT,
+    Binary,
+    LowRank,
+    QuantSpec,
+    Ternary,
+    Tucker,
+    calibrate,
+    factorize,
+    finetune,
+    quantize,
+)
 from tnquant.cli.datasets import digits  # noqa: E402
-from tnquant.export import IntegerModel, fixed_point, snap_biases, to_hls4ml  # noqa: E402
-from tnquant.export.cheaders import c_name  # noqa: E402
+from tnquant.export import fixed_point, run_project, snap_biases, to_hls4ml, write_project  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export.md"
 
@@ -74,11 +86,27 @@ ARCHS: dict[str, dict[str, Any] | None] = {
     "Tucker": {"0": Tucker(rank=(24, 16)), "2": Tucker(rank=(16, 16))},
     "TT": {"0": TT(rank=8, order=2), "2": LowRank(rank=12)},
 }
-#: (arch, bits) rows checked against hls4ml's C simulation (TT rows: the C kernel)
-HLS_FULL = {("dense", 8), ("LowRank", 8), ("LowRank", 4), ("Tucker", 6), ("Tucker", 4)}
-HLS_QUICK = {("LowRank", 8), ("Tucker", 4)}
-TT_KERNEL_FULL = {("TT", 8), ("TT", 4)}
-TT_KERNEL_QUICK = {("TT", 4)}
+#: precision rows: weight spec (cores too) and activation bits
+PRECISIONS: dict[str, tuple[Any, int]] = {
+    "W8A8": (QuantSpec(bits=8, scale="pow2", granularity="channel"), 8),
+    "W6A6": (QuantSpec(bits=6, scale="pow2", granularity="channel"), 6),
+    "W4A4": (QuantSpec(bits=4, scale="pow2", granularity="channel"), 4),
+    "W2tA8": (Ternary(granularity="channel", scale="pow2"), 8),
+    "W1A8": (Binary(granularity="channel", scale="pow2"), 8),
+}
+#: (arch, precision) rows checked against hls4ml's C simulation (TT rows: the C++ project)
+HLS_FULL = {
+    ("dense", "W8A8"),
+    ("LowRank", "W8A8"),
+    ("LowRank", "W4A4"),
+    ("Tucker", "W6A6"),
+    ("Tucker", "W4A4"),
+    ("dense", "W2tA8"),
+    ("LowRank", "W1A8"),
+}
+HLS_QUICK = {("LowRank", "W8A8"), ("Tucker", "W4A4"), ("dense", "W2tA8")}
+TT_KERNEL_FULL = {("TT", "W8A8"), ("TT", "W4A4"), ("TT", "W2tA8")}
+TT_KERNEL_QUICK = {("TT", "W4A4")}
 
 
 def make_mlp() -> nn.Module:
@@ -92,66 +120,6 @@ def accuracy_of(logits: np.ndarray | torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y.numpy()).mean())
 
 
-def ap_types_dir() -> Path | None:
-    try:
-        import hls4ml
-    except ImportError:
-        return None
-    path = Path(hls4ml.__file__).parent / "templates" / "vivado" / "ap_types"
-    return path if (path / "ap_fixed.h").is_file() and shutil.which("g++") else None
-
-
-def tt_kernel_check(em: IntegerModel, out_dir: Path, x: np.ndarray) -> tuple[int, float]:
-    """Run the exported TT layer's C kernel (g++) on the emulator's inputs to it.
-
-    Returns the number of samples whose outputs equal the emulator's bit for
-    bit, and the g++ compile time.
-    """
-    ap = ap_types_dir()
-    if ap is None:
-        raise RuntimeError("needs g++ and hls4ml's ap_types headers")
-    idx = next(i for i, op in enumerate(em.ops) if op.kind == "tt")
-    op = em.ops[idx]
-    trace = em.trace(em.quantize_input(x))
-    x_in = em.quantize_input(x) if idx == 0 else trace[idx - 1][0]
-    want = trace[idx][0]
-    fn = c_name(op.name)
-    d = len(op.weights)
-    main = out_dir / "tt_main.cpp"
-    main.write_text(f"""#include <cstdio>
-#include "tnquant_tt_layers.h"
-#include "tnquant_weights_int.h"
-int main() {{
-    double v;
-    {fn}_input_t x[{op.in_features}];
-    {fn}_res{d - 1}_t y[{op.out_features}];
-    while (true) {{
-        for (int i = 0; i < {op.in_features}; i++) {{
-            if (scanf("%lf", &v) != 1) return 0;
-            x[i] = v;
-        }}
-        {fn}(x, y);
-        for (int i = 0; i < {op.out_features}; i++) printf("%.17g ", y[i].to_double());
-        printf("\\n");
-    }}
-}}
-""")
-    exe = out_dir / "tt_main"
-    t0 = time.perf_counter()
-    subprocess.run(
-        ["g++", "-O1", "-std=c++14", f"-I{ap}", f"-I{out_dir}", str(main), "-o", str(exe)],
-        check=True,
-        capture_output=True,
-    )
-    compile_s = time.perf_counter() - t0
-    vals = np.ldexp(x_in.astype(np.float64), -op.input_type.frac)
-    text = "\n".join(" ".join(repr(float(v)) for v in row) for row in vals)
-    out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True)
-    got = np.array([[float(v) for v in line.split()] for line in out.stdout.splitlines()])
-    ref = np.ldexp(want.astype(np.float64), -op.result_type.frac)
-    return int(np.all(got == ref, axis=1).sum()), compile_s
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -161,7 +129,7 @@ def main() -> None:
     print(command)
     print(machine())
     t_start = time.perf_counter()
-    bits_list = (8, 4) if args.quick else (8, 6, 4)
+    labels = ["W8A8", "W4A4", "W2tA8"] if args.quick else list(PRECISIONS)
     hls_rows = HLS_QUICK if args.quick else HLS_FULL
     tt_rows = TT_KERNEL_QUICK if args.quick else TT_KERNEL_FULL
     float_epochs, ft_epochs = 30, 5
@@ -199,12 +167,12 @@ def main() -> None:
             base.eval()
             with torch.no_grad():
                 base_acc = accuracy_of(base(x_te), y_te)
-            for bits in bits_list:
-                label = f"W{bits}A{bits}"
+            for label in labels:
+                wspec, bits = PRECISIONS[label]
                 model = copy.deepcopy(base).double()
                 quantize(
                     model,
-                    weights=QuantSpec(bits=bits, scale="pow2", granularity="channel"),
+                    weights=wspec,
                     activations={
                         "*.input": QuantSpec(bits=bits, symmetric=False, scale="pow2"),
                         "*.inter_*": QuantSpec(bits=2 * bits, scale="pow2"),
@@ -214,7 +182,7 @@ def main() -> None:
                 calibrate(model, calib64, progress=False)
                 snap_biases(model)
                 model.eval()
-                out_dir = work / f"{arch}_{bits}"
+                out_dir = work / f"{arch}_{label}"
                 t0 = time.perf_counter()
                 em = fixed_point(model, out_dir, sample=x_np[:128])
                 export_s = time.perf_counter() - t0
@@ -225,11 +193,11 @@ def main() -> None:
                 hls_acc: Any = ""
                 same_hw: Any = ""
                 compile_s: Any = ""
-                if (arch, bits) in hls_rows:
+                if (arch, label) in hls_rows:
                     hm = to_hls4ml(
                         model,
-                        work / f"hls_{arch}_{bits}",
-                        project_name=f"tnq_{arch.lower()}_{bits}",
+                        work / f"hls_{arch}_{label}",
+                        project_name=f"tnq_{arch.lower()}_{label.lower()}",
                     )
                     t0 = time.perf_counter()
                     hm.compile()
@@ -237,10 +205,12 @@ def main() -> None:
                     got = np.asarray(hm.predict(np.ascontiguousarray(x_np))).reshape(emu.shape)
                     hls_acc = round(accuracy_of(got, y_te), 4)
                     same_hw = f"{int(np.all(got == emu, axis=1).sum())} (hls4ml)"
-                elif (arch, bits) in tt_rows:
-                    n_same, cs = tt_kernel_check(em, out_dir, x_np)
-                    compile_s = round(cs, 1)
-                    same_hw = f"{n_same} (TT kernel)"
+                elif (arch, label) in tt_rows:
+                    t0 = time.perf_counter()
+                    project = write_project(em, work / f"cpp_{arch}_{label}", x_np)
+                    got = run_project(project, x_np)
+                    compile_s = round(time.perf_counter() - t0, 1)
+                    same_hw = f"{int(np.all(got == emu, axis=1).sum())} (C++ project)"
                 tot = em.report().totals
                 row = (
                     arch,
@@ -253,7 +223,11 @@ def main() -> None:
                     same_fq,
                     same_hw,
                     tot["multiplies"],
+                    tot["multipliers"],
                     tot["dense_multiplies"],
+                    tot["ebops"],
+                    tot["bops"],
+                    tot["dense_bops"],
                     tot["memory_bits"],
                     tot["dense_memory_bits"],
                     tot["max_accum_width"],
@@ -274,9 +248,13 @@ def main() -> None:
         "emulator acc",
         "hls4ml acc",
         f"emu == fake-quant (of {n_test})",
-        f"emu == hls4ml / C kernel (of {n_test})",
+        f"emu == hls4ml / C++ project (of {n_test})",
         "multiplies",
+        "real multipliers",
         "dense multiplies",
+        "EBOPs",
+        "BOPs",
+        "dense BOPs",
         "memory bits",
         "dense memory bits",
         "max accum bits",
@@ -290,7 +268,7 @@ def main() -> None:
     all_hw = all(str(h).startswith(f"{n_test} ") for h in hw)
     verdict = (
         f"**Emulator == fake-quant torch model on every test image in every row: "
-        f"{'yes' if all_fq else 'NO'}; emulator == hls4ml C simulation / TT C kernel "
+        f"{'yes' if all_fq else 'NO'}; emulator == hls4ml C simulation / C++ project "
         f"on every test image in the {len(hw)} checked rows: "
         f"{'yes' if all_hw else 'NO'}.**"
     )
@@ -302,7 +280,11 @@ def main() -> None:
         f"64-128-64-10 with ReLUs, trained {float_epochs} epochs on {len(y_tr)} flattened "
         f"digits images ({train_s:.1f}s, Adam lr 3e-3); factorized models fitted to the layer "
         f"outputs and fine-tuned in float {ft_epochs} epochs (CE + KL to the float MLP, AdamW "
-        f"lr 1e-3). Factorizations: LowRank = layers 0, 2 LowRank(rank 16, 12); Tucker = "
+        f"lr 1e-3). Precisions: `WbAb` as below; `W2tA8` ternary weights "
+        f"(`Ternary(granularity='channel', scale='pow2')`, TWN, every alpha a power of two) and "
+        f"`W1A8` binary (`Binary(granularity='channel', scale='pow2')`) with 8-bit inputs, PTQ "
+        f"only (no QAT: their accuracy is the post-training one). Factorizations: "
+        f"LowRank = layers 0, 2 LowRank(rank 16, 12); Tucker = "
         f"Tucker-2 (order 1) ranks (24, 16), (16, 16); TT = layer 0 TT(rank 8, order 2), layer "
         f"2 LowRank(12); the last Linear stays dense. `WbAb`: every weight/core "
         f"`QuantSpec(bits=b, scale='pow2', granularity='channel')`, every layer input "
@@ -312,8 +294,12 @@ def main() -> None:
         f"exported grid. "
         f"Fake-quant model in float64. hls4ml {_hls4ml_version()} C simulation (Vivado "
         f"backend, io_parallel, Latency, float64 inputs) on the marked rows; TT rows (no "
-        f"hls4ml route) check the exported `tt_linear.h` kernel of the TT layer instead, "
-        f"compiled with g++ against hls4ml's ap_types. Multiplies per inference and memory "
+        f"hls4ml route) check the whole network's generated C++ project instead "
+        f"(`write_project` + `run_project`: g++ build and testbench). 'multiplies' counts "
+        f"every product, 'real multipliers' those whose weight is neither 0 nor a power of "
+        f"two (those are shifts), EBOPs as HGQ (each non-zero product: input width x the "
+        f"weight code's effective bits), BOPs the declared widths (products x input width "
+        f"x weight width) against the dense layers'. Multiplies per inference and memory "
         f"bits (weights + biases) from `IntegerModel.report()`, whole network, vs the dense "
         f"layers replaced, stored at the widest weight type of each layer (the report's "
         f"convention). Per-channel pow2 scales share one `ap_fixed` type per tensor, so "
