@@ -217,10 +217,21 @@ def _tt() -> nn.Module:
     return model
 
 
+def _acts() -> nn.Module:
+    """A clip (ReLU6), a no-op Flatten and a LeakyReLU whose alpha is rounded (0.01)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Linear(6, 5), nn.ReLU6(), nn.Flatten(), nn.Linear(5, 4), nn.LeakyReLU(0.01),
+        nn.Linear(4, 3),
+    )  # fmt: skip
+    quantize(model, weights=FixedPoint(6, 2), progress=False)
+    return model
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: Any) -> dict[str, tuple[Path, np.ndarray, np.ndarray]]:
     out = {}
-    for name, make in (("mlp", _mlp), ("tt", _tt)):
+    for name, make in (("mlp", _mlp), ("tt", _tt), ("acts", _acts)):
         d = tmp_path_factory.mktemp(name)
         em = fixed_point(make(), d, IN_T, hls4ml=False)
         x = np.random.default_rng(0).integers(IN_T.qmin, IN_T.qmax + 1, size=(16, em.in_features))
@@ -463,6 +474,102 @@ def test_forged_directory_is_refused(exports: Any, forge: str) -> None:
         _refused(d)
 
 
+def _set(arrays: dict[str, np.ndarray], key: str, values: list[int]) -> None:
+    arrays[key] = np.array(values, dtype=np.int64)
+
+
+#: forgeries of the clip op (ops[1], '1': ReLU6 bounds) and the leaky_relu op (ops[3], '4':
+#: alpha 655 of ap_fixed<17,1>), every checksum recomputed; each must be refused by name
+ACT_FORGERIES: dict[str, tuple[Callable[[dict[str, Any], dict[str, np.ndarray]], None], str]] = {
+    "clip bounds swapped": (
+        lambda man, a: _set(a, "1.w0", a["1.w0"][::-1].tolist()),
+        r"array '1\.w0' \(ops\[1\]\) holds the clip bounds \[\d+, 0\]; lo must be <= hi",
+    ),
+    "clip bound past its type": (
+        lambda man, a: _set(a, "1.w0", [0, 1 << 40]),
+        r"array '1\.w0' \(ops\[1\]\) holds mantissas in \[0, 1099511627776\], outside",
+    ),
+    "clip bound type": (
+        lambda man, a: man["ops"][1].update(weight_types=["ap_fixed<40,12>"]),
+        r"ops\[1\]\.weight_types\[0\] must be the input type ap_fixed<.*> \(a clip's bounds",
+    ),
+    "clip bounds shape": (
+        lambda man, a: man["ops"][1].update(weight_shapes=[[3]]),
+        r"ops\[1\]\.weight_shapes\[0\] must be \[2\] \(\[lo, hi\]\), got \[3\]",
+    ),
+    "clip with a bias": (
+        lambda man, a: man["ops"][1].update(bias="1.bias", bias_type="ap_fixed<8,3>"),
+        r"ops\[1\]\.bias/bias_type must be both null or \(not for an elementwise op",
+    ),
+    "clip result type": (
+        lambda man, a: man["ops"][1].update(
+            result_type="ap_fixed<12,4>", step_types=["ap_fixed<12,4>"]
+        ),
+        r"ops\[1\]\.result_type must be the input type .* \(derived\)",
+    ),
+    "alpha even": (
+        lambda man, a: _set(a, "4.w0", [654]),
+        r"ops\[3\]\.weight_types\[0\] must be ap_fixed<16,1> \(the type of alpha '4\.w0' = "
+        r"654 \* 2\^-16 on its fewest fractional bits, derived\), got 'ap_fixed<17,1>'",
+    ),
+    "alpha past its type": (
+        lambda man, a: _set(a, "4.w0", [70001]),
+        r"array '4\.w0' \(ops\[3\]\) holds mantissas in \[70001, 70001\], outside "
+        r"ap_fixed<17,1>",
+    ),
+    "alpha type": (
+        lambda man, a: man["ops"][3].update(weight_types=["ap_fixed<18,2>"]),
+        r"ops\[3\]\.result_type must be the product type ap_fixed<.*> \(derived\)",
+    ),
+    "alpha type, result said given": (
+        lambda man, a: (
+            man["ops"][3].update(weight_types=["ap_fixed<18,2>"]),
+            man["ops"][3]["derived"].update(result=[False]),
+        ),
+        r"ops\[3\]\.weight_types\[0\] must be ap_fixed<17,1> \(the type of alpha",
+    ),
+    "alpha with 20 fractional bits": (
+        lambda man, a: (
+            man["ops"][3].update(weight_types=["ap_fixed<21,1>"]),
+            man["ops"][3]["derived"].update(result=[False]),
+        ),
+        r"ops\[3\]\.weight_types\[0\] must be an alpha type with 0\.\.16 fractional bits",
+    ),
+    "alpha scale exponents": (
+        lambda man, a: man["ops"][3].update(scale_exponents=[[-16]]),
+        r"ops\[3\]\.scale_exponents must be \[\] for a leaky_relu op",
+    ),
+    "leaky said relu": (
+        lambda man, a: man["ops"][3].update(kind="relu"),
+        r"ops\[3\]\.weights must be a list of 0 entries",
+    ),
+}
+
+
+@pytest.mark.parametrize("forge", list(ACT_FORGERIES))
+def test_forged_clip_and_leaky_fields_are_refused_by_name(exports: Any, forge: str) -> None:
+    edit, message = ACT_FORGERIES[forge]
+    with _copy(exports["acts"][0]) as d:
+        man, arrays = _read(d)
+        assert [op["kind"] for op in man["ops"]] == [
+            "dense", "clip", "dense", "leaky_relu", "dense",
+        ]  # fmt: skip
+        assert arrays["4.w0"].tolist() == [655] and man["ops"][3]["weight_types"] == [
+            "ap_fixed<17,1>"
+        ]
+        edit(man, arrays)
+        _seal(d, man, npz=_zip(_members(arrays)))
+        _refused(d, message)
+
+
+def test_clip_bounds_edited_without_their_checksum_are_refused(exports: Any) -> None:
+    with _copy(exports["acts"][0]) as d:
+        man, arrays = _read(d)
+        _set(arrays, "1.w0", [1, 2])
+        _seal(d, man, npz=_zip(_members(arrays)), resum=False)
+        _refused(d, r"array '1\.w0': its SHA-256 does not match")
+
+
 # --------------------------------------------------------------------------- #
 # random forgeries (bounded, derandomized)
 # --------------------------------------------------------------------------- #
@@ -545,7 +652,7 @@ def _perturb(v: Any, k: int) -> Any:
 )
 @given(data=st.data())
 def test_random_manifest_edits_are_refused_or_harmless(exports: Any, data: Any) -> None:
-    name = data.draw(st.sampled_from(["mlp", "tt"]))
+    name = data.draw(st.sampled_from(["mlp", "tt", "acts"]))
     src, x, y = exports[name]
     man, _ = _read(src)
     for _ in range(data.draw(st.integers(1, 2))):
@@ -588,7 +695,7 @@ def test_random_manifest_edits_are_refused_or_harmless(exports: Any, data: Any) 
 )
 @given(data=st.data())
 def test_random_cores_corruptions_are_refused_or_read_faithfully(exports: Any, data: Any) -> None:
-    src = exports[data.draw(st.sampled_from(["mlp", "tt"]))][0]
+    src = exports[data.draw(st.sampled_from(["mlp", "tt", "acts"]))][0]
     man, _ = _read(src)
     raw = bytearray((src / "cores.npz").read_bytes())
     for _ in range(data.draw(st.integers(1, 3))):

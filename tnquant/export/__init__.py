@@ -32,6 +32,15 @@ Routes per layer type
 ``nn.ReLU``                 ``relu`` op; hls4ml ``Activation('relu')`` (it
                             casts to its result type when the next layer's
                             ``'input'`` quantizer sets one)
+``nn.ReLU6``/``Hardtanh``   ``clip`` op, bounds on the input type's grid; no
+                            hls4ml route (hls4ml 1.3.0's PyTorch front end
+                            takes neither): the C++ project, QONNX ``Clip``
+``nn.LeakyReLU``            ``leaky_relu`` op, alpha on at most 16 fractional
+                            bits (the slope snapped in place); hls4ml
+                            ``LeakyReLU`` (``param`` = alpha's type), QONNX
+                            ``LeakyRelu``
+``nn.Flatten`` (1, -1)      no op (a no-op on the ``(batch, features)`` chain)
+``Identity``/``Dropout``    no op (``Dropout`` in eval is the identity)
 ``TTLinear``                one ``tt`` op: the emulator and C headers +
                             ``tt_linear.h`` (HLS C++ on plain loops); no
                             hls4ml route (its PyTorch front end rejects the
@@ -108,10 +117,11 @@ from torch import nn
 from tnquant.export.cheaders import write_headers
 from tnquant.export.cproject import run_project, write_project
 from tnquant.export.drift import drift
+from tnquant.export.elementwise import leaky_modules
 from tnquant.export.emulator import IntegerModel
 from tnquant.export.graph import Op, TypeOverride, bias_params, build_graph, set_biases, snap_biases
 from tnquant.export.hls import HlsOptions, hls4ml_config, hls4ml_supported, to_hls4ml
-from tnquant.export.manifest import CORES, HLS4ML_CONFIG, MANIFEST
+from tnquant.export.manifest import CORES, HLS4ML_CONFIG, MANIFEST, route_of
 from tnquant.export.onnx import OnnxExport, onnx
 from tnquant.export.qonnx import qonnx
 from tnquant.export.report import REPORT_JSON, REPORT_MD, ExportReport, build_report
@@ -250,8 +260,9 @@ QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec
     """
     ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
     saved = [(p, p.detach().clone()) for _, p in bias_params(model, ops)] if snap_biases else []
+    slopes = [(m, m.negative_slope) for _, m in leaky_modules(model, ops)] if snap_biases else []
     try:
-        if saved and any(set_biases(model, ops).values()):
+        if snap_biases and any(set_biases(model, ops).values()):  # biases and slopes
             ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
         em = IntegerModel(ops)
         options = hls4ml if isinstance(hls4ml, HlsOptions) else None
@@ -261,6 +272,8 @@ QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec
         with torch.no_grad():
             for p, v in saved:
                 p.copy_(v)
+        for m, slope in slopes:
+            m.negative_slope = slope
         raise
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +281,7 @@ QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec
     headers = write_headers(ops, out)
     extra: dict[str, Any] = {
         "headers": [p.name for p in headers],
-        "routes": {op.name: "hls4ml" if op.kind != "tt" else "c-headers" for op in ops},
+        "routes": {op.name: route_of(op) for op in ops},
     }
     if cfg is not None:
         (out / HLS4ML_CONFIG).write_text(json.dumps(cfg, indent=1, default=str))

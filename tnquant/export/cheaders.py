@@ -6,7 +6,9 @@ Files written by :func:`write_headers`:
     ``typedef ap_fixed<...>`` for every type of every op (``<op>_input_t``,
     ``<op>_w<k>_t``, ``<op>_bias_t``, ``<op>_accum<s>_t``, ``<op>_res<s>_t``)
     and ``const <op>_w<k>_t <op>_w<k>[n] = {...}`` arrays (row-major, the
-    shapes of the manifest), values written as exact decimal literals.
+    shapes of the manifest), values written as exact decimal literals; a
+    clip's ``<op>_w0`` is ``{lo, hi}`` (of its input type), a LeakyReLU's
+    ``{alpha}`` (of alpha's type).
 ``tnquant_weights_int.h``
     The same arrays as plain ``int32_t``/``int64_t`` mantissas, with
     ``#define <OP>_W<k>_FRAC`` giving the binary point (value = m * 2^-FRAC).

@@ -26,7 +26,7 @@ Examples
 >>> t = FixedPoint(8, 4)
 >>> x = np.arange(16, dtype=np.int64).reshape(1, 1, 4, 4)
 >>> w = np.ones((1, 1, 2, 2), dtype=np.int64)
->>> conv2d(x, w, t, t, FixedPoint(12, 8), FixedPoint(12, 8), stride=(2, 2)).tolist()
+>>> conv2d(x, w, t, t, FixedPoint(16, 8), FixedPoint(16, 8), stride=(2, 2)).tolist()
 [[[[10, 18], [42, 50]]]]
 >>> max_pool2d(x, (2, 2), (2, 2)).tolist()
 [[[[5, 7], [13, 15]]]]

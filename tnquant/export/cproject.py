@@ -9,7 +9,7 @@ kind included, TT layers too (which hls4ml cannot take)::
       firmware/tnquant_weights.h     types and weights (tnquant.export.cheaders)
       firmware/tt_linear.h           the contraction kernel (hls4ml's dense arithmetic)
       firmware/tnquant_tt_layers.h   one function per TT layer (with TT layers)
-      firmware/tnquant_layers.h      one function per dense and ReLU op
+      firmware/tnquant_layers.h      one function per dense and elementwise op
       firmware/tnquant_top.h, .cpp   tnquant_top(x, y): the whole network, HLS pragmas
       firmware/ap_types/             Xilinx's ap_fixed headers (copied from hls4ml)
       tb/tnquant_tb.cpp              reads tb_data/tb_input_features.dat, writes
@@ -20,7 +20,10 @@ kind included, TT layers too (which hls4ml cannot take)::
 A dense op is :func:`tnquant::tt_step_bias` with ``P = Q = 1`` (one
 contraction step: products cast to ``accum_t``, the accumulator started
 from the bias, added in ascending order, cast to the result type); a ReLU is
-``y = x > 0 ? x : 0`` cast to its result type, as hls4ml's. The testbench
+``y = x > 0 ? x : 0`` cast to its result type, as hls4ml's; a clip compares
+with its bounds ``<op>_w0[0]``, ``<op>_w0[1]`` (of the input type) and
+casts; a LeakyReLU is hls4ml's ``x > 0 ? x : alpha * x`` with ``alpha =
+<op>_w0[0]`` of its own type (the product exact), cast. The testbench
 reads the inputs as decimal doubles (``repr``: exact) into ``input_t``,
 whose ``double`` constructor is what :meth:`IntegerModel.quantize_input`
 follows, and prints the outputs as exact doubles, so :func:`run_project`'s
@@ -51,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from tnquant.export.cheaders import c_name, c_type, write_headers
-from tnquant.export.ir import Op
+from tnquant.export.ir import ELEMENTWISE, Op
 
 __all__ = ["write_project", "run_project", "ap_types_dir"]
 
@@ -117,20 +120,41 @@ def _out_t(op: Op) -> str:
     return f"{c_name(op.name)}_out_t"
 
 
+#: elementwise op kind -> (comment, loop body); the bounds and alpha are ``<op>_w0``
+_ELEMENTWISE = {
+    "relu": (
+        "ReLU {name}: y = x > 0 ? x : 0",
+        ["        y[i] = x[i] > 0 ? ({out})x[i] : ({out})0;"],
+    ),
+    "clip": (
+        "clip {name}: y = min(max(x, lo), hi), lo and hi of the input type",
+        [
+            "        {c}_input_t v = x[i] < {c}_w0[0] ? ({c}_input_t){c}_w0[0] : x[i];",
+            "        y[i] = ({out})(v > {c}_w0[1] ? ({c}_input_t){c}_w0[1] : v);",
+        ],
+    ),
+    "leaky_relu": (
+        "LeakyReLU {name}: y = x > 0 ? x : alpha * x (nnet::leaky_relu), the product exact",
+        ["        y[i] = x[i] > 0 ? ({out})x[i] : ({out})({c}_w0[0] * x[i]);"],
+    ),
+}
+
+
 def _layer(op: Op) -> str:
     c = c_name(op.name)
     sig = (
         f"inline void {c}(const {c}_input_t x[{op.in_features}], {_out_t(op)} y[{op.out_features}])"
     )
-    if op.kind == "relu":
+    if op.kind in ELEMENTWISE:
+        head, body = _ELEMENTWISE[op.kind]
         return "\n".join(
             [
-                f"// ReLU {op.name!r}: y = x > 0 ? x : 0, cast to {op.result_type}",
+                f"// {head.format(name=repr(op.name))}, cast to {op.result_type}",
                 sig + " {",
                 "#pragma HLS INLINE",
                 f"    for (int i = 0; i < {op.in_features}; i++) {{",
                 "#pragma HLS UNROLL",
-                f"        y[i] = x[i] > 0 ? ({_out_t(op)})x[i] : ({_out_t(op)})0;",
+                *(line.format(out=_out_t(op), c=c) for line in body),
                 "    }",
                 "}",
                 "",
@@ -168,7 +192,7 @@ def _layers_header(ops: list[Op]) -> str:
     ]
     for op in ops:
         c = c_name(op.name)
-        if op.kind == "relu":
+        if op.kind in ELEMENTWISE:
             lines.append(f"typedef {c_type(op.input_type)} {c}_input_t;")
         lines.append(f"typedef {c_type(op.result_type)} {_out_t(op)};")
     lines.append("")

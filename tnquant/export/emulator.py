@@ -16,7 +16,11 @@ this order, on integer mantissas only:
 4. the sum is cast to the result type (``res[ires] = (res_T)acc[ires]``).
 
 ReLU is ``res = data > 0 ? data : 0`` (``nnet_activation.h``; the
-assignment casts to ``res_T`` when that differs from the input type). A TT layer
+assignment casts to ``res_T`` when that differs from the input type); a
+clip is ``min(max(x, lo), hi)`` on mantissas of the input type, cast the
+same way; a LeakyReLU is ``nnet::leaky_relu``'s ``res = data > 0 ? data :
+alpha * data``, the product exact (``Fx + Fa`` fractional bits), each
+branch cast to ``res_T`` (see :mod:`tnquant.export.elementwise`). A TT layer
 runs the same step once per core, right to left (see
 :mod:`tnquant.export.graph`).
 
@@ -186,17 +190,35 @@ def _dense_run(op: Op, x: np.ndarray, stats: dict[str, int] | None = None) -> np
     return np.concatenate(outs, axis=0) if outs else np.zeros((0, w.shape[0]), np.int64)
 
 
+def _leaky_run(op: Op, x: np.ndarray, stats: dict[str, int] | None = None) -> np.ndarray:
+    """hls4ml's ``leaky_relu``: ``x > 0 ? x : alpha * x`` (exact product), cast to ``res_T``."""
+    x_t, a_t, r_t = op.input_type, op.weight_types[0], op.result_type
+    pos, prod = x > 0, x * int(op.weights[0][0])
+    if stats is not None:
+        _count(stats, "result", x[pos], x_t.frac, r_t)
+        _count(stats, "result", prod[~pos], x_t.frac + a_t.frac, r_t)
+    kept = cast_mantissa(x, x_t.frac, r_t)
+    return np.where(pos, kept, cast_mantissa(prod, x_t.frac + a_t.frac, r_t)).astype(np.int64)
+
+
 def _run_op(op: Op, arr: np.ndarray, stats: dict[str, int] | None = None) -> np.ndarray:
-    if op.kind == "relu":
-        arr = np.maximum(arr, 0)
+    if op.kind in ("relu", "clip"):
+        if op.kind == "relu":
+            arr = np.maximum(arr, 0)
+        else:
+            arr = np.clip(arr, int(op.weights[0][0]), int(op.weights[0][1]))
         if op.result_type != op.input_type:  # hls4ml: res = data > 0 ? data : 0, cast to res_T
             if stats is not None:
                 _count(stats, "result", arr, op.input_type.frac, op.result_type)
             arr = cast_mantissa(arr, op.input_type.frac, op.result_type)
         return arr
+    if op.kind == "leaky_relu":
+        return _leaky_run(op, arr, stats)
     if op.kind == "dense":
         return _dense_run(op, arr, stats)
-    return _tt_run(op, arr, stats)
+    if op.kind == "tt":
+        return _tt_run(op, arr, stats)
+    raise ValueError(f"op {op.name!r}: the emulator has no op kind {op.kind!r}")
 
 
 class IntegerModel:

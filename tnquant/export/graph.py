@@ -6,10 +6,23 @@ The IR is a list of ops run in order, each reading the previous op's result:
     ``y = cast_result(bias + sum_i cast_accum(x_i * W[o, i]))``, as hls4ml's
     ``dense_latency`` kernel (see :mod:`tnquant.export.emulator`).
 ``'relu'``
-    ``y = x if x > 0 else 0``, same type in and out.
+    ``y = x if x > 0 else 0``, same type in and out (``nn.ReLU``).
+``'clip'``
+    ``y = cast_result(min(max(x, lo), hi))`` with ``lo``/``hi`` mantissas
+    of the input type; same type in and out unless cast (``nn.ReLU6``,
+    ``nn.Hardtanh``).
+``'leaky_relu'``
+    ``y = cast_result(x) if x > 0 else cast_result(alpha * x)``, the product
+    exact, as hls4ml's ``leaky_relu`` (``nn.LeakyReLU``); the result type is
+    derived lossless (``ap_fixed<Wx+Wa, Ix+Ia>``) or given.
 ``'tt'``
     A TT-matrix layer contracted core by core, right to left (core ``d-1``
     first); every step is a dot product per output element, as ``'dense'``.
+
+``nn.Flatten(1, -1)``, ``nn.Identity`` and ``nn.Dropout`` add no op (the
+chain is ``(batch, features)`` and the export is an inference graph). The
+elementwise ops (their bounds, alpha's type and the slope snapping) are
+described in :mod:`tnquant.export.elementwise`.
 
 Types
 -----
@@ -31,12 +44,15 @@ the width and a ``result=`` for the op before it.
 fixes a type (see :mod:`tnquant.export.acts`: ``FixedPoint`` or a frozen
 power-of-two ``QuantSpec``): ``'output'``/``'inter_k'`` set that step's
 result type; ``'input'`` sets the model input type (first layer, no
-``input_spec``) or the result type of the op before the layer (a ReLU then
-casts after ``max(x, 0)``), where the torch model casts.
+``input_spec``) or the result type of the op before the layer (a ReLU, clip
+or LeakyReLU then casts after its arithmetic), where the torch model casts.
+``result=`` names dense and TT steps and ``leaky_relu`` ops; ``relu`` and
+``clip`` keep the type they read.
 
 Biases are stored on their type's grid (the products' binary point, rounded
-to nearest even, unless ``bias=`` gives another type); :func:`snap_biases`
-sets the model's biases to those stored values, so that the torch
+to nearest even, unless ``bias=`` gives another type), and a LeakyReLU's
+slope as its ``alpha`` (at most 16 fractional bits); :func:`snap_biases`
+sets the model's biases and slopes to those stored values, so that the torch
 fake-quant model computes what the emulator does (``fixed_point`` does it by
 default).
 
@@ -66,7 +82,8 @@ import torch
 from torch import Tensor, nn
 
 from tnquant.export.codes import MAX_WIDTH, fixed_codes, lossless_accum
-from tnquant.export.ir import Op, TypeOverride, check_widths
+from tnquant.export.elementwise import leaky_modules, set_slopes
+from tnquant.export.ir import ELEMENTWISE, Op, TypeOverride, check_widths, label
 from tnquant.export.routes import ROUTES, Route, act_spec
 from tnquant.registry import export_route
 from tnquant.specs import FixedPoint
@@ -79,7 +96,9 @@ __all__ = [
     "build_graph",
     "snap_biases",
     "set_biases",
+    "set_slopes",
     "bias_params",
+    "leaky_modules",
     "check_widths",
     "lossless_accum",
     "fixed_codes",
@@ -105,8 +124,9 @@ def _take_input_type(name: str, given: FixedPoint, state: dict[str, Any], done: 
     """Make ``given`` (a layer's ``'input'`` quantizer type) the type reaching that layer.
 
     The torch model casts there, so the op before takes ``given`` as its
-    result type: a ReLU then casts after ``max(x, 0)`` (as hls4ml's ReLU
-    assigns to its ``res_T``); a dense/TT op casts its accumulator once.
+    result type: a ReLU, clip or LeakyReLU (whose result was not given with
+    ``result=``) then casts after its arithmetic (as hls4ml's activations
+    assign to their ``res_T``); a dense/TT op casts its accumulator once.
     """
     if state["type"] is None:
         state["type"] = given
@@ -115,7 +135,8 @@ def _take_input_type(name: str, given: FixedPoint, state: dict[str, Any], done: 
     if state["type"] == given:
         return
     prev = done[-1] if done else None
-    if prev is None or (prev.kind != "relu" and state["explicit"]):
+    casts_after = prev is not None and prev.kind in ELEMENTWISE and prev.result_derived[-1]
+    if prev is None or (not casts_after and state["explicit"]):
         what = "input_spec" if prev is None else f"the result type of op {prev.name!r}"
         raise ValueError(
             f"{name}.input quantizer {given} differs from {what} ({state['type']}), which is "
@@ -148,9 +169,10 @@ def _module_ops(
         )
     if route is None:
         raise ValueError(
-            f"{name}: {type(module).__name__} has no fixed-point export; "
+            f"{label(name)}: {type(module).__name__} has no fixed-point export; "
             f"supported: QuantLinear, LowRankLinear, TuckerLinear (order 1), "
-            f"TTLinear, nn.ReLU"
+            f"TTLinear, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.Flatten, "
+            f"nn.Identity, nn.Dropout"
         )
     return route[1](name, module, state, overrides, done)
 
@@ -170,9 +192,10 @@ def build_graph(
     model
         An ``nn.Sequential`` (nested ones are flattened) or a single layer of
         ``QuantLinear``, ``LowRankLinear``, ``TuckerLinear`` (order 1),
-        ``TTLinear`` and ``nn.ReLU`` (``nn.Identity``/``nn.Dropout`` are
-        skipped). Every weight/core needs a ``FixedPoint`` or power-of-two
-        quantizer (fake-quant or converted).
+        ``TTLinear``, ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh`` and
+        ``nn.LeakyReLU`` (``nn.Flatten(1, -1)``, ``nn.Identity`` and
+        ``nn.Dropout`` add no op). Every weight/core needs a ``FixedPoint``
+        or power-of-two quantizer (fake-quant or converted).
     input_spec
         The input type; may be left out when the first layer has a
         ``FixedPoint`` ``'input'`` activation quantizer.
@@ -209,10 +232,13 @@ def build_graph(
     if not ops:
         raise ValueError("the model has no layer to export")
     for k, op in enumerate(ops):
-        if op.kind == "relu":
+        if op.kind in ELEMENTWISE:
             size = ops[k - 1].out_features if k else 0
             if size == 0:
-                raise ValueError(f"{op.name}: a ReLU needs a layer before it")
+                raise ValueError(
+                    f"{label(op.name)}: a {op.kind} op needs a layer before it (its size "
+                    f"comes from that layer's out_features)"
+                )
             op.in_features = op.out_features = size
     check_widths(ops)
     return ops
@@ -241,9 +267,12 @@ def bias_params(model: nn.Module, ops: list[Op]) -> list[tuple[Op, Tensor]]:
 
 
 def set_biases(model: nn.Module, ops: list[Op]) -> dict[str, float]:
-    """Copy the stored biases of ``ops`` (built from ``model``) into ``model``; the changes.
+    """Copy the stored biases and slopes of ``ops`` (built from ``model``) into ``model``.
 
-    :func:`snap_biases` with the graph already built (``fixed_point`` uses it).
+    :func:`snap_biases` with the graph already built (``fixed_point`` uses
+    it): every bias of :func:`bias_params`, then every LeakyReLU's
+    ``negative_slope`` (:func:`set_slopes`). Returns the largest change per
+    layer.
 
     Examples
     --------
@@ -264,6 +293,7 @@ def set_biases(model: nn.Module, ops: list[Op]) -> dict[str, float]:
             param.copy_(value.reshape(param.shape).to(param.device))
             after = param.detach().to(torch.float64)
             moved[op.layer] = float((after - before).abs().max()) if param.numel() else 0.0
+    moved.update(set_slopes(model, ops))
     return moved
 
 
@@ -275,15 +305,17 @@ def snap_biases(
     result: TypeOverride = None,
     bias: TypeOverride = None,
 ) -> dict[str, float]:
-    """Set every bias of the exported layers to the value the export stores, in place.
+    """Set every bias and LeakyReLU slope of the exported layers to what the export stores.
 
     The export keeps a bias as a mantissa of its type (``bias=``, else the
     products' fractional bits, rounded to nearest even and saturated):
-    ``value = mantissa * 2^-frac``. A bias off that grid is the one number
-    the emulator rounds and the torch fake-quant model does not; once
-    snapped, the model (run in float64, on inputs it quantizes to the input
-    type itself or that are already on it) equals
-    :meth:`IntegerModel.predict` bit for bit. Snapping again changes nothing.
+    ``value = mantissa * 2^-frac``, and a LeakyReLU's ``negative_slope`` as
+    its ``alpha`` (exact on at most 16 fractional bits, else the nearest
+    such value: see :mod:`tnquant.export.elementwise`). A bias or slope off
+    its grid is the one number the emulator rounds and the torch fake-quant
+    model does not; once snapped (in place), the model (run in float64, on
+    inputs it quantizes to the input type itself or that are already on it)
+    equals :meth:`IntegerModel.predict` bit for bit. Snapping again changes nothing.
 
     Parameters
     ----------
@@ -291,7 +323,8 @@ def snap_biases(
         The quantized model, as for :func:`build_graph`; its bias parameters
         are overwritten (``torch.no_grad``; device and dtype kept: a float32
         bias whose mantissa has more than 24 significant bits becomes the
-        nearest float32, so exactness needs float64).
+        nearest float32, so exactness needs float64); the ``negative_slope``
+        of its LeakyReLUs is set too (a Python float).
     input_spec, accum, result, bias
         As for :func:`build_graph` and :func:`tnquant.export.fixed_point`:
         the types decide the grid, so give the same ones as to the export.
@@ -299,8 +332,8 @@ def snap_biases(
     Returns
     -------
     dict of str to float
-        Per layer with a bias, the largest change made (``0.0``: already on
-        the grid).
+        Per layer with a bias or a slope, the largest change made (``0.0``:
+        already on the grid).
 
     Examples
     --------

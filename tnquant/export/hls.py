@@ -1,10 +1,19 @@
 """hls4ml route: the fixed-point IR as a plain PyTorch chain plus an hls4ml config.
 
 Chains of dense maps (``QuantLinear``, ``LowRankLinear``, order-1
-``TuckerLinear``) and ReLUs become an ``nn.Sequential`` of ``nn.Linear``
-(one per contraction step; the bias on the last step of each layer only)
-and ``nn.ReLU``, in float64 with weights equal to the exported mantissas
-times ``2**-frac`` (exact). hls4ml's PyTorch front end names its layers
+``TuckerLinear``), ReLUs and LeakyReLUs become an ``nn.Sequential`` of
+``nn.Linear`` (one per contraction step; the bias on the last step of each
+layer only), ``nn.ReLU`` and ``nn.LeakyReLU`` (``negative_slope`` = the
+exported ``alpha``, whose decimal literal hls4ml writes exactly), in float64
+with weights equal to the exported mantissas times ``2**-frac`` (exact);
+one module per op, so hls4ml's layer names line up with the ops (layers
+with no op, ``Flatten``/``Identity``/``Dropout``, are not in the chain). A
+LeakyReLU's ``param`` precision is set to alpha's type, so hls4ml computes
+``alpha * x`` as the emulator does. ``clip`` ops (``ReLU6``, ``Hardtanh``)
+have no hls4ml route: hls4ml 1.3.0's PyTorch front end takes neither
+(its ``activation_layers``), so :func:`to_hls4ml` refuses them, naming the
+op; the C++ project (:mod:`tnquant.export.cproject`) and QONNX
+(:mod:`tnquant.export.qonnx`) take them. hls4ml's PyTorch front end names its layers
 after the torch.fx nodes of that chain (``'_0'``, ``'_1'``, ...), found with
 ``hls4ml.utils.config_from_pytorch_model(..., granularity='name')``; every
 layer then gets the exported ``weight``/``bias``/``accum``/``result``
@@ -57,7 +66,14 @@ from torch import nn
 from tnquant.export.graph import Op, TypeOverride, build_graph
 from tnquant.specs import FixedPoint
 
-__all__ = ["HlsOptions", "torch_chain", "hls4ml_config", "to_hls4ml", "hls4ml_supported"]
+__all__ = [
+    "HlsOptions",
+    "torch_chain",
+    "hls4ml_config",
+    "to_hls4ml",
+    "hls4ml_supported",
+    "HLS4ML_KINDS",
+]
 
 #: a zero bias (a Linear without one) still gets a type in hls4ml
 _ZERO_BIAS = "ap_fixed<2,1>"
@@ -174,15 +190,33 @@ def _check_order(op: Op, reuse: int, strategy: str) -> None:
             )
 
 
+#: the op kinds hls4ml's PyTorch front end takes
+HLS4ML_KINDS = ("dense", "relu", "leaky_relu")
+
+
 def hls4ml_supported(ops: list[Op]) -> bool:
-    """Whether every op takes the hls4ml route (dense and relu only).
+    """Whether every op takes the hls4ml route (dense, relu and leaky_relu only).
 
     Examples
     --------
     >>> hls4ml_supported([])
     True
     """
-    return all(op.kind in ("dense", "relu") for op in ops)
+    return all(op.kind in HLS4ML_KINDS for op in ops)
+
+
+def _no_route(op: Op) -> ValueError:
+    if op.kind == "clip":
+        return ValueError(
+            f"op {op.name!r} (clip: an nn.ReLU6 or nn.Hardtanh) has no hls4ml route: "
+            f"hls4ml 1.3.0's PyTorch front end takes neither ReLU6 nor Hardtanh; the C++ "
+            f"project (tnquant.export.cproject.write_project) and QONNX "
+            f"(tnquant.export.qonnx.qonnx) take it"
+        )
+    return ValueError(
+        f"op {op.name!r} ({op.kind}) has no hls4ml route; TT layers export "
+        f"as C headers and tt_linear.h (see tnquant.export)"
+    )
 
 
 def _value(m: np.ndarray, t: FixedPoint) -> torch.Tensor:
@@ -195,9 +229,10 @@ def _value(m: np.ndarray, t: FixedPoint) -> torch.Tensor:
 
 
 def torch_chain(ops: list[Op]) -> nn.Sequential:
-    """The float64 ``nn.Sequential`` of ``nn.Linear``/``nn.ReLU`` hls4ml converts.
+    """The float64 ``nn.Sequential`` of ``nn.Linear``/``nn.ReLU``/``nn.LeakyReLU`` hls4ml converts.
 
-    Raises ``ValueError`` for a TT op (it takes the C-header route).
+    Raises ``ValueError`` for a TT op (it takes the C-header route) and a
+    clip op (the C++ project and QONNX take it).
 
     Examples
     --------
@@ -213,11 +248,12 @@ def torch_chain(ops: list[Op]) -> nn.Sequential:
         if op.kind == "relu":
             mods.append(nn.ReLU())
             continue
+        if op.kind == "leaky_relu":
+            alpha = float(np.ldexp(float(op.weights[0][0]), -op.weight_types[0].frac))
+            mods.append(nn.LeakyReLU(negative_slope=alpha))
+            continue
         if op.kind != "dense":
-            raise ValueError(
-                f"op {op.name!r} ({op.kind}) has no hls4ml route; TT layers export "
-                f"as C headers and tt_linear.h (see tnquant.export)"
-            )
+            raise _no_route(op)
         lin = nn.Linear(
             op.in_features, op.out_features, bias=op.bias is not None, dtype=torch.float64
         )
@@ -274,6 +310,9 @@ def hls4ml_config(
         layer = cfg["LayerName"][name]
         if op.kind == "relu":
             layer["Precision"]["result"] = str(op.result_type)
+            continue
+        if op.kind == "leaky_relu":  # param_t: alpha's own type, not hls4ml's guess
+            layer["Precision"].update(result=str(op.result_type), param=str(op.weight_types[0]))
             continue
         layer["Precision"] = {
             "weight": str(op.weight_types[0]),
@@ -367,6 +406,9 @@ def graph_to_hls4ml(
     """
     if not ops:
         raise ValueError("no ops to convert")
+    for op in ops:
+        if op.kind not in HLS4ML_KINDS:
+            raise _no_route(op)
     import hls4ml
 
     options = HlsOptions() if options is None else options

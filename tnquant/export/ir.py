@@ -16,6 +16,7 @@ Examples
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Union
@@ -25,9 +26,53 @@ import numpy as np
 from tnquant.export.codes import MAX_WIDTH, narrower, too_wide
 from tnquant.specs import FixedPoint
 
-__all__ = ["Op", "TypeOverride", "check_widths"]
+__all__ = ["Op", "TypeOverride", "ELEMENTWISE", "check_widths", "lookup_override", "label"]
 
 TypeOverride = Union[FixedPoint, Mapping[str, FixedPoint], None]
+#: op kinds that map every element on its own (``in_features == out_features``, no accumulator)
+ELEMENTWISE = ("relu", "clip", "leaky_relu")
+
+
+def label(name: str) -> str:
+    """A module's qualified name for messages: ``name``, or ``'(the model)'`` for the root.
+
+    Examples
+    --------
+    >>> label("2.1"), label("")
+    ('2.1', '(the model)')
+    """
+    return name if name else "(the model)"
+
+
+def lookup_override(override: TypeOverride, names: list[str], what: str) -> FixedPoint | None:
+    """The type ``override`` (``accum=``, ``result=`` or ``bias=``) gives the first of ``names``.
+
+    Examples
+    --------
+    >>> t = FixedPoint(8, 3)
+    >>> lookup_override({"1.*": t}, ["1.0", "1"], "result") == t
+    True
+    >>> lookup_override({"2": t}, ["1"], "result") is None
+    True
+    """
+    if override is None:
+        return None
+    if isinstance(override, FixedPoint):
+        return override
+    if not isinstance(override, Mapping):
+        raise TypeError(
+            f"{what} must be a FixedPoint or a mapping of op-name globs to "
+            f"FixedPoint, got {type(override).__name__}"
+        )
+    for name in names:
+        for key, spec in override.items():
+            if fnmatch.fnmatchcase(name, key):
+                if not isinstance(spec, FixedPoint):
+                    raise TypeError(
+                        f"{what}[{key!r}] must be a FixedPoint, got {type(spec).__name__}"
+                    )
+                return spec
+    return None
 
 
 @dataclass
@@ -35,7 +80,9 @@ class Op:
     """One op of the fixed-point IR (see the module docs for the kinds).
 
     ``weights`` hold int64 mantissas: ``[W (out, in)]`` for ``'dense'``, the
-    TT cores ``(r_{k-1}, o_k, i_k, r_k)`` in model order for ``'tt'``.
+    TT cores ``(r_{k-1}, o_k, i_k, r_k)`` in model order for ``'tt'``,
+    ``[[lo, hi]]`` (of the input type) for ``'clip'``, ``[[alpha]]`` (of its
+    own type) for ``'leaky_relu'``, none for ``'relu'``.
     ``accum_types`` and ``step_types`` have one entry per contraction step
     (``'tt'``: step ``s`` contracts core ``d-1-s``); ``step_types[-1]`` is
     ``result_type``. ``accum_derived``/``result_derived`` (one per step) and
@@ -80,7 +127,7 @@ def _reads(ops: list[Op], k: int, s: int) -> str:
         return f"result={{'{op.name}.{s - 1}': {narrower(op.step_types[s - 1].integer)}}}"
     if k == 0:
         return "a narrower input_spec (or the first layer's 'input' quantizer)"
-    prev = next((p for p in reversed(ops[:k]) if p.kind != "relu"), ops[k - 1])
+    prev = next((p for p in reversed(ops[:k]) if p.kind not in ("relu", "clip")), ops[k - 1])
     return f"result={{'{_steps(prev)[-1]}': {narrower(op.input_type.integer)}}}"
 
 
@@ -93,6 +140,10 @@ def _typed(op: Op, k: int, ops: list[Op]) -> list[tuple[str, str, FixedPoint, st
     for j, w in enumerate(op.weight_types):
         what = "weights" if len(op.weight_types) == 1 else f"core {j} weights"
         fix = "quantize them with a FixedPoint or QuantSpec of fewer bits"
+        if op.kind == "leaky_relu":
+            what, fix = "alpha", "use a negative_slope of smaller magnitude"
+        if op.kind == "clip":
+            continue  # the bounds are of the input type, checked as the op before's result
         out.append((op.name, what, w, fix))
     if op.bias_type is not None:
         fix = f"narrow it with bias={{'{steps[-1]}': {narrower(op.bias_type.integer)}}}"
@@ -140,17 +191,21 @@ overflow='SAT')} (or the activation quantizer that sets it)
         for step, tensor, t, fix in _typed(op, k, ops):
             if t.width > MAX_WIDTH:
                 raise too_wide(step, tensor, t.width, str(t), fix)
+        if op.kind == "clip":
+            continue  # compares, never multiplies
         d = len(op.weight_types)  # a TT step s takes step s-1's result and core d-1-s
         ins = [op.input_type] if op.kind != "tt" else [op.input_type, *op.step_types[: d - 1]]
         for s, (x, w) in enumerate(
             zip(ins, op.weight_types[::-1] if op.kind == "tt" else op.weight_types, strict=False)
         ):
             if x.width + w.width > MAX_WIDTH:
+                leaky = op.kind == "leaky_relu"
                 raise too_wide(
                     _steps(op)[s],
                     "products",
                     x.width + w.width,
-                    f"its input {x} times its weights {w}",
-                    f"narrow the input with {_reads(ops, k, s)}, or quantize the weights "
-                    f"with fewer bits",
-                )
+                    f"its input {x} times its {'alpha' if leaky else 'weights'} {w}",
+                    f"narrow the input with {_reads(ops, k, s)}, or "
+                    + ("use a negative_slope of fewer bits" if leaky else "quantize the "
+                       "weights with fewer bits"),
+                )  # fmt: skip

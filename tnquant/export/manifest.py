@@ -10,23 +10,27 @@ its own ``checksum`` (the SHA-256 of the canonical text without that field,
 as :mod:`tnquant.io` does). Version 1 (no self-checksum) is refused: export
 again.
 
-The checksums are unkeyed, so they detect corruption only: whoever hands over
-a directory can recompute them. :func:`read_export` therefore trusts no field
-and checks everything before it allocates: ``manifest.json`` is a file of at
-most ``MAX_MANIFEST_BYTES``; every field has its type and a sane bound
-(``MAX_OPS``, ``MAX_FEATURES``, ``MAX_ELEMENTS`` in all, ``MAX_STATE`` per TT
-intermediate, widths within the emulator's 62 bits); weight shapes fit the op
-kind (dense ``(out, in)``; TT cores ``(r, o, i, r')`` that chain, ranks 1 at
-both ends); ops chain (types and sizes); the derived accumulator, result and
-bias types equal what :func:`~tnquant.export.codes.lossless_accum` gives
-again; arrays and checksums name each other one to one. Then ``cores.npz``:
-no larger than those shapes need, its SHA-256, its members exactly the listed
-names, stored (compression ratio 1, so nothing expands), each ``.npy``
-header (read without pickle) int64 in C order of the manifest's shape, and
-each member exactly that header plus the data, before a byte of data is
-read. Last, every array's SHA-256 and its mantissas within its type. Any
-failure is an :class:`~tnquant.io.IntegrityError` (a ``ValueError``) naming
-the file and the field; nothing is written.
+The checksums are unkeyed, so they detect corruption only: whoever hands
+over a directory can recompute them. :func:`read_export` therefore trusts no
+field and checks everything before it allocates: ``manifest.json`` is a file
+of at most ``MAX_MANIFEST_BYTES``; every field has its type and a sane bound
+(``MAX_OPS``, ``MAX_FEATURES``, ``MAX_ELEMENTS`` in all, ``MAX_STATE`` per
+TT intermediate, widths within the emulator's 62 bits); weight shapes fit
+the op kind (dense ``(out, in)``; TT cores ``(r, o, i, r')`` that chain,
+ranks 1 at both ends; a clip's ``w0`` is its ``(2,)`` bounds ``[lo, hi]`` of
+the input type, a leaky_relu's its ``(1,)`` ``[alpha]``); ops chain (types
+and sizes); the derived accumulator, result and bias types equal what
+:func:`~tnquant.export.codes.lossless_accum` gives again; arrays and
+checksums name each other one to one. Then ``cores.npz``: no larger than
+those shapes need, its SHA-256, its members exactly the listed names, stored
+(compression ratio 1, so nothing expands), each ``.npy`` header (read
+without pickle) int64 in C order of the manifest's shape, and each member
+exactly that header plus the data, before a byte of data is read. Last,
+every array's SHA-256 and its mantissas within its type, a clip's
+``lo <= hi`` and a leaky_relu's alpha type the one its mantissa derives
+(:mod:`tnquant.export.elementwise`). Any failure is an
+:class:`~tnquant.io.IntegrityError` (a ``ValueError``) naming the file and
+the field; nothing is written.
 
 Examples
 --------
@@ -53,11 +57,13 @@ import numpy as np
 
 from tnquant._version import __version__
 from tnquant.export.graph import Op, check_widths
+from tnquant.export.ir import ELEMENTWISE
 from tnquant.export.manifest_fields import (
     MAX_FEATURES,
     MAX_OPS,
     MAX_STATE,
     _check_derived,
+    _check_params,
     _contraction,
     _dict,
     _fail,
@@ -71,6 +77,7 @@ from tnquant.export.safe_npz import read_npz
 from tnquant.io import IntegrityError
 
 __all__ = [
+    "route_of",
     "write_export",
     "read_export",
     "build_manifest",
@@ -109,6 +116,19 @@ _TOP = {
 _EXTRA = {"headers", "routes", "hls4ml_config"}
 _HEADER = re.compile(r"[A-Za-z0-9_.\-]{1,64}\.h")
 _HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def route_of(op: Op) -> str:
+    """Where an op goes past the emulator: ``'hls4ml'``, or ``'c-headers'`` (TT, clip).
+
+    Examples
+    --------
+    >>> from tnquant.specs import FixedPoint
+    >>> t = FixedPoint(8, 3)
+    >>> route_of(Op("0", "clip", "0", 4, 4, t, t)), route_of(Op("1", "relu", "1", 4, 4, t, t))
+    ('c-headers', 'hls4ml')
+    """
+    return "c-headers" if op.kind in ("tt", "clip") else "hls4ml"
 
 
 def canonical(obj: dict[str, Any]) -> bytes:
@@ -156,10 +176,13 @@ def _op_to_dict(op: Op) -> dict[str, Any]:
         "bias": None if op.bias is None else f"{op.name}.bias",
         "bias_type": None if op.bias_type is None else str(op.bias_type),
         "accum_types": [str(t) for t in op.accum_types],
-        "step_types": [str(t) for t in (op.step_types if op.kind != "relu" else [op.result_type])],
+        "step_types": [
+            str(t) for t in (op.step_types if op.kind not in ELEMENTWISE else [op.result_type])
+        ],
         "derived": {
             "accum": [
-                bool(b) for b in op.accum_derived or [False] * (n if op.kind != "relu" else 0)
+                bool(b)
+                for b in op.accum_derived or [False] * (n if op.kind not in ELEMENTWISE else 0)
             ],
             "result": [bool(b) for b in op.result_derived or [False] * n],
             "bias": bool(op.bias_derived),
@@ -356,7 +379,7 @@ def _check_extra(path: Path, man: dict[str, Any], ops: list[Op]) -> None:
         if len(set(heads)) != len(heads):
             raise _fail(path, "headers", "distinct file names", heads)
     if "routes" in man:
-        want = {op.name: "hls4ml" if op.kind != "tt" else "c-headers" for op in ops}
+        want = {op.name: route_of(op) for op in ops}
         if man["routes"] != want:
             raise _fail(path, "routes", f"{want} (from the op kinds)", man["routes"])
     if "hls4ml_config" in man and man["hls4ml_config"] != HLS4ML_CONFIG:
@@ -412,4 +435,5 @@ their own: export again with tnquant.export.fixed_point
                     f"holds mantissas in [{a.min()}, {a.max()}], outside "
                     f"{t} ([{t.qmin}, {t.qmax}])"
                 )
+        _check_params(path, out / CORES, k, op)
     return ops

@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from tnquant.export.codes import lossless_accum
+from tnquant.export.elementwise import ALPHA_FRAC, alpha_type, leaky_result
 from tnquant.export.graph import Op
+from tnquant.export.ir import ELEMENTWISE
 from tnquant.io import IntegrityError
 from tnquant.specs import FixedPoint
 
@@ -38,7 +40,10 @@ MAX_FEATURES = 1 << 20
 MAX_STATE = 1 << 26  # elements of one TT intermediate per input row
 _MAX_INTEGER = 1024  # |I| of an ap_fixed
 _MAX_TT_CORES = 32
-_KINDS = ("dense", "relu", "tt")
+_KINDS = ("dense", "relu", "tt", "clip", "leaky_relu")
+#: weights per kind (a TT op: one or more cores) and the dimensions of each
+_N_WEIGHTS = {"dense": 1, "relu": 0, "clip": 1, "leaky_relu": 1}
+_NDIM = {"dense": 2, "tt": 4, "clip": 1, "leaky_relu": 1}
 _OP = {
     "name",
     "kind",
@@ -70,6 +75,12 @@ def _steps(op: Op) -> int:
 def _contraction(op: Op) -> str:
     if op.kind == "relu":
         return "y = max(x, 0)"
+    if op.kind == "clip":
+        return "y = result(min(max(x, w0[0]), w0[1])), bounds lo, hi of the input type"
+    if op.kind == "leaky_relu":
+        return (
+            "y = result(x) if x > 0 else result(w0[0] * x), the product exact (hls4ml leaky_relu)"
+        )
     if op.kind == "dense":
         return (
             "y[o] = result(accum(b[o]) + sum_i accum(x[i] * W[o, i])), i ascending, "
@@ -154,7 +165,7 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
     if kind not in _KINDS:
         raise _fail(path, f"{w}.kind", f"one of {list(_KINDS)}", kind)
     feats = [_int(path, f"{w}.{f}", d[f], 1, MAX_FEATURES) for f in ("in_features", "out_features")]
-    n_w = {"dense": 1, "relu": 0}.get(kind, -1)
+    n_w = _N_WEIGHTS.get(kind, -1)
     cores = _list(path, f"{w}.weights", d["weights"], None if n_w < 0 else n_w, _MAX_TT_CORES)
     if kind == "tt" and not cores:
         raise _fail(path, f"{w}.weights", "a non-empty list for a TT op", cores)
@@ -164,9 +175,7 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
     shapes = [
         tuple(
             _int(path, f"{w}.weight_shapes[{j}][{i}]", s, 1, MAX_FEATURES)
-            for i, s in enumerate(
-                _list(path, f"{w}.weight_shapes[{j}]", sh, 2 if kind == "dense" else 4)
-            )
+            for i, s in enumerate(_list(path, f"{w}.weight_shapes[{j}]", sh, _NDIM[kind]))
         )
         for j, sh in enumerate(_list(path, f"{w}.weight_shapes", d["weight_shapes"], n))
     ]
@@ -175,8 +184,9 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
         for j, t in enumerate(_list(path, f"{w}.weight_types", d["weight_types"], n))
     ]
     scales = _list(path, f"{w}.scale_exponents", d["scale_exponents"], None, n)
-    if scales and len(scales) != n:
-        raise _fail(path, f"{w}.scale_exponents", f"[] or {n} lists", scales)
+    if scales and (len(scales) != n or kind in ELEMENTWISE):
+        want = f"[] or {n} lists" if kind not in ELEMENTWISE else f"[] for a {kind} op"
+        raise _fail(path, f"{w}.scale_exponents", want, scales)
     for j, exps in enumerate(scales):
         e = [
             _int(path, f"{w}.scale_exponents[{j}]", x, -4 * _MAX_INTEGER, 4 * _MAX_INTEGER)
@@ -191,11 +201,11 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
                 exps,
             )
     has_bias = d["bias"] is not None
-    if has_bias != (d["bias_type"] is not None) or (has_bias and kind == "relu"):
+    if has_bias != (d["bias_type"] is not None) or (has_bias and kind in ELEMENTWISE):
         raise _fail(
             path,
             f"{w}.bias/bias_type",
-            "both null or (not for a ReLU) both set",
+            f"both null or (not for an elementwise op: {', '.join(ELEMENTWISE)}) both set",
             [d["bias"], d["bias_type"]],
         )
     if has_bias and d["bias"] != f"{name}.bias":
@@ -204,7 +214,7 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
     accums = [
         _type(path, f"{w}.accum_types[{j}]", t)
         for j, t in enumerate(
-            _list(path, f"{w}.accum_types", d["accum_types"], 0 if kind == "relu" else steps)
+            _list(path, f"{w}.accum_types", d["accum_types"], 0 if kind in ELEMENTWISE else steps)
         )
     ]
     results = [
@@ -252,10 +262,24 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
 
 
 def _check_shapes(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]]) -> None:
-    if op.kind == "relu":
+    if op.kind in ELEMENTWISE:
         if op.in_features != op.out_features:
             raise _fail(
-                path, f"{w}.out_features", f"in_features {op.in_features} (a ReLU)", op.out_features
+                path,
+                f"{w}.out_features",
+                f"in_features {op.in_features} (an elementwise {op.kind} op)",
+                op.out_features,
+            )
+        want = {"clip": (2,), "leaky_relu": (1,)}.get(op.kind)
+        if want is not None and shapes[0] != want:
+            what = "[lo, hi]" if op.kind == "clip" else "[alpha]"
+            raise _fail(path, f"{w}.weight_shapes[0]", f"{list(want)} ({what})", list(shapes[0]))
+        if op.kind == "clip" and op.weight_types[0] != op.input_type:
+            raise _fail(
+                path,
+                f"{w}.weight_types[0]",
+                f"the input type {op.input_type} (a clip's bounds are mantissas of it)",
+                str(op.weight_types[0]),
             )
         return
     if op.kind == "dense":
@@ -302,14 +326,13 @@ def _check_shapes(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]]) -> 
 
 def _check_derived(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]]) -> None:
     """The types build_graph derived must be what it derives from these inputs again."""
-    if op.kind == "relu":
-        if op.result_derived[0] and op.result_type != op.input_type:
-            raise _fail(
-                path,
-                f"{w}.result_type",
-                f"the input type {op.input_type} (derived)",
-                str(op.result_type),
-            )
+    if op.kind in ELEMENTWISE:
+        want = op.input_type
+        if op.kind == "leaky_relu":
+            want = leaky_result(op.input_type, op.weight_types[0])
+        if op.result_derived[0] and op.result_type != want:
+            what = "the input type" if op.kind != "leaky_relu" else "the product type"
+            raise _fail(path, f"{w}.result_type", f"{what} {want} (derived)", str(op.result_type))
         return
     d = len(op.weight_types)
     cur = op.input_type
@@ -354,3 +377,34 @@ def _check_derived(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]]) ->
                 str(op.step_types[s]),
             )
         cur = op.step_types[s]
+
+
+def _check_params(path: Path, cores: Path, k: int, op: Op) -> None:
+    """A clip's bounds in order; a leaky_relu's alpha type the one its mantissa derives."""
+    if op.kind == "clip":
+        lo, hi = (int(v) for v in op.weights[0])
+        if lo > hi:
+            raise IntegrityError(
+                f"{cores}: array '{op.name}.w0' (ops[{k}]) holds the clip bounds "
+                f"[{lo}, {hi}]; lo must be <= hi"
+            )
+    if op.kind == "leaky_relu":
+        m, t = int(op.weights[0][0]), op.weight_types[0]
+        lean, frac = m, t.frac
+        while frac > 0 and lean % 2 == 0:
+            lean, frac = lean // 2, frac - 1
+        if not 0 <= t.frac <= ALPHA_FRAC:
+            raise _fail(
+                path,
+                f"ops[{k}].weight_types[0]",
+                f"an alpha type with 0..{ALPHA_FRAC} fractional bits",
+                str(t),
+            )
+        if t != alpha_type(lean, frac):
+            raise _fail(
+                path,
+                f"ops[{k}].weight_types[0]",
+                f"{alpha_type(lean, frac)} (the type of alpha '{op.name}.w0' = {m} * "
+                f"2^-{t.frac} on its fewest fractional bits, derived)",
+                str(t),
+            )

@@ -10,10 +10,14 @@ weights and cores are float initialisers (their exact values) behind a
 ``Quant`` node of their type; a dense op is ``MatMul`` (+ ``Add`` of the
 bias) then the ``Quant`` of its result; a TT op is its chain of
 ``Reshape``/``MatMul`` steps, core by core, as the emulator contracts it
-(:mod:`tnquant.export.emulator`); ReLU is ``Relu``. Tensors are float32, as
-QONNX's ``Quant`` executes, so every type (accumulators included) must fit
-float32's 24-bit mantissa: a wider one is refused with the ``result=`` that
-narrows it.
+(:mod:`tnquant.export.emulator`); ReLU is ``Relu``; a clip (``ReLU6``,
+``Hardtanh``) is ``Clip`` with its bounds as scalar initialisers; a
+LeakyReLU is ``LeakyRelu`` with the exported ``alpha`` (then the ``Quant``
+of its result type; its products ``alpha * x`` must fit float32 too);
+elementwise ops that keep their input type add no ``Quant``. Tensors are
+float32, as QONNX's ``Quant`` executes, so every type (accumulators
+included) must fit float32's 24-bit mantissa: a wider one is refused with
+the ``result=`` that narrows it.
 
 What corresponds
 ----------------
@@ -105,7 +109,7 @@ class _Graph:
 
     def _shape(self, op: str, inputs: list[str]) -> tuple[int, ...]:
         a = self.shapes[inputs[0]]
-        if op in ("Quant", "Relu"):
+        if op in ("Quant", "Relu", "Clip", "LeakyRelu"):
             return a
         if op == "Add":
             return tuple(np.broadcast_shapes(a, self.shapes[inputs[1]]))
@@ -260,7 +264,31 @@ def _relu(g: _Graph, op: Op, x: str) -> str:
     return g.quant(y, op.result_type, f"{op.name}.result", derived=False, what=f"op {op.name!r}")
 
 
-_WRITERS = {"dense": _dense, "tt": _tt, "relu": _relu}
+def _clip(g: _Graph, op: Op, x: str) -> str:
+    t = op.input_type
+    lo, hi = (g.const(f"{op.name}.{b}", np.float32(np.ldexp(float(m), -t.frac)))
+              for b, m in zip(("lo", "hi"), op.weights[0], strict=True))  # fmt: skip
+    y = g.node("Clip", [x, lo, hi], f"{op.name}.clip")
+    if op.result_type == op.input_type:
+        return y
+    return g.quant(y, op.result_type, f"{op.name}.result", derived=False, what=f"op {op.name!r}")
+
+
+def _leaky(g: _Graph, op: Op, x: str) -> str:
+    x_t, a_t = op.input_type, op.weight_types[0]
+    if x_t.width + a_t.width > _MAX_EXACT:
+        raise ValueError(
+            f"op {op.name!r}: its products alpha * x need {x_t.width + a_t.width} bits (its "
+            f"input {x_t} times alpha {a_t}), more than float32's {_MAX_EXACT}-bit mantissa "
+            f"(QONNX's LeakyRelu executes in float32); {g.fix}"
+        )
+    alpha = float(np.ldexp(float(op.weights[0][0]), -a_t.frac))  # exact in float32
+    y = g.node("LeakyRelu", [x], f"{op.name}.leaky", alpha=alpha)
+    derived = _derived(op.result_derived, 0)
+    return g.quant(y, op.result_type, f"{op.name}.result", derived=derived, what=f"op {op.name!r}")
+
+
+_WRITERS = {"dense": _dense, "tt": _tt, "relu": _relu, "clip": _clip, "leaky_relu": _leaky}
 
 
 def qonnx(
@@ -311,7 +339,7 @@ def qonnx(
     x = g.quant("global_in", ops[0].input_type, "input_q", derived=False, what="the input")
     for op in ops:
         x = _WRITERS[op.kind](g, op, x)
-        if op.kind != "relu":
+        if op.kind not in ("relu", "clip"):  # they keep the type they read
             i = max(1, op.result_type.integer)
             g.fix = (
                 f"narrow what it reads with result={{'{op.name}': FixedPoint(16, {i}, "

@@ -134,8 +134,12 @@ def _with_resources(row: dict[str, Any], res: dict[str, Any], w: np.ndarray) -> 
 
 
 def _op_rows(op: Op) -> list[dict[str, Any]]:
-    if op.kind not in ("dense", "tt"):  # elementwise ops (ReLU, ...): no weights
-        return [_row(op.name, op, [], None, 0, 0, False)]
+    if op.kind not in ("dense", "tt"):  # elementwise: ReLU; clip bounds, a LeakyReLU's alpha
+        if not op.weights:
+            return [_row(op.name, op, [], None, 0, 0, False)]
+        mults = op.in_features if op.kind == "leaky_relu" else 0  # alpha * x, one per element
+        shape = list(op.weights[0].shape)
+        return [_row(op.name, op, shape, op.weight_types[0], 0, mults, False)]
     res = op_resources(op)
     if op.kind == "dense":
         w = op.weights[0]

@@ -2,24 +2,41 @@
 
 A registry entry's ``export`` names a route; :data:`ROUTES` maps it to
 whether the layer takes an ``'input'`` type and to the builder of its
-:class:`~tnquant.export.ir.Op` s: chain layers (``'dense'``, ``'lowrank'``,
-``'tucker'``) as one dense op per factor, ``'tt'`` as one op contracted core
-by core, ``'relu'``, and ``'float'`` (refused). Each builder reads and
-updates the walk's state (the type reaching the layer) kept by
+:class:`~tnquant.export.ir.Op` s:
+
+================  ==============================  =====================================
+route             modules                         ops
+================  ==============================  =====================================
+``'dense'``       ``QuantLinear``                 one ``dense``
+``'lowrank'``     ``LowRankLinear``               two ``dense`` (``V``, then ``U`` + bias)
+``'tucker'``      ``TuckerLinear`` (order 1)      three ``dense``
+``'tt'``          ``TTLinear``                    one ``tt``, contracted core by core
+``'relu'``        ``nn.ReLU``                     ``relu``
+``'clip'``        ``nn.ReLU6``, ``nn.Hardtanh``   ``clip`` (bounds on the input grid)
+``'leaky_relu'``  ``nn.LeakyReLU``                ``leaky_relu`` (alpha on at most 16
+                                                  fractional bits)
+``'flatten'``     ``nn.Flatten(1, -1)``           none (checked: a no-op on the chain)
+``'float'``       ``nn.Linear``                   refused: quantize it first
+================  ==============================  =====================================
+
+``nn.Identity`` and ``nn.Dropout`` have the route ``'skip'``, which
+:func:`~tnquant.export.graph.build_graph` passes by without a builder. The
+elementwise builders and their arithmetic are in
+:mod:`tnquant.export.elementwise`. Each builder reads and updates the walk's
+state (the type reaching the layer) kept by
 :func:`tnquant.export.graph.build_graph`; the type rules are described in
 :mod:`tnquant.export.graph`.
 
 Examples
 --------
 >>> sorted(ROUTES)
-['dense', 'float', 'lowrank', 'relu', 'tt', 'tucker']
+['clip', 'dense', 'flatten', 'float', 'leaky_relu', 'lowrank', 'relu', 'tt', 'tucker']
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
@@ -28,7 +45,8 @@ from torch import Tensor, nn
 
 from tnquant.export.acts import act_type
 from tnquant.export.codes import MAX_WIDTH, auto_accum, fixed_codes, narrower, too_wide
-from tnquant.export.ir import Op, TypeOverride
+from tnquant.export.elementwise import clip_ops, flatten_ops, leaky_ops, relu_ops
+from tnquant.export.ir import Op, TypeOverride, label, lookup_override
 from tnquant.layers.base import FactorizedLayer
 from tnquant.layers.tt import TTLinear
 from tnquant.layers.tucker import TuckerLinear
@@ -36,27 +54,6 @@ from tnquant.quant.fixed_point import to_mantissa
 from tnquant.specs import FixedPoint
 
 __all__ = ["ROUTES", "Route", "act_spec"]
-
-
-def _lookup(override: TypeOverride, names: list[str], what: str) -> FixedPoint | None:
-    if override is None:
-        return None
-    if isinstance(override, FixedPoint):
-        return override
-    if not isinstance(override, Mapping):
-        raise TypeError(
-            f"{what} must be a FixedPoint or a mapping of op-name globs to "
-            f"FixedPoint, got {type(override).__name__}"
-        )
-    for name in names:
-        for key, spec in override.items():
-            if fnmatch.fnmatchcase(name, key):
-                if not isinstance(spec, FixedPoint):
-                    raise TypeError(
-                        f"{what}[{key!r}] must be a FixedPoint, got {type(spec).__name__}"
-                    )
-                return spec
-    return None
 
 
 def act_spec(module: nn.Module, site: str, name: str) -> FixedPoint | None:
@@ -149,14 +146,14 @@ def _chain_ops(
         in_type = state["type"]
         bias = bias_type = given_bias = None
         if k == n - 1 and bias_param is not None:
-            given_bias = _lookup(overrides["bias"], [op_name, name], "bias")
+            given_bias = lookup_override(overrides["bias"], [op_name, name], "bias")
             bias, bias_type = _bias(
                 bias_param, in_type.frac + wtype.frac, given_bias, op_name, state["prev"]
             )
-        accum = given_accum = _lookup(overrides["accum"], [op_name, name], "accum")
+        accum = given_accum = lookup_override(overrides["accum"], [op_name, name], "accum")
         if accum is None:
             accum = auto_accum(op_name, in_type, wtype, m.shape[1], bias_type, state["prev"])
-        result = _lookup(overrides["result"], [op_name, name], "result")
+        result = lookup_override(overrides["result"], [op_name, name], "result")
         if result is None:
             result = act_spec(module, site, name)
         state["explicit"] = result is not None
@@ -226,13 +223,13 @@ def _tt_op(
         n = mants[k].shape[2] * mants[k].shape[3]
         last = s == d - 1
         if last and bias_param is not None:
-            given_bias = _lookup(overrides["bias"], [step, name], "bias")
+            given_bias = lookup_override(overrides["bias"], [step, name], "bias")
             bias, bias_type = _bias(bias_param, cur.frac + types[k].frac, given_bias, step, prev)
-        accum = _lookup(overrides["accum"], [step, name], "accum")
+        accum = lookup_override(overrides["accum"], [step, name], "accum")
         derived.append(accum is None)
         if accum is None:
             accum = auto_accum(step, cur, types[k], n, bias_type if last else None, prev)
-        result = _lookup(overrides["result"], [step, name], "result")
+        result = lookup_override(overrides["result"], [step, name], "result")
         if result is None:
             site = "output" if last else f"inter_{s}"
             result = act_spec(module, site, name)
@@ -267,30 +264,6 @@ def _tt_op(
 
 
 Route = Callable[[str, nn.Module, dict[str, Any], dict[str, TypeOverride], list[Op]], list[Op]]
-
-
-def _relu_ops(
-    name: str,
-    module: nn.Module,
-    state: dict[str, Any],
-    overrides: dict[str, TypeOverride],
-    done: list[Op],
-) -> list[Op]:
-    t = state["type"]
-    prev = done[-1].out_features if done else 0
-    return [
-        Op(
-            name=name,
-            kind="relu",
-            layer=name,
-            in_features=prev,
-            out_features=prev,
-            input_type=t,
-            result_type=t,
-            step_types=[t],
-            result_derived=[True],
-        )
-    ]
 
 
 def _chain_route(route: str) -> Route:
@@ -329,7 +302,7 @@ def _float_ops(
     done: list[Op],
 ) -> list[Op]:
     raise ValueError(
-        f"{name} is a float nn.Linear; quantize its weight with "
+        f"{label(name)} is a float nn.Linear; quantize its weight with "
         f"FixedPoint or QuantSpec(scale='pow2') first"
     )
 
@@ -340,6 +313,9 @@ ROUTES: dict[str, tuple[bool, Route]] = {
     "lowrank": (True, _chain_route("lowrank")),
     "tucker": (True, _chain_route("tucker")),
     "tt": (True, _tt_ops),
-    "relu": (False, _relu_ops),
+    "relu": (False, relu_ops),
+    "clip": (False, clip_ops),
+    "leaky_relu": (False, leaky_ops),
+    "flatten": (False, flatten_ops),
     "float": (False, _float_ops),
 }

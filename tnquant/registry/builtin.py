@@ -145,6 +145,10 @@ BUILTIN: tuple[LayerKind, ...] = (
     LayerKind(nn.Identity, "part", handler=s.IDENTITY_HANDLER, export="skip"),
     LayerKind(nn.Dropout, "other", export="skip"),
     LayerKind(nn.ReLU, "other", export="relu"),
+    LayerKind(nn.ReLU6, "other", export="clip"),
+    LayerKind(nn.Hardtanh, "other", export="clip"),
+    LayerKind(nn.LeakyReLU, "other", export="leaky_relu"),
+    LayerKind(nn.Flatten, "other", export="flatten"),
 )
 
 #: families registered once their dense class is loaded (see :class:`LazyKinds`)
