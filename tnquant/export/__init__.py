@@ -40,6 +40,10 @@ Routes per layer type
                             ``LeakyReLU`` (``param`` = alpha's type), QONNX
                             ``LeakyRelu``
 ``nn.Flatten`` (1, -1)      no op (a no-op on the ``(batch, features)`` chain)
+``Sigmoid``/``Tanh``        ``sigmoid``/``tanh``/``softmax`` ops: hls4ml's
+``Softmax`` (dim -1)        lookup tables, bit-exact with its C simulation
+                            (:mod:`tnquant.export.table_ops`); hls4ml
+                            ``Activation``/``Softmax``; no QONNX form
 ``Identity``/``Dropout``    no op (``Dropout`` in eval is the identity)
 ``TTLinear``                one ``tt`` op: the emulator and C headers +
                             ``tt_linear.h`` (HLS C++ on plain loops); no
@@ -59,9 +63,13 @@ Refused, with a ``ValueError`` naming the layer:
 - ``TuckerLinear`` of order > 1 (tensorized): its mode products need the
   reshapes hls4ml rejects, and no C kernel is written for it yet (the TT
   kernel's route would fit).
-- Convolutions (``QuantConv2d``, ``TuckerConv2d``, ``CPConv2d``): the
-  emulator has no convolution (hls4ml's ``Conv2D`` uses its own
-  line-buffer kernels, which the emulator would have to follow).
+- Factorized convolutions (``TuckerConv2d``, ``CPConv2d``) and grouped or
+  non-zero-padded ``QuantConv2d``. A plain ``QuantConv2d`` (``groups=1``),
+  ``nn.MaxPool2d`` and ``nn.AvgPool2d`` (no padding, power-of-two area)
+  export as ``conv2d``/``maxpool2d``/``avgpool2d`` ops with
+  ``input_shape=(C, H, W)`` (:mod:`tnquant.export.conv_routes`), to the
+  emulator and hls4ml (``Conv2D``/``Pooling2D``); not yet to the C++
+  project or QONNX.
 - Embeddings (``TTEmbedding``, ``QuantEmbedding``): table look-ups, not
   dense maps; no emulator route yet.
 - Anything else, and float or non-power-of-two scales (the message says
@@ -187,6 +195,7 @@ def fixed_point(
     hls4ml: bool | HlsOptions = True,
     sample: Any = None,
     snap_biases: bool = True,
+    input_shape: tuple[int, ...] | None = None,
 ) -> IntegerModel:
     """Export a quantized model to fixed point; return its integer emulator.
 
@@ -228,6 +237,11 @@ def fixed_point(
         :meth:`IntegerModel.quantize_input`). Running the export again
         changes nothing more. ``False`` leaves the model untouched; its
         biases then differ from the stored ones by up to half a step.
+    input_shape
+        ``(C, H, W)`` of one sample, needed for a model that starts with a
+        ``QuantConv2d`` or a pooling layer (the input then is ``(batch,
+        C*H*W)``, flat in torch's channels-first order; see
+        :mod:`tnquant.export.conv_routes`).
 
     Returns
     -------
@@ -258,12 +272,13 @@ def fixed_point(
     ValueError: 0.weight has scale ..., not a power of two; quantize 0.weight with \
 QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec
     """
-    ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
+    types: dict[str, Any] = {"accum": accum, "result": result, "bias": bias}
+    ops = build_graph(model, input_spec, input_shape=input_shape, **types)
     saved = [(p, p.detach().clone()) for _, p in bias_params(model, ops)] if snap_biases else []
     slopes = [(m, m.negative_slope) for _, m in leaky_modules(model, ops)] if snap_biases else []
     try:
         if snap_biases and any(set_biases(model, ops).values()):  # biases and slopes
-            ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
+            ops = build_graph(model, input_spec, input_shape=input_shape, **types)
         em = IntegerModel(ops)
         options = hls4ml if isinstance(hls4ml, HlsOptions) else None
         cfg = hls4ml_config(ops, None, options) if hls4ml and hls4ml_supported(ops) else None

@@ -36,13 +36,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from tnquant.export.emulator import contract_step
+from tnquant.export.contract import contract_step
 from tnquant.specs import FixedPoint
 
-__all__ = ["conv2d", "im2col", "max_pool2d", "avg_pool2d", "avg_pool_type", "conv_out_size"]
+__all__ = [
+    "conv2d",
+    "run_spatial",
+    "im2col",
+    "max_pool2d",
+    "avg_pool2d",
+    "avg_pool_type",
+    "conv_out_size",
+]
 
 
 def conv_out_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
@@ -154,3 +163,44 @@ def avg_pool_type(in_type: FixedPoint, kernel: Sequence[int]) -> FixedPoint:
 def avg_pool2d(x: np.ndarray, kernel: Sequence[int], stride: Sequence[int]) -> np.ndarray:
     """Window sums: the mean's mantissas in :func:`avg_pool_type` (exact)."""
     return _windows(x, kernel, stride).sum(axis=-1)
+
+
+def run_spatial(op: Any, x: np.ndarray, stats: dict[str, int] | None = None) -> np.ndarray:
+    """Run a ``conv2d``/``maxpool2d``/``avgpool2d`` op on flat ``(B, C*H*W)`` mantissas.
+
+    The maps are ``(B, C, H, W)`` inside and flat (channels first, as torch's
+    ``Flatten``) on both sides; the batch goes in blocks of bounded size.
+
+    Examples
+    --------
+    >>> from tnquant.export.ir import Op
+    >>> t = FixedPoint(8, 4)
+    >>> op = Op("p", "maxpool2d", "p", 4, 1, t, t, in_shape=(1, 2, 2), out_shape=(1, 1, 1),
+    ...         params={"kernel": (2, 2), "stride": (2, 2)})
+    >>> run_spatial(op, np.array([[1, 5, -3, 2]])).tolist()
+    [[5]]
+    """
+    p = op.params
+    out_size = math.prod(op.out_shape)
+    if op.kind == "conv2d":
+        n = int(op.weights[0][0].size)
+        rows = max(1, (1 << 22) // max(1, n * out_size))
+    else:
+        rows = max(1, (1 << 22) // max(1, x.shape[1] * 4))
+    outs = []
+    for s in range(0, x.shape[0], rows):
+        maps = x[s : s + rows].reshape(-1, *op.in_shape)
+        if op.kind == "conv2d":
+            y = conv2d(
+                maps, op.weights[0], op.input_type, op.weight_types[0], op.accum_types[0],
+                op.result_type, op.bias, op.bias_type, stride=p["stride"],
+                padding=p["padding"], dilation=p["dilation"], stats=stats,
+            )  # fmt: skip
+        elif op.kind == "maxpool2d":
+            y = max_pool2d(maps, p["kernel"], p["stride"])
+        elif op.kind == "avgpool2d":
+            y = avg_pool2d(maps, p["kernel"], p["stride"])
+        else:
+            raise ValueError(f"op {op.name!r}: {op.kind!r} is not a spatial op kind")
+        outs.append(y.reshape(len(maps), out_size))
+    return np.concatenate(outs, axis=0) if outs else np.zeros((0, out_size), np.int64)

@@ -54,7 +54,8 @@ from typing import Any
 import numpy as np
 
 from tnquant.export.cheaders import c_name, c_type, write_headers
-from tnquant.export.ir import ELEMENTWISE, Op
+from tnquant.export.ir import ELEMENTWISE, SPATIAL, Op
+from tnquant.export.table_ops import TABLES
 
 __all__ = ["write_project", "run_project", "ap_types_dir"]
 
@@ -277,6 +278,18 @@ def write_project(
     if not ops:
         raise ValueError("the integer model has no ops")
     _check_chain(ops)
+    for op in ops:
+        if op.kind in SPATIAL:
+            raise ValueError(
+                f"op {op.name!r} ({op.kind}) is not in the C++ project yet (convolutions and "
+                f"pooling go to the emulator and to_hls4ml)"
+            )
+        if op.kind in TABLES:
+            raise ValueError(
+                f"op {op.name!r} ({op.kind}: a lookup table) is not in the C++ project yet; "
+                f"export the network with to_hls4ml (hls4ml builds the same tables, bit-exact "
+                f"with the emulator)"
+            )
     out = Path(out_dir)
     fw, tb, data = out / "firmware", out / "tb", out / "tb_data"
     for d in (fw, tb, data):

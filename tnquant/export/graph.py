@@ -75,6 +75,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import numpy as np
@@ -82,8 +83,9 @@ import torch
 from torch import Tensor, nn
 
 from tnquant.export.codes import MAX_WIDTH, fixed_codes, lossless_accum
+from tnquant.export.conv_routes import CONV_ROUTES
 from tnquant.export.elementwise import leaky_modules, set_slopes
-from tnquant.export.ir import ELEMENTWISE, Op, TypeOverride, check_widths, label
+from tnquant.export.ir import ELEMENTWISE, SPATIAL, Op, TypeOverride, check_widths, label
 from tnquant.export.routes import ROUTES, Route, act_spec
 from tnquant.registry import export_route
 from tnquant.specs import FixedPoint
@@ -149,6 +151,49 @@ def _take_input_type(name: str, given: FixedPoint, state: dict[str, Any], done: 
     state["explicit"] = True
 
 
+def _check_input_shape(input_shape: Any) -> tuple[int, ...] | None:
+    if input_shape is None:
+        return None
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+    if (
+        shape is None
+        or len(shape) not in (1, 3)
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
+    ):
+        raise ValueError(
+            f"input_shape must be (C, H, W) (or (features,)) of positive ints, got {input_shape!r}"
+        )
+    return shape
+
+
+def _check_flat(name: str, route: str | None, state: dict[str, Any], done: list[Op]) -> None:
+    """A dense layer reads a flat chain: refuse one right after a feature map."""
+    if state["shape"] is not None and route in ("dense", "lowrank", "tucker", "tt"):
+        raise ValueError(
+            f"{label(name)}: a Linear layer reads flat features, but a (C, H, W) = "
+            f"{tuple(state['shape'])} feature map reaches it; put an nn.Flatten() before it"
+        )
+
+
+def _check_size(name: str, new: list[Op], done: list[Op], shape: tuple[int, ...] | None) -> None:
+    """With spatial ops (or an input_shape), every op must read what the one before writes."""
+    if not new or new[0].kind in ELEMENTWISE:
+        return
+    if not done:
+        if shape is not None and new[0].in_features != math.prod(shape):
+            raise ValueError(
+                f"{label(name)}: the layer takes {new[0].in_features} features, but "
+                f"input_shape={shape} gives {math.prod(shape)}"
+            )
+        return
+    if any(op.kind in SPATIAL for op in done) and new[0].in_features != done[-1].out_features:
+        raise ValueError(
+            f"{label(name)}: the layer takes {new[0].in_features} features, but "
+            f"{done[-1].out_features} reach it (the output of op {done[-1].name!r}"
+            f"{', a feature map ' + str(done[-1].out_shape) if done[-1].out_shape else ''})"
+        )
+
+
 def _module_ops(
     name: str,
     module: nn.Module,
@@ -157,7 +202,7 @@ def _module_ops(
     done: list[Op],
 ) -> list[Op]:
     """The ops of one leaf module, by its registry entry's export route (updates ``state``)."""
-    route = ROUTES.get(export_route(module) or "")
+    route = ROUTES.get(export_route(module) or "") or CONV_ROUTES.get(export_route(module) or "")
     if route is not None and route[0]:
         first_in = act_spec(module, "input", name)
         if first_in is not None:
@@ -171,8 +216,8 @@ def _module_ops(
         raise ValueError(
             f"{label(name)}: {type(module).__name__} has no fixed-point export; "
             f"supported: QuantLinear, LowRankLinear, TuckerLinear (order 1), "
-            f"TTLinear, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.Flatten, "
-            f"nn.Identity, nn.Dropout"
+            f"TTLinear, QuantConv2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, "
+            f"nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout"
         )
     return route[1](name, module, state, overrides, done)
 
@@ -184,6 +229,7 @@ def build_graph(
     accum: TypeOverride = None,
     result: TypeOverride = None,
     bias: TypeOverride = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> list[Op]:
     """Turn a quantized model into a list of fixed-point :class:`Op` s.
 
@@ -203,6 +249,12 @@ def build_graph(
         A ``FixedPoint`` for every op, or a mapping from globs on op names
         (``'<layer>'`` for one-step layers, ``'<layer>.<k>'`` for step ``k``
         of a chain) to ``FixedPoint``; first match wins.
+    input_shape
+        ``(C, H, W)`` of one input sample, needed when the model starts with
+        a convolution or pooling (``QuantConv2d``, ``nn.MaxPool2d``,
+        ``nn.AvgPool2d``: see :mod:`tnquant.export.conv_routes`); the input
+        is then ``(batch, C*H*W)``, flat in torch's channels-first order.
+        ``(n,)`` or ``None``: a flat input.
 
     Returns
     -------
@@ -224,11 +276,19 @@ def build_graph(
     if input_spec is not None and not isinstance(input_spec, FixedPoint):
         raise TypeError(f"input_spec must be a FixedPoint, got {type(input_spec).__name__}")
     overrides = {"accum": accum, "result": result, "bias": bias}
+    shape = _check_input_shape(input_shape)
     state: dict[str, Any] = {"type": input_spec, "explicit": input_spec is not None, "prev": None}
+    state.update(shape=shape if shape and len(shape) == 3 else None, flat=bool(shape))
     ops: list[Op] = []
     for name, module in _leaves(model):
-        if export_route(module) != "skip":
-            ops += _module_ops(name, module, state, overrides, ops)
+        route = export_route(module)
+        if route != "skip":
+            _check_flat(name, route, state, ops)
+            new = _module_ops(name, module, state, overrides, ops)
+            _check_size(name, new, ops, shape)
+            ops += new
+            if route == "flatten" or any(op.kind not in (*ELEMENTWISE, *SPATIAL) for op in new):
+                state.update(shape=None, flat=True)  # a Flatten or a dense layer
     if not ops:
         raise ValueError("the model has no layer to export")
     for k, op in enumerate(ops):

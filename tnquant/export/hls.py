@@ -64,6 +64,15 @@ import torch
 from torch import nn
 
 from tnquant.export.graph import Op, TypeOverride, build_graph
+from tnquant.export.hls_conv import (
+    default_type,
+    input_shape,
+    layer_ops,
+    spatial_module,
+    spatial_precision,
+)
+from tnquant.export.ir import SPATIAL
+from tnquant.export.table_ops import TABLES, hls4ml_keys
 from tnquant.specs import FixedPoint
 
 __all__ = [
@@ -174,24 +183,30 @@ class HlsOptions:
         return int(out[0]), str(out[1])
 
 
-def _check_order(op: Op, reuse: int, strategy: str) -> None:
+def _check_order(op: Op, reuse: int, strategy: str, io_type: str = "io_parallel") -> None:
     """Refuse a saturating user accumulator where hls4ml sums in another order."""
-    if reuse == 1 and strategy == "Latency":
+    streamed_conv = io_type == "io_stream" and op.kind == "conv2d"
+    if reuse == 1 and strategy == "Latency" and not streamed_conv:
         return
+    why = (
+        "io_stream's convolution (nnet_conv2d_stream.h) sums"
+        if streamed_conv
+        else f"ReuseFactor {reuse} / Strategy {strategy!r} sum"
+    )
     for k, (acc, derived) in enumerate(zip(op.accum_types, op.accum_derived, strict=False)):
         if not derived and acc.overflow != "WRAP":
             raise ValueError(
                 f"op {op.name!r}: accum type {acc} (given with accum=) saturates, and "
-                f"ReuseFactor {reuse} / Strategy {strategy!r} sum the products in another "
-                f"order than the emulator (nnet_dense_latency.h), so a saturated sum "
-                f"would differ; leave accum= unset for this op (the derived accumulator "
-                f"is lossless), give it overflow='WRAP', or use reuse_factor=1 and "
-                f"strategy='Latency' for it (step {k})"
+                f"{why} the products in another order than the emulator "
+                f"(nnet_dense_latency.h), so a saturated sum would differ; leave accum= "
+                f"unset for this op (the derived accumulator is lossless), give it "
+                f"overflow='WRAP', or use reuse_factor=1, strategy='Latency' and "
+                f"io_parallel for it (step {k})"
             )
 
 
 #: the op kinds hls4ml's PyTorch front end takes
-HLS4ML_KINDS = ("dense", "relu", "leaky_relu")
+HLS4ML_KINDS = ("dense", "relu", "leaky_relu", *TABLES, *SPATIAL)
 
 
 def hls4ml_supported(ops: list[Op]) -> bool:
@@ -219,6 +234,10 @@ def _no_route(op: Op) -> ValueError:
     )
 
 
+def _softmax() -> nn.Module:
+    return nn.Softmax(dim=-1)
+
+
 def _value(m: np.ndarray, t: FixedPoint) -> torch.Tensor:
     if t.width > 53:
         raise ValueError(
@@ -244,13 +263,22 @@ def torch_chain(ops: list[Op]) -> nn.Sequential:
     )
     """
     mods: list[nn.Module] = []
-    for op in ops:
+    for op in layer_ops(ops):
+        if op is None:  # channels-first flat, as the emulator holds it (tnquant.export.hls_conv)
+            mods.append(nn.Flatten())
+            continue
+        if op.kind in SPATIAL:
+            mods.append(spatial_module(op, _value))
+            continue
         if op.kind == "relu":
             mods.append(nn.ReLU())
             continue
         if op.kind == "leaky_relu":
             alpha = float(np.ldexp(float(op.weights[0][0]), -op.weight_types[0].frac))
             mods.append(nn.LeakyReLU(negative_slope=alpha))
+            continue
+        if op.kind in TABLES:
+            mods.append({"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}.get(op.kind, _softmax)())
             continue
         if op.kind != "dense":
             raise _no_route(op)
@@ -291,14 +319,17 @@ def hls4ml_config(
     chain = torch_chain(ops) if chain is None else chain
     cfg = hls4ml.utils.config_from_pytorch_model(
         chain,
-        input_shape=(ops[0].in_features,),
+        input_shape=input_shape(ops),
         granularity="name",
         backend=options.backend,
-        default_precision=str(ops[0].input_type),
+        default_precision=str(
+            default_type(ops) if any(op.kind in SPATIAL for op in ops) else ops[0].input_type
+        ),
         channels_last_conversion="full",
     )
     names = list(cfg["LayerName"])
-    if len(names) != len(ops) + 1:
+    layers = layer_ops(ops)
+    if len(names) != len(layers) + 1:
         raise RuntimeError(
             f"hls4ml named {len(names)} layers {names} for {len(ops)} ops + the "
             f"input; cannot match them"
@@ -306,13 +337,28 @@ def hls4ml_config(
     cfg["Model"].update({"ReuseFactor": 1, "Strategy": "Latency", "ChannelsLastConversion": "full"})
     # hls4ml's own checks of the model-level keys; every layer gets its own below
     cfg["LayerName"][names[0]]["Precision"] = {"result": str(ops[0].input_type)}
-    for name, op in zip(names[1:], ops, strict=True):
+    for k, (name, op) in enumerate(zip(names[1:], layers, strict=True)):
         layer = cfg["LayerName"][name]
+        if op is None:  # the Flatten (hls4ml's Reshape): a copy of what it reads
+            prev = layers[k - 1] if k else None
+            layer["Precision"] = {"result": str(prev.result_type if prev else ops[0].input_type)}
+            continue
+        if op.kind in ("maxpool2d", "avgpool2d"):
+            layer["Precision"] = spatial_precision(op, _ZERO_BIAS)
+            continue
         if op.kind == "relu":
             layer["Precision"]["result"] = str(op.result_type)
             continue
         if op.kind == "leaky_relu":  # param_t: alpha's own type, not hls4ml's guess
             layer["Precision"].update(result=str(op.result_type), param=str(op.weight_types[0]))
+            continue
+        if op.kind in TABLES:  # the tables the emulator builds (tnquant.export.table_ops)
+            keys = hls4ml_keys(op)
+            accum = keys.pop("accum", None)
+            layer["Precision"] = {"result": str(op.result_type)}
+            if accum is not None:
+                layer["Precision"]["accum"] = accum
+            layer.update(keys)
             continue
         layer["Precision"] = {
             "weight": str(op.weight_types[0]),
@@ -321,7 +367,7 @@ def hls4ml_config(
             "result": str(op.result_type),
         }
         reuse, strategy = options.layer(op.name, op.layer)
-        _check_order(op, reuse, strategy)
+        _check_order(op, reuse, strategy, options.io_type)
         layer["ReuseFactor"], layer["Strategy"] = reuse, strategy
     cfg.pop("PytorchModel", None)
     return cfg
@@ -341,12 +387,13 @@ def to_hls4ml(
     strategy: PerLayer = "Latency",
     backend: str = "Vivado",
     part: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> Any:
     """The model as an hls4ml ``ModelGraph`` (not compiled) with the exported types.
 
     Parameters
     ----------
-    model, input_spec, accum, result, bias
+    model, input_spec, accum, result, bias, input_shape
         As :func:`tnquant.export.fixed_point`.
     out_dir
         hls4ml's project directory.
@@ -384,7 +431,9 @@ def to_hls4ml(
     ValueError: strategy must be one of ['Latency', 'Resource'], got 'latency'
     """
     options = HlsOptions(io_type, reuse_factor, strategy, backend, part)
-    ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
+    ops = build_graph(
+        model, input_spec, accum=accum, result=result, bias=bias, input_shape=input_shape
+    )
     return graph_to_hls4ml(ops, out_dir, project_name=project_name, options=options)
 
 
@@ -417,7 +466,7 @@ def graph_to_hls4ml(
     kwargs: dict[str, Any] = {"part": options.part} if options.part is not None else {}
     return hls4ml.converters.convert_from_pytorch_model(
         chain,
-        input_shape=(ops[0].in_features,),
+        input_shape=input_shape(ops),
         hls_config=cfg,
         output_dir=str(out_dir),
         project_name=project_name,

@@ -26,11 +26,24 @@ import numpy as np
 from tnquant.export.codes import MAX_WIDTH, narrower, too_wide
 from tnquant.specs import FixedPoint
 
-__all__ = ["Op", "TypeOverride", "ELEMENTWISE", "check_widths", "lookup_override", "label"]
+__all__ = [
+    "Op",
+    "TypeOverride",
+    "ELEMENTWISE",
+    "SPATIAL",
+    "POOLS",
+    "check_widths",
+    "lookup_override",
+    "label",
+]
 
 TypeOverride = Union[FixedPoint, Mapping[str, FixedPoint], None]
 #: op kinds that map every element on its own (``in_features == out_features``, no accumulator)
-ELEMENTWISE = ("relu", "clip", "leaky_relu")
+ELEMENTWISE = ("relu", "clip", "leaky_relu", "sigmoid", "tanh", "softmax")
+#: op kinds on ``(C, H, W)`` feature maps (flat, channels first, between ops)
+SPATIAL = ("conv2d", "maxpool2d", "avgpool2d")
+#: the spatial kinds without weights or accumulator (their result type follows the input's)
+POOLS = ("maxpool2d", "avgpool2d")
 
 
 def label(name: str) -> str:
@@ -111,6 +124,11 @@ class Op:
     result_derived: list[bool] = field(default_factory=list)
     bias_derived: bool = False
     notes: list[str] = field(default_factory=list)
+    #: ``(C, H, W)`` read and written by a ``conv2d``/``maxpool2d``/``avgpool2d`` op (else empty)
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+    #: a spatial op's ``kernel``, ``stride``, ``padding``, ``dilation`` (each ``(h, w)``)
+    params: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def _steps(op: Op) -> list[str]:

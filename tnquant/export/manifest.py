@@ -57,7 +57,7 @@ import numpy as np
 
 from tnquant._version import __version__
 from tnquant.export.graph import Op, check_widths
-from tnquant.export.ir import ELEMENTWISE
+from tnquant.export.ir import ELEMENTWISE, POOLS, SPATIAL
 from tnquant.export.manifest_fields import (
     MAX_FEATURES,
     MAX_OPS,
@@ -73,6 +73,7 @@ from tnquant.export.manifest_fields import (
     _steps,
     _text,
 )
+from tnquant.export.manifest_spatial import spatial_dict
 from tnquant.export.safe_npz import read_npz
 from tnquant.io import IntegrityError
 
@@ -182,12 +183,14 @@ def _op_to_dict(op: Op) -> dict[str, Any]:
         "derived": {
             "accum": [
                 bool(b)
-                for b in op.accum_derived or [False] * (n if op.kind not in ELEMENTWISE else 0)
+                for b in op.accum_derived
+                or [False] * (n if op.kind not in (*ELEMENTWISE, *POOLS) else 0)
             ],
             "result": [bool(b) for b in op.result_derived or [False] * n],
             "bias": bool(op.bias_derived),
         },
         "contraction": _contraction(op),
+        **({"spatial": spatial_dict(op)} if op.kind in SPATIAL else {}),
     }
 
 
@@ -328,6 +331,7 @@ def _check_manifest(man: dict[str, Any], path: Path) -> tuple[list[Op], dict[str
     ops: list[Op] = []
     shapes: dict[str, tuple[int, ...]] = {}
     names: set[str] = set()
+    map_shape: tuple[int, ...] | None = None  # the (C, H, W) map reaching the next op
     for k, d in enumerate(raw_ops):
         op, sh = _op_fields(path, k, d, names)
         w = f"ops[{k}]"
@@ -339,10 +343,20 @@ def _check_manifest(man: dict[str, Any], path: Path) -> tuple[list[Op], dict[str
                 [str(op.input_type), op.in_features],
             )
         _check_derived(path, w, op, sh)
+        if op.in_shape and map_shape is not None and tuple(op.in_shape) != map_shape:
+            raise _fail(
+                path, f"{w}.spatial.in_shape",
+                f"{list(map_shape)} (the feature map the spatial op before gives)",
+                list(op.in_shape),
+            )  # fmt: skip
+        if op.out_shape:
+            map_shape = tuple(op.out_shape)
+        elif op.kind not in ELEMENTWISE:  # a dense op: the map is flat from here
+            map_shape = None
         ops.append(op)
         shapes.update({f"{op.name}.w{j}": s for j, s in enumerate(sh)})
         if op.bias_type is not None:
-            shapes[f"{op.name}.bias"] = (op.out_features,)
+            shapes[f"{op.name}.bias"] = (op.out_shape[0] if op.out_shape else op.out_features,)
     top = {
         "input_type": str(ops[0].input_type),
         "output_type": str(ops[-1].result_type),

@@ -31,7 +31,9 @@ from typing import Any
 from tnquant.export.codes import lossless_accum
 from tnquant.export.elementwise import ALPHA_FRAC, alpha_type, leaky_result
 from tnquant.export.graph import Op
-from tnquant.export.ir import ELEMENTWISE
+from tnquant.export.ir import ELEMENTWISE, POOLS, SPATIAL
+from tnquant.export.manifest_spatial import read_spatial
+from tnquant.export.table_ops import TABLES, derived_result
 from tnquant.io import IntegrityError
 from tnquant.specs import FixedPoint
 
@@ -40,10 +42,13 @@ MAX_FEATURES = 1 << 20
 MAX_STATE = 1 << 26  # elements of one TT intermediate per input row
 _MAX_INTEGER = 1024  # |I| of an ap_fixed
 _MAX_TT_CORES = 32
-_KINDS = ("dense", "relu", "tt", "clip", "leaky_relu")
+_KINDS = ("dense", "relu", "tt", "clip", "leaky_relu", *TABLES, *SPATIAL)
 #: weights per kind (a TT op: one or more cores) and the dimensions of each
-_N_WEIGHTS = {"dense": 1, "relu": 0, "clip": 1, "leaky_relu": 1}
-_NDIM = {"dense": 2, "tt": 4, "clip": 1, "leaky_relu": 1}
+_N_WEIGHTS = {"dense": 1, "relu": 0, "clip": 1, "leaky_relu": 1, **dict.fromkeys(TABLES, 0)}
+_N_WEIGHTS.update({"conv2d": 1, "maxpool2d": 0, "avgpool2d": 0})
+_NDIM = {"dense": 2, "tt": 4, "clip": 1, "leaky_relu": 1, "conv2d": 4}
+#: kinds without an accumulator (and without a bias)
+_NO_ACCUM = (*ELEMENTWISE, *POOLS)
 _OP = {
     "name",
     "kind",
@@ -75,6 +80,17 @@ def _steps(op: Op) -> int:
 def _contraction(op: Op) -> str:
     if op.kind == "relu":
         return "y = max(x, 0)"
+    if op.kind == "conv2d":
+        return (
+            "y[o, h, w] = result(accum(b[o]) + sum accum(x[c, h', w'] * W[o, c, kh, kw])), "
+            "patch in (kh, kw, c) order (hls4ml conv_2d_latency_cl), zero padding"
+        )
+    if op.kind == "maxpool2d":
+        return "y[c, h, w] = max of the window, the input type kept"
+    if op.kind == "avgpool2d":
+        return "y[c, h, w] = sum of the window (the exact mean: log2(area) more fractional bits)"
+    if op.kind in TABLES:
+        return f"y = hls4ml {op.kind} lookup table (tnquant.export.table_ops), cast to result"
     if op.kind == "clip":
         return "y = result(min(max(x, w0[0]), w0[1])), bounds lo, hi of the input type"
     if op.kind == "leaky_relu":
@@ -156,7 +172,7 @@ def _type(path: Path, where: str, v: Any) -> FixedPoint:
 def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tuple[int, ...]]]:
     """Op ``k``'s fields, typed and bounded (no arrays yet), and its weight shapes."""
     w = f"ops[{k}]"
-    d = _dict(path, w, d, _OP)
+    d = _dict(path, w, d, _OP, _spatial_key(path, w, d))
     name = _text(path, f"{w}.name", d["name"], _OP_NAME)
     if name in names:
         raise IntegrityError(f"{path}: {w}.name {name!r} names two ops")
@@ -201,7 +217,7 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
                 exps,
             )
     has_bias = d["bias"] is not None
-    if has_bias != (d["bias_type"] is not None) or (has_bias and kind in ELEMENTWISE):
+    if has_bias != (d["bias_type"] is not None) or (has_bias and kind in _NO_ACCUM):
         raise _fail(
             path,
             f"{w}.bias/bias_type",
@@ -214,7 +230,7 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
     accums = [
         _type(path, f"{w}.accum_types[{j}]", t)
         for j, t in enumerate(
-            _list(path, f"{w}.accum_types", d["accum_types"], 0 if kind in ELEMENTWISE else steps)
+            _list(path, f"{w}.accum_types", d["accum_types"], 0 if kind in _NO_ACCUM else steps)
         )
     ]
     results = [
@@ -257,11 +273,25 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
         raise _fail(path, f"{w}.derived.bias", "false without a bias", True)
     if d["contraction"] != _contraction(op):
         raise _fail(path, f"{w}.contraction", repr(_contraction(op)), d["contraction"])
-    _check_shapes(path, w, op, shapes)
+    _check_shapes(path, w, op, shapes, d.get("spatial"))
     return op, shapes
 
 
-def _check_shapes(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]]) -> None:
+def _spatial_key(path: Path, w: str, d: Any) -> set[str]:
+    """The optional keys of an op entry: ``spatial``, which a spatial op must have."""
+    spatial = isinstance(d, dict) and d.get("kind") in SPATIAL
+    if isinstance(d, dict) and spatial != ("spatial" in d):
+        need = "needs" if spatial else "has no use for"
+        raise IntegrityError(f"{path}: {w} ({d.get('kind')!r}) {need} a 'spatial' key")
+    return {"spatial"} if spatial else set()
+
+
+def _check_shapes(
+    path: Path, w: str, op: Op, shapes: list[tuple[int, ...]], spatial: Any = None
+) -> None:
+    if op.kind in SPATIAL:
+        read_spatial(path, w, op, shapes, spatial)
+        return
     if op.kind in ELEMENTWISE:
         if op.in_features != op.out_features:
             raise _fail(
@@ -328,19 +358,24 @@ def _check_derived(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]]) ->
     """The types build_graph derived must be what it derives from these inputs again."""
     if op.kind in ELEMENTWISE:
         want = op.input_type
+        if op.kind in TABLES:
+            want = derived_result(op.kind)
         if op.kind == "leaky_relu":
             want = leaky_result(op.input_type, op.weight_types[0])
         if op.result_derived[0] and op.result_type != want:
-            what = "the input type" if op.kind != "leaky_relu" else "the product type"
+            what = {"leaky_relu": "the product type"}.get(op.kind, "the input type")
+            what = "the table type" if op.kind in TABLES else what
             raise _fail(path, f"{w}.result_type", f"{what} {want} (derived)", str(op.result_type))
         return
+    if op.kind in POOLS:
+        return  # their result type is checked with the spatial field
     d = len(op.weight_types)
     cur = op.input_type
     for s in range(_steps(op)):
         k = d - 1 - s if op.kind == "tt" else 0
         wt, n = (
             op.weight_types[k],
-            shapes[k][1] if op.kind == "dense" else shapes[k][2] * shapes[k][3],
+            math.prod(shapes[k][1:]) if op.kind != "tt" else shapes[k][2] * shapes[k][3],
         )
         bt = op.bias_type if s == _steps(op) - 1 else None
         if (

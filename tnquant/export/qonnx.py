@@ -62,6 +62,7 @@ from torch import nn
 
 from tnquant.export.codes import lossless_accum
 from tnquant.export.graph import Op, TypeOverride, build_graph
+from tnquant.export.ir import SPATIAL
 from tnquant.specs import FixedPoint
 
 __all__ = ["qonnx", "QONNX_DOMAIN", "ROUNDING"]
@@ -300,13 +301,15 @@ def qonnx(
     result: TypeOverride = None,
     bias: TypeOverride = None,
     batch_size: int = 1,
+    input_shape: tuple[int, ...] | None = None,
 ) -> Path:
     """Write the fixed-point ``model`` as a QONNX file; returns the path.
 
     Parameters
     ----------
-    model, input_spec, accum, result, bias
-        As :func:`tnquant.export.fixed_point` (the same types are derived).
+    model, input_spec, accum, result, bias, input_shape
+        As :func:`tnquant.export.fixed_point` (the same types are derived;
+        convolutions and pooling are refused: no QONNX form for them yet).
     path
         The ``.onnx`` file to write (its folder is created).
     batch_size
@@ -332,12 +335,25 @@ def qonnx(
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
+    ops = build_graph(
+        model, input_spec, accum=accum, result=result, bias=bias, input_shape=input_shape
+    )
     if not ops:
         raise ValueError("the model has no ops to export")
+    for op in ops:
+        if op.kind in SPATIAL:
+            raise ValueError(
+                f"op {op.name!r} ({op.kind}) has no QONNX form yet (convolutions and pooling "
+                f"go to the emulator and to_hls4ml)"
+            )
     g = _Graph(batch_size, ops[0].in_features)
     x = g.quant("global_in", ops[0].input_type, "input_q", derived=False, what="the input")
     for op in ops:
+        if op.kind not in _WRITERS:
+            raise ValueError(
+                f"op {op.name!r} ({op.kind}) has no QONNX form (QONNX has no lookup-table "
+                f"activation); to_hls4ml takes it, bit-exact with the emulator"
+            )
         x = _WRITERS[op.kind](g, op, x)
         if op.kind not in ("relu", "clip"):  # they keep the type they read
             i = max(1, op.result_type.integer)

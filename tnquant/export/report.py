@@ -74,6 +74,7 @@ import numpy as np
 
 from tnquant.export.graph import Op
 from tnquant.export.resources import op_resources
+from tnquant.export.table_ops import TABLES, table_bits
 
 __all__ = ["ExportReport", "build_report", "REPORT_JSON", "REPORT_MD"]
 
@@ -134,7 +135,16 @@ def _with_resources(row: dict[str, Any], res: dict[str, Any], w: np.ndarray) -> 
 
 
 def _op_rows(op: Op) -> list[dict[str, Any]]:
+    if op.kind == "conv2d":  # Ho*Wo*O*C*kh*kw products: each weight once per output position
+        w = op.weights[0]
+        mults = int(w.size) * op.out_shape[1] * op.out_shape[2]
+        row = _row(op.name, op, list(w.shape), op.weight_types[0], 0, mults, True)
+        return [_with_resources(row, op_resources(op)[0], w)]
     if op.kind not in ("dense", "tt"):  # elementwise: ReLU; clip bounds, a LeakyReLU's alpha
+        if op.kind in TABLES:  # the lookup tables are its memory
+            row = _row(op.name, op, [], None, 0, 0, False)
+            row["memory_bits"] = table_bits(op)
+            return [row]
         if not op.weights:
             return [_row(op.name, op, [], None, 0, 0, False)]
         mults = op.in_features if op.kind == "leaky_relu" else 0  # alpha * x, one per element

@@ -98,6 +98,12 @@ def op_resources(op: Op) -> list[dict[str, Any]]:
             bias_bits = int(op.bias.size) * op.bias_type.width
         w_t = op.weight_types[0]
         return [_step(op.name, op.weights[0], 1, op.input_type.width, bias_bits, w_t.width)]
+    if op.kind == "conv2d":  # every weight is used once per output position
+        bias_bits = 0
+        if op.bias is not None and op.bias_type is not None:
+            bias_bits = int(op.bias.size) * op.bias_type.width
+        w_t, uses = op.weight_types[0], op.out_shape[1] * op.out_shape[2]
+        return [_step(op.name, op.weights[0], uses, op.input_type.width, bias_bits, w_t.width)]
     if op.kind != "tt":
         return []
     cores = op.weights

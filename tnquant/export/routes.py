@@ -16,6 +16,9 @@ route             modules                         ops
 ``'leaky_relu'``  ``nn.LeakyReLU``                ``leaky_relu`` (alpha on at most 16
                                                   fractional bits)
 ``'flatten'``     ``nn.Flatten(1, -1)``           none (checked: a no-op on the chain)
+``'sigmoid'``     ``nn.Sigmoid``, ``nn.Tanh``,    ``sigmoid``/``tanh``/``softmax``:
+``'tanh'``,       ``nn.Softmax(-1)``              hls4ml's lookup tables
+``'softmax'``                                     (:mod:`tnquant.export.table_ops`)
 ``'float'``       ``nn.Linear``                   refused: quantize it first
 ================  ==============================  =====================================
 
@@ -29,8 +32,9 @@ state (the type reaching the layer) kept by
 
 Examples
 --------
->>> sorted(ROUTES)
-['clip', 'dense', 'flatten', 'float', 'leaky_relu', 'lowrank', 'relu', 'tt', 'tucker']
+>>> sorted(ROUTES)  # doctest: +NORMALIZE_WHITESPACE
+['clip', 'dense', 'flatten', 'float', 'leaky_relu', 'lowrank', 'relu', 'sigmoid', 'softmax',
+ 'tanh', 'tt', 'tucker']
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from tnquant.export.acts import act_type
 from tnquant.export.codes import MAX_WIDTH, auto_accum, fixed_codes, narrower, too_wide
 from tnquant.export.elementwise import clip_ops, flatten_ops, leaky_ops, relu_ops
 from tnquant.export.ir import Op, TypeOverride, label, lookup_override
+from tnquant.export.table_ops import table_ops
 from tnquant.layers.base import FactorizedLayer
 from tnquant.layers.tt import TTLinear
 from tnquant.layers.tucker import TuckerLinear
@@ -316,6 +321,9 @@ ROUTES: dict[str, tuple[bool, Route]] = {
     "relu": (False, relu_ops),
     "clip": (False, clip_ops),
     "leaky_relu": (False, leaky_ops),
+    "sigmoid": (False, table_ops),
+    "tanh": (False, table_ops),
+    "softmax": (False, table_ops),
     "flatten": (False, flatten_ops),
     "float": (False, _float_ops),
 }

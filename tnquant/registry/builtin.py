@@ -130,7 +130,7 @@ BUILTIN: tuple[LayerKind, ...] = (
     LayerKind(
         QuantLinear, "quantized", nn.Linear, handler=s.quant_linear_handler(), export="dense"
     ),
-    LayerKind(QuantConv2d, "quantized", nn.Conv2d, handler=s.quant_conv_handler()),
+    LayerKind(QuantConv2d, "quantized", nn.Conv2d, handler=s.quant_conv_handler(), export="conv2d"),
     LayerKind(QuantConv1d, "quantized", nn.Conv1d, handler=quant_conv1d_handler()),
     LayerKind(
         QuantEmbedding,
@@ -149,6 +149,11 @@ BUILTIN: tuple[LayerKind, ...] = (
     LayerKind(nn.Hardtanh, "other", export="clip"),
     LayerKind(nn.LeakyReLU, "other", export="leaky_relu"),
     LayerKind(nn.Flatten, "other", export="flatten"),
+    LayerKind(nn.MaxPool2d, "other", export="maxpool2d"),
+    LayerKind(nn.AvgPool2d, "other", export="avgpool2d"),
+    LayerKind(nn.Sigmoid, "other", export="sigmoid"),
+    LayerKind(nn.Tanh, "other", export="tanh"),
+    LayerKind(nn.Softmax, "other", export="softmax"),
 )
 
 #: families registered once their dense class is loaded (see :class:`LazyKinds`)

@@ -1,0 +1,249 @@
+"""Op builders of 2-D convolutions and pooling (``conv2d``, ``maxpool2d``, ``avgpool2d``).
+
+==================  ====================  ===============================================
+route               modules               op
+==================  ====================  ===============================================
+``'conv2d'``        ``QuantConv2d``       ``conv2d``: hls4ml's ``Conv2D`` (channels-last
+                    (``groups=1``, zero   im2col order, every product cast to the
+                    padding)              accumulator), weights ``(O, C, kh, kw)``
+``'maxpool2d'``     ``nn.MaxPool2d``      ``maxpool2d``: exact, the input type kept
+                    (no padding)
+``'avgpool2d'``     ``nn.AvgPool2d``      ``avgpool2d``: the exact window mean, in
+                    (no padding, area     :func:`~tnquant.export.conv_ops.avg_pool_type`
+                    a power of two)       (``log2(area)`` more fractional bits)
+==================  ====================  ===============================================
+
+A spatial op reads and writes ``(C, H, W)`` feature maps, which the chain
+carries flat in torch's channels-first order (``in_features = C*H*W``), so
+an ``nn.ReLU`` after a convolution is the elementwise ``relu`` op and
+``nn.Flatten`` stays a no-op. The walk keeps the current map shape in
+``state['shape']`` (``None`` once flat: after a ``Flatten``); the first
+layer's comes from ``input_shape=``. A convolution's types follow the dense
+rules (:mod:`tnquant.export.graph`): the lossless accumulator of
+``C*kh*kw`` products plus the bias, the result equal to it unless
+``result=``/``accum=``/``bias=`` or an ``'output'`` quantizer give one.
+
+Examples
+--------
+>>> sorted(CONV_ROUTES)
+['avgpool2d', 'conv2d', 'maxpool2d']
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, cast
+
+from torch import Tensor, nn
+
+from tnquant.export.codes import auto_accum, fixed_codes
+from tnquant.export.conv_ops import avg_pool_type, conv_out_size
+from tnquant.export.ir import Op, TypeOverride, label, lookup_override
+from tnquant.export.routes import Route, _bias, act_spec
+from tnquant.specs import FixedPoint
+
+__all__ = ["CONV_ROUTES", "pair", "spatial_shape"]
+
+
+def pair(value: Any, what: str, name: str) -> tuple[int, int]:
+    """An int or a pair of ints as ``(h, w)``.
+
+    Examples
+    --------
+    >>> pair(2, "stride", "0"), pair((1, 3), "kernel_size", "0")
+    ((2, 2), (1, 3))
+    """
+    v = (value, value) if isinstance(value, int) else tuple(value)
+    if len(v) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) for a in v):
+        raise ValueError(f"{label(name)}: {what} must be an int or a pair of ints, got {value!r}")
+    return int(v[0]), int(v[1])
+
+
+def spatial_shape(name: str, state: dict[str, Any], what: str) -> tuple[int, int, int]:
+    """The ``(C, H, W)`` reaching layer ``name``, or a ``ValueError`` saying what is missing."""
+    shape = state.get("shape")
+    if shape is None:
+        if state.get("flat"):
+            raise ValueError(
+                f"{label(name)}: a {what} needs a (C, H, W) feature map, but the chain is "
+                f"flat here (after a Flatten or a Linear layer)"
+            )
+        raise ValueError(
+            f"{label(name)}: a {what} needs the input's (C, H, W): pass input_shape=(C, H, W) "
+            f"(e.g. input_shape=(1, 8, 8))"
+        )
+    return cast("tuple[int, int, int]", tuple(shape))
+
+
+def _out_hw(
+    name: str, shape: tuple[int, int, int], params: dict[str, tuple[int, ...]]
+) -> tuple[int, int]:
+    _, h, w = shape
+    (kh, kw), (sh, sw) = params["kernel"], params["stride"]
+    (ph, pw), (dh, dw) = params["padding"], params["dilation"]
+    ho, wo = conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"{label(name)}: a {h}x{w} map is smaller than the {kh}x{kw} window "
+            f"(dilation {dh}x{dw}, padding {ph}x{pw}); check input_shape"
+        )
+    return ho, wo
+
+
+def _conv_params(name: str, conv: nn.Conv2d) -> dict[str, tuple[int, ...]]:
+    if conv.groups != 1:
+        raise ValueError(
+            f"{label(name)}: a grouped convolution (groups={conv.groups}) has no fixed-point "
+            f"export yet; only groups=1"
+        )
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"{label(name)}: padding_mode={conv.padding_mode!r} has no fixed-point export; "
+            f"only zero padding (padding_mode='zeros')"
+        )
+    padding: Any = conv.padding
+    if padding == "valid":
+        padding = 0
+    if isinstance(padding, str):
+        raise ValueError(
+            f"{label(name)}: padding={padding!r} has no fixed-point export; give the "
+            f"padding as ints (e.g. padding=1 for a 3x3 'same')"
+        )
+    return {
+        "kernel": pair(conv.kernel_size, "kernel_size", name),
+        "stride": pair(conv.stride, "stride", name),
+        "padding": pair(padding, "padding", name),
+        "dilation": pair(conv.dilation, "dilation", name),
+    }
+
+
+def conv2d_ops(
+    name: str,
+    module: nn.Module,
+    state: dict[str, Any],
+    overrides: dict[str, TypeOverride],
+    done: list[Op],
+) -> list[Op]:
+    """The ``conv2d`` op of a ``QuantConv2d`` (types as a dense op, over ``C*kh*kw`` products)."""
+    conv = cast(nn.Conv2d, module)
+    params = _conv_params(name, conv)
+    shape = spatial_shape(name, state, "convolution")
+    if shape[0] != conv.in_channels:
+        raise ValueError(
+            f"{label(name)}: the convolution takes {conv.in_channels} channels, but "
+            f"{shape[0]} reach it (feature map {shape}); check input_shape"
+        )
+    ho, wo = _out_hw(name, shape, params)
+    q = module._modules.get("weight_quantizer")
+    q = None if isinstance(q, nn.Identity) else q
+    notes: list[str] = []
+    m, wtype, exps = fixed_codes(
+        q, cast(Tensor, conv.weight), f"{name}.weight", op=name, notes=notes
+    )
+    in_type = state["type"]
+    n = conv.in_channels * params["kernel"][0] * params["kernel"][1]
+    bias_param = cast("Tensor | None", module._parameters.get("bias"))
+    bias = bias_type = given_bias = None
+    if bias_param is not None:
+        given_bias = lookup_override(overrides["bias"], [name], "bias")
+        bias, bias_type = _bias(
+            bias_param, in_type.frac + wtype.frac, given_bias, name, state["prev"]
+        )
+    accum = given_accum = lookup_override(overrides["accum"], [name], "accum")
+    if accum is None:
+        accum = auto_accum(name, in_type, wtype, n, bias_type, state["prev"])
+    result = lookup_override(overrides["result"], [name], "result")
+    if result is None:
+        result = act_spec(module, "output", name)
+    state["explicit"] = result is not None
+    if result is None:
+        result = FixedPoint(accum.width, accum.integer, accum.signed)
+    out_shape = (conv.out_channels, ho, wo)
+    op = Op(
+        name=name,
+        kind="conv2d",
+        layer=name,
+        in_features=math.prod(shape),
+        out_features=math.prod(out_shape),
+        input_type=in_type,
+        result_type=result,
+        weights=[m],
+        weight_types=[wtype],
+        bias=bias,
+        bias_type=bias_type,
+        accum_types=[accum],
+        step_types=[result],
+        scales=[exps],
+        accum_derived=[given_accum is None],
+        result_derived=[not state["explicit"]],
+        bias_derived=bias is not None and given_bias is None,
+        notes=notes,
+        in_shape=shape,
+        out_shape=out_shape,
+        params=params,
+    )
+    state["type"], state["prev"], state["shape"] = result, name, out_shape
+    return [op]
+
+
+def _pool_params(name: str, module: nn.Module, cls: str) -> dict[str, tuple[int, ...]]:
+    pool = cast(Any, module)
+    kernel = pair(pool.kernel_size, "kernel_size", name)
+    stride = kernel if pool.stride is None else pair(pool.stride, "stride", name)
+    if pair(pool.padding, "padding", name) != (0, 0):
+        raise ValueError(
+            f"{label(name)}: {cls} with padding={pool.padding!r} has no fixed-point export "
+            f"yet; only padding=0"
+        )
+    if pool.ceil_mode:
+        raise ValueError(f"{label(name)}: {cls} with ceil_mode=True has no fixed-point export")
+    if cls == "MaxPool2d" and (
+        pair(pool.dilation, "dilation", name) != (1, 1) or pool.return_indices
+    ):
+        raise ValueError(
+            f"{label(name)}: MaxPool2d with dilation or return_indices has no fixed-point export"
+        )
+    if cls == "AvgPool2d" and pool.divisor_override is not None:
+        raise ValueError(
+            f"{label(name)}: AvgPool2d with divisor_override has no fixed-point export"
+        )
+    return {"kernel": kernel, "stride": stride, "padding": (0, 0), "dilation": (1, 1)}
+
+
+def _pool_ops(kind: str, cls: str) -> Route:
+    def ops(
+        name: str,
+        module: nn.Module,
+        state: dict[str, Any],
+        overrides: dict[str, TypeOverride],
+        done: list[Op],
+    ) -> list[Op]:
+        params = _pool_params(name, module, cls)
+        shape = spatial_shape(name, state, cls)
+        ho, wo = _out_hw(name, shape, params)
+        in_type = state["type"]
+        result = in_type
+        if kind == "avgpool2d":
+            try:
+                result = avg_pool_type(in_type, params["kernel"])
+            except ValueError as err:
+                raise ValueError(f"{label(name)}: {err}") from None
+        out_shape = (shape[0], ho, wo)
+        op = Op(
+            name, kind, name, math.prod(shape), math.prod(out_shape), in_type, result,
+            step_types=[result], result_derived=[True], in_shape=shape, out_shape=out_shape,
+            params=params,
+        )  # fmt: skip
+        state["explicit"] = False
+        state["type"], state["prev"], state["shape"] = result, name, out_shape
+        return [op]
+
+    return ops
+
+
+#: export route name -> (takes an 'input' type, its ops), as :data:`~tnquant.export.routes.ROUTES`
+CONV_ROUTES: dict[str, tuple[bool, Route]] = {
+    "conv2d": (True, conv2d_ops),
+    "maxpool2d": (False, _pool_ops("maxpool2d", "MaxPool2d")),
+    "avgpool2d": (False, _pool_ops("avgpool2d", "AvgPool2d")),
+}
