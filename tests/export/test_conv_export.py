@@ -203,3 +203,59 @@ def test_a_saturating_conv_accumulator_is_refused_under_io_stream(tmp_path: Path
         to_hls4ml(model, tmp_path / "hls", IN_T, input_shape=SHAPE, io_type="io_stream", **narrow)
     wrap = {"accum": {"0": FixedPoint(16, 8, rounding="RND", overflow="WRAP")}}
     to_hls4ml(model, tmp_path / "ok", IN_T, input_shape=SHAPE, io_type="io_stream", **wrap)
+
+
+def _tucker_model() -> nn.Module:
+    """The CNN with its second convolution factorized: Tucker-2 (1x1, 3x3, 1x1)."""
+    from tnquant import Tucker, factorize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1, stride=1), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 2 * 2, 10),
+    ).double().eval()  # fmt: skip
+    factorize(model, {"3": Tucker(rank=(4, 3))}, progress=False)
+    quantize(
+        model,
+        weights=QuantSpec(6, scale="pow2", granularity="channel"),
+        cores=QuantSpec(6, scale="pow2"),
+        activations={
+            "0.output": RES, "3.inter_0": RES, "3.inter_1": RES, "3.output": RES,
+            "7.output": OUT,
+        },
+        progress=False,
+    )  # fmt: skip
+    return model
+
+
+def test_a_tucker_conv_exports_as_three_convs_bit_exact(tmp_path: Path) -> None:
+    model = _tucker_model()
+    assert type(model[3]).__name__ == "TuckerConv2d"
+    em = fixed_point(model, tmp_path, IN_T, input_shape=SHAPE, hls4ml=False)
+    steps = [op for op in em.ops if op.layer == "3"]
+    assert [(op.name, op.params["kernel"]) for op in steps] == [
+        ("3.0", (1, 1)), ("3.1", (3, 3)), ("3.2", (1, 1)),
+    ]  # fmt: skip
+    assert [op.out_shape for op in steps] == [(3, 4, 4), (4, 4, 4), (8, 4, 4)]
+    x = _inputs()
+    m = em.quantize_input(x)
+    xq = torch.from_numpy(np.ldexp(m.astype(np.float64), -IN_T.frac)).reshape(N, *SHAPE)
+    with torch.no_grad():
+        np.testing.assert_array_equal(em.predict(x), model(xq).numpy())
+    np.testing.assert_array_equal(IntegerModel.load(tmp_path).run(m), em.run(m))
+    (layer,) = [r for r in em.report().layers if r["layer"] == "3"]
+    assert layer["multiplies"] < layer["dense_multiplies"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_a_tucker_conv_network_is_hls4ml_bit_exact(tmp_path: Path) -> None:
+    pytest.importorskip("hls4ml")
+    model = _tucker_model()
+    em = fixed_point(model, tmp_path / "files", IN_T, input_shape=SHAPE, hls4ml=False)
+    hls_model = to_hls4ml(model, tmp_path / "hls", IN_T, input_shape=SHAPE)
+    hls_model.compile()
+    x = _inputs()
+    got = np.asarray(hls_model.predict(np.ascontiguousarray(x))).reshape(N, -1)
+    np.testing.assert_array_equal(got, em.predict(x))

@@ -63,8 +63,9 @@ Refused, with a ``ValueError`` naming the layer:
 - ``TuckerLinear`` of order > 1 (tensorized): its mode products need the
   reshapes hls4ml rejects, and no C kernel is written for it yet (the TT
   kernel's route would fit).
-- Factorized convolutions (``TuckerConv2d``, ``CPConv2d``) and grouped or
-  non-zero-padded ``QuantConv2d``. A plain ``QuantConv2d`` (``groups=1``),
+- ``CPConv2d`` (its depthwise steps) and grouped or non-zero-padded
+  ``QuantConv2d``. A plain ``QuantConv2d`` (``groups=1``), a
+  ``TuckerConv2d`` (three ``conv2d`` ops: ``1x1``, the core, ``1x1``),
   ``nn.MaxPool2d`` and ``nn.AvgPool2d`` (no padding, power-of-two area)
   export as ``conv2d``/``maxpool2d``/``avgpool2d`` ops with
   ``input_shape=(C, H, W)`` (:mod:`tnquant.export.conv_routes`), to the

@@ -6,6 +6,9 @@ route               modules               op
 ``'conv2d'``        ``QuantConv2d``       ``conv2d``: hls4ml's ``Conv2D`` (channels-last
                     (``groups=1``, zero   im2col order, every product cast to the
                     padding)              accumulator), weights ``(O, C, kh, kw)``
+``'tucker_conv2d'``  ``TuckerConv2d``      three ``conv2d``: ``1x1`` ``U_in^T``, the core
+                                          ``G`` (stride, padding, dilation), ``1x1``
+                                          ``U_out`` + bias (``'<layer>.0'``..``'.2'``)
 ``'maxpool2d'``     ``nn.MaxPool2d``      ``maxpool2d``: exact, the input type kept
                     (no padding)
 ``'avgpool2d'``     ``nn.AvgPool2d``      ``avgpool2d``: the exact window mean, in
@@ -26,7 +29,7 @@ rules (:mod:`tnquant.export.graph`): the lossless accumulator of
 Examples
 --------
 >>> sorted(CONV_ROUTES)
-['avgpool2d', 'conv2d', 'maxpool2d']
+['avgpool2d', 'conv2d', 'maxpool2d', 'tucker_conv2d']
 """
 
 from __future__ import annotations
@@ -117,50 +120,49 @@ def _conv_params(name: str, conv: nn.Conv2d) -> dict[str, tuple[int, ...]]:
     }
 
 
-def conv2d_ops(
+def _conv_op(
     name: str,
+    op_name: str,
     module: nn.Module,
+    site: str,
+    codes: tuple[Any, FixedPoint, list[int]],
+    notes: list[str],
+    params: dict[str, tuple[int, ...]],
+    out_channels: int,
+    bias_param: Tensor | None,
     state: dict[str, Any],
     overrides: dict[str, TypeOverride],
-    done: list[Op],
-) -> list[Op]:
-    """The ``conv2d`` op of a ``QuantConv2d`` (types as a dense op, over ``C*kh*kw`` products)."""
-    conv = cast(nn.Conv2d, module)
-    params = _conv_params(name, conv)
+) -> Op:
+    """One ``conv2d`` op (types as a dense op over ``C*kh*kw`` products); ``state`` moves on."""
+    m, wtype, exps = codes
     shape = spatial_shape(name, state, "convolution")
-    if shape[0] != conv.in_channels:
+    if shape[0] != m.shape[1]:
         raise ValueError(
-            f"{label(name)}: the convolution takes {conv.in_channels} channels, but "
+            f"{label(name)}: the convolution takes {m.shape[1]} channels, but "
             f"{shape[0]} reach it (feature map {shape}); check input_shape"
         )
     ho, wo = _out_hw(name, shape, params)
-    q = module._modules.get("weight_quantizer")
-    q = None if isinstance(q, nn.Identity) else q
-    notes: list[str] = []
-    m, wtype, exps = fixed_codes(
-        q, cast(Tensor, conv.weight), f"{name}.weight", op=name, notes=notes
-    )
     in_type = state["type"]
-    n = conv.in_channels * params["kernel"][0] * params["kernel"][1]
-    bias_param = cast("Tensor | None", module._parameters.get("bias"))
+    n = m.shape[1] * params["kernel"][0] * params["kernel"][1]
     bias = bias_type = given_bias = None
+    keys = [op_name, name] if op_name != name else [name]
     if bias_param is not None:
-        given_bias = lookup_override(overrides["bias"], [name], "bias")
+        given_bias = lookup_override(overrides["bias"], keys, "bias")
         bias, bias_type = _bias(
-            bias_param, in_type.frac + wtype.frac, given_bias, name, state["prev"]
+            bias_param, in_type.frac + wtype.frac, given_bias, op_name, state["prev"]
         )
-    accum = given_accum = lookup_override(overrides["accum"], [name], "accum")
+    accum = given_accum = lookup_override(overrides["accum"], keys, "accum")
     if accum is None:
-        accum = auto_accum(name, in_type, wtype, n, bias_type, state["prev"])
-    result = lookup_override(overrides["result"], [name], "result")
+        accum = auto_accum(op_name, in_type, wtype, n, bias_type, state["prev"])
+    result = lookup_override(overrides["result"], keys, "result")
     if result is None:
-        result = act_spec(module, "output", name)
+        result = act_spec(module, site, name)
     state["explicit"] = result is not None
     if result is None:
         result = FixedPoint(accum.width, accum.integer, accum.signed)
-    out_shape = (conv.out_channels, ho, wo)
+    out_shape = (out_channels, ho, wo)
     op = Op(
-        name=name,
+        name=op_name,
         kind="conv2d",
         layer=name,
         in_features=math.prod(shape),
@@ -182,8 +184,66 @@ def conv2d_ops(
         out_shape=out_shape,
         params=params,
     )
-    state["type"], state["prev"], state["shape"] = result, name, out_shape
-    return [op]
+    state["type"], state["prev"], state["shape"] = result, op_name, out_shape
+    return op
+
+
+def conv2d_ops(
+    name: str,
+    module: nn.Module,
+    state: dict[str, Any],
+    overrides: dict[str, TypeOverride],
+    done: list[Op],
+) -> list[Op]:
+    """The ``conv2d`` op of a ``QuantConv2d`` (types as a dense op, over ``C*kh*kw`` products)."""
+    conv = cast(nn.Conv2d, module)
+    params = _conv_params(name, conv)
+    q = module._modules.get("weight_quantizer")
+    q = None if isinstance(q, nn.Identity) else q
+    notes: list[str] = []
+    codes = fixed_codes(q, cast(Tensor, conv.weight), f"{name}.weight", op=name, notes=notes)
+    bias = cast("Tensor | None", module._parameters.get("bias"))
+    args = (codes, notes, params, conv.out_channels, bias, state, overrides)
+    return [_conv_op(name, name, module, "output", *args)]
+
+
+_ONE: dict[str, tuple[int, ...]] = {
+    "kernel": (1, 1), "stride": (1, 1), "padding": (0, 0), "dilation": (1, 1),
+}  # fmt: skip
+
+
+def tucker_conv2d_ops(
+    name: str,
+    module: nn.Module,
+    state: dict[str, Any],
+    overrides: dict[str, TypeOverride],
+    done: list[Op],
+) -> list[Op]:
+    """A ``TuckerConv2d`` as three ``conv2d`` ops, as its forward: the ``1x1`` ``U_in^T``,
+    the ``kh x kw`` core ``G`` (the layer's stride, padding, dilation), the ``1x1``
+    ``U_out`` with the bias; ``'<layer>.0'``..``'.2'``, typed by ``inter_0``/``inter_1``
+    quantizers like a Tucker Linear's steps."""
+    layer = cast(Any, module)
+    params = _conv_params(name, layer)
+    u_out, g, u_in = layer.cores
+    qs = module._modules.get("core_quantizers")
+    quantizers = list(cast(nn.ModuleList, qs)) if qs is not None else [None] * 3
+    ops = []
+    plan = (
+        (u_in, quantizers[2], 2, True, _ONE, "inter_0"),
+        (g, quantizers[1], 1, False, params, "inter_1"),
+        (u_out, quantizers[0], 0, False, _ONE, "output"),
+    )
+    for step, (core, q, k, transposed, p, site) in enumerate(plan):
+        q = None if isinstance(q, nn.Identity) else q
+        notes: list[str] = []
+        m, wtype, exps = fixed_codes(q, core, f"{name}.cores.{k}", op=f"{name}.{step}", notes=notes)
+        m = m.T.copy() if transposed else m
+        m = m.reshape(*m.shape, 1, 1) if m.ndim == 2 else m
+        bias = cast("Tensor | None", module._parameters.get("bias")) if step == 2 else None
+        args = ((m, wtype, exps), notes, p, m.shape[0], bias, state, overrides)
+        ops.append(_conv_op(name, f"{name}.{step}", module, site, *args))
+    return ops
 
 
 def _pool_params(name: str, module: nn.Module, cls: str) -> dict[str, tuple[int, ...]]:
@@ -244,6 +304,7 @@ def _pool_ops(kind: str, cls: str) -> Route:
 #: export route name -> (takes an 'input' type, its ops), as :data:`~tnquant.export.routes.ROUTES`
 CONV_ROUTES: dict[str, tuple[bool, Route]] = {
     "conv2d": (True, conv2d_ops),
+    "tucker_conv2d": (True, tucker_conv2d_ops),
     "maxpool2d": (False, _pool_ops("maxpool2d", "MaxPool2d")),
     "avgpool2d": (False, _pool_ops("avgpool2d", "AvgPool2d")),
 }

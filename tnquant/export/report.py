@@ -349,7 +349,7 @@ def build_report(ops: list[Op], drift: list[dict[str, Any]] | None = None) -> Ex
         raise ValueError("build_report needs at least one op, got none")
     rows = [r for op in ops for r in _op_rows(op)]
     layers: list[dict[str, Any]] = []
-    for name in dict.fromkeys(op.layer for op in ops if op.kind in ("dense", "tt")):
+    for name in dict.fromkeys(op.layer for op in ops if op.kind in ("dense", "tt", "conv2d")):
         mine = [op for op in ops if op.layer == name]
         lrows = [r for r in rows if r["layer"] == name]
         n_in, n_out = mine[0].in_features, mine[-1].out_features
@@ -357,7 +357,13 @@ def build_report(ops: list[Op], drift: list[dict[str, Any]] | None = None) -> Ex
         bias_bits = sum(r["bias_bits"] for r in lrows)
         mults = sum(r["multiplies"] for r in lrows)
         mem = sum(r["memory_bits"] for r in lrows)
-        d_mults, d_mem = n_in * n_out, n_in * n_out * width + bias_bits
+        d_weights = n_in * n_out
+        d_mults = d_weights
+        if mine[0].kind == "conv2d":  # the dense conv replaced: O x C x kh x kw, per pixel
+            kh, kw = max((op.params["kernel"] for op in mine), key=lambda k: k[0] * k[1])
+            d_weights = mine[-1].out_shape[0] * mine[0].in_shape[0] * kh * kw
+            d_mults = d_weights * mine[-1].out_shape[1] * mine[-1].out_shape[2]
+        d_mem = d_weights * width + bias_bits
         bops, ebops = sum(r["bops"] for r in lrows), sum(r["ebops"] for r in lrows)
         d_bops = d_mults * mine[0].input_type.width * width
         layers.append(

@@ -116,7 +116,13 @@ BUILTIN: tuple[LayerKind, ...] = (
         handler=s.linear_handler(TuckerLinear),
         export="tucker",
     ),
-    LayerKind(TuckerConv2d, "factorized", nn.Conv2d, handler=s.conv_handler(TuckerConv2d)),
+    LayerKind(
+        TuckerConv2d,
+        "factorized",
+        nn.Conv2d,
+        handler=s.conv_handler(TuckerConv2d),
+        export="tucker_conv2d",
+    ),
     LayerKind(CPConv2d, "factorized", nn.Conv2d, handler=s.conv_handler(CPConv2d)),
     LayerKind(TuckerConv1d, "factorized", nn.Conv1d, handler=conv1d_handler()),
     LayerKind(
