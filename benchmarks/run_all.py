@@ -50,6 +50,7 @@ ORDER = [
     "qat_step",
     "search",
     "export",
+    "export_cnn",
     "families",
 ]
 
