@@ -39,10 +39,10 @@ from typing import Any, cast
 
 from torch import Tensor, nn
 
-from tnquant.export.codes import auto_accum, fixed_codes
+from tnquant.export.codes import fixed_codes
 from tnquant.export.conv_ops import avg_pool_type, conv_out_size
-from tnquant.export.ir import Op, TypeOverride, label, lookup_override
-from tnquant.export.routes import Route, _bias, act_spec
+from tnquant.export.ir import Op, TypeOverride, label
+from tnquant.export.routes import Route, typed_op
 from tnquant.specs import FixedPoint
 
 __all__ = ["CONV_ROUTES", "pair", "spatial_shape"]
@@ -134,7 +134,7 @@ def _conv_op(
     overrides: dict[str, TypeOverride],
 ) -> Op:
     """One ``conv2d`` op (types as a dense op over ``C*kh*kw`` products); ``state`` moves on."""
-    m, wtype, exps = codes
+    m = codes[0]
     shape = spatial_shape(name, state, "convolution")
     if shape[0] != m.shape[1]:
         raise ValueError(
@@ -142,49 +142,27 @@ def _conv_op(
             f"{shape[0]} reach it (feature map {shape}); check input_shape"
         )
     ho, wo = _out_hw(name, shape, params)
-    in_type = state["type"]
     n = m.shape[1] * params["kernel"][0] * params["kernel"][1]
-    bias = bias_type = given_bias = None
-    keys = [op_name, name] if op_name != name else [name]
-    if bias_param is not None:
-        given_bias = lookup_override(overrides["bias"], keys, "bias")
-        bias, bias_type = _bias(
-            bias_param, in_type.frac + wtype.frac, given_bias, op_name, state["prev"]
-        )
-    accum = given_accum = lookup_override(overrides["accum"], keys, "accum")
-    if accum is None:
-        accum = auto_accum(op_name, in_type, wtype, n, bias_type, state["prev"])
-    result = lookup_override(overrides["result"], keys, "result")
-    if result is None:
-        result = act_spec(module, site, name)
-    state["explicit"] = result is not None
-    if result is None:
-        result = FixedPoint(accum.width, accum.integer, accum.signed)
     out_shape = (out_channels, ho, wo)
-    op = Op(
-        name=op_name,
-        kind="conv2d",
-        layer=name,
-        in_features=math.prod(shape),
-        out_features=math.prod(out_shape),
-        input_type=in_type,
-        result_type=result,
-        weights=[m],
-        weight_types=[wtype],
-        bias=bias,
-        bias_type=bias_type,
-        accum_types=[accum],
-        step_types=[result],
-        scales=[exps],
-        accum_derived=[given_accum is None],
-        result_derived=[not state["explicit"]],
-        bias_derived=bias is not None and given_bias is None,
-        notes=notes,
+    op = typed_op(
+        "conv2d",
+        name,
+        op_name,
+        module,
+        site,
+        codes,
+        notes,
+        n,
+        math.prod(shape),
+        math.prod(out_shape),
+        bias_param,
+        state,
+        overrides,
         in_shape=shape,
         out_shape=out_shape,
         params=params,
     )
-    state["type"], state["prev"], state["shape"] = result, op_name, out_shape
+    state["shape"] = out_shape
     return op
 
 

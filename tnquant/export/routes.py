@@ -128,6 +128,73 @@ def _bias(
     return to_mantissa(b, spec).numpy(), FixedPoint(spec.width, spec.integer, spec.signed)
 
 
+def typed_op(
+    kind: str,
+    name: str,
+    op_name: str,
+    module: nn.Module,
+    site: str,
+    codes: tuple[np.ndarray, FixedPoint, list[int]],
+    notes: list[str],
+    n_products: int,
+    in_features: int,
+    out_features: int,
+    bias_param: Tensor | None,
+    state: dict[str, Any],
+    overrides: dict[str, TypeOverride],
+    **extra: Any,
+) -> Op:
+    """One contraction step (``dense``, ``conv2d``) with the dense type rules; ``state`` moves on.
+
+    The bias (``bias=`` or the products' fractional bits), the accumulator
+    (``accum=`` or lossless over ``n_products`` products), the result
+    (``result=``, the ``site`` activation quantizer, else the accumulator),
+    looked up by ``op_name`` then the layer ``name``. ``extra`` goes to the
+    :class:`Op` (a conv's shapes and params).
+    """
+    m, wtype, exps = codes
+    in_type = state["type"]
+    keys = [op_name, name]
+    bias = bias_type = given_bias = None
+    if bias_param is not None:
+        given_bias = lookup_override(overrides["bias"], keys, "bias")
+        bias, bias_type = _bias(
+            bias_param, in_type.frac + wtype.frac, given_bias, op_name, state["prev"]
+        )
+    accum = given_accum = lookup_override(overrides["accum"], keys, "accum")
+    if accum is None:
+        accum = auto_accum(op_name, in_type, wtype, n_products, bias_type, state["prev"])
+    result = lookup_override(overrides["result"], keys, "result")
+    if result is None:
+        result = act_spec(module, site, name)
+    state["explicit"] = result is not None
+    if result is None:
+        result = FixedPoint(accum.width, accum.integer, accum.signed)
+    op = Op(
+        name=op_name,
+        kind=kind,
+        layer=name,
+        in_features=in_features,
+        out_features=out_features,
+        input_type=in_type,
+        result_type=result,
+        weights=[m],
+        weight_types=[wtype],
+        bias=bias,
+        bias_type=bias_type,
+        accum_types=[accum],
+        step_types=[result],
+        scales=[exps],
+        accum_derived=[given_accum is None],
+        result_derived=[not state["explicit"]],
+        bias_derived=bias is not None and given_bias is None,
+        notes=notes,
+        **extra,
+    )
+    state["type"], state["prev"] = result, op_name
+    return op
+
+
 def _chain_ops(
     name: str,
     module: nn.Module,
@@ -148,45 +215,23 @@ def _chain_ops(
         if transposed:
             m = m.T.copy()
         site = "output" if k == n - 1 else f"inter_{k}"
-        in_type = state["type"]
-        bias = bias_type = given_bias = None
-        if k == n - 1 and bias_param is not None:
-            given_bias = lookup_override(overrides["bias"], [op_name, name], "bias")
-            bias, bias_type = _bias(
-                bias_param, in_type.frac + wtype.frac, given_bias, op_name, state["prev"]
-            )
-        accum = given_accum = lookup_override(overrides["accum"], [op_name, name], "accum")
-        if accum is None:
-            accum = auto_accum(op_name, in_type, wtype, m.shape[1], bias_type, state["prev"])
-        result = lookup_override(overrides["result"], [op_name, name], "result")
-        if result is None:
-            result = act_spec(module, site, name)
-        state["explicit"] = result is not None
-        if result is None:
-            result = FixedPoint(accum.width, accum.integer, accum.signed)
-        ops.append(
-            Op(
-                name=op_name,
-                kind="dense",
-                layer=name,
-                in_features=m.shape[1],
-                out_features=m.shape[0],
-                input_type=in_type,
-                result_type=result,
-                weights=[m],
-                weight_types=[wtype],
-                bias=bias,
-                bias_type=bias_type,
-                accum_types=[accum],
-                step_types=[result],
-                scales=[exps],
-                accum_derived=[given_accum is None],
-                result_derived=[not state["explicit"]],
-                bias_derived=bias is not None and given_bias is None,
-                notes=notes,
-            )
+        bias = bias_param if k == n - 1 else None
+        step = typed_op(
+            "dense",
+            name,
+            op_name,
+            module,
+            site,
+            (m, wtype, exps),
+            notes,
+            m.shape[1],
+            m.shape[1],
+            m.shape[0],
+            bias,
+            state,
+            overrides,
         )
-        state["type"], state["prev"] = result, op_name
+        ops.append(step)
     return ops
 
 
