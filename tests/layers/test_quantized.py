@@ -10,14 +10,8 @@ from torch import nn
 
 from tnquant import QuantSpec
 from tnquant.layers import LowRankLinear, TTEmbedding
-from tnquant.layers.quantized import (
-    QuantConv2d,
-    QuantEmbedding,
-    QuantLinear,
-    activation_sites,
-    quant_state,
-    weight_pairs,
-)
+from tnquant.layers.anatomy import activation_sites, quant_state, weight_pairs
+from tnquant.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear
 from tnquant.quant.frozen import FrozenTensor
 from tnquant.quant.quantizer import Quantizer
 

@@ -199,7 +199,7 @@ def test_register_refuses_clashes_and_entries_are_checked():
 
 
 def test_the_registry_anatomy_agrees_with_the_layers_own_for_builtin_kinds():
-    from tnquant.layers import quantized as layer_anatomy
+    from tnquant.layers import anatomy as layer_anatomy
     from tnquant.registry import activation_sites, quant_state, weight_pairs
 
     modules = [

@@ -110,7 +110,7 @@ def find_quantizers(model: nn.Module) -> list[QuantizerRole]:
     """Every :class:`Quantizer` of ``model`` (once each), tagged weight or activation.
 
     Weight quantizers are exactly those
-    :func:`~tnquant.layers.quantized.weight_pairs` names: ``weight_quantizer``
+    :func:`~tnquant.layers.anatomy.weight_pairs` names: ``weight_quantizer``
     of ``QuantLinear``/``QuantConv2d``/``QuantEmbedding`` and the entries of a
     :class:`~tnquant.layers.base.FactorizedLayer`'s ``core_quantizers``; every
     other ``Quantizer`` is an activation quantizer.

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from torch import Tensor, nn
 
-from tnquant.layers.quantized import core_weight_pairs, dense_weight_pairs, state_of
+from tnquant.layers.anatomy import core_weight_pairs, dense_weight_pairs, state_of
 from tnquant.registry.table import lookup
 
 __all__ = ["weight_pairs", "activation_sites", "quant_state", "store_frozen"]
