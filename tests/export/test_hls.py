@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.export.models import lowrank_mlp
 from tnquant import FixedPoint, QuantSpec, calibrate, quantize
 from tnquant.export import fixed_point, to_hls4ml
 from tnquant.layers import LowRankLinear
@@ -36,20 +37,7 @@ NARROW: dict[str, Any] = {  # narrow user types: every product and add rounds / 
 }
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        LowRankLinear([torch.randn(6, 3), torch.randn(3, 8)], bias=torch.randn(6)),
-        nn.ReLU(),
-        nn.Linear(6, 4),
-    )
-    quantize(
-        model,
-        cores={0: FixedPoint(8, 3), 1: QuantSpec(6, scale="pow2", granularity="channel", axis=0)},
-        weights={"2": QuantSpec(5, scale="pow2")},
-        progress=False,
-    )
-    return model
+_model = lowrank_mlp  # the shared model (tests/export/models.py)
 
 
 def _inputs() -> np.ndarray:

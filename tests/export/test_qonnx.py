@@ -18,10 +18,10 @@ import pytest
 import torch
 from torch import nn
 
+from tests.export.models import lowrank_mlp
 from tnquant import TT, FixedPoint, QuantSpec, factorize, quantize
 from tnquant.export import fixed_point
 from tnquant.export.qonnx import QONNX_DOMAIN, qonnx
-from tnquant.layers import LowRankLinear
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("qonnx")
@@ -33,20 +33,7 @@ def _fp(w: int, i: int, rounding: str, overflow: str = "SAT") -> FixedPoint:
     return FixedPoint(w, i, rounding=rounding, overflow=overflow)
 
 
-def _lowrank() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        LowRankLinear([torch.randn(6, 3), torch.randn(3, 8)], bias=torch.randn(6)),
-        nn.ReLU(),
-        nn.Linear(6, 4),
-    )
-    quantize(
-        model,
-        cores={0: FixedPoint(8, 3), 1: QuantSpec(6, scale="pow2", granularity="channel", axis=0)},
-        weights={"2": QuantSpec(5, scale="pow2")},
-        progress=False,
-    )
-    return model
+_lowrank = lowrank_mlp  # the shared model (tests/export/models.py)
 
 
 def _tt() -> nn.Module:

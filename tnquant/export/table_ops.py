@@ -52,6 +52,7 @@ from typing import Any, cast
 import numpy as np
 from torch import nn
 
+from tnquant.export.elementwise import _size
 from tnquant.export.ir import Op, TypeOverride, label, lookup_override
 from tnquant.export.softmax import softmax, softmax_types
 from tnquant.export.tables import DEFAULT_TABLE_T, sigmoid, tanh
@@ -127,7 +128,7 @@ def table_ops(
                 f"(batch, features) chain; only dim=-1 (or 1) is taken"
             )
     t = state["type"]
-    n = done[-1].out_features if done else 0
+    n = _size(done)
     given = lookup_override(overrides["result"], [name], "result")
     op = table_op(name, kind, t, n, given)
     state["explicit"] = given is not None
