@@ -159,3 +159,41 @@ def test_embedding_rows_are_the_out_side():
     picked = [c[:, k] for c, k in zip(dec.cores, o, strict=True)]  # (r, in_k, r')
     vec = np.einsum("xia,ajb,bky->ijk", *(p.numpy() for p in picked)).reshape(-1)[:24]
     np.testing.assert_allclose(vec, w[row].numpy(), atol=1e-9)
+
+
+def test_tensorize_equals_the_padded_permuted_reshape() -> None:
+    from tnquant.decompose.tt import tensorize
+
+    w = torch.randn(29, 10)
+    out_shape, in_shape = (2, 4, 4), (3, 2, 2)
+    pad = torch.zeros(32, 12, dtype=torch.float64)
+    pad[:29, :10] = w.double()
+    want = pad.reshape(*out_shape, *in_shape).permute(0, 3, 1, 4, 2, 5)
+    assert torch.equal(tensorize(w, out_shape, in_shape, torch.float64), want)
+
+
+@pytest.mark.parametrize("shape", [(32, 70000), (70000, 32)])
+def test_the_gram_path_of_truncated_svd_matches_lapack(shape: tuple[int, int]) -> None:
+    from tnquant.decompose.svd import GRAM_ELEMENTS, thin_svd, truncated_svd
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(shape[0], 8, generator=gen, dtype=torch.float64) @ torch.randn(
+        8, shape[1], generator=gen, dtype=torch.float64
+    ) + 1e-3 * torch.randn(*shape, generator=gen, dtype=torch.float64)
+    assert a.numel() >= GRAM_ELEMENTS
+    u, s, vh = truncated_svd(a, max_rank=8)
+    u0, s0, vh0 = thin_svd(a)
+    torch.testing.assert_close(s, s0[:8], rtol=1e-9, atol=0)
+    torch.testing.assert_close(u * s @ vh, (u0[:, :8] * s0[:8]) @ vh0[:8], rtol=0, atol=1e-9)
+    u, s, vh = truncated_svd(a, delta=float(s0[8:].norm()) * 1.01)  # the tail fits: rank 8
+    assert s.numel() == 8
+
+
+def test_a_tt_embedding_fit_reports_the_dense_error() -> None:
+    from tnquant.decompose import decompose_embedding, reconstruct
+
+    w = torch.randn(1000, 48)
+    dec = decompose_embedding(w, TT(rank=6, order=3))
+    dense = reconstruct(dec).double()
+    want = float((w.double() - dense).norm() / w.double().norm())
+    assert abs(dec.rel_error - want) < 1e-6

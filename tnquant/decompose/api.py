@@ -61,7 +61,7 @@ from tnquant.decompose.ranks import (
 )
 from tnquant.decompose.result import Decomposition, Part
 from tnquant.decompose.svd import work_dtype
-from tnquant.decompose.tt import tt_als, tt_svd, tt_to_matrix
+from tnquant.decompose.tt import tensorize, tt_als, tt_svd, tt_sweep, tt_to_matrix
 from tnquant.decompose.tucker import (
     data_aware_gram,
     tensorized_to_matrix,
@@ -94,7 +94,7 @@ Handler = Callable[[Tensor, Any, "Tensor | None"], Part]
 # --------------------------------------------------------------------------- #
 
 
-def _check_tensor(x: Any, ndim: int, name: str, layout: str) -> Tensor:
+def _check_tensor(x: Any, ndim: int, name: str, layout: str, convert: bool = True) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not (x.is_floating_point()):
@@ -103,10 +103,14 @@ def _check_tensor(x: Any, ndim: int, name: str, layout: str) -> Tensor:
         raise ValueError(
             f"{name} must be a non-empty {ndim}-D tensor {layout}, got shape {tuple(x.shape)}"
         )
-    bad = int((~torch.isfinite(x)).sum())
+    bad = sum(int((~torch.isfinite(x[i : i + _ROWS])).sum()) for i in range(0, len(x), _ROWS))
     if bad:
         raise ValueError(f"{name} has {bad} non-finite value(s) (nan or inf); cannot decompose it")
-    return x.detach().to(work_dtype(x.device))
+    return x.detach().to(work_dtype(x.device)) if convert else x.detach()
+
+
+#: rows per block where a large table is read a block at a time (checks, errors)
+_ROWS = 4096
 
 
 def _check_spec(spec: Any, weight_kind: str) -> Handler:
@@ -174,7 +178,7 @@ def _fit_tol(
 def _tt_linear(w: Tensor, spec: TT, gram: Tensor | None) -> Part:
     out, inn = w.shape
     out_shape, in_shape = _shapes(spec, out, inn)
-    w_pad = _pad(w, math.prod(out_shape), math.prod(in_shape))
+    w_pad = _pad(w, math.prod(out_shape), math.prod(in_shape)) if gram is not None else w
     d = len(out_shape)
     caps = tt_rank_caps(out_shape, in_shape)
     note = None
@@ -187,11 +191,15 @@ def _tt_linear(w: Tensor, spec: TT, gram: Tensor | None) -> Part:
     else:
         ranks = caps
     gram_pad = None if gram is None else data_aware_gram(gram, w_pad.shape[1])
-    norm = float(w.norm())
+    tensor = None if gram is not None else tensorize(w, out_shape, in_shape, work_dtype(w.device))
+    norm = float(w.norm()) if tensor is None else float(tensor.norm())
 
     def fit(tol: float | None) -> Part:
         delta = None if tol is None or d == 1 else tol * norm / math.sqrt(d - 1)
-        cores = tt_svd(w_pad, out_shape, in_shape, ranks, delta, spec.svd)
+        if tensor is not None:  # no data: one tensorized copy, swept in place
+            cores = tt_sweep(tensor, out_shape, in_shape, ranks, delta, spec.svd)
+        else:
+            cores = tt_svd(w_pad, out_shape, in_shape, ranks, delta, spec.svd)
         if gram is not None and gram_pad is not None:
             cores = tt_als(cores, w_pad, gram_pad, w, gram)
         used = tuple(c.shape[3] for c in cores[:-1])
@@ -316,18 +324,45 @@ def reconstruct(dec: Decomposition) -> Tensor:
     return _dense_of(dec.format, dec.cores, dec.in_shape, shape)
 
 
+def _rel(w: Tensor, what: Tensor) -> float:
+    norm = float(w.norm())
+    return float((w - what).norm()) / norm if norm > 0 else 0.0
+
+
+def _rel_blocks(part: Part, cores: list[Tensor], weight: Tensor, work: torch.dtype) -> float:
+    """``||w - what|| / ||w||`` a block of rows at a time (a TT: one first-core index each).
+
+    Neither a converted copy of ``weight`` nor the dense reconstruction of a
+    TT is held whole, so a large embedding table is checked in its own memory.
+    """
+    if part.format != "tt" or part.out_shape is None:
+        what = _dense_of(part.format, cores, part.in_shape, weight.shape)
+        return _rel(weight.detach().to(work), what)
+    per = math.prod(part.out_shape[1:])
+    err = norm = 0.0
+    rows, cols = weight.shape[0], weight.reshape(weight.shape[0], -1).shape[1]
+    for a in range(part.out_shape[0]):
+        r0, r1 = a * per, min((a + 1) * per, rows)
+        if r0 >= rows:
+            break
+        block = weight[r0:r1].detach().reshape(r1 - r0, -1).to(work)
+        hat = tt_to_matrix([cores[0][:, a : a + 1], *cores[1:]])[: r1 - r0, :cols]
+        norm += float(block.square().sum())
+        err += float((block - hat).square().sum())
+    return math.sqrt(err / norm) if norm > 0 else 0.0
+
+
 def _finish(part: Part, weight: Tensor, gram: Tensor | None) -> Decomposition:
     cores = [c.to(dtype=weight.dtype, device=weight.device).contiguous() for c in part.cores]
     work = work_dtype(weight.device)
-    w = weight.detach().to(work)
-    what = _dense_of(part.format, [c.to(work) for c in cores], part.in_shape, w.shape)
-    norm = float(w.norm())
-    rel = float((w - what).norm()) / norm if norm > 0 else 0.0
     if gram is not None:
-        w2 = w.reshape(w.shape[0], -1)
+        w2 = weight.detach().to(work).reshape(weight.shape[0], -1)
+        what = _dense_of(part.format, [c.to(work) for c in cores], part.in_shape, weight.shape)
         out_rel = _out_rel(w2, what.reshape(w2.shape), gram)
+        rel = _rel(w2, what.reshape(w2.shape))
     else:
         out_rel = None
+        rel = _rel_blocks(part, [c.to(work) for c in cores], weight, work)
     return Decomposition(
         format=part.format,
         cores=cores,
@@ -471,6 +506,7 @@ def decompose_embedding(
     ((10, 10, 10), (4, 4, 4))
     """
     handler = _check_spec(spec, "embedding")
-    w = _check_tensor(weight, 2, name, "(num, dim)")
+    # a TT fit reads the table once into its tensorized copy (no converted copy first)
+    w = _check_tensor(weight, 2, name, "(num, dim)", convert=not isinstance(spec, TT))
     with torch.no_grad():
         return _finish(handler(w, spec, None), weight, None)

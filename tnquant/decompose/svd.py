@@ -147,9 +147,47 @@ def truncated_svd(
             if q >= cap:
                 return u[:, :cap], s[:cap], vh[:cap]
             q = min(2 * q, cap)
+    if min(a.shape) * GRAM_RATIO <= max(a.shape) and a.numel() >= GRAM_ELEMENTS:
+        return _gram_svd(a, cap, delta)
     u, s, vh = thin_svd(a)
     r = cap if delta is None else energy_rank(s, delta, cap)
     return u[:, :r], s[:r], vh[:r]
+
+
+#: a matrix this many times longer than wide (and this large) is decomposed through its
+#: small Gram matrix: no copy of it and no full-size factor (see :func:`_gram_svd`)
+GRAM_RATIO = 16
+GRAM_ELEMENTS = 1 << 21
+
+
+def _gram_svd(a: Tensor, cap: int, delta: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Truncated SVD of a very wide (or tall) ``a`` from the eigenvectors of its small Gram.
+
+    LAPACK's SVD copies ``a`` and returns a factor as large as it; this path
+    allocates the ``k x k`` Gram (``k = min(m, n)``) and the kept ``r`` rows of
+    the large factor only. The large factor is ``U^T a / s`` (``a V / s``), so
+    ``U diag(S) Vh`` is the orthogonal projection of ``a`` onto the kept
+    vectors: as accurate as the exact SVD's truncation even where the small
+    singular values (square roots of eigenvalues) lose relative precision.
+
+    Examples
+    --------
+    >>> a = torch.randn(4, 400, dtype=torch.float64)
+    >>> u, s, vh = _gram_svd(a, 4, None)
+    >>> bool(torch.allclose(u * s @ vh, a)), bool(torch.allclose(s, torch.linalg.svdvals(a)))
+    (True, True)
+    """
+    wide = a.shape[0] <= a.shape[1]
+    gram = a @ a.mT if wide else a.mT @ a
+    evals, vecs = torch.linalg.eigh(gram)
+    s = evals.flip(0).clamp_min(0).sqrt()
+    vecs = vecs.flip(1)
+    r = cap if delta is None else energy_rank(s, delta, cap)
+    s, vecs = s[:r], vecs[:, :r]
+    inv = torch.where(s > 0, 1 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+    if wide:
+        return vecs, s, (vecs.mT @ a) * inv[:, None]
+    return (a @ vecs) * inv, s, vecs.mT
 
 
 def _fit(s: Tensor, residual: Tensor, delta: float, cap: int) -> int | None:

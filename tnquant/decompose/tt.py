@@ -37,7 +37,7 @@ from torch import Tensor
 from tnquant.decompose import als
 from tnquant.decompose.svd import truncated_svd
 
-__all__ = ["tt_svd", "tt_to_matrix", "tt_als"]
+__all__ = ["tt_svd", "tt_sweep", "tensorize", "tt_to_matrix", "tt_als"]
 
 
 def tt_to_matrix(cores: Sequence[Tensor]) -> Tensor:
@@ -97,7 +97,61 @@ def tt_svd(
     """
     d = len(out_shape)
     t = w_pad.reshape(*out_shape, *in_shape)
-    t = t.permute([x for k in range(d) for x in (k, d + k)])
+    t = t.permute([x for k in range(d) for x in (k, d + k)]).contiguous()
+    return tt_sweep(t, out_shape, in_shape, max_ranks, delta, method)
+
+
+def tensorize(
+    w: Tensor, out_shape: Sequence[int], in_shape: Sequence[int], dtype: torch.dtype
+) -> Tensor:
+    """``w`` zero-padded, viewed as ``(o_1..o_d, i_1..i_d)`` and permuted to ``(o_1, i_1, ...)``.
+
+    One allocation of the result (in ``dtype``), filled one block of rows at
+    a time from ``w`` (any float dtype): no padded or converted copy of ``w``.
+
+    Examples
+    --------
+    >>> w = torch.arange(6.0).reshape(3, 2)
+    >>> t = tensorize(w, (2, 2), (2, 1), torch.float64)
+    >>> t.shape, bool(torch.equal(t.permute(0, 2, 1, 3).reshape(4, 2)[:3], w.double()))
+    (torch.Size([2, 2, 2, 1]), True)
+    """
+    d = len(out_shape)
+    order = [x for k in range(d) for x in (k, d + k)]
+    t = torch.zeros([n for k in range(d) for n in (out_shape[k], in_shape[k])], dtype=dtype)
+    view = t.permute([order.index(k) for k in range(2 * d)])  # (o_1..o_d, i_1..i_d), strided
+    per = 1
+    for o in out_shape[1:]:
+        per *= o
+    rows, cols = w.shape
+    for a in range(out_shape[0]):
+        r0, r1 = a * per, min((a + 1) * per, rows)
+        if r0 >= rows:
+            break
+        block = torch.zeros(per, view.shape[d:].numel(), dtype=dtype)
+        block[: r1 - r0, :cols] = w[r0:r1]
+        view[a].copy_(block.reshape(view.shape[1:]))
+    return t
+
+
+def tt_sweep(
+    t: Tensor,
+    out_shape: Sequence[int],
+    in_shape: Sequence[int],
+    max_ranks: Sequence[int],
+    delta: float | None = None,
+    method: str = "truncated",
+) -> list[Tensor]:
+    """The left-to-right TT-SVD sweep of a :func:`tensorize` d tensor (see :func:`tt_svd`).
+
+    Examples
+    --------
+    >>> w = torch.randn(8, 8, dtype=torch.float64)
+    >>> t = tensorize(w, (2, 4), (4, 2), torch.float64)
+    >>> bool(torch.allclose(tt_to_matrix(tt_sweep(t, (2, 4), (4, 2), (8,))), w))
+    True
+    """
+    d = len(out_shape)
     modes = [o * i for o, i in zip(out_shape, in_shape, strict=True)]
     rest = t.reshape(modes[0], -1)
     cores = []
