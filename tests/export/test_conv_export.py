@@ -157,7 +157,7 @@ def _quantized(*mods: nn.Module) -> nn.Module:
     ("mods", "shape", "match"),
     [
         ((nn.Conv2d(1, 2, 3),), None, r"^0: a convolution needs the input's \(C, H, W\)"),
-        ((nn.Conv2d(2, 2, 3, groups=2),), (2, 8, 8), r"^0: a grouped convolution"),
+        ((nn.Conv2d(4, 4, 3, groups=2),), (4, 8, 8), r"^0: a grouped convolution"),
         ((nn.Conv2d(1, 2, 3), nn.AvgPool2d(3)), (1, 8, 8), r"^1: .*power-of-two area"),
         ((nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, padding=1)), (1, 8, 8), r"^1: MaxPool2d.*padding"),
         ((nn.Conv2d(2, 2, 3),), (1, 8, 8), r"^0: the convolution takes 2 channels"),

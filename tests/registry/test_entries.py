@@ -8,6 +8,7 @@ from torch import nn
 
 from tnquant import CP, TT, LowRank, QuantSpec, Tucker, convert, load, quantize, save
 from tnquant.decompose.api import DECOMPOSERS
+from tnquant.export.conv1d_routes import CONV1D_ROUTES
 from tnquant.export.conv_routes import CONV_ROUTES
 from tnquant.export.graph import ROUTES
 from tnquant.factorization import LAYER_TABLE
@@ -115,7 +116,8 @@ def test_every_class_save_and_load_know_has_an_entry():
 
 
 def test_every_export_route_is_one_the_export_knows():
-    assert {k.export for k in kinds()} - {None, "skip"} <= set(ROUTES) | set(CONV_ROUTES)
+    known = set(ROUTES) | set(CONV_ROUTES) | set(CONV1D_ROUTES)
+    assert {k.export for k in kinds()} - {None, "skip"} <= known
 
 
 def _quantized(dense: nn.Module, x: torch.Tensor) -> nn.Sequential:

@@ -63,14 +63,19 @@ Refused, with a ``ValueError`` naming the layer:
 - ``TuckerLinear`` of order > 1 (tensorized): its mode products need the
   reshapes hls4ml rejects, and no C kernel is written for it yet (the TT
   kernel's route would fit).
-- ``CPConv2d`` (its depthwise steps) and grouped or non-zero-padded
-  ``QuantConv2d``. A plain ``QuantConv2d`` (``groups=1``), a
-  ``TuckerConv2d`` (three ``conv2d`` ops: ``1x1``, the core, ``1x1``),
-  ``nn.MaxPool2d`` and ``nn.AvgPool2d`` (no padding, power-of-two area)
-  export as ``conv2d``/``maxpool2d``/``avgpool2d`` ops with
-  ``input_shape=(C, H, W)`` (:mod:`tnquant.export.conv_routes`), to the
-  emulator and hls4ml (``Conv2D``/``Pooling2D``); not yet to the C++
-  project or QONNX.
+- Grouped (not depthwise) or non-zero-padded convolutions. A plain
+  ``QuantConv2d`` (``groups=1``) or a depthwise one (``groups == C == O``),
+  a ``TuckerConv2d`` (three ``conv2d`` ops: ``1x1``, the core, ``1x1``), a
+  ``CPConv2d`` (``1x1``, depthwise ``kh x 1`` and ``1 x kw``, ``1x1``),
+  ``nn.MaxPool2d``, ``nn.AvgPool2d`` and ``nn.AdaptiveAvgPool2d(1)`` (no
+  padding, power-of-two area) export as ``conv2d``/``depthwise2d``/
+  ``maxpool2d``/``avgpool2d`` ops with ``input_shape=(C, H, W)``
+  (:mod:`tnquant.export.conv_routes`); ``QuantConv1d``, ``TuckerConv1d``,
+  ``nn.MaxPool1d``, ``nn.AvgPool1d`` and ``nn.AdaptiveAvgPool1d(1)`` as
+  ``conv1d``/``maxpool1d``/``avgpool1d`` ops with ``input_shape=(C, L)``
+  (:mod:`tnquant.export.conv1d_routes`); to the emulator and hls4ml
+  (``Conv2D``/``DepthwiseConv2D``/``Conv1D``/``Pooling``); not yet to the
+  C++ project or QONNX.
 - Embeddings (``TTEmbedding``, ``QuantEmbedding``): table look-ups, not
   dense maps; no emulator route yet.
 - Anything else, and float or non-power-of-two scales (the message says
@@ -126,7 +131,7 @@ from torch import nn
 from tnquant.export.cheaders import write_headers
 from tnquant.export.cproject import run_project, write_project
 from tnquant.export.drift import drift
-from tnquant.export.elementwise import leaky_modules
+from tnquant.export.elementwise import leaky_modules, restore_slope, slope_state
 from tnquant.export.emulator import IntegerModel
 from tnquant.export.graph import Op, TypeOverride, bias_params, build_graph, set_biases, snap_biases
 from tnquant.export.hls import HlsOptions, hls4ml_config, hls4ml_supported, to_hls4ml
@@ -276,7 +281,7 @@ QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec
     types: dict[str, Any] = {"accum": accum, "result": result, "bias": bias}
     ops = build_graph(model, input_spec, input_shape=input_shape, **types)
     saved = [(p, p.detach().clone()) for _, p in bias_params(model, ops)] if snap_biases else []
-    slopes = [(m, m.negative_slope) for _, m in leaky_modules(model, ops)] if snap_biases else []
+    slopes = [(m, slope_state(m)) for _, m in leaky_modules(model, ops)] if snap_biases else []
     try:
         if snap_biases and any(set_biases(model, ops).values()):  # biases and slopes
             ops = build_graph(model, input_spec, input_shape=input_shape, **types)
@@ -289,7 +294,7 @@ QuantSpec(scale='pow2', symmetric=True) or a FixedPoint spec
             for p, v in saved:
                 p.copy_(v)
         for m, slope in slopes:
-            m.negative_slope = slope
+            restore_slope(m, slope)
         raise
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,9 @@ whatever its overflow mode). hls4ml's ``io_stream`` kernels
 (``nnet_conv2d_stream.h``) sum the same products in another order, which
 only matters for an accumulator that saturates: with a lossless or wrapping
 accumulator every order gives the same bits (see :mod:`tnquant.export.hls`).
+A depthwise convolution (:func:`depthwise2d`, ``groups == C``) is the same
+arithmetic per channel over its ``kh*kw`` products, in ``(kh, kw)`` order
+(``depthwise_conv_2d_latency_cl``, ``nnet_sepconv2d_latency.h``).
 
 Pooling follows ``nnet_pooling.h``: max pooling is exact (the result keeps
 the input type); average pooling sums the window exactly and divides by its
@@ -40,11 +43,13 @@ from typing import Any
 
 import numpy as np
 
-from tnquant.export.contract import contract_step
+from tnquant.export.contract import contract_step, count
+from tnquant.quant.fixed_point import apply_overflow, cast_mantissa
 from tnquant.specs import FixedPoint
 
 __all__ = [
     "conv2d",
+    "depthwise2d",
     "run_spatial",
     "im2col",
     "max_pool2d",
@@ -124,6 +129,62 @@ def conv2d(
     return y[..., 0].reshape(b, ho, wo, o).transpose(0, 3, 1, 2).copy()
 
 
+def depthwise2d(
+    x: np.ndarray,
+    w: np.ndarray,
+    in_type: FixedPoint,
+    w_type: FixedPoint,
+    accum: FixedPoint,
+    result: FixedPoint,
+    bias: np.ndarray | None = None,
+    bias_type: FixedPoint | None = None,
+    *,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    stats: dict[str, int] | None = None,
+) -> np.ndarray:
+    """hls4ml's depthwise convolution of ``x (B, C, H, W)`` with ``w (C, 1, kh, kw)``.
+
+    Channel ``c`` of the output is channel ``c`` of the input convolved with
+    ``w[c, 0]`` (``nn.Conv2d(C, C, k, groups=C)``), as hls4ml's
+    ``depthwise_conv_2d_latency_cl`` (``nnet_sepconv2d_latency.h``): the
+    accumulator starts from the bias cast to ``accum_t``, every product is
+    cast to ``accum_t`` and added in ``(kh, kw)`` order, the sum is cast to
+    the result type. Returns ``(B, C, Ho, Wo)`` mantissas of ``result``.
+
+    Examples
+    --------
+    >>> t, acc = FixedPoint(8, 4), FixedPoint(16, 8)
+    >>> x = np.arange(8, dtype=np.int64).reshape(1, 2, 2, 2)
+    >>> w = np.array([[[[1, 1]]], [[[1, -1]]]])               # (2, 1, 1, 2)
+    >>> depthwise2d(x, w, t, t, acc, acc)[0, :, :, 0].tolist()   # rows summed, differenced
+    [[1, 5], [-1, -1]]
+    """
+    b, c, h, wd = x.shape
+    _, _, kh, kw = w.shape
+    ho = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = conv_out_size(wd, kw, stride[1], padding[1], dilation[1])
+    patches = im2col(x, (kh, kw), stride, padding, dilation).reshape(b * ho * wo, kh * kw, c)
+    wm = w.reshape(c, kh * kw)
+    frac = in_type.frac + w_type.frac
+    shape = (b * ho * wo, c)
+    if bias is None or bias_type is None:
+        acc = np.zeros(shape, dtype=np.int64)
+    else:
+        count(stats, "accum", np.broadcast_to(bias, shape), bias_type.frac, accum)
+        acc = np.broadcast_to(cast_mantissa(bias, bias_type.frac, accum), shape).copy()
+    for j in range(kh * kw):
+        prod = patches[:, j, :] * wm[:, j]
+        count(stats, "accum", prod, frac, accum)
+        total = acc + cast_mantissa(prod, frac, accum)
+        count(stats, "accum", total, accum.frac, accum)
+        acc = apply_overflow(total, accum)
+    count(stats, "result", acc, accum.frac, result)
+    y = np.asarray(cast_mantissa(acc, accum.frac, result), dtype=np.int64)
+    return y.reshape(b, ho, wo, c).transpose(0, 3, 1, 2).copy()
+
+
 def _windows(x: np.ndarray, kernel: Sequence[int], stride: Sequence[int]) -> np.ndarray:
     b, c, h, w = x.shape
     (kh, kw), (sh, sw) = kernel, stride
@@ -166,7 +227,7 @@ def avg_pool2d(x: np.ndarray, kernel: Sequence[int], stride: Sequence[int]) -> n
 
 
 def run_spatial(op: Any, x: np.ndarray, stats: dict[str, int] | None = None) -> np.ndarray:
-    """Run a ``conv2d``/``maxpool2d``/``avgpool2d`` op on flat ``(B, C*H*W)`` mantissas.
+    """Run a spatial op (:data:`~tnquant.export.ir.SPATIAL`) on flat ``(B, C*H*W)`` mantissas.
 
     The maps are ``(B, C, H, W)`` inside and flat (channels first, as torch's
     ``Flatten``) on both sides; the batch goes in blocks of bounded size.
@@ -182,23 +243,29 @@ def run_spatial(op: Any, x: np.ndarray, stats: dict[str, int] | None = None) -> 
     """
     p = op.params
     out_size = math.prod(op.out_shape)
-    if op.kind == "conv2d":
-        n = int(op.weights[0][0].size)
+    if op.kind in ("conv2d", "depthwise2d", "conv1d"):
+        n = int(op.weights[0][0].size) * (op.in_shape[0] if op.kind == "depthwise2d" else 1)
         rows = max(1, (1 << 22) // max(1, n * out_size))
     else:
         rows = max(1, (1 << 22) // max(1, x.shape[1] * 4))
     outs = []
     for s in range(0, x.shape[0], rows):
         maps = x[s : s + rows].reshape(-1, *op.in_shape)
-        if op.kind == "conv2d":
+        if op.kind in ("conv2d", "conv1d"):  # a (C, L) map is (C, 1, L), its kernel (O, C, 1, k)
             y = conv2d(
                 maps, op.weights[0], op.input_type, op.weight_types[0], op.accum_types[0],
                 op.result_type, op.bias, op.bias_type, stride=p["stride"],
                 padding=p["padding"], dilation=p["dilation"], stats=stats,
             )  # fmt: skip
-        elif op.kind == "maxpool2d":
+        elif op.kind == "depthwise2d":
+            y = depthwise2d(
+                maps, op.weights[0], op.input_type, op.weight_types[0], op.accum_types[0],
+                op.result_type, op.bias, op.bias_type, stride=p["stride"],
+                padding=p["padding"], dilation=p["dilation"], stats=stats,
+            )  # fmt: skip
+        elif op.kind in ("maxpool2d", "maxpool1d"):
             y = max_pool2d(maps, p["kernel"], p["stride"])
-        elif op.kind == "avgpool2d":
+        elif op.kind in ("avgpool2d", "avgpool1d"):
             y = avg_pool2d(maps, p["kernel"], p["stride"])
         else:
             raise ValueError(f"op {op.name!r}: {op.kind!r} is not a spatial op kind")

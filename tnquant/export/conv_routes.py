@@ -1,14 +1,24 @@
-"""Op builders of 2-D convolutions and pooling (``conv2d``, ``maxpool2d``, ``avgpool2d``).
+"""Op builders of 2-D convolutions and pooling (``conv2d``, ``depthwise2d``, pools).
 
 ==================  ====================  ===============================================
 route               modules               op
 ==================  ====================  ===============================================
 ``'conv2d'``        ``QuantConv2d``       ``conv2d``: hls4ml's ``Conv2D`` (channels-last
                     (``groups=1``, zero   im2col order, every product cast to the
-                    padding)              accumulator), weights ``(O, C, kh, kw)``
+                    padding)              accumulator), weights ``(O, C, kh, kw)``;
+                    (``groups == C ==     ``depthwise2d``: hls4ml's ``DepthwiseConv2D``
+                    O``: depthwise)       (per channel, ``(kh, kw)`` order), weights
+                                          ``(C, 1, kh, kw)``; other groups refused
 ``'tucker_conv2d'``  ``TuckerConv2d``      three ``conv2d``: ``1x1`` ``U_in^T``, the core
                                           ``G`` (stride, padding, dilation), ``1x1``
                                           ``U_out`` + bias (``'<layer>.0'``..``'.2'``)
+``'cp_conv2d'``     ``CPConv2d``          ``conv2d`` ``1x1`` ``A_in^T``, ``depthwise2d``
+                                          ``kh x 1`` ``A_h`` and ``1 x kw`` ``A_w`` (the
+                                          stride, padding, dilation of each axis),
+                                          ``conv2d`` ``1x1`` ``A_out`` + bias
+                                          (``'<layer>.0'``..``'.3'``)
+``'global_avgpool2d'`` ``nn.Adaptive-   ``avgpool2d`` over the whole ``H x W`` map
+                    AvgPool2d(1)``        (``H*W`` a power of two)
 ``'maxpool2d'``     ``nn.MaxPool2d``      ``maxpool2d``: exact, the input type kept
                     (no padding)
 ``'avgpool2d'``     ``nn.AvgPool2d``      ``avgpool2d``: the exact window mean, in
@@ -29,7 +39,7 @@ rules (:mod:`tnquant.export.graph`): the lossless accumulator of
 Examples
 --------
 >>> sorted(CONV_ROUTES)
-['avgpool2d', 'conv2d', 'maxpool2d', 'tucker_conv2d']
+['avgpool2d', 'conv2d', 'cp_conv2d', 'global_avgpool2d', 'maxpool2d', 'tucker_conv2d']
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from tnquant.export.ir import Op, TypeOverride, label
 from tnquant.export.routes import Route, typed_op
 from tnquant.specs import FixedPoint
 
-__all__ = ["CONV_ROUTES", "pair", "spatial_shape"]
+__all__ = ["CONV_ROUTES", "pair", "spatial_shape", "conv_op", "pool_op", "ONE_BY_ONE"]
 
 
 def pair(value: Any, what: str, name: str) -> tuple[int, int]:
@@ -93,12 +103,22 @@ def _out_hw(
     return ho, wo
 
 
+def _conv_kind(name: str, conv: nn.Conv2d) -> str:
+    """``'conv2d'`` (``groups=1``) or ``'depthwise2d'`` (``groups == in == out channels``)."""
+    groups = int(getattr(conv, "groups", 1))
+    if groups == 1:
+        return "conv2d"
+    if groups == conv.in_channels == conv.out_channels:
+        return "depthwise2d"
+    raise ValueError(
+        f"{label(name)}: a grouped convolution (groups={groups}, {conv.in_channels} -> "
+        f"{conv.out_channels} channels) has no fixed-point export: only groups=1 and "
+        f"depthwise (groups == in_channels == out_channels, hls4ml's DepthwiseConv2D "
+        f"with depth multiplier 1)"
+    )
+
+
 def _conv_params(name: str, conv: nn.Conv2d) -> dict[str, tuple[int, ...]]:
-    if conv.groups != 1:
-        raise ValueError(
-            f"{label(name)}: a grouped convolution (groups={conv.groups}) has no fixed-point "
-            f"export yet; only groups=1"
-        )
     if conv.padding_mode != "zeros":
         raise ValueError(
             f"{label(name)}: padding_mode={conv.padding_mode!r} has no fixed-point export; "
@@ -120,7 +140,7 @@ def _conv_params(name: str, conv: nn.Conv2d) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _conv_op(
+def conv_op(
     name: str,
     op_name: str,
     module: nn.Module,
@@ -132,20 +152,23 @@ def _conv_op(
     bias_param: Tensor | None,
     state: dict[str, Any],
     overrides: dict[str, TypeOverride],
+    kind: str = "conv2d",
 ) -> Op:
-    """One ``conv2d`` op (types as a dense op over ``C*kh*kw`` products); ``state`` moves on."""
+    """One ``conv2d`` (types as a dense op over ``C*kh*kw`` products) or ``depthwise2d``
+    (over ``kh*kw``, weights ``(C, 1, kh, kw)``) op; ``state`` moves on."""
     m = codes[0]
     shape = spatial_shape(name, state, "convolution")
-    if shape[0] != m.shape[1]:
+    takes = m.shape[0] if kind == "depthwise2d" else m.shape[1]
+    if shape[0] != takes:
         raise ValueError(
-            f"{label(name)}: the convolution takes {m.shape[1]} channels, but "
+            f"{label(name)}: the convolution takes {takes} channels, but "
             f"{shape[0]} reach it (feature map {shape}); check input_shape"
         )
     ho, wo = _out_hw(name, shape, params)
     n = m.shape[1] * params["kernel"][0] * params["kernel"][1]
     out_shape = (out_channels, ho, wo)
     op = typed_op(
-        "conv2d",
+        kind,
         name,
         op_name,
         module,
@@ -175,17 +198,18 @@ def conv2d_ops(
 ) -> list[Op]:
     """The ``conv2d`` op of a ``QuantConv2d`` (types as a dense op, over ``C*kh*kw`` products)."""
     conv = cast(nn.Conv2d, module)
+    kind = _conv_kind(name, conv)
     params = _conv_params(name, conv)
     q = module._modules.get("weight_quantizer")
     q = None if isinstance(q, nn.Identity) else q
     notes: list[str] = []
     codes = fixed_codes(q, cast(Tensor, conv.weight), f"{name}.weight", op=name, notes=notes)
     bias = cast("Tensor | None", module._parameters.get("bias"))
-    args = (codes, notes, params, conv.out_channels, bias, state, overrides)
-    return [_conv_op(name, name, module, "output", *args)]
+    args = (codes, notes, params, conv.out_channels, bias, state, overrides, kind)
+    return [conv_op(name, name, module, "output", *args)]
 
 
-_ONE: dict[str, tuple[int, ...]] = {
+ONE_BY_ONE: dict[str, tuple[int, ...]] = {
     "kernel": (1, 1), "stride": (1, 1), "padding": (0, 0), "dilation": (1, 1),
 }  # fmt: skip
 
@@ -208,9 +232,9 @@ def tucker_conv2d_ops(
     quantizers = list(cast(nn.ModuleList, qs)) if qs is not None else [None] * 3
     ops = []
     plan = (
-        (u_in, quantizers[2], 2, True, _ONE, "inter_0"),
+        (u_in, quantizers[2], 2, True, ONE_BY_ONE, "inter_0"),
         (g, quantizers[1], 1, False, params, "inter_1"),
-        (u_out, quantizers[0], 0, False, _ONE, "output"),
+        (u_out, quantizers[0], 0, False, ONE_BY_ONE, "output"),
     )
     for step, (core, q, k, transposed, p, site) in enumerate(plan):
         q = None if isinstance(q, nn.Identity) else q
@@ -220,7 +244,62 @@ def tucker_conv2d_ops(
         m = m.reshape(*m.shape, 1, 1) if m.ndim == 2 else m
         bias = cast("Tensor | None", module._parameters.get("bias")) if step == 2 else None
         args = ((m, wtype, exps), notes, p, m.shape[0], bias, state, overrides)
-        ops.append(_conv_op(name, f"{name}.{step}", module, site, *args))
+        ops.append(conv_op(name, f"{name}.{step}", module, site, *args))
+    return ops
+
+
+def cp_conv2d_ops(
+    name: str,
+    module: nn.Module,
+    state: dict[str, Any],
+    overrides: dict[str, TypeOverride],
+    done: list[Op],
+) -> list[Op]:
+    """A ``CPConv2d`` as its forward: ``conv2d`` ``1x1`` ``A_in^T``, ``depthwise2d``
+    ``kh x 1`` ``A_h`` (stride, padding, dilation along H), ``depthwise2d`` ``1 x kw``
+    ``A_w`` (along W), ``conv2d`` ``1x1`` ``A_out`` with the bias; ``'<layer>.0'``..``'.3'``,
+    typed by the ``inter_0``..``inter_2`` quantizers."""
+    layer = cast(Any, module)
+    params = _conv_params(name, layer)
+    a_out, a_in, a_h, a_w = layer.cores
+    rank = int(a_out.shape[1])
+    qs = module._modules.get("core_quantizers")
+    quantizers = list(cast(nn.ModuleList, qs)) if qs is not None else [None] * 4
+    (kh, kw), (sh, sw) = params["kernel"], params["stride"]
+    (ph, pw), (dh, dw) = params["padding"], params["dilation"]
+    along_h: dict[str, tuple[int, ...]] = {
+        "kernel": (kh, 1),
+        "stride": (sh, 1),
+        "padding": (ph, 0),
+        "dilation": (dh, 1),
+    }
+    along_w: dict[str, tuple[int, ...]] = {
+        "kernel": (1, kw),
+        "stride": (1, sw),
+        "padding": (0, pw),
+        "dilation": (1, dw),
+    }
+    plan: tuple[tuple[Any, int, tuple[int, ...], dict[str, tuple[int, ...]], str, str], ...] = (
+        # (core, its quantizer index, the (O, C, kh, kw) shape of its mantissas, ...)
+        (a_in, 1, (rank, -1, 1, 1), ONE_BY_ONE, "conv2d", "inter_0"),
+        (a_h, 2, (rank, 1, kh, 1), along_h, "depthwise2d", "inter_1"),
+        (a_w, 3, (rank, 1, 1, kw), along_w, "depthwise2d", "inter_2"),
+        (a_out, 0, (-1, rank, 1, 1), ONE_BY_ONE, "conv2d", "output"),
+    )
+    ops = []
+    for step, (core, k, shape, p, kind, site) in enumerate(plan):
+        q = quantizers[k]
+        q = None if isinstance(q, nn.Identity) else q
+        notes: list[str] = []
+        m, wtype, exps = fixed_codes(q, core, f"{name}.cores.{k}", op=f"{name}.{step}", notes=notes)
+        m = (m if k == 0 else m.T).reshape(shape).copy()
+        bias = cast("Tensor | None", module._parameters.get("bias")) if step == 3 else None
+        codes = (m, wtype, exps)
+        op_name = f"{name}.{step}"
+        out = m.shape[0]
+        ops.append(
+            conv_op(name, op_name, module, site, codes, notes, p, out, bias, state, overrides, kind)
+        )
     return ops
 
 
@@ -256,33 +335,66 @@ def _pool_ops(kind: str, cls: str) -> Route:
         overrides: dict[str, TypeOverride],
         done: list[Op],
     ) -> list[Op]:
-        params = _pool_params(name, module, cls)
-        shape = spatial_shape(name, state, cls)
-        ho, wo = _out_hw(name, shape, params)
-        in_type = state["type"]
-        result = in_type
-        if kind == "avgpool2d":
-            try:
-                result = avg_pool_type(in_type, params["kernel"])
-            except ValueError as err:
-                raise ValueError(f"{label(name)}: {err}") from None
-        out_shape = (shape[0], ho, wo)
-        op = Op(
-            name, kind, name, math.prod(shape), math.prod(out_shape), in_type, result,
-            step_types=[result], result_derived=[True], in_shape=shape, out_shape=out_shape,
-            params=params,
-        )  # fmt: skip
-        state["explicit"] = False
-        state["type"], state["prev"], state["shape"] = result, name, out_shape
-        return [op]
+        return pool_op(kind, name, _pool_params(name, module, cls), state)
 
     return ops
+
+
+def _global_ops(
+    name: str,
+    module: nn.Module,
+    state: dict[str, Any],
+    overrides: dict[str, TypeOverride],
+    done: list[Op],
+) -> list[Op]:
+    """``nn.AdaptiveAvgPool2d(1)``: the ``avgpool2d`` op of one ``H x W`` window (exact
+    when ``H*W`` is a power of two)."""
+    size = cast(Any, module).output_size
+    if size not in (1, (1, 1)):
+        raise ValueError(
+            f"{label(name)}: AdaptiveAvgPool2d(output_size={size!r}) has no fixed-point "
+            f"export; only output_size=1 (global average pooling)"
+        )
+    _, h, w = spatial_shape(name, state, "AdaptiveAvgPool2d")
+    params: dict[str, tuple[int, ...]] = {
+        "kernel": (h, w),
+        "stride": (h, w),
+        "padding": (0, 0),
+        "dilation": (1, 1),
+    }
+    return pool_op("avgpool2d", name, params, state)
+
+
+def pool_op(
+    kind: str, name: str, params: dict[str, tuple[int, ...]], state: dict[str, Any]
+) -> list[Op]:
+    """The pooling op of layer ``name`` (max: the input type; average: the exact mean)."""
+    shape = spatial_shape(name, state, kind)
+    ho, wo = _out_hw(name, shape, params)
+    in_type = state["type"]
+    result = in_type
+    if kind in ("avgpool2d", "avgpool1d"):
+        try:
+            result = avg_pool_type(in_type, params["kernel"])
+        except ValueError as err:
+            raise ValueError(f"{label(name)}: {err}") from None
+    out_shape = (shape[0], ho, wo)
+    op = Op(
+        name, kind, name, math.prod(shape), math.prod(out_shape), in_type, result,
+        step_types=[result], result_derived=[True], in_shape=shape, out_shape=out_shape,
+        params=params,
+    )  # fmt: skip
+    state["explicit"] = False
+    state["type"], state["prev"], state["shape"] = result, name, out_shape
+    return [op]
 
 
 #: export route name -> (takes an 'input' type, its ops), as :data:`~tnquant.export.routes.ROUTES`
 CONV_ROUTES: dict[str, tuple[bool, Route]] = {
     "conv2d": (True, conv2d_ops),
     "tucker_conv2d": (True, tucker_conv2d_ops),
+    "cp_conv2d": (True, cp_conv2d_ops),
     "maxpool2d": (False, _pool_ops("maxpool2d", "MaxPool2d")),
     "avgpool2d": (False, _pool_ops("avgpool2d", "AvgPool2d")),
+    "global_avgpool2d": (False, _global_ops),
 }

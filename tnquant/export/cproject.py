@@ -117,6 +117,11 @@ def ap_types_dir() -> Path | None:
     return path if (path / "ap_fixed.h").is_file() else None
 
 
+def _per_feature(op: Op) -> bool:
+    """A PReLU's ``leaky_relu``: one alpha per feature."""
+    return op.kind == "leaky_relu" and op.weights[0].size > 1
+
+
 def _out_t(op: Op) -> str:
     return f"{c_name(op.name)}_out_t"
 
@@ -136,7 +141,7 @@ _ELEMENTWISE = {
     ),
     "leaky_relu": (
         "LeakyReLU {name}: y = x > 0 ? x : alpha * x (nnet::leaky_relu), the product exact",
-        ["        y[i] = x[i] > 0 ? ({out})x[i] : ({out})({c}_w0[0] * x[i]);"],
+        ["        y[i] = x[i] > 0 ? ({out})x[i] : ({out})({c}_w0[{a}] * x[i]);"],
     ),
 }
 
@@ -155,7 +160,10 @@ def _layer(op: Op) -> str:
                 "#pragma HLS INLINE",
                 f"    for (int i = 0; i < {op.in_features}; i++) {{",
                 "#pragma HLS UNROLL",
-                *(line.format(out=_out_t(op), c=c) for line in body),
+                *(
+                    line.format(out=_out_t(op), c=c, a="i" if _per_feature(op) else "0")
+                    for line in body
+                ),
                 "    }",
                 "}",
                 "",
@@ -277,6 +285,13 @@ def write_project(
     ops: list[Op] = list(integer_model.ops)
     if not ops:
         raise ValueError("the integer model has no ops")
+    for op in ops:
+        if op.inputs:
+            raise ValueError(
+                f"op {op.name!r} ({op.kind}) reads {list(op.inputs)}: graphs (residual adds, "
+                f"concatenations) are not in the C++ project yet; to_hls4ml takes them, "
+                f"bit-exact with the emulator"
+            )
     _check_chain(ops)
     for op in ops:
         if op.kind in SPATIAL:

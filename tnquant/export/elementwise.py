@@ -67,8 +67,10 @@ import math
 from typing import Any, cast
 
 import numpy as np
+import torch
 from torch import nn
 
+from tnquant.export.codes import narrower, too_wide
 from tnquant.export.ir import Op, TypeOverride, label, lookup_override
 from tnquant.specs import FixedPoint
 
@@ -82,6 +84,10 @@ __all__ = [
     "relu_ops",
     "clip_ops",
     "leaky_ops",
+    "prelu_ops",
+    "alpha_codes",
+    "slope_state",
+    "restore_slope",
     "flatten_ops",
     "leaky_modules",
     "set_slopes",
@@ -142,6 +148,19 @@ def leaky_result(in_type: FixedPoint, a_type: FixedPoint) -> FixedPoint:
     """
     u = 0 if in_type.signed else 1
     return FixedPoint(in_type.width + a_type.width + u, in_type.integer + a_type.integer + u)
+
+
+def _leaky_type(name: str, in_type: FixedPoint, a_type: FixedPoint) -> FixedPoint:
+    """:func:`leaky_result`, or a ``ValueError`` naming the op and the override past 64 bits."""
+    u = 0 if in_type.signed else 1
+    width = in_type.width + a_type.width + u
+    if width > 64:
+        raise too_wide(
+            name, "result", width, f"its input {in_type} times alpha {a_type}",
+            f"narrow it with result={{'{name}': {narrower(in_type.integer + a_type.integer)}}} "
+            f"(or an 'output' quantizer of the layer before it, or a slope of fewer bits)",
+        )  # fmt: skip
+    return leaky_result(in_type, a_type)
 
 
 def clip_bounds(name: str, cls: str, lo: float, hi: float, in_type: FixedPoint) -> tuple[int, int]:
@@ -230,7 +249,7 @@ def leaky_ops(
     slope = float(cast(nn.LeakyReLU, module).negative_slope)
     m, a_t = slope_code(slope, f"{label(name)}.negative_slope")
     given = lookup_override(overrides["result"], [name], "result")
-    result = leaky_result(t, a_t) if given is None else given
+    result = _leaky_type(name, t, a_t) if given is None else given
     value = math.ldexp(m, -a_t.frac)
     notes = []
     if value != slope:
@@ -267,7 +286,61 @@ def flatten_ops(
     return []
 
 
-def leaky_modules(model: nn.Module, ops: list[Op]) -> list[tuple[Op, nn.LeakyReLU]]:
+def alpha_codes(slopes: list[float], where: str) -> tuple[np.ndarray, FixedPoint]:
+    """The mantissas of PReLU slopes on one type: each :func:`slope_code`, aligned to the most
+    fractional bits among them (exact left shifts).
+
+    Examples
+    --------
+    >>> m, t = alpha_codes([0.25, -0.5, 0.125], "p.weight")
+    >>> m.tolist(), str(t)
+    ([2, -4, 1], 'ap_fixed<4,1>')
+    """
+    codes = [slope_code(v, f"{where}[{k}]") for k, v in enumerate(slopes)]
+    frac = max(t.frac for _, t in codes)
+    mant = np.array([m << (frac - t.frac) for m, t in codes], dtype=np.int64)
+    return mant, alpha_type(int(np.abs(mant).max()), frac)
+
+
+def prelu_ops(
+    name: str,
+    module: nn.Module,
+    state: dict[str, Any],
+    overrides: dict[str, TypeOverride],
+    done: list[Op],
+) -> list[Op]:
+    """The ``leaky_relu`` op of an ``nn.PReLU``: one alpha, or one per feature (per channel
+    of a ``(C, H, W)`` map, repeated over ``H * W`` in the channels-first flat order)."""
+    t, n = state["type"], _size(done)
+    weight = cast(nn.PReLU, module).weight.detach().double().flatten().tolist()
+    shape = state.get("shape")
+    if len(weight) > 1:
+        per = math.prod(shape[1:]) if shape else 1
+        want = shape[0] if shape else n
+        if len(weight) != want:
+            raise ValueError(
+                f"{label(name)}: PReLU has {len(weight)} slopes, but "
+                f"{'a map of ' + str(want) + ' channels' if shape else str(n) + ' features'} "
+                f"reach it; num_parameters must be 1 or the channel count"
+            )
+        weight = [v for v in weight for _ in range(per)]
+    mant, a_t = alpha_codes(weight, f"{label(name)}.weight")
+    given = lookup_override(overrides["result"], [name], "result")
+    result = _leaky_type(name, t, a_t) if given is None else given
+    moved = sum(math.ldexp(int(m), -a_t.frac) != v for m, v in zip(mant, weight, strict=True))
+    notes = [f"{label(name)}: {moved} PReLU slope(s) rounded to {a_t}"] if moved else []
+    state["explicit"] = given is not None
+    state["type"], state["prev"] = result, name
+    on_map = {"map": tuple(shape)} if shape and len(mant) > 1 else {}
+    return [
+        Op(
+            name, "leaky_relu", name, n, n, t, result, weights=[mant], weight_types=[a_t],
+            step_types=[result], result_derived=[given is None], notes=notes, params=on_map,
+        )
+    ]  # fmt: skip
+
+
+def leaky_modules(model: nn.Module, ops: list[Op]) -> list[tuple[Op, nn.Module]]:
     """``(op, its nn.LeakyReLU in model)`` for every ``leaky_relu`` op (as ``bias_params``).
 
     Examples
@@ -279,11 +352,7 @@ def leaky_modules(model: nn.Module, ops: list[Op]) -> list[tuple[Op, nn.LeakyReL
     >>> [(o.name, m) for o, m in leaky_modules(nn.Sequential(nn.ReLU(), nn.LeakyReLU()), [op])]
     [('1', LeakyReLU(negative_slope=0.01))]
     """
-    return [
-        (op, cast(nn.LeakyReLU, model.get_submodule(op.layer)))
-        for op in ops
-        if op.kind == "leaky_relu"
-    ]
+    return [(op, model.get_submodule(op.layer)) for op in ops if op.kind == "leaky_relu"]
 
 
 def set_slopes(model: nn.Module, ops: list[Op]) -> dict[str, float]:
@@ -301,8 +370,33 @@ def set_slopes(model: nn.Module, ops: list[Op]) -> dict[str, float]:
     """
     moved: dict[str, float] = {}
     for op, module in leaky_modules(model, ops):
-        value = math.ldexp(int(op.weights[0][0]), -op.weight_types[0].frac)
-        before = float(module.negative_slope)
-        module.negative_slope = value
-        moved[op.layer] = abs(value - before)
+        values = np.ldexp(op.weights[0].astype(np.float64), -op.weight_types[0].frac)
+        if isinstance(module, nn.PReLU):  # one value per channel (the map's repeats agree)
+            w = module.weight
+            per = max(1, len(values) // w.numel())
+            new = torch.from_numpy(values[::per].copy()).to(w.dtype).reshape(w.shape)
+            moved[op.layer] = float((new.double() - w.detach().double()).abs().max())
+            with torch.no_grad():
+                w.copy_(new)
+            continue
+        leaky = cast(nn.LeakyReLU, module)
+        before = float(leaky.negative_slope)
+        leaky.negative_slope = float(values[0])
+        moved[op.layer] = abs(float(values[0]) - before)
     return moved
+
+
+def slope_state(module: nn.Module) -> Any:
+    """What :func:`set_slopes` changes in ``module`` (to restore it after a failed export)."""
+    if isinstance(module, nn.PReLU):
+        return module.weight.detach().clone()
+    return module.negative_slope
+
+
+def restore_slope(module: nn.Module, state: Any) -> None:
+    """Undo :func:`set_slopes` on ``module`` with what :func:`slope_state` returned."""
+    if isinstance(module, nn.PReLU):
+        with torch.no_grad():
+            module.weight.copy_(state)
+    else:
+        module.negative_slope = state

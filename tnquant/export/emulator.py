@@ -51,7 +51,7 @@ import torch
 from tnquant.export.contract import _count, contract_step
 from tnquant.export.conv_ops import run_spatial
 from tnquant.export.graph import Op
-from tnquant.export.ir import SPATIAL
+from tnquant.export.ir import MERGES, SPATIAL, sources
 from tnquant.export.manifest import (
     CORES,
     FORMAT_VERSION,
@@ -60,6 +60,7 @@ from tnquant.export.manifest import (
     read_export,
     write_export,
 )
+from tnquant.export.merge_ops import run_merge
 from tnquant.export.report import ExportReport, build_report
 from tnquant.export.table_ops import TABLES, run_table
 from tnquant.quant.fixed_point import cast_mantissa, to_mantissa
@@ -122,7 +123,7 @@ def _dense_run(op: Op, x: np.ndarray, stats: dict[str, int] | None = None) -> np
 def _leaky_run(op: Op, x: np.ndarray, stats: dict[str, int] | None = None) -> np.ndarray:
     """hls4ml's ``leaky_relu``: ``x > 0 ? x : alpha * x`` (exact product), cast to ``res_T``."""
     x_t, a_t, r_t = op.input_type, op.weight_types[0], op.result_type
-    pos, prod = x > 0, x * int(op.weights[0][0])
+    pos, prod = x > 0, x * op.weights[0].astype(np.int64)  # one alpha, or one per feature
     if stats is not None:
         _count(stats, "result", x[pos], x_t.frac, r_t)
         _count(stats, "result", prod[~pos], x_t.frac + a_t.frac, r_t)
@@ -183,6 +184,7 @@ class IntegerModel:
         if not ops:
             raise ValueError("IntegerModel needs at least one op, got none")
         self.ops = list(ops)
+        self._sources = sources(self.ops)
 
     @property
     def input_type(self) -> str:
@@ -217,9 +219,7 @@ class IntegerModel:
         [3, 0]
         """
         single = np.asarray(x).ndim == 1
-        arr = self._check_run_input(x)
-        for op in self.ops:
-            arr = _run_op(op, arr)
+        arr = self._run_all(self._check_run_input(x))[-1][0]
         return arr[0] if single else arr
 
     def trace(self, x: Any) -> list[tuple[np.ndarray, dict[str, int]]]:
@@ -237,13 +237,22 @@ class IntegerModel:
         ...                                                ).trace([[5, -2]])]
         [([[1, 0]], {'result': 2, 'result_overflow': 1})]
         """
-        arr = self._check_run_input(x)
-        out = []
-        for op in self.ops:
+        return self._run_all(self._check_run_input(x), counts=True)
+
+    def _run_all(
+        self, x: np.ndarray, counts: bool = False
+    ) -> list[tuple[np.ndarray, dict[str, int]]]:
+        """Every op's output (and counts), each op reading the ops :func:`sources` gives."""
+        outs: list[tuple[np.ndarray, dict[str, int]]] = []
+        for op, src in zip(self.ops, self._sources, strict=True):
             stats: dict[str, int] = {}
-            arr = _run_op(op, arr, stats)
-            out.append((arr, stats))
-        return out
+            ins = [outs[j][0] if j >= 0 else x for j in src]
+            if op.kind in MERGES:
+                arr = run_merge(op, ins, stats if counts else None)
+            else:
+                arr = _run_op(op, ins[0], stats if counts else None)
+            outs.append((arr, stats))
+        return outs
 
     def report(self, drift: list[dict[str, Any]] | None = None) -> ExportReport:
         """The bit budget and resource estimate (see :mod:`tnquant.export.report`).

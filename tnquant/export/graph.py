@@ -1,6 +1,9 @@
 """Model -> a small IR of fixed-point ops (:class:`Op`), with every type derived.
 
-The IR is a list of ops run in order, each reading the previous op's result:
+The IR is a list of ops run in order, each reading the previous op's result
+(or, in a graph traced with ``torch.fx``, the ops its ``inputs`` name: see
+:mod:`tnquant.export.fx_graph`, with ``'add'``/``'concat'`` in
+:mod:`tnquant.export.merge_ops`):
 
 ``'dense'``
     ``y = cast_result(bias + sum_i cast_accum(x_i * W[o, i]))``, as hls4ml's
@@ -76,6 +79,7 @@ Examples
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, cast
 
 import numpy as np
@@ -83,9 +87,20 @@ import torch
 from torch import Tensor, nn
 
 from tnquant.export.codes import MAX_WIDTH, fixed_codes, lossless_accum
+from tnquant.export.conv1d_routes import CONV1D_ROUTES
 from tnquant.export.conv_routes import CONV_ROUTES
 from tnquant.export.elementwise import leaky_modules, set_slopes
-from tnquant.export.ir import ELEMENTWISE, SPATIAL, Op, TypeOverride, check_widths, label
+from tnquant.export.fx_graph import needs_trace, trace_ops
+from tnquant.export.ir import (
+    ELEMENTWISE,
+    SPATIAL,
+    Op,
+    TypeOverride,
+    check_graph,
+    check_widths,
+    label,
+    sources,
+)
 from tnquant.export.routes import ROUTES, Route, act_spec
 from tnquant.registry import export_route
 from tnquant.specs import FixedPoint
@@ -157,11 +172,12 @@ def _check_input_shape(input_shape: Any) -> tuple[int, ...] | None:
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
     if (
         shape is None
-        or len(shape) not in (1, 3)
+        or len(shape) not in (1, 2, 3)
         or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
     ):
         raise ValueError(
-            f"input_shape must be (C, H, W) (or (features,)) of positive ints, got {input_shape!r}"
+            f"input_shape must be (C, H, W), (C, L) or (features,) of positive ints, got "
+            f"{input_shape!r}"
         )
     return shape
 
@@ -202,7 +218,8 @@ def _module_ops(
     done: list[Op],
 ) -> list[Op]:
     """The ops of one leaf module, by its registry entry's export route (updates ``state``)."""
-    route = ROUTES.get(export_route(module) or "") or CONV_ROUTES.get(export_route(module) or "")
+    key = export_route(module) or ""
+    route = ROUTES.get(key) or CONV_ROUTES.get(key) or CONV1D_ROUTES.get(key)
     if route is not None and route[0]:
         first_in = act_spec(module, "input", name)
         if first_in is not None:
@@ -216,10 +233,30 @@ def _module_ops(
         raise ValueError(
             f"{label(name)}: {type(module).__name__} has no fixed-point export; "
             f"supported: QuantLinear, LowRankLinear, TuckerLinear (order 1), "
-            f"TTLinear, QuantConv2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, "
-            f"nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout"
+            f"TTLinear, QuantConv2d (groups 1 or depthwise), TuckerConv2d, CPConv2d, "
+            f"QuantConv1d, TuckerConv1d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, "
+            f"nn.MaxPool1d/2d, nn.AvgPool1d/2d, nn.Flatten, nn.Identity, nn.Dropout"
         )
     return route[1](name, module, state, overrides, done)
+
+
+def _leaf_ops(
+    name: str,
+    module: nn.Module,
+    state: dict[str, Any],
+    overrides: dict[str, TypeOverride],
+    done: list[Op],
+    *,
+    shape: tuple[int, ...] | None,
+) -> list[Op]:
+    """The ops of one leaf reading the result of ``done[-1]``, checked against it."""
+    route = export_route(module)
+    if route == "skip":
+        return []
+    _check_flat(name, route, state, done)
+    new = _module_ops(name, module, state, overrides, done)
+    _check_size(name, new, done, shape)
+    return new
 
 
 def build_graph(
@@ -236,7 +273,9 @@ def build_graph(
     Parameters
     ----------
     model
-        An ``nn.Sequential`` (nested ones are flattened) or a single layer of
+        An ``nn.Sequential`` (nested ones are flattened), any other module
+        ``torch.fx`` traces (residual adds, concatenations: see
+        :mod:`tnquant.export.fx_graph`), or a single layer of
         ``QuantLinear``, ``LowRankLinear``, ``TuckerLinear`` (order 1),
         ``TTLinear``, ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh`` and
         ``nn.LeakyReLU`` (``nn.Flatten(1, -1)``, ``nn.Identity`` and
@@ -278,28 +317,33 @@ def build_graph(
     overrides = {"accum": accum, "result": result, "bias": bias}
     shape = _check_input_shape(input_shape)
     state: dict[str, Any] = {"type": input_spec, "explicit": input_spec is not None, "prev": None}
-    state.update(shape=shape if shape and len(shape) == 3 else None, flat=bool(shape))
+    maps = {3: shape, 2: shape and (shape[0], 1, shape[-1])}  # (C, L): a (C, 1, L) map
+    state.update(shape=maps.get(len(shape) if shape else 0), flat=bool(shape))
     ops: list[Op] = []
-    for name, module in _leaves(model):
+    leaves = _leaves(model)
+    if needs_trace(model, leaves):  # a graph: torch.fx (tnquant.export.fx_graph)
+        size = math.prod(shape) if shape else None
+        ops = trace_ops(model, dict(state), overrides, partial(_leaf_ops, shape=shape), size)
+        leaves = []
+    for name, module in leaves:
         route = export_route(module)
-        if route != "skip":
-            _check_flat(name, route, state, ops)
-            new = _module_ops(name, module, state, overrides, ops)
-            _check_size(name, new, ops, shape)
-            ops += new
-            if route == "flatten" or any(op.kind not in (*ELEMENTWISE, *SPATIAL) for op in new):
-                state.update(shape=None, flat=True)  # a Flatten or a dense layer
+        new = _leaf_ops(name, module, state, overrides, ops, shape=shape)
+        ops += new
+        if route == "flatten" or any(op.kind not in (*ELEMENTWISE, *SPATIAL) for op in new):
+            state.update(shape=None, flat=True)  # a Flatten or a dense layer
     if not ops:
         raise ValueError("the model has no layer to export")
+    src = sources(ops)
     for k, op in enumerate(ops):
         if op.kind in ELEMENTWISE:
-            size = ops[k - 1].out_features if k else 0
+            size = ops[src[k][0]].out_features if src[k][0] >= 0 else 0
             if size == 0:
                 raise ValueError(
                     f"{label(op.name)}: a {op.kind} op needs a layer before it (its size "
                     f"comes from that layer's out_features)"
                 )
             op.in_features = op.out_features = size
+    check_graph(ops)
     check_widths(ops)
     return ops
 
@@ -364,8 +408,13 @@ def snap_biases(
     accum: TypeOverride = None,
     result: TypeOverride = None,
     bias: TypeOverride = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> dict[str, float]:
     """Set every bias and LeakyReLU slope of the exported layers to what the export stores.
+
+    ``input_spec``, ``accum``, ``result``, ``bias`` and ``input_shape`` are
+    :func:`build_graph`'s (a model that starts with a convolution needs
+    ``input_shape``).
 
     The export keeps a bias as a mantissa of its type (``bias=``, else the
     products' fractional bits, rounded to nearest even and saturated):
@@ -412,5 +461,7 @@ def snap_biases(
     >>> snap_biases(model, FixedPoint(6, 3))
     {'0': 0.0}
     """
-    ops = build_graph(model, input_spec, accum=accum, result=result, bias=bias)
+    ops = build_graph(
+        model, input_spec, accum=accum, result=result, bias=bias, input_shape=input_shape
+    )
     return set_biases(model, ops)

@@ -71,7 +71,8 @@ from tnquant.export.hls_conv import (
     spatial_module,
     spatial_precision,
 )
-from tnquant.export.ir import SPATIAL
+from tnquant.export.hls_graph import graph_layers, torch_graph
+from tnquant.export.ir import CONVS, MERGES, POOLS, SPATIAL
 from tnquant.export.table_ops import TABLES, hls4ml_keys
 from tnquant.specs import FixedPoint
 
@@ -185,7 +186,7 @@ class HlsOptions:
 
 def _check_order(op: Op, reuse: int, strategy: str, io_type: str = "io_parallel") -> None:
     """Refuse a saturating user accumulator where hls4ml sums in another order."""
-    streamed_conv = io_type == "io_stream" and op.kind == "conv2d"
+    streamed_conv = io_type == "io_stream" and op.kind in CONVS
     if reuse == 1 and strategy == "Latency" and not streamed_conv:
         return
     why = (
@@ -206,7 +207,7 @@ def _check_order(op: Op, reuse: int, strategy: str, io_type: str = "io_parallel"
 
 
 #: the op kinds hls4ml's PyTorch front end takes
-HLS4ML_KINDS = ("dense", "relu", "leaky_relu", *TABLES, *SPATIAL)
+HLS4ML_KINDS = ("dense", "relu", "leaky_relu", *TABLES, *SPATIAL, *MERGES)
 
 
 def hls4ml_supported(ops: list[Op]) -> bool:
@@ -217,7 +218,7 @@ def hls4ml_supported(ops: list[Op]) -> bool:
     >>> hls4ml_supported([])
     True
     """
-    return all(op.kind in HLS4ML_KINDS for op in ops)
+    return all(op.kind in HLS4ML_KINDS and not op.params.get("map") for op in ops)
 
 
 def _no_route(op: Op) -> ValueError:
@@ -247,8 +248,9 @@ def _value(m: np.ndarray, t: FixedPoint) -> torch.Tensor:
     return torch.from_numpy(np.ldexp(m.astype(np.float64), -t.frac))
 
 
-def torch_chain(ops: list[Op]) -> nn.Sequential:
-    """The float64 ``nn.Sequential`` of ``nn.Linear``/``nn.ReLU``/``nn.LeakyReLU`` hls4ml converts.
+def torch_chain(ops: list[Op]) -> nn.Module:
+    """The float64 ``nn.Sequential`` of ``nn.Linear``/``nn.ReLU``/... hls4ml converts (a graph:
+    :func:`tnquant.export.hls_graph.torch_graph`).
 
     Raises ``ValueError`` for a TT op (it takes the C-header route) and a
     clip op (the C++ project and QONNX take it).
@@ -262,35 +264,41 @@ def torch_chain(ops: list[Op]) -> nn.Sequential:
       (0): ReLU()
     )
     """
-    mods: list[nn.Module] = []
-    for op in layer_ops(ops):
-        if op is None:  # channels-first flat, as the emulator holds it (tnquant.export.hls_conv)
-            mods.append(nn.Flatten())
-            continue
-        if op.kind in SPATIAL:
-            mods.append(spatial_module(op, _value))
-            continue
-        if op.kind == "relu":
-            mods.append(nn.ReLU())
-            continue
-        if op.kind == "leaky_relu":
-            alpha = float(np.ldexp(float(op.weights[0][0]), -op.weight_types[0].frac))
-            mods.append(nn.LeakyReLU(negative_slope=alpha))
-            continue
-        if op.kind in TABLES:
-            mods.append({"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}.get(op.kind, _softmax)())
-            continue
-        if op.kind != "dense":
-            raise _no_route(op)
-        lin = nn.Linear(
-            op.in_features, op.out_features, bias=op.bias is not None, dtype=torch.float64
+    if any(op.inputs for op in ops):  # a graph (tnquant.export.hls_graph)
+        return torch_graph(ops, op_module)
+    return nn.Sequential(*(nn.Flatten() if op is None else op_module(op) for op in layer_ops(ops)))
+
+
+def op_module(op: Op) -> nn.Module:
+    """The float64 torch module hls4ml converts for one op (``ValueError``: none)."""
+    if op.kind in SPATIAL:
+        return spatial_module(op, _value)
+    if op.kind == "relu":
+        return nn.ReLU()
+    if op.kind == "leaky_relu" and op.params.get("map"):
+        raise ValueError(
+            f"op {op.name!r}: a PReLU with one alpha per channel of a feature map has no "
+            f"hls4ml route yet (hls4ml's PReLU takes one alpha per element, in its "
+            f"channels-last order); the emulator and a PReLU on flat features take it"
         )
+    if op.kind == "leaky_relu" and op.weights[0].size > 1:  # a PReLU, one alpha per feature
+        prelu = nn.PReLU(op.weights[0].size).double()
         with torch.no_grad():
-            lin.weight.copy_(_value(op.weights[0], op.weight_types[0]))
-            if op.bias is not None and op.bias_type is not None:
-                lin.bias.copy_(_value(op.bias, op.bias_type))
-        mods.append(lin)
-    return nn.Sequential(*mods)
+            prelu.weight.copy_(_value(op.weights[0], op.weight_types[0]))
+        return prelu
+    if op.kind == "leaky_relu":
+        alpha = float(np.ldexp(float(op.weights[0][0]), -op.weight_types[0].frac))
+        return nn.LeakyReLU(negative_slope=alpha)
+    if op.kind in TABLES:
+        return {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}.get(op.kind, _softmax)()
+    if op.kind != "dense":
+        raise _no_route(op)
+    lin = nn.Linear(op.in_features, op.out_features, bias=op.bias is not None, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(_value(op.weights[0], op.weight_types[0]))
+        if op.bias is not None and op.bias_type is not None:
+            lin.bias.copy_(_value(op.bias, op.bias_type))
+    return lin
 
 
 def hls4ml_config(
@@ -328,7 +336,7 @@ def hls4ml_config(
         channels_last_conversion="full",
     )
     names = list(cfg["LayerName"])
-    layers = layer_ops(ops)
+    layers = graph_layers(ops) if any(op.inputs for op in ops) else layer_ops(ops)
     if len(names) != len(layers) + 1:
         raise RuntimeError(
             f"hls4ml named {len(names)} layers {names} for {len(ops)} ops + the "
@@ -339,15 +347,18 @@ def hls4ml_config(
     cfg["LayerName"][names[0]]["Precision"] = {"result": str(ops[0].input_type)}
     for k, (name, op) in enumerate(zip(names[1:], layers, strict=True)):
         layer = cfg["LayerName"][name]
-        if op is None:  # the Flatten (hls4ml's Reshape): a copy of what it reads
-            prev = layers[k - 1] if k else None
-            layer["Precision"] = {"result": str(prev.result_type if prev else ops[0].input_type)}
+        if op is None:  # the Flatten (hls4ml's Reshape): a copy of what the op after it reads
+            nxt = layers[k + 1]
+            layer["Precision"] = {"result": str(nxt.input_type if nxt else ops[0].input_type)}
             continue
-        if op.kind in ("maxpool2d", "avgpool2d"):
+        if op.kind in POOLS:
             layer["Precision"] = spatial_precision(op, _ZERO_BIAS)
             continue
         if op.kind == "relu":
             layer["Precision"]["result"] = str(op.result_type)
+            continue
+        if op.kind in MERGES:  # hls4ml's Merge / Concatenate: one cast to res_T
+            layer["Precision"] = {"result": str(op.result_type)}
             continue
         if op.kind == "leaky_relu":  # param_t: alpha's own type, not hls4ml's guess
             layer["Precision"].update(result=str(op.result_type), param=str(op.weight_types[0]))

@@ -32,7 +32,13 @@ __all__ = [
     "ELEMENTWISE",
     "SPATIAL",
     "POOLS",
+    "CONVS",
+    "ONE_D",
+    "MERGES",
+    "INPUT",
     "check_widths",
+    "check_graph",
+    "sources",
     "lookup_override",
     "label",
 ]
@@ -40,10 +46,21 @@ __all__ = [
 TypeOverride = Union[FixedPoint, Mapping[str, FixedPoint], None]
 #: op kinds that map every element on its own (``in_features == out_features``, no accumulator)
 ELEMENTWISE = ("relu", "clip", "leaky_relu", "sigmoid", "tanh", "softmax")
-#: op kinds on ``(C, H, W)`` feature maps (flat, channels first, between ops)
-SPATIAL = ("conv2d", "maxpool2d", "avgpool2d")
+#: op kinds on ``(C, H, W)`` feature maps (flat, channels first, between ops); the 1-D kinds
+#: read ``(C, L)`` maps, carried as ``(C, 1, L)`` with ``(1, k)`` windows
+SPATIAL = (
+    "conv2d", "depthwise2d", "maxpool2d", "avgpool2d", "conv1d", "maxpool1d", "avgpool1d",
+)  # fmt: skip
 #: the spatial kinds without weights or accumulator (their result type follows the input's)
-POOLS = ("maxpool2d", "avgpool2d")
+POOLS = ("maxpool2d", "avgpool2d", "maxpool1d", "avgpool1d")
+#: the spatial kinds with weights (an accumulator, a bias)
+CONVS = ("conv2d", "depthwise2d", "conv1d")
+#: the spatial kinds on ``(C, L)`` maps (hls4ml's ``Conv1D``/``Pooling1D``)
+ONE_D = ("conv1d", "maxpool1d", "avgpool1d")
+#: op kinds that read two tensors (``Op.inputs``): a residual add, a concatenation
+MERGES = ("add", "concat")
+#: the name :attr:`Op.inputs` gives the model input
+INPUT = "@input"
 
 
 def label(name: str) -> str:
@@ -129,6 +146,89 @@ class Op:
     out_shape: tuple[int, ...] = ()
     #: a spatial op's ``kernel``, ``stride``, ``padding``, ``dilation`` (each ``(h, w)``)
     params: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: the ops whose results this op reads (:data:`INPUT`: the model input); empty: the op
+    #: before it in the list (the model input for the first op), as in a chain
+    inputs: tuple[str, ...] = ()
+    #: a merge op's input types, one per entry of ``inputs`` (``input_type`` is the first)
+    merge_types: list[FixedPoint] = field(default_factory=list)
+
+
+def sources(ops: list[Op]) -> list[list[int]]:
+    """For every op, the indices of the ops it reads (``-1``: the model input).
+
+    Raises ``ValueError`` when an op reads an op that is not before it.
+
+    Examples
+    --------
+    >>> t = FixedPoint(8, 3)
+    >>> a = Op("a", "relu", "a", 4, 4, t, t)
+    >>> b = Op("b", "relu", "b", 4, 4, t, t)
+    >>> c = Op("c", "add", "c", 4, 4, t, t, inputs=("a", INPUT))
+    >>> sources([a, b, c])
+    [[-1], [0], [0, -1]]
+    """
+    index: dict[str, int] = {}
+    out = []
+    for k, op in enumerate(ops):
+        if not op.inputs:
+            out.append([k - 1])
+        else:
+            missing = [n for n in op.inputs if n != INPUT and n not in index]
+            if missing:
+                raise ValueError(
+                    f"op {op.name!r} reads {missing[0]!r}, which is not an op before it"
+                )
+            out.append([index[n] if n != INPUT else -1 for n in op.inputs])
+        index[op.name] = k
+    return out
+
+
+def check_graph(ops: list[Op]) -> None:
+    """Refuse ops whose input type or size is not the result of the op they read.
+
+    A merge op checks each of its inputs against :attr:`Op.merge_types`.
+
+    Examples
+    --------
+    >>> t, u = FixedPoint(8, 3), FixedPoint(6, 2)
+    >>> check_graph([Op("a", "relu", "a", 4, 4, t, t), Op("b", "relu", "b", 4, 4, u, u)])
+    Traceback (most recent call last):
+    ...
+    ValueError: op 'b' reads ap_fixed<6,2> x 4, but op 'a' gives ap_fixed<8,3> x 4
+    """
+    for k, (op, src) in enumerate(zip(ops, sources(ops), strict=True)):
+        if op.name == INPUT:
+            raise ValueError(f"op {op.name!r}: {INPUT!r} names the model input, not an op")
+        if op.kind == "concat" and op.out_features != sum(
+            ops[j].out_features if j >= 0 else ops[0].in_features for j in src
+        ):
+            raise ValueError(
+                f"op {op.name!r} (concat) gives {op.out_features} features, not the sum of "
+                f"what it reads"
+            )
+        if not k and not op.inputs:
+            continue
+        want = op.merge_types if op.kind in MERGES else [op.input_type]
+        if len(want) != len(src):
+            raise ValueError(
+                f"op {op.name!r} ({op.kind}) reads {len(src)} tensors, but has "
+                f"{len(want)} input types"
+            )
+        sizes = [op.in_features] * len(src) if op.kind != "concat" else [None] * len(src)
+        for t, n, j in zip(want, sizes, src, strict=True):
+            if j < 0:
+                if t != ops[0].input_type and ops[0].inputs == ():
+                    raise ValueError(
+                        f"op {op.name!r} reads the model input as {t}, but the input is "
+                        f"{ops[0].input_type}"
+                    )
+                continue
+            got = ops[j]
+            if t != got.result_type or (n is not None and n != got.out_features):
+                raise ValueError(
+                    f"op {op.name!r} reads {t} x {n if n is not None else got.out_features}, "
+                    f"but op {got.name!r} gives {got.result_type} x {got.out_features}"
+                )
 
 
 def _steps(op: Op) -> list[str]:
@@ -143,10 +243,13 @@ def _reads(ops: list[Op], k: int, s: int) -> str:
     op = ops[k]
     if op.kind == "tt" and s > 0:
         return f"result={{'{op.name}.{s - 1}': {narrower(op.step_types[s - 1].integer)}}}"
-    if k == 0:
+    src = sources(ops)
+    j = src[k][0]
+    while j >= 0 and ops[j].kind in ("relu", "clip") and src[j][0] >= 0:
+        j = src[j][0]  # a ReLU or clip keeps the type it reads: narrow the op before it
+    if j < 0:
         return "a narrower input_spec (or the first layer's 'input' quantizer)"
-    prev = next((p for p in reversed(ops[:k]) if p.kind not in ("relu", "clip")), ops[k - 1])
-    return f"result={{'{_steps(prev)[-1]}': {narrower(op.input_type.integer)}}}"
+    return f"result={{'{_steps(ops[j])[-1]}': {narrower(op.input_type.integer)}}}"
 
 
 def _typed(op: Op, k: int, ops: list[Op]) -> list[tuple[str, str, FixedPoint, str]]:

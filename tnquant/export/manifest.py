@@ -57,7 +57,7 @@ import numpy as np
 
 from tnquant._version import __version__
 from tnquant.export.graph import Op, check_widths
-from tnquant.export.ir import ELEMENTWISE, POOLS, SPATIAL
+from tnquant.export.ir import ELEMENTWISE, INPUT, MERGES, POOLS, SPATIAL, check_graph
 from tnquant.export.manifest_fields import (
     MAX_FEATURES,
     MAX_OPS,
@@ -73,6 +73,7 @@ from tnquant.export.manifest_fields import (
     _steps,
     _text,
 )
+from tnquant.export.manifest_graph import graph_dict
 from tnquant.export.manifest_spatial import spatial_dict
 from tnquant.export.safe_npz import read_npz
 from tnquant.io import IntegrityError
@@ -184,13 +185,14 @@ def _op_to_dict(op: Op) -> dict[str, Any]:
             "accum": [
                 bool(b)
                 for b in op.accum_derived
-                or [False] * (n if op.kind not in (*ELEMENTWISE, *POOLS) else 0)
+                or [False] * (n if op.kind not in (*ELEMENTWISE, *POOLS, *MERGES) else 0)
             ],
             "result": [bool(b) for b in op.result_derived or [False] * n],
             "bias": bool(op.bias_derived),
         },
         "contraction": _contraction(op),
         **({"spatial": spatial_dict(op)} if op.kind in SPATIAL else {}),
+        **graph_dict(op),
     }
 
 
@@ -331,11 +333,18 @@ def _check_manifest(man: dict[str, Any], path: Path) -> tuple[list[Op], dict[str
     ops: list[Op] = []
     shapes: dict[str, tuple[int, ...]] = {}
     names: set[str] = set()
-    map_shape: tuple[int, ...] | None = None  # the (C, H, W) map reaching the next op
+    maps: dict[str, tuple[int, ...] | None] = {INPUT: None}  # the (C, H, W) map each op gives
     for k, d in enumerate(raw_ops):
         op, sh = _op_fields(path, k, d, names)
         w = f"ops[{k}]"
-        if k and (op.input_type != ops[-1].result_type or op.in_features != ops[-1].out_features):
+        reads = list(op.inputs) or [ops[-1].name if ops else INPUT]
+        if any(n not in maps for n in reads):
+            raise _fail(path, f"{w}.inputs", "names of ops before it (or '@input')", reads)
+        if (
+            k
+            and not op.inputs
+            and (op.input_type != ops[-1].result_type or op.in_features != ops[-1].out_features)
+        ):
             raise _fail(
                 path,
                 f"{w}.input_type/in_features",
@@ -343,6 +352,7 @@ def _check_manifest(man: dict[str, Any], path: Path) -> tuple[list[Op], dict[str
                 [str(op.input_type), op.in_features],
             )
         _check_derived(path, w, op, sh)
+        map_shape = maps[reads[0]]
         if op.in_shape and map_shape is not None and tuple(op.in_shape) != map_shape:
             raise _fail(
                 path, f"{w}.spatial.in_shape",
@@ -351,8 +361,9 @@ def _check_manifest(man: dict[str, Any], path: Path) -> tuple[list[Op], dict[str
             )  # fmt: skip
         if op.out_shape:
             map_shape = tuple(op.out_shape)
-        elif op.kind not in ELEMENTWISE:  # a dense op: the map is flat from here
+        elif op.kind not in (*ELEMENTWISE, "add"):  # a dense op: the map is flat from here
             map_shape = None
+        maps[op.name] = map_shape
         ops.append(op)
         shapes.update({f"{op.name}.w{j}": s for j, s in enumerate(sh)})
         if op.bias_type is not None:
@@ -374,6 +385,7 @@ def _check_manifest(man: dict[str, Any], path: Path) -> tuple[list[Op], dict[str
             sum(math.prod(s) for s in shapes.values()),
         )
     try:
+        check_graph(ops)
         check_widths(ops)
     except ValueError as err:
         raise IntegrityError(f"{path}: {err}") from None

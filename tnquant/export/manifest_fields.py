@@ -31,7 +31,8 @@ from typing import Any
 from tnquant.export.codes import lossless_accum
 from tnquant.export.elementwise import ALPHA_FRAC, alpha_type, leaky_result
 from tnquant.export.graph import Op
-from tnquant.export.ir import ELEMENTWISE, POOLS, SPATIAL
+from tnquant.export.ir import CONVS, ELEMENTWISE, MERGES, POOLS, SPATIAL
+from tnquant.export.manifest_graph import graph_keys, merge_contraction, read_graph
 from tnquant.export.manifest_spatial import read_spatial
 from tnquant.export.table_ops import TABLES, derived_result
 from tnquant.io import IntegrityError
@@ -42,13 +43,14 @@ MAX_FEATURES = 1 << 20
 MAX_STATE = 1 << 26  # elements of one TT intermediate per input row
 _MAX_INTEGER = 1024  # |I| of an ap_fixed
 _MAX_TT_CORES = 32
-_KINDS = ("dense", "relu", "tt", "clip", "leaky_relu", *TABLES, *SPATIAL)
+_KINDS = ("dense", "relu", "tt", "clip", "leaky_relu", *TABLES, *SPATIAL, *MERGES)
 #: weights per kind (a TT op: one or more cores) and the dimensions of each
 _N_WEIGHTS = {"dense": 1, "relu": 0, "clip": 1, "leaky_relu": 1, **dict.fromkeys(TABLES, 0)}
-_N_WEIGHTS.update({"conv2d": 1, "maxpool2d": 0, "avgpool2d": 0})
-_NDIM = {"dense": 2, "tt": 4, "clip": 1, "leaky_relu": 1, "conv2d": 4}
+_N_WEIGHTS.update({**dict.fromkeys(CONVS, 1), **dict.fromkeys(POOLS, 0)})
+_N_WEIGHTS.update(dict.fromkeys(MERGES, 0))
+_NDIM = {"dense": 2, "tt": 4, "clip": 1, "leaky_relu": 1, **dict.fromkeys(CONVS, 4)}
 #: kinds without an accumulator (and without a bias)
-_NO_ACCUM = (*ELEMENTWISE, *POOLS)
+_NO_ACCUM = (*ELEMENTWISE, *POOLS, *MERGES)
 _OP = {
     "name",
     "kind",
@@ -78,6 +80,8 @@ def _steps(op: Op) -> int:
 
 
 def _contraction(op: Op) -> str:
+    if op.kind in MERGES:
+        return merge_contraction(op)
     if op.kind == "relu":
         return "y = max(x, 0)"
     if op.kind == "conv2d":
@@ -85,6 +89,20 @@ def _contraction(op: Op) -> str:
             "y[o, h, w] = result(accum(b[o]) + sum accum(x[c, h', w'] * W[o, c, kh, kw])), "
             "patch in (kh, kw, c) order (hls4ml conv_2d_latency_cl), zero padding"
         )
+    if op.kind == "depthwise2d":
+        return (
+            "y[c, h, w] = result(accum(b[c]) + sum accum(x[c, h', w'] * W[c, 0, kh, kw])), "
+            "patch in (kh, kw) order (hls4ml depthwise_conv_2d_latency_cl), zero padding"
+        )
+    if op.kind == "conv1d":
+        return (
+            "y[o, l] = result(accum(b[o]) + sum accum(x[c, l'] * W[o, c, 0, k])), patch in "
+            "(k, c) order (hls4ml conv_1d_latency_cl), zero padding; maps (C, 1, L)"
+        )
+    if op.kind == "maxpool1d":
+        return "y[c, 0, l] = max of the window, the input type kept"
+    if op.kind == "avgpool1d":
+        return "y[c, 0, l] = sum of the window (the exact mean: log2(size) more fractional bits)"
     if op.kind == "maxpool2d":
         return "y[c, h, w] = max of the window, the input type kept"
     if op.kind == "avgpool2d":
@@ -172,7 +190,7 @@ def _type(path: Path, where: str, v: Any) -> FixedPoint:
 def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tuple[int, ...]]]:
     """Op ``k``'s fields, typed and bounded (no arrays yet), and its weight shapes."""
     w = f"ops[{k}]"
-    d = _dict(path, w, d, _OP, _spatial_key(path, w, d))
+    d = _dict(path, w, d, _OP, _spatial_key(path, w, d) | graph_keys(path, w, d))
     name = _text(path, f"{w}.name", d["name"], _OP_NAME)
     if name in names:
         raise IntegrityError(f"{path}: {w}.name {name!r} names two ops")
@@ -265,6 +283,7 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
         result_derived=list(flags["result"]),
         bias_derived=der["bias"],
     )
+    read_graph(path, w, d, op, _type)
     if results[-1] != op.result_type:
         raise _fail(
             path, f"{w}.step_types[-1]", f"the result_type {op.result_type}", str(results[-1])
@@ -292,6 +311,8 @@ def _check_shapes(
     if op.kind in SPATIAL:
         read_spatial(path, w, op, shapes, spatial)
         return
+    if op.kind in MERGES:
+        return  # read_graph checked it
     if op.kind in ELEMENTWISE:
         if op.in_features != op.out_features:
             raise _fail(
@@ -301,6 +322,8 @@ def _check_shapes(
                 op.out_features,
             )
         want = {"clip": (2,), "leaky_relu": (1,)}.get(op.kind)
+        if op.kind == "leaky_relu" and shapes[0] == (op.in_features,):
+            want = shapes[0]  # a PReLU: one alpha per feature
         if want is not None and shapes[0] != want:
             what = "[lo, hi]" if op.kind == "clip" else "[alpha]"
             raise _fail(path, f"{w}.weight_shapes[0]", f"{list(want)} ({what})", list(shapes[0]))
@@ -367,8 +390,8 @@ def _check_derived(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]]) ->
             what = "the table type" if op.kind in TABLES else what
             raise _fail(path, f"{w}.result_type", f"{what} {want} (derived)", str(op.result_type))
         return
-    if op.kind in POOLS:
-        return  # their result type is checked with the spatial field
+    if op.kind in (*POOLS, *MERGES):
+        return  # their result type is checked with the spatial field / by read_graph
     d = len(op.weight_types)
     cur = op.input_type
     for s in range(_steps(op)):
@@ -423,10 +446,11 @@ def _check_params(path: Path, cores: Path, k: int, op: Op) -> None:
                 f"{cores}: array '{op.name}.w0' (ops[{k}]) holds the clip bounds "
                 f"[{lo}, {hi}]; lo must be <= hi"
             )
-    if op.kind == "leaky_relu":
-        m, t = int(op.weights[0][0]), op.weight_types[0]
+    if op.kind == "leaky_relu":  # one alpha (LeakyReLU) or one per feature (PReLU)
+        ms, t = [int(v) for v in op.weights[0]], op.weight_types[0]
+        m = max(ms, key=abs)
         lean, frac = m, t.frac
-        while frac > 0 and lean % 2 == 0:
+        while frac > 0 and all(v % (1 << (t.frac - frac + 1)) == 0 for v in ms):
             lean, frac = lean // 2, frac - 1
         if not 0 <= t.frac <= ALPHA_FRAC:
             raise _fail(

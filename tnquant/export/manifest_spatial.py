@@ -1,12 +1,13 @@
-"""The ``spatial`` field of a ``conv2d``/``maxpool2d``/``avgpool2d`` op in ``manifest.json``.
+"""The ``spatial`` field of a ``conv2d``/``depthwise2d``/pooling op in ``manifest.json``.
 
 A spatial op carries ``{"in_shape": [C, H, W], "out_shape": [O, Ho, Wo],
 "kernel": [kh, kw], "stride": [..], "padding": [..], "dilation": [..]}``;
 other ops have no such key. :func:`read_spatial` checks every entry, that
 ``out_shape`` is what the window gives on ``in_shape``, that the flat sizes
 are ``in_features``/``out_features``, a convolution's kernel ``(O, C, kh, kw)``
-against the shapes, a pool's channels and its result type (max: the input
-type; average: :func:`~tnquant.export.conv_ops.avg_pool_type`), raising
+(a depthwise one's ``(C, 1, kh, kw)``, ``O == C``) against the shapes, a
+pool's channels and its result type (max: the input type; average:
+:func:`~tnquant.export.conv_ops.avg_pool_type`), raising
 :class:`~tnquant.io.IntegrityError` naming the field.
 
 Examples
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tnquant.export.conv_ops import avg_pool_type, conv_out_size
-from tnquant.export.ir import Op
+from tnquant.export.ir import CONVS, ONE_D, Op
 from tnquant.io import IntegrityError
 
 __all__ = ["spatial_dict", "read_spatial", "PARAMS"]
@@ -84,11 +85,21 @@ def read_spatial(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]], raw:
         if math.prod(shape) != feats:
             raise _fail(path, f"{w}.spatial.{key}_shape", f"a shape of {feats} elements "
                         f"({key}_features)", list(shape))  # fmt: skip
-    if op.kind == "conv2d":
-        kernel = (outs[0], ins[0], *p["kernel"])
-        if shapes[0] != kernel:
+    if op.kind in ONE_D and (
+        ins[1] != 1
+        or outs[1] != 1
+        or (p["kernel"][0], p["stride"][0], p["dilation"][0]) != (1, 1, 1)
+        or p["padding"][0] != 0
+    ):
+        raise _fail(path, f"{w}.spatial", f"a (C, 1, L) map and a (1, k) window (a {op.kind} op)",
+                    raw)  # fmt: skip
+    if op.kind in CONVS:
+        depthwise = op.kind == "depthwise2d"
+        kernel = (outs[0], 1 if depthwise else ins[0], *p["kernel"])
+        if shapes[0] != kernel or (depthwise and outs[0] != ins[0]):
             raise _fail(
-                path, f"{w}.weight_shapes[0]", f"[O, C, kh, kw] = {list(kernel)} (from spatial)",
+                path, f"{w}.weight_shapes[0]", f"[{'C, 1' if depthwise else 'O, C'}, kh, kw] = "
+                f"{list(kernel)} (from spatial{', O == C' if depthwise else ''})",
                 list(shapes[0]),
             )  # fmt: skip
     else:
@@ -96,7 +107,7 @@ def read_spatial(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]], raw:
             raise _fail(path, f"{w}.spatial", "a pool keeping its channels, no padding and no "
                         "dilation", raw)  # fmt: skip
         result = op.input_type
-        if op.kind == "avgpool2d":
+        if op.kind in ("avgpool2d", "avgpool1d"):
             try:
                 result = avg_pool_type(op.input_type, p["kernel"])
             except ValueError as err:

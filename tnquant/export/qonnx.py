@@ -283,6 +283,11 @@ def _leaky(g: _Graph, op: Op, x: str) -> str:
             f"input {x_t} times alpha {a_t}), more than float32's {_MAX_EXACT}-bit mantissa "
             f"(QONNX's LeakyRelu executes in float32); {g.fix}"
         )
+    if op.weights[0].size > 1:
+        raise ValueError(
+            f"op {op.name!r}: a PReLU (one alpha per feature) has no QONNX form yet; "
+            f"to_hls4ml and the C++ project take it"
+        )
     alpha = float(np.ldexp(float(op.weights[0][0]), -a_t.frac))  # exact in float32
     y = g.node("LeakyRelu", [x], f"{op.name}.leaky", alpha=alpha)
     derived = _derived(op.result_derived, 0)
@@ -341,6 +346,12 @@ def qonnx(
     if not ops:
         raise ValueError("the model has no ops to export")
     for op in ops:
+        if op.inputs:
+            raise ValueError(
+                f"op {op.name!r} ({op.kind}) reads {list(op.inputs)}: graphs (residual adds, "
+                f"concatenations) have no QONNX form yet; to_hls4ml takes them, bit-exact "
+                f"with the emulator"
+            )
         if op.kind in SPATIAL:
             raise ValueError(
                 f"op {op.name!r} ({op.kind}) has no QONNX form yet (convolutions and pooling "

@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from tnquant.export.graph import Op
+from tnquant.export.ir import CONVS
 from tnquant.export.resources import op_resources
 from tnquant.export.table_ops import TABLES, table_bits
 
@@ -135,7 +136,7 @@ def _with_resources(row: dict[str, Any], res: dict[str, Any], w: np.ndarray) -> 
 
 
 def _op_rows(op: Op) -> list[dict[str, Any]]:
-    if op.kind == "conv2d":  # Ho*Wo*O*C*kh*kw products: each weight once per output position
+    if op.kind in CONVS:  # each weight once per output position
         w = op.weights[0]
         mults = int(w.size) * op.out_shape[1] * op.out_shape[2]
         row = _row(op.name, op, list(w.shape), op.weight_types[0], 0, mults, True)
@@ -349,7 +350,8 @@ def build_report(ops: list[Op], drift: list[dict[str, Any]] | None = None) -> Ex
         raise ValueError("build_report needs at least one op, got none")
     rows = [r for op in ops for r in _op_rows(op)]
     layers: list[dict[str, Any]] = []
-    for name in dict.fromkeys(op.layer for op in ops if op.kind in ("dense", "tt", "conv2d")):
+    layer_kinds = ("dense", "tt", *CONVS)
+    for name in dict.fromkeys(op.layer for op in ops if op.kind in layer_kinds):
         mine = [op for op in ops if op.layer == name]
         lrows = [r for r in rows if r["layer"] == name]
         n_in, n_out = mine[0].in_features, mine[-1].out_features
@@ -359,9 +361,11 @@ def build_report(ops: list[Op], drift: list[dict[str, Any]] | None = None) -> Ex
         mem = sum(r["memory_bits"] for r in lrows)
         d_weights = n_in * n_out
         d_mults = d_weights
-        if mine[0].kind == "conv2d":  # the dense conv replaced: O x C x kh x kw, per pixel
-            kh, kw = max((op.params["kernel"] for op in mine), key=lambda k: k[0] * k[1])
-            d_weights = mine[-1].out_shape[0] * mine[0].in_shape[0] * kh * kw
+        if mine[0].kind in CONVS:  # the dense conv: O x C x kh x kw
+            kh = max(op.params["kernel"][0] for op in mine)  # CP: its kh x 1 and 1 x kw steps
+            kw = max(op.params["kernel"][1] for op in mine)
+            per_out = 1 if len(mine) == 1 and mine[0].kind == "depthwise2d" else mine[0].in_shape[0]
+            d_weights = mine[-1].out_shape[0] * per_out * kh * kw  # depthwise: O x 1 x kh x kw
             d_mults = d_weights * mine[-1].out_shape[1] * mine[-1].out_shape[2]
         d_mem = d_weights * width + bias_bits
         bops, ebops = sum(r["bops"] for r in lrows), sum(r["ebops"] for r in lrows)

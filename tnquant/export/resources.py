@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from tnquant.export.ir import Op
+from tnquant.export.ir import CONVS, Op
 
 __all__ = ["op_resources", "effective_bits", "totals"]
 
@@ -98,7 +98,7 @@ def op_resources(op: Op) -> list[dict[str, Any]]:
             bias_bits = int(op.bias.size) * op.bias_type.width
         w_t = op.weight_types[0]
         return [_step(op.name, op.weights[0], 1, op.input_type.width, bias_bits, w_t.width)]
-    if op.kind == "conv2d":  # every weight is used once per output position
+    if op.kind in CONVS:  # every weight is used once per output position
         bias_bits = 0
         if op.bias is not None and op.bias_type is not None:
             bias_bits = int(op.bias.size) * op.bias_type.width

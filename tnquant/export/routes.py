@@ -19,6 +19,8 @@ route             modules                         ops
 ``'sigmoid'``     ``nn.Sigmoid``, ``nn.Tanh``,    ``sigmoid``/``tanh``/``softmax``:
 ``'tanh'``,       ``nn.Softmax(-1)``              hls4ml's lookup tables
 ``'softmax'``                                     (:mod:`tnquant.export.table_ops`)
+``'prelu'``       ``nn.PReLU``                    ``leaky_relu`` with one alpha per
+                                                  feature (or one)
 ``'float'``       ``nn.Linear``                   refused: quantize it first
 ================  ==============================  =====================================
 
@@ -33,8 +35,8 @@ state (the type reaching the layer) kept by
 Examples
 --------
 >>> sorted(ROUTES)  # doctest: +NORMALIZE_WHITESPACE
-['clip', 'dense', 'flatten', 'float', 'leaky_relu', 'lowrank', 'relu', 'sigmoid', 'softmax',
- 'tanh', 'tt', 'tucker']
+['clip', 'dense', 'flatten', 'float', 'leaky_relu', 'lowrank', 'prelu', 'relu', 'sigmoid',
+ 'softmax', 'tanh', 'tt', 'tucker']
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from torch import Tensor, nn
 
 from tnquant.export.acts import act_type
 from tnquant.export.codes import MAX_WIDTH, auto_accum, fixed_codes, narrower, too_wide
-from tnquant.export.elementwise import clip_ops, flatten_ops, leaky_ops, relu_ops
+from tnquant.export.elementwise import clip_ops, flatten_ops, leaky_ops, prelu_ops, relu_ops
 from tnquant.export.ir import Op, TypeOverride, label, lookup_override
 from tnquant.export.table_ops import table_ops
 from tnquant.layers.base import FactorizedLayer
@@ -366,6 +368,7 @@ ROUTES: dict[str, tuple[bool, Route]] = {
     "relu": (False, relu_ops),
     "clip": (False, clip_ops),
     "leaky_relu": (False, leaky_ops),
+    "prelu": (False, prelu_ops),
     "sigmoid": (False, table_ops),
     "tanh": (False, table_ops),
     "softmax": (False, table_ops),

@@ -123,8 +123,12 @@ BUILTIN: tuple[LayerKind, ...] = (
         handler=s.conv_handler(TuckerConv2d),
         export="tucker_conv2d",
     ),
-    LayerKind(CPConv2d, "factorized", nn.Conv2d, handler=s.conv_handler(CPConv2d)),
-    LayerKind(TuckerConv1d, "factorized", nn.Conv1d, handler=conv1d_handler()),
+    LayerKind(
+        CPConv2d, "factorized", nn.Conv2d, handler=s.conv_handler(CPConv2d), export="cp_conv2d"
+    ),
+    LayerKind(
+        TuckerConv1d, "factorized", nn.Conv1d, handler=conv1d_handler(), export="tucker_conv1d"
+    ),
     LayerKind(
         TTEmbedding,
         "factorized",
@@ -137,7 +141,7 @@ BUILTIN: tuple[LayerKind, ...] = (
         QuantLinear, "quantized", nn.Linear, handler=s.quant_linear_handler(), export="dense"
     ),
     LayerKind(QuantConv2d, "quantized", nn.Conv2d, handler=s.quant_conv_handler(), export="conv2d"),
-    LayerKind(QuantConv1d, "quantized", nn.Conv1d, handler=quant_conv1d_handler()),
+    LayerKind(QuantConv1d, "quantized", nn.Conv1d, handler=quant_conv1d_handler(), export="conv1d"),
     LayerKind(
         QuantEmbedding,
         "quantized",
@@ -154,9 +158,14 @@ BUILTIN: tuple[LayerKind, ...] = (
     LayerKind(nn.ReLU6, "other", export="clip"),
     LayerKind(nn.Hardtanh, "other", export="clip"),
     LayerKind(nn.LeakyReLU, "other", export="leaky_relu"),
+    LayerKind(nn.PReLU, "other", export="prelu"),
     LayerKind(nn.Flatten, "other", export="flatten"),
     LayerKind(nn.MaxPool2d, "other", export="maxpool2d"),
     LayerKind(nn.AvgPool2d, "other", export="avgpool2d"),
+    LayerKind(nn.MaxPool1d, "other", export="maxpool1d"),
+    LayerKind(nn.AvgPool1d, "other", export="avgpool1d"),
+    LayerKind(nn.AdaptiveAvgPool2d, "other", export="global_avgpool2d"),
+    LayerKind(nn.AdaptiveAvgPool1d, "other", export="global_avgpool1d"),
     LayerKind(nn.Sigmoid, "other", export="sigmoid"),
     LayerKind(nn.Tanh, "other", export="tanh"),
     LayerKind(nn.Softmax, "other", export="softmax"),

@@ -1,0 +1,103 @@
+"""The manifest fields of a graph: ``inputs`` (any op) and ``merge_types`` (merge ops).
+
+An op that reads an op other than the one before it lists it in
+``"inputs"`` (:data:`tnquant.export.ir.INPUT` for the model input); a merge
+op (``'add'``, ``'concat'``: :mod:`tnquant.export.merge_ops`) lists both
+inputs and their types in ``"merge_types"``. A chain's manifest has neither
+key. Every name must be an op before it (checked by
+:func:`tnquant.export.ir.check_graph` once all ops are read).
+
+Examples
+--------
+>>> from pathlib import Path
+>>> sorted(graph_keys(Path("m.json"), "ops[0]", {"kind": "add", "inputs": [], "merge_types": []}))
+['inputs', 'merge_types']
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from tnquant.export.ir import MERGES, Op
+from tnquant.export.merge_ops import merge_result
+from tnquant.io import IntegrityError
+from tnquant.specs import FixedPoint
+
+__all__ = ["graph_keys", "graph_dict", "read_graph", "merge_contraction"]
+
+_NAME = re.compile(r"[ -.0-\[\]-~]{0,256}")
+
+
+def graph_keys(path: Path, w: str, d: Any) -> set[str]:
+    """The optional graph keys op entry ``d`` may have (a merge op must have both)."""
+    if not isinstance(d, dict):
+        return set()
+    if d.get("kind") in MERGES:
+        missing = {"inputs", "merge_types"} - set(d)
+        if missing:
+            raise IntegrityError(f"{path}: {w} ({d['kind']!r}) needs {sorted(missing)} keys")
+        return {"inputs", "merge_types"}
+    if "merge_types" in d:
+        raise IntegrityError(f"{path}: {w} ({d.get('kind')!r}) has no use for 'merge_types'")
+    return {"inputs"}
+
+
+def graph_dict(op: Op) -> dict[str, Any]:
+    """The graph keys of ``op``'s manifest entry (none for an op of a chain)."""
+    out: dict[str, Any] = {}
+    if op.inputs:
+        out["inputs"] = list(op.inputs)
+    if op.kind in MERGES:
+        out["merge_types"] = [str(t) for t in op.merge_types]
+    return out
+
+
+def merge_contraction(op: Op) -> str:
+    """The ``contraction`` line of a merge op."""
+    if op.kind == "add":
+        return "y = result(x0 + x1), the sum exact (hls4ml add)"
+    return "y = [result(x0), result(x1)] along the features (hls4ml concatenate1d)"
+
+
+def read_graph(path: Path, w: str, d: dict[str, Any], op: Op, read_type: Any) -> None:
+    """Set ``op.inputs`` and ``op.merge_types`` from entry ``d``, checked against the kind."""
+    if "inputs" in d:
+        ins = d["inputs"]
+        n = 2 if op.kind in MERGES else 1
+        if not isinstance(ins, list) or len(ins) != n:
+            raise IntegrityError(f"{path}: {w}.inputs must be a list of {n} op names, got "
+                                 f"{ins!r:.80}")  # fmt: skip
+        for j, name in enumerate(ins):
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                raise IntegrityError(
+                    f"{path}: {w}.inputs[{j}] must be an op name, got {name!r:.80}"
+                )
+        op.inputs = tuple(ins)
+    if op.kind not in MERGES:
+        return
+    types = d["merge_types"]
+    if not isinstance(types, list) or len(types) != len(op.inputs):
+        raise IntegrityError(
+            f"{path}: {w}.merge_types must be a list of {len(op.inputs)} types, got {types!r:.80}"
+        )
+    op.merge_types = [read_type(path, f"{w}.merge_types[{j}]", t) for j, t in enumerate(types)]
+    if op.merge_types[0] != op.input_type:
+        raise IntegrityError(
+            f"{path}: {w}.merge_types[0] must be the input_type {op.input_type}, got "
+            f"{op.merge_types[0]}"
+        )
+    if op.weight_types or op.accum_types or op.bias_type is not None:
+        raise IntegrityError(f"{path}: {w} ({op.kind}) has no weights, accumulator or bias")
+    if op.kind == "add" and op.out_features != op.in_features:
+        raise IntegrityError(
+            f"{path}: {w}.out_features must be in_features {op.in_features} (an add), got "
+            f"{op.out_features}"
+        )
+    want: FixedPoint = merge_result(op.kind, op.merge_types)
+    if op.result_derived[0] and op.result_type != want:
+        raise IntegrityError(
+            f"{path}: {w}.result_type must be {want} (derived from the merge types), got "
+            f"{op.result_type}"
+        )
