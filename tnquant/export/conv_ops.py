@@ -226,6 +226,18 @@ def avg_pool2d(x: np.ndarray, kernel: Sequence[int], stride: Sequence[int]) -> n
     return _windows(x, kernel, stride).sum(axis=-1)
 
 
+def _pool_cast(
+    op: Any, y: np.ndarray, exact: FixedPoint, stats: dict[str, int] | None
+) -> np.ndarray:
+    """A pool's exact result (of type ``exact``) cast to its result type when that differs
+    (the next layer's 'input' quantizer set it: hls4ml assigns the pooled value to res_T)."""
+    if op.result_type == exact:
+        return y
+    if stats is not None:
+        count(stats, "result", y, exact.frac, op.result_type)
+    return np.asarray(cast_mantissa(y, exact.frac, op.result_type), dtype=np.int64)
+
+
 def run_spatial(op: Any, x: np.ndarray, stats: dict[str, int] | None = None) -> np.ndarray:
     """Run a spatial op (:data:`~tnquant.export.ir.SPATIAL`) on flat ``(B, C*H*W)`` mantissas.
 
@@ -264,9 +276,10 @@ def run_spatial(op: Any, x: np.ndarray, stats: dict[str, int] | None = None) -> 
                 padding=p["padding"], dilation=p["dilation"], stats=stats,
             )  # fmt: skip
         elif op.kind in ("maxpool2d", "maxpool1d"):
-            y = max_pool2d(maps, p["kernel"], p["stride"])
+            y = _pool_cast(op, max_pool2d(maps, p["kernel"], p["stride"]), op.input_type, stats)
         elif op.kind in ("avgpool2d", "avgpool1d"):
-            y = avg_pool2d(maps, p["kernel"], p["stride"])
+            exact = avg_pool_type(op.input_type, p["kernel"])
+            y = _pool_cast(op, avg_pool2d(maps, p["kernel"], p["stride"]), exact, stats)
         else:
             raise ValueError(f"op {op.name!r}: {op.kind!r} is not a spatial op kind")
         outs.append(y.reshape(len(maps), out_size))

@@ -294,6 +294,11 @@ def write_project(
             )
     _check_chain(ops)
     for op in ops:
+        if op.kind == "batchnorm":
+            raise ValueError(
+                f"op {op.name!r} (an unfolded BatchNorm) is not in the C++ project yet; fold "
+                f"it (tnquant.ptq.fold_batchnorm) or export with to_hls4ml"
+            )
         if op.kind in SPATIAL:
             raise ValueError(
                 f"op {op.name!r} ({op.kind}) is not in the C++ project yet (convolutions and "

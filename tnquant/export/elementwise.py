@@ -352,7 +352,8 @@ def leaky_modules(model: nn.Module, ops: list[Op]) -> list[tuple[Op, nn.Module]]
     >>> [(o.name, m) for o, m in leaky_modules(nn.Sequential(nn.ReLU(), nn.LeakyReLU()), [op])]
     [('1', LeakyReLU(negative_slope=0.01))]
     """
-    return [(op, model.get_submodule(op.layer)) for op in ops if op.kind == "leaky_relu"]
+    kinds = ("leaky_relu", "batchnorm")  # a BatchNorm's scale is snapped too (set_biases)
+    return [(op, model.get_submodule(op.layer)) for op in ops if op.kind in kinds]
 
 
 def set_slopes(model: nn.Module, ops: list[Op]) -> dict[str, float]:
@@ -370,6 +371,8 @@ def set_slopes(model: nn.Module, ops: list[Op]) -> dict[str, float]:
     """
     moved: dict[str, float] = {}
     for op, module in leaky_modules(model, ops):
+        if op.kind != "leaky_relu":
+            continue
         values = np.ldexp(op.weights[0].astype(np.float64), -op.weight_types[0].frac)
         if isinstance(module, nn.PReLU):  # one value per channel (the map's repeats agree)
             w = module.weight
@@ -390,6 +393,8 @@ def slope_state(module: nn.Module) -> Any:
     """What :func:`set_slopes` changes in ``module`` (to restore it after a failed export)."""
     if isinstance(module, nn.PReLU):
         return module.weight.detach().clone()
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}, module.eps
     return module.negative_slope
 
 
@@ -398,5 +403,8 @@ def restore_slope(module: nn.Module, state: Any) -> None:
     if isinstance(module, nn.PReLU):
         with torch.no_grad():
             module.weight.copy_(state)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.load_state_dict(state[0])
+        module.eps = state[1]
     else:
         module.negative_slope = state

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tnquant.export.batchnorm_ops import run_batchnorm
 from tnquant.export.contract import _count, contract_step
 from tnquant.export.conv_ops import run_spatial
 from tnquant.export.graph import Op
@@ -144,6 +145,8 @@ def _run_op(op: Op, arr: np.ndarray, stats: dict[str, int] | None = None) -> np.
         return arr
     if op.kind == "leaky_relu":
         return _leaky_run(op, arr, stats)
+    if op.kind == "batchnorm":  # hls4ml's normalize (tnquant.export.batchnorm_ops)
+        return run_batchnorm(op, arr, stats)
     if op.kind in TABLES:  # hls4ml's lookup tables (tnquant.export.table_ops)
         return run_table(op, arr)
     if op.kind == "dense":

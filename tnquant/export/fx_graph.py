@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from tnquant.export.ir import ELEMENTWISE, INPUT, SPATIAL, Op, TypeOverride, label
+from tnquant.export.ir import INPUT, KEEPS_MAP, Op, TypeOverride, label
 from tnquant.export.merge_ops import merge_op
 from tnquant.registry import export_route
 
@@ -215,7 +215,7 @@ class _Walk:
             self.index[op.name] = len(self.ops)
             self.ops.append(op)
         out = dict(state, op=new[-1].name)
-        if route == "flatten" or any(op.kind not in (*ELEMENTWISE, *SPATIAL) for op in new):
+        if route == "flatten" or any(op.kind not in KEEPS_MAP for op in new):
             out.update(shape=None, flat=True)
         return out
 

@@ -86,13 +86,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tnquant.export.batchnorm_ops import set_batchnorm
 from tnquant.export.codes import MAX_WIDTH, fixed_codes, lossless_accum
 from tnquant.export.conv1d_routes import CONV1D_ROUTES
 from tnquant.export.conv_routes import CONV_ROUTES
 from tnquant.export.elementwise import leaky_modules, set_slopes
 from tnquant.export.fx_graph import needs_trace, trace_ops
 from tnquant.export.ir import (
+    AFFINE,
     ELEMENTWISE,
+    KEEPS_MAP,
     SPATIAL,
     Op,
     TypeOverride,
@@ -329,7 +332,7 @@ def build_graph(
         route = export_route(module)
         new = _leaf_ops(name, module, state, overrides, ops, shape=shape)
         ops += new
-        if route == "flatten" or any(op.kind not in (*ELEMENTWISE, *SPATIAL) for op in new):
+        if route == "flatten" or any(op.kind not in KEEPS_MAP for op in new):
             state.update(shape=None, flat=True)  # a Flatten or a dense layer
     if not ops:
         raise ValueError("the model has no layer to export")
@@ -362,8 +365,8 @@ def bias_params(model: nn.Module, ops: list[Op]) -> list[tuple[Op, Tensor]]:
     """
     out = []
     for op in ops:
-        if op.bias is None or op.bias_type is None:
-            continue
+        if op.bias is None or op.bias_type is None or op.kind in AFFINE:
+            continue  # a BatchNorm's shift: set_batchnorm
         param = cast("Tensor | None", model.get_submodule(op.layer)._parameters.get("bias"))
         if param is not None:
             out.append((op, param))
@@ -398,6 +401,9 @@ def set_biases(model: nn.Module, ops: list[Op]) -> dict[str, float]:
             after = param.detach().to(torch.float64)
             moved[op.layer] = float((after - before).abs().max()) if param.numel() else 0.0
     moved.update(set_slopes(model, ops))
+    for op in ops:
+        if op.kind in AFFINE:
+            moved[op.layer] = set_batchnorm(model.get_submodule(op.layer), op)
     return moved
 
 

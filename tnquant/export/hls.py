@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tnquant.export.batchnorm_ops import batchnorm_module
 from tnquant.export.graph import Op, TypeOverride, build_graph
 from tnquant.export.hls_conv import (
     default_type,
@@ -72,7 +73,7 @@ from tnquant.export.hls_conv import (
     spatial_precision,
 )
 from tnquant.export.hls_graph import graph_layers, torch_graph
-from tnquant.export.ir import CONVS, MERGES, POOLS, SPATIAL
+from tnquant.export.ir import AFFINE, CONVS, MERGES, POOLS, SPATIAL
 from tnquant.export.table_ops import TABLES, hls4ml_keys
 from tnquant.specs import FixedPoint
 
@@ -207,7 +208,7 @@ def _check_order(op: Op, reuse: int, strategy: str, io_type: str = "io_parallel"
 
 
 #: the op kinds hls4ml's PyTorch front end takes
-HLS4ML_KINDS = ("dense", "relu", "leaky_relu", *TABLES, *SPATIAL, *MERGES)
+HLS4ML_KINDS = ("dense", "relu", "leaky_relu", *TABLES, *SPATIAL, *MERGES, *AFFINE)
 
 
 def hls4ml_supported(ops: list[Op]) -> bool:
@@ -291,6 +292,8 @@ def op_module(op: Op) -> nn.Module:
         return nn.LeakyReLU(negative_slope=alpha)
     if op.kind in TABLES:
         return {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}.get(op.kind, _softmax)()
+    if op.kind in AFFINE:
+        return batchnorm_module(op, _value)
     if op.kind != "dense":
         raise _no_route(op)
     lin = nn.Linear(op.in_features, op.out_features, bias=op.bias is not None, dtype=torch.float64)
@@ -359,6 +362,13 @@ def hls4ml_config(
             continue
         if op.kind in MERGES:  # hls4ml's Merge / Concatenate: one cast to res_T
             layer["Precision"] = {"result": str(op.result_type)}
+            continue
+        if op.kind in AFFINE:  # hls4ml's BatchNormalization: scale_t, bias_t, res_T
+            layer["Precision"] = {
+                "scale": str(op.weight_types[0]),
+                "bias": str(op.bias_type),
+                "result": str(op.result_type),
+            }
             continue
         if op.kind == "leaky_relu":  # param_t: alpha's own type, not hls4ml's guess
             layer["Precision"].update(result=str(op.result_type), param=str(op.weight_types[0]))

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tnquant.export.ir import CONVS, ELEMENTWISE, ONE_D, SPATIAL, Op
+from tnquant.export.conv_ops import avg_pool_type
+from tnquant.export.ir import CONVS, KEEPS_MAP, ONE_D, SPATIAL, Op
 from tnquant.specs import FixedPoint
 
 __all__ = [
@@ -55,7 +56,7 @@ def layer_ops(ops: list[Op]) -> list[Op | None]:
     for op in ops:
         if op.kind in SPATIAL:
             spatial = True
-        elif spatial and op.kind not in ELEMENTWISE:
+        elif spatial and op.kind not in KEEPS_MAP:
             out.append(None)
             spatial = False
         out.append(op)
@@ -187,9 +188,10 @@ def spatial_precision(op: Op, zero_bias: str) -> dict[str, str]:
         }
     if op.kind in ("maxpool2d", "maxpool1d"):
         return {"accum": str(op.input_type), "result": str(op.result_type)}
-    shift = op.result_type.frac - op.input_type.frac  # log2(area)
-    r = op.result_type
-    return {"accum": str(FixedPoint(r.width + shift, r.integer + shift)), "result": str(r)}
+    r = avg_pool_type(op.input_type, op.params["kernel"])  # the exact mean, then res_T
+    shift = r.frac - op.input_type.frac  # log2(area)
+    accum = FixedPoint(r.width + shift, r.integer + shift)
+    return {"accum": str(accum), "result": str(op.result_type)}
 
 
 def default_type(ops: list[Op]) -> FixedPoint:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tnquant.export.ir import ELEMENTWISE, MERGES, SPATIAL, Op, sources
+from tnquant.export.ir import KEEPS_MAP, MERGES, SPATIAL, Op, sources
 
 __all__ = ["torch_graph", "graph_layers"]
 
@@ -67,11 +67,11 @@ def _entries(ops: list[Op]) -> tuple[list[Op | None], list[list[int]]]:
     reads: list[list[int]] = []
     where: dict[int, int] = {-1: -1}  # op index -> entry index
     for k, op in enumerate(ops):
-        carries = op.kind in (*ELEMENTWISE, "add")
+        carries = op.kind in KEEPS_MAP and op.kind not in SPATIAL
         maps = [(spatial[j] if j >= 0 else bool(ops[0].in_shape)) for j in src[k]]
         spatial.append(op.kind in SPATIAL or (carries and any(maps)))
         ins = [where[j] for j in src[k]]
-        if op.kind not in (*SPATIAL, *ELEMENTWISE, *MERGES) and maps[0]:
+        if op.kind not in (*KEEPS_MAP, "concat") and maps[0]:
             entries.append(None)  # channels-first flat, as the emulator holds it
             reads.append([ins[0]])
             ins = [len(entries) - 1]

@@ -35,6 +35,8 @@ __all__ = [
     "CONVS",
     "ONE_D",
     "MERGES",
+    "AFFINE",
+    "KEEPS_MAP",
     "INPUT",
     "check_widths",
     "check_graph",
@@ -59,6 +61,10 @@ CONVS = ("conv2d", "depthwise2d", "conv1d")
 ONE_D = ("conv1d", "maxpool1d", "avgpool1d")
 #: op kinds that read two tensors (``Op.inputs``): a residual add, a concatenation
 MERGES = ("add", "concat")
+#: op kinds with a weight and a bias per feature, no accumulator: an unfolded BatchNorm
+AFFINE = ("batchnorm",)
+#: the kinds after which a (C, H, W) map is still a map
+KEEPS_MAP = (*ELEMENTWISE, *SPATIAL, *AFFINE, "add")
 #: the name :attr:`Op.inputs` gives the model input
 INPUT = "@input"
 

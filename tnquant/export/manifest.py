@@ -57,7 +57,16 @@ import numpy as np
 
 from tnquant._version import __version__
 from tnquant.export.graph import Op, check_widths
-from tnquant.export.ir import ELEMENTWISE, INPUT, MERGES, POOLS, SPATIAL, check_graph
+from tnquant.export.ir import (
+    AFFINE,
+    ELEMENTWISE,
+    INPUT,
+    KEEPS_MAP,
+    MERGES,
+    POOLS,
+    SPATIAL,
+    check_graph,
+)
 from tnquant.export.manifest_fields import (
     MAX_FEATURES,
     MAX_OPS,
@@ -69,11 +78,11 @@ from tnquant.export.manifest_fields import (
     _fail,
     _list,
     _op_fields,
-    _show,
     _steps,
     _text,
 )
 from tnquant.export.manifest_graph import graph_dict
+from tnquant.export.manifest_graph import show as _show
 from tnquant.export.manifest_spatial import spatial_dict
 from tnquant.export.safe_npz import read_npz
 from tnquant.io import IntegrityError
@@ -185,7 +194,7 @@ def _op_to_dict(op: Op) -> dict[str, Any]:
             "accum": [
                 bool(b)
                 for b in op.accum_derived
-                or [False] * (n if op.kind not in (*ELEMENTWISE, *POOLS, *MERGES) else 0)
+                or [False] * (n if op.kind not in (*ELEMENTWISE, *POOLS, *MERGES, *AFFINE) else 0)
             ],
             "result": [bool(b) for b in op.result_derived or [False] * n],
             "bias": bool(op.bias_derived),
@@ -361,7 +370,7 @@ def _check_manifest(man: dict[str, Any], path: Path) -> tuple[list[Op], dict[str
             )  # fmt: skip
         if op.out_shape:
             map_shape = tuple(op.out_shape)
-        elif op.kind not in (*ELEMENTWISE, "add"):  # a dense op: the map is flat from here
+        elif op.kind not in KEEPS_MAP:  # a dense op: the map is flat from here
             map_shape = None
         maps[op.name] = map_shape
         ops.append(op)

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import math
 import re
-import reprlib
 from pathlib import Path
 from typing import Any
 
 from tnquant.export.codes import lossless_accum
 from tnquant.export.elementwise import ALPHA_FRAC, alpha_type, leaky_result
 from tnquant.export.graph import Op
-from tnquant.export.ir import CONVS, ELEMENTWISE, MERGES, POOLS, SPATIAL
+from tnquant.export.ir import AFFINE, CONVS, ELEMENTWISE, MERGES, POOLS, SPATIAL
+from tnquant.export.manifest_graph import check_affine as _check_affine
+from tnquant.export.manifest_graph import fail as _fail
 from tnquant.export.manifest_graph import graph_keys, merge_contraction, read_graph
 from tnquant.export.manifest_spatial import read_spatial
 from tnquant.export.table_ops import TABLES, derived_result
@@ -43,12 +44,12 @@ MAX_FEATURES = 1 << 20
 MAX_STATE = 1 << 26  # elements of one TT intermediate per input row
 _MAX_INTEGER = 1024  # |I| of an ap_fixed
 _MAX_TT_CORES = 32
-_KINDS = ("dense", "relu", "tt", "clip", "leaky_relu", *TABLES, *SPATIAL, *MERGES)
+_KINDS = ("dense", "relu", "tt", "clip", "leaky_relu", *TABLES, *SPATIAL, *MERGES, *AFFINE)
 #: weights per kind (a TT op: one or more cores) and the dimensions of each
 _N_WEIGHTS = {"dense": 1, "relu": 0, "clip": 1, "leaky_relu": 1, **dict.fromkeys(TABLES, 0)}
 _N_WEIGHTS.update({**dict.fromkeys(CONVS, 1), **dict.fromkeys(POOLS, 0)})
-_N_WEIGHTS.update(dict.fromkeys(MERGES, 0))
-_NDIM = {"dense": 2, "tt": 4, "clip": 1, "leaky_relu": 1, **dict.fromkeys(CONVS, 4)}
+_N_WEIGHTS.update({**dict.fromkeys(MERGES, 0), "batchnorm": 1})
+_NDIM = {"batchnorm": 1, "dense": 2, "tt": 4, "clip": 1, "leaky_relu": 1, **dict.fromkeys(CONVS, 4)}
 #: kinds without an accumulator (and without a bias)
 _NO_ACCUM = (*ELEMENTWISE, *POOLS, *MERGES)
 _OP = {
@@ -82,6 +83,10 @@ def _steps(op: Op) -> int:
 def _contraction(op: Op) -> str:
     if op.kind in MERGES:
         return merge_contraction(op)
+    if op.kind in AFFINE:
+        return (
+            "y[i] = result(x[i] * w0[i] + b[i]), the product and the sum exact (hls4ml normalize)"
+        )
     if op.kind == "relu":
         return "y = max(x, 0)"
     if op.kind == "conv2d":
@@ -126,18 +131,6 @@ def _contraction(op: Op) -> str:
         f"(i_k, r_k) of state (B, i_0..i_k, r_k, o_k+1..) with core k "
         f"(r_k-1*o_k, i_k*r_k), as a dense step"
     )
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 70, 70, 40
-
-
-def _show(value: Any) -> str:
-    return _REPR.repr(value)  # bounded in length and depth, whatever came
-
-
-def _fail(path: Path, where: str, expected: str, got: Any) -> IntegrityError:
-    return IntegrityError(f"{path}: {where} must be {expected}, got {_show(got)}")
 
 
 def _int(path: Path, where: str, v: Any, lo: int, hi: int) -> int:
@@ -235,7 +228,11 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
                 exps,
             )
     has_bias = d["bias"] is not None
-    if has_bias != (d["bias_type"] is not None) or (has_bias and kind in _NO_ACCUM):
+    if (
+        has_bias != (d["bias_type"] is not None)
+        or (has_bias and kind in _NO_ACCUM)
+        or (kind in AFFINE and not has_bias)
+    ):
         raise _fail(
             path,
             f"{w}.bias/bias_type",
@@ -248,7 +245,12 @@ def _op_fields(path: Path, k: int, d: Any, names: set[str]) -> tuple[Op, list[tu
     accums = [
         _type(path, f"{w}.accum_types[{j}]", t)
         for j, t in enumerate(
-            _list(path, f"{w}.accum_types", d["accum_types"], 0 if kind in _NO_ACCUM else steps)
+            _list(
+                path,
+                f"{w}.accum_types",
+                d["accum_types"],
+                0 if kind in (*_NO_ACCUM, *AFFINE) else steps,
+            )
         )
     ]
     results = [
@@ -305,35 +307,41 @@ def _spatial_key(path: Path, w: str, d: Any) -> set[str]:
     return {"spatial"} if spatial else set()
 
 
+def _check_elementwise(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]]) -> None:
+    """An elementwise op keeps its size; a clip's bounds and a (P)ReLU's alphas fit it."""
+    if op.in_features != op.out_features:
+        raise _fail(
+            path,
+            f"{w}.out_features",
+            f"in_features {op.in_features} (an elementwise {op.kind} op)",
+            op.out_features,
+        )
+    want = {"clip": (2,), "leaky_relu": (1,)}.get(op.kind)
+    if op.kind == "leaky_relu" and shapes[0] == (op.in_features,):
+        want = shapes[0]  # a PReLU: one alpha per feature
+    if want is not None and shapes[0] != want:
+        what = "[lo, hi]" if op.kind == "clip" else "[alpha]"
+        raise _fail(path, f"{w}.weight_shapes[0]", f"{list(want)} ({what})", list(shapes[0]))
+    if op.kind == "clip" and op.weight_types[0] != op.input_type:
+        raise _fail(
+            path,
+            f"{w}.weight_types[0]",
+            f"the input type {op.input_type} (a clip's bounds are mantissas of it)",
+            str(op.weight_types[0]),
+        )
+
+
 def _check_shapes(
     path: Path, w: str, op: Op, shapes: list[tuple[int, ...]], spatial: Any = None
 ) -> None:
-    if op.kind in SPATIAL:
-        read_spatial(path, w, op, shapes, spatial)
+    if op.kind in (*SPATIAL, *MERGES, *AFFINE):  # read_graph checked a merge
+        if op.kind in SPATIAL:
+            read_spatial(path, w, op, shapes, spatial)
+        elif op.kind in AFFINE:
+            _check_affine(path, w, op, shapes)
         return
-    if op.kind in MERGES:
-        return  # read_graph checked it
     if op.kind in ELEMENTWISE:
-        if op.in_features != op.out_features:
-            raise _fail(
-                path,
-                f"{w}.out_features",
-                f"in_features {op.in_features} (an elementwise {op.kind} op)",
-                op.out_features,
-            )
-        want = {"clip": (2,), "leaky_relu": (1,)}.get(op.kind)
-        if op.kind == "leaky_relu" and shapes[0] == (op.in_features,):
-            want = shapes[0]  # a PReLU: one alpha per feature
-        if want is not None and shapes[0] != want:
-            what = "[lo, hi]" if op.kind == "clip" else "[alpha]"
-            raise _fail(path, f"{w}.weight_shapes[0]", f"{list(want)} ({what})", list(shapes[0]))
-        if op.kind == "clip" and op.weight_types[0] != op.input_type:
-            raise _fail(
-                path,
-                f"{w}.weight_types[0]",
-                f"the input type {op.input_type} (a clip's bounds are mantissas of it)",
-                str(op.weight_types[0]),
-            )
+        _check_elementwise(path, w, op, shapes)
         return
     if op.kind == "dense":
         if shapes[0] != (op.out_features, op.in_features):
@@ -392,6 +400,8 @@ def _check_derived(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]]) ->
         return
     if op.kind in (*POOLS, *MERGES):
         return  # their result type is checked with the spatial field / by read_graph
+    if op.kind in AFFINE:
+        return  # _check_affine checked it with the shapes
     d = len(op.weight_types)
     cur = op.input_type
     for s in range(_steps(op)):
@@ -446,7 +456,7 @@ def _check_params(path: Path, cores: Path, k: int, op: Op) -> None:
                 f"{cores}: array '{op.name}.w0' (ops[{k}]) holds the clip bounds "
                 f"[{lo}, {hi}]; lo must be <= hi"
             )
-    if op.kind == "leaky_relu":  # one alpha (LeakyReLU) or one per feature (PReLU)
+    if op.kind in ("leaky_relu", *AFFINE):  # one alpha, one per feature (PReLU), a BN scale
         ms, t = [int(v) for v in op.weights[0]], op.weight_types[0]
         m = max(ms, key=abs)
         lean, frac = m, t.frac

@@ -17,15 +17,39 @@ Examples
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Any
 
+from tnquant.export.batchnorm_ops import derived_result as bn_result
 from tnquant.export.ir import MERGES, Op
 from tnquant.export.merge_ops import merge_result
 from tnquant.io import IntegrityError
 from tnquant.specs import FixedPoint
 
-__all__ = ["graph_keys", "graph_dict", "read_graph", "merge_contraction"]
+__all__ = [
+    "graph_keys",
+    "graph_dict",
+    "read_graph",
+    "merge_contraction",
+    "check_affine",
+    "fail",
+    "show",
+]
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 70, 70, 40
+
+
+def show(value: Any) -> str:
+    """``repr(value)``, bounded in length and depth whatever came."""
+    return _REPR.repr(value)
+
+
+def fail(path: Path, where: str, expected: str, got: Any) -> IntegrityError:
+    """The loader's error: ``<path>: <where> must be <expected>, got <got>``."""
+    return IntegrityError(f"{path}: {where} must be {expected}, got {show(got)}")
+
 
 _NAME = re.compile(r"[ -.0-\[\]-~]{0,256}")
 
@@ -101,3 +125,20 @@ def read_graph(path: Path, w: str, d: dict[str, Any], op: Op, read_type: Any) ->
             f"{path}: {w}.result_type must be {want} (derived from the merge types), got "
             f"{op.result_type}"
         )
+
+
+def check_affine(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]]) -> None:
+    """A BatchNorm: a scale per feature, the shift on the products' grid, the derived result."""
+    if shapes[0] != (op.in_features,) or op.out_features != op.in_features:
+        want = f"[{op.in_features}] (a scale per feature; out_features = in_features)"
+        raise fail(path, f"{w}.weight_shapes[0]", want, list(shapes[0]))
+    bt, wt = op.bias_type, op.weight_types[0]
+    assert bt is not None
+    frac = op.input_type.frac + wt.frac
+    if op.bias_derived and (bt.frac != frac or bt != FixedPoint(bt.width, bt.integer)):
+        want = f"ap_fixed<W,I> with the products' {frac} fractional bits (derived)"
+        raise fail(path, f"{w}.bias_type", want, str(bt))
+    derived = bn_result(op)
+    if op.result_derived[0] and op.result_type != derived:
+        want = f"{derived} (x * scale + shift, derived)"
+        raise fail(path, f"{w}.result_type", want, str(op.result_type))

@@ -112,7 +112,7 @@ def read_spatial(path: Path, w: str, op: Op, shapes: list[tuple[int, ...]], raw:
                 result = avg_pool_type(op.input_type, p["kernel"])
             except ValueError as err:
                 raise IntegrityError(f"{path}: {w}.spatial.kernel: {err}") from None
-        if op.result_type != result:
+        if op.result_type != result and op.result_derived[0]:  # else: a cast, as given
             raise _fail(path, f"{w}.result_type", f"{result} (the {op.kind} of {op.input_type})",
                         str(op.result_type))  # fmt: skip
     op.in_shape, op.out_shape, op.params = ins, outs, p

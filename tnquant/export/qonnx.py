@@ -352,6 +352,11 @@ def qonnx(
                 f"concatenations) have no QONNX form yet; to_hls4ml takes them, bit-exact "
                 f"with the emulator"
             )
+        if op.kind == "batchnorm":
+            raise ValueError(
+                f"op {op.name!r} (an unfolded BatchNorm) has no QONNX form yet; fold it "
+                f"(tnquant.ptq.fold_batchnorm) or export with to_hls4ml"
+            )
         if op.kind in SPATIAL:
             raise ValueError(
                 f"op {op.name!r} ({op.kind}) has no QONNX form yet (convolutions and pooling "

@@ -148,7 +148,7 @@ def _op_rows(op: Op) -> list[dict[str, Any]]:
             return [row]
         if not op.weights:
             return [_row(op.name, op, [], None, 0, 0, False)]
-        mults = op.in_features if op.kind == "leaky_relu" else 0  # alpha * x, one per element
+        mults = op.in_features if op.kind in ("leaky_relu", "batchnorm") else 0  # one per element
         shape = list(op.weights[0].shape)
         return [_row(op.name, op, shape, op.weight_types[0], 0, mults, False)]
     res = op_resources(op)

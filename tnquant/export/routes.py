@@ -21,6 +21,8 @@ route             modules                         ops
 ``'softmax'``                                     (:mod:`tnquant.export.table_ops`)
 ``'prelu'``       ``nn.PReLU``                    ``leaky_relu`` with one alpha per
                                                   feature (or one)
+``'batchnorm'``   ``nn.BatchNorm1d/2d``           ``batchnorm`` (not folded: see
+                                                  :mod:`tnquant.export.batchnorm_ops`)
 ``'float'``       ``nn.Linear``                   refused: quantize it first
 ================  ==============================  =====================================
 
@@ -35,8 +37,8 @@ state (the type reaching the layer) kept by
 Examples
 --------
 >>> sorted(ROUTES)  # doctest: +NORMALIZE_WHITESPACE
-['clip', 'dense', 'flatten', 'float', 'leaky_relu', 'lowrank', 'prelu', 'relu', 'sigmoid',
- 'softmax', 'tanh', 'tt', 'tucker']
+['batchnorm', 'clip', 'dense', 'flatten', 'float', 'leaky_relu', 'lowrank', 'prelu', 'relu',
+ 'sigmoid', 'softmax', 'tanh', 'tt', 'tucker']
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from tnquant.export.acts import act_type
+from tnquant.export.batchnorm_ops import batchnorm_ops
 from tnquant.export.codes import MAX_WIDTH, auto_accum, fixed_codes, narrower, too_wide
 from tnquant.export.elementwise import clip_ops, flatten_ops, leaky_ops, prelu_ops, relu_ops
 from tnquant.export.ir import Op, TypeOverride, label, lookup_override
@@ -369,6 +372,7 @@ ROUTES: dict[str, tuple[bool, Route]] = {
     "clip": (False, clip_ops),
     "leaky_relu": (False, leaky_ops),
     "prelu": (False, prelu_ops),
+    "batchnorm": (False, batchnorm_ops),
     "sigmoid": (False, table_ops),
     "tanh": (False, table_ops),
     "softmax": (False, table_ops),
