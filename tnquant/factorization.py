@@ -24,7 +24,8 @@ from tnquant.core.globs import GlobTable, selected
 from tnquant.core.modules import replace_module
 from tnquant.core.ties import tied_names, untie_hint
 from tnquant.registry import FactorizeTable, kinds, lookup, refusal, unsupported
-from tnquant.report import Report
+from tnquant.report import Report, Sizes
+from tnquant.sizes import SizeCounter, model_size_bits
 from tnquant.specs import CP, TT, LowRank, Tucker
 
 __all__ = ["factorize", "LAYER_TABLE", "find_targets", "collect_grams"]
@@ -42,6 +43,8 @@ _COLUMNS = (
     "params_before",
     "params_after",
     "ratio",
+    "bits_before",
+    "bits_after",
     "rel_error",
     "out_rel_error",
     "note",
@@ -289,9 +292,11 @@ def factorize(
     Returns
     -------
     Report
-        Per layer: kind, format, ranks, params before/after, ratio, relative
-        weight error (and output error on the data when data-aware), notes
-        (e.g. capped ranks); totals. ``report.skipped`` says why each layer a
+        Per layer: kind, format, ranks, params before/after, ratio, stored
+        bits before/after, relative weight error (and output error on the
+        data when data-aware), notes (e.g. capped ranks); totals, and
+        ``report.sizes`` (whole model and factorized layers, before and
+        after: :class:`tnquant.report.Sizes`). ``report.skipped`` says why each layer a
         pattern reached was left alone: a format the layer does not take
         (``'CP is not supported on Linear (supported: LowRank, TT, Tucker)'``),
         a refusal (grouped convs), a tied weight (below), a layer already
@@ -363,12 +368,15 @@ def factorize(
         grams = collect_grams(model, linears, data, num_batches, progress)
         unreached = {id(m) for m in linears if id(m) not in grams}
 
+    model_before = model_size_bits(model)
     for module, spec, names in tqdm(list(targets.values()), desc="factorize", disable=not progress):
         report.add(
             **_factorize_one(
                 model, module, spec, names, grams.get(id(module)), id(module) in unreached
             )
         )
+    params = sum(r["params_before"] for r in report.rows)
+    report.sizes = Sizes.from_rows(model_before, report.rows, params=params)
     return report
 
 
@@ -404,6 +412,8 @@ def _factorize_one(
         "params_before": before,
         "params_after": after,
         "ratio": after / before,
+        "bits_before": sum(SizeCounter().subtree(module)),
+        "bits_after": sum(SizeCounter().subtree(new)),
         "rel_error": info.get("rel_error"),
         "out_rel_error": info.get("out_rel_error"),
         "note": note,

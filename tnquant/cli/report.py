@@ -26,6 +26,7 @@ from tnquant.cli import checks
 from tnquant.cli.causal import format_lm
 from tnquant.core import capture_inputs, capture_outputs, evaluating, outputs
 from tnquant.quantization import model_size_bits
+from tnquant.report import Sizes
 
 __all__ = [
     "compare",
@@ -202,6 +203,10 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 def format_report(report: dict[str, Any]) -> str:
     """The text of ``tnquant report``: per-layer table, totals, before/after.
 
+    The totals line and the before/after table give both ratios: the whole
+    model's (``whole_x``: every stored bit, embeddings and norms included)
+    and the compressed layers' (``layers_x``: the rows of the layer table).
+
     ``report`` is the content of ``report.json`` as ``tnquant compress`` writes
     it; a field missing or of the wrong type raises a ``ValueError`` naming it.
 
@@ -225,6 +230,13 @@ def format_report(report: dict[str, Any]) -> str:
         "error",
     ]
     t = report["totals"]
+    sizes = Sizes(
+        t["model_bits_before"],
+        t["model_bits_after"],
+        t["params_before"],
+        t["bits_before"],
+        t["size_bits"],
+    )
     lines = [
         f"model {report['model']}  recipe {report['recipe']}  seed {report['seed']}",
         "",
@@ -233,14 +245,32 @@ def format_report(report: dict[str, Any]) -> str:
         f"{t['bits_before']} -> {t['size_bits']} bits ({t['layers_compression']:.2f}x)",
         f"whole model: {t['model_bits_before']} -> {t['model_bits_after']} bits "
         f"({t['model_compression']:.2f}x)",
+        sizes.line(),
         "",
     ]
     cmp = report["compare"]
     rows = [{**r, "size_MiB": r["size_bits"] / 8 / 2**20} for r in cmp["rows"]]
+    for r, whole, part in zip(
+        rows, (1.0, sizes.model_ratio), (1.0, sizes.layers_ratio), strict=True
+    ):
+        r["whole_x"], r["layers_x"] = whole, part  # original, compressed
     if cmp["metric"] == "perplexity":  # a causal LM (tnquant.cli.causal.compare_lm)
         head, tail = format_lm(cmp, report["eval_data"])
         lines.append(head)
-        lines.append(table(rows, ["model", "size_MiB", "perplexity", "top1_agreement", "eval_s"]))
+        lines.append(
+            table(
+                rows,
+                [
+                    "model",
+                    "size_MiB",
+                    "whole_x",
+                    "layers_x",
+                    "perplexity",
+                    "top1_agreement",
+                    "eval_s",
+                ],
+            )
+        )
         lines.append(tail)
     else:
         what = "to the original outputs" if cmp["metric"] == "cosine" else "on the labels"
@@ -248,7 +278,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"before/after on {cmp['samples']} samples of {report['eval_data']!r} "
             f"({cmp['metric']} {what})"
         )
-        lines.append(table(rows, ["model", "size_MiB", cmp["metric"], "eval_s"]))
+        lines.append(
+            table(rows, ["model", "size_MiB", "whole_x", "layers_x", cmp["metric"], "eval_s"])
+        )
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in report["stages"].items())
     lines.append(f"time: {stages}")
     return "\n".join(lines)

@@ -84,6 +84,9 @@ def plan_from(
             "error": sens.errors[k][c],
             "dense_bits": sens.sizes[k][_float_index(sens, k)],
         }
+        params = getattr(sens, "params", None)  # a Sensitivity pickled before it had them
+        if params:
+            layers[name]["params"] = params[k]
         for follower in sens.tied.get(name, []):  # one tied tensor: one choice
             choices[follower] = choices[name]
             layers[follower] = {"label": choices[name].label(), "tied_to": name}
@@ -95,6 +98,7 @@ def plan_from(
         target=target,
         predicted_size_bits=sens.fixed_bits + alloc.size,
         predicted_error=alloc.error,
+        original_size_bits=sens.dense_bits,
     )
 
 
@@ -226,6 +230,7 @@ def search(
     refine: bool = True,
     precomputed: Sensitivity | None = None,
     progress: bool = True,
+    budget_scope: str = "model",
 ) -> Plan:
     """Choose a format, rank and weight quantizer per layer under a budget or a target.
 
@@ -249,7 +254,10 @@ def search(
     budget_bits, target
         Exactly one: the most bits the whole model may take (as
         :func:`tnquant.model_size_bits` counts them, parts not searched
-        included), or the most summed error (in ``metric``'s terms).
+        included: embeddings, norms, biases), or the most summed error (in
+        ``metric``'s terms). Embeddings are searched like the other layers
+        (per-row or per-group tables, ``TTEmbedding``); exclude them
+        (``exclude=['*embed*']``) to keep them as they are, still counted.
     candidates
         :class:`~tnquant.planning.sensitivity.Candidates` (the default grid:
         dense, LowRank/TT/Tucker at ratios 1/2, 1/4, 1/8; float, int8, int6,
@@ -284,6 +292,11 @@ def search(
         ``precomputed.data_aware``).
     progress
         Show progress bars.
+    budget_scope
+        What ``budget_bits`` covers: ``'model'`` (the default: the whole
+        model) or ``'layers'`` (the searched layers alone: the bits of
+        everything else, ``Sensitivity.fixed_bits``, are added to it; the
+        plan's ``budget_bits`` is that whole-model sum).
 
     Returns
     -------
@@ -319,6 +332,8 @@ def search(
     True
     """
     _check_goal(model, budget_bits, target, precomputed)
+    if budget_scope not in ("model", "layers"):
+        raise ValueError(f"budget_scope must be 'model' or 'layers', got {budget_scope!r}")
     measure = precomputed is None
     fit_aware = fit_data is not None if measure else cast(Sensitivity, precomputed).data_aware
     check_inputs(
@@ -347,6 +362,8 @@ def search(
             f"precomputed sensitivities measure {sens.metric!r}; pass the same "
             f"metric (got {_metric_name(metric)!r})"
         )
+    if budget_bits is not None and budget_scope == "layers":
+        budget_bits += sens.fixed_bits
     alloc = _allocate(sens, budget_bits, target, method, grid, refine)
     plan = plan_from(sens, alloc, budget_bits=budget_bits, target=target)
     if verify_plan:

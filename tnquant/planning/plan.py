@@ -32,15 +32,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
 from tnquant.factorization import factorize
 from tnquant.quant.frozen import spec_summary
 from tnquant.quantization import quantize
-from tnquant.report import Report
-from tnquant.sizes import SizeCounter
+from tnquant.report import Report, Sizes
+from tnquant.sizes import SizeCounter, model_size_bits
 from tnquant.specs import (
     CP,
     TT,
@@ -59,6 +59,7 @@ __all__ = ["Choice", "Plan", "apply"]
 _FACT = (TT, Tucker, CP, LowRank)
 _QUANT = (QuantSpec, Binary, Ternary, FixedPoint)
 _NUMBERS = (
+    "original_size_bits",
     "budget_bits",
     "target",
     "predicted_size_bits",
@@ -204,6 +205,9 @@ class Plan(Mapping):
     measured_size_bits, measured_error, measured_output_error
         After applying the plan to a copy of the model: its size, the error
         in ``metric``'s terms, and the relative MSE of the model output.
+    original_size_bits
+        :func:`tnquant.model_size_bits` of the model the plan was searched
+        on (the whole model before; see :meth:`sizes`).
 
     Examples
     --------
@@ -223,6 +227,7 @@ class Plan(Mapping):
     measured_size_bits: int | None = None
     measured_error: float | None = None
     measured_output_error: float | None = None
+    original_size_bits: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.choices, Mapping):
@@ -310,7 +315,46 @@ class Plan(Mapping):
         ):
             if size is not None or err is not None:
                 lines.append(f"{label}: size {size} bits, error ({self.metric}) {err}")
+        sizes = self.sizes()
+        if sizes is not None:
+            lines.append(f"predicted: {sizes.line()}")
         return "\n".join(lines)
+
+    def sizes(self) -> Sizes | None:
+        """The predicted whole-model and compressed-layer sizes (``None`` if not known).
+
+        The whole model goes from ``original_size_bits`` to
+        ``predicted_size_bits``; the compressed layers are those whose
+        choice factorizes or quantizes them (a tied follower is counted
+        with its leader), from their searched ``dense_bits`` to their
+        ``size_bits``.
+
+        Examples
+        --------
+        >>> from tnquant import QuantSpec
+        >>> plan = Plan({"fc": Choice(None, QuantSpec(bits=8))},
+        ...             {"fc": {"size_bits": 576, "dense_bits": 2176, "params": 68}},
+        ...             predicted_size_bits=600, original_size_bits=2200)
+        >>> print(*plan.sizes().line().split("; "), sep="\\n")
+        whole model 2.2 kbit -> 600 bit (3.67x)
+        compressed layers 68 params 2.2 kbit -> 576 bit (3.78x)
+        """
+        if self.original_size_bits is None or self.predicted_size_bits is None:
+            return None
+        changed = [
+            self.layers.get(n, {})
+            for n, c in self.choices.items()
+            if c.factorization is not None or c.quantized
+        ]
+        changed = [info for info in changed if "size_bits" in info and "dense_bits" in info]
+        params = [info.get("params") for info in changed]
+        return Sizes(
+            self.original_size_bits,
+            self.predicted_size_bits,
+            None if None in params else sum(cast(list[int], params)),
+            sum(int(info["dense_bits"]) for info in changed),
+            sum(int(info["size_bits"]) for info in changed),
+        )
 
     def __str__(self) -> str:
         return self.table()
@@ -381,7 +425,9 @@ def apply(
     Report
         One row per planned layer: kind, format, ranks, weight specs, and its
         stored bits before and after (as :func:`tnquant.model_size_bits`
-        counts them).
+        counts them; a tied follower's shared tensor counts in its leader's
+        row); ``report.sizes``: the whole model and the planned layers
+        before and after (:class:`tnquant.report.Sizes`).
 
     Examples
     --------
@@ -400,7 +446,12 @@ def apply(
     missing = [n for n in plan if n not in modules]
     if missing:
         raise ValueError(f"the plan names layers the model does not have: {missing}")
-    before = {n: (type(modules[n]).__name__, sum(SizeCounter().subtree(modules[n]))) for n in plan}
+    model_before = model_size_bits(model)
+    counted = (SizeCounter(), SizeCounter())  # one per side for all rows: a tie counts once
+    before = {n: (type(modules[n]).__name__, sum(counted[0].subtree(modules[n]))) for n in plan}
+    changed = [n for n, c in plan.items() if c.factorization is not None or c.quantized]
+    held = {id(p): p for n in changed for p in modules[n].parameters()}
+    params = sum(p.numel() for p in held.values())
     fact, weights, cores = plan_arguments(plan)
     if fact:
         factorize(model, fact, data=data, num_batches=num_batches, progress=progress)
@@ -418,6 +469,8 @@ def apply(
             ranks=ranks,
             weights=choice.label().split("/", 1)[1],
             bits_before=before[name][1],
-            bits_after=sum(SizeCounter().subtree(module)),
+            bits_after=sum(counted[1].subtree(module)),
         )
+    rows = [r for r in report.rows if r["name"] in changed]  # a float choice is no change
+    report.sizes = Sizes.from_rows(model_before, rows, params=params)
     return report

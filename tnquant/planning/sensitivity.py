@@ -160,6 +160,8 @@ class Sensitivity:
     tied
         ``{searched layer: [layers holding its weight]}``: those take its
         choice in the plan (:mod:`tnquant.planning.ties`).
+    params
+        Parameters of each searched layer (as it was).
     data_aware
         Whether the factorized Linear candidates were fitted to data
         (``fit_data``; carry a plan of them out with ``apply(model, plan,
@@ -179,6 +181,7 @@ class Sensitivity:
     reference: float | None = None
     data_aware: bool = False
     tied: dict[str, list[str]] = field(default_factory=dict)
+    params: list[int] = field(default_factory=list)
 
     def min_size_bits(self) -> int:
         """The smallest model any combination of candidates gives."""
@@ -447,6 +450,7 @@ def _measure(
         model_size_bits(model),
         metric_name,
         reference=evaluator.reference,
+        params=[sum(p.numel() for p in m.parameters()) for _, m in targets],
     )
     bar = tqdm(list(enumerate(targets)), desc="sensitivity", disable=not progress)
     for k, (names, module) in bar:
