@@ -29,10 +29,10 @@ demo: $(STAMP)
 	$(BIN)/python -m tnquant compress minilm --recipe recipes/minilm.toml --calib corpus --out out/demo/minilm --force > out/demo/minilm.log
 	$(BIN)/python -m tnquant report out/demo/minilm
 	$(BIN)/python -m tnquant export out/demo/minilm --fixed-point out/demo/minilm-fixed --force
-	@echo "== 2. digits CNN: compress (recipes/digits.toml) -> report -> fixed-point export of the classifier"
-	$(BIN)/python -m tnquant compress digits-cnn --recipe recipes/digits.toml --calib digits --out out/demo/digits --force > out/demo/digits.log
+	@echo "== 2. digits CNN: compress (recipes/digits.toml) -> report -> fixed-point export of the WHOLE CNN, checked bit for bit"
+	OMP_NUM_THREADS=1 $(BIN)/python -m tnquant compress digits-cnn --recipe recipes/digits.toml --calib digits --out out/demo/digits --force > out/demo/digits.log
 	$(BIN)/python -m tnquant report out/demo/digits
-	$(BIN)/python -m tnquant export out/demo/digits --fixed-point out/demo/digits-fixed --force
+	OMP_NUM_THREADS=1 $(BIN)/python -m tnquant export out/demo/digits --fixed-point out/demo/digits-fixed --force
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q tests --doctest-modules tnquant

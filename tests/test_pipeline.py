@@ -58,7 +58,8 @@ def test_the_road_is_the_verbs_in_order():
     finetune(ref, data, model, epochs=2, lr=1e-2, loss="cosine", progress=False)
     convert(ref, progress=False)
     assert _same(result.model, ref)
-    assert list(result.reports) == list(result.seconds) == [s.name for s in STAGES]
+    ran = [s.name for s in STAGES if s.name not in ("rotate", "search", "gptq")]
+    assert list(result.reports) == list(result.seconds) == ran
     assert all(t >= 0 for t in result.seconds.values())
     assert type(model[0]) is nn.Linear  # the input model is not changed
 
@@ -83,7 +84,7 @@ def test_after_sees_every_stage_in_order():
         progress=False,
         after=lambda name, model, report, seconds: seen.append((name, seconds >= 0)),
     )
-    assert seen == [(s.name, True) for s in STAGES]
+    assert seen == [(s.name, True) for s in STAGES if s.name not in ("rotate", "search", "gptq")]
 
 
 def test_task_loss_reads_labels_and_distill_false_has_no_teacher():
@@ -118,7 +119,7 @@ def test_task_loss_reads_labels_and_distill_false_has_no_teacher():
 @pytest.mark.parametrize(
     "recipe, kwargs, match",
     [
-        (Recipe(), {}, "neither factorize nor quantize"),
+        (Recipe(), {}, "neither search, factorize nor quantize"),
         (
             Recipe(
                 quantize=QuantizeSection(weights={"*": QuantSpec()}),
@@ -176,4 +177,4 @@ def test_a_recipe_file_runs_on_the_pipeline():
     )
     assert isinstance(recipe, RecipeFile) and isinstance(recipe, Recipe)
     result = run_pipeline(_mlp(), recipe, _data(), progress=False)
-    assert list(result.reports) == [s.name for s in STAGES]
+    assert list(result.reports) == ["factorize", "quantize", "calibrate", "finetune", "convert"]

@@ -1,4 +1,4 @@
-"""The one road: factorize -> quantize -> calibrate -> finetune -> convert, from a recipe.
+"""The one road: rotate, search, factorize, quantize, calibrate, GPTQ, finetune, convert.
 
 :func:`run_pipeline` runs the stages of :data:`STAGES` that a :class:`Recipe`
 asks for, in that order, on a copy of the model, and returns the compressed
@@ -22,6 +22,16 @@ Stages
 ``quantize``, ``calibrate``
     ``quantize(model, **section.kwargs())``, then ``calibrate(model, calib)``
     (with ``[calibrate]``'s options): whenever the recipe quantizes.
+``rotate`` (``[ptq] rotate``)
+    :func:`tnquant.ptq.rotate` of the Linear layers, before the search.
+``search``
+    :func:`tnquant.pipeline_search.searched_plan` under a bits-per-weight
+    budget or a fidelity floor; the plan becomes the ``factorize`` and
+    ``quantize`` sections (per layer), and :attr:`PipelineResult.recipe`
+    is the recipe with them (no ``search``: a rerun does not search).
+``gptq`` (``[ptq] gptq``)
+    :func:`tnquant.ptq.gptq` after calibration; ``'auto'`` keeps it only
+    when it lowers the output error (resolved in ``PipelineResult.recipe``).
 ``finetune``
     ``finetune(model, calib, teacher, config=section.config(seed=...))``:
     distilled from ``teacher`` (default: the original model) when
@@ -30,8 +40,8 @@ Stages
 ``convert``
     ``convert(model)`` when the recipe quantizes and ``convert`` is true.
 
-A new stage (rotate, GPTQ: the next issue) is one :class:`Stage` entry in
-:data:`STAGES` and one section.
+A new stage is one :class:`Stage` entry in :data:`STAGES` and one section. ``time_s=``
+(``--time``) sizes the search, GPTQ and fine-tuning to fit (``PipelineResult.notes``).
 
 Examples
 --------
@@ -63,7 +73,17 @@ from typing import Any
 from torch import nn
 
 from tnquant.factorization import factorize
-from tnquant.ptq import calibrate
+from tnquant.pipeline_search import (
+    Clock,
+    gptq_or_rtn,
+    searched_plan,
+    size_gptq,
+    size_search,
+    tied_names,
+    timed_steps,
+)
+from tnquant.pipeline_stages import PtqSection, SearchSection
+from tnquant.ptq import calibrate, rotate
 from tnquant.qat import finetune
 from tnquant.qat.config import FinetuneConfig
 from tnquant.quantization import convert, quantize
@@ -74,6 +94,8 @@ __all__ = [
     "QuantizeSection",
     "CalibrateSection",
     "FinetuneSection",
+    "SearchSection",
+    "PtqSection",
     "Stage",
     "STAGES",
     "PipelineResult",
@@ -189,6 +211,8 @@ _SECTIONS = {
     "quantize": QuantizeSection,
     "calibrate": CalibrateSection,
     "finetune": FinetuneSection,
+    "search": SearchSection,
+    "ptq": PtqSection,
 }
 
 
@@ -204,6 +228,8 @@ class Recipe:
     quantize: QuantizeSection | None = None
     calibrate: CalibrateSection = field(default_factory=CalibrateSection)
     finetune: FinetuneSection | None = None
+    search: SearchSection | None = None
+    ptq: PtqSection = field(default_factory=PtqSection)
 
     def __post_init__(self) -> None:
         for name, cls in _SECTIONS.items():
@@ -211,9 +237,14 @@ class Recipe:
             if value is not None and not isinstance(value, cls):
                 raise TypeError(
                     f"Recipe.{name} must be a {cls.__name__}"
-                    f"{'' if name == 'calibrate' else ' or None'}, got "
+                    f"{'' if name in ('calibrate', 'ptq') else ' or None'}, got "
                     f"{type(value).__name__}"
                 )
+        if self.search is not None and (self.factorize or self.quantize):
+            raise ValueError(
+                "a recipe with search writes its own factorize and quantize sections "
+                "(one per layer); drop factorize/quantize or the search"
+            )
 
 
 # --------------------------------------------------------------------------- #
@@ -229,9 +260,11 @@ class _Run:
     recipe: Recipe
     calib: Any
     labels: Any
-    teacher: nn.Module | None
+    teacher: nn.Module
     seed: int
     progress: bool
+    clock: Clock = field(default_factory=lambda: Clock(None))
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _factorize(run: _Run, section: FactorizeSection) -> Any:
@@ -258,14 +291,56 @@ def _calibrate(run: _Run, section: CalibrateSection) -> Any:
     )
 
 
+def _rotate(run: _Run, section: PtqSection) -> Any:
+    search = run.recipe.search
+    include = section.rotate_include or (search.include if search else None)
+    tied = tied_names(run.model)  # a tied weight (an LM head) is not rotated: it would untie
+    exclude = [*(search.exclude or () if search else ()), *tied] or None
+    return rotate(run.model, include, exclude, seed=run.seed, progress=run.progress)
+
+
+def _search(run: _Run, section: SearchSection) -> Any:
+    section = size_search(run.model, section, run.calib, run.clock)
+    plan, info = searched_plan(run.model, section, run.calib, progress=run.progress)
+    run.info["search"] = {**info, "plan": plan.to_dict()}
+    fact = tuple((n, c.factorization) for n, c in plan.items() if c.factorization is not None)
+    weights = tuple((n, c.weights) for n, c in plan.items() if c.weights is not None)
+    run.recipe = dataclasses.replace(
+        run.recipe,
+        search=None,
+        factorize=FactorizeSection(fact, data_aware=section.data_aware) if fact else None,
+        quantize=QuantizeSection(weights=weights) if weights else None,
+    )
+    return plan
+
+
+def _gptq(run: _Run, section: PtqSection) -> Any:
+    if run.clock.seconds is not None:  # batches that fit, or round-to-nearest
+        section = size_gptq(run.model, section, run.calib, run.clock)
+        if not section.gptq:
+            run.recipe = dataclasses.replace(run.recipe, ptq=section)
+            return None
+    args = (run.model, run.teacher, run.calib, section.gptq, section.gptq_batches)
+    report, run.info["gptq"] = gptq_or_rtn(*args, progress=run.progress)
+    resolved = dataclasses.replace(section, gptq=run.info["gptq"]["used"])
+    run.recipe = dataclasses.replace(run.recipe, ptq=resolved)
+    return report
+
+
 def _finetune(run: _Run, section: FinetuneSection) -> Any:
     data = run.calib
     if section.task_loss is not None:
         data = list(zip(run.calib, run.labels, strict=True))
     teacher = run.teacher if section.distill else None
-    return finetune(
-        run.model, data, teacher, config=section.config(seed=run.seed, progress=run.progress)
-    )
+    config = section.config(seed=run.seed, progress=run.progress)
+    if run.clock.seconds is not None:  # measure a few steps, fit the rest in the time left
+        steps = timed_steps(run.model, data, teacher, config, run.clock)
+        cut = dataclasses.replace(section, max_steps=steps) if steps else None
+        run.recipe = dataclasses.replace(run.recipe, finetune=cut)  # what a rerun does
+        if steps == 0:
+            return None
+        config = dataclasses.replace(config, max_steps=steps)
+    return finetune(run.model, data, teacher, config=config)
 
 
 def _convert(run: _Run, section: QuantizeSection) -> Any:
@@ -292,9 +367,12 @@ def _quantized(recipe: Recipe, section: Any) -> Any:
 
 #: The road, in order; :func:`run_pipeline` runs every stage a recipe asks for.
 STAGES: tuple[Stage, ...] = (
+    Stage("rotate", lambda r: r.ptq if r.ptq.rotate else None, _rotate),
+    Stage("search", lambda r: r.search, _search),
     Stage("factorize", lambda r: r.factorize, _factorize),
     Stage("quantize", lambda r: r.quantize, _quantize),
     Stage("calibrate", lambda r: _quantized(r, r.calibrate), _calibrate),
+    Stage("gptq", lambda r: _quantized(r, r.ptq) if r.ptq.gptq else None, _gptq),
     Stage("finetune", lambda r: r.finetune, _finetune),
     Stage("convert", lambda r: r.quantize if r.quantize and r.quantize.convert else None, _convert),
 )
@@ -302,11 +380,19 @@ STAGES: tuple[Stage, ...] = (
 
 @dataclass
 class PipelineResult:
-    """The compressed model, each stage's report and its wall time (seconds), in road order."""
+    """The compressed model, each stage's report and its wall time (seconds), in road order.
+
+    ``recipe``: the recipe as run, with a search's plan as per-layer
+    ``factorize``/``quantize`` sections and GPTQ's ``'auto'`` resolved;
+    ``notes``: what a time budget cut; ``info``: the search's and GPTQ's numbers.
+    """
 
     model: nn.Module
     reports: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    recipe: Any = None
+    notes: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 AfterStage = Callable[[str, nn.Module, Any, float], None]
@@ -317,8 +403,8 @@ def _check(model: Any, recipe: Any, labels: Any) -> None:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a tnquant.pipeline.Recipe, got {type(recipe).__name__}")
-    if recipe.factorize is None and recipe.quantize is None:
-        raise ValueError("the recipe has neither factorize nor quantize: nothing to do")
+    if recipe.factorize is None and recipe.quantize is None and recipe.search is None:
+        raise ValueError("the recipe has neither search, factorize nor quantize: nothing to do")
     ft = recipe.finetune
     if ft is not None and ft.task_loss is not None and labels is None:
         raise ValueError(
@@ -338,6 +424,8 @@ def run_pipeline(
     seed: int = 0,
     progress: bool = True,
     after: AfterStage | None = None,
+    time_s: float | None = None,
+    time_label: str | None = None,
 ) -> PipelineResult:
     """Run the road on a copy of ``model``; the input model is not changed.
 
@@ -363,6 +451,10 @@ def run_pipeline(
     after
         ``after(stage, model, report, seconds)`` called after each stage
         (e.g. to measure the model there); not counted in the stage's time.
+    time_s
+        A wall-clock budget (seconds): the search and the fine-tuning steps
+        are cut to fit (measured, then extrapolated; see ``.notes``), which
+        name the budget ``time_label`` (default: ``'<time_s>s'``).
 
     Returns
     -------
@@ -381,6 +473,8 @@ def run_pipeline(
     ['quantize', 'calibrate', 'convert']
     """
     _check(model, recipe, labels)
+    if time_s is not None and (isinstance(time_s, bool) or not time_s > 0):
+        raise ValueError(f"time_s must be a positive number of seconds, got {time_s!r}")
     run = _Run(
         copy.deepcopy(model),
         recipe,
@@ -389,10 +483,11 @@ def run_pipeline(
         model if teacher is None else teacher,
         seed,
         progress,
+        Clock(time_s, time_label),
     )
-    result = PipelineResult(run.model)
+    result = PipelineResult(run.model, notes=run.clock.notes, info=run.info)
     for stage in STAGES:
-        section = stage.section(recipe)
+        section = stage.section(run.recipe)
         if section is None:
             continue
         t0 = time.perf_counter()
@@ -400,4 +495,5 @@ def run_pipeline(
         result.seconds[stage.name] = time.perf_counter() - t0
         if after is not None:
             after(stage.name, run.model, result.reports[stage.name], result.seconds[stage.name])
+    result.recipe = run.recipe
     return result

@@ -5,10 +5,13 @@
 :mod:`tnquant.cli.inputs`) through :func:`tnquant.pipeline.run_pipeline`
 and writes ``DIR``: the compressed model (:func:`tnquant.save` format),
 ``report.json``, ``recipe.toml`` (a copy), ``source.json`` (what the base
-model was), ``export_inputs/`` (input rows of the recipe's export layers) and
-``report.png``. ``tnquant report DIR`` prints its tables; ``tnquant export DIR
---fixed-point OUT`` writes the fixed-point export of the export layers and
-checks the integer emulator against the fake-quant model.
+model was), ``export_inputs/`` (input rows of the recipe's export layers, or
+held-out inputs of the whole model) and ``report.png``. ``tnquant report DIR``
+prints its tables; ``tnquant export DIR --fixed-point OUT`` writes the
+fixed-point export of the export layers (or of the whole model when the
+recipe's ``[export]`` names no ``layers``) and counts the rows where the
+integer emulator equals the fake-quant model bit for bit
+(:mod:`~tnquant.cli.export_cmd`).
 
 ``compress`` checks every argument before any work. ``report`` and ``export``
 read DIR as data (:mod:`tnquant.cli.checks`) and never import a module or
@@ -17,7 +20,8 @@ call a class that a file in DIR names; a checkpoint base's class comes from
 one of the user's own ``--recipe``.
 
 Exit codes: 0 success, 2 a usage, recipe or input-file error (one line on
-stderr), 1 a failure while running (or an emulator check out of tolerance).
+stderr), 1 a failure while running (or an emulator output that differs from
+the fake-quant model's).
 
 The package: :mod:`~tnquant.cli.commands` (the commands, the parser,
 ``main``), :mod:`~tnquant.cli.inputs` (MODEL and DATA),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -31,18 +30,19 @@ import torch
 from tnquant.cli import checks
 from tnquant.cli.causal import compare_lm, lm_recipe
 from tnquant.cli.checks import UsageError, check_stage_report, dir_file, read_json
+from tnquant.cli.compress import (
+    budget_recipe,
+    check_budget_args,
+    parse_time,
+    rotated_rows,
+    run_recipe_text,
+    searched_size,
+    with_hidden,
+)
+from tnquant.cli.export_cmd import export_piece, read_model_inputs, record_inputs, whole_model
 from tnquant.cli.inputs import Inputs, check_compress, prepare_compress, rebuild_base
 from tnquant.cli.recipe import Recipe, load_recipe
-from tnquant.cli.report import (
-    compare,
-    export_inputs,
-    format_report,
-    layer_errors,
-    layer_rows,
-    plot,
-    table,
-    totals,
-)
+from tnquant.cli.report import compare, format_report, layer_errors, layer_rows, plot, table, totals
 from tnquant.io import IntegrityError
 from tnquant.pipeline import PipelineResult, run_pipeline
 
@@ -84,7 +84,8 @@ def _measure(
 ) -> dict[str, Any]:
     """``report.json``: the layer table, the before/after table, the stage times."""
     original, student = inputs.original, result.model.eval()
-    fact, quant = result.reports.get("factorize"), result.reports.get("quantize")
+    fact = rotated_rows(result.reports.get("factorize"), student)
+    quant = rotated_rows(result.reports.get("quantize"), student)
     names = [r["name"] for r in fact or []] + [r["name"] for r in quant or []]
     errors = layer_errors(original, student, names, inputs.calib[0])
     t0 = time.perf_counter()
@@ -94,10 +95,21 @@ def _measure(
         cmp = compare(original, student, inputs.batches, inputs.labels, progress)
     stages["eval"] = time.perf_counter() - t0
     rows = layer_rows(original, student, fact, quant, errors)
+    search = result.info.get("search")
+    if search is not None:
+        search = {k: v for k, v in search.items() if k != "plan"}
+        search["searched_size_bits"] = searched_size(student, result.info["search"]["plan"])
+        search["measured_bits_per_weight"] = (
+            search["searched_size_bits"] / search["searched_weights"]
+        )
     return {
         "tnquant_report": 1,
         "model": args.model,
-        "recipe": str(args.recipe),
+        "recipe": str(args.recipe) if args.recipe else _how(args),
+        "budget": _how(args) if not args.recipe else None,
+        "search": search,
+        "gptq": result.info.get("gptq"),
+        "notes": result.notes,
         "seed": args.seed,
         "calib_data": args.calib,
         "eval_data": args.eval or args.calib,
@@ -109,35 +121,44 @@ def _measure(
     }
 
 
+def _how(args: argparse.Namespace) -> str:
+    how = f"--bits {args.bits:g}" if args.bits is not None else f"--target {args.target}"
+    return how + (f" --time {args.time}" if args.time else "")
+
+
 def _write(
-    out: Path, student: Any, recipe: Recipe, inputs: Inputs, seed: int, report: dict[str, Any]
-) -> None:
+    out: Path, student: Any, recipe: Recipe, inputs: Inputs, seed: int, report: dict[str, Any],
+    text: str,
+) -> None:  # fmt: skip
     from tnquant.io import save
 
     save(student, out)
-    rows = (
-        export_inputs(student, inputs.names, inputs.calib, recipe.export.num_samples)
-        if recipe.export
-        else {}
-    )
+    rows = record_inputs(student, recipe.export, inputs.names, inputs.calib, inputs.batches)
     (out / INPUTS).mkdir(exist_ok=True)
     for name, x in rows.items():
         np.save(out / INPUTS / f"{name}.npy", x)
-    (out / RECIPE).write_text(recipe.text, encoding="utf-8")
+    (out / RECIPE).write_text(text, encoding="utf-8")
     (out / SOURCE).write_text(json.dumps({**inputs.source, "seed": seed}, indent=1))
     (out / REPORT).write_text(json.dumps(report, indent=1))
 
 
 def _compress(args: argparse.Namespace) -> int:
-    recipe, progress, out = load_recipe(args.recipe), not args.no_progress, Path(args.out)
+    check_budget_args(args)
+    seconds = None if args.time is None else parse_time(args.time)
+    recipe = load_recipe(args.recipe) if args.recipe else budget_recipe(args.bits, args.target)
+    progress, out = not args.no_progress, Path(args.out)
     kind = check_compress(args, recipe)  # every argument, before any work
     _seed(args.seed)
     t0 = time.perf_counter()
     inputs = prepare_compress(args, recipe, kind, progress)
     stages = {"load": time.perf_counter() - t0}
+    if not args.recipe:
+        recipe = with_hidden(recipe, inputs.original)
     road, note = lm_recipe(recipe) if inputs.task == "causal-lm" else (recipe, None)
     for line in (*inputs.notes, *([note] if note else [])):
         _say(f"note: {line}")
+    if road.search is not None:
+        _say(f"search: {road.search.budget_text()}" + (f" in {args.time}" if args.time else ""))
     result = run_pipeline(
         inputs.original,
         road,
@@ -146,11 +167,25 @@ def _compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=progress,
         after=check_stage_report,  # a recipe pattern that reached no layer: exit 2
+        time_s=None if seconds is None else max(seconds - stages["load"], 1.0),
+        time_label=args.time,
     )
     stages.update(result.seconds)
+    if seconds is not None and stages["load"] > 0.5 * seconds:
+        result.notes.insert(0, f"loading took {stages['load']:.1f}s of the {args.time} budget")
     report = _measure(args, inputs, result, stages, progress)
-    _write(out, result.model, recipe, inputs, args.seed, report)
+    text = run_recipe_text(result.recipe, recipe, _how(args) if not args.recipe else args.recipe)
+    _write(out, result.model, recipe, inputs, args.seed, report, text)
     _say(format_report(report))
+    for line in result.notes:
+        _say(f"note: {line}")
+    if report["search"] is not None:
+        s = report["search"]
+        _say(
+            f"searched layers: {s['measured_bits_per_weight']:.3f} bits/weight measured "
+            f"({s['searched_size_bits']} bits over {s['searched_weights']} weights; "
+            f"budget {s['bits_per_weight']:.3f})"
+        )
     if plot(report, out / PLOT):
         _say(f"plot: {out / PLOT}")
     _say(f"saved to {out}")
@@ -184,37 +219,22 @@ def _clear(out: Path, names: list[str]) -> None:
             shutil.rmtree(target)
 
 
-def _export_one(name: str, module: Any, x: np.ndarray, ex: Any, out: Path) -> dict[str, Any]:
-    """Export ``module`` to ``out/name`` and check its emulator on the recorded inputs ``x``."""
-    from tnquant.export import fixed_point
-    from tnquant.quant import fake_quantize
-    from tnquant.specs import FixedPoint
+def _what(results: list[dict[str, Any]]) -> str:
+    if len(results) == 1 and not results[0]["layer"]:
+        return f"the whole model ({results[0]['ops']} ops)"
+    return f"{len(results)} module(s)"
 
-    if ex.input == "auto":
-        peak = float(np.abs(x).max()) or 1.0
-        integer = max(1, math.floor(math.log2(peak)) + 2)
-        spec = FixedPoint(ex.input_width, integer, rounding="RND", overflow="SAT")
-    else:
-        spec = FixedPoint.from_string(ex.input)
-    em = fixed_point(
-        module, out / name, spec, accum=ex.accum, result=ex.result, bias=ex.bias, hls4ml=ex.hls4ml
+
+def _check_line(r: dict[str, Any]) -> str:
+    """``emulator == fake-quant: 450/450 exact ...`` for one row of ``check.json``."""
+    who = f"{r['layer']}: " if r["layer"] else ""
+    line = f"{who}emulator == fake-quant: {r['exact']}/{r['rows']} exact"
+    if r["check"] == "exact":
+        return f"{line}, saturating inputs {r['saturating_exact']}/{r['saturating']} exact"
+    return (
+        f"{line} (accum/result narrow the types below the torch model's, so the check is the "
+        f"relative difference: {r['rel_diff']:.3g}, tolerance {r['tolerance']:g})"
     )
-    y = em.predict(x)
-    with torch.no_grad():
-        ref = module(fake_quantize(torch.from_numpy(x), spec)).double().numpy()
-    diff = float(np.abs(y - ref).max())
-    rel = diff / max(float(np.abs(ref).max()), 1e-30)
-    return {
-        "layer": name,
-        "ops": len(em.ops),
-        "input": em.input_type,
-        "output": em.output_type,
-        "rows": len(x),
-        "max_abs_diff": diff,
-        "rel_diff": rel,
-        "ok": rel <= ex.tolerance,
-        "dir": str(out / name),
-    }
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -240,19 +260,20 @@ def _export(args: argparse.Namespace) -> int:
         model = load(directory, model=base).eval()
     except ValueError as e:  # IntegrityError too: a directory that does not fit its base
         raise UsageError(f"{directory} does not load onto its base model: {e}") from None
-    inputs = checks.read_export_inputs(directory, model, report["export_layers"], ex.num_samples)
-    _clear(out, list(inputs))
-    results = [_export_one(name, module, x, ex, out) for name, (module, x) in inputs.items()]
-    (out / "check.json").write_text(json.dumps(results, indent=1))
-    _say(
-        f"fixed-point export of {len(results)} module(s) to {out}; emulator vs fake-quant "
-        f"model on recorded inputs (tolerance {ex.tolerance:g} relative):"
-    )
-    _say(
-        table(
-            results, ["layer", "ops", "input", "output", "rows", "max_abs_diff", "rel_diff", "ok"]
+    if whole_model(ex):  # the whole model, into OUT itself
+        pieces = {"": (model, read_model_inputs(directory, ex.num_samples))}
+    else:
+        pieces = checks.read_export_inputs(
+            directory, model, report["export_layers"], ex.num_samples
         )
-    )
+        _clear(out, list(pieces))
+    results = [export_piece(n, m, x, ex, out / n if n else out) for n, (m, x) in pieces.items()]
+    (out / "check.json").write_text(json.dumps(results, indent=1))
+    _say(f"fixed-point export of {_what(results)} to {out}")
+    for r in results:
+        _say(_check_line(r))
+    cols = ["layer", "ops", "input", "output", "rows", "exact", "saturating_exact", "ok"]
+    _say(table([{**r, "layer": r["layer"] or "(whole model)"} for r in results], cols))
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILURE
 
 
@@ -262,6 +283,9 @@ def _export(args: argparse.Namespace) -> int:
 
 EPILOG = """examples:
   tnquant compress minilm --recipe recipes/minilm.toml --calib corpus --out out/minilm
+  tnquant compress minilm --calib corpus --bits 3.5 --time 5m --out out/minilm-b  # no recipe
+  tnquant compress minilm --calib corpus --target cos=0.97 --out out/minilm-t
+  tnquant compress minilm --recipe out/minilm-b/recipe.toml --calib corpus --out out/again
   tnquant compress digits-cnn --recipe recipes/digits.toml --calib digits --out out/digits
   tnquant compress ./my-hf-model --recipe r.toml --calib sentences.txt --eval held_out.txt \\
       --out out/mine
@@ -284,7 +308,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _compress_parser(sub: Any, fmt: Any) -> None:
     c = sub.add_parser(
-        "compress", help="run a recipe on a model", epilog=EPILOG, formatter_class=fmt
+        "compress",
+        help="run a recipe, or a searched one under --bits/--target, on a model",
+        epilog=EPILOG,
+        formatter_class=fmt,
     )
     c.add_argument(
         "model",
@@ -292,7 +319,27 @@ def _compress_parser(sub: Any, fmt: Any) -> None:
         help="'minilm', 'digits-cnn', a Hugging Face model dir (a causal LM such as GPT-2 or "
         "Llama, or a text encoder such as BERT) or a checkpoint",
     )
-    c.add_argument("--recipe", required=True, help="recipe TOML file")
+    c.add_argument("--recipe", help="recipe TOML file (or --bits / --target)")
+    c.add_argument(
+        "--bits",
+        type=float,
+        metavar="B",
+        help="no recipe: search a plan under B bits per weight of the searched layers, "
+        "rotate, GPTQ or round-to-nearest, calibrate, distil hidden states, convert; "
+        "DIR/recipe.toml is the plan as run",
+    )
+    c.add_argument(
+        "--target",
+        metavar="KIND=X",
+        help="no recipe, the dual of --bits: the smallest plan that keeps cos=X (mean "
+        "cosine), acc=X (top-1 agreement) or ppl=X (perplexity ratio) on --calib",
+    )
+    c.add_argument(
+        "--time",
+        metavar="DURATION",
+        help="wall-clock budget ('5m', '300s', '2m30s'): the search and the fine-tuning "
+        "steps are sized to fit (measured, then extrapolated); the report says what was cut",
+    )
     c.add_argument(
         "--calib",
         required=True,
@@ -314,7 +361,8 @@ def _compress_parser(sub: Any, fmt: Any) -> None:
 def _export_parser(sub: Any, fmt: Any) -> None:
     e = sub.add_parser(
         "export",
-        help="fixed-point export of the recipe's export layers",
+        help="fixed-point export of the whole model (or the recipe's export layers), "
+        "checked bit for bit against the fake-quant model",
         epilog=EPILOG,
         formatter_class=fmt,
     )
@@ -323,7 +371,8 @@ def _export_parser(sub: Any, fmt: Any) -> None:
     e.add_argument(
         "--force",
         action="store_true",
-        help="write into a non-empty OUT (each exported layer's OUT/<name>/ is cleared first)",
+        help="write into a non-empty OUT (each exported layer's OUT/<name>/ is cleared first; "
+        "a whole-model export replaces its own files in OUT)",
     )
     e.add_argument(
         "--model",

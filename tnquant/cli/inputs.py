@@ -45,6 +45,7 @@ from tnquant.cli.data import _chunks as _chunks
 from tnquant.cli.data import _data_kind, load_data
 from tnquant.cli.data import _tensor_file as _tensor_file
 from tnquant.cli.datasets import MeanPooledEncoder, load_minilm, minilm_path
+from tnquant.cli.export_cmd import check_model_batch, whole_model
 from tnquant.cli.hf_task import causal_lm_class, hf_task
 from tnquant.cli.recipe import Recipe
 from tnquant.core import matches, run
@@ -358,6 +359,12 @@ def check_compress(args: Any, recipe: Recipe) -> str:
     if kind == "checkpoint":
         _checkpoint_class(Path(args.model), recipe)  # imported now: a bad name fails first
     wants = "text" if kind in TEXT_MODELS else "tensor"
+    if wants == "text" and recipe.export is not None and not recipe.export.layers:
+        raise UsageError(
+            f"recipe table 'export' has no 'layers', so it exports the whole model, but MODEL "
+            f"{args.model!r} takes text (token ids go through an embedding, which has no "
+            f"fixed-point export): name the modules to export with export.layers"
+        )
     for flag, arg in (("--calib", args.calib), ("--eval", args.eval)):
         if arg is None:
             continue
@@ -390,7 +397,10 @@ def _fits(model: nn.Module, batch: Any, flag: str) -> None:
 
 
 def export_names(model: nn.Module, recipe: Recipe) -> list[str]:
-    """The outermost modules the recipe's ``export.layers`` globs match (``[]``: no export).
+    """The outermost modules the recipe's ``export.layers`` globs match.
+
+    ``[]`` when there is no ``[export]`` table, and when it has no
+    ``layers`` (the whole model is exported then).
 
     Examples
     --------
@@ -399,7 +409,7 @@ def export_names(model: nn.Module, recipe: Recipe) -> list[str]:
     >>> export_names(digits_cnn(), r)
     ['classifier']
     """
-    if recipe.export is None:
+    if recipe.export is None or not recipe.export.layers:
         return []
     globs = recipe.export.layers
     names: list[str] = []
@@ -459,6 +469,8 @@ def prepare_compress(args: Any, recipe: Recipe, kind: str, progress: bool) -> In
     trains = kind == "digits-cnn"
     original, _, source = build_model(args.model, recipe, pretrained=not trains, seed=args.seed)
     names = export_names(original, recipe)
+    if whole_model(recipe.export):
+        check_model_batch(batches[0])
     _fits(original, calib[0], "--calib")
     _fits(original, batches[0], "--eval" if args.eval else "--calib")
     if trains:

@@ -17,8 +17,9 @@ lists of :mod:`tnquant.qat` (``LOSSES``, ``TASK_LOSSES``, ``OPTIMIZERS``,
 
 Schema
 ------
-Every table is optional except that a recipe needs ``[factorize]`` or
-``[quantize]``. Layer globs match module names as ``named_modules`` gives
+Every table is optional except that a recipe needs ``[search]``,
+``[factorize]`` or ``[quantize]`` (``[search]`` writes the other two: not
+with them). Layer globs match module names as ``named_modules`` gives
 them (``fnmatch``, first match wins, so put specific globs first); quote a
 glob that holds dots: ``"encoder.layer.*.intermediate.dense" = {...}``.
 
@@ -52,6 +53,26 @@ glob that holds dots: ``"encoder.layer.*.intermediate.dense" = {...}``.
     integer (``"0"``, ``"-1"``) is a core index. Options of ``[quantize]``:
     ``include``, ``exclude`` (lists of layer globs), ``convert`` (true: freeze
     to real integer storage at the end).
+``[search]``
+    Choose a format, rank and weight quantizer per layer
+    (:func:`tnquant.search`): ``bits`` (bits per weight of the searched
+    layers, their biases and scales included) or ``target`` (a fidelity
+    floor on the calibration data: ``"cos=0.97"``, ``"acc=0.9"`` top-1
+    agreement, ``"ppl=1.1"`` perplexity ratio), exactly one; ``formats``
+    (``["dense", "lowrank", "tucker", "tt"]``), ``ratios`` ([0.5, 0.25]),
+    ``quantizers`` (``[8, 6, 5, 4, 3, 2, "ternary", "binary"]``), ``metric``
+    (``output``, ``layer``, ``scaled``, ``hessian``), ``num_batches`` (2),
+    ``observer`` (``mse``), ``include``/``exclude`` (layer globs),
+    ``learnable`` (true: LSQ scales), ``data_aware`` (true). The output
+    directory's ``recipe.toml`` holds the plan instead (per-layer
+    ``[factorize]`` and ``[quantize.weights]``): a rerun does not search.
+``[ptq]``
+    ``rotate`` (false: Hadamard-rotate the Linear inputs before the search,
+    :func:`tnquant.ptq.rotate`), ``rotate_include`` (globs; default the
+    search's ``include``), ``gptq`` (false; true; ``"auto"``: GPTQ or
+    round-to-nearest, whichever gives the lower output error on the
+    calibration batches), ``gptq_batches``, ``bias_correction`` (that of
+    ``[calibrate]``; give it in one table).
 ``[calibrate]``
     ``num_batches``, ``bias_correction`` (false). Calibration runs whenever
     the model is quantized.
@@ -64,18 +85,25 @@ glob that holds dots: ``"encoder.layer.*.intermediate.dense" = {...}``.
     ``cosine``, ``kl``), ``temperature``, ``task_loss`` (``cross_entropy``,
     for labelled data), ``alpha`` (0.5), ``train``, ``schedule``,
     ``warmup`` (an int: steps; a float in [0, 1): a fraction of the steps;
-    0.05), ``optimizer``, ``clip_grad_norm``, ``shuffle``; needs
+    0.05), ``optimizer``, ``clip_grad_norm``, ``shuffle``, ``hidden`` (module
+    names whose outputs are distilled instead of the model output),
+    ``dropout`` (``"auto"``: off with a teacher; true; false); needs
     ``distill = true`` or a ``task_loss``.
 ``[export]``
-    ``layers`` (a glob or a list of globs: each matched module, a
-    factorized/quantized Linear or a Sequential chain of them with ReLUs,
-    is exported on its own), ``input`` (``"auto"``: ``input_width`` bits
-    with integer bits from the observed inputs; or an ``ap_fixed<...>``
+    ``layers`` (left out: the whole model is exported, into ``OUT``, with
+    ``input_shape`` from the recorded held-out inputs, e.g. ``(1, 8, 8)``;
+    a glob or a list of globs: each matched module, a factorized/quantized
+    layer or a Sequential chain of them, is exported on its own into
+    ``OUT/<name>``), ``input`` (``"auto"``: ``input_width`` bits with
+    integer bits from the observed inputs; or an ``ap_fixed<...>``
     string), ``input_width`` (16), ``accum``, ``result``, ``bias``
     (``ap_fixed<...>`` overrides), ``hls4ml`` (false: write
-    ``hls4ml_config.json`` too), ``tolerance`` (1e-4: largest relative
-    difference between the emulator and the fake-quant model),
-    ``num_samples`` (256 input rows kept for the check).
+    ``hls4ml_config.json`` too), ``num_samples`` (256 input rows kept for
+    the check). The check counts the rows where the integer emulator equals
+    the fake-quant model bit for bit (recorded and saturating inputs);
+    any mismatch fails it. With ``accum`` or ``result`` (types the torch
+    model does not carry) it is instead the largest relative difference,
+    at most ``tolerance`` (1e-4); see :mod:`tnquant.cli.export_cmd`.
 
 Examples
 --------
@@ -101,6 +129,7 @@ from pathlib import Path
 from typing import Any
 
 import tnquant.pipeline as pipeline
+from tnquant.cli.recipe_search import parse_ptq, parse_search
 from tnquant.cli.recipe_specs import _FACTORIZE_OPTIONS as _FACTORIZE_OPTIONS
 from tnquant.cli.recipe_specs import _INT_KEY as _INT_KEY
 from tnquant.cli.recipe_specs import _QUANTIZE_OPTIONS as _QUANTIZE_OPTIONS
@@ -127,7 +156,14 @@ from tnquant.cli.recipe_values import (
     _unknown,
     _warmup,
 )
-from tnquant.pipeline import CalibrateSection, FactorizeSection, FinetuneSection, QuantizeSection
+from tnquant.pipeline import (
+    CalibrateSection,
+    FactorizeSection,
+    FinetuneSection,
+    PtqSection,
+    QuantizeSection,
+    SearchSection,
+)
 from tnquant.qat.amp import AMP_CHOICES
 from tnquant.qat.losses import LOSSES, TASK_LOSSES
 from tnquant.qat.optim import OPTIMIZERS, SCHEDULES
@@ -151,6 +187,8 @@ __all__ = [
     "CalibrateSection",
     "FinetuneSection",
     "ExportSection",
+    "SearchSection",
+    "PtqSection",
     "load_recipe",
     "parse_recipe",
 ]
@@ -242,6 +280,8 @@ _FINETUNE = _schema(
         "clip_grad_norm": _optional(_float(0, lo_open=True)),
         "shuffle": _bool,
         "amp": _optional(_choice(*AMP_CHOICES), off="none"),
+        "hidden": _globs,
+        "dropout": _optional(_bool, off="auto"),
     },
 )
 _EXPORT = _schema(
@@ -325,30 +365,43 @@ def parse_recipe(text: str, path: str | None = None) -> Recipe:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"recipe is not valid TOML{where}: {e}") from None
-    sections = ("model", "data", "factorize", "quantize", "calibrate", "finetune", "export")
+    sections = (
+        "model", "data", "search", "ptq", "factorize", "quantize", "calibrate", "finetune",
+        "export",
+    )  # fmt: skip
     for key in raw:
         if key not in sections:
             raise _unknown(key, sections)
-    if "factorize" not in raw and "quantize" not in raw:
-        raise ValueError(f"recipe{where} has neither [factorize] nor [quantize]: nothing to do")
+    if not any(k in raw for k in ("search", "factorize", "quantize")):
+        raise ValueError(
+            f"recipe{where} has none of [search], [factorize], [quantize]: nothing to do"
+        )
+    both = [k for k in ("factorize", "quantize") if k in raw]
+    if "search" in raw and both:
+        raise ValueError(
+            f"recipe table 'search' writes [factorize] and [quantize] per layer; drop "
+            f"[{both[0]}] or [search]"
+        )
     model = _fields(_section(raw, "model") or {}, "model", _MODEL)
     kwargs = tuple(dict(model.pop("kwargs")).items())
     factorize, quantize = _section(raw, "factorize"), _section(raw, "quantize")
     finetune, export = _section(raw, "finetune"), _section(raw, "export")
-    if finetune is not None and "quantize" not in raw and "factorize" not in raw:
-        raise ValueError("recipe table 'finetune' needs [factorize] or [quantize]")
+    calibrate = _section(raw, "calibrate") or {}
+    search = _section(raw, "search")
+    ptq, bias = parse_ptq(_section(raw, "ptq") or {}, calibrate)
+    calib_fields = _fields(calibrate, "calibrate", _CALIBRATE)
+    if bias is not None:
+        calib_fields["bias_correction"] = bias
     export_fields = None if export is None else _fields(export, "export", _EXPORT)
-    if export_fields is not None and not export_fields["layers"]:
-        raise ValueError("recipe key 'export.layers' is missing; expected a glob or a list")
     return Recipe(
         model=ModelSection(cls=model["class"], kwargs=kwargs, train_epochs=model["train_epochs"]),
         data=DataSection(**_fields(_section(raw, "data") or {}, "data", _DATA)),
         factorize=None if factorize is None else _parse_factorize(factorize),
         quantize=None if quantize is None else _parse_quantize(quantize),
-        calibrate=CalibrateSection(
-            **_fields(_section(raw, "calibrate") or {}, "calibrate", _CALIBRATE)
-        ),
+        calibrate=CalibrateSection(**calib_fields),
         finetune=None if finetune is None else _parse_finetune(finetune),
+        search=None if search is None else parse_search(search),
+        ptq=ptq,
         export=None if export_fields is None else ExportSection(**export_fields),
         text=text,
         path=path,
