@@ -45,13 +45,17 @@ ORDER = [
     "factorize",
     "ptq_minilm",
     "converted",
+    "converted_kernels",
+    "memory",
     "qat_minilm*",
     "qat_digits",
     "qat_step",
     "search",
+    "search_whole",
     "export",
     "export_cnn",
     "families",
+    "codebooks",
 ]
 
 _FENCE = re.compile(r"^\s*(```|~~~)")

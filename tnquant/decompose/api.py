@@ -48,8 +48,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tnquant.decompose import als, shapes
-from tnquant.decompose.cp import cp_conv, cp_to_full
+from tnquant.decompose import shapes
+from tnquant.decompose.cp import cp_conv
+from tnquant.decompose.dense import ROWS as _ROWS
+from tnquant.decompose.dense import dense_of, out_rel, rel_blocks
+from tnquant.decompose.dense import rel as _rel
 from tnquant.decompose.lowrank import lowrank_matrix
 from tnquant.decompose.ranks import (
     cap_ranks,
@@ -61,15 +64,13 @@ from tnquant.decompose.ranks import (
 )
 from tnquant.decompose.result import Decomposition, Part
 from tnquant.decompose.svd import work_dtype
-from tnquant.decompose.tt import tensorize, tt_als, tt_svd, tt_sweep, tt_to_matrix
+from tnquant.decompose.tt import tensorize, tt_als, tt_svd, tt_sweep
 from tnquant.decompose.tucker import (
     data_aware_gram,
-    tensorized_to_matrix,
     tucker_als,
     tucker_conv,
     tucker_matrix,
     tucker_tensorized,
-    tucker_to_full,
 )
 from tnquant.specs import CP, TT, LowRank, Tucker
 
@@ -107,10 +108,6 @@ def _check_tensor(x: Any, ndim: int, name: str, layout: str, convert: bool = Tru
     if bad:
         raise ValueError(f"{name} has {bad} non-finite value(s) (nan or inf); cannot decompose it")
     return x.detach().to(work_dtype(x.device)) if convert else x.detach()
-
-
-#: rows per block where a large table is read a block at a time (checks, errors)
-_ROWS = 4096
 
 
 def _check_spec(spec: Any, weight_kind: str) -> Handler:
@@ -155,11 +152,6 @@ def _pad(w: Tensor, rows: int, cols: int) -> Tensor:
     return torch.nn.functional.pad(w, (0, cols - w.shape[1], 0, rows - w.shape[0]))
 
 
-def _out_rel(w: Tensor, what: Tensor, gram: Tensor) -> float:
-    total = als.output_sq_error(w, torch.zeros_like(w), gram)
-    return math.sqrt(als.output_sq_error(w, what, gram) / total) if total > 0 else 0.0
-
-
 def _fit_tol(
     fit: Callable[[float | None], Part], w: Tensor, gram: Tensor | None, tol: float | None
 ) -> Part:
@@ -169,7 +161,7 @@ def _fit_tol(
     weight_tol = tol
     for _ in range(TIGHTEN_STEPS):
         part = fit(weight_tol)
-        if _out_rel(w, _dense(part, w.shape), gram) <= tol:
+        if out_rel(w, _dense(part, w.shape), gram) <= tol:
             return part
         weight_tol /= 2
     return fit(None)  # the caps: exact
@@ -284,24 +276,8 @@ def spec_types(weight_kind: str) -> tuple[type, ...]:
 # --------------------------------------------------------------------------- #
 
 
-def _dense_of(fmt: str, cores: Sequence[Tensor], in_shape: Any, shape: Sequence[int]) -> Tensor:
-    if fmt == "tt":
-        full = tt_to_matrix(cores)
-    elif fmt == "lowrank":
-        return (cores[0] @ cores[1]).reshape(shape)
-    elif fmt == "cp":
-        return cp_to_full(cores)
-    elif in_shape is not None:  # tensorized Tucker
-        full = tensorized_to_matrix(cores)
-    elif cores[1].ndim == 2:  # Tucker-2 of a matrix
-        return cores[0] @ cores[1] @ cores[2].mT
-    else:  # Tucker-2 of a conv kernel
-        return tucker_to_full(cores[1], [cores[0], cores[2]], (0, 1))
-    return full[: shape[0], : shape[1]]
-
-
 def _dense(part: Part, shape: Sequence[int]) -> Tensor:
-    return _dense_of(part.format, part.cores, part.in_shape, shape)
+    return dense_of(part.format, part.cores, part.in_shape, shape)
 
 
 def reconstruct(dec: Decomposition) -> Tensor:
@@ -321,35 +297,7 @@ def reconstruct(dec: Decomposition) -> Tensor:
             shape = (math.prod(dec.out_shape), math.prod(dec.in_shape))
         else:
             shape = (dec.cores[0].shape[0], -1)
-    return _dense_of(dec.format, dec.cores, dec.in_shape, shape)
-
-
-def _rel(w: Tensor, what: Tensor) -> float:
-    norm = float(w.norm())
-    return float((w - what).norm()) / norm if norm > 0 else 0.0
-
-
-def _rel_blocks(part: Part, cores: list[Tensor], weight: Tensor, work: torch.dtype) -> float:
-    """``||w - what|| / ||w||`` a block of rows at a time (a TT: one first-core index each).
-
-    Neither a converted copy of ``weight`` nor the dense reconstruction of a
-    TT is held whole, so a large embedding table is checked in its own memory.
-    """
-    if part.format != "tt" or part.out_shape is None:
-        what = _dense_of(part.format, cores, part.in_shape, weight.shape)
-        return _rel(weight.detach().to(work), what)
-    per = math.prod(part.out_shape[1:])
-    err = norm = 0.0
-    rows, cols = weight.shape[0], weight.reshape(weight.shape[0], -1).shape[1]
-    for a in range(part.out_shape[0]):
-        r0, r1 = a * per, min((a + 1) * per, rows)
-        if r0 >= rows:
-            break
-        block = weight[r0:r1].detach().reshape(r1 - r0, -1).to(work)
-        hat = tt_to_matrix([cores[0][:, a : a + 1], *cores[1:]])[: r1 - r0, :cols]
-        norm += float(block.square().sum())
-        err += float((block - hat).square().sum())
-    return math.sqrt(err / norm) if norm > 0 else 0.0
+    return dense_of(dec.format, dec.cores, dec.in_shape, shape)
 
 
 def _finish(part: Part, weight: Tensor, gram: Tensor | None) -> Decomposition:
@@ -357,22 +305,22 @@ def _finish(part: Part, weight: Tensor, gram: Tensor | None) -> Decomposition:
     work = work_dtype(weight.device)
     if gram is not None:
         w2 = weight.detach().to(work).reshape(weight.shape[0], -1)
-        what = _dense_of(part.format, [c.to(work) for c in cores], part.in_shape, weight.shape)
-        out_rel = _out_rel(w2, what.reshape(w2.shape), gram)
-        rel = _rel(w2, what.reshape(w2.shape))
+        what = dense_of(part.format, [c.to(work) for c in cores], part.in_shape, weight.shape)
+        out_err: float | None = out_rel(w2, what.reshape(w2.shape), gram)
+        err = _rel(w2, what.reshape(w2.shape))
     else:
-        out_rel = None
-        rel = _rel_blocks(part, [c.to(work) for c in cores], weight, work)
+        out_err = None
+        err = rel_blocks(part, [c.to(work) for c in cores], weight, work)
     return Decomposition(
         format=part.format,
         cores=cores,
         ranks=tuple(int(r) for r in part.ranks),
         out_shape=part.out_shape,
         in_shape=part.in_shape,
-        rel_error=rel,
+        rel_error=err,
         capped=part.note,
         n_params=sum(c.numel() for c in cores),
-        out_rel_error=out_rel,
+        out_rel_error=out_err,
         shape=tuple(weight.shape),
     )
 
