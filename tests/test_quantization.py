@@ -418,7 +418,7 @@ def test_argument_errors():
         quantize("model", weights=QuantSpec())
     with pytest.raises(
         ValueError,
-        match=r"int4/group3 cannot quantize '0.cores.0' of shape "
+        match=r"int4/group3\(axis=0\) cannot quantize '0.cores.0' of shape "
         r"\(1, 4, 3, 2\): group size 3 does not divide axis 0",
     ):
         quantize(model, cores={0: QuantSpec(4, granularity=("group", 3))})

@@ -66,6 +66,7 @@ KINDS = {
     "int": _int,
     "real": _real,
     "opt_real": lambda v: v is None or _real(v),
+    "opt_int": lambda v: v is None or _int(v),
     "rank": lambda v: (
         v is None
         or v == "full"
@@ -103,7 +104,7 @@ FIELDS = {
         "bits": KINDS["int"],
         "symmetric": KINDS["bool"],
         "granularity": KINDS["granularity"],
-        "axis": KINDS["int"],
+        "axis": KINDS["opt_int"],  # None: the layer decides
         "scale": choice(SCALE_KINDS),
         "pow2_rounding": choice(POW2_ROUNDINGS),
         "observer": choice(OBSERVERS),

@@ -86,7 +86,7 @@ def _why_not(module: QuantLinear) -> str | None:
             f"needs symmetric codes of <= 8 bits, got bits={spec.bits}, symmetric={spec.symmetric}"
         )
     if spec.granularity not in ("tensor", "channel") or (
-        spec.granularity == "channel" and spec.axis != 0
+        spec.granularity == "channel" and spec.axis not in (None, 0)
     ):
         return (
             f"needs per-tensor or per-output-channel scales, got {spec.granularity!r} "

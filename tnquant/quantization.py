@@ -71,7 +71,6 @@ from tnquant.core.globs import GlobTable, selected
 from tnquant.core.modules import join, replace_module
 from tnquant.core.ties import untie_hint
 from tnquant.quant.frozen import FrozenTensor, spec_summary
-from tnquant.quant.qparams import block_size
 from tnquant.quant.quantizer import Quantizer
 from tnquant.registry import (
     LayerKind,
@@ -80,14 +79,15 @@ from tnquant.registry import (
     quant_state,
     unsupported,
     weight_pairs,
+    weight_spec,
 )
-from tnquant.report import Report
+from tnquant.report import Report, Sizes
 from tnquant.sizes import SizeCounter, model_size_bits, size_report
-from tnquant.specs import Binary, FixedPoint, QuantSpec, Ternary
+from tnquant.specs import Binary, Codebook, FixedPoint, QuantSpec, Ternary
 
 __all__ = ["quantize", "convert", "model_size_bits", "size_report", "spec_summary", "ConvertReport"]
 
-_SPECS = (QuantSpec, Binary, Ternary, FixedPoint)
+_SPECS = (QuantSpec, Binary, Ternary, FixedPoint, Codebook)
 _Q_COLUMNS = (
     "name",
     "kind",
@@ -108,7 +108,7 @@ _Q_COLUMNS = (
 def _check_value(spec: Any, where: str) -> None:
     if spec is not None and not isinstance(spec, _SPECS):
         raise TypeError(
-            f"{where} must be a QuantSpec, Binary, Ternary or FixedPoint spec (or "
+            f"{where} must be a QuantSpec, Binary, Ternary, FixedPoint or Codebook spec (or "
             f"None), got {type(spec).__name__}"
         )
 
@@ -119,7 +119,7 @@ def _table(arg: Any, what: str, int_keys: bool = False) -> GlobTable:
         arg = {"*": arg}
     elif arg is not None and not isinstance(arg, Mapping):
         raise TypeError(
-            f"{what} must be a QuantSpec, Binary, Ternary or FixedPoint spec, or "
+            f"{what} must be a QuantSpec, Binary, Ternary, FixedPoint or Codebook spec, or "
             f"a mapping of patterns to them, got {type(arg).__name__}"
         )
     return GlobTable(arg, what, check_value=_check_value, int_keys=int_keys)
@@ -129,17 +129,6 @@ def _kind(module: nn.Module) -> LayerKind | None:
     """The registry entry of a layer ``quantize`` can change (a quantizable kind), or None."""
     kind = lookup(module)
     return kind if kind is not None and kind.quantizable else None
-
-
-def _check_weight_spec(spec: Any, shape: tuple[int, ...], where: str) -> None:
-    if isinstance(spec, FixedPoint) or (isinstance(spec, QuantSpec) and spec.dtype is not None):
-        return
-    try:
-        block_size(shape, spec.granularity, spec.axis)
-    except ValueError as err:
-        raise ValueError(
-            f"{spec_summary(spec)} cannot quantize {where} of shape {shape}: {err}"
-        ) from None
 
 
 def _check_act_spec(spec: Any, where: str) -> None:
@@ -222,7 +211,7 @@ def _plan_layer(
                 f"gone); quantize the float model instead"
             )
         if spec is not None:
-            _check_weight_spec(spec, _shape(t, q), where)
+            spec = weight_spec(module, spec, _shape(t, q), where)
         wchanges[tname] = spec
     achanges: dict[str, Any] = {}
     if acts.given:
@@ -364,8 +353,11 @@ def quantize(
         A spec (``QuantSpec``, ``Binary``, ``Ternary``, ``FixedPoint``) or a
         mapping from layer-name globs to specs (or ``None``), for dense
         weights and for the cores ``cores`` leaves alone. Per-channel
-        ``QuantSpec(granularity='channel', axis=0)`` is per output channel
-        of a Linear/Conv2d weight and per row of an Embedding.
+        ``QuantSpec(granularity='channel')`` is per output channel of a
+        Linear/Conv2d weight and per row of an Embedding; ``('group', n)``
+        with no ``axis`` groups the input (reduction) axis: a Linear's
+        ``in``, a conv's input channels, an Embedding row's ``dim``
+        (:func:`tnquant.registry.weight_spec`).
     activations
         A spec or a mapping from globs on ``'<layer>.input'``,
         ``'<layer>.output'``, ``'<layer>.inter_<k>'`` to specs (per tensor
@@ -393,7 +385,9 @@ def quantize(
         One row per changed layer: ``kind`` (class before), ``weights`` and
         ``activations`` (spec summaries, e.g. ``'cores.0=int4/channel(axis=3),
         cores.1=ternary'``), ``params``, ``bits_before``/``bits_after``
-        (:func:`model_size_bits` of the layer), ``note``; ``skipped`` lists
+        (:func:`model_size_bits` of the layer), ``note``; ``report.sizes``
+        (whole model and quantized layers, before and after:
+        :class:`tnquant.report.Sizes`); ``skipped`` lists
         patterns that matched nothing and layers left float with the reason
         (:func:`tnquant.registry.unsupported`: ``LSTM``, ``Conv3d``, dense
         subclasses, ...).
@@ -407,11 +401,12 @@ def quantize(
     carries the bits; the others say so in ``note``). The axes of a spec are
     axes of the stored tensor, which is ``(vocab, hidden)`` for both a
     ``Linear`` head and an ``Embedding``: per channel (``axis=0``) is per
-    output row of the head and per embedding row; ``('group', n)`` with
-    ``axis=1`` groups the head's input (reduction) axis and the embedding's
-    hidden axis alike. Two different specs for one tied parameter are
-    refused (``ValueError`` naming both); a member left float keeps its
-    float copy (its note says so: both are stored).
+    output row of the head and per embedding row; ``('group', n)`` (its
+    default ``axis=None``, or ``axis=1``) groups the head's input
+    (reduction) axis and the embedding's hidden axis alike. Two different
+    specs for one tied parameter are refused (``ValueError`` naming both);
+    a member left float keeps its float copy (its note says so: both are
+    stored).
 
     Raises
     ------
@@ -456,6 +451,7 @@ def quantize(
     for p in pats:
         p.check(report)
     tied, tie_notes = _plan_ties(model, plans)
+    model_before = model_size_bits(model) if plans else 0
     shared: dict[int, nn.Module | None] = dict.fromkeys(tied)
     counted = (SizeCounter(), SizeCounter())  # one for all rows: a tied weight counts once
     quantized: set[str] = set()
@@ -497,4 +493,7 @@ def quantize(
             UserWarning,
             stacklevel=2,
         )
+    if plans:
+        params = sum(r["params"] for r in report.rows)
+        report.sizes = Sizes.from_rows(model_before, report.rows, params=params)
     return report

@@ -33,6 +33,7 @@ from tnquant.qat.losses import LossFn
 from tnquant.qat.objective import check_objective
 from tnquant.qat.optim import OPTIMIZERS, SCHEDULES, warmup_steps
 from tnquant.qat.params import TRAIN_CHOICES
+from tnquant.qat.teacher_cache import DEFAULT_CACHE_BYTES, check_cache_options
 
 __all__ = ["FinetuneConfig", "merge_config"]
 
@@ -164,6 +165,14 @@ class FinetuneConfig:
         ``alpha * task + (1 - alpha) * distill``. Without teacher and task
         loss the model's own loss is minimised (a scalar output, or
         ``out.loss`` as Hugging Face models return).
+    teacher_cache, teacher_cache_bytes
+        Reuse the teacher's targets across epochs instead of calling the
+        teacher on every step (:mod:`tnquant.qat.teacher_cache`; the run
+        computes the same parameters either way). ``'auto'`` (default): when
+        ``data`` is a list or tuple of batches, caching up to
+        ``teacher_cache_bytes`` of targets (default ``2**30``, 1 GiB; the
+        batches past it call the teacher each time); ``True``: every batch
+        of any sequence, unbounded; ``False``: never.
     dropout
         ``False``: set ``p = 0`` on every dropout module of the model for the
         run (restored on return), so that the student chases the teacher's
@@ -235,6 +244,8 @@ class FinetuneConfig:
     task_loss: str | Callable[[Any, Any], Tensor] | None = None
     alpha: float = 0.5
     dropout: bool | None = None
+    teacher_cache: bool | str = "auto"
+    teacher_cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def __post_init__(self) -> None:
         _number("epochs", self.epochs, integer=True, allow_none=True)
@@ -275,6 +286,7 @@ class FinetuneConfig:
         )
         if self.dropout is not None and not isinstance(self.dropout, bool):
             raise TypeError(f"dropout must be True, False or None, got {self.dropout!r}")
+        check_cache_options(self.teacher_cache, self.teacher_cache_bytes)
 
     def _check_choices(self) -> None:
         if not callable(self.optimizer) and not _choice(self.optimizer, OPTIMIZERS):

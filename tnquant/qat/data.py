@@ -168,6 +168,26 @@ class EpochPlan:
                 positioned()
         return _strided(it, stride if skip else first, stride, steps - skip)
 
+    def keyed_batches(
+        self, epoch: int, skip: int = 0, positioned: Callable[[], None] | None = None
+    ) -> Iterator[tuple[int | None, Any]]:
+        """:meth:`batches` as ``(index, batch)`` pairs: a sequence's index, ``None`` for a loader.
+
+        The index names the batch across epochs (shuffled or not), which is
+        what the teacher cache (:mod:`tnquant.qat.teacher_cache`) keys on.
+
+        Examples
+        --------
+        >>> list(EpochPlan(["a", "b", "c"], shuffle=True, seed=0).keyed_batches(epoch=0))
+        [(2, 'c'), (0, 'a'), (1, 'b')]
+        """
+        if not self.is_sequence:
+            return ((None, b) for b in self.batches(epoch, skip, positioned))
+        idx = self.order(epoch)[self.rank :: self.world][: self.steps_per_epoch]
+        if skip and positioned is not None:
+            positioned()
+        return ((i, self.data[i]) for i in idx[skip:])
+
     def first_batch(self) -> Any:
         """The first batch of epoch 0 on this rank (for lazy initialisation).
 

@@ -40,6 +40,12 @@ class History:
         Wall-clock seconds spent training, over all resumed segments.
     resumed_from : int or None
         The step a resumed run started from.
+    teacher_calls : int
+        Forward passes of the teacher (a resumed run adds its own): one per
+        step uncached, one per batch with the teacher cache
+        (:mod:`tnquant.qat.teacher_cache`).
+    teacher_cache_bytes : int
+        Bytes of teacher targets the cache held at the end (0: none).
 
     Examples
     --------
@@ -57,6 +63,8 @@ class History:
     skipped: list[int] = field(default_factory=list)
     time_s: float = 0.0
     resumed_from: int | None = None
+    teacher_calls: int = 0
+    teacher_cache_bytes: int = 0
 
     def log_step(
         self,
@@ -120,6 +128,9 @@ class History:
             raise ValueError(
                 f"history entry 'evals' must be a list of dicts, got {type(evals).__name__}"
             )
+        for key in ("teacher_calls", "teacher_cache_bytes"):
+            if not _number(known.get(key, 0)):
+                raise ValueError(f"history entry {key!r} must be a number, got {known[key]!r}")
         if not _number(known.get("time_s", 0.0)):
             raise ValueError(
                 f"history entry 'time_s' must be a number, got {type(known['time_s']).__name__}"

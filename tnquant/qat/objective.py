@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,7 @@ from tnquant.qat.losses import (
     resolve_loss,
     resolve_task_loss,
 )
+from tnquant.qat.teacher_cache import TeacherCache
 
 __all__ = ["Objective", "model_loss", "check_objective"]
 
@@ -179,6 +180,9 @@ class Objective:
         self.teacher_device = _device_of(teacher) if teacher is not None else None
         self._stack: ExitStack | None = None
         self._collectors: tuple[HiddenCollector, HiddenCollector] | None = None
+        #: the teacher's targets by batch index (:mod:`tnquant.qat.teacher_cache`); off here,
+        #: ``finetune`` sets the one its ``teacher_cache`` option asks for
+        self.cache = TeacherCache(False)
 
     # ------------------------------------------------------------ set-up
     def attach(self, student: nn.Module) -> Objective:
@@ -212,24 +216,46 @@ class Objective:
         return batch[0]
 
     # ----------------------------------------------------------- forward
-    def _distill(self, teacher: nn.Module, loss_fn: LossFn, out: Any, inputs: Any) -> Tensor:
+    def teacher_targets(self, inputs: Any, key: int | None = None) -> list[Tensor]:
+        """What the loss compares the student with: the teacher's distilled tensor(s).
+
+        The ``hidden`` submodules' outputs, else ``outputs(teacher(inputs))``;
+        read from :attr:`cache` for batch ``key`` when it holds them, else
+        computed (in ``no_grad``) and offered to it.
+        """
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        teacher = cast(nn.Module, self.teacher)
         with torch.no_grad():
             t_out = call_model(teacher, move_batch(inputs, self.teacher_device))
+        self.cache.calls += 1
         if self._collectors is not None:
-            students, teachers = self._collectors[0].take(), self._collectors[1].take()
+            targets = self._collectors[1].take()
         else:
-            students, teachers = [self.outputs(out)], [self.outputs(t_out)]
+            targets = [self.outputs(t_out)]
+        self.cache.put(key, targets)
+        return targets
+
+    def _distill(self, loss_fn: LossFn, out: Any, inputs: Any, key: int | None) -> Tensor:
+        teachers = self.teacher_targets(inputs, key)
+        if self._collectors is not None:
+            students = self._collectors[0].take()
+        else:
+            students = [self.outputs(out)]
         terms = [loss_fn(s, t.to(s.device)) for s, t in zip(students, teachers, strict=True)]
         return torch.stack([_scalar(t, "loss") for t in terms]).mean()
 
-    def __call__(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
-        """``(total loss, {'distill': ..., 'task': ...})`` of one batch."""
+    def __call__(
+        self, model: nn.Module, batch: Any, key: int | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """``(total loss, {'distill': ..., 'task': ...})`` of one batch (``key``: its index)."""
         inputs = self.inputs(batch)
         out = call_model(model, inputs)
         terms: dict[str, float] = {}
         distill = task = None
         if self.teacher is not None and self.loss_fn is not None:
-            distill = self._distill(self.teacher, self.loss_fn, out, inputs)
+            distill = self._distill(self.loss_fn, out, inputs, key)
             terms["distill"] = float(distill.detach())
         if self.task_loss is not None:
             task = _scalar(self.task_loss(out, batch[1]), "task_loss")

@@ -96,6 +96,8 @@ MAY_CHANGE = (
     "ddp",
     "ddp_kwargs",
     "fused",
+    "teacher_cache",
+    "teacher_cache_bytes",
 )
 
 _RECORD = ("steps_per_epoch", "world", "total_steps")

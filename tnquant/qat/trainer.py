@@ -57,6 +57,7 @@ from tnquant.qat.history import FinetuneReport, History
 from tnquant.qat.objective import Objective
 from tnquant.qat.optim import make_optimizer, make_scheduler, warmup_steps
 from tnquant.qat.params import layer_rows, param_groups, select_parameters
+from tnquant.qat.teacher_cache import TeacherCache
 
 __all__ = ["Trainer", "model_device"]
 
@@ -88,6 +89,10 @@ class Trainer:
         self.device = model_device(model)
         self.precision = Precision(cfg.amp, self.device)
         self.plan = EpochPlan(data, ctx.world, ctx.rank, cfg.shuffle, cfg.seed)
+        if objective.teacher is not None:
+            objective.cache = TeacherCache.for_data(
+                self.plan.data, cfg.teacher_cache, cfg.teacher_cache_bytes
+            )
         self.total = cfg.total_steps(self.plan.steps_per_epoch)
         self.options = resume.run_options(cfg, objective, dropout)
         resumed = (
@@ -116,6 +121,7 @@ class Trainer:
         self.epoch_gen: Tensor | None = None
         if resumed is not None:
             self._resume(*resumed)
+        self.calls_before = self.history.teacher_calls  # teacher passes of earlier segments
         self.wrapped = ctx.wrap(model, self.device, cfg.ddp_kwargs)
 
     # ------------------------------------------------------------ set-up
@@ -180,6 +186,7 @@ class Trainer:
             self.objective.detach()
             bar.close()
             self.wrapped = self.model  # drops DDP and its gradient hooks
+            self.objective.cache.clear()  # the counts stay in the history
         self.history.time_s = clock[1] + time.perf_counter() - clock[0]
         return FinetuneReport(self.history, layer_rows(self.model, self.chosen))
 
@@ -200,8 +207,8 @@ class Trainer:
 
         self.epoch_rng = rng_state()
         self.epoch_gen = gen.get_state() if gen is not None else None
-        for batch in self.plan.batches(self.epoch, self.epoch_steps, positioned):
-            self._train_step(batch)
+        for key, batch in self.plan.keyed_batches(self.epoch, self.epoch_steps, positioned):
+            self._train_step(batch, key)
             self.step += 1
             self.epoch_steps += 1
             self._after_step(bar, clock)
@@ -220,11 +227,14 @@ class Trainer:
             "check that batch for NaN/Inf"
         )
 
-    def _train_step(self, batch: Any) -> None:
+    def _train_step(self, batch: Any, key: int | None = None) -> None:
         batch = move_batch(batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
-            total, terms = self.objective(self.wrapped, batch)
+            total, terms = self.objective(self.wrapped, batch, key)
+        cache = self.objective.cache
+        self.history.teacher_calls = self.calls_before + cache.calls
+        self.history.teacher_cache_bytes = cache.nbytes
         value = float(total.detach())
         finite = math.isfinite(value)
         if not finite and not self.ctx.enabled:

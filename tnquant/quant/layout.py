@@ -25,7 +25,7 @@ from torch import Tensor
 
 from tnquant.quant.primitives import compute_dtype
 from tnquant.quant.qparams import block_size
-from tnquant.specs import FLOAT_DTYPES, Binary, FixedPoint, QuantSpec, Ternary
+from tnquant.specs import FLOAT_DTYPES, Binary, Codebook, FixedPoint, QuantSpec, Ternary
 
 __all__ = ["Layout", "LAYOUTS", "layout_of", "spec_summary", "tensor_bits"]
 
@@ -94,12 +94,18 @@ def _layout_fixed(spec: FixedPoint) -> Layout:
     return _int_layout(spec.qmin, spec.qmax, False, False, False)
 
 
+def _layout_codebook(spec: Codebook) -> Layout:
+    # unsigned indices 0..2^bits-1; the codebook buffer is FrozenTensor's own
+    return _int_layout(spec.qmin, spec.qmax, True, False, False)
+
+
 #: The one dispatch table from spec type to its storage layout.
 LAYOUTS: dict[type, Callable[[Any], Layout]] = {
     QuantSpec: _layout_quantspec,
     Binary: _layout_binary,
     Ternary: _layout_ternary,
     FixedPoint: _layout_fixed,
+    Codebook: _layout_codebook,
 }
 
 
@@ -129,6 +135,8 @@ def spec_summary(spec: Any) -> str:
     >>> from tnquant import QuantSpec, Ternary, FixedPoint
     >>> spec_summary(QuantSpec(bits=8, symmetric=False, granularity=("group", 32), axis=1))
     'uint8/group32(axis=1)'
+    >>> spec_summary(QuantSpec(bits=4, granularity=("group", 32)))  # the layer's input axis
+    'int4/group32'
     >>> spec_summary(Ternary(method="ttq")), spec_summary(FixedPoint(8, 3))
     ('ternary-ttq', 'ap_fixed<8,3>')
     >>> from tnquant import Binary
@@ -143,6 +151,8 @@ def spec_summary(spec: Any) -> str:
         return str(spec.dtype)
     if isinstance(spec, QuantSpec):
         base = f"{'int' if spec.symmetric else 'uint'}{spec.bits}"
+    elif isinstance(spec, Codebook):
+        base = spec.kind if spec.kind != "kmeans" else f"kmeans{spec.bits}"
     elif isinstance(spec, Binary):
         base = "binary"
     else:
@@ -150,9 +160,14 @@ def spec_summary(spec: Any) -> str:
     gran = spec.granularity
     if gran != "tensor":
         text = "channel" if gran == "channel" else f"group{gran[1]}"
-        base += f"/{text}" + (f"(axis={spec.axis})" if spec.axis != 0 else "")
+        shown = spec.axis is not None and (gran != "channel" or spec.axis != 0)
+        base += f"/{text}" + (f"(axis={spec.axis})" if shown else "")
     elif isinstance(spec, QuantSpec):
         base += "/tensor"
+    if isinstance(spec, Codebook):
+        base += "/tensor" if gran == "tensor" else ""
+        base += ",block-codebook" if spec.centroids == "block" else ""
+        return base + (",learned" if spec.learnable else "")
     base += ",pow2" if spec.scale == "pow2" else ""
     if isinstance(spec, QuantSpec):
         base += ",lsq" if spec.learnable else ""
@@ -167,4 +182,8 @@ def _block(spec: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _scale_dtype(spec: Any, dtype: torch.dtype) -> torch.dtype:
     """What the quantizers produce: QuantSpec scales in the compute dtype, else ``dtype``."""
+    if isinstance(spec, Codebook):
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+            spec.scale_dtype
+        ]
     return compute_dtype(dtype) if isinstance(spec, QuantSpec) else dtype

@@ -7,6 +7,11 @@ elements that share one scale (and zero point), as in torchao.
 - ``'channel'`` along ``axis``: ``1`` at ``axis``, the full size elsewhere;
 - ``('group', n)`` along ``axis``: ``n`` at ``axis``, ``1`` elsewhere.
 
+``axis=None`` is the weight convention (:func:`default_axis`): a channel is
+an index of axis 0 (a weight's output axis) and a group runs along axis 1
+(the input, reduction, axis of an ``(out, in, ...)`` weight, as in torchao,
+GPTQ and optimum-quanto), axis 0 of a 1-d tensor.
+
 Scales are stored in the *qparam shape* ``x.shape[d] // block_size[d]`` and
 broadcast back through :func:`expand`, which views ``x`` as
 ``(n_0, b_0, n_1, b_1, ...)`` (no copies).
@@ -37,6 +42,7 @@ __all__ = [
     "expand",
     "to_blocks",
     "normalize_axis",
+    "default_axis",
 ]
 
 
@@ -71,11 +77,31 @@ def normalize_axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
-def block_size(shape: tuple[int, ...], granularity: Granularity, axis: int = 0) -> tuple[int, ...]:
+def default_axis(granularity: Granularity, ndim: int) -> int:
+    """The axis ``axis=None`` means: 0 for ``'channel'``, 1 for a group (0 on a 1-d tensor).
+
+    tnquant's weights are seen as ``(out, in, ...)`` (Hugging Face's
+    ``Conv1D`` through its transposed view), so per channel is per output
+    channel and a group runs along the input (reduction) axis: a Linear's
+    ``in``, a convolution's input channels, an embedding row's ``dim``.
+
+    Examples
+    --------
+    >>> default_axis(("group", 32), 2), default_axis("channel", 4), default_axis(("group", 4), 1)
+    (1, 0, 0)
+    """
+    if isinstance(granularity, tuple) and ndim >= 2:
+        return 1
+    return 0
+
+
+def block_size(
+    shape: tuple[int, ...], granularity: Granularity, axis: int | None = None
+) -> tuple[int, ...]:
     """The block of elements sharing one scale, for a tensor of ``shape``.
 
-    Raises ``ValueError`` for an axis out of range or a group size that does
-    not divide the axis.
+    ``axis=None`` is :func:`default_axis`. Raises ``ValueError`` for an axis
+    out of range or a group size that does not divide the axis.
 
     Examples
     --------
@@ -83,6 +109,8 @@ def block_size(shape: tuple[int, ...], granularity: Granularity, axis: int = 0) 
     (1, 16)
     >>> block_size((8, 16), "tensor")
     (8, 16)
+    >>> block_size((8, 64), ("group", 32))  # along the input axis
+    (1, 32)
     """
     shape = tuple(int(s) for s in shape)
     granularity = normalize_granularity(granularity)
@@ -90,6 +118,8 @@ def block_size(shape: tuple[int, ...], granularity: Granularity, axis: int = 0) 
         return shape
     if not shape:
         raise ValueError(f"granularity {granularity!r} needs a tensor with at least one axis")
+    if axis is None:
+        axis = default_axis(granularity, len(shape))
     ax = normalize_axis(axis, len(shape))
     if granularity == "channel":
         return tuple(1 if d == ax else s for d, s in enumerate(shape))
@@ -167,6 +197,10 @@ class QParams:
     cast_dtype
         For float-format specs: the dtype codes are stored in; ``scale`` is
         then all ones.
+    codebook
+        For :class:`~tnquant.specs.Codebook` specs: the table the codes index
+        (``(K,)``, or the qparam shape plus ``(K,)``); values are then
+        ``codebook[codes] * scale``.
     """
 
     scale: Tensor
@@ -178,6 +212,7 @@ class QParams:
     dtype: torch.dtype
     scale_neg: Tensor | None = None
     cast_dtype: torch.dtype | None = None
+    codebook: Tensor | None = None
 
     def replace(self, **changes: Any) -> QParams:
         return replace(self, **changes)

@@ -28,7 +28,13 @@ Examples
 'LSTM is not supported'
 """
 
-from tnquant.registry.anatomy import activation_sites, quant_state, store_frozen, weight_pairs
+from tnquant.registry.anatomy import (
+    activation_sites,
+    quant_state,
+    store_frozen,
+    weight_pairs,
+    weight_spec,
+)
 from tnquant.registry.builtin import BUILTIN, LAZY
 from tnquant.registry.entry import ROLES, WEIGHT_KINDS, LayerKind, LazyKinds
 from tnquant.registry.serialize import BuildContext, Handler
@@ -73,6 +79,7 @@ __all__ = [
     "FactorizeTable",
     "HandlerTable",
     "weight_pairs",
+    "weight_spec",
     "activation_sites",
     "quant_state",
     "store_frozen",

@@ -19,14 +19,19 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, cast
 
 from torch import Tensor, nn
 
 from tnquant.layers.anatomy import core_weight_pairs, dense_weight_pairs, state_of
+from tnquant.layers.lowrank import LowRankLinear
+from tnquant.quant.layout import spec_summary
+from tnquant.quant.qparams import block_size
 from tnquant.registry.table import lookup
+from tnquant.specs import Codebook, FixedPoint, QuantSpec
 
-__all__ = ["weight_pairs", "activation_sites", "quant_state", "store_frozen"]
+__all__ = ["weight_pairs", "activation_sites", "quant_state", "store_frozen", "weight_spec"]
 
 
 def weight_pairs(module: nn.Module) -> list[tuple[str, Tensor, nn.Module | None]]:
@@ -77,3 +82,64 @@ def store_frozen(module: nn.Module, k: int, frozen: nn.Module, placeholder: nn.P
     else:
         module.weight_quantizer = frozen
         module.weight = placeholder
+
+
+def weight_spec(
+    module: nn.Module, spec: Any, shape: tuple[int, ...] | None = None, where: str = "the weight"
+) -> Any:
+    """``spec`` as a weight quantizer of ``module`` holds it: the axis a layer decides, pinned.
+
+    A ``QuantSpec`` with ``axis=None`` means "the layer decides"
+    (:func:`tnquant.quant.qparams.default_axis`: per channel along axis 0,
+    per group along axis 1, the input axis of the ``(out, in, ...)`` weight
+    every dense and quantized kind shows through :func:`weight_pairs`), and
+    is kept as it is there and on ``LowRankLinear`` cores (``U (out, r)``
+    and ``V (r, in)``, each a Linear weight grouped along its reduction
+    axis 1). The cores of the other factorized kinds (TT, Tucker, CP) have
+    no one reduction axis: a group spec with ``axis=None`` is pinned to
+    ``axis=0`` for them (their layout as before). Given a ``shape``, the
+    result is checked against it (``ValueError`` naming ``where``: an axis
+    out of range, a group size that does not divide the axis).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tnquant.layers import TTLinear
+    >>> layer = TTLinear([torch.randn(1, 4, 4, 3), torch.randn(3, 4, 4, 1)])
+    >>> weight_spec(layer, QuantSpec(granularity=("group", 2))).axis
+    0
+    >>> weight_spec(torch.nn.Linear(4, 2), QuantSpec(granularity=("group", 2))).axis is None
+    True
+    >>> weight_spec(torch.nn.Linear(6, 2), QuantSpec(granularity=("group", 4)), (2, 6), "'fc'")
+    Traceback (most recent call last):
+    ...
+    ValueError: int8/group4 cannot quantize 'fc' of shape (2, 6): group size 4 does not \
+divide axis 1 of size 6 (shape (2, 6)) (axis=None groups the input axis 1; give axis= to \
+group along another one)
+    """
+    if (
+        isinstance(spec, (QuantSpec, Codebook))
+        and spec.axis is None
+        and isinstance(spec.granularity, tuple)
+        and not isinstance(module, LowRankLinear)
+    ):
+        kind = lookup(module)
+        if kind is not None and kind.role == "factorized":
+            spec = dataclasses.replace(spec, axis=0)
+    if shape is not None:
+        _check_shape(spec, shape, where)
+    return spec
+
+
+def _check_shape(spec: Any, shape: tuple[int, ...], where: str) -> None:
+    if isinstance(spec, FixedPoint) or (isinstance(spec, QuantSpec) and spec.dtype is not None):
+        return
+    try:
+        block_size(shape, spec.granularity, spec.axis)
+    except ValueError as err:
+        hint = ""
+        if getattr(spec, "axis", 0) is None and isinstance(spec.granularity, tuple):
+            hint = " (axis=None groups the input axis 1; give axis= to group along another one)"
+        raise ValueError(
+            f"{spec_summary(spec)} cannot quantize {where} of shape {shape}: {err}{hint}"
+        ) from None

@@ -43,7 +43,7 @@ Granularity = Union[str, tuple[str, int]]
 ROUNDING_MODES = ("nearest_even", "half_up", "floor", "stochastic")
 SCALE_KINDS = ("float", "pow2")
 POW2_ROUNDINGS = ("ceil", "round")
-OBSERVERS = ("minmax", "ema", "percentile", "mse")
+OBSERVERS = ("minmax", "ema", "percentile", "mse", "hqq")
 FLOAT_DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -117,8 +117,20 @@ class QuantSpec:
         ``('group', n)`` (one scale per ``n`` consecutive elements along
         ``axis``, for every index of the other axes).
     axis
-        The channel axis (``'channel'``) or the grouped axis (``('group', n)``).
-        Negative values count from the end.
+        The channel axis (``'channel'``) or the grouped axis (``('group', n)``);
+        negative values count from the end. ``None`` (the default): the
+        layer decides. Per channel is per output channel (axis 0 of a
+        Linear/conv weight, per row of an Embedding); a group runs along the
+        input (reduction) axis, as in torchao, GPTQ and optimum-quanto: a
+        Linear weight's ``in`` (axis 1; Hugging Face's ``Conv1D``, stored
+        ``(in, out)``, is quantized through its ``(out, in)`` view), a conv
+        weight's input channels (axis 1 of ``(out, in, kh, kw)``), an
+        Embedding row's ``dim`` (axis 1). Cores of factorized layers:
+        ``LowRankLinear``'s ``U (out, r)`` and ``V (r, in)`` group along
+        axis 1 (each one's reduction axis), the other cores along axis 0.
+        A bare tensor (``tnquant.quant.quantize``): axis 0 per channel,
+        axis 1 per group (axis 0 of a 1-d tensor). In 0.1.0 an unset axis
+        meant 0 for groups too; pass ``axis=0`` for that layout.
     scale
         ``'float'`` or ``'pow2'`` (``2^k``; see ``pow2_rounding``).
     pow2_rounding
@@ -126,7 +138,9 @@ class QuantSpec:
         ``'round'`` (nearest power of two in the log domain).
     observer
         How ranges are estimated during calibration: ``'minmax'``, ``'ema'``,
-        ``'percentile'`` or ``'mse'``.
+        ``'percentile'``, ``'mse'`` or ``'hqq'`` (affine grids only: HQQ's
+        half-quadratic fit of the zero point and scale, no data; see
+        :mod:`tnquant.quant.hqq`).
     learnable
         LSQ: the scale (and, for affine, the offset, LSQ+) is a learned
         parameter.
@@ -152,12 +166,14 @@ class QuantSpec:
     0
     >>> QuantSpec(dtype="bfloat16").bits
     16
+    >>> QuantSpec(bits=4, granularity=("group", 32)).axis is None  # the layer decides
+    True
     """
 
     bits: int = 8
     symmetric: bool = True
     granularity: Granularity = "tensor"
-    axis: int = 0
+    axis: int | None = None
     scale: str = "float"
     pow2_rounding: str = "ceil"
     observer: str = "minmax"
@@ -183,10 +199,19 @@ class QuantSpec:
                 "narrow_range leaves a 1-bit symmetric spec no non-zero code; use Binary()"
             )
         put(self, "granularity", normalize_granularity(self.granularity))
-        put(self, "axis", check_int("axis", self.axis))
+        if self.axis is not None:
+            if isinstance(self.axis, bool) or not isinstance(self.axis, numbers.Integral):
+                raise TypeError(f"axis must be an int or None, got {describe(self.axis)}")
+            put(self, "axis", int(self.axis))
         check_choice("scale", self.scale, SCALE_KINDS)
         check_choice("pow2_rounding", self.pow2_rounding, POW2_ROUNDINGS)
         check_choice("observer", self.observer, OBSERVERS)
+        if self.observer == "hqq" and (self.symmetric or self.dtype is not None):
+            raise ValueError(
+                "observer='hqq' fits the zero point of an affine integer grid: it needs "
+                f"symmetric=False and dtype=None, got symmetric={self.symmetric}, "
+                f"dtype={self.dtype!r}"
+            )
         check_choice("rounding", self.rounding, ROUNDING_MODES)
         put(self, "percentile", check_float("percentile", self.percentile, 0, 100, lo_open=True))
         put(self, "ema_decay", check_float("ema_decay", self.ema_decay, 0, 1, hi_open=True))
