@@ -11,7 +11,7 @@ embeddings, LayerNorms and pooler float32 in every row):
   the size and the speed depend on the ranks only, which the ratio fixes;
   the data-aware fit of ``bench_ptq_minilm.py`` has the same shapes), float
   and with int8 per-channel cores (rank axes), converted;
-- ``convert(int8_kernels=True)``: tnquant's explicit inexact fast path, the
+- ``convert(kernels='int8_dynamic')``: tnquant's explicit inexact fast path, the
   same int8 codes and scales as the converted model on torch's dynamic int8
   Linear (activations quantized per batch); not bit-identical, not savable
   with ``tnquant.save`` (its size is ``torch.save`` of its state dict);
@@ -36,7 +36,13 @@ its round medians; ratios against float32 of the same run. A converted
 multiply per weight), then runs the float matmul: it costs time, it does not
 save it.
 
-Run: ``.venv/bin/python benchmarks/bench_converted.py [--quick]``
+The kernel paths of ``convert(kernels=...)`` (packed int8 / int4, bf16) against
+float, ``quantize_dynamic`` and the exact path, at batch 1 x 16 and 32 x 64
+tokens and on a factorized 1024^2 layer, with memory: ``converted_kernels.py``
+(appended to the results; ``--kernels-only`` runs just those tables and writes
+``results/converted_kernels.md``).
+
+Run: ``.venv/bin/python benchmarks/bench_converted.py [--quick] [--kernels-only]``
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, median_time  # noqa: E402
+from converted_kernels import kernel_section  # noqa: E402
 
 from tnquant import TT, QuantSpec, convert, factorize, load, model_size_bits, save  # noqa: E402
 from tnquant.cli.datasets import load_minilm, split_corpus  # noqa: E402
@@ -67,7 +74,7 @@ from tnquant.pipeline import QuantizeSection, Recipe, run_pipeline  # noqa: E402
 
 LAYERS = "encoder.encoder.layer.*"
 RESULTS = Path(__file__).resolve().parent / "results" / "converted.md"
-FAST = "int8 per-channel, convert(int8_kernels=True) (inexact fast path)"
+FAST = "int8 per-channel, convert(kernels='int8_dynamic') (inexact fast path)"
 
 
 def dir_bytes(path: Path) -> int:
@@ -89,7 +96,7 @@ def build_models(
     int8_fq = run_pipeline(model, Recipe(quantize=int8), calib, progress=False).model
     models["int8 per-channel, fake-quant"] = int8_fq
     models["int8 per-channel, converted"] = convert(int8_fq, inplace=False, progress=False).model
-    fast = convert(copy.deepcopy(int8_fq), int8_kernels=True, progress=False).model
+    fast = convert(copy.deepcopy(int8_fq), kernels="int8_dynamic", progress=False).model
     models[FAST] = fast
 
     tt = copy.deepcopy(model)
@@ -146,7 +153,7 @@ def disk_sizes(models, names, batch, out) -> dict[str, tuple[int, float | None, 
     """Bytes on disk, encoder Linear MB and a note (save/load exact) of every model."""
     sizes: dict[str, tuple[int, float | None, str]] = {}
     for label, m in models.items():
-        if label.startswith("torch") or "int8_kernels" in label:
+        if label.startswith("torch") or "int8_dynamic" in label:
             buf = io.BytesIO()
             torch.save(m.state_dict(), buf)
             sizes[label] = (buf.getbuffer().nbytes, None, "torch.save(state_dict)")
@@ -207,6 +214,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer timing repeats")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--kernels-only",
+        action="store_true",
+        help="only the kernel-path tables (converted_kernels)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     t_start = time.perf_counter()
@@ -231,6 +243,21 @@ def main() -> None:
         for n, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and n.startswith("encoder.encoder.layer.")
     ]
+    kernels_md = kernel_section(model, tokenizer, calib, names, test, rounds, repeats)
+    print(kernels_md, flush=True)
+    kernels_text = (
+        f"## Kernel paths of convert: latency and throughput\n\n"
+        f"command: `{command}`\n\nmachine: {machine()}\n\nTiming: {rounds} interleaved "
+        f"rounds x `median_time(repeats={repeats})`, median of the round medians; ratios "
+        f"against float32 (or the dense layer) in the same run; batches padded to exactly "
+        f"16 and 64 tokens.\n\n{kernels_md}"
+    )
+    if args.kernels_only:
+        out = Path(args.out).with_name("converted_kernels.md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(kernels_text)
+        print(f"total {time.perf_counter() - t_start:.0f}s; wrote {out}")
+        return
     models, tt_q, tt_sec, dyn_note = build_models(model, calib, names)
     with torch.no_grad():
         out = {k: m.eval()(**batch) for k, m in models.items()}
@@ -268,7 +295,8 @@ def main() -> None:
         f"Cost of dequantizing every FrozenTensor of the converted model once (what each "
         f"forward call does before the float matmuls):\n\n{deq_md}\n\n"
         + "".join(f"- {c}\n" for c in checks)
-        + f"\nTotal wall time: {total:.0f}s.\n"
+        + f"\nTotal wall time: {total:.0f}s.\n\n"
+        + kernels_text
     )
     print(md)
     print(deq_md)

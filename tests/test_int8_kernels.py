@@ -98,8 +98,21 @@ def test_convert_flag_takes_the_fast_path_and_notes_it():
         },
         progress=False,
     )
-    report = convert(model, int8_kernels=True, progress=False)
+    with pytest.warns(DeprecationWarning, match="kernels='int8_dynamic'"):
+        report = convert(model, int8_kernels=True, progress=False)
     notes = {r["name"]: r["note"] for r in report.rows}
     assert notes == {"0": "int8 kernel", "2": None}
     assert type(model[0]).__module__.startswith("torch.ao.nn.quantized")
     assert type(model[2]).__name__ == "QuantLinear"
+
+
+def test_convert_kernels_int8_dynamic_same_as_alias():
+    model = _model(3)
+    quantize(model, weights=QuantSpec(bits=8, granularity="channel"), progress=False)
+    report = convert(model, kernels="int8_dynamic", progress=False)
+    assert [r["note"] for r in report.rows] == ["int8 kernel", "int8 kernel"]
+    with (
+        pytest.warns(DeprecationWarning),
+        pytest.raises(ValueError, match="conflicts with kernels='packed'"),
+    ):
+        convert(_model(), kernels="packed", int8_kernels=True, progress=False)

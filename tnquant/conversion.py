@@ -22,6 +22,7 @@ Examples
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import cast
 
 import torch
@@ -33,12 +34,15 @@ from tnquant.core.modules import join
 from tnquant.quant.frozen import FrozenTensor, spec_summary, tensor_bits
 from tnquant.quant.quantizer import Quantizer
 from tnquant.registry import lookup, store_frozen, weight_pairs
-from tnquant.report import Report
-from tnquant.sizes import same_frozen
+from tnquant.report import Report, Sizes
+from tnquant.sizes import model_size_bits, same_frozen
 
-__all__ = ["convert", "ConvertReport", "tensor_id", "weight_ties"]
+__all__ = ["convert", "ConvertReport", "KERNEL_PATHS", "tensor_id", "weight_ties"]
 
 _COLUMNS = ("name", "kind", "tensors", "bits_before", "bits_after", "note")
+
+#: the ``kernels`` choices of :func:`convert`
+KERNEL_PATHS = ("auto", "exact", "packed", "int8_dynamic")
 
 
 class ConvertReport(Report):
@@ -145,6 +149,8 @@ def convert(
     *,
     inplace: bool = True,
     dynamic_activations: bool = False,
+    kernels: str = "auto",
+    kernel_dtype: torch.dtype = torch.bfloat16,
     int8_kernels: bool = False,
     progress: bool = True,
 ) -> ConvertReport:
@@ -172,14 +178,37 @@ def convert(
     dynamic_activations
         Accept activation quantizers without calibrated ranges (they keep
         computing their scale from every input).
+    kernels
+        How the converted layers compute (exactness measured in
+        ``tests/quant/test_packed_kernels.py``, speed in ``BENCHMARKS.md``):
+
+        - ``'exact'``: the ``FrozenTensor`` dequantizes its codes (one fused
+          integer-times-scale pass for 4- and 8-bit codes), then the float op:
+          **bit-identical** (``torch.equal``) to the fake-quant model;
+        - ``'auto'`` (default): the fastest bit-identical path, which is
+          ``'exact'`` (no kernel below is bit-identical);
+        - ``'packed'``: weight-only int4 / int8 on torch's packed CPU kernels
+          (:func:`tnquant.packed.to_packed_kernels`: dense ``QuantLinear``,
+          ``LowRankLinear`` and matrix ``TuckerLinear``, the same codes and
+          scales mapped exactly), computed in ``kernel_dtype``; **not**
+          bit-identical: the kernel sums ``x * code`` and scales after, in its
+          own order, and in bfloat16 rounds the activations and scales
+          (relative error about ``2**-8`` per product, so ``atol`` of a few
+          ``2**-8 * sum_k |x_k w_k|`` per output);
+        - ``'int8_dynamic'``: torch's dynamic int8 ``Linear`` with the same
+          int8 codes and scales, the inputs quantized to 8 bits per batch
+          (:func:`tnquant.int8_kernels.to_int8_kernels`); **not**
+          bit-identical (the activation rounding: ``|dy| <= step/2 *
+          sum_k |w_k|``).
+
+        The kernel paths are CPU only and not savable with :func:`tnquant.save`;
+        the rows they changed say ``int4 kernel`` / ``int8 kernel`` in ``note``.
+    kernel_dtype
+        The compute dtype of ``kernels='packed'``: ``torch.bfloat16`` (the
+        kernels' vectorised path) or ``torch.float32`` (a scalar loop in torch
+        2.13, many times slower than ``F.linear``: ``BENCHMARKS.md``).
     int8_kernels
-        The explicit **inexact** fast path: afterwards, run every eligible
-        int8 dense ``QuantLinear`` on torch's int8 GEMM with the same codes
-        and scales, its inputs quantized per batch
-        (:func:`tnquant.int8_kernels.to_int8_kernels`; CPU only, not
-        bit-identical to the fake-quant model, not savable with
-        :func:`tnquant.save`). The rows it changed say ``int8 kernel`` in
-        ``note``.
+        Deprecated alias of ``kernels='int8_dynamic'`` (warns).
     progress
         Show a progress bar over layers.
 
@@ -188,7 +217,9 @@ def convert(
     ConvertReport
         Per layer: ``tensors`` (``name=spec`` of the frozen tensors),
         ``bits_before``/``bits_after`` (float storage before, real storage
-        after); ``report.model`` is the converted model.
+        after); ``report.sizes``: the whole model and the converted layers
+        (:class:`tnquant.report.Sizes`, the model "before" holding those
+        weights float); ``report.model`` is the converted model.
 
     Raises
     ------
@@ -212,6 +243,17 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if int8_kernels:
+        warnings.warn(
+            "convert(int8_kernels=True) is deprecated; use convert(kernels='int8_dynamic')",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if kernels not in ("auto", "int8_dynamic"):
+            raise ValueError(f"int8_kernels=True conflicts with kernels={kernels!r}")
+        kernels = "int8_dynamic"
+    if kernels not in KERNEL_PATHS:
+        raise ValueError(f"kernels must be one of {list(KERNEL_PATHS)}, got {kernels!r}")
     check_model(model, "convert", finite=True)
     if not inplace:
         model = copy.deepcopy(model)
@@ -220,6 +262,7 @@ def convert(
     report = ConvertReport("convert", columns=_COLUMNS)
     report.model = model
     done: _Done = {}
+    params = 0
     for name, module in tqdm(units, desc="convert", disable=not progress):
         pending = [
             (k, tname, t, q)
@@ -229,6 +272,7 @@ def convert(
         if not pending:
             continue
         before = sum(tensor_bits(t) for _, _, t, _ in pending if tensor_id(t) not in done)
+        params += sum(t.numel() for _, _, t, _ in pending if tensor_id(t) not in done)
         frozen, shared, after = [], [], 0
         for k, tname, t, q in pending:
             f, first = _freeze_weight(module, k, t, q, repr(join(name, tname)), done)
@@ -245,15 +289,30 @@ def convert(
             bits_after=after,
             note="; ".join(shared) or None,
         )
-    if int8_kernels:
+    if report.rows:
+        after = model_size_bits(model)  # float storage before, real storage after
+        layers = Sizes.from_rows(after, report.rows, before="bits_after", after="bits_before")
+        report.sizes = Sizes(
+            layers.model_after, after, params, layers.layers_after, layers.layers_before
+        )
+    if kernels in ("packed", "int8_dynamic"):
+        _run_kernels(model, report, kernels, kernel_dtype, progress)
+    return report
+
+
+def _run_kernels(
+    model: nn.Module, report: ConvertReport, kernels: str, dtype: torch.dtype, progress: bool
+) -> None:
+    """Swap the layers onto the kernel path ``kernels``; note the rows it changed."""
+    if kernels == "packed":
+        from tnquant.packed import to_packed_kernels
+
+        rows = to_packed_kernels(model, compute_dtype=dtype, progress=progress).rows
+    else:
         from tnquant.int8_kernels import to_int8_kernels
 
-        fast = {
-            row["name"]
-            for row in to_int8_kernels(model, progress=progress).rows
-            if row["status"] == "int8 kernel"
-        }
-        for row in report.rows:
-            if row["name"] in fast:
-                row["note"] = "int8 kernel"
-    return report
+        rows = to_int8_kernels(model, progress=progress).rows
+    fast = {row["name"]: row["status"] for row in rows if row["status"] != "kept"}
+    for row in report.rows:
+        if row["name"] in fast:
+            row["note"] = "; ".join(filter(None, [row["note"], fast[row["name"]]]))

@@ -181,20 +181,26 @@ def unpack(
         )
     if dtype is None:
         dtype = torch.int8 if signed else torch.uint8
-    if 8 % bits == 0:
-        per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
-        u = (packed.reshape(-1, 1).to(torch.int32) >> shifts) & ((1 << bits) - 1)
-        u = u.reshape(-1)[:numel]
-    else:
-        lanes8 = torch.arange(8, dtype=torch.int32, device=packed.device)
-        stream = ((packed.reshape(-1, 1).to(torch.int32) >> lanes8) & 1).reshape(-1)
-        stream = stream[: numel * bits].reshape(numel, bits)
-        lanes = torch.arange(bits, dtype=torch.int32, device=packed.device)
-        u = (stream << lanes).sum(dim=1)
-    if signed:
-        u = torch.where(u >= (1 << (bits - 1)), u - (1 << bits), u)
-    return u.to(dtype)
+    flat = packed.reshape(-1)
+    if bits == 8:
+        u8 = flat
+    elif 8 % bits == 0:  # whole codes per byte: shift and mask in uint8
+        lanes = [(flat >> (j * bits)) & ((1 << bits) - 1) for j in range(8 // bits)]
+        u8 = torch.stack(lanes, dim=-1).reshape(-1)[:numel]
+    else:  # g bytes hold 8g/bits whole codes: one int64 word per g bytes, then shifts
+        g = bits if bits % 2 else bits // 2
+        pad = (-flat.numel()) % g
+        grouped = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, g).to(torch.int64)
+        word = grouped[:, 0].clone()
+        for i in range(1, g):
+            word |= grouped[:, i] << (8 * i)
+        lanes = [(word >> (j * bits)) & ((1 << bits) - 1) for j in range(8 * g // bits)]
+        u8 = torch.stack(lanes, dim=-1).reshape(-1)[:numel].to(torch.uint8)
+    if signed:  # sign-extend in int8: (u ^ h) - h
+        half = 1 << (bits - 1)
+        s8 = u8.view(torch.int8)
+        return (s8 if bits == 8 else (s8 ^ half) - half).to(dtype)
+    return u8.to(dtype)
 
 
 def pack_binary(codes: Tensor) -> Tensor:
