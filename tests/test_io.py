@@ -573,7 +573,10 @@ def test_path_traversal_is_refused(saved, tmp_path, where, value, error, match):
         (5, "must be a spec object"),
         ({"type": "Nope"}, "unknown spec type 'Nope'"),
         ({"type": "QuantSpec", "bits": "eight"}, "is not a valid spec"),
-        ({"type": "TT", "rank": 2}, "must be a QuantSpec or Binary or Ternary or FixedPoint spec"),
+        (
+            {"type": "TT", "rank": 2},
+            "must be a QuantSpec or Binary or Ternary or FixedPoint or Codebook spec",
+        ),
         ({"type": "QuantSpec", "nope": 1}, "unknown field"),
     ],
 )

@@ -168,6 +168,8 @@ def forge(src: Path, dst: Path, change: Any) -> Path:
 
 #: safetensors dtype code -> (torch name, bytes per element)
 DTYPES = {
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
     "F32": ("float32", 4),
     "F64": ("float64", 8),
     "U8": ("uint8", 1),

@@ -10,7 +10,7 @@ from tnquant.ptq import calibrate
 from tnquant.qat import finetune
 from tnquant.quantization import convert, model_size_bits, quantize, size_report
 from tnquant.report import Report
-from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
+from tnquant.specs import CP, TT, Binary, Codebook, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
 
 __all__ = [
     "TT",
@@ -21,6 +21,7 @@ __all__ = [
     "Binary",
     "Ternary",
     "FixedPoint",
+    "Codebook",
     "factorize",
     "quantize",
     "calibrate",

@@ -52,7 +52,7 @@ from tnquant.report import Report
 
 __all__ = ["model_size_bits", "size_report", "SizeCounter", "same_frozen"]
 
-_QPARAM_NAMES = ("scale", "zero_point", "scale_neg")
+_QPARAM_NAMES = ("scale", "zero_point", "scale_neg", "codebook")
 _COLUMNS = ("name", "kind", "state", "codes_bits", "qparams_bits", "other_bits", "size_bits")
 
 

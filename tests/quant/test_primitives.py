@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tnquant import Binary, FixedPoint, QuantSpec, Ternary
+from tnquant import Binary, Codebook, FixedPoint, QuantSpec, Ternary
 from tnquant.quant.primitives import (
     HANDLERS,
     choose_qparams,
@@ -507,11 +507,12 @@ def test_bad_qparams_and_inputs():
 
 
 def test_unknown_spec_type_lists_valid_ones():
-    with pytest.raises(TypeError, match=r"\['QuantSpec', 'Binary', 'Ternary', 'FixedPoint'\]"):
+    valid = r"\['QuantSpec', 'Binary', 'Ternary', 'FixedPoint', 'Codebook'\]"
+    with pytest.raises(TypeError, match=valid):
         quantize(torch.ones(2), "int8")
     with pytest.raises(TypeError, match="got dict"):
         fake_quantize(torch.ones(2), {"bits": 8})
-    assert set(HANDLERS) == {QuantSpec, Binary, Ternary, FixedPoint}
+    assert set(HANDLERS) == {QuantSpec, Binary, Ternary, FixedPoint, Codebook}
 
 
 def test_choose_from_given_ranges_matches_numpy():

@@ -45,6 +45,7 @@ from tnquant.io.file_checks import (
     read_regular,
 )
 from tnquant.io.files import dtype_name
+from tnquant.quant.codebook import codebook_shape
 from tnquant.quant.frozen import FrozenTensor
 from tnquant.quant.observers import Observer
 from tnquant.quant.qparams import block_size, qparam_shape
@@ -303,6 +304,26 @@ def check_base_state(
         raise ValueError("the model does not match the saved architecture: " + " | ".join(problems))
 
 
+def _check_codebook_state(q: Quantizer, where: str) -> None:
+    """A loaded Codebook quantizer's table: the shape its spec and tensor_shape give."""
+    if q.tensor_shape.numel() == 0 and not q.codebook.numel():
+        return
+    shape = tuple(int(s) for s in q.tensor_shape.tolist())  # checked by _check_state_shape
+    try:
+        want = codebook_shape(q.spec, shape)
+    except ValueError as err:
+        raise IntegrityError(
+            f"{where}: tensor_shape {shape} does not fit the spec: {err}"
+        ) from None
+    if tuple(q.codebook.shape) != want:
+        raise IntegrityError(
+            f"{where}: the codebook has shape {tuple(q.codebook.shape)}; the spec and "
+            f"tensor_shape {shape} give {want}"
+        )
+    if not bool(torch.isfinite(q.codebook).all()):
+        raise IntegrityError(f"{where}: the codebook holds non-finite values")
+
+
 def _check_state_shape(shape_t: Tensor, tensors: list[Tensor], spec: Any, where: str) -> None:
     if shape_t.numel() == 0 and not any(t.numel() for t in tensors):
         return  # nothing stored (dynamic quantizer, observer without data)
@@ -344,9 +365,11 @@ def check_states(module: nn.Module, where: str) -> None:
     """
     for name, sub in module.named_modules():
         if isinstance(sub, Quantizer):
-            tensors = [getattr(sub, n) for n in sub._slots]
+            tensors = [getattr(sub, n) for n in sub._slots if n != "codebook"]
         elif isinstance(sub, Observer):
             tensors = [sub.min_val, sub.max_val]
         else:
             continue
         _check_state_shape(sub.tensor_shape, tensors, sub.spec, f"{where}: {name!r}")
+        if isinstance(sub, Quantizer) and "codebook" in sub._slots:
+            _check_codebook_state(sub, f"{where}: {name!r}")

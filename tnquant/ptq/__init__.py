@@ -23,6 +23,7 @@ Examples
 from tnquant.ptq.batchnorm import fold_batchnorm
 from tnquant.ptq.bias_correction import bias_targets, correct_biases
 from tnquant.ptq.calibrate import QuantizerRole, calibrate, find_quantizers
+from tnquant.ptq.codebook_fit import fit_codebooks
 from tnquant.ptq.gptq import gptq, gptq_targets
 from tnquant.ptq.rotate import HadamardRotation, RotatedLinear, rotate
 
@@ -33,6 +34,7 @@ __all__ = [
     "bias_targets",
     "gptq",
     "gptq_targets",
+    "fit_codebooks",
     "rotate",
     "RotatedLinear",
     "HadamardRotation",

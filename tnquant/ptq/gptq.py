@@ -64,6 +64,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -76,12 +77,13 @@ from tnquant.core.capture import Gram, capture_grams
 from tnquant.layers.base import FactorizedLayer
 from tnquant.layers.lowrank import LowRankLinear
 from tnquant.ptq.bias_correction import layer_order
+from tnquant.quant.codebook import column_rounder
 from tnquant.quant.qparams import QParams, expand, to_blocks
 from tnquant.quant.quantizer import Quantizer
 from tnquant.quant.rounding import round_tensor
 from tnquant.registry import weight_pairs
 from tnquant.report import Report
-from tnquant.specs import QuantSpec
+from tnquant.specs import Codebook, QuantSpec
 
 __all__ = ["gptq", "gptq_targets", "gptq_weight", "column_qparams"]
 
@@ -95,9 +97,12 @@ def _pair_reason(weight: Tensor | None, quantizer: Any) -> str | None:
     if weight is None or weight.ndim != 2:
         return "not a Linear weight (GPTQ covers Linear layers)"
     spec = quantizer.spec
-    if not isinstance(spec, QuantSpec) or spec.dtype is not None:
-        return f"{type(spec).__name__} weights: GPTQ needs an integer QuantSpec"
-    if spec.rounding not in _ROUNDINGS:
+    if isinstance(spec, Codebook):
+        if weight is not None and weight.dim() != 2:
+            return f"a {weight.dim()}-d Codebook weight: GPTQ rounds 2-d ones"
+    elif not isinstance(spec, QuantSpec) or spec.dtype is not None:
+        return f"{type(spec).__name__} weights: GPTQ needs an integer QuantSpec or a Codebook"
+    elif spec.rounding not in _ROUNDINGS:
         return f"rounding {spec.rounding!r}: GPTQ supports {list(_ROUNDINGS)}"
     if quantizer.mode != "quantize":
         return f"weight quantizer is {quantizer.mode!r}"
@@ -193,6 +198,7 @@ def gptq_weight(
     damp: float = 0.01,
     block: int = 128,
     act_order: bool = False,
+    round_fn: Callable[[Tensor, int], Tensor] | None = None,
 ) -> Tensor:
     """GPTQ-rounded ``weight`` (dequantized values on the quantizer's grid).
 
@@ -215,6 +221,14 @@ def gptq_weight(
         to float rounding).
     act_order
         Quantize columns in order of decreasing ``H_jj``.
+    round_fn
+        Any rounding ``round_fn(column, j) -> values`` of the (float64)
+        column ``j`` of the original order, used instead of the uniform grid
+        (``scale``/``zero_point``/``qmin``/``qmax``/``rounding`` are then
+        ignored): e.g. the nearest codebook entry
+        (:func:`tnquant.quant.codebook.column_rounder`). The result is then
+        the float64 values cast to ``weight.dtype``; pass it through the
+        quantizer once more for its own arithmetic.
 
     Returns
     -------
@@ -242,7 +256,7 @@ def gptq_weight(
     dtype = torch.float64
     w = weight.detach().to(dtype).clone()
     h = hessian.detach().to(dtype).clone()
-    s = scale.to(dtype)
+    s = (scale if round_fn is None else torch.ones_like(w)).to(dtype)
     zp = None if zero_point is None else zero_point.to(dtype)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
@@ -266,9 +280,12 @@ def gptq_weight(
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i]
-            qc = _fake(
-                col, s[:, i1 + i], None if zp is None else zp[:, i1 + i], qmin, qmax, rounding
-            )
+            if round_fn is not None:
+                qc = round_fn(col, int(perm[i1 + i]))
+            else:
+                qc = _fake(
+                    col, s[:, i1 + i], None if zp is None else zp[:, i1 + i], qmin, qmax, rounding
+                )
             q[:, i1 + i] = qc
             e = (col - qc) / u1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
@@ -276,6 +293,8 @@ def gptq_weight(
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     out = torch.empty_like(q)
     out[:, perm] = q
+    if round_fn is not None:
+        return out.to(weight.dtype)
     # the float32 cast of (q - zp) * s computed in float64 can differ from the
     # quantizer's float32 arithmetic by an ulp: recompute it in the weight's dtype
     wd = weight.dtype
@@ -301,12 +320,25 @@ def _round_weight(
     weight: Tensor, quantizer: Quantizer, hessian: Tensor, damp: float, block: int, act_order: bool
 ) -> dict[str, float]:
     """GPTQ-round one 2-D ``weight`` in place; its RTN and GPTQ relative output errors."""
-    spec = cast(QuantSpec, quantizer.spec)
+    spec = quantizer.spec
     qp = quantizer.qparams()
-    scale, zp = column_qparams(qp, (weight.shape[0], weight.shape[1]))
     with torch.no_grad():
         h = hessian.to(device=weight.device, dtype=torch.float64)
         rtn = quantizer(weight)
+    if isinstance(spec, Codebook):
+        with torch.no_grad():
+            rounder = column_rounder(qp)
+            new = gptq_weight(
+                weight, h, qp.scale, None, 0, 0, damp=damp, block=block, act_order=act_order,
+                round_fn=rounder,
+            )  # fmt: skip
+            new = quantizer(new)  # on the quantizer's own float arithmetic
+            errors = {"rtn_error": _output_error(weight, rtn, h)}
+            errors["error"] = _output_error(weight, new, h)
+            weight.copy_(new)
+        return errors
+    scale, zp = column_qparams(qp, (weight.shape[0], weight.shape[1]))
+    with torch.no_grad():
         new = gptq_weight(
             weight,
             h,

@@ -50,6 +50,11 @@ Buffers (persistent: they are the state dict)
         int32 above.
     ``scale_neg``
         ``Ternary(method='ttq')`` only: the negative-side scale, like ``scale``.
+    ``codebook``
+        ``Codebook`` only: the table the (unsigned, ``'packed'``) indices
+        address, ``(2^bits,)`` or the qparam shape plus ``(2^bits,)``, in the
+        compute dtype; ``scale`` is then the absmax per block in
+        ``spec.scale_dtype`` and the value is ``codebook[index] * scale``.
 
 Metadata (plain attributes, all derived from ``spec``, ``shape`` and
 ``dtype``; :meth:`metadata` / :meth:`from_metadata` give them in JSON-safe
@@ -80,6 +85,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from tnquant.quant.codebook import codebook_shape
 from tnquant.quant.fixed_point import from_mantissa
 from tnquant.quant.layout import (
     _WIDE,
@@ -94,8 +100,8 @@ from tnquant.quant.layout import (
 from tnquant.quant.observers import resize_for_load
 from tnquant.quant.packing import pack, pack_binary, unpack, unpack_binary
 from tnquant.quant.primitives import code_dtype, compute_dtype, dequantize
-from tnquant.quant.qparams import QParams, qparam_shape
-from tnquant.specs import FLOAT_DTYPES, FixedPoint, spec_from_dict
+from tnquant.quant.qparams import QParams, expand, qparam_shape, to_blocks
+from tnquant.specs import FLOAT_DTYPES, Codebook, FixedPoint, spec_from_dict
 
 __all__ = ["FrozenTensor", "Layout", "LAYOUTS", "layout_of", "spec_summary", "tensor_bits"]
 
@@ -105,6 +111,20 @@ _FLOATS = {
     "float32": torch.float32,
     "float64": torch.float64,
 }
+
+
+def _fast_codes(packed: Tensor, bits: int, numel: int, signed: bool) -> Tensor | None:
+    """The codes of an 8-bit or 4-bit ``'packed'`` stream without the generic bit loop.
+
+    8 bits: the bytes themselves, viewed (no copy); 4 bits: low nibble, then high
+    nibble of each byte, sign-extended by ``(u ^ 8) - 8``. ``None`` otherwise.
+    """
+    if bits == 8 and packed.numel() == numel:
+        return packed.view(torch.int8) if signed else packed.to(torch.int16)
+    if bits != 4 or packed.numel() != (numel + 1) // 2:
+        return None
+    pairs = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(-1)[:numel].view(torch.int8)
+    return (pairs ^ 8) - 8 if signed else pairs
 
 
 class FrozenTensor(nn.Module):
@@ -138,6 +158,7 @@ class FrozenTensor(nn.Module):
     scale: Tensor
     zero_point: Tensor
     scale_neg: Tensor
+    codebook: Tensor
     _anchor: Tensor
 
     def __init__(
@@ -176,6 +197,10 @@ class FrozenTensor(nn.Module):
             self.register_buffer("zero_point", torch.zeros(qshape, dtype=zdtype, device=device))
         if layout.has_scale_neg:
             self.register_buffer("scale_neg", torch.ones(qshape, dtype=sdtype, device=device))
+        if isinstance(spec, Codebook):
+            cshape = codebook_shape(spec, shape)
+            cdtype = compute_dtype(dtype)
+            self.register_buffer("codebook", torch.zeros(cshape, dtype=cdtype, device=device))
         # follows module.to(dtype)/.half(); not stored
         self.register_buffer(
             "_anchor", torch.empty(0, dtype=dtype, device=device), persistent=False
@@ -221,6 +246,13 @@ class FrozenTensor(nn.Module):
             if "scale_neg" in new._buffers:
                 neg = qparams.scale if qparams.scale_neg is None else qparams.scale_neg
                 new.scale_neg = neg.detach().clone().reshape(new.scale_neg.shape)
+            if "codebook" in new._buffers:
+                if qparams.codebook is None:
+                    raise ValueError("a Codebook spec needs qparams with a codebook")
+                sdtype = _scale_dtype(new.spec, qparams.dtype)
+                new.scale = qparams.scale.detach().to(sdtype).reshape(new.scale.shape)
+                cb = qparams.codebook.detach().to(new.codebook.dtype)
+                new.codebook = cb.clone().reshape(new.codebook.shape)
         return new
 
     @classmethod
@@ -277,6 +309,9 @@ class FrozenTensor(nn.Module):
         if self.storage == "binary":
             return unpack_binary(p, n).reshape(self.shape)
         dtype = code_dtype(self.qmin, self.qmax)
+        fast = _fast_codes(p, self.code_bits, n, self.signed)
+        if fast is not None and fast.dtype == dtype:
+            return fast.reshape(self.shape)
         if self.storage == "packed":
             return unpack(p, self.code_bits, n, signed=self.signed, dtype=dtype).reshape(self.shape)
         c = p.to(torch.int64)
@@ -297,6 +332,7 @@ class FrozenTensor(nn.Module):
         if "zero_point" in self._buffers:
             zp = self.zero_point.to(code_dtype(self.qmin, self.qmax))
         scale_neg = self.scale_neg if "scale_neg" in self._buffers else None
+        codebook = self.codebook if "codebook" in self._buffers else None
         scale = self.scale
         if not scale.numel():
             ones = (1,) * len(self.shape)
@@ -313,6 +349,7 @@ class FrozenTensor(nn.Module):
             self.dtype,
             scale_neg=scale_neg,
             cast_dtype=self.cast_dtype,
+            codebook=codebook,
         )
 
     def dequantize(self) -> Tensor:
@@ -320,6 +357,17 @@ class FrozenTensor(nn.Module):
         codes = self.codes()
         if isinstance(self.spec, FixedPoint):
             return from_mantissa(codes, self.spec, dtype=self.dtype)
+        scale = self.scale
+        if (
+            self.storage == "packed"
+            and scale.numel()
+            and not self._buffers.keys() & {"zero_point", "scale_neg", "codebook"}
+            and scale.dtype == torch.promote_types(compute_dtype(self.dtype), scale.dtype)
+        ):
+            # symmetric codes: one fused integer * float multiply, the same value per
+            # element as dequantize's codes.to(float) * scale (int -> float is exact)
+            out = to_blocks(codes, self.block_size) * expand(scale, self.shape, self.block_size)
+            return out.reshape(self.shape).to(self.dtype)
         return dequantize(codes, self.qparams())
 
     def forward(self, _ignored: Any = None) -> Tensor:

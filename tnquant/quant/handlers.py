@@ -1,7 +1,7 @@
 """The per-spec handlers behind :func:`~tnquant.quant.primitives.quantize`.
 
 One :class:`Handler` per spec type (``QuantSpec``, ``Binary``, ``Ternary``,
-``FixedPoint``) in the one table :data:`HANDLERS`: how it chooses qparams,
+``FixedPoint``, ``Codebook``) in the one table :data:`HANDLERS`: how it chooses qparams,
 quantizes to codes and fake-quantizes. The uniform handlers share
 :func:`fake_quantize_blocks` (the fake path, equal bitwise to
 ``dequantize(quantize(x))``) and refuse grid points past the dtype; the
@@ -28,6 +28,12 @@ import torch
 from torch import Tensor
 
 from tnquant.quant.binary import binary_fake_quantize, binary_quantize
+from tnquant.quant.codebook import (
+    codebook_codes,
+    codebook_fake_quantize,
+    codebook_qparams,
+    codebook_shape,
+)
 from tnquant.quant.fixed_point import fixed_point_fake_quantize, fixed_point_quantize
 from tnquant.quant.qparams import QParams, all_finite, expand, to_blocks
 from tnquant.quant.ranges import (
@@ -43,7 +49,7 @@ from tnquant.quant.ranges import (
 from tnquant.quant.rounding import saturating_cast, uniform_codes, uniform_values
 from tnquant.quant.ste import cast_fake_quantize, lsq_fake_quantize
 from tnquant.quant.ternary import ternary_fake_quantize, ternary_quantize, twn_params
-from tnquant.specs import Binary, FixedPoint, QuantSpec, Ternary
+from tnquant.specs import Binary, Codebook, FixedPoint, QuantSpec, Ternary
 
 __all__ = ["HANDLERS", "Handler", "fake_quantize_blocks", "handler_of"]
 
@@ -285,6 +291,44 @@ def _fake_fixed(
     return fixed_point_fake_quantize(x, spec)
 
 
+def _check_codebook_qparams(qp: QParams, spec: Codebook, name: str) -> None:
+    want = codebook_shape(spec, qp.shape)
+    if qp.codebook is None or tuple(qp.codebook.shape) != want:
+        got = None if qp.codebook is None else tuple(qp.codebook.shape)
+        raise ValueError(
+            f"{name}: a {spec.kind} Codebook needs a codebook of shape {want}, got {got}"
+        )
+    if (qp.qmin, qp.qmax) != (spec.qmin, spec.qmax):
+        raise ValueError(
+            f"{name}: qparams code range [{qp.qmin}, {qp.qmax}] does not match the "
+            f"spec's [{spec.qmin}, {spec.qmax}]"
+        )
+
+
+def _quantize_codebook(
+    x: Tensor,
+    spec: Codebook,
+    qparams: QParams | None,
+    generator: torch.Generator | None,
+    name: str = "tensor",
+) -> tuple[Tensor, QParams]:
+    qp = codebook_qparams(x, spec) if qparams is None else qparams
+    _check_codebook_qparams(qp, spec, name)
+    return codebook_codes(x, qp), qp
+
+
+def _fake_codebook(
+    x: Tensor,
+    spec: Codebook,
+    qparams: QParams | None,
+    generator: torch.Generator | None,
+    name: str = "tensor",
+) -> Tensor:
+    qp = codebook_qparams(x, spec) if qparams is None else qparams
+    _check_codebook_qparams(qp, spec, name)
+    return codebook_fake_quantize(x, qp)
+
+
 class Handler(NamedTuple):
     """How one spec type chooses qparams, quantizes and fake-quantizes.
 
@@ -307,6 +351,7 @@ HANDLERS: dict[type, Handler] = {
     Binary: Handler(_choose_via(_quantize_binary), _quantize_binary, _fake_binary),
     Ternary: Handler(_choose_via(_quantize_ternary), _quantize_ternary, _fake_ternary),
     FixedPoint: Handler(_choose_via(_quantize_fixed), _quantize_fixed, _fake_fixed),
+    Codebook: Handler(codebook_qparams, _quantize_codebook, _fake_codebook),
 }
 
 

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tnquant.quant.codebook import codebook_dequantize
 from tnquant.quant.handlers import HANDLERS, fake_quantize_blocks, handler_of
 from tnquant.quant.qparams import QParams, expand, to_blocks
 from tnquant.quant.ranges import (
@@ -75,7 +76,7 @@ from tnquant.quant.ranges import (
     spec_block_size,
 )
 from tnquant.quant.rounding import pow2_scale, round_tensor, uniform_values
-from tnquant.specs import Binary, QuantSpec, Ternary
+from tnquant.specs import Binary, Codebook, QuantSpec, Ternary
 
 __all__ = [
     "HANDLERS",
@@ -145,7 +146,8 @@ def _check_qparams(qparams: Any, x: Tensor, spec: Any) -> QParams:
     if not isinstance(qparams, QParams):
         raise TypeError(f"qparams must be a QParams, got {type(qparams).__name__}")
     # Binary/Ternary give alpha = 0 to an all-zero block (its codes dequantize to 0)
-    zero_ok = isinstance(spec, (Binary, Ternary))
+    # (and a Codebook 0 to an all-zero block)
+    zero_ok = isinstance(spec, (Binary, Ternary, Codebook))
     for label, scale in (("scale", qparams.scale), ("scale_neg", qparams.scale_neg)):
         if scale is None:
             continue
@@ -241,6 +243,8 @@ def dequantize(codes: Tensor, qparams: QParams) -> Tensor:
         )
     if qparams.cast_dtype is not None:
         return codes.to(qparams.dtype)
+    if qparams.codebook is not None:
+        return codebook_dequantize(codes, qparams)
     cd = torch.promote_types(compute_dtype(qparams.dtype), qparams.scale.dtype)
     q = to_blocks(codes.to(cd), qparams.block_size)
     zp = qparams.expanded_zero_point()

@@ -26,7 +26,9 @@ Learnable specs hold ``nn.Parameter`` s (``learnable`` is ignored by
 float-format specs): ``QuantSpec(learnable=True)``
 trains its scale with LSQ (and, affine, its zero point with LSQ+, as a float
 rounded in the forward pass); ``Binary(learnable=True)`` its ``alpha``;
-``Ternary(method='ttq')`` ``alpha_p``/``alpha_n`` (``scale``/``scale_neg``).
+``Ternary(method='ttq')`` ``alpha_p``/``alpha_n`` (``scale``/``scale_neg``);
+``Codebook(learnable=True)`` its entries (``codebook``) and block scales
+(``|p|`` rounded to ``spec.scale_dtype`` with a straight-through gradient).
 They are initialised on the first quantizing call from the calibrated
 observer if it saw data, else from that input with ``spec.observer``
 (min-max by default; TWN/XNOR for ternary/binary). The effective scale is
@@ -65,6 +67,7 @@ import torch
 from torch import Tensor, nn
 
 from tnquant.quant.binary import POW2_ROUNDING
+from tnquant.quant.codebook import scale_torch_dtype
 from tnquant.quant.observers import Observer, estimate_qparams, make_observer, resize_for_load
 from tnquant.quant.primitives import (
     HANDLERS,
@@ -76,7 +79,7 @@ from tnquant.quant.primitives import (
 )
 from tnquant.quant.qparams import QParams, block_size
 from tnquant.quant.ste import lsq_grad_scale, pow2_ste
-from tnquant.specs import Binary, QuantSpec, Ternary
+from tnquant.specs import Binary, Codebook, QuantSpec, Ternary
 
 __all__ = ["Quantizer", "MODES"]
 
@@ -87,7 +90,7 @@ MODES = ("quantize", "observe", "off")
 def _stores_qparams(spec: Any) -> bool:
     if isinstance(spec, QuantSpec):
         return spec.dtype is None
-    return isinstance(spec, (Binary, Ternary))
+    return isinstance(spec, (Binary, Ternary, Codebook))
 
 
 def _is_learnable(spec: Any) -> bool:
@@ -115,6 +118,7 @@ class Quantizer(nn.Module):
     scale: Tensor
     zero_point: Tensor
     scale_neg: Tensor
+    codebook: Tensor
     tensor_shape: Tensor
     mode_id: Tensor
 
@@ -135,6 +139,8 @@ class Quantizer(nn.Module):
                 self._slots += ("zero_point",)
             if isinstance(spec, Ternary) and spec.method == "ttq":
                 self._slots += ("scale_neg",)
+            if isinstance(spec, Codebook):
+                self._slots += ("codebook",)
         for name in self._slots:
             if self.learnable:
                 self.register_parameter(name, nn.Parameter(torch.empty(0)))
@@ -215,8 +221,10 @@ class Quantizer(nn.Module):
         self.mode = "off"
         return self
 
-    def freeze(self, x: Tensor | None = None) -> Quantizer:
-        """Store qparams (from ``x`` if given, else from the observer); then ``'quantize'``.
+    def freeze(self, x: Tensor | None = None, *, qparams: QParams | None = None) -> Quantizer:
+        """Store qparams (``qparams`` if given, from ``x`` if given, else from the observer).
+
+        Then ``'quantize'``.
 
         A learnable quantizer takes them as the starting point of training.
         ``FixedPoint`` and float formats have nothing to store.
@@ -230,7 +238,9 @@ class Quantizer(nn.Module):
         (True, 1.0)
         """
         if self._slots:
-            if x is not None:
+            if qparams is not None:
+                qp = qparams
+            elif x is not None:
                 qp = self._tensor_qparams(x)
             elif self.observer is not None and self.observer.has_data:
                 qp = self.observer.compute_qparams()
@@ -280,6 +290,10 @@ class Quantizer(nn.Module):
             if "scale_neg" in self._slots:
                 neg = qp.scale if qp.scale_neg is None else qp.scale_neg
                 self._assign("scale_neg", neg.detach().clone())
+            if "codebook" in self._slots:
+                if qp.codebook is None:
+                    raise ValueError("a Codebook quantizer needs qparams with a codebook")
+                self._assign("codebook", qp.codebook.detach().clone())
         self._shape = tuple(qp.shape)
         self.tensor_shape = torch.tensor(self._shape, dtype=torch.int64, device=qp.scale.device)
 
@@ -293,6 +307,11 @@ class Quantizer(nn.Module):
         value = getattr(self, name)
         if not self.learnable:
             return value
+        if isinstance(self.spec, Codebook):
+            # |p| rounded to the stored scale dtype (straight-through); 0 stays 0
+            value = value.abs()
+            stored = value.to(scale_torch_dtype(self.spec)).to(value.dtype)
+            return value + (stored - value).detach()
         value = value.abs().clamp_min(torch.finfo(value.dtype).tiny)
         if self.spec.scale == "pow2":
             rounding = (
@@ -317,7 +336,10 @@ class Quantizer(nn.Module):
         if not differentiable:
             scale = scale.detach()
             scale_neg = None if scale_neg is None else scale_neg.detach()
-        if isinstance(spec, QuantSpec):
+        codebook = None
+        if "codebook" in self._slots:
+            codebook = self.codebook if differentiable else self.codebook.detach()
+        if isinstance(spec, (QuantSpec, Codebook)):
             qmin, qmax = spec.qmin, spec.qmax
         else:
             qmin, qmax = -1, 1
@@ -330,6 +352,7 @@ class Quantizer(nn.Module):
             shape,
             scale.dtype,
             scale_neg=scale_neg,
+            codebook=codebook,
         )
         return qp if x is None else rebind_qparams(qp, tuple(x.shape), x.dtype)
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tnquant.specs import CP, TT, Binary, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
+from tnquant.specs import CP, TT, Binary, Codebook, FixedPoint, LowRank, QuantSpec, Ternary, Tucker
 from tnquant.specs import spec_from_dict as _spec_from_dict
 
 __all__ = [
@@ -208,7 +208,7 @@ def spec_field(*types: type) -> Field:
     return Field(check)
 
 
-QUANT_SPECS = (QuantSpec, Binary, Ternary, FixedPoint)
+QUANT_SPECS = (QuantSpec, Binary, Ternary, FixedPoint, Codebook)
 #: the factorization specs (a factorized class takes its own ``spec_type``)
 FACTORIZATION_SPECS = (TT, Tucker, CP, LowRank)
 

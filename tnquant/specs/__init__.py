@@ -9,7 +9,8 @@ describe and be written next to saved models.
 One module per kind: :mod:`~tnquant.specs.factorization` (``TT``, ``Tucker``,
 ``CP``, ``LowRank``), :mod:`~tnquant.specs.quantization` (``QuantSpec``,
 ``Binary``, ``Ternary``), :mod:`~tnquant.specs.fixed_point` (``FixedPoint``,
-``ap_fixed`` strings), :mod:`~tnquant.specs.serialize` (dicts) and
+``ap_fixed`` strings), :mod:`~tnquant.specs.codebook` (``Codebook``: NF4, FP4,
+k-means tables), :mod:`~tnquant.specs.serialize` (dicts) and
 :mod:`~tnquant.specs.checks` (the field checkers they all use). Every name is
 re-exported here.
 
@@ -32,6 +33,14 @@ from tnquant.specs.checks import (
     check_rank,
     check_shape,
     describe,
+)
+from tnquant.specs.codebook import (
+    CODEBOOK_CENTROIDS,
+    CODEBOOK_KINDS,
+    CODEBOOK_SCALE_DTYPES,
+    FP4_TABLE,
+    NF4_TABLE,
+    Codebook,
 )
 from tnquant.specs.factorization import (
     CP,
@@ -67,6 +76,7 @@ __all__ = [
     "Binary",
     "Ternary",
     "FixedPoint",
+    "Codebook",
     "FactorizationSpec",
     "QuantizerSpec",
     "Granularity",
@@ -83,6 +93,11 @@ __all__ = [
     "AP_ROUNDING",
     "AP_OVERFLOW",
     "MAX_INTEGER_BITS",
+    "CODEBOOK_KINDS",
+    "CODEBOOK_CENTROIDS",
+    "CODEBOOK_SCALE_DTYPES",
+    "NF4_TABLE",
+    "FP4_TABLE",
     "describe",
     "check_bool",
     "check_int",

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, cast
 
 from tnquant.specs.checks import describe
+from tnquant.specs.codebook import Codebook
 from tnquant.specs.factorization import CP, TT, LowRank, Tucker
 from tnquant.specs.fixed_point import FixedPoint
 from tnquant.specs.quantization import Binary, QuantSpec, Ternary
@@ -21,7 +22,8 @@ __all__ = ["spec_to_dict", "spec_from_dict"]
 
 # the closed table of spec types spec_from_dict builds, by name
 _SPEC_TYPES: dict[str, type] = {
-    cls.__name__: cls for cls in (TT, Tucker, CP, LowRank, QuantSpec, Binary, Ternary, FixedPoint)
+    cls.__name__: cls
+    for cls in (TT, Tucker, CP, LowRank, QuantSpec, Binary, Ternary, FixedPoint, Codebook)
 }
 
 
