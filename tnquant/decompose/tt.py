@@ -95,9 +95,7 @@ def tt_svd(
     >>> [c.shape[-1] for c in cores]
     [2, 2, 1]
     """
-    d = len(out_shape)
-    t = w_pad.reshape(*out_shape, *in_shape)
-    t = t.permute([x for k in range(d) for x in (k, d + k)]).contiguous()
+    t = tensorize(w_pad, out_shape, in_shape, w_pad.dtype)
     return tt_sweep(t, out_shape, in_shape, max_ranks, delta, method)
 
 

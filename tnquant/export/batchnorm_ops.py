@@ -50,7 +50,7 @@ from torch import nn
 
 from tnquant.export.codes import too_wide
 from tnquant.export.contract import _count
-from tnquant.export.elementwise import alpha_codes
+from tnquant.export.elementwise import alpha_codes, alpha_type
 from tnquant.export.ir import Op, TypeOverride, label, lookup_override
 from tnquant.quant.fixed_point import cast_mantissa, to_mantissa
 from tnquant.specs import FixedPoint
@@ -67,11 +67,6 @@ __all__ = [
 #: the eps :func:`set_batchnorm` gives a snapped BatchNorm (``1 - eps`` is its running_var)
 BN_EPS = 2.0**-20
 _NONE: dict[str, TypeOverride] = {"result": None, "bias": None, "accum": None}
-
-
-def _shift_type(m: np.ndarray, frac: int) -> FixedPoint:
-    integer = max(1, int(np.abs(m).max(initial=0)).bit_length() + 1 - frac)
-    return FixedPoint(integer + frac, integer)
 
 
 def _derived(t: FixedPoint, s_t: FixedPoint, b_t: FixedPoint) -> tuple[int, int]:
@@ -131,7 +126,7 @@ def batchnorm_ops(
     given_b = lookup_override(overrides.get("bias"), [name], "bias")
     b_spec = given_b or FixedPoint(64, 64 - frac, rounding="RND_CONV", overflow="SAT")
     b_m = to_mantissa(shift, b_spec).numpy().astype(np.int64)
-    b_t = given_b or _shift_type(b_m, frac)
+    b_t = given_b or alpha_type(int(np.abs(b_m).max(initial=0)), frac)  # the narrowest holding it
     given = lookup_override(overrides.get("result"), [name], "result")
     width, integer = _derived(t, s_t, b_t)
     if given is None and width > 64:

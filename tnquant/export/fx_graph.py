@@ -242,14 +242,12 @@ class _Walk:
     def _input_size(self, node: fx.Node, src: dict[str, Any]) -> int:
         size = src.get("size")
         first = self.ops[0] if self.ops else None
-        if not size and first is not None and first.kind not in _KEEPS_SHAPE:
-            size = first.in_features  # the first op reads the model input
+        if not size and first is not None and first.in_features:
+            size = first.in_features  # the first op reads the model input (an elementwise
+            # op's size is only known from the layer before it: 0 here)
         if not size:
             raise _refuse(node, "it reads the model input, whose size needs input_shape=")
         return int(size)
-
-
-_KEEPS_SHAPE = ("relu", "clip", "leaky_relu", "sigmoid", "tanh", "softmax", "add")
 
 
 def trace_ops(
